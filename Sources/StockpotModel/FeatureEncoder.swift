@@ -1,0 +1,83 @@
+/// Turns raw feature values into embedding row indices, exactly as `model.json` specifies.
+///
+/// Built once per model and shared read-only; encoding a value allocates nothing.
+public struct FeatureEncoder: Sendable {
+    /// Per-field lookup state, in the model's field order.
+    public let fields: [FieldSpec]
+    private let vocabularies: [[String: Int32]?]
+    private let missing: [Set<String>]
+
+    public init(fields: [FieldSpec]) {
+        self.fields = fields
+        vocabularies = fields.map { field in
+            guard case .vocabulary(let values) = field.encoding else { return nil }
+            var map = [String: Int32](minimumCapacity: values.count)
+            for (i, v) in values.enumerated() where map[v] == nil { map[v] = Int32(i + 1) }
+            return map
+        }
+        missing = fields.map { Set($0.missing) }
+    }
+
+    /// Row for a raw value given as text (the form every source provides).
+    @inlinable
+    public func row(field index: Int, raw: Substring) -> Int32 {
+        rowImpl(field: index, raw: raw)
+    }
+
+    /// Row for a raw value given as text.
+    public func row(field index: Int, raw: String) -> Int32 {
+        rowImpl(field: index, raw: Substring(raw))
+    }
+
+    @usableFromInline
+    func rowImpl(field index: Int, raw: Substring) -> Int32 {
+        if raw.isEmpty { return 0 }
+        if !missing[index].isEmpty && missing[index].contains(String(raw)) { return 0 }
+        switch fields[index].encoding {
+        case .vocabulary:
+            return vocabularies[index]![String(raw)] ?? 0
+        case .hashed(let buckets):
+            return Int32(1 + Int(FeatureHash.fnv1a64(raw.utf8) % UInt64(buckets)))
+        case .buckets(let boundaries):
+            guard let x = Double(raw), x.isFinite else { return 0 }
+            return Self.bucketRow(x, boundaries: boundaries)
+        }
+    }
+
+    /// Row for a numeric value (NaN or infinite → missing row 0). Only valid for bucketised fields.
+    public func row(field index: Int, numeric x: Double) -> Int32 {
+        guard case .buckets(let boundaries) = fields[index].encoding else {
+            return row(field: index, raw: Substring(String(x)))
+        }
+        guard x.isFinite else { return 0 }
+        return Self.bucketRow(x, boundaries: boundaries)
+    }
+
+    /// `1 + #(boundaries ≤ x)` (Python: `1 + bisect.bisect_right(boundaries, x)`).
+    @inlinable
+    public static func bucketRow(_ x: Double, boundaries: [Double]) -> Int32 {
+        var lo = 0
+        var hi = boundaries.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if boundaries[mid] <= x { lo = mid + 1 } else { hi = mid }
+        }
+        return Int32(1 + lo)
+    }
+}
+
+/// The hash used by hashed fields. FNV-1a, 64-bit, over the value's UTF-8 bytes.
+public enum FeatureHash {
+    public static let offsetBasis: UInt64 = 0xcbf2_9ce4_8422_2325
+    public static let prime: UInt64 = 0x0000_0100_0000_01b3
+
+    @inlinable
+    public static func fnv1a64<S: Sequence>(_ bytes: S) -> UInt64 where S.Element == UInt8 {
+        var h = offsetBasis
+        for b in bytes {
+            h ^= UInt64(b)
+            h = h &* prime
+        }
+        return h
+    }
+}

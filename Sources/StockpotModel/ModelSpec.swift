@@ -1,0 +1,171 @@
+/// The complete description of a legacy model, stored as `model.json` beside `weights.safetensors`.
+///
+/// The spec is everything needed to turn raw feature values into embedding rows and to run the forward pass;
+/// `docs/model-format.md` documents every field.
+public struct ModelSpec: Codable, Sendable, Equatable {
+    /// Format tag; readers refuse files with another major format.
+    public var format: String
+    /// Model family name, e.g. `legacy`.
+    public var name: String
+    /// Version of the feature set the model was built for (from the feature config).
+    public var featureSetVersion: String
+    /// `f32` or `int8-rowwise` (embedding storage; dense layers are always F32).
+    public var dtype: ModelDType
+    /// Input fields in concatenation order.
+    public var fields: [FieldSpec]
+    /// Hidden widths of the shared MLP (ReLU after every layer).
+    public var hidden: [Int]
+    /// One sigmoid head per objective, in output order.
+    public var heads: [String]
+    /// Free-form provenance (training days, seed, parent checkpoint, …).
+    public var metadata: [String: String]
+
+    public static let currentFormat = "stockpot.legacy/1"
+
+    public init(
+        name: String, featureSetVersion: String, dtype: ModelDType = .f32,
+        fields: [FieldSpec], hidden: [Int], heads: [String], metadata: [String: String] = [:]
+    ) {
+        self.format = Self.currentFormat
+        self.name = name
+        self.featureSetVersion = featureSetVersion
+        self.dtype = dtype
+        self.fields = fields
+        self.hidden = hidden
+        self.heads = heads
+        self.metadata = metadata
+    }
+
+    /// Width of the concatenated embedding vector that enters the MLP.
+    public var inputDim: Int { fields.reduce(0) { $0 + $1.dim } }
+
+    /// Checks internal consistency; throws `ModelError.invalidSpec` naming the problem.
+    public func validate() throws {
+        guard format == Self.currentFormat else {
+            throw ModelError.invalidSpec("unsupported format '\(format)', expected '\(Self.currentFormat)'")
+        }
+        guard !fields.isEmpty else { throw ModelError.invalidSpec("model has no fields") }
+        guard !heads.isEmpty else { throw ModelError.invalidSpec("model has no heads") }
+        guard hidden.allSatisfy({ $0 > 0 }) else { throw ModelError.invalidSpec("hidden widths must be positive") }
+        var seen = Set<String>()
+        for field in fields {
+            guard seen.insert(field.name).inserted else {
+                throw ModelError.invalidSpec("duplicate field '\(field.name)'")
+            }
+            guard field.dim > 0 else { throw ModelError.invalidSpec("field '\(field.name)' has dim \(field.dim)") }
+            guard field.encoding.rows > 0 else { throw ModelError.invalidSpec("field '\(field.name)' has no rows") }
+            if case .buckets(let b) = field.encoding, zip(b, b.dropFirst()).contains(where: { $0 >= $1 }) {
+                throw ModelError.invalidSpec("field '\(field.name)': bucket boundaries must be strictly increasing")
+            }
+        }
+        guard Set(heads).count == heads.count else { throw ModelError.invalidSpec("duplicate head names") }
+    }
+}
+
+/// Storage type of the embedding tables.
+public enum ModelDType: String, Codable, Sendable {
+    /// All tensors F32.
+    case f32
+    /// Embedding rows as I8 with a per-row F32 scale and offset; dense layers F32.
+    case int8RowWise = "int8-rowwise"
+}
+
+/// One input field: where its raw value comes from and how it becomes an embedding row.
+public struct FieldSpec: Codable, Sendable, Equatable {
+    /// Unique field name; the embedding tensor is `embedding.<name>`.
+    public var name: String
+    /// Where the raw value is read, e.g. `log:user_id`, `user:user_active_degree`, `derived:hour`.
+    public var source: String
+    /// Embedding width.
+    public var dim: Int
+    /// Raw value → row index.
+    public var encoding: FieldEncoding
+    /// Raw strings that mean "missing" (row 0), e.g. KuaiRand's `-124`. The empty string is always missing.
+    public var missing: [String]
+
+    public init(name: String, source: String, dim: Int, encoding: FieldEncoding, missing: [String] = []) {
+        self.name = name
+        self.source = source
+        self.dim = dim
+        self.encoding = encoding
+        self.missing = missing
+    }
+
+    private enum CodingKeys: String, CodingKey { case name, source, dim, encoding, missing }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        source = try c.decode(String.self, forKey: .source)
+        dim = try c.decode(Int.self, forKey: .dim)
+        encoding = try c.decode(FieldEncoding.self, forKey: .encoding)
+        missing = try c.decodeIfPresent([String].self, forKey: .missing) ?? []
+    }
+}
+
+/// How a raw value maps to an embedding row. Row 0 is always the "missing / out of vocabulary" row.
+public enum FieldEncoding: Sendable, Equatable {
+    /// Categorical with a fixed vocabulary: value `vocabulary[i]` → row `i + 1`; anything else → row 0.
+    case vocabulary([String])
+    /// Categorical hashed: non-empty value → row `1 + fnv1a64(utf8(value)) % buckets`; empty → row 0.
+    case hashed(buckets: Int)
+    /// Numeric bucketised: missing → row 0, else row `1 + #(boundaries ≤ x)`.
+    case buckets([Double])
+
+    /// Number of embedding rows the encoding needs.
+    public var rows: Int {
+        switch self {
+        case .vocabulary(let values): return values.count + 1
+        case .hashed(let buckets): return buckets + 1
+        case .buckets(let boundaries): return boundaries.count + 2
+        }
+    }
+}
+
+extension FieldEncoding: Codable {
+    private enum CodingKeys: String, CodingKey { case type, vocabulary, buckets, boundaries }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        switch try c.decode(String.self, forKey: .type) {
+        case "vocabulary": self = .vocabulary(try c.decode([String].self, forKey: .vocabulary))
+        case "hashed": self = .hashed(buckets: try c.decode(Int.self, forKey: .buckets))
+        case "buckets": self = .buckets(try c.decode([Double].self, forKey: .boundaries))
+        case let other:
+            throw DecodingError.dataCorruptedError(
+                forKey: .type, in: c, debugDescription: "unknown encoding type '\(other)'")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        switch self {
+        case .vocabulary(let v):
+            try c.encode("vocabulary", forKey: .type)
+            try c.encode(v, forKey: .vocabulary)
+        case .hashed(let b):
+            try c.encode("hashed", forKey: .type)
+            try c.encode(b, forKey: .buckets)
+        case .buckets(let b):
+            try c.encode("buckets", forKey: .type)
+            try c.encode(b, forKey: .boundaries)
+        }
+    }
+}
+
+/// Errors of the model library. Every case carries a message meant for the person who reads it.
+public enum ModelError: Error, CustomStringConvertible, Equatable {
+    case invalidSpec(String)
+    case invalidWeights(String)
+    case io(String)
+    case invalidInput(String)
+
+    public var description: String {
+        switch self {
+        case .invalidSpec(let m): return "invalid model spec: \(m)"
+        case .invalidWeights(let m): return "invalid weights: \(m)"
+        case .io(let m): return "I/O error: \(m)"
+        case .invalidInput(let m): return "invalid input: \(m)"
+        }
+    }
+}

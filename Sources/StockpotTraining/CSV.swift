@@ -1,0 +1,120 @@
+import Foundation
+
+/// A CSV file held column by column (RFC 4180 quoting; every value kept as text).
+public struct CSVTable: Sendable {
+    public let header: [String]
+    public private(set) var columns: [[String]]
+    public var rowCount: Int { columns.first?.count ?? 0 }
+
+    public init(header: [String], columns: [[String]]) {
+        self.header = header
+        self.columns = columns
+    }
+
+    /// Index of a column, or a clear error naming the file's columns.
+    public func columnIndex(_ name: String, file: String = "") throws -> Int {
+        guard let i = header.firstIndex(of: name) else {
+            throw TrainingError.data("\(file.isEmpty ? "CSV" : file) has no column '\(name)' (columns: \(header.joined(separator: ", ")))")
+        }
+        return i
+    }
+
+    public func column(_ name: String, file: String = "") throws -> [String] {
+        columns[try columnIndex(name, file: file)]
+    }
+
+    /// Reads a whole CSV file. Rows with the wrong number of fields are an error that names the line.
+    public static func read(_ url: URL) throws -> CSVTable {
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch {
+            throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)")
+        }
+        return try parse(data, name: url.lastPathComponent)
+    }
+
+    public static func parse(_ data: Data, name: String = "CSV") throws -> CSVTable {
+        try data.withUnsafeBytes { raw -> CSVTable in
+            let bytes = raw.bindMemory(to: UInt8.self)
+            var parser = Parser(bytes: bytes)
+            guard let header = parser.nextRecord() else { throw TrainingError.data("\(name) is empty") }
+            var columns = [[String]](repeating: [], count: header.count)
+            let estimate = bytes.count / max(1, header.count * 6)
+            for i in columns.indices { columns[i].reserveCapacity(estimate) }
+            var line = 1
+            while let record = parser.nextRecord() {
+                line += 1
+                if record.count == 1 && record[0].isEmpty { continue }
+                guard record.count == header.count else {
+                    throw TrainingError.data("\(name) line \(line): \(record.count) fields, header has \(header.count)")
+                }
+                for (i, v) in record.enumerated() { columns[i].append(v) }
+            }
+            return CSVTable(header: header, columns: columns)
+        }
+    }
+
+    private struct Parser {
+        let bytes: UnsafeBufferPointer<UInt8>
+        var pos = 0
+        var fields: [String] = []
+        var scratch: [UInt8] = []
+
+        init(bytes: UnsafeBufferPointer<UInt8>) {
+            self.bytes = bytes
+            // Skip a UTF-8 byte-order mark.
+            if bytes.count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF { pos = 3 }
+        }
+
+        mutating func nextRecord() -> [String]? {
+            guard pos < bytes.count else { return nil }
+            fields.removeAll(keepingCapacity: true)
+            while true {
+                if pos < bytes.count && bytes[pos] == UInt8(ascii: "\"") {
+                    pos += 1
+                    scratch.removeAll(keepingCapacity: true)
+                    while pos < bytes.count {
+                        let c = bytes[pos]
+                        if c == UInt8(ascii: "\"") {
+                            if pos + 1 < bytes.count && bytes[pos + 1] == UInt8(ascii: "\"") {
+                                scratch.append(c)
+                                pos += 2
+                                continue
+                            }
+                            pos += 1
+                            break
+                        }
+                        scratch.append(c)
+                        pos += 1
+                    }
+                    fields.append(String(decoding: scratch, as: UTF8.self))
+                } else {
+                    let start = pos
+                    while pos < bytes.count, bytes[pos] != UInt8(ascii: ","), bytes[pos] != UInt8(ascii: "\n"),
+                          bytes[pos] != UInt8(ascii: "\r") { pos += 1 }
+                    fields.append(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<pos]), as: UTF8.self))
+                }
+                if pos >= bytes.count { return fields }
+                let c = bytes[pos]
+                pos += 1
+                if c == UInt8(ascii: ",") { continue }
+                if c == UInt8(ascii: "\r") && pos < bytes.count && bytes[pos] == UInt8(ascii: "\n") { pos += 1 }
+                return fields
+            }
+        }
+    }
+}
+
+/// Errors of the training library; each message says what is wrong and where.
+public enum TrainingError: Error, CustomStringConvertible {
+    case data(String)
+    case config(String)
+    case checkpoint(String)
+
+    public var description: String {
+        switch self {
+        case .data(let m): return "data error: \(m)"
+        case .config(let m): return "config error: \(m)"
+        case .checkpoint(let m): return "checkpoint error: \(m)"
+        }
+    }
+}

@@ -1,0 +1,143 @@
+import Foundation
+import StockpotModel
+
+/// Samples encoded for one model: embedding rows, labels, weights and the keys evaluation groups by.
+public struct EncodedDataset: Sendable {
+    /// Fields per sample (the model's field count).
+    public let fieldCount: Int
+    /// Objectives per sample, in the model's head order.
+    public let objectives: [String]
+    /// `count × fieldCount` row indices.
+    public var rows: [Int32]
+    /// `count × objectives.count` labels in {0, 1}.
+    public var labels: [Float]
+    /// Per-sample loss weight (1 unless re-weighted).
+    public var weights: [Float]
+    public var userIds: [Int]
+    public var videoIds: [Int]
+    public var timeMs: [Int]
+    public var dates: [Int]
+    /// Raw crowd attribute per sample (e.g. `user_active_degree`).
+    public var crowdValues: [String]
+
+    public var count: Int { userIds.count }
+
+    /// The samples at `indices`, in that order.
+    public func subset(_ indices: [Int]) -> EncodedDataset {
+        var out = self
+        let f = fieldCount, k = objectives.count
+        out.rows = []
+        out.rows.reserveCapacity(indices.count * f)
+        out.labels = []
+        out.labels.reserveCapacity(indices.count * k)
+        for i in indices {
+            out.rows.append(contentsOf: rows[i * f..<(i + 1) * f])
+            out.labels.append(contentsOf: labels[i * k..<(i + 1) * k])
+        }
+        out.weights = indices.map { weights[$0] }
+        out.userIds = indices.map { userIds[$0] }
+        out.videoIds = indices.map { videoIds[$0] }
+        out.timeMs = indices.map { timeMs[$0] }
+        out.dates = indices.map { dates[$0] }
+        out.crowdValues = indices.map { crowdValues[$0] }
+        return out
+    }
+
+    /// Indices of samples logged on `day`.
+    public func indices(onDay day: Int) -> [Int] { (0..<count).filter { dates[$0] == day } }
+
+    /// Encodes KuaiRand log rows with a model's spec.
+    public init(data: KuaiRandData, rows logRows: [Int], spec: ModelSpec, crowdSource: String) throws {
+        let encoder = FeatureEncoder(fields: spec.fields)
+        let accessors = try spec.fields.map { try data.accessor(for: $0.source) }
+        let f = spec.fields.count
+        fieldCount = f
+        objectives = spec.heads
+        var rows = [Int32](repeating: 0, count: logRows.count * f)
+        for (s, r) in logRows.enumerated() {
+            for (fi, a) in accessors.enumerated() {
+                rows[s * f + fi] = encoder.row(field: fi, raw: data.value(a, row: r))
+            }
+        }
+        self.rows = rows
+        let labelColumns = try spec.heads.map { try data.log.column($0, file: KuaiRandData.logFile) }
+        var labels = [Float](repeating: 0, count: logRows.count * spec.heads.count)
+        for (s, r) in logRows.enumerated() {
+            for (k, col) in labelColumns.enumerated() {
+                switch col[r] {
+                case "0": labels[s * spec.heads.count + k] = 0
+                case "1": labels[s * spec.heads.count + k] = 1
+                case let v:
+                    throw TrainingError.data("objective '\(spec.heads[k])' must be 0/1, found '\(v)' in log row \(r + 2)")
+                }
+            }
+        }
+        self.labels = labels
+        weights = [Float](repeating: 1, count: logRows.count)
+        userIds = logRows.map { data.userIds[$0] }
+        videoIds = logRows.map { data.videoIds[$0] }
+        let time = try data.log.column("time_ms")
+        timeMs = logRows.map { Int(time[$0]) ?? 0 }
+        dates = logRows.map { data.dates[$0] }
+        let crowd = try data.accessor(for: crowdSource)
+        crowdValues = logRows.map { data.value(crowd, row: $0) }
+    }
+}
+
+/// Builds a model spec from a feature config by fitting vocabularies and bucket boundaries on training rows.
+///
+/// The spec is fitted once, on the rows given to the command that creates a model; a warm start keeps its
+/// parent's spec unchanged, so row indices mean the same thing across the whole incremental chain.
+public enum SpecFitter {
+    public static func fit(config: FeatureConfig, data: KuaiRandData, rows: [Int], name: String = "legacy") throws -> ModelSpec {
+        var fields: [FieldSpec] = []
+        for fc in config.fields {
+            let a = try data.accessor(for: fc.source)
+            let missing = Set(fc.missing ?? []).union([""])
+            let encoding: FieldEncoding
+            switch fc.encoding {
+            case "hashed":
+                encoding = .hashed(buckets: fc.buckets!)
+            case "vocabulary":
+                var counts: [String: Int] = [:]
+                for r in rows {
+                    let v = data.value(a, row: r)
+                    if !missing.contains(v) { counts[v, default: 0] += 1 }
+                }
+                let minCount = fc.minCount ?? 1
+                let kept = counts.filter { $0.value >= minCount }.sorted { ($1.value, $0.key) < ($0.value, $1.key) }
+                encoding = .vocabulary(kept.map(\.key))
+            case "buckets":
+                var values: [Double] = []
+                values.reserveCapacity(rows.count)
+                for r in rows {
+                    let v = data.value(a, row: r)
+                    if !missing.contains(v), let x = Double(v), x.isFinite { values.append(x) }
+                }
+                encoding = .buckets(quantileBoundaries(values, count: fc.quantiles ?? 16))
+            default:
+                throw TrainingError.config("field '\(fc.name)': unknown encoding '\(fc.encoding)'")
+            }
+            fields.append(FieldSpec(name: fc.name, source: fc.source, dim: fc.dim ?? config.defaultDim,
+                                    encoding: encoding, missing: (fc.missing ?? []).sorted()))
+        }
+        let spec = ModelSpec(name: name, featureSetVersion: config.featureSetVersion, fields: fields,
+                             hidden: config.hidden, heads: config.objectives)
+        try spec.validate()
+        return spec
+    }
+
+    /// Distinct interior quantiles (`i / count` for i in 1..<count) of `values`.
+    public static func quantileBoundaries(_ values: [Double], count: Int) -> [Double] {
+        guard !values.isEmpty, count > 1 else { return [] }
+        let sorted = values.sorted()
+        var out: [Double] = []
+        for i in 1..<count {
+            let q = sorted[min(sorted.count - 1, i * sorted.count / count)]
+            if out.last.map({ q > $0 }) ?? true { out.append(q) }
+        }
+        // A boundary equal to the minimum would leave bucket 1 empty.
+        if let first = out.first, first <= sorted[0] { out.removeFirst() }
+        return out
+    }
+}

@@ -1,0 +1,115 @@
+import Foundation
+import StockpotModel
+
+/// The feature definitions and model shape of a legacy model, read from a JSON file (see
+/// `config/legacy-kuairand.json`). Vocabularies and bucket boundaries are fitted from training data by
+/// `SpecFitter`; the config only says how.
+public struct FeatureConfig: Codable, Sendable {
+    /// Recorded in every model built from this config.
+    public var featureSetVersion: String
+    /// Label columns of the log, one sigmoid head each.
+    public var objectives: [String]
+    /// Hidden widths of the shared MLP.
+    public var hidden: [Int]
+    /// Default embedding width when a field does not set `dim`.
+    public var defaultDim: Int
+    public var fields: [FieldConfig]
+    /// Crowd definition shared by training, evaluation and (later) the gateway.
+    public var crowds: CrowdDefinition
+
+    /// One field: source and how to encode it.
+    public struct FieldConfig: Codable, Sendable {
+        public var name: String
+        /// `log:<column>`, `user:<column>`, `video:<column>`, `derived:hour` or `derived:video_age_days`.
+        public var source: String
+        /// `hashed` (needs `buckets`), `vocabulary` (optional `minCount`, default 1) or `buckets` (numeric,
+        /// optional `quantiles`, default 16).
+        public var encoding: String
+        public var buckets: Int?
+        public var minCount: Int?
+        public var quantiles: Int?
+        public var dim: Int?
+        /// Raw strings meaning "missing".
+        public var missing: [String]?
+    }
+
+    public static func load(_ url: URL) throws -> FeatureConfig {
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch {
+            throw TrainingError.config("cannot read \(url.path): \(error.localizedDescription)")
+        }
+        let config: FeatureConfig
+        do { config = try JSONDecoder().decode(FeatureConfig.self, from: data) } catch {
+            throw TrainingError.config("\(url.path): \(error)")
+        }
+        try config.validate()
+        return config
+    }
+
+    public func validate() throws {
+        guard !objectives.isEmpty else { throw TrainingError.config("no objectives") }
+        guard !fields.isEmpty else { throw TrainingError.config("no fields") }
+        var names = Set<String>()
+        for f in fields {
+            guard names.insert(f.name).inserted else { throw TrainingError.config("duplicate field '\(f.name)'") }
+            _ = try FieldSource(f.source)
+            switch f.encoding {
+            case "hashed":
+                guard let b = f.buckets, b > 0 else { throw TrainingError.config("field '\(f.name)': hashed needs buckets > 0") }
+            case "vocabulary", "buckets": break
+            default: throw TrainingError.config("field '\(f.name)': unknown encoding '\(f.encoding)'")
+            }
+        }
+    }
+}
+
+/// Which raw column a field reads.
+public enum FieldSource: Sendable, Equatable {
+    case log(String)
+    case user(String)
+    case video(String)
+    /// Hour of day from the log's `hourmin` (e.g. 1830 → 18).
+    case hour
+    /// Whole days between the video's `upload_dt` and the impression's `date` (missing if either is absent).
+    case videoAgeDays
+
+    public init(_ text: String) throws {
+        let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
+        guard parts.count == 2, !parts[1].isEmpty else { throw TrainingError.config("bad source '\(text)'") }
+        switch parts[0] {
+        case "log": self = .log(parts[1])
+        case "user": self = .user(parts[1])
+        case "video": self = .video(parts[1])
+        case "derived":
+            switch parts[1] {
+            case "hour": self = .hour
+            case "video_age_days": self = .videoAgeDays
+            default: throw TrainingError.config("unknown derived source '\(parts[1])'")
+            }
+        default: throw TrainingError.config("bad source '\(text)': expected log:, user:, video: or derived:")
+        }
+    }
+}
+
+/// Splits users into crowds by one attribute: named groups of values, and one crowd for everything else.
+public struct CrowdDefinition: Codable, Sendable, Equatable {
+    /// Source of the attribute, e.g. `user:user_active_degree`.
+    public var source: String
+    public var groups: [Group]
+    /// Name of the crowd of every value not listed in a group (e.g. `tail`).
+    public var otherwise: String
+
+    public struct Group: Codable, Sendable, Equatable {
+        public var name: String
+        public var values: [String]
+    }
+
+    /// The crowd a raw attribute value belongs to.
+    public func crowd(of value: String) -> String {
+        for g in groups where g.values.contains(value) { return g.name }
+        return otherwise
+    }
+
+    /// Crowd names in report order.
+    public var names: [String] { groups.map(\.name) + [otherwise] }
+}

@@ -1,0 +1,176 @@
+import Foundation
+
+/// Binary classification metrics used to evaluate every objective.
+public enum Metrics {
+    /// Area under the ROC curve, ties counted as half (average ranks). `nil` when only one class is present.
+    public static func auc(scores: [Float], labels: [Float]) -> Double? {
+        precondition(scores.count == labels.count)
+        let n = scores.count
+        let order = (0..<n).sorted { scores[$0] < scores[$1] }
+        var positives = 0.0
+        var rankSum = 0.0
+        var i = 0
+        while i < n {
+            var j = i
+            while j + 1 < n && scores[order[j + 1]] == scores[order[i]] { j += 1 }
+            let avgRank = Double(i + j) / 2 + 1 // ranks are 1-based
+            for t in i...j where labels[order[t]] > 0.5 {
+                positives += 1
+                rankSum += avgRank
+            }
+            i = j + 1
+        }
+        let negatives = Double(n) - positives
+        guard positives > 0, negatives > 0 else { return nil }
+        return (rankSum - positives * (positives + 1) / 2) / (positives * negatives)
+    }
+
+    /// Group AUC: per-user AUC averaged with each user's impression count as weight, over users that have both
+    /// classes. Returns the value and how many users counted; `nil` value when no user qualifies.
+    public static func gauc(scores: [Float], labels: [Float], groups: [Int]) -> (value: Double?, groups: Int) {
+        var byGroup: [Int: [Int]] = [:]
+        for (i, g) in groups.enumerated() { byGroup[g, default: []].append(i) }
+        var weighted = 0.0
+        var weight = 0.0
+        var counted = 0
+        for (_, idx) in byGroup where idx.count > 1 {
+            let s = idx.map { scores[$0] }
+            let l = idx.map { labels[$0] }
+            guard let a = auc(scores: s, labels: l) else { continue }
+            weighted += a * Double(idx.count)
+            weight += Double(idx.count)
+            counted += 1
+        }
+        return (weight > 0 ? weighted / weight : nil, counted)
+    }
+
+    /// Mean binary cross-entropy with predictions clipped to [1e-7, 1 - 1e-7].
+    public static func logloss(scores: [Float], labels: [Float]) -> Double {
+        guard !scores.isEmpty else { return .nan }
+        var sum = 0.0
+        for (p, y) in zip(scores, labels) {
+            let q = min(max(Double(p), 1e-7), 1 - 1e-7)
+            sum -= Double(y) * log(q) + (1 - Double(y)) * log(1 - q)
+        }
+        return sum / Double(scores.count)
+    }
+
+    /// Mean prediction divided by the observed positive rate (1 = calibrated). `nil` with no positives.
+    public static func calibration(scores: [Float], labels: [Float]) -> Double? {
+        let meanP = scores.reduce(0.0) { $0 + Double($1) }
+        let meanY = labels.reduce(0.0) { $0 + Double($1) }
+        guard meanY > 0 else { return nil }
+        return meanP / meanY
+    }
+}
+
+/// The metrics of one objective on one crowd.
+public struct MetricSet: Codable, Sendable, Equatable {
+    public var auc: Double?
+    public var gauc: Double?
+    public var logloss: Double
+    public var calibration: Double?
+    /// Impressions evaluated.
+    public var n: Int
+    /// Observed positive rate.
+    public var rate: Double
+
+    public init(scores: [Float], labels: [Float], users: [Int]) {
+        auc = Metrics.auc(scores: scores, labels: labels)
+        gauc = Metrics.gauc(scores: scores, labels: labels, groups: users).value
+        logloss = Metrics.logloss(scores: scores, labels: labels)
+        calibration = Metrics.calibration(scores: scores, labels: labels)
+        n = scores.count
+        rate = n > 0 ? labels.reduce(0.0) { $0 + Double($1) } / Double(n) : .nan
+    }
+
+    private enum CodingKeys: String, CodingKey { case auc, gauc, logloss, calibration, n, rate }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        // JSON has no NaN: absent values are written as null.
+        try c.encode(auc, forKey: .auc)
+        try c.encode(gauc, forKey: .gauc)
+        try c.encode(logloss.isFinite ? logloss : nil, forKey: .logloss)
+        try c.encode(calibration, forKey: .calibration)
+        try c.encode(n, forKey: .n)
+        try c.encode(rate.isFinite ? rate : nil, forKey: .rate)
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        auc = try c.decodeIfPresent(Double.self, forKey: .auc)
+        gauc = try c.decodeIfPresent(Double.self, forKey: .gauc)
+        logloss = try c.decodeIfPresent(Double.self, forKey: .logloss) ?? .nan
+        calibration = try c.decodeIfPresent(Double.self, forKey: .calibration)
+        n = try c.decode(Int.self, forKey: .n)
+        rate = try c.decodeIfPresent(Double.self, forKey: .rate) ?? .nan
+    }
+}
+
+/// Metrics for every objective × crowd: `all`, each named crowd, the `otherwise` crowd, and each raw value of the
+/// crowd attribute.
+public struct EvaluationReport: Sendable {
+    public var objectives: [String]
+    /// Crowds in report order.
+    public var crowds: [String]
+    public var metrics: [String: [String: MetricSet]]
+
+    /// Evaluates `predictions` (`count × objectives`, probabilities) on `dataset`.
+    public init(predictions: [Float], dataset: EncodedDataset, crowds definition: CrowdDefinition) {
+        let k = dataset.objectives.count
+        precondition(predictions.count == dataset.count * k)
+        objectives = dataset.objectives
+        var members: [String: [Int]] = ["all": Array(0..<dataset.count)]
+        var valueCounts: [String: Int] = [:]
+        for (i, v) in dataset.crowdValues.enumerated() {
+            members[definition.crowd(of: v), default: []].append(i)
+            valueCounts[v, default: 0] += 1
+        }
+        let values = valueCounts.sorted { ($1.value, $0.key) < ($0.value, $1.key) }.map(\.key)
+        for (i, v) in dataset.crowdValues.enumerated() where !definition.names.contains(v) && v != "all" {
+            members[v, default: []].append(i)
+        }
+        crowds = ["all"] + definition.names + values.filter { !definition.names.contains($0) && $0 != "all" }
+        var metrics: [String: [String: MetricSet]] = [:]
+        for (o, name) in objectives.enumerated() {
+            var perCrowd: [String: MetricSet] = [:]
+            for crowd in crowds {
+                let idx = members[crowd] ?? []
+                perCrowd[crowd] = MetricSet(
+                    scores: idx.map { predictions[$0 * k + o] },
+                    labels: idx.map { dataset.labels[$0 * k + o] },
+                    users: idx.map { dataset.userIds[$0] })
+            }
+            metrics[name] = perCrowd
+        }
+        self.metrics = metrics
+    }
+
+    /// `{objective: {crowd: {"auc", "gauc", "logloss", "calibration", "n", "rate"}}}`.
+    public func json() throws -> String {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: try enc.encode(metrics), as: UTF8.self)
+    }
+
+    /// A fixed-width table, one row per objective × crowd.
+    public func table() -> String {
+        func f(_ x: Double?, _ digits: Int = 4) -> String {
+            guard let x, x.isFinite else { return "-" }
+            return String(format: "%.\(digits)f", x)
+        }
+        var lines = [String(format: "%-10@ %-18@ %8@ %7@ %7@ %8@ %7@ %7@", "objective" as NSString, "crowd" as NSString,
+                            "n" as NSString, "rate" as NSString, "auc" as NSString, "gauc" as NSString,
+                            "logloss" as NSString, "calib" as NSString)]
+        for o in objectives {
+            for c in crowds {
+                guard let m = metrics[o]?[c] else { continue }
+                lines.append(String(format: "%-10@ %-18@ %8d %7@ %7@ %8@ %7@ %7@", o as NSString, c as NSString, m.n,
+                                    f(m.rate, 3) as NSString, f(m.auc) as NSString, f(m.gauc) as NSString,
+                                    f(m.logloss) as NSString, f(m.calibration, 3) as NSString))
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+}

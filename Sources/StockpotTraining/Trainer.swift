@@ -1,0 +1,417 @@
+import Foundation
+import StockpotModel
+
+/// Hyper-parameters of a training run. Defaults are the ones used for the KuaiRand legacy model.
+public struct TrainingOptions: Codable, Sendable, Equatable {
+    /// Optimizer for both the dense layers and (lazily, touched rows only) the embedding tables.
+    public enum Optimizer: String, Codable, Sendable, CaseIterable { case adam, adagrad }
+
+    public var optimizer: Optimizer = .adam
+    public var batchSize: Int = 512
+    /// Learning rate of the MLP and heads.
+    public var learningRate: Float = 1e-3
+    /// Learning rate of the embedding tables.
+    public var embeddingLearningRate: Float = 1e-3
+    public var beta1: Float = 0.9
+    public var beta2: Float = 0.999
+    public var epsilon: Float = 1e-8
+    /// Adagrad's starting accumulator.
+    public var adagradInitialAccumulator: Float = 0.1
+    /// Per-objective loss weights in head order; empty means 1 for every head.
+    public var lossWeights: [Float] = []
+    public var seed: UInt64 = 20_220_425
+    /// Shuffle samples within each pass (seeded; otherwise time order).
+    public var shuffle: Bool = true
+
+    public init() {}
+}
+
+/// Progress of a running pass, reported every few seconds.
+public struct TrainingProgress: Sendable {
+    public var samples: Int
+    public var total: Int
+    public var samplesPerSecond: Double
+    /// Exponential moving average of the weighted batch loss.
+    public var runningLoss: Double
+}
+
+/// Mini-batch trainer of the legacy model: weighted multi-task binary cross-entropy, backprop through heads, MLP
+/// and embeddings, Adam or Adagrad with sparse (lazy) embedding updates. Deterministic for a seed.
+///
+/// The loss of a batch is `Σᵢ wᵢ Σₖ λₖ BCE(pᵢₖ, yᵢₖ) / Σᵢ wᵢ`: per-sample weights are normalised within the
+/// batch, so re-weighting changes the balance between samples, not the loss scale.
+public final class Trainer {
+    public private(set) var model: LegacyModel
+    public let options: TrainingOptions
+    /// Optimizer steps taken so far (carried across warm starts).
+    public private(set) var step: Int
+
+    private let batch: Int
+    private let lossWeights: [Float]
+    // Forward/backward buffers.
+    private let x: UnsafeMutablePointer<Float>
+    private let dx: UnsafeMutablePointer<Float>
+    private let acts: [UnsafeMutablePointer<Float>]
+    private let logits: UnsafeMutablePointer<Float>
+    private let dLogits: UnsafeMutablePointer<Float>
+    private let gradA: UnsafeMutablePointer<Float>
+    private let gradB: UnsafeMutablePointer<Float>
+    // Dense gradients and optimizer moments: layers then heads, weight and bias each.
+    private var denseGrad: [[Float]]
+    private var denseM: [[Float]]
+    private var denseV: [[Float]]
+    // Embedding moments and sparse gradient bookkeeping per table.
+    private var embM: [[Float]]
+    private var embV: [[Float]]
+    private var slotOfRow: [[Int32]]
+    private var touched: [[Int32]]
+    private var embGrad: [[Float]]
+
+    /// - Parameter optimizerState: moments from a checkpoint (warm start); `nil` starts them fresh.
+    public init(model: LegacyModel, options: TrainingOptions, optimizerState: OptimizerState? = nil) throws {
+        guard model.spec.dtype == .f32 else {
+            throw TrainingError.config("cannot train an \(model.spec.dtype.rawValue) model; train the F32 model and quantise it")
+        }
+        guard options.batchSize > 0 else { throw TrainingError.config("batch size must be positive") }
+        guard options.lossWeights.isEmpty || options.lossWeights.count == model.headCount else {
+            throw TrainingError.config("\(options.lossWeights.count) loss weights for \(model.headCount) heads")
+        }
+        self.model = model
+        self.options = options
+        batch = options.batchSize
+        lossWeights = options.lossWeights.isEmpty ? Array(repeating: 1, count: model.headCount) : options.lossWeights
+        let d = model.spec.inputDim
+        let widest = max(d, model.spec.hidden.max() ?? 0)
+        x = .allocate(capacity: batch * d)
+        dx = .allocate(capacity: batch * d)
+        acts = model.spec.hidden.map { UnsafeMutablePointer<Float>.allocate(capacity: options.batchSize * $0) }
+        logits = .allocate(capacity: batch * model.headCount)
+        dLogits = .allocate(capacity: batch * model.headCount)
+        gradA = .allocate(capacity: batch * widest)
+        gradB = .allocate(capacity: batch * widest)
+        let denseSizes = model.layers.flatMap { [$0.weight.count, $0.bias.count] } + [model.heads.weight.count, model.heads.bias.count]
+        denseGrad = denseSizes.map { [Float](repeating: 0, count: $0) }
+        let fill: Float = options.optimizer == .adagrad ? options.adagradInitialAccumulator : 0
+        slotOfRow = model.embeddings.map { [Int32](repeating: -1, count: $0.rows) }
+        touched = model.embeddings.map { _ in [] }
+        embGrad = model.embeddings.map { _ in [] }
+        if let s = optimizerState {
+            guard s.optimizer == options.optimizer else {
+                throw TrainingError.checkpoint("checkpoint optimizer is \(s.optimizer.rawValue), run asks for \(options.optimizer.rawValue)")
+            }
+            guard s.denseM.map(\.count) == denseSizes,
+                  s.embM.map(\.count) == model.embeddings.map({ $0.rows * $0.dim })
+            else { throw TrainingError.checkpoint("optimizer state does not match the model's shapes") }
+            denseM = s.denseM
+            denseV = s.denseV
+            embM = s.embM
+            embV = s.embV
+            step = s.step
+        } else {
+            denseM = denseSizes.map { [Float](repeating: 0, count: $0) }
+            denseV = denseSizes.map { [Float](repeating: fill, count: $0) }
+            embM = model.embeddings.map { [Float](repeating: 0, count: $0.rows * $0.dim) }
+            embV = model.embeddings.map { [Float](repeating: fill, count: $0.rows * $0.dim) }
+            step = 0
+        }
+    }
+
+    deinit {
+        x.deallocate()
+        dx.deallocate()
+        acts.forEach { $0.deallocate() }
+        logits.deallocate()
+        dLogits.deallocate()
+        gradA.deallocate()
+        gradB.deallocate()
+    }
+
+    /// The optimizer moments, for a checkpoint.
+    public var optimizerState: OptimizerState {
+        OptimizerState(optimizer: options.optimizer, step: step, denseM: denseM, denseV: denseV, embM: embM, embV: embV)
+    }
+
+    // MARK: Passes
+
+    /// One pass over `order` (indices into `data`) in mini-batches. Returns the mean weighted loss.
+    @discardableResult
+    public func train(
+        _ data: EncodedDataset, order: [Int], progressEvery: Duration = .seconds(5),
+        progress: ((TrainingProgress) -> Void)? = nil
+    ) throws -> Double {
+        guard data.fieldCount == model.fieldCount, data.objectives == model.spec.heads else {
+            throw TrainingError.data("data set encoded for another model (fields or heads differ)")
+        }
+        let f = model.fieldCount, k = model.headCount
+        var rows = [Int32](repeating: 0, count: batch * f)
+        var labels = [Float](repeating: 0, count: batch * k)
+        var weights = [Float](repeating: 0, count: batch)
+        let clock = ContinuousClock()
+        let start = clock.now
+        var lastReport = start
+        var running = Double.nan
+        var lossSum = 0.0
+        var batches = 0
+        var done = 0
+        while done < order.count {
+            let n = min(batch, order.count - done)
+            for s in 0..<n {
+                let i = order[done + s]
+                for j in 0..<f { rows[s * f + j] = data.rows[i * f + j] }
+                for j in 0..<k { labels[s * k + j] = data.labels[i * k + j] }
+                weights[s] = data.weights[i]
+            }
+            let loss = rows.withUnsafeBufferPointer { r in
+                labels.withUnsafeBufferPointer { l in
+                    weights.withUnsafeBufferPointer { w in
+                        trainStep(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: n)
+                    }
+                }
+            }
+            guard loss.isFinite else {
+                throw TrainingError.data("loss became \(loss) at step \(step); lower the learning rate")
+            }
+            lossSum += Double(loss)
+            batches += 1
+            running = running.isNaN ? Double(loss) : 0.98 * running + 0.02 * Double(loss)
+            done += n
+            if let progress {
+                let now = clock.now
+                if now - lastReport >= progressEvery || done == order.count {
+                    lastReport = now
+                    let secs = Double((now - start).components.seconds) + Double((now - start).components.attoseconds) / 1e18
+                    progress(TrainingProgress(samples: done, total: order.count,
+                                              samplesPerSecond: secs > 0 ? Double(done) / secs : 0, runningLoss: running))
+                }
+            }
+        }
+        return batches > 0 ? lossSum / Double(batches) : .nan
+    }
+
+    // MARK: One step
+
+    /// Forward, backward and one optimizer update on `n` samples. Returns the batch loss.
+    public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int) -> Float {
+        let loss = computeGradients(rows: rows, labels: labels, weights: weights, count: n)
+        step += 1
+        applyUpdates()
+        return loss
+    }
+
+    /// Forward and backward pass: fills the dense gradients and the sparse embedding gradients. Returns the loss.
+    /// Exposed for gradient checks; `trainStep` is the normal entry point.
+    public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int) -> Float {
+        let k = model.headCount
+        let d = model.spec.inputDim
+        model.gather(rows: rows, count: n, into: x)
+        model.dense(input: x, count: n, activations: acts, logits: logits)
+
+        // Loss and dLoss/dLogit.
+        var wsum: Float = 0
+        for s in 0..<n { wsum += weights[s] }
+        let norm: Float = wsum > 0 ? 1 / wsum : 0
+        var loss: Double = 0
+        for s in 0..<n {
+            let w = weights[s] * norm
+            for j in 0..<k {
+                let z = logits[s * k + j]
+                let y = labels[s * k + j]
+                // BCE with logits, stable: max(z,0) - z·y + log(1 + e^{-|z|}).
+                let l = max(z, 0) - z * y + log1pf(expf(-abs(z)))
+                loss += Double(w * lossWeights[j] * l)
+                dLogits[s * k + j] = w * lossWeights[j] * (sigmoid(z) - y)
+            }
+        }
+
+        // Heads.
+        let L = model.layers.count
+        let lastIn: UnsafePointer<Float> = L > 0 ? UnsafePointer(acts[L - 1]) : UnsafePointer(x)
+        let headsIdx = 2 * L
+        backAffine(model.heads, input: lastIn, dOut: dLogits, count: n, gradIndex: headsIdx,
+                   dInput: L > 0 ? gradA : dx)
+        // Hidden layers, last to first; gradA holds dL/dA_l on entry.
+        var dOut = gradA
+        var spare = gradB
+        for l in stride(from: L - 1, through: 0, by: -1) {
+            let layer = model.layers[l]
+            let a = acts[l]
+            for i in 0..<(n * layer.outDim) where a[i] <= 0 { dOut[i] = 0 }
+            let input: UnsafePointer<Float> = l > 0 ? UnsafePointer(acts[l - 1]) : UnsafePointer(x)
+            let dIn = l > 0 ? spare : dx
+            backAffine(layer, input: input, dOut: dOut, count: n, gradIndex: 2 * l, dInput: dIn)
+            swap(&dOut, &spare)
+        }
+        // Scatter dX into sparse per-table gradients (duplicate rows within the batch accumulate).
+        let f = model.fieldCount
+        var col = 0
+        for fi in 0..<f {
+            let dim = model.embeddings[fi].dim
+            let limit = Int32(model.embeddings[fi].rows)
+            slotOfRow[fi].withUnsafeMutableBufferPointer { slots in
+                for s in 0..<n {
+                    var r = rows[s * f + fi]
+                    if r < 0 || r >= limit { r = 0 }
+                    var slot = slots[Int(r)]
+                    if slot < 0 {
+                        slot = Int32(touched[fi].count)
+                        slots[Int(r)] = slot
+                        touched[fi].append(r)
+                        embGrad[fi].append(contentsOf: repeatElement(0, count: dim))
+                    }
+                    let src = dx + s * d + col
+                    embGrad[fi].withUnsafeMutableBufferPointer { g in
+                        let dst = g.baseAddress! + Int(slot) * dim
+                        for j in 0..<dim { dst[j] += src[j] }
+                    }
+                }
+            }
+            col += dim
+        }
+        return Float(loss)
+    }
+
+    /// Backward of `out = input · Wᵀ + b`: stores dW, db at `gradIndex`, `gradIndex + 1`; writes dInput.
+    private func backAffine(_ layer: DenseLayer, input: UnsafePointer<Float>, dOut: UnsafeMutablePointer<Float>,
+                            count n: Int, gradIndex: Int, dInput: UnsafeMutablePointer<Float>) {
+        let o = layer.outDim, i = layer.inDim
+        denseGrad[gradIndex].withUnsafeMutableBufferPointer { dw in
+            BLAS.sgemm(transA: true, transB: false, m: o, n: i, k: n, alpha: 1, a: dOut, lda: o,
+                       b: input, ldb: i, beta: 0, c: dw.baseAddress!, ldc: i)
+        }
+        denseGrad[gradIndex + 1].withUnsafeMutableBufferPointer { db in
+            let p = db.baseAddress!
+            p.update(repeating: 0, count: o)
+            for s in 0..<n {
+                let row = dOut + s * o
+                for j in 0..<o { p[j] += row[j] }
+            }
+        }
+        layer.weight.withUnsafeBufferPointer { w in
+            BLAS.sgemm(transA: false, transB: false, m: n, n: i, k: o, alpha: 1, a: dOut, lda: o,
+                       b: w.baseAddress!, ldb: i, beta: 0, c: dInput, ldc: i)
+        }
+    }
+
+    /// Gradient of the last `computeGradients` call for a dense tensor (`mlp.<l>.weight|bias`, `heads.weight|bias`).
+    public func denseGradient(_ name: String) -> [Float]? {
+        guard let idx = denseIndex(name) else { return nil }
+        return denseGrad[idx]
+    }
+
+    /// Sparse gradient of the last `computeGradients` call for one embedding row (zeros if untouched).
+    public func embeddingGradient(field: Int, row: Int) -> [Float] {
+        let dim = model.embeddings[field].dim
+        let slot = slotOfRow[field][row]
+        guard slot >= 0 else { return [Float](repeating: 0, count: dim) }
+        return Array(embGrad[field][Int(slot) * dim..<(Int(slot) + 1) * dim])
+    }
+
+    /// Clears the sparse gradient bookkeeping without updating (used by gradient checks).
+    public func discardGradients() {
+        for fi in 0..<touched.count {
+            for r in touched[fi] { slotOfRow[fi][Int(r)] = -1 }
+            touched[fi].removeAll(keepingCapacity: true)
+            embGrad[fi].removeAll(keepingCapacity: true)
+        }
+    }
+
+    private func denseIndex(_ name: String) -> Int? {
+        let L = model.layers.count
+        switch name {
+        case "heads.weight": return 2 * L
+        case "heads.bias": return 2 * L + 1
+        default:
+            let p = name.split(separator: ".")
+            guard p.count == 3, p[0] == "mlp", let l = Int(p[1]), l >= 0, l < L else { return nil }
+            return p[2] == "weight" ? 2 * l : (p[2] == "bias" ? 2 * l + 1 : nil)
+        }
+    }
+
+    // MARK: Updates
+
+    private func applyUpdates() {
+        let t = Float(step)
+        let o = options
+        let L = model.layers.count
+        // Dense parameters.
+        for idx in 0..<(2 * L + 2) {
+            let layerIndex = idx / 2
+            let isWeight = idx % 2 == 0
+            denseGrad[idx].withUnsafeBufferPointer { g in
+                denseM[idx].withUnsafeMutableBufferPointer { m in
+                    denseV[idx].withUnsafeMutableBufferPointer { v in
+                        func run(_ p: UnsafeMutablePointer<Float>) {
+                            update(p: p, g: g.baseAddress!, m: m.baseAddress!, v: v.baseAddress!, count: g.count,
+                                   lr: o.learningRate, t: t)
+                        }
+                        if layerIndex < L {
+                            if isWeight { model.layers[layerIndex].weight.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
+                            else { model.layers[layerIndex].bias.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
+                        } else {
+                            if isWeight { model.heads.weight.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
+                            else { model.heads.bias.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
+                        }
+                    }
+                }
+            }
+        }
+        // Embeddings: only rows touched by this batch.
+        for fi in 0..<model.fieldCount {
+            let dim = model.embeddings[fi].dim
+            guard case .f32(var table) = model.embeddings[fi].storage else { continue }
+            model.embeddings[fi].storage = .f32([]) // release the reference so `table` is uniquely owned
+            table.withUnsafeMutableBufferPointer { tb in
+                embGrad[fi].withUnsafeBufferPointer { g in
+                    embM[fi].withUnsafeMutableBufferPointer { m in
+                        embV[fi].withUnsafeMutableBufferPointer { v in
+                            for (slot, r) in touched[fi].enumerated() {
+                                let off = Int(r) * dim
+                                update(p: tb.baseAddress! + off, g: g.baseAddress! + slot * dim,
+                                       m: m.baseAddress! + off, v: v.baseAddress! + off, count: dim,
+                                       lr: o.embeddingLearningRate, t: t)
+                            }
+                        }
+                    }
+                }
+            }
+            model.embeddings[fi].storage = .f32(table)
+        }
+        discardGradients()
+    }
+
+    @inline(__always)
+    private func update(p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, m: UnsafeMutablePointer<Float>,
+                        v: UnsafeMutablePointer<Float>, count: Int, lr: Float, t: Float) {
+        switch options.optimizer {
+        case .adam:
+            let b1 = options.beta1, b2 = options.beta2
+            let lrT = lr * (1 - powf(b2, t)).squareRoot() / (1 - powf(b1, t))
+            let eps = options.epsilon
+            for i in 0..<count {
+                let gi = g[i]
+                m[i] = b1 * m[i] + (1 - b1) * gi
+                v[i] = b2 * v[i] + (1 - b2) * gi * gi
+                p[i] -= lrT * m[i] / (v[i].squareRoot() + eps)
+            }
+        case .adagrad:
+            let eps = options.epsilon
+            for i in 0..<count {
+                let gi = g[i]
+                v[i] += gi * gi
+                p[i] -= lr * gi / (v[i].squareRoot() + eps)
+            }
+        }
+    }
+}
+
+/// Optimizer moments and step count, saved with a checkpoint so a warm start continues exactly.
+public struct OptimizerState: Sendable {
+    public var optimizer: TrainingOptions.Optimizer
+    public var step: Int
+    /// Per dense tensor, in order: mlp.0.weight, mlp.0.bias, …, heads.weight, heads.bias.
+    public var denseM: [[Float]]
+    public var denseV: [[Float]]
+    /// Per embedding table, in field order.
+    public var embM: [[Float]]
+    public var embV: [[Float]]
+}
