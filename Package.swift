@@ -32,7 +32,8 @@ let package = Package(
         ),
         .target(
             name: "StockpotTraining",
-            dependencies: ["StockpotModel"]
+            dependencies: ["StockpotModel"],
+            resources: [.copy("Resources/legacy-kuairand.json")]
         ),
         .executableTarget(
             name: "stockpot",

@@ -48,11 +48,16 @@ public struct EncodedDataset: Sendable {
 
     /// Encodes KuaiRand log rows with a model's spec.
     public init(data: KuaiRandData, rows logRows: [Int], spec: ModelSpec, crowdSource: String) throws {
-        let encoder = FeatureEncoder(fields: spec.fields)
-        let accessors = try spec.fields.map { try data.accessor(for: $0.source) }
-        let f = spec.fields.count
+        try self.init(data: data, rows: logRows, fields: spec.fields, objectives: spec.heads, crowdSource: crowdSource)
+    }
+
+    /// Encodes `fields` (possibly none, for label-only uses such as baselines) and the `objectives` labels.
+    public init(data: KuaiRandData, rows logRows: [Int], fields: [FieldSpec], objectives heads: [String], crowdSource: String) throws {
+        let encoder = FeatureEncoder(fields: fields)
+        let accessors = try fields.map { try data.accessor(for: $0.source) }
+        let f = fields.count
         fieldCount = f
-        objectives = spec.heads
+        objectives = heads
         var rows = [Int32](repeating: 0, count: logRows.count * f)
         for (s, r) in logRows.enumerated() {
             for (fi, a) in accessors.enumerated() {
@@ -60,15 +65,15 @@ public struct EncodedDataset: Sendable {
             }
         }
         self.rows = rows
-        let labelColumns = try spec.heads.map { try data.log.column($0, file: KuaiRandData.logFile) }
-        var labels = [Float](repeating: 0, count: logRows.count * spec.heads.count)
+        let labelColumns = try heads.map { try data.log.column($0, file: KuaiRandData.logFile) }
+        var labels = [Float](repeating: 0, count: logRows.count * heads.count)
         for (s, r) in logRows.enumerated() {
             for (k, col) in labelColumns.enumerated() {
                 switch col[r] {
-                case "0": labels[s * spec.heads.count + k] = 0
-                case "1": labels[s * spec.heads.count + k] = 1
+                case "0": labels[s * heads.count + k] = 0
+                case "1": labels[s * heads.count + k] = 1
                 case let v:
-                    throw TrainingError.data("objective '\(spec.heads[k])' must be 0/1, found '\(v)' in log row \(r + 2)")
+                    throw TrainingError.data("objective '\(heads[k])' must be 0/1, found '\(v)' in log row \(r + 2)")
                 }
             }
         }

@@ -113,3 +113,19 @@ public struct CrowdDefinition: Codable, Sendable, Equatable {
     /// Crowd names in report order.
     public var names: [String] { groups.map(\.name) + [otherwise] }
 }
+
+extension FeatureConfig {
+    /// The built-in KuaiRand legacy config (`Sources/StockpotTraining/Resources/legacy-kuairand.json`).
+    public static func builtIn() throws -> FeatureConfig {
+        guard let url = Bundle.module.url(forResource: "legacy-kuairand", withExtension: "json") else {
+            throw TrainingError.config("built-in legacy-kuairand.json is missing from the bundle")
+        }
+        return try load(url)
+    }
+
+    /// The config at `path`, or the built-in one when `path` is nil.
+    public static func load(path: String?) throws -> FeatureConfig {
+        guard let path else { return try builtIn() }
+        return try load(URL(fileURLWithPath: path))
+    }
+}

@@ -1,0 +1,222 @@
+import Foundation
+import StockpotModel
+
+/// The offline jobs around the legacy model: incremental daily training with warm start, from-scratch replay,
+/// scoring and evaluation on KuaiRand logs.
+public struct LegacyTraining {
+    public let data: KuaiRandData
+    public let config: FeatureConfig
+    public var options: TrainingOptions
+    /// Receives human-readable progress lines.
+    public var log: (String) -> Void
+
+    public init(data: KuaiRandData, config: FeatureConfig, options: TrainingOptions, log: @escaping (String) -> Void = { print($0) }) {
+        self.data = data
+        self.config = config
+        self.options = options
+        self.log = log
+    }
+
+    /// Result of a training command.
+    public struct Outcome {
+        public var model: LegacyModel
+        /// The checkpoint folder holding the final model.
+        public var checkpoint: URL
+        public var steps: Int
+        public var samples: Int
+        public var seconds: Double
+    }
+
+    /// One pass per day in date order; each day starts from the previous day's weights and optimizer state and
+    /// ends with a checkpoint `out/<yyyymmdd>`; `out/latest` points at the newest one.
+    public func incremental(days: DayRange, warmStart: URL?, out: URL) throws -> Outcome {
+        let dayList = data.daysPresent(in: days)
+        guard !dayList.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
+        var model: LegacyModel
+        var optimizer: OptimizerState?
+        var info: CheckpointInfo
+        if let warmStart {
+            let loaded = try Checkpoint.load(from: warmStart)
+            model = loaded.model
+            optimizer = loaded.optimizer
+            guard model.spec.dtype == .f32 else { throw TrainingError.checkpoint("\(warmStart.path) is quantised; warm-start from the F32 checkpoint") }
+            if optimizer == nil { log("note: \(warmStart.path) has no optimizer state; moments start fresh") }
+            info = loaded.info ?? CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "incremental")
+            info.parent = warmStart.path
+            if let overlap = dayList.first(where: { info.daysTrained.contains($0) }) {
+                log("warning: \(warmStart.path) was already trained on \(overlap); training on it again")
+            }
+            log("warm start from \(warmStart.path) (step \(optimizer?.step ?? 0), days \(info.daysTrained.first.map(String.init) ?? "-")…\(info.daysTrained.last.map(String.init) ?? "-"))")
+        } else {
+            let rows = try data.rows(in: days)
+            let spec = try SpecFitter.fit(config: config, data: data, rows: rows)
+            model = try LegacyModel.initialized(spec: spec, seed: options.seed)
+            info = CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "incremental")
+            log("new model: \(spec.fields.count) fields, input \(spec.inputDim), MLP \(spec.hidden), heads \(spec.heads)")
+        }
+        let clock = ContinuousClock()
+        let start = clock.now
+        var totalSamples = 0
+        var checkpoint = out
+        let trainer = try Trainer(model: model, options: options, optimizerState: optimizer)
+        for day in dayList {
+            let rows = try data.rows(in: DayRange(first: day, last: day))
+            let ds = try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source)
+            var order = Array(0..<ds.count)
+            if options.shuffle {
+                var rng = SplitMix64(seed: options.seed ^ UInt64(day))
+                order.shuffle(using: &rng)
+            }
+            let dayStart = clock.now
+            let loss = try trainer.train(ds, order: order) { p in
+                self.log(String(format: "  %d  %6d/%d samples  %7.0f samples/s  loss %.4f", day, p.samples, p.total, p.samplesPerSecond, p.runningLoss))
+            }
+            let secs = (clock.now - dayStart).seconds
+            totalSamples += ds.count
+            info.daysTrained.append(day)
+            info.samplesSeen += ds.count
+            info.step = trainer.step
+            var m = trainer.model
+            m.spec.metadata = metadata(info: info)
+            checkpoint = out.appendingPathComponent(String(day))
+            try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: checkpoint)
+            try Self.pointLatest(in: out, to: String(day))
+            log(String(format: "day %d: %d samples, mean loss %.4f, %.1fs (%.0f samples/s) → %@", day, ds.count, loss, secs,
+                       Double(ds.count) / max(secs, 1e-9), checkpoint.path))
+        }
+        return Outcome(model: trainer.model, checkpoint: checkpoint, steps: trainer.step, samples: totalSamples,
+                       seconds: (clock.now - start).seconds)
+    }
+
+    /// A fresh model trained on all `days` pooled and shuffled: `epochs` passes, or exactly `steps` mini-batches
+    /// (cycling through reshuffled epochs) when `steps` is given. Writes one checkpoint at `out`.
+    public func fromScratch(days: DayRange, epochs: Int = 1, steps: Int? = nil, out: URL) throws -> Outcome {
+        let rows = try data.rows(in: days)
+        guard !rows.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
+        let spec = try SpecFitter.fit(config: config, data: data, rows: rows)
+        let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
+        let trainer = try Trainer(model: model, options: options)
+        let ds = try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source)
+        let target = steps.map { $0 * options.batchSize } ?? epochs * ds.count
+        log("from scratch on \(days): \(ds.count) samples, \(target) sample-steps (\(String(format: "%.2f", Double(target) / Double(ds.count))) epochs)")
+        let clock = ContinuousClock()
+        let start = clock.now
+        var done = 0
+        var epoch = 0
+        var info = CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "from-scratch")
+        while done < target {
+            var order = Array(0..<ds.count)
+            var rng = SplitMix64(seed: options.seed &+ UInt64(epoch))
+            order.shuffle(using: &rng)
+            if target - done < order.count { order = Array(order.prefix(target - done)) }
+            let loss = try trainer.train(ds, order: order) { p in
+                self.log(String(format: "  epoch %d  %6d/%d samples  %7.0f samples/s  loss %.4f", epoch + 1, p.samples, p.total, p.samplesPerSecond, p.runningLoss))
+            }
+            log(String(format: "epoch %d: %d samples, mean loss %.4f", epoch + 1, order.count, loss))
+            done += order.count
+            info.samplesSeen += order.count
+            epoch += 1
+        }
+        info.daysTrained = data.daysPresent(in: days)
+        info.step = trainer.step
+        var m = trainer.model
+        m.spec.metadata = metadata(info: info)
+        try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: out)
+        return Outcome(model: m, checkpoint: out, steps: trainer.step, samples: done, seconds: (clock.now - start).seconds)
+    }
+
+    func metadata(info: CheckpointInfo) -> [String: String] {
+        var m = [
+            "mode": info.mode, "step": String(info.step), "samples_seen": String(info.samplesSeen),
+            "days": info.daysTrained.map(String.init).joined(separator: ","), "seed": String(options.seed),
+            "optimizer": options.optimizer.rawValue,
+        ]
+        if let p = info.parent { m["parent"] = p }
+        return m
+    }
+
+    /// `out/latest` → `target`, replaced atomically.
+    static func pointLatest(in out: URL, to target: String) throws {
+        let fm = FileManager.default
+        let tmp = out.appendingPathComponent(".latest.tmp")
+        try? fm.removeItem(at: tmp)
+        try fm.createSymbolicLink(atPath: tmp.path, withDestinationPath: target)
+        if rename(tmp.path, out.appendingPathComponent("latest").path) != 0 {
+            throw TrainingError.checkpoint("cannot update \(out.path)/latest (errno \(errno))")
+        }
+    }
+
+    /// Encodes the impressions of `days` for `model`.
+    public func dataset(days: DayRange, for model: LegacyModel) throws -> EncodedDataset {
+        let rows = try data.rows(in: days)
+        guard !rows.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
+        return try EncodedDataset(data: data, rows: rows, spec: model.spec, crowdSource: config.crowds.source)
+    }
+
+    /// Probabilities (`count × heads`) of `model` on `ds`.
+    public static func predict(_ model: LegacyModel, on ds: EncodedDataset) -> [Float] {
+        let scorer = BatchScorer(model: model, chunk: 512)
+        var out = [Float](repeating: 0, count: ds.count * model.headCount)
+        ds.rows.withUnsafeBufferPointer { r in
+            out.withUnsafeMutableBufferPointer { o in
+                scorer.score(rows: r.baseAddress!, count: ds.count, into: o.baseAddress!)
+            }
+        }
+        return out
+    }
+
+    public func evaluate(_ model: LegacyModel, days: DayRange) throws -> (EvaluationReport, EncodedDataset, [Float]) {
+        let ds = try dataset(days: days, for: model)
+        let p = Self.predict(model, on: ds)
+        return (EvaluationReport(predictions: p, dataset: ds, crowds: config.crowds), ds, p)
+    }
+}
+
+extension Duration {
+    /// The duration in seconds as a Double.
+    public var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+/// The per-video rate baseline: each objective's smoothed positive rate of the video over the training days
+/// (`(positives + m·prior) / (impressions + m)`), the global rate for unseen videos.
+public struct PerVideoBaseline: Sendable {
+    public let objectives: [String]
+    public let prior: [Double]
+    public let rates: [Int: [Double]]
+    public let smoothing: Double
+
+    public init(train: EncodedDataset, smoothing: Double = 10) {
+        let k = train.objectives.count
+        objectives = train.objectives
+        self.smoothing = smoothing
+        var pos: [Int: [Double]] = [:]
+        var cnt: [Int: Double] = [:]
+        var total = [Double](repeating: 0, count: k)
+        for i in 0..<train.count {
+            let v = train.videoIds[i]
+            var p = pos[v] ?? [Double](repeating: 0, count: k)
+            for j in 0..<k {
+                p[j] += Double(train.labels[i * k + j])
+                total[j] += Double(train.labels[i * k + j])
+            }
+            pos[v] = p
+            cnt[v, default: 0] += 1
+        }
+        let prior = total.map { $0 / Double(max(train.count, 1)) }
+        self.prior = prior
+        rates = pos.mapValues { _ in [] }.reduce(into: [:]) { acc, kv in
+            let n = cnt[kv.key]!
+            acc[kv.key] = (0..<k).map { (pos[kv.key]![$0] + smoothing * prior[$0]) / (n + smoothing) }
+        }
+    }
+
+    public func predict(_ ds: EncodedDataset) -> [Float] {
+        var out: [Float] = []
+        out.reserveCapacity(ds.count * objectives.count)
+        for i in 0..<ds.count {
+            let r = rates[ds.videoIds[i]] ?? prior
+            out.append(contentsOf: r.map(Float.init))
+        }
+        return out
+    }
+}

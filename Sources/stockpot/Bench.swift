@@ -1,0 +1,98 @@
+import ArgumentParser
+import Foundation
+import StockpotModel
+import StockpotTraining
+
+/// Training and inference throughput of the legacy model on real KuaiRand rows, one thread, plus the dense
+/// (GEMM) part's FLOP rate as a fraction of the core's FP32 peak. Run it from a release build.
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure training and inference throughput (one thread) and GEMM efficiency. Use -c release.")
+
+    @OptionGroup var dataOptions: DataOptions
+    @Option(help: "Model to benchmark (default: a fresh model fitted on --days).") var model: String?
+    @Option(help: "Days whose rows feed the benchmark.") var days: String = "20220425..20220504"
+    @Option(help: "Inference batch (candidates per request).") var batch: Int = 512
+    @Option(help: "Core clock in GHz for the peak (default: /proc/cpuinfo).") var ghz: Double?
+    @Option(help: "FP32 FLOP per cycle per core for the peak (AVX2 + 2 FMA units: 32).") var flopsPerCycle: Double = 32
+    @Option(help: "Reference training samples/s to compare against.") var referenceTrain: Double = 33_000
+    @Option(help: "Reference inference samples/s to compare against.") var referenceInfer: Double = 110_000
+
+    func run() async throws {
+        BLAS.useSingleThread()
+        let (data, config) = try dataOptions.load()
+        let range = try parseDays(days)
+        let rows = try data.rows(in: range)
+        let m = try model.map { try LegacyModel.load(from: URL(fileURLWithPath: $0)) }
+            ?? LegacyModel.initialized(spec: try SpecFitter.fit(config: config, data: data, rows: rows), seed: 1)
+        let ds = try EncodedDataset(data: data, rows: rows, spec: m.spec, crowdSource: config.crowds.source)
+        let clock = ContinuousClock()
+        let macs = Double(m.denseMACsPerSample)
+        let peak = (ghz ?? Self.cpuGHz() ?? 2.1) * flopsPerCycle
+        Console.out(String(format: "model: %d fields, input %d, MLP %@, %d heads; dense MACs/sample %.0f; %d rows",
+                           m.fieldCount, m.spec.inputDim, "\(m.spec.hidden)", m.headCount, macs, ds.count))
+        Console.out(String(format: "peak: %.1f GFLOPS (%.2f GHz × %.0f FLOP/cycle)", peak, peak / flopsPerCycle, flopsPerCycle))
+
+        // Training: one pass, shuffled, batch 512, Adam.
+        let trainer = try Trainer(model: m, options: TrainingOptions())
+        var order = Array(0..<ds.count)
+        var rng = SplitMix64(seed: 7)
+        order.shuffle(using: &rng)
+        let t0 = clock.now
+        try trainer.train(ds, order: order)
+        let trainSecs = (clock.now - t0).seconds
+        let trainRate = Double(ds.count) / trainSecs
+        // Forward (1×) + weight gradients (1×) + input gradients (1×) of every dense layer.
+        let trainGflops = trainRate * macs * 2 * 3 / 1e9
+        Console.out(String(format: "train:     %8.0f samples/s  (%.2f× the %.0f reference)  dense %.1f GFLOPS = %.0f%% of peak",
+                           trainRate, trainRate / referenceTrain, referenceTrain, trainGflops, 100 * trainGflops / peak))
+
+        // Inference: batches of `batch` candidates through BatchScorer (gather + MLP + sigmoid).
+        let scorer = BatchScorer(model: trainer.model, chunk: batch)
+        var out = [Float](repeating: 0, count: batch * m.headCount)
+        let n = (ds.count / batch) * batch
+        var reps = 0
+        let t1 = clock.now
+        repeat {
+            ds.rows.withUnsafeBufferPointer { r in
+                out.withUnsafeMutableBufferPointer { o in
+                    var s = 0
+                    while s < n {
+                        scorer.score(rows: r.baseAddress! + s * m.fieldCount, count: batch, into: o.baseAddress!)
+                        s += batch
+                    }
+                }
+            }
+            reps += 1
+        } while (clock.now - t1).seconds < 2
+        let inferSecs = (clock.now - t1).seconds
+        let inferRate = Double(n * reps) / inferSecs
+        let inferGflops = inferRate * macs * 2 / 1e9
+        Console.out(String(format: "infer:     %8.0f samples/s  (%.2f× the %.0f reference)  dense %.1f GFLOPS = %.0f%% of peak (batch %d)",
+                           inferRate, inferRate / referenceInfer, referenceInfer, inferGflops, 100 * inferGflops / peak, batch))
+
+        // The MLP alone on a gathered batch: the GEMM efficiency ceiling.
+        let x = UnsafeMutablePointer<Float>.allocate(capacity: batch * m.spec.inputDim)
+        let acts = m.spec.hidden.map { UnsafeMutablePointer<Float>.allocate(capacity: batch * $0) }
+        let logits = UnsafeMutablePointer<Float>.allocate(capacity: batch * m.headCount)
+        defer { x.deallocate(); acts.forEach { $0.deallocate() }; logits.deallocate() }
+        ds.rows.withUnsafeBufferPointer { trainer.model.gather(rows: $0.baseAddress!, count: batch, into: x) }
+        var mlpReps = 0
+        let t2 = clock.now
+        repeat {
+            for _ in 0..<50 { trainer.model.dense(input: x, count: batch, activations: acts, logits: logits) }
+            mlpReps += 50
+        } while (clock.now - t2).seconds < 2
+        let mlpGflops = Double(mlpReps * batch) * macs * 2 / (clock.now - t2).seconds / 1e9
+        Console.out(String(format: "mlp only:  %8.0f samples/s  dense %.1f GFLOPS = %.0f%% of peak",
+                           mlpGflops * 1e9 / (macs * 2), mlpGflops, 100 * mlpGflops / peak))
+    }
+
+    static func cpuGHz() -> Double? {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("cpu MHz") {
+            if let v = line.split(separator: ":").last.flatMap({ Double($0.trimmingCharacters(in: .whitespaces)) }) { return v / 1000 }
+        }
+        return nil
+    }
+}

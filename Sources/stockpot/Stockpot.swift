@@ -1,0 +1,50 @@
+import ArgumentParser
+import Foundation
+import StockpotModel
+import StockpotTraining
+
+@main
+struct Stockpot: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stockpot",
+        abstract: "Fine-ranking models: train, evaluate, quantise and benchmark the legacy model.",
+        subcommands: [Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self]
+    )
+}
+
+/// Options every data-reading command shares.
+struct DataOptions: ParsableArguments {
+    @Option(help: "KuaiRand-Pure folder (default: ../shared/data/kuairand-pure, or $STOCKPOT_KUAIRAND).")
+    var data: String?
+
+    @Option(help: "Feature config JSON (default: the built-in legacy-kuairand.json).")
+    var config: String?
+
+    func load(log: Bool = true) throws -> (KuaiRandData, FeatureConfig) {
+        let dir = data.map { URL(fileURLWithPath: $0) } ?? KuaiRandData.defaultDirectory()
+        let clock = ContinuousClock()
+        let start = clock.now
+        let d = try KuaiRandData.load(directory: dir)
+        if log {
+            Console.info(String(format: "loaded %d impressions (%d duplicate rows merged), %d users, %d videos from %@ in %.1fs",
+                                d.log.rowCount, d.duplicatesMerged, d.users.rowCount, d.videos.rowCount, dir.path,
+                                (clock.now - start).seconds))
+        }
+        return (d, try FeatureConfig.load(path: config))
+    }
+}
+
+/// Writes progress to stderr (unbuffered) and results to stdout (flushed per line).
+enum Console {
+    static func info(_ line: String) {
+        FileHandle.standardError.write(Data((line + "\n").utf8))
+    }
+
+    static func out(_ text: String) {
+        FileHandle.standardOutput.write(Data((text + "\n").utf8))
+    }
+}
+
+func parseDays(_ s: String) throws -> DayRange {
+    do { return try DayRange(s) } catch { throw ValidationError("\(error)") }
+}

@@ -1,0 +1,180 @@
+import ArgumentParser
+import Foundation
+import StockpotModel
+import StockpotTraining
+
+struct Train: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Train models.", subcommands: [Legacy.self])
+
+    struct Legacy: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Train the legacy multi-task model: one pass per day with warm start, or from scratch.",
+            discussion: """
+            Incremental (default): one pass over each day in date order, each day starting from the previous \
+            day's weights and optimizer state; a checkpoint per day in OUT/<yyyymmdd>, OUT/latest → newest.
+            --from-scratch: a fresh model on all the days pooled and shuffled, --epochs passes or exactly \
+            --steps mini-batches; one checkpoint in OUT.
+            """)
+
+        @OptionGroup var dataOptions: DataOptions
+        @Option(help: "Training days, yyyymmdd..yyyymmdd.") var days: String
+        @Option(help: "Checkpoint to continue from (weights and optimizer state).") var warmStart: String?
+        @Flag(help: "Train a fresh model on all the days pooled instead of day by day.") var fromScratch = false
+        @Option(help: "Passes over the pooled days (with --from-scratch).") var epochs: Int = 1
+        @Option(help: "Exact number of mini-batches (with --from-scratch); overrides --epochs.") var steps: Int?
+        @Option(help: "Output folder.") var out: String
+        @Option(help: "adam or adagrad.") var optimizer: String = "adam"
+        @Option(help: "Mini-batch size.") var batchSize: Int = 512
+        @Option(help: "Dense learning rate.") var lr: Float = 1e-3
+        @Option(help: "Embedding learning rate.") var embeddingLr: Float?
+        @Option(help: "Per-objective loss weights, comma-separated in head order.") var lossWeights: String?
+        @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
+        @Flag(help: "Keep time order within each pass.") var noShuffle = false
+
+        func validate() throws {
+            if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
+            if !fromScratch && steps != nil { throw ValidationError("--steps needs --from-scratch") }
+            if let steps, steps <= 0 { throw ValidationError("--steps must be positive") }
+            if epochs <= 0 { throw ValidationError("--epochs must be positive") }
+            if batchSize <= 0 { throw ValidationError("--batch-size must be positive") }
+            guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
+                throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
+            }
+            guard lr > 0, (embeddingLr ?? 1) > 0 else { throw ValidationError("learning rates must be positive") }
+        }
+
+        func options() throws -> TrainingOptions {
+            var o = TrainingOptions()
+            o.optimizer = TrainingOptions.Optimizer(rawValue: optimizer)!
+            o.batchSize = batchSize
+            o.learningRate = lr
+            o.embeddingLearningRate = embeddingLr ?? (o.optimizer == .adagrad ? 0.05 : lr)
+            o.seed = seed
+            o.shuffle = !noShuffle
+            if let lossWeights {
+                let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }
+                guard w.allSatisfy({ $0 != nil && $0! >= 0 }) else { throw ValidationError("bad --loss-weights '\(lossWeights)'") }
+                o.lossWeights = w.map { $0! }
+            }
+            return o
+        }
+
+        func run() async throws {
+            BLAS.useSingleThread()
+            let dayRange = try parseDays(days)
+            let (data, config) = try dataOptions.load()
+            let job = LegacyTraining(data: data, config: config, options: try options(), log: Console.info)
+            let outURL = URL(fileURLWithPath: out)
+            let result = fromScratch
+                ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
+                : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL)
+            Console.out(String(format: "trained %d samples in %d steps, %.1fs (%.0f samples/s); model: %@",
+                               result.samples, result.steps, result.seconds, Double(result.samples) / max(result.seconds, 1e-9),
+                               result.checkpoint.path))
+        }
+    }
+}
+
+struct Eval: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "AUC, GAUC, logloss and calibration per objective × crowd.",
+        discussion: "With --json: {objective: {crowd: {auc, gauc, logloss, calibration, n, rate}}}.")
+
+    @OptionGroup var dataOptions: DataOptions
+    @Option(help: "Model folder (model.json + weights.safetensors).") var model: String?
+    @Option(help: "Test days, yyyymmdd..yyyymmdd.") var days: String = "20220505..20220508"
+    @Option(help: "Evaluate the per-video rate baseline fitted on these days instead of a model.") var baselineTrainDays: String?
+    @Flag(help: "Print one JSON object instead of a table.") var json = false
+
+    func validate() throws {
+        if (model == nil) == (baselineTrainDays == nil) { throw ValidationError("give exactly one of --model or --baseline-train-days") }
+    }
+
+    func run() async throws {
+        BLAS.useSingleThread()
+        let (data, config) = try dataOptions.load(log: !json)
+        let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
+        let test = try parseDays(days)
+        let report: EvaluationReport
+        if let model {
+            let m = try LegacyModel.load(from: URL(fileURLWithPath: model))
+            report = try job.evaluate(m, days: test).0
+        } else {
+            let trainDays = try parseDays(baselineTrainDays!)
+            let train = try EncodedDataset(data: data, rows: try data.rows(in: trainDays), fields: [],
+                                           objectives: config.objectives, crowdSource: config.crowds.source)
+            let ds = try EncodedDataset(data: data, rows: try data.rows(in: test), fields: [],
+                                        objectives: config.objectives, crowdSource: config.crowds.source)
+            report = EvaluationReport(predictions: PerVideoBaseline(train: train).predict(ds), dataset: ds, crowds: config.crowds)
+        }
+        Console.out(json ? try report.json() : report.table())
+    }
+}
+
+struct Predict: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write one CSV row per impression: user_id, video_id, time_ms and one probability per objective.")
+
+    @OptionGroup var dataOptions: DataOptions
+    @Option(help: "Model folder.") var model: String
+    @Option(help: "Days to score, yyyymmdd..yyyymmdd.") var days: String
+    @Option(help: "Output CSV file.") var out: String
+
+    func run() async throws {
+        BLAS.useSingleThread()
+        let (data, config) = try dataOptions.load()
+        let m = try LegacyModel.load(from: URL(fileURLWithPath: model))
+        let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
+        let ds = try job.dataset(days: try parseDays(days), for: m)
+        let p = LegacyTraining.predict(m, on: ds)
+        let k = m.headCount
+        var text = "user_id,video_id,time_ms," + m.spec.heads.joined(separator: ",") + "\n"
+        text.reserveCapacity(ds.count * 48)
+        for i in 0..<ds.count {
+            text += "\(ds.userIds[i]),\(ds.videoIds[i]),\(ds.timeMs[i])"
+            for j in 0..<k { text += ",\(p[i * k + j])" }
+            text += "\n"
+        }
+        try AtomicFile.write(Data(text.utf8), to: URL(fileURLWithPath: out))
+        Console.out("wrote \(ds.count) rows to \(out)")
+    }
+}
+
+struct Quantize: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Store embedding tables as row-wise INT8; report bytes and the AUC change per objective.")
+
+    @OptionGroup var dataOptions: DataOptions
+    @Option(help: "F32 model folder.") var model: String
+    @Option(help: "Output model folder.") var out: String
+    @Option(help: "Days to measure the AUC change on (empty to skip).") var evalDays: String = "20220505..20220508"
+
+    func run() async throws {
+        BLAS.useSingleThread()
+        let src = URL(fileURLWithPath: model)
+        let f32 = try LegacyModel.load(from: src)
+        let q = try f32.quantizedInt8()
+        let dst = URL(fileURLWithPath: out)
+        try q.save(to: dst)
+        func fileSize(_ u: URL) -> Int {
+            ((try? FileManager.default.attributesOfItem(atPath: u.appendingPathComponent(LegacyModel.weightsFile).path)[.size]) as? Int) ?? 0
+        }
+        Console.out(String(format: "embeddings: %d → %d bytes (%.2f×); weights file: %d → %d bytes",
+                           f32.embeddingBytes, q.embeddingBytes, Double(f32.embeddingBytes) / Double(q.embeddingBytes),
+                           fileSize(src), fileSize(dst)))
+        guard !evalDays.isEmpty else { return }
+        let (data, config) = try dataOptions.load()
+        let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
+        let ds = try job.dataset(days: try parseDays(evalDays), for: f32)
+        let a = EvaluationReport(predictions: LegacyTraining.predict(f32, on: ds), dataset: ds, crowds: config.crowds)
+        let b = EvaluationReport(predictions: LegacyTraining.predict(q, on: ds), dataset: ds, crowds: config.crowds)
+        Console.out(String(format: "%-10@ %-6@ %9@ %9@ %10@", "objective" as NSString, "crowd" as NSString, "auc f32" as NSString,
+                           "auc int8" as NSString, "delta" as NSString))
+        for o in f32.spec.heads {
+            for c in ["all", "head", "tail"] {
+                guard let x = a.metrics[o]?[c]?.auc, let y = b.metrics[o]?[c]?.auc else { continue }
+                Console.out(String(format: "%-10@ %-6@ %9.5f %9.5f %+10.6f", o as NSString, c as NSString, x, y, y - x))
+            }
+        }
+    }
+}
