@@ -6,24 +6,32 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
     /// Optimizer for both the dense layers and (lazily, touched rows only) the embedding tables.
     public enum Optimizer: String, Codable, Sendable, CaseIterable { case adam, adagrad }
 
-    public var optimizer: Optimizer = .adam
+    public var optimizer: Optimizer = .adagrad
     public var batchSize: Int = 512
     /// Learning rate of the MLP and heads.
-    public var learningRate: Float = 1e-3
+    public var learningRate: Float = 0.01
     /// Learning rate of the embedding tables.
-    public var embeddingLearningRate: Float = 1e-3
+    public var embeddingLearningRate: Float = 0.05
     public var beta1: Float = 0.9
     public var beta2: Float = 0.999
     public var epsilon: Float = 1e-8
     /// Adagrad's starting accumulator.
-    public var adagradInitialAccumulator: Float = 0.1
+    public var adagradInitialAccumulator: Float = 0
     /// Per-objective loss weights in head order; empty means 1 for every head.
     public var lossWeights: [Float] = []
     public var seed: UInt64 = 20_220_425
     /// Shuffle samples within each pass (seeded; otherwise time order).
     public var shuffle: Bool = true
 
-    public init() {}
+    /// Defaults for `optimizer`: Adagrad 0.01 / 0.05 (dense / embeddings), Adam 0.001 / 0.01 — the best of a
+    /// small sweep on KuaiRand (`docs/performance.md`).
+    public init(optimizer: Optimizer = .adagrad) {
+        self.optimizer = optimizer
+        switch optimizer {
+        case .adagrad: (learningRate, embeddingLearningRate) = (0.01, 0.05)
+        case .adam: (learningRate, embeddingLearningRate) = (0.001, 0.01)
+        }
+    }
 }
 
 /// Progress of a running pass, reported every few seconds.

@@ -23,10 +23,10 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Passes over the pooled days (with --from-scratch).") var epochs: Int = 1
         @Option(help: "Exact number of mini-batches (with --from-scratch); overrides --epochs.") var steps: Int?
         @Option(help: "Output folder.") var out: String
-        @Option(help: "adam or adagrad.") var optimizer: String = "adam"
+        @Option(help: "adagrad or adam.") var optimizer: String = "adagrad"
         @Option(help: "Mini-batch size.") var batchSize: Int = 512
-        @Option(help: "Dense learning rate.") var lr: Float = 1e-3
-        @Option(help: "Embedding learning rate.") var embeddingLr: Float?
+        @Option(help: "Dense learning rate (default 0.01 with adagrad, 0.001 with adam).") var lr: Float?
+        @Option(help: "Embedding learning rate (default 0.01 with adam, 0.05 with adagrad).") var embeddingLr: Float?
         @Option(help: "Per-objective loss weights, comma-separated in head order.") var lossWeights: String?
         @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
         @Flag(help: "Keep time order within each pass.") var noShuffle = false
@@ -40,15 +40,14 @@ struct Train: AsyncParsableCommand {
             guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
                 throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
             }
-            guard lr > 0, (embeddingLr ?? 1) > 0 else { throw ValidationError("learning rates must be positive") }
+            guard (lr ?? 1) > 0, (embeddingLr ?? 1) > 0 else { throw ValidationError("learning rates must be positive") }
         }
 
         func options() throws -> TrainingOptions {
-            var o = TrainingOptions()
-            o.optimizer = TrainingOptions.Optimizer(rawValue: optimizer)!
+            var o = TrainingOptions(optimizer: TrainingOptions.Optimizer(rawValue: optimizer)!)
             o.batchSize = batchSize
-            o.learningRate = lr
-            o.embeddingLearningRate = embeddingLr ?? (o.optimizer == .adagrad ? 0.05 : lr)
+            if let lr { o.learningRate = lr }
+            if let embeddingLr { o.embeddingLearningRate = embeddingLr }
             o.seed = seed
             o.shuffle = !noShuffle
             if let lossWeights {
