@@ -3,6 +3,10 @@ import Accelerate
 #elseif canImport(CBLAS)
 import CBLAS
 #endif
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
 
 /// Thin wrapper over single-precision cblas GEMM, row-major only.
 ///
@@ -13,6 +17,47 @@ public enum BLAS {
     public static func useSingleThread() {
         #if canImport(CBLAS) && !canImport(Accelerate)
         openblas_set_num_threads(1)
+        #endif
+    }
+
+    /// The kernel family the BLAS library chose (OpenBLAS core name, e.g. `Haswell`), or `Accelerate`.
+    public static var kernelName: String {
+        #if canImport(CBLAS) && !canImport(Accelerate)
+        return String(cString: openblas_get_corename())
+        #else
+        return "Accelerate"
+        #endif
+    }
+
+    /// OpenBLAS's generic fallbacks: what a DYNAMIC_ARCH build picks on a CPU it does not recognise.
+    static let genericKernels: Set<String> = ["Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Katmai"]
+
+    /// The best OpenBLAS core type this CPU supports, from `/proc/cpuinfo` flags (Linux x86-64 only).
+    public static func preferredCoreType() -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
+        else { return nil }
+        let flags = Set(line.split(separator: " ").map(String.init))
+        if ["avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"].allSatisfy(flags.contains) { return "SkylakeX" }
+        if ["avx2", "fma"].allSatisfy(flags.contains) { return "Haswell" }
+        return nil
+    }
+
+    /// OpenBLAS selects its kernels once, when the library loads. A build that does not know the CPU (as Debian's
+    /// 0.3.21 on recent Xeons) falls back to SSE3 kernels about 3× slower than the AVX2/AVX-512 ones. When that
+    /// happened and the user has not set `OPENBLAS_CORETYPE`, this sets it to the CPU's best supported type and
+    /// re-executes the program (once) so the library loads again with the right kernels. Call it first in `main`.
+    /// `STOCKPOT_BLAS_AUTOTUNE=0` turns it off.
+    public static func reexecWithFasterKernelsIfNeeded() {
+        #if os(Linux) && canImport(CBLAS)
+        let env = ProcessInfo.processInfo.environment
+        guard env["OPENBLAS_CORETYPE"] == nil, env["STOCKPOT_BLAS_AUTOTUNE"] != "0",
+              genericKernels.contains(kernelName), let core = preferredCoreType()
+        else { return }
+        setenv("OPENBLAS_CORETYPE", core, 1)
+        setenv("STOCKPOT_BLAS_AUTOTUNE", "0", 1) // never loop
+        execv("/proc/self/exe", CommandLine.unsafeArgv)
+        // execv returns only on failure: carry on with the generic kernels.
         #endif
     }
 

@@ -22,6 +22,22 @@ public struct EncodedDataset: Sendable {
 
     public var count: Int { userIds.count }
 
+    /// A data set from already-encoded columns (tests, serving logs).
+    public init(fieldCount: Int, objectives: [String], rows: [Int32], labels: [Float], weights: [Float], userIds: [Int],
+                videoIds: [Int], timeMs: [Int], dates: [Int], crowdValues: [String]) {
+        precondition(rows.count == userIds.count * fieldCount && labels.count == userIds.count * objectives.count)
+        self.fieldCount = fieldCount
+        self.objectives = objectives
+        self.rows = rows
+        self.labels = labels
+        self.weights = weights
+        self.userIds = userIds
+        self.videoIds = videoIds
+        self.timeMs = timeMs
+        self.dates = dates
+        self.crowdValues = crowdValues
+    }
+
     /// The samples at `indices`, in that order.
     public func subset(_ indices: [Int]) -> EncodedDataset {
         var out = self

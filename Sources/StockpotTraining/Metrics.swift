@@ -160,15 +160,19 @@ public struct EvaluationReport: Sendable {
             guard let x, x.isFinite else { return "-" }
             return String(format: "%.\(digits)f", x)
         }
-        var lines = [String(format: "%-10@ %-18@ %8@ %7@ %7@ %8@ %7@ %7@", "objective" as NSString, "crowd" as NSString,
-                            "n" as NSString, "rate" as NSString, "auc" as NSString, "gauc" as NSString,
-                            "logloss" as NSString, "calib" as NSString)]
+        let widths = [10, 18, 8, 7, 7, 7, 8, 7]
+        func row(_ cells: [String]) -> String {
+            zip(cells, widths).enumerated().map { i, cw in
+                let (c, w) = cw
+                let pad = String(repeating: " ", count: max(0, w - c.count))
+                return i < 2 ? c + pad : pad + c
+            }.joined(separator: " ")
+        }
+        var lines = [row(["objective", "crowd", "n", "rate", "auc", "gauc", "logloss", "calib"])]
         for o in objectives {
             for c in crowds {
                 guard let m = metrics[o]?[c] else { continue }
-                lines.append(String(format: "%-10@ %-18@ %8d %7@ %7@ %8@ %7@ %7@", o as NSString, c as NSString, m.n,
-                                    f(m.rate, 3) as NSString, f(m.auc) as NSString, f(m.gauc) as NSString,
-                                    f(m.logloss) as NSString, f(m.calibration, 3) as NSString))
+                lines.append(row([o, c, String(m.n), f(m.rate, 3), f(m.auc), f(m.gauc), f(m.logloss), f(m.calibration, 3)]))
             }
         }
         return lines.joined(separator: "\n")

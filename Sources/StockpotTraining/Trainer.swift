@@ -278,6 +278,30 @@ public final class Trainer {
         return Float(loss)
     }
 
+    /// The batch loss of `model` computed by a plain forward pass in double precision — the reference that
+    /// gradient checks differentiate numerically.
+    public static func loss(model: LegacyModel, rows: [Int32], labels: [Float], weights: [Float], lossWeights: [Float]? = nil) -> Double {
+        let n = weights.count
+        let k = model.headCount
+        let scorer = BatchScorer(model: model, chunk: max(n, 1))
+        var logits = [Float](repeating: 0, count: n * k)
+        logits.withUnsafeMutableBufferPointer { out in
+            rows.withUnsafeBufferPointer { scorer.score(rows: $0.baseAddress!, count: n, into: out.baseAddress!, logitsOnly: true) }
+        }
+        let lw = lossWeights ?? Array(repeating: 1, count: k)
+        let wsum = weights.reduce(0.0) { $0 + Double($1) }
+        guard wsum > 0 else { return 0 }
+        var total = 0.0
+        for s in 0..<n {
+            for j in 0..<k {
+                let p = 1 / (1 + exp(-Double(logits[s * k + j])))
+                let y = Double(labels[s * k + j])
+                total += Double(weights[s]) * Double(lw[j]) * -(y * log(p) + (1 - y) * log(1 - p))
+            }
+        }
+        return total / wsum
+    }
+
     /// Backward of `out = input · Wᵀ + b`: stores dW, db at `gradIndex`, `gradIndex + 1`; writes dInput.
     private func backAffine(_ layer: DenseLayer, input: UnsafePointer<Float>, dOut: UnsafeMutablePointer<Float>,
                             count n: Int, gradIndex: Int, dInput: UnsafeMutablePointer<Float>) {

@@ -31,7 +31,8 @@ struct Bench: AsyncParsableCommand {
         let peak = (ghz ?? Self.cpuGHz() ?? 2.1) * flopsPerCycle
         Console.out(String(format: "model: %d fields, input %d, MLP %@, %d heads; dense MACs/sample %.0f; %d rows",
                            m.fieldCount, m.spec.inputDim, "\(m.spec.hidden)", m.headCount, macs, ds.count))
-        Console.out(String(format: "peak: %.1f GFLOPS (%.2f GHz × %.0f FLOP/cycle)", peak, peak / flopsPerCycle, flopsPerCycle))
+        Console.out("BLAS kernels: \(BLAS.kernelName)")
+        Console.out(String(format: "peak: %.1f GFLOPS (%.2f GHz × %.0f FLOP/cycle); percentages below are of this peak", peak, peak / flopsPerCycle, flopsPerCycle))
 
         // Training: one pass, shuffled, batch 512, Adam.
         let trainer = try Trainer(model: m, options: TrainingOptions())

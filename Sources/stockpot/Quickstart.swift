@@ -35,7 +35,7 @@ struct Quickstart: AsyncParsableCommand {
         for o in config.objectives {
             let b = baseline.metrics[o]?["all"]?.auc ?? .nan
             let m = report.metrics[o]?["all"]?.auc ?? .nan
-            Console.out(String(format: "  %-10@ baseline %.4f   legacy %.4f   (%+.4f)", o as NSString, b, m, m - b))
+            Console.out("  " + o.padded(10) + String(format: " baseline %.4f   legacy %.4f   (%+.4f)", b, m, m - b))
         }
 
         let q = try trained.model.quantizedInt8()
@@ -48,7 +48,7 @@ struct Quickstart: AsyncParsableCommand {
         for o in config.objectives {
             let a = report.metrics[o]?["all"]?.auc ?? .nan
             let b = qReport.metrics[o]?["all"]?.auc ?? .nan
-            Console.out(String(format: "  %-10@ AUC f32 %.5f  int8 %.5f  (%+.6f)", o as NSString, a, b, b - a))
+            Console.out("  " + o.padded(10) + String(format: " AUC f32 %.5f  int8 %.5f  (%+.6f)", a, b, b - a))
         }
     }
 }

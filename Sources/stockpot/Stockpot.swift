@@ -10,6 +10,21 @@ struct Stockpot: AsyncParsableCommand {
         abstract: "Fine-ranking models: train, evaluate, quantise and benchmark the legacy model.",
         subcommands: [Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self]
     )
+
+    static func main() async {
+        BLAS.reexecWithFasterKernelsIfNeeded()
+        BLAS.useSingleThread()
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 /// Options every data-reading command shares.
@@ -47,4 +62,11 @@ enum Console {
 
 func parseDays(_ s: String) throws -> DayRange {
     do { return try DayRange(s) } catch { throw ValidationError("\(error)") }
+}
+
+extension String {
+    /// Left-aligned in a field of `width` characters (Foundation's `%-10@` does not pad on Linux).
+    func padded(_ width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
+    }
 }

@@ -167,12 +167,11 @@ struct Quantize: AsyncParsableCommand {
         let ds = try job.dataset(days: try parseDays(evalDays), for: f32)
         let a = EvaluationReport(predictions: LegacyTraining.predict(f32, on: ds), dataset: ds, crowds: config.crowds)
         let b = EvaluationReport(predictions: LegacyTraining.predict(q, on: ds), dataset: ds, crowds: config.crowds)
-        Console.out(String(format: "%-10@ %-6@ %9@ %9@ %10@", "objective" as NSString, "crowd" as NSString, "auc f32" as NSString,
-                           "auc int8" as NSString, "delta" as NSString))
+        Console.out("objective".padded(10) + " " + "crowd".padded(6) + "   auc f32  auc int8       delta")
         for o in f32.spec.heads {
             for c in ["all", "head", "tail"] {
                 guard let x = a.metrics[o]?[c]?.auc, let y = b.metrics[o]?[c]?.auc else { continue }
-                Console.out(String(format: "%-10@ %-6@ %9.5f %9.5f %+10.6f", o as NSString, c as NSString, x, y, y - x))
+                Console.out(o.padded(10) + " " + c.padded(6) + String(format: " %9.5f %9.5f %+11.6f", x, y, y - x))
             }
         }
     }
