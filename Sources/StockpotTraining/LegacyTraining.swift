@@ -97,18 +97,21 @@ public struct LegacyTraining {
         let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
         let trainer = try Trainer(model: model, options: options)
         let ds = try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source)
-        let target = steps.map { $0 * options.batchSize } ?? epochs * ds.count
-        log("from scratch on \(days): \(ds.count) samples, \(target) sample-steps (\(String(format: "%.2f", Double(target) / Double(ds.count))) epochs)")
+        // Every pass ends with a partial batch, so a step budget is counted in batches, not samples.
+        let batchesPerEpoch = (ds.count + options.batchSize - 1) / options.batchSize
+        let targetSteps = steps ?? epochs * batchesPerEpoch
+        log("from scratch on \(days): \(ds.count) samples, \(targetSteps) steps (\(String(format: "%.2f", Double(targetSteps) / Double(batchesPerEpoch))) epochs)")
         let clock = ContinuousClock()
         let start = clock.now
         var done = 0
         var epoch = 0
         var info = CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "from-scratch")
-        while done < target {
+        while trainer.step < targetSteps {
             var order = Array(0..<ds.count)
             var rng = SplitMix64(seed: options.seed &+ UInt64(epoch))
             order.shuffle(using: &rng)
-            if target - done < order.count { order = Array(order.prefix(target - done)) }
+            let remaining = targetSteps - trainer.step
+            if remaining < batchesPerEpoch { order = Array(order.prefix(remaining * options.batchSize)) }
             let loss = try trainer.train(ds, order: order) { p in
                 self.log(String(format: "  epoch %d  %6d/%d samples  %7.0f samples/s  loss %.4f", epoch + 1, p.samples, p.total, p.samplesPerSecond, p.runningLoss))
             }

@@ -76,37 +76,65 @@ struct Train: AsyncParsableCommand {
 
 struct Eval: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "AUC, GAUC, logloss and calibration per objective × crowd.",
-        discussion: "With --json: {objective: {crowd: {auc, gauc, logloss, calibration, n, rate}}}.")
+        abstract: "AUC, GAUC, logloss and calibration per objective × crowd; several models side by side.",
+        discussion: """
+        One model: a table of every objective × crowd (all, head, tail, each user_active_degree). With --json: \
+        {objective: {crowd: {auc, gauc, logloss, calibration, n, rate}}}.
+        Several --model options (and/or --baseline-train-days): one comparison table for all, head and tail; with \
+        --json, {label: report}.
+        """)
 
     @OptionGroup var dataOptions: DataOptions
-    @Option(help: "Model folder (model.json + weights.safetensors).") var model: String?
+    @Option(help: "Model folder (model.json + weights.safetensors); repeat to compare models.") var model: [String] = []
     @Option(help: "Test days, yyyymmdd..yyyymmdd.") var days: String = "20220505..20220508"
-    @Option(help: "Evaluate the per-video rate baseline fitted on these days instead of a model.") var baselineTrainDays: String?
-    @Flag(help: "Print one JSON object instead of a table.") var json = false
+    @Option(help: "Also evaluate the per-video rate baseline fitted on these days.") var baselineTrainDays: String?
+    @Flag(help: "Print JSON instead of a table.") var json = false
 
     func validate() throws {
-        if (model == nil) == (baselineTrainDays == nil) { throw ValidationError("give exactly one of --model or --baseline-train-days") }
+        if model.isEmpty && baselineTrainDays == nil { throw ValidationError("give --model (one or more) or --baseline-train-days") }
     }
 
     func run() async throws {
-        BLAS.useSingleThread()
         let (data, config) = try dataOptions.load(log: !json)
         let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
         let test = try parseDays(days)
-        let report: EvaluationReport
-        if let model {
-            let m = try LegacyModel.load(from: URL(fileURLWithPath: model))
-            report = try job.evaluate(m, days: test).0
-        } else {
-            let trainDays = try parseDays(baselineTrainDays!)
-            let train = try EncodedDataset(data: data, rows: try data.rows(in: trainDays), fields: [],
+        var reports: [(String, EvaluationReport)] = []
+        for path in model {
+            let m = try LegacyModel.load(from: URL(fileURLWithPath: path))
+            reports.append((path, try job.evaluate(m, days: test).0))
+        }
+        if let baselineTrainDays {
+            let train = try EncodedDataset(data: data, rows: try data.rows(in: try parseDays(baselineTrainDays)), fields: [],
                                            objectives: config.objectives, crowdSource: config.crowds.source)
             let ds = try EncodedDataset(data: data, rows: try data.rows(in: test), fields: [],
                                         objectives: config.objectives, crowdSource: config.crowds.source)
-            report = EvaluationReport(predictions: PerVideoBaseline(train: train).predict(ds), dataset: ds, crowds: config.crowds)
+            reports.append(("per-video baseline", EvaluationReport(predictions: PerVideoBaseline(train: train).predict(ds),
+                                                                   dataset: ds, crowds: config.crowds)))
         }
-        Console.out(json ? try report.json() : report.table())
+        if reports.count == 1 {
+            Console.out(json ? try reports[0].1.json() : reports[0].1.table())
+            return
+        }
+        if json {
+            let objects = try reports.map { "\(try String(decoding: JSONEncoder().encode($0.0), as: UTF8.self)): \(try $0.1.json())" }
+            Console.out("{\n" + objects.joined(separator: ",\n") + "\n}")
+            return
+        }
+        for (i, r) in reports.enumerated() { Console.out("[\(i + 1)] \(r.0)") }
+        func f(_ x: Double?, _ d: Int = 4) -> String { x.map { String(format: "%.\(d)f", $0) } ?? "-" }
+        var header = "objective".padded(10) + " " + "crowd".padded(6)
+        for i in reports.indices { header += " | " + "[\(i + 1)] auc   gauc   logloss calib" }
+        Console.out(header)
+        for o in config.objectives {
+            for c in ["all"] + config.crowds.names {
+                var line = o.padded(10) + " " + c.padded(6)
+                for (_, r) in reports {
+                    let m = r.metrics[o]?[c]
+                    line += " | " + [f(m?.auc), f(m?.gauc), f(m?.logloss), f(m?.calibration, 3)].map { $0.padded(6) }.joined(separator: " ") + "   "
+                }
+                Console.out(line)
+            }
+        }
     }
 }
 
