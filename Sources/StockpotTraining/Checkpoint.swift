@@ -27,12 +27,14 @@ public enum Checkpoint {
     public static func save(model: LegacyModel, optimizer: OptimizerState, info: CheckpointInfo, to url: URL) throws {
         var tensors: [String: Tensor] = [:]
         for (i, name) in denseNames(model).enumerated() {
-            tensors["m.\(name)"] = Tensor(shape: [optimizer.denseM[i].count], f32: optimizer.denseM[i])
+            if !optimizer.denseM[i].isEmpty {
+                tensors["m.\(name)"] = Tensor(shape: [optimizer.denseM[i].count], f32: optimizer.denseM[i])
+            }
             tensors["v.\(name)"] = Tensor(shape: [optimizer.denseV[i].count], f32: optimizer.denseV[i])
         }
         for (i, f) in model.spec.fields.enumerated() {
             let shape = [model.embeddings[i].rows, model.embeddings[i].dim]
-            tensors["m.embedding.\(f.name)"] = Tensor(shape: shape, f32: optimizer.embM[i])
+            if !optimizer.embM[i].isEmpty { tensors["m.embedding.\(f.name)"] = Tensor(shape: shape, f32: optimizer.embM[i]) }
             tensors["v.embedding.\(f.name)"] = Tensor(shape: shape, f32: optimizer.embV[i])
         }
         let enc = JSONEncoder()
@@ -65,10 +67,11 @@ public enum Checkpoint {
             return try t.floats(name)
         }
         let dense = denseNames(model)
+        let moment = kind == .adam
         let state = OptimizerState(
             optimizer: kind, step: step,
-            denseM: try dense.map { try get("m.\($0)") }, denseV: try dense.map { try get("v.\($0)") },
-            embM: try model.spec.fields.map { try get("m.embedding.\($0.name)") },
+            denseM: try dense.map { moment ? try get("m.\($0)") : [] }, denseV: try dense.map { try get("v.\($0)") },
+            embM: try model.spec.fields.map { moment ? try get("m.embedding.\($0.name)") : [] },
             embV: try model.spec.fields.map { try get("v.embedding.\($0.name)") })
         return (model, state, info)
     }

@@ -29,7 +29,8 @@ public struct LegacyTraining {
 
     /// One pass per day in date order; each day starts from the previous day's weights and optimizer state and
     /// ends with a checkpoint `out/<yyyymmdd>`; `out/latest` points at the newest one.
-    public func incremental(days: DayRange, warmStart: URL?, out: URL) throws -> Outcome {
+    /// - Parameter keep: how many of the newest daily checkpoints in `out` to keep (nil: all of them).
+    public func incremental(days: DayRange, warmStart: URL?, out: URL, keep: Int? = nil) throws -> Outcome {
         let dayList = data.daysPresent(in: days)
         guard !dayList.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
         var model: LegacyModel
@@ -81,6 +82,7 @@ public struct LegacyTraining {
             checkpoint = out.appendingPathComponent(String(day))
             try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: checkpoint)
             try Self.pointLatest(in: out, to: String(day))
+            if let keep { try Self.prune(out, keep: keep, protecting: warmStart) }
             log(String(format: "day %d: %d samples, mean loss %.4f, %.1fs (%.0f samples/s) → %@", day, ds.count, loss, secs,
                        Double(ds.count) / max(secs, 1e-9), checkpoint.path))
         }
@@ -136,6 +138,17 @@ public struct LegacyTraining {
         ]
         if let p = info.parent { m["parent"] = p }
         return m
+    }
+
+    /// Removes all but the newest `keep` daily checkpoint folders (named `yyyymmdd`) in `out`.
+    static func prune(_ out: URL, keep: Int, protecting: URL?) throws {
+        let fm = FileManager.default
+        let days = (try fm.contentsOfDirectory(atPath: out.path)).filter { $0.count == 8 && Int($0) != nil }.sorted()
+        for name in days.dropLast(max(keep, 1)) {
+            let url = out.appendingPathComponent(name)
+            if let protecting, url.standardizedFileURL.resolvingSymlinksInPath() == protecting.standardizedFileURL.resolvingSymlinksInPath() { continue }
+            try fm.removeItem(at: url)
+        }
     }
 
     /// `out/latest` → `target`, replaced atomically.

@@ -107,8 +107,10 @@ public final class Trainer {
             guard s.optimizer == options.optimizer else {
                 throw TrainingError.checkpoint("checkpoint optimizer is \(s.optimizer.rawValue), run asks for \(options.optimizer.rawValue)")
             }
-            guard s.denseM.map(\.count) == denseSizes,
-                  s.embM.map(\.count) == model.embeddings.map({ $0.rows * $0.dim })
+            let tableSizes = model.embeddings.map { $0.rows * $0.dim }
+            let usesMoment = options.optimizer == .adam
+            guard s.denseV.map(\.count) == denseSizes, s.embV.map(\.count) == tableSizes,
+                  !usesMoment || (s.denseM.map(\.count) == denseSizes && s.embM.map(\.count) == tableSizes)
             else { throw TrainingError.checkpoint("optimizer state does not match the model's shapes") }
             denseM = s.denseM
             denseV = s.denseV
@@ -116,9 +118,11 @@ public final class Trainer {
             embV = s.embV
             step = s.step
         } else {
-            denseM = denseSizes.map { [Float](repeating: 0, count: $0) }
+            // Adagrad keeps only the accumulator (in `v`); Adam also the first moment.
+            let momentSize = options.optimizer == .adam ? 1 : 0
+            denseM = denseSizes.map { [Float](repeating: 0, count: $0 * momentSize) }
             denseV = denseSizes.map { [Float](repeating: fill, count: $0) }
-            embM = model.embeddings.map { [Float](repeating: 0, count: $0.rows * $0.dim) }
+            embM = model.embeddings.map { [Float](repeating: 0, count: $0.rows * $0.dim * momentSize) }
             embV = model.embeddings.map { [Float](repeating: fill, count: $0.rows * $0.dim) }
             step = 0
         }
@@ -373,7 +377,7 @@ public final class Trainer {
                 denseM[idx].withUnsafeMutableBufferPointer { m in
                     denseV[idx].withUnsafeMutableBufferPointer { v in
                         func run(_ p: UnsafeMutablePointer<Float>) {
-                            update(p: p, g: g.baseAddress!, m: m.baseAddress!, v: v.baseAddress!, count: g.count,
+                            update(p: p, g: g.baseAddress!, m: m.baseAddress, v: v.baseAddress!, count: g.count,
                                    lr: o.learningRate, t: t)
                         }
                         if layerIndex < L {
@@ -399,7 +403,7 @@ public final class Trainer {
                             for (slot, r) in touched[fi].enumerated() {
                                 let off = Int(r) * dim
                                 update(p: tb.baseAddress! + off, g: g.baseAddress! + slot * dim,
-                                       m: m.baseAddress! + off, v: v.baseAddress! + off, count: dim,
+                                       m: m.baseAddress.map { $0 + off }, v: v.baseAddress! + off, count: dim,
                                        lr: o.embeddingLearningRate, t: t)
                             }
                         }
@@ -412,10 +416,11 @@ public final class Trainer {
     }
 
     @inline(__always)
-    private func update(p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, m: UnsafeMutablePointer<Float>,
+    private func update(p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, m: UnsafeMutablePointer<Float>?,
                         v: UnsafeMutablePointer<Float>, count: Int, lr: Float, t: Float) {
         switch options.optimizer {
         case .adam:
+            let m = m!
             let b1 = options.beta1, b2 = options.beta2
             let lrT = lr * (1 - powf(b2, t)).squareRoot() / (1 - powf(b1, t))
             let eps = options.epsilon
@@ -440,7 +445,8 @@ public final class Trainer {
 public struct OptimizerState: Sendable {
     public var optimizer: TrainingOptions.Optimizer
     public var step: Int
-    /// Per dense tensor, in order: mlp.0.weight, mlp.0.bias, …, heads.weight, heads.bias.
+    /// Per dense tensor, in order: mlp.0.weight, mlp.0.bias, …, heads.weight, heads.bias. `M` is Adam's first
+    /// moment (empty arrays under Adagrad); `V` is Adam's second moment or Adagrad's accumulator.
     public var denseM: [[Float]]
     public var denseV: [[Float]]
     /// Per embedding table, in field order.

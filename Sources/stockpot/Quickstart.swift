@@ -20,7 +20,7 @@ struct Quickstart: AsyncParsableCommand {
         let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
         let outURL = URL(fileURLWithPath: out)
         let trained = try job.incremental(days: try parseDays(trainDays), warmStart: nil,
-                                          out: outURL.appendingPathComponent("legacy"))
+                                          out: outURL.appendingPathComponent("legacy"), keep: 2)
         Console.out(String(format: "\nlegacy model: %d samples, %d steps, %.1fs (%.0f samples/s) → %@",
                            trained.samples, trained.steps, trained.seconds,
                            Double(trained.samples) / max(trained.seconds, 1e-9), trained.checkpoint.path))

@@ -30,12 +30,15 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Per-objective loss weights, comma-separated in head order.") var lossWeights: String?
         @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
         @Flag(help: "Keep time order within each pass.") var noShuffle = false
+        @Option(help: "Keep only the newest N daily checkpoints (incremental; default: all).") var keep: Int?
 
         func validate() throws {
             if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
             if !fromScratch && steps != nil { throw ValidationError("--steps needs --from-scratch") }
             if let steps, steps <= 0 { throw ValidationError("--steps must be positive") }
             if epochs <= 0 { throw ValidationError("--epochs must be positive") }
+            if let keep, keep <= 0 { throw ValidationError("--keep must be positive") }
+            if fromScratch && keep != nil { throw ValidationError("--keep applies to incremental training only") }
             if batchSize <= 0 { throw ValidationError("--batch-size must be positive") }
             guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
                 throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
@@ -66,7 +69,7 @@ struct Train: AsyncParsableCommand {
             let outURL = URL(fileURLWithPath: out)
             let result = fromScratch
                 ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
-                : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL)
+                : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL, keep: keep)
             Console.out(String(format: "trained %d samples in %d steps, %.1fs (%.0f samples/s); model: %@",
                                result.samples, result.steps, result.seconds, Double(result.samples) / max(result.seconds, 1e-9),
                                result.checkpoint.path))
