@@ -19,7 +19,6 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Reference inference samples/s to compare against.") var referenceInfer: Double = 110_000
 
     func run() async throws {
-        BLAS.useSingleThread()
         let (data, config) = try dataOptions.load()
         let range = try parseDays(days)
         let rows = try data.rows(in: range)

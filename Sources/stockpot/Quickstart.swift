@@ -15,7 +15,6 @@ struct Quickstart: AsyncParsableCommand {
     @Option(help: "Working folder for checkpoints.") var out: String = "runs/quickstart"
 
     func run() async throws {
-        BLAS.useSingleThread()
         let (data, config) = try dataOptions.load()
         let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
         let outURL = URL(fileURLWithPath: out)

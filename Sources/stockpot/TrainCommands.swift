@@ -62,7 +62,6 @@ struct Train: AsyncParsableCommand {
         }
 
         func run() async throws {
-            BLAS.useSingleThread()
             let dayRange = try parseDays(days)
             let (data, config) = try dataOptions.load()
             let job = LegacyTraining(data: data, config: config, options: try options(), log: Console.info)
@@ -151,7 +150,6 @@ struct Predict: AsyncParsableCommand {
     @Option(help: "Output CSV file.") var out: String
 
     func run() async throws {
-        BLAS.useSingleThread()
         let (data, config) = try dataOptions.load()
         let m = try LegacyModel.load(from: URL(fileURLWithPath: model))
         let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: Console.info)
@@ -180,7 +178,6 @@ struct Quantize: AsyncParsableCommand {
     @Option(help: "Days to measure the AUC change on (empty to skip).") var evalDays: String = "20220505..20220508"
 
     func run() async throws {
-        BLAS.useSingleThread()
         let src = URL(fileURLWithPath: model)
         let f32 = try LegacyModel.load(from: src)
         let q = try f32.quantizedInt8()
