@@ -22,6 +22,7 @@ public struct LegacyTraining {
         public var model: LegacyModel
         /// The checkpoint folder holding the final model.
         public var checkpoint: URL
+        /// Optimizer steps taken by this run (a warm-started checkpoint's own steps not included).
         public var steps: Int
         public var samples: Int
         public var seconds: Double
@@ -43,7 +44,7 @@ public struct LegacyTraining {
             guard model.spec.dtype == .f32 else { throw TrainingError.checkpoint("\(warmStart.path) is quantised; warm-start from the F32 checkpoint") }
             if optimizer == nil { log("note: \(warmStart.path) has no optimizer state; moments start fresh") }
             info = loaded.info ?? CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "incremental")
-            info.parent = warmStart.path
+            info.parent = warmStart.resolvingSymlinksInPath().path // `latest` moves; record what it pointed at
             if let overlap = dayList.first(where: { info.daysTrained.contains($0) }) {
                 log("warning: \(warmStart.path) was already trained on \(overlap); training on it again")
             }
@@ -60,6 +61,7 @@ public struct LegacyTraining {
         var totalSamples = 0
         var checkpoint = out
         let trainer = try Trainer(model: model, options: options, optimizerState: optimizer)
+        let firstStep = trainer.step
         for day in dayList {
             let rows = try data.rows(in: DayRange(first: day, last: day))
             let ds = try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source)
@@ -86,7 +88,7 @@ public struct LegacyTraining {
             log(String(format: "day %d: %d samples, mean loss %.4f, %.1fs (%.0f samples/s) → %@", day, ds.count, loss, secs,
                        Double(ds.count) / max(secs, 1e-9), checkpoint.path))
         }
-        return Outcome(model: trainer.model, checkpoint: checkpoint, steps: trainer.step, samples: totalSamples,
+        return Outcome(model: trainer.model, checkpoint: checkpoint, steps: trainer.step - firstStep, samples: totalSamples,
                        seconds: (clock.now - start).seconds)
     }
 
