@@ -66,21 +66,42 @@ public final class BatchScorer {
 
     /// Writes per-objective probabilities (`count × heads`, head order of the spec) into `output`.
     /// - Parameter logitsOnly: write logits instead of probabilities.
-    public func score(_ rows: RowMatrix, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false) {
+    public func score(_ rows: RowMatrix, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false, dense: [Float]? = nil) {
         precondition(rows.fields == model.fieldCount, "row matrix has \(rows.fields) fields, model \(model.fieldCount)")
         rows.storage.withUnsafeBufferPointer { buf in
-            score(rows: buf.baseAddress!, count: rows.count, into: output, logitsOnly: logitsOnly)
+            if let dense {
+                precondition(dense.count == rows.count * model.spec.denseInputs.count, "dense inputs have the wrong size")
+                dense.withUnsafeBufferPointer { score(rows: buf.baseAddress!, count: rows.count, into: output, logitsOnly: logitsOnly, dense: $0.baseAddress!) }
+            } else {
+                score(rows: buf.baseAddress!, count: rows.count, into: output, logitsOnly: logitsOnly)
+            }
         }
     }
 
-    public func score(rows: UnsafePointer<Int32>, count n: Int, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false) {
+    /// - Parameter dense: the model's dense inputs, `count × denseInputs.count` (required when it has any).
+    public func score(rows: UnsafePointer<Int32>, count n: Int, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false,
+                      dense: UnsafePointer<Float>? = nil) {
         let k = model.headCount
         let f = model.fieldCount
+        let e = model.spec.denseInputs.count
+        precondition(e == 0 || dense != nil, "model has dense inputs \(model.spec.denseInputs); pass them")
+        let d = model.spec.inputDim
+        let embeddingDim = model.spec.embeddingDim
         var start = 0
         while start < n {
             let m = min(chunk, n - start)
             model.gather(rows: rows + start * f, count: m, into: x)
+            if let dense {
+                for s in 0..<m {
+                    (x + s * d + embeddingDim).update(from: dense + (start + s) * e, count: e)
+                }
+            }
             model.dense(input: x, count: m, activations: activations, logits: logits)
+            if model.spec.residual, let dense {
+                for s in 0..<m {
+                    for j in 0..<k { logits[s * k + j] += dense[(start + s) * e + j] }
+                }
+            }
             let out = output + start * k
             if logitsOnly {
                 out.update(from: logits, count: m * k)
@@ -91,10 +112,10 @@ public final class BatchScorer {
         }
     }
 
-    /// Convenience: probabilities as a new array (`count × heads`).
-    public func score(_ rows: RowMatrix) -> [Float] {
+    /// Convenience: probabilities (or logits) as a new array (`count × heads`).
+    public func score(_ rows: RowMatrix, logitsOnly: Bool = false, dense: [Float]? = nil) -> [Float] {
         var out = [Float](repeating: 0, count: rows.count * model.headCount)
-        out.withUnsafeMutableBufferPointer { score(rows, into: $0.baseAddress!) }
+        out.withUnsafeMutableBufferPointer { score(rows, into: $0.baseAddress!, logitsOnly: logitsOnly, dense: dense) }
         return out
     }
 }

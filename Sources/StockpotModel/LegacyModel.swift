@@ -146,8 +146,8 @@ public struct LegacyModel: Sendable {
 // MARK: - Forward pass
 
 extension LegacyModel {
-    /// Gathers the embedding rows of `n` samples into `x` (`n × inputDim`). `rows` is `n × fields`, row-major.
-    /// Out-of-range row indices are clamped to the missing row 0.
+    /// Gathers the embedding rows of `n` samples into `x` (`n × inputDim`; dense-input columns, if any, are left
+    /// for the caller). `rows` is `n × fields`, row-major. Out-of-range row indices read the missing row 0.
     @inlinable
     public func gather(rows: UnsafePointer<Int32>, count n: Int, into x: UnsafeMutablePointer<Float>) {
         let f = fieldCount

@@ -19,6 +19,12 @@ public struct ModelSpec: Codable, Sendable, Equatable {
     public var heads: [String]
     /// Free-form provenance (training days, seed, parent checkpoint, …).
     public var metadata: [String: String]
+    /// Numeric inputs appended after the embeddings, given by the caller per sample (a crowd corrector's legacy
+    /// logits). Empty for the legacy model.
+    public var denseInputs: [String]
+    /// When true, head `k`'s logit is the network's output plus dense input `k` (`denseInputs` must equal
+    /// `heads`): the model learns a correction on top of the given logits and starts from them.
+    public var residual: Bool
 
     public static let currentFormat = "stockpot.legacy/1"
 
@@ -34,10 +40,47 @@ public struct ModelSpec: Codable, Sendable, Equatable {
         self.hidden = hidden
         self.heads = heads
         self.metadata = metadata
+        self.denseInputs = []
+        self.residual = false
     }
 
-    /// Width of the concatenated embedding vector that enters the MLP.
-    public var inputDim: Int { fields.reduce(0) { $0 + $1.dim } }
+    private enum CodingKeys: String, CodingKey {
+        case format, name, featureSetVersion, dtype, fields, hidden, heads, metadata, denseInputs, residual
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        format = try c.decode(String.self, forKey: .format)
+        name = try c.decode(String.self, forKey: .name)
+        featureSetVersion = try c.decode(String.self, forKey: .featureSetVersion)
+        dtype = try c.decode(ModelDType.self, forKey: .dtype)
+        fields = try c.decode([FieldSpec].self, forKey: .fields)
+        hidden = try c.decode([Int].self, forKey: .hidden)
+        heads = try c.decode([String].self, forKey: .heads)
+        metadata = try c.decodeIfPresent([String: String].self, forKey: .metadata) ?? [:]
+        denseInputs = try c.decodeIfPresent([String].self, forKey: .denseInputs) ?? []
+        residual = try c.decodeIfPresent(Bool.self, forKey: .residual) ?? false
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(format, forKey: .format)
+        try c.encode(name, forKey: .name)
+        try c.encode(featureSetVersion, forKey: .featureSetVersion)
+        try c.encode(dtype, forKey: .dtype)
+        try c.encode(fields, forKey: .fields)
+        try c.encode(hidden, forKey: .hidden)
+        try c.encode(heads, forKey: .heads)
+        try c.encode(metadata, forKey: .metadata)
+        if !denseInputs.isEmpty { try c.encode(denseInputs, forKey: .denseInputs) }
+        if residual { try c.encode(residual, forKey: .residual) }
+    }
+
+    /// Width of the embedding part of the MLP input.
+    public var embeddingDim: Int { fields.reduce(0) { $0 + $1.dim } }
+
+    /// Width of the vector that enters the MLP: the concatenated embeddings, then the dense inputs.
+    public var inputDim: Int { embeddingDim + denseInputs.count }
 
     /// Checks internal consistency; throws `ModelError.invalidSpec` naming the problem.
     public func validate() throws {
@@ -59,6 +102,9 @@ public struct ModelSpec: Codable, Sendable, Equatable {
             }
         }
         guard Set(heads).count == heads.count else { throw ModelError.invalidSpec("duplicate head names") }
+        if residual && denseInputs != heads {
+            throw ModelError.invalidSpec("a residual model needs denseInputs equal to heads (\(heads)), got \(denseInputs)")
+        }
     }
 }
 

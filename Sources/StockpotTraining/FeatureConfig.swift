@@ -63,57 +63,6 @@ public struct FeatureConfig: Codable, Sendable {
     }
 }
 
-/// Which raw column a field reads.
-public enum FieldSource: Sendable, Equatable {
-    case log(String)
-    case user(String)
-    case video(String)
-    /// Hour of day from the log's `hourmin` (e.g. 1830 → 18).
-    case hour
-    /// Whole days between the video's `upload_dt` and the impression's `date` (missing if either is absent).
-    case videoAgeDays
-
-    public init(_ text: String) throws {
-        let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
-        guard parts.count == 2, !parts[1].isEmpty else { throw TrainingError.config("bad source '\(text)'") }
-        switch parts[0] {
-        case "log": self = .log(parts[1])
-        case "user": self = .user(parts[1])
-        case "video": self = .video(parts[1])
-        case "derived":
-            switch parts[1] {
-            case "hour": self = .hour
-            case "video_age_days": self = .videoAgeDays
-            default: throw TrainingError.config("unknown derived source '\(parts[1])'")
-            }
-        default: throw TrainingError.config("bad source '\(text)': expected log:, user:, video: or derived:")
-        }
-    }
-}
-
-/// Splits users into crowds by one attribute: named groups of values, and one crowd for everything else.
-public struct CrowdDefinition: Codable, Sendable, Equatable {
-    /// Source of the attribute, e.g. `user:user_active_degree`.
-    public var source: String
-    public var groups: [Group]
-    /// Name of the crowd of every value not listed in a group (e.g. `tail`).
-    public var otherwise: String
-
-    public struct Group: Codable, Sendable, Equatable {
-        public var name: String
-        public var values: [String]
-    }
-
-    /// The crowd a raw attribute value belongs to.
-    public func crowd(of value: String) -> String {
-        for g in groups where g.values.contains(value) { return g.name }
-        return otherwise
-    }
-
-    /// Crowd names in report order.
-    public var names: [String] { groups.map(\.name) + [otherwise] }
-}
-
 extension FeatureConfig {
     /// The built-in KuaiRand legacy config (`Sources/StockpotTraining/Resources/legacy-kuairand.json`).
     public static func builtIn() throws -> FeatureConfig {

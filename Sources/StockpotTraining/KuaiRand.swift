@@ -29,16 +29,6 @@ public struct DayRange: Sendable, Equatable, CustomStringConvertible {
     public var description: String { first == last ? "\(first)" : "\(first)..\(last)" }
 }
 
-/// Days since 1970-01-01 for a civil date (proleptic Gregorian), used for date differences.
-func daysFromCivil(_ y: Int, _ m: Int, _ d: Int) -> Int {
-    let y2 = m <= 2 ? y - 1 : y
-    let era = (y2 >= 0 ? y2 : y2 - 399) / 400
-    let yoe = y2 - era * 400
-    let doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
-    return era * 146_097 + doe - 719_468
-}
-
 /// The KuaiRand-Pure logs joined with user and video features.
 ///
 /// Duplicate impressions (the same `user_id, video_id, time_ms` logged more than once; 5,874 keys in
@@ -114,13 +104,9 @@ public struct KuaiRandData: Sendable {
             dates.append(v)
         }
         self.dates = dates
-        dayNumber = dates.map { Int32(daysFromCivil($0 / 10_000, ($0 / 100) % 100, $0 % 100)) }
+        dayNumber = dates.map { Int32(DerivedFeatures.dayNumber(yyyymmdd: $0) ?? 0) }
         let upload = (try? videos.column("upload_dt")) ?? []
-        videoUploadDay = upload.map { s -> Int32 in
-            let p = s.split(separator: "-")
-            guard p.count == 3, let y = Int(p[0]), let m = Int(p[1]), let d = Int(p[2]) else { return Int32.min }
-            return Int32(daysFromCivil(y, m, d))
-        }
+        videoUploadDay = upload.map { DerivedFeatures.dayNumber(isoDate: $0).map(Int32.init) ?? Int32.min }
     }
 
     /// Columns whose duplicates are merged by OR (binary labels) or max (durations).
@@ -193,7 +179,7 @@ public struct KuaiRandData: Sendable {
         case .log(let c): return log.columns[c][i]
         case .user(let c): return userRow[i] >= 0 ? users.columns[c][Int(userRow[i])] : ""
         case .video(let c): return videoRow[i] >= 0 ? videos.columns[c][Int(videoRow[i])] : ""
-        case .hour(let c): return Int(log.columns[c][i]).map { String($0 / 100) } ?? ""
+        case .hour(let c): return DerivedFeatures.hour(hourmin: log.columns[c][i])
         case .videoAge:
             guard videoRow[i] >= 0 else { return "" }
             let up = videoUploadDay.isEmpty ? Int32.min : videoUploadDay[Int(videoRow[i])]

@@ -1,4 +1,5 @@
 import Foundation
+import StockpotModel
 
 /// Binary classification metrics used to evaluate every objective.
 public enum Metrics {

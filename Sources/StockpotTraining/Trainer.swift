@@ -81,6 +81,9 @@ public final class Trainer {
             throw TrainingError.config("cannot train an \(model.spec.dtype.rawValue) model; train the F32 model and quantise it")
         }
         guard options.batchSize > 0 else { throw TrainingError.config("batch size must be positive") }
+        guard model.spec.denseInputs.isEmpty else {
+            throw TrainingError.config("this trainer trains models without dense inputs; \(model.spec.name) has \(model.spec.denseInputs)")
+        }
         guard options.lossWeights.isEmpty || options.lossWeights.count == model.headCount else {
             throw TrainingError.config("\(options.lossWeights.count) loss weights for \(model.headCount) heads")
         }

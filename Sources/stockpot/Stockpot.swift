@@ -7,8 +7,8 @@ import StockpotTraining
 struct Stockpot: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stockpot",
-        abstract: "Fine-ranking models: train, evaluate, quantise and benchmark the legacy model.",
-        subcommands: [Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self]
+        abstract: "Stockpot: run the serving suite, rank, and train, evaluate, quantise and benchmark the legacy model.",
+        subcommands: [Suite.self, Rank.self, Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self]
     )
 
     static func main() async {

@@ -1,0 +1,106 @@
+import GRPCCore
+import StockpotProto
+import StockpotServing
+
+/// The feature service: batched lookups through the cache, upserts that invalidate it, cache counters.
+public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
+    public struct Key: Hashable, Sendable {
+        public var kind: FeatureStore.Kind
+        public var id: Int64
+    }
+
+    public let store: FeatureStore
+    public let cache: FeatureCache<Key, [String: String]>
+    public let limits: RequestLimits
+
+    public init(store: FeatureStore, cache: FeatureCache<Key, [String: String]>, limits: RequestLimits = RequestLimits()) {
+        self.store = store
+        self.cache = cache
+        self.limits = limits
+    }
+
+    /// Rows for `ids` (cache first, then the store; found rows are cached).
+    public func lookup(_ kind: FeatureStore.Kind, ids: [Int64]) throws -> [Int64: [String: String]] {
+        let keys = ids.map { Key(kind: kind, id: $0) }
+        let cached = cache.get(keys)
+        var out: [Int64: [String: String]] = [:]
+        for (k, v) in cached { out[k.id] = v }
+        let missing = ids.filter { out[$0] == nil }
+        if !missing.isEmpty {
+            let fetched = try store.get(kind, ids: missing)
+            cache.put(fetched.map { (Key(kind: kind, id: $0.key), $0.value) })
+            out.merge(fetched) { a, _ in a }
+        }
+        return out
+    }
+
+    func batch(_ kind: FeatureStore.Kind, ids: [Int64], columns requested: [String], field: String) throws -> Stockpot_V1_EntityBatch {
+        guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
+        let known = try store.columns(kind)
+        let columns = requested.isEmpty ? known : requested
+        let knownSet = Set(known)
+        for c in requested where !knownSet.contains(c) {
+            throw Status.invalidArgument("\(field): unknown \(kind.name) column '\(c)'")
+        }
+        let rows = try lookup(kind, ids: ids)
+        return .with { b in
+            b.ids = ids
+            b.found = ids.map { rows[$0] != nil }
+            b.columns = columns.map { name in
+                .with { c in c.name = name; c.values = ids.map { rows[$0]?[name] ?? "" } }
+            }
+        }
+    }
+
+    public func getFeatures(request: Stockpot_V1_GetFeaturesRequest, context: ServerContext) async throws -> Stockpot_V1_GetFeaturesResponse {
+        guard !request.userIds.isEmpty || !request.itemIds.isEmpty else {
+            throw Status.invalidArgument("user_ids and item_ids are both empty")
+        }
+        try limits.checkCount(request.userIds.count, field: "user_ids", allowEmpty: true)
+        try limits.checkCount(request.itemIds.count, field: "item_ids", allowEmpty: true)
+        return try .with {
+            $0.users = try batch(.user, ids: request.userIds, columns: request.userColumns, field: "user_columns")
+            $0.items = try batch(.item, ids: request.itemIds, columns: request.itemColumns, field: "item_columns")
+        }
+    }
+
+    public func putFeatures(request: Stockpot_V1_PutFeaturesRequest, context: ServerContext) async throws -> Stockpot_V1_PutFeaturesResponse {
+        let kind: FeatureStore.Kind
+        switch request.kind {
+        case .user: kind = .user
+        case .item: kind = .item
+        default: throw Status.invalidArgument("kind must be ENTITY_KIND_USER or ENTITY_KIND_ITEM")
+        }
+        let rows = request.rows
+        try limits.checkCount(rows.ids.count, field: "rows.ids")
+        guard Set(rows.ids).count == rows.ids.count else { throw Status.invalidArgument("rows.ids has duplicates") }
+        for c in rows.columns {
+            guard !c.name.isEmpty else { throw Status.invalidArgument("rows.columns: a column has an empty name") }
+            guard c.values.count == rows.ids.count else {
+                throw Status.invalidArgument("rows.columns['\(c.name)'] has \(c.values.count) values for \(rows.ids.count) ids")
+            }
+        }
+        let upserts = rows.ids.enumerated().map { i, id in
+            (id, Dictionary(rows.columns.map { ($0.name, $0.values[i]) }, uniquingKeysWith: { _, b in b }))
+        }
+        // Invalidate before and after the write: a concurrent reader cannot re-cache the old row.
+        let keys = rows.ids.map { Key(kind: kind, id: $0) }
+        cache.invalidate(keys)
+        let written = try store.put(kind, rows: upserts)
+        cache.invalidate(keys)
+        return .with { $0.written = Int32(written) }
+    }
+
+    public func getStats(request: Stockpot_V1_GetStatsRequest, context: ServerContext) async throws -> Stockpot_V1_GetStatsResponse {
+        let s = cache.stats
+        return try .with {
+            $0.cacheHits = Int64(s.hits)
+            $0.cacheMisses = Int64(s.misses)
+            $0.cacheEvictions = Int64(s.evictions)
+            $0.cacheExpirations = Int64(s.expirations)
+            $0.cacheEntries = Int64(s.entries)
+            $0.storedUsers = Int64(try store.count(.user))
+            $0.storedItems = Int64(try store.count(.item))
+        }
+    }
+}

@@ -1,0 +1,31 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotProto
+import StockpotServing
+
+/// The feature service process: SQLite store, cache and server.
+public struct FeaturesApp {
+    public var host = "127.0.0.1"
+    public var port = DefaultPorts.features
+    public var databasePath = "data/features.sqlite"
+    public var cacheCapacity = 200_000
+    public var cacheTTL: Duration = .seconds(300)
+    /// Loads KuaiRand's user and video feature files into an empty store at start.
+    public var importKuaiRand: URL?
+    public var limits = RequestLimits()
+
+    public init() {}
+
+    public func build(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
+        let store = try FeatureStore(path: databasePath)
+        if let dir = importKuaiRand, try store.count(.user) == 0 {
+            let (u, i) = try store.importKuaiRand(directory: dir)
+            logger.info("imported KuaiRand features", metadata: ["users": "\(u)", "items": "\(i)"])
+        }
+        let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
+        let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
+                                   serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService], logger: logger)
+        return (server, service, [server])
+    }
+}

@@ -1,0 +1,30 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotProto
+import StockpotServing
+
+/// The fusion process: the watched fusion config and the server.
+public struct FusionApp {
+    public var host = "127.0.0.1"
+    public var port = DefaultPorts.fusion
+    public var config = "fusion@production"
+    public var registry = RegistryAccess()
+    public var limits = RequestLimits()
+
+    public init() {}
+
+    public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
+        let client = try registry.makeClient()
+        let watcher = registry.watcher(reference: config, client: client, logger: logger) { _, folder in
+            try FusionService.load(folder: folder)
+        }
+        let name = Stockpot_V1_FusionService.descriptor.fullyQualifiedService
+        let server = ServiceServer(name: "stockpot-fusion", host: host, port: port,
+                                   services: [FusionService(configs: watcher, limits: limits)], serviceNames: [], logger: logger)
+        server.health.set(name, .notServing)
+        let health = server.health
+        let ready = ReadinessService { watcher.value != nil } onReady: { health.set(name, .serving) }
+        return (server, [client, watcher, server, ready])
+    }
+}

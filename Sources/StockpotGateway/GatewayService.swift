@@ -1,0 +1,212 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Logging
+import StockpotModel
+import StockpotProto
+import StockpotServing
+
+/// How the gateway runs the pipeline.
+public struct GatewayConfig: Sendable {
+    /// Who belongs to which crowd (the same definition the trainer uses).
+    public var crowds: CrowdDefinition = .activity
+    /// Crowds whose requests go through the corrector.
+    public var correctedCrowds: Set<String> = ["tail"]
+    /// Scorer model reference ("" = what the scorer serves).
+    public var scorerModel = ""
+    /// Whole-request budget when the client sets no deadline.
+    public var budget: Duration = .milliseconds(500)
+    /// Longest wait for the corrector and for fusion; past it the layer is skipped.
+    public var correctorTimeout: Duration = .milliseconds(60)
+    public var fusionTimeout: Duration = .milliseconds(40)
+    /// When the feature service fails: serve with missing features (true) or fail with UNAVAILABLE (false).
+    public var featureDefaultsOnFailure = false
+    /// Hours east of UTC of the logs' local time (KuaiRand: UTC+8), to fill `date` and `hourmin` from the clock.
+    public var utcOffsetHours = 8
+    public var limits = RequestLimits()
+
+    public init() {}
+}
+
+/// The downstream services the gateway calls.
+public struct GatewayClients: Sendable {
+    public let features: Stockpot_V1_FeatureService.Client<HTTP2ClientTransport.Posix>
+    public let scorer: Stockpot_V1_ScorerService.Client<HTTP2ClientTransport.Posix>
+    public let corrector: Stockpot_V1_CorrectorService.Client<HTTP2ClientTransport.Posix>
+    public let fusion: Stockpot_V1_FusionService.Client<HTTP2ClientTransport.Posix>
+
+    public init(features: GRPCClient<HTTP2ClientTransport.Posix>, scorer: GRPCClient<HTTP2ClientTransport.Posix>,
+                corrector: GRPCClient<HTTP2ClientTransport.Posix>, fusion: GRPCClient<HTTP2ClientTransport.Posix>) {
+        self.features = .init(wrapping: features)
+        self.scorer = .init(wrapping: scorer)
+        self.corrector = .init(wrapping: corrector)
+        self.fusion = .init(wrapping: fusion)
+    }
+}
+
+/// The production entry point: features → legacy scores → crowd correction → fusion → top-k. The legacy score is
+/// the floor: a corrector or fusion that fails or is late is skipped, and the response names it in `degraded`.
+public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
+    public let clients: GatewayClients
+    public let config: GatewayConfig
+    public let log: ServingLog?
+    private let logger: Logger
+
+    public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, logger: Logger) {
+        self.clients = clients
+        self.config = config
+        self.log = log
+        self.logger = logger
+    }
+
+    static func options(_ timeout: Duration) -> CallOptions {
+        var o = CallOptions.defaults
+        o.timeout = max(timeout, .milliseconds(1))
+        return o
+    }
+
+    static func reason(_ error: any Error) -> String {
+        if let e = error as? RPCError { return "\(e.code): \(e.message)" }
+        return "\(error)"
+    }
+
+    public func rank(request: Stockpot_V1_RankRequest, context: ServerContext) async throws -> Stockpot_V1_RankResponse {
+        let clock = ContinuousClock()
+        let deadline = clock.now + config.budget
+        func remaining() -> Duration { deadline - clock.now }
+
+        // Validate.
+        let ids = request.candidateIds
+        try config.limits.checkCount(ids.count, field: "candidate_ids")
+        guard Set(ids).count == ids.count else { throw Status.invalidArgument("candidate_ids has duplicates") }
+        guard request.topK >= 0 else { throw Status.invalidArgument("top_k is negative") }
+        var contextMap: [String: String] = [:]
+        for f in request.context {
+            guard !f.name.isEmpty else { throw Status.invalidArgument("context: a feature has an empty name") }
+            contextMap[f.name] = f.value
+        }
+        let nowMs = Int64(Date().timeIntervalSince1970 * 1000)
+        fillTime(&contextMap, nowMs: nowMs)
+        let requestId = request.requestID.isEmpty ? UUID().uuidString.lowercased() : request.requestID
+        var degraded: [(String, String)] = []
+
+        // 1. Features: user and items in parallel.
+        var userFeatures: [String: String] = [:]
+        var items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
+        do {
+            async let user = clients.features.getFeatures(.with { $0.userIds = [request.userID] }, options: Self.options(remaining()))
+            async let item = clients.features.getFeatures(.with { $0.itemIds = ids }, options: Self.options(remaining()))
+            let (u, i) = try await (user, item)
+            if u.users.found.first == true {
+                for c in u.users.columns { userFeatures[c.name] = c.values.first ?? "" }
+            }
+            items = i.items
+        } catch {
+            guard config.featureDefaultsOnFailure else {
+                throw Status.unavailable("feature service failed: \(Self.reason(error))")
+            }
+            degraded.append(("features", Self.reason(error)))
+        }
+        let crowd = config.crowds.crowd(of: config.crowds.userColumn.flatMap { userFeatures[$0] } ?? "")
+        let userList = userFeatures.map { k, v in Stockpot_V1_Feature.with { $0.name = k; $0.value = v } }.sorted { $0.name < $1.name }
+        let contextList = contextMap.map { k, v in Stockpot_V1_Feature.with { $0.name = k; $0.value = v } }.sorted { $0.name < $1.name }
+
+        // 2. Legacy scores: the floor. Without them there is nothing to serve.
+        let legacy: Stockpot_V1_ScoreResponse
+        do {
+            legacy = try await clients.scorer.score(.with {
+                $0.model = config.scorerModel
+                $0.userID = request.userID
+                $0.userFeatures = userList
+                $0.context = contextList
+                $0.candidates = items
+            }, options: Self.options(remaining()))
+        } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
+            throw e
+        } catch {
+            throw Status.unavailable("legacy scorer failed: \(Self.reason(error))")
+        }
+        var versions = [legacy.model]
+        var scores = legacy.scores
+
+        // 3. Crowd correction, within its own timeout.
+        if config.correctedCrowds.contains(crowd) {
+            do {
+                let corrected = try await clients.corrector.correct(.with {
+                    $0.crowd = crowd
+                    $0.legacyLogits = legacy.logits
+                    $0.userFeatures = userList
+                    $0.context = contextList
+                    $0.candidates = items
+                }, options: Self.options(min(config.correctorTimeout, remaining())))
+                if corrected.corrected {
+                    scores = corrected.scores
+                    versions.append(corrected.model)
+                } else {
+                    degraded.append(("corrector", "no corrector model for crowd '\(crowd)'"))
+                }
+            } catch {
+                degraded.append(("corrector", Self.reason(error)))
+            }
+        }
+
+        // 4. Fusion, or equal weights when it is unavailable.
+        let n = ids.count
+        var final: [Float]
+        var order: [Int]
+        do {
+            let fused = try await clients.fusion.fuse(.with {
+                $0.scenario = request.scenario
+                $0.crowd = crowd
+                $0.scores = scores
+                $0.topK = request.topK
+            }, options: Self.options(min(config.fusionTimeout, remaining())))
+            final = fused.finalScores
+            order = fused.order.map(Int.init)
+            versions.append(fused.config)
+        } catch let e as RPCError where e.code == .notFound || e.code == .invalidArgument {
+            throw e // an unknown scenario is the caller's error, not an outage
+        } catch {
+            degraded.append(("fusion", Self.reason(error)))
+            var columns: [String: [Float]] = [:]
+            for s in scores { columns[s.objective] = s.values }
+            final = FusionConfig.fuse(terms: FusionConfig.equalWeights(scores.map(\.objective)), scores: columns, count: n)
+            order = FusionConfig.order(final, topK: Int(request.topK))
+        }
+
+        let response = Stockpot_V1_RankResponse.with { r in
+            r.requestID = requestId
+            r.crowd = crowd
+            r.itemIds = order.map { ids[$0] }
+            r.finalScores = order.map { final[$0] }
+            r.scores = scores.map { s in .with { $0.objective = s.objective; $0.values = order.map { s.values[$0] } } }
+            r.legacyScores = legacy.scores.map { s in .with { $0.objective = s.objective; $0.values = order.map { s.values[$0] } } }
+            r.versions = versions
+            r.degraded = degraded.map(\.0)
+            r.degradedReasons = degraded.map(\.1)
+        }
+        if !degraded.isEmpty {
+            logger.warning("degraded", metadata: ["request_id": "\(requestId)", "skipped": "\(degraded.map(\.0))"])
+        }
+        log?.append(.init(
+            requestId: requestId, timeMs: nowMs, userId: request.userID, scenario: request.scenario, crowd: crowd,
+            context: contextMap, userFeatures: userFeatures, itemIds: ids,
+            itemFeatures: Dictionary(items.columns.map { ($0.name, $0.values) }, uniquingKeysWith: { a, _ in a }),
+            legacyScores: Dictionary(legacy.scores.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
+            legacyLogits: Dictionary(legacy.logits.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
+            scores: Dictionary(scores.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
+            finalScores: final, returned: order,
+            versions: versions.map { "\($0.role)=\($0.name):\($0.version)" }, degraded: degraded.map(\.0)))
+        return response
+    }
+
+    /// Fills `date` (yyyymmdd) and `hourmin` (hhmm) from the clock in the logs' local time when absent.
+    func fillTime(_ context: inout [String: String], nowMs: Int64) {
+        let local = Date(timeIntervalSince1970: Double(nowMs) / 1000 + Double(config.utcOffsetHours * 3600))
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(identifier: "UTC")!
+        let c = calendar.dateComponents([.year, .month, .day, .hour, .minute], from: local)
+        if context["date"] == nil { context["date"] = String(format: "%04d%02d%02d", c.year!, c.month!, c.day!) }
+        if context["hourmin"] == nil { context["hourmin"] = String(format: "%02d%02d", c.hour!, (c.minute! / 100) * 100) }
+    }
+}

@@ -1,0 +1,23 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotProto
+import StockpotServing
+
+/// The registry process: its store and server, ready to run in a ServiceGroup.
+public struct RegistryApp {
+    public var host = "127.0.0.1"
+    public var port = DefaultPorts.registry
+    /// Folder for `registry.sqlite` and the artifacts.
+    public var dataDirectory = URL(fileURLWithPath: "data/registry")
+
+    public init() {}
+
+    public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
+        let store = try RegistryStore(root: dataDirectory)
+        let server = ServiceServer(name: "stockpot-registry", host: host, port: port,
+                                   services: [RegistryService(store: store)],
+                                   serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService], logger: logger)
+        return (server, [server])
+    }
+}

@@ -1,0 +1,35 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotProto
+import StockpotServing
+
+/// The legacy scorer process: registry client, model watcher (hot swap) and server.
+public struct ScorerApp {
+    public var host = "127.0.0.1"
+    public var port = DefaultPorts.scorer
+    public var model = "legacy@production"
+    public var registry = RegistryAccess()
+    /// Threads that run forward passes.
+    public var workers = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    public var limits = RequestLimits()
+
+    public init() {}
+
+    public func build(logger: Logger) throws -> (server: ServiceServer, watcher: ArtifactWatcher<ServableModel>, services: [any Service]) {
+        let client = try registry.makeClient()
+        let workers = self.workers
+        let watcher = registry.watcher(reference: model, client: client, logger: logger) { _, folder in
+            try ServableModel.load(folder: folder, workers: workers)
+        }
+        let name = Stockpot_V1_ScorerService.descriptor.fullyQualifiedService
+        let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,
+                                   services: [ScorerService(models: watcher, limits: limits)],
+                                   serviceNames: [], logger: logger)
+        // SERVING only once a model is loaded.
+        server.health.set(name, .notServing)
+        let health = server.health
+        let ready = ReadinessService { watcher.value != nil } onReady: { health.set(name, .serving) }
+        return (server, watcher, [client, watcher, server, ready])
+    }
+}

@@ -1,0 +1,90 @@
+import Foundation
+
+/// Fusion weights: final score `Σ wᵢ·(αᵢ·sᵢ)^βᵢ` over objectives, per scenario, optionally overridden per crowd.
+/// Stored in the registry as `fusion.json` (kind `fusion-config`).
+public struct FusionConfig: Codable, Sendable, Equatable {
+    public struct Term: Codable, Sendable, Equatable {
+        public var objective: String
+        public var weight: Double
+        public var alpha: Double
+        public var beta: Double
+
+        public init(objective: String, weight: Double, alpha: Double = 1, beta: Double = 1) {
+            self.objective = objective
+            self.weight = weight
+            self.alpha = alpha
+            self.beta = beta
+        }
+    }
+
+    public struct Scenario: Codable, Sendable, Equatable {
+        public var terms: [Term]
+        /// Crowd name → terms used for that crowd instead.
+        public var crowds: [String: [Term]]?
+
+        public init(terms: [Term], crowds: [String: [Term]]? = nil) {
+            self.terms = terms
+            self.crowds = crowds
+        }
+    }
+
+    public var scenarios: [String: Scenario]
+
+    public init(scenarios: [String: Scenario]) { self.scenarios = scenarios }
+
+    public static let fileName = "fusion.json"
+
+    /// Equal weights, α = β = 1: the fallback when no fusion is reachable.
+    public static func equalWeights(_ objectives: [String]) -> [Term] {
+        objectives.map { Term(objective: $0, weight: 1) }
+    }
+
+    /// The built-in default: clicks and long views lead, likes add a little.
+    public static let `default` = FusionConfig(scenarios: [
+        "default": Scenario(terms: [
+            Term(objective: "is_click", weight: 1.0, alpha: 1, beta: 1),
+            Term(objective: "long_view", weight: 1.0, alpha: 1, beta: 1),
+            Term(objective: "is_like", weight: 0.5, alpha: 10, beta: 0.5),
+        ]),
+    ])
+
+    public func validate() throws {
+        guard !scenarios.isEmpty else { throw ConfigError("fusion config has no scenarios") }
+        for (name, s) in scenarios {
+            for terms in [s.terms] + Array((s.crowds ?? [:]).values) {
+                guard !terms.isEmpty else { throw ConfigError("scenario '\(name)' has an empty term list") }
+                for t in terms where !(t.weight.isFinite && t.alpha.isFinite && t.alpha > 0 && t.beta.isFinite && t.beta > 0) {
+                    throw ConfigError("scenario '\(name)', objective '\(t.objective)': weight must be finite, alpha and beta positive")
+                }
+            }
+        }
+    }
+
+    /// The terms for a scenario and crowd, or nil for an unknown scenario.
+    public func terms(scenario: String, crowd: String) -> [Term]? {
+        guard let s = scenarios[scenario] else { return nil }
+        return s.crowds?[crowd] ?? s.terms
+    }
+
+    /// Final scores for `n` candidates; `scores[objective]` holds one value per candidate.
+    public static func fuse(terms: [Term], scores: [String: [Float]], count n: Int) -> [Float] {
+        var out = [Float](repeating: 0, count: n)
+        for t in terms {
+            guard let s = scores[t.objective] else { continue }
+            let (w, a, b) = (t.weight, t.alpha, t.beta)
+            for i in 0..<n { out[i] += Float(w * pow(a * Double(s[i]), b)) }
+        }
+        return out
+    }
+
+    /// Indices by decreasing score; ties keep the lower index first.
+    public static func order(_ scores: [Float], topK: Int) -> [Int] {
+        let sorted = scores.indices.sorted { scores[$0] != scores[$1] ? scores[$0] > scores[$1] : $0 < $1 }
+        return topK > 0 ? Array(sorted.prefix(topK)) : sorted
+    }
+
+    public struct ConfigError: Error, CustomStringConvertible {
+        public let description: String
+        init(_ d: String) { description = d }
+    }
+}

@@ -1,0 +1,44 @@
+import Foundation
+import Logging
+import StockpotProto
+
+/// What services that load artifacts from the registry share: the registry address, a local cache folder and
+/// how often to check aliases.
+public struct RegistryAccess: Sendable {
+    public var address: String
+    public var cacheDirectory: URL
+    public var refreshInterval: Duration
+
+    public init(address: String = "127.0.0.1:\(DefaultPorts.registry)", cacheDirectory: URL = URL(fileURLWithPath: "data/cache"),
+                refreshInterval: Duration = .seconds(10)) {
+        self.address = address
+        self.cacheDirectory = cacheDirectory
+        self.refreshInterval = refreshInterval
+    }
+
+    public func makeClient() throws -> ServiceClient { try ServiceClient(target: address) }
+
+    /// A watcher that keeps `reference` loaded through `client`.
+    public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger,
+                                     load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T) -> ArtifactWatcher<T> {
+        let registry = RegistryClient(wrapping: client.client)
+        let cache = cacheDirectory
+        return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger,
+                               fetch: { ref in
+                                   var options = CallOptionsShim.timeout(.seconds(30))
+                                   options.waitForReady = true
+                                   return try await registry.fetch(ref, cache: cache, options: options)
+                               },
+                               load: load)
+    }
+}
+
+import GRPCCore
+
+enum CallOptionsShim {
+    static func timeout(_ d: Duration) -> CallOptions {
+        var o = CallOptions.defaults
+        o.timeout = d
+        return o
+    }
+}

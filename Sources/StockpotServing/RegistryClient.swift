@@ -1,0 +1,110 @@
+import Foundation
+import GRPCCore
+import StockpotProto
+
+/// Client-side registry operations: register a folder as a new version, resolve a reference, download a version
+/// into a local cache (verified against its sha256).
+public struct RegistryClient<Transport: ClientTransport>: Sendable {
+    public let stub: Stockpot_V1_RegistryService.Client<Transport>
+
+    public init(wrapping client: GRPCClient<Transport>) {
+        stub = Stockpot_V1_RegistryService.Client(wrapping: client)
+    }
+
+    /// Uploads every regular file of `folder` (recursively) as the next version of `name`.
+    public func register(name: String, kind: String, metadata: [String: String] = [:], folder: URL,
+                         options: CallOptions = .defaults) async throws -> Stockpot_V1_ModelVersion {
+        let fm = FileManager.default
+        var paths: [String] = []
+        if let e = fm.enumerator(atPath: folder.path) {
+            for case let p as String in e {
+                var isDir: ObjCBool = false
+                if fm.fileExists(atPath: folder.appendingPathComponent(p).path, isDirectory: &isDir), !isDir.boolValue,
+                   !p.split(separator: "/").contains(where: { $0.hasPrefix(".") }) {
+                    paths.append(p)
+                }
+            }
+        }
+        let sortedPaths = paths.sorted()
+        var files: [Stockpot_V1_ArtifactFile] = []
+        for p in sortedPaths {
+            let data = try Data(contentsOf: folder.appendingPathComponent(p), options: .mappedIfSafe)
+            files.append(.with { $0.path = p; $0.size = Int64(data.count); $0.sha256 = SHA256.hex(data) })
+        }
+        let header = Stockpot_V1_RegisterHeader.with {
+            $0.name = name
+            $0.kind = kind
+            $0.metadata = metadata
+            $0.files = files
+        }
+        return try await stub.register(options: options) { writer in
+            try await writer.write(.with { $0.header = header })
+            for p in sortedPaths {
+                let data = try Data(contentsOf: folder.appendingPathComponent(p), options: .mappedIfSafe)
+                var offset = 0
+                repeat {
+                    let end = min(offset + 256 * 1024, data.count)
+                    try await writer.write(.with { $0.chunk = .with { $0.path = p; $0.data = data.subdata(in: offset..<end) } })
+                    offset = end
+                } while offset < data.count
+            }
+        }
+    }
+
+    public func resolve(_ ref: String, options: CallOptions = .defaults) async throws -> Stockpot_V1_ModelVersion {
+        try await stub.getVersion(.with { $0.ref = ref }, options: options)
+    }
+
+    /// Downloads `ref` into `cache/<name>/<version>/` unless it is already there, verifying every file's sha256.
+    /// Returns the version and its folder.
+    public func fetch(_ ref: String, cache: URL, options: CallOptions = .defaults) async throws -> (Stockpot_V1_ModelVersion, URL) {
+        let version = try await resolve(ref, options: options)
+        let folder = cache.appendingPathComponent("\(version.name)/\(version.version)")
+        let marker = folder.appendingPathComponent(".sha256")
+        if let existing = try? String(contentsOf: marker, encoding: .utf8), existing == version.artifactSha256 {
+            return (version, folder)
+        }
+        let fm = FileManager.default
+        let tmp = cache.appendingPathComponent(".download-\(UUID().uuidString)")
+        try fm.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? fm.removeItem(at: tmp) }
+        let downloaded = try await stub.download(.with { $0.ref = "\(version.name):\(version.version)" }, options: options) { response in
+            var meta: Stockpot_V1_ModelVersion?
+            var hashers: [String: SHA256] = [:]
+            var handles: [String: FileHandle] = [:]
+            defer { for h in handles.values { try? h.close() } }
+            for try await part in response.messages {
+                switch part.part {
+                case .version(let v): meta = v
+                case .chunk(let c):
+                    guard meta?.files.contains(where: { $0.path == c.path }) == true, !c.path.contains("..") else {
+                        throw Status.dataLoss("download sent an unexpected file '\(c.path)'")
+                    }
+                    if handles[c.path] == nil {
+                        let url = tmp.appendingPathComponent(c.path)
+                        try fm.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+                        _ = fm.createFile(atPath: url.path, contents: nil)
+                        handles[c.path] = try FileHandle(forWritingTo: url)
+                        hashers[c.path] = SHA256()
+                    }
+                    hashers[c.path]!.update(c.data)
+                    try handles[c.path]!.write(contentsOf: c.data)
+                case .none: break
+                }
+            }
+            guard let meta else { throw Status.dataLoss("download ended without the version header") }
+            for f in meta.files {
+                var h = hashers[f.path] ?? SHA256()
+                if hashers[f.path] == nil { _ = fm.createFile(atPath: tmp.appendingPathComponent(f.path).path, contents: nil) }
+                let digest = h.finalizeHex()
+                guard digest == f.sha256 else { throw Status.dataLoss("file '\(f.path)' arrived with sha256 \(digest), expected \(f.sha256)") }
+            }
+            return meta
+        }
+        try Data(downloaded.artifactSha256.utf8).write(to: tmp.appendingPathComponent(".sha256"))
+        try fm.createDirectory(at: folder.deletingLastPathComponent(), withIntermediateDirectories: true)
+        if fm.fileExists(atPath: folder.path) { try fm.removeItem(at: folder) }
+        try fm.moveItem(at: tmp, to: folder)
+        return (downloaded, folder)
+    }
+}

@@ -1,0 +1,105 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Logging
+import ServiceLifecycle
+import StockpotProto
+
+/// One gRPC server (HTTP/2 over TCP) as a ServiceLifecycle service: it serves until the group shuts down, then
+/// marks itself NOT_SERVING and drains the RPCs in flight.
+public final class ServiceServer: Service, Sendable {
+    public let name: String
+    public let health: HealthStatus
+    public let server: GRPCServer<HTTP2ServerTransport.Posix>
+    private let logger: Logger
+    private let serviceNames: [String]
+
+    /// - Parameters:
+    ///   - serviceNames: fully qualified names reported SERVING by the health service once listening.
+    ///   - port: 0 picks a free port (tests); read it back with `port()`.
+    public init(name: String, host: String, port: Int, services: [any RegistrableRPCService], serviceNames: [String],
+                health: HealthStatus = HealthStatus(), logger: Logger) {
+        self.name = name
+        self.health = health
+        self.logger = logger
+        self.serviceNames = serviceNames
+        server = GRPCServer(
+            transport: .http2NIOPosix(address: .ipv4(host: host, port: port), transportSecurity: .plaintext),
+            services: services + [HealthService(status: health)])
+        health.set("", .notServing)
+        for s in serviceNames { health.set(s, .notServing) }
+    }
+
+    /// The bound port, once listening.
+    public func port() async throws -> Int {
+        let address = try await server.listeningAddress
+        guard let port = address?.ipv4?.port ?? address?.ipv6?.port else {
+            throw Status.internal("\(name) is not listening on an IP address")
+        }
+        return port
+    }
+
+    public func run() async throws {
+        try await withGracefulShutdownHandler {
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { try await self.server.serve() }
+                let port = try await self.port()
+                self.health.set("", .serving)
+                for s in self.serviceNames { self.health.set(s, .serving) }
+                // Flushed at once: launchers and logs read this line to know the service is up.
+                FileHandle.standardOutput.write(Data("\(self.name) listening on port \(port)\n".utf8))
+                self.logger.info("listening", metadata: ["service": "\(self.name)", "port": "\(port)"])
+            }
+        } onGracefulShutdown: {
+            self.health.setAll(.notServing)
+            self.logger.info("draining", metadata: ["service": "\(self.name)"])
+            self.server.beginGracefulShutdown()
+        }
+    }
+
+    /// Runs `services` (dependencies first) until SIGTERM or SIGINT, then shuts them down in reverse order.
+    public static func runGroup(_ services: [any Service], logger: Logger) async throws {
+        let group = ServiceGroup(configuration: .init(
+            services: services.map { .init(service: $0) },
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+    }
+}
+
+/// A gRPC client to one service address, run as a ServiceLifecycle service (its connections live as long as
+/// the group).
+public final class ServiceClient: Service, Sendable {
+    public let client: GRPCClient<HTTP2ClientTransport.Posix>
+    public let target: String
+
+    /// - Parameter target: `host:port`; a DNS name resolves to every address behind it, with round-robin load
+    ///   balancing across them (scale a layer by adding instances behind one name).
+    public init(target: String) throws {
+        self.target = target
+        client = GRPCClient(transport: try Self.transport(target: target))
+    }
+
+    /// An HTTP/2 transport to `host:port`: an IPv4 literal directly, a DNS name to every address behind it
+    /// with round-robin load balancing.
+    public static func transport(target: String) throws -> HTTP2ClientTransport.Posix {
+        let parts = target.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port), !parts[0].isEmpty else {
+            throw Status.invalidArgument("bad service address '\(target)': expected host:port")
+        }
+        let host = String(parts[0])
+        let resolvable: any ResolvableTarget = host.first?.isNumber == true
+            ? ResolvableTargets.IPv4(addresses: [SocketAddress.IPv4(host: host, port: port)])
+            : ResolvableTargets.DNS(host: host, port: port)
+        return try .http2NIOPosix(target: resolvable, transportSecurity: .plaintext,
+                                  serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
+    }
+
+    public func run() async throws {
+        try await withGracefulShutdownHandler {
+            try await client.runConnections()
+        } onGracefulShutdown: {
+            self.client.beginGracefulShutdown()
+        }
+    }
+}

@@ -1,0 +1,207 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Logging
+import ServiceLifecycle
+import StockpotCorrector
+import StockpotFeatures
+import StockpotFusion
+import StockpotGateway
+import StockpotModel
+import StockpotProto
+import StockpotRegistry
+import StockpotScorer
+import StockpotServing
+import StockpotTraining
+import Synchronization
+
+/// The six services on loopback in one process, each a real gRPC server over HTTP/2 with its own service group,
+/// started in dependency order (registry, features, scorer, corrector, fusion, gateway). On first start an empty
+/// registry gets a legacy model trained on KuaiRand-Pure (`legacy@production`) and the default fusion config
+/// (`fusion@production`). Used by `stockpot suite` and by the integration tests (ports 0).
+public final class LocalSuite: Sendable {
+    public struct Options: Sendable {
+        public var dataDirectory = URL(fileURLWithPath: "data")
+        public var kuaiRand = KuaiRandData.defaultDirectory()
+        /// Ports in service order registry, features, scorer, corrector, fusion, gateway; 0 = any free port.
+        public var ports = [DefaultPorts.registry, DefaultPorts.features, DefaultPorts.scorer,
+                            DefaultPorts.corrector, DefaultPorts.fusion, DefaultPorts.gateway]
+        /// Days the bootstrap legacy model is trained on.
+        public var legacyTrainDays = "20220425..20220504"
+        public var refreshInterval: Duration = .seconds(2)
+        public var gateway = GatewayConfig()
+        public var log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }
+
+        public init() {}
+    }
+
+    public static let order = ["registry", "features", "scorer", "corrector", "fusion", "gateway"]
+
+    public let options: Options
+    private let logger: Logger
+    private let state = Mutex<(groups: [String: ServiceGroup], addresses: [String: String], servers: [String: ServiceServer])>(([:], [:], [:]))
+
+    public init(options: Options, logger: Logger = Logger(label: "stockpot.suite")) {
+        self.options = options
+        self.logger = logger
+    }
+
+    /// `host:port` of each running service.
+    public var addresses: [String: String] { state.withLock { $0.addresses } }
+    public func address(_ service: String) -> String { addresses[service]! }
+
+    /// Starts everything, runs `body`, then stops everything (gateway first).
+    public func run<T: Sendable>(_ body: @Sendable (LocalSuite) async throws -> T) async throws -> T {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            defer { group.cancelAll() }
+            do {
+                try await startAll(in: &group)
+                let result = try await body(self)
+                await stopAll()
+                try await group.waitForAll()
+                return result
+            } catch {
+                await stopAll()
+                throw error
+            }
+        }
+    }
+
+    /// Gracefully stops one service (e.g. the corrector, to exercise the gateway's fallback).
+    public func stop(_ service: String) async {
+        let group = state.withLock { $0.groups.removeValue(forKey: service) }
+        await group?.triggerGracefulShutdown()
+    }
+
+    func stopAll() async {
+        for name in Self.order.reversed() { await stop(name) }
+    }
+
+    private func launch(_ name: String, server: ServiceServer, services: [any Service],
+                        in group: inout ThrowingTaskGroup<Void, any Error>) async throws {
+        let serviceGroup = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) }, logger: logger))
+        state.withLock { $0.groups[name] = serviceGroup; $0.servers[name] = server }
+        group.addTask { try await serviceGroup.run() }
+        let port = try await server.port()
+        state.withLock { $0.addresses[name] = "127.0.0.1:\(port)" }
+    }
+
+    private func startAll(in group: inout ThrowingTaskGroup<Void, any Error>) async throws {
+        let o = options
+        let dir = o.dataDirectory
+        var registryApp = RegistryApp()
+        registryApp.port = o.ports[0]
+        registryApp.dataDirectory = dir.appendingPathComponent("registry")
+        let registry = try registryApp.build(logger: logger)
+        try await launch("registry", server: registry.server, services: registry.services, in: &group)
+
+        var featuresApp = FeaturesApp()
+        featuresApp.port = o.ports[1]
+        featuresApp.databasePath = dir.appendingPathComponent("features.sqlite").path
+        featuresApp.importKuaiRand = o.kuaiRand
+        let features = try featuresApp.build(logger: logger)
+        try await launch("features", server: features.server, services: features.services, in: &group)
+
+        try await bootstrap()
+
+        let access = RegistryAccess(address: address("registry"), cacheDirectory: dir.appendingPathComponent("cache"),
+                                    refreshInterval: o.refreshInterval)
+        var scorerApp = ScorerApp()
+        scorerApp.port = o.ports[2]
+        scorerApp.registry = access
+        scorerApp.workers = 2
+        let scorer = try scorerApp.build(logger: logger)
+        try await launch("scorer", server: scorer.server, services: scorer.services, in: &group)
+
+        var correctorApp = CorrectorApp()
+        correctorApp.port = o.ports[3]
+        correctorApp.registry = access
+        correctorApp.crowds = Array(o.gateway.correctedCrowds).sorted()
+        correctorApp.workers = 2
+        let corrector = try correctorApp.build(logger: logger)
+        try await launch("corrector", server: corrector.server, services: corrector.services, in: &group)
+
+        var fusionApp = FusionApp()
+        fusionApp.port = o.ports[4]
+        fusionApp.registry = access
+        let fusion = try fusionApp.build(logger: logger)
+        try await launch("fusion", server: fusion.server, services: fusion.services, in: &group)
+
+        var gatewayApp = GatewayApp()
+        gatewayApp.port = o.ports[5]
+        gatewayApp.features = address("features")
+        gatewayApp.scorer = address("scorer")
+        gatewayApp.corrector = address("corrector")
+        gatewayApp.fusion = address("fusion")
+        gatewayApp.servingLog = dir.appendingPathComponent("serving-log")
+        gatewayApp.config = o.gateway
+        let gateway = try gatewayApp.build(logger: logger)
+        try await launch("gateway", server: gateway.server, services: gateway.services, in: &group)
+    }
+
+    /// Registers a legacy model and the default fusion config when the registry has none.
+    func bootstrap() async throws {
+        let o = options
+        try await withGRPCClient(transport: try .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port("registry")),
+                                                               transportSecurity: .plaintext)) { client in
+            let registry = RegistryClient(wrapping: client)
+            if (try? await registry.resolve("legacy@production")) == nil {
+                o.log("registry has no legacy@production: training the legacy model on \(o.legacyTrainDays)")
+                BLAS.useSingleThread()
+                let data = try KuaiRandData.load(directory: o.kuaiRand)
+                let job = LegacyTraining(data: data, config: try FeatureConfig.builtIn(), options: TrainingOptions(), log: o.log)
+                let out = o.dataDirectory.appendingPathComponent("training/legacy")
+                let trained = try job.incremental(days: try DayRange(o.legacyTrainDays), warmStart: nil, out: out, keep: 1)
+                let folder = o.dataDirectory.appendingPathComponent("training/legacy-artifact")
+                try? FileManager.default.removeItem(at: folder)
+                try trained.model.save(to: folder) // model.json + weights.safetensors only
+                let v = try await registry.register(name: "legacy", kind: "legacy", metadata: trained.model.spec.metadata, folder: folder)
+                _ = try await registry.stub.setAlias(.with { $0.name = "legacy"; $0.alias = "production"; $0.version = v.version })
+                o.log("registered legacy:\(v.version) as legacy@production")
+            }
+            if (try? await registry.resolve("fusion@production")) == nil {
+                let folder = o.dataDirectory.appendingPathComponent("training/fusion-default")
+                try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                try enc.encode(FusionConfig.default).write(to: folder.appendingPathComponent(FusionConfig.fileName))
+                let v = try await registry.register(name: "fusion", kind: "fusion-config", metadata: ["source": "built-in default"], folder: folder)
+                _ = try await registry.stub.setAlias(.with { $0.name = "fusion"; $0.alias = "production"; $0.version = v.version })
+                o.log("registered fusion:\(v.version) as fusion@production")
+            }
+        }
+    }
+
+    func port(_ service: String) -> Int { Int(address(service).split(separator: ":").last!)! }
+
+    /// Waits until every service's health check says SERVING (or throws after `timeout`).
+    public func waitUntilServing(timeout: Duration = .seconds(120)) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        for name in Self.order {
+            try await withGRPCClient(transport: try .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port(name)),
+                                                                   transportSecurity: .plaintext)) { client in
+                let health = Grpc_Health_V1_Health.Client(wrapping: client)
+                while true {
+                    let status = try? await health.check(.with { $0.service = Self.serviceName(name) })
+                    if status?.status == .serving { break }
+                    guard clock.now < deadline else {
+                        throw Status.unavailable("\(name) is not SERVING after \(timeout)")
+                    }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+            }
+        }
+    }
+
+    public static func serviceName(_ name: String) -> String {
+        switch name {
+        case "registry": return Stockpot_V1_RegistryService.descriptor.fullyQualifiedService
+        case "features": return Stockpot_V1_FeatureService.descriptor.fullyQualifiedService
+        case "scorer": return Stockpot_V1_ScorerService.descriptor.fullyQualifiedService
+        case "corrector": return Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService
+        case "fusion": return Stockpot_V1_FusionService.descriptor.fullyQualifiedService
+        default: return Stockpot_V1_GatewayService.descriptor.fullyQualifiedService
+        }
+    }
+}

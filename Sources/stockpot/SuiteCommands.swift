@@ -1,0 +1,89 @@
+import ArgumentParser
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotProto
+import StockpotServing
+import StockpotSuite
+import StockpotTraining
+
+/// `stockpot suite`: the six services on loopback, a model trained and registered on first run, real Rank
+/// requests for KuaiRand users, then serving until Ctrl-C.
+struct Suite: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the whole serving suite locally (registry, features, scorer, corrector, fusion, gateway).")
+
+    @Option(help: "Folder for the registry, feature store, caches and serving log.") var data: String = "data"
+    @Option(help: "KuaiRand-Pure folder (default ../shared/data/kuairand-pure).") var kuairand: String?
+    @Option(help: "First port; the services take six consecutive ports (registry … gateway).") var basePort: Int = DefaultPorts.registry
+    @Option(help: "Demo Rank requests to send once every service is SERVING.") var demoRequests: Int = 3
+    @Flag(help: "Exit after the demo requests instead of serving until Ctrl-C.") var exitAfterDemo = false
+
+    func run() async throws {
+        var options = LocalSuite.Options()
+        options.dataDirectory = URL(fileURLWithPath: data)
+        if let kuairand { options.kuaiRand = URL(fileURLWithPath: kuairand) }
+        options.ports = (0..<6).map { basePort + $0 }
+        let suite = LocalSuite(options: options)
+        let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
+        let service = SuiteService(suite: suite) { suite in
+            try await suite.waitUntilServing()
+            Console.out("all six services SERVING: " + LocalSuite.order.map { "\($0)=\(suite.address($0))" }.joined(separator: " "))
+            for request in try RankClient.demoRequests(kuaiRand: kuaiRand, count: demo) {
+                let response = try await RankClient.rank(gateway: suite.address("gateway"), request: request)
+                Console.out("\nRank user \(request.userID), \(request.candidateIds.count) candidates, top \(request.topK):")
+                Console.out(RankClient.table(response))
+            }
+            if !exitAfter { Console.out("\nserving; Ctrl-C stops every service cleanly") }
+            return exitAfter
+        }
+        try await ServiceServer.runGroup([service], logger: Logger(label: "stockpot.suite"))
+    }
+}
+
+/// Runs the suite inside a ServiceGroup so SIGINT/SIGTERM stop it gracefully.
+struct SuiteService: Service {
+    let suite: LocalSuite
+    /// Runs once the suite is up; returns true to stop right away.
+    let body: @Sendable (LocalSuite) async throws -> Bool
+
+    func run() async throws {
+        try await suite.run { suite in
+            if try await body(suite) { return }
+            try? await gracefulShutdown()
+        }
+    }
+}
+
+/// `stockpot rank`: one Rank request to a gateway.
+struct Rank: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Send one Rank request to the gateway and print the result.")
+
+    @Option(help: "Gateway host:port.") var gateway: String = "127.0.0.1:\(DefaultPorts.gateway)"
+    @Option(help: "User id.") var user: Int64
+    @Option(help: "Candidate video ids, comma-separated.") var candidates: String
+    @Option(help: "Scenario (fusion config).") var scenario: String = "default"
+    @Option(help: "How many to return (0 = all).") var topK: Int32 = 10
+    @Option(help: "Context features name=value, comma-separated (tab, hourmin, date).") var context: String?
+    @Flag(help: "Print the response as JSON.") var json = false
+
+    func run() async throws {
+        let ids = try candidates.split(separator: ",").map { s -> Int64 in
+            guard let v = Int64(s.trimmingCharacters(in: .whitespaces)) else { throw ValidationError("bad candidate id '\(s)'") }
+            return v
+        }
+        let ctx = try (context ?? "").split(separator: ",").map { pair -> Stockpot_V1_Feature in
+            let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2 else { throw ValidationError("bad context '\(pair)': expected name=value") }
+            return .with { $0.name = kv[0]; $0.value = kv[1] }
+        }
+        let response = try await RankClient.rank(gateway: gateway, request: .with {
+            $0.userID = user
+            $0.candidateIds = ids
+            $0.scenario = scenario
+            $0.topK = topK
+            $0.context = ctx
+        })
+        Console.out(json ? try RankClient.json(response) : RankClient.table(response))
+    }
+}
