@@ -80,7 +80,8 @@ let package = Package(
         ),
         // What every service shares: health, server runner, model references, registry client, compute pool.
         .target(name: "StockpotServing", dependencies: ["StockpotProto", "StockpotModel",
-                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")] + grpc),
+                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")] + grpc,
+                swiftSettings: optimized), // sha256 of artifacts runs here
         serviceLibrary("StockpotRegistry", [.product(name: "GRDB", package: "GRDB.swift")]),
         serviceLibrary("StockpotFeatures", ["StockpotTraining", .product(name: "GRDB", package: "GRDB.swift")]),
         serviceLibrary("StockpotScorer", ["StockpotModel"]),

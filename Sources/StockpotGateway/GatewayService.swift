@@ -122,7 +122,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 $0.candidates = items
             }, options: Self.options(remaining()))
         } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
-            throw e
+            // A fresh error: a downstream error's metadata (its trailers) must not become ours.
+            throw RPCError(code: e.code, message: "scorer: \(e.message)")
         } catch {
             throw Status.unavailable("legacy scorer failed: \(Self.reason(error))")
         }
@@ -165,7 +166,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             order = fused.order.map(Int.init)
             versions.append(fused.config)
         } catch let e as RPCError where e.code == .notFound || e.code == .invalidArgument {
-            throw e // an unknown scenario is the caller's error, not an outage
+            // An unknown scenario is the caller's error, not an outage. A fresh error: the downstream one's
+            // metadata (its trailers) must not become ours.
+            throw RPCError(code: e.code, message: "fusion: \(e.message)")
         } catch {
             degraded.append(("fusion", Self.reason(error)))
             var columns: [String: [Float]] = [:]

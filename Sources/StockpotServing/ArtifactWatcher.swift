@@ -66,11 +66,19 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     }
 
     public func run() async throws {
+        var lastError = ""
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             do {
                 try await refresh()
+                lastError = ""
             } catch {
-                logger.warning("refresh failed; keeping the current version", metadata: ["ref": "\(reference)", "error": "\(error)"])
+                // Log a failure when it starts or changes, not on every retry.
+                let message = "\(error)"
+                if message != lastError {
+                    logger.warning(value == nil ? "cannot load yet; retrying" : "refresh failed; keeping the current version",
+                                   metadata: ["ref": "\(reference)", "error": "\(message)"])
+                    lastError = message
+                }
             }
             try? await Task.sleep(for: interval)
         }

@@ -39,7 +39,7 @@ public final class LocalSuite: Sendable {
 
     public let options: Options
     private let logger: Logger
-    private let state = Mutex<(groups: [String: ServiceGroup], addresses: [String: String], servers: [String: ServiceServer])>(([:], [:], [:]))
+    private let state = Mutex<(groups: [String: (ServiceGroup, Task<Void, any Error>)], addresses: [String: String])>(([:], [:]))
 
     public init(options: Options, logger: Logger = Logger(label: "stockpot.suite")) {
         self.options = options
@@ -50,57 +50,54 @@ public final class LocalSuite: Sendable {
     public var addresses: [String: String] { state.withLock { $0.addresses } }
     public func address(_ service: String) -> String { addresses[service]! }
 
-    /// Starts everything, runs `body`, then stops everything (gateway first).
+    /// Starts everything, runs `body`, then stops everything in reverse dependency order (gateway first).
     public func run<T: Sendable>(_ body: @Sendable (LocalSuite) async throws -> T) async throws -> T {
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            defer { group.cancelAll() }
-            do {
-                try await startAll(in: &group)
-                let result = try await body(self)
-                await stopAll()
-                try await group.waitForAll()
-                return result
-            } catch {
-                await stopAll()
-                throw error
-            }
+        do {
+            try await startAll()
+            let result = try await body(self)
+            await stopAll()
+            return result
+        } catch {
+            await stopAll()
+            throw error
         }
     }
 
-    /// Gracefully stops one service (e.g. the corrector, to exercise the gateway's fallback).
+    /// Gracefully stops one service and waits until it has drained (e.g. the corrector, to exercise the
+    /// gateway's fallback).
     public func stop(_ service: String) async {
-        let group = state.withLock { $0.groups.removeValue(forKey: service) }
-        await group?.triggerGracefulShutdown()
+        guard let (group, task) = state.withLock({ $0.groups.removeValue(forKey: service) }) else { return }
+        await group.triggerGracefulShutdown()
+        _ = await task.result
     }
 
     func stopAll() async {
         for name in Self.order.reversed() { await stop(name) }
     }
 
-    private func launch(_ name: String, server: ServiceServer, services: [any Service],
-                        in group: inout ThrowingTaskGroup<Void, any Error>) async throws {
+    private func launch(_ name: String, server: ServiceServer, services: [any Service]) async throws {
         let serviceGroup = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) }, logger: logger))
-        state.withLock { $0.groups[name] = serviceGroup; $0.servers[name] = server }
-        group.addTask { try await serviceGroup.run() }
+        let task = Task { try await serviceGroup.run() }
+        state.withLock { $0.groups[name] = (serviceGroup, task) }
         let port = try await server.port()
         state.withLock { $0.addresses[name] = "127.0.0.1:\(port)" }
     }
 
-    private func startAll(in group: inout ThrowingTaskGroup<Void, any Error>) async throws {
+    private func startAll() async throws {
         let o = options
         let dir = o.dataDirectory
         var registryApp = RegistryApp()
         registryApp.port = o.ports[0]
         registryApp.dataDirectory = dir.appendingPathComponent("registry")
         let registry = try registryApp.build(logger: logger)
-        try await launch("registry", server: registry.server, services: registry.services, in: &group)
+        try await launch("registry", server: registry.server, services: registry.services)
 
         var featuresApp = FeaturesApp()
         featuresApp.port = o.ports[1]
         featuresApp.databasePath = dir.appendingPathComponent("features.sqlite").path
         featuresApp.importKuaiRand = o.kuaiRand
         let features = try featuresApp.build(logger: logger)
-        try await launch("features", server: features.server, services: features.services, in: &group)
+        try await launch("features", server: features.server, services: features.services)
 
         try await bootstrap()
 
@@ -111,7 +108,7 @@ public final class LocalSuite: Sendable {
         scorerApp.registry = access
         scorerApp.workers = 2
         let scorer = try scorerApp.build(logger: logger)
-        try await launch("scorer", server: scorer.server, services: scorer.services, in: &group)
+        try await launch("scorer", server: scorer.server, services: scorer.services)
 
         var correctorApp = CorrectorApp()
         correctorApp.port = o.ports[3]
@@ -119,13 +116,13 @@ public final class LocalSuite: Sendable {
         correctorApp.crowds = Array(o.gateway.correctedCrowds).sorted()
         correctorApp.workers = 2
         let corrector = try correctorApp.build(logger: logger)
-        try await launch("corrector", server: corrector.server, services: corrector.services, in: &group)
+        try await launch("corrector", server: corrector.server, services: corrector.services)
 
         var fusionApp = FusionApp()
         fusionApp.port = o.ports[4]
         fusionApp.registry = access
         let fusion = try fusionApp.build(logger: logger)
-        try await launch("fusion", server: fusion.server, services: fusion.services, in: &group)
+        try await launch("fusion", server: fusion.server, services: fusion.services)
 
         var gatewayApp = GatewayApp()
         gatewayApp.port = o.ports[5]
@@ -136,7 +133,7 @@ public final class LocalSuite: Sendable {
         gatewayApp.servingLog = dir.appendingPathComponent("serving-log")
         gatewayApp.config = o.gateway
         let gateway = try gatewayApp.build(logger: logger)
-        try await launch("gateway", server: gateway.server, services: gateway.services, in: &group)
+        try await launch("gateway", server: gateway.server, services: gateway.services)
     }
 
     /// Registers a legacy model and the default fusion config when the registry has none.

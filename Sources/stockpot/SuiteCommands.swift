@@ -37,7 +37,10 @@ struct Suite: AsyncParsableCommand {
             if !exitAfter { Console.out("\nserving; Ctrl-C stops every service cleanly") }
             return exitAfter
         }
-        try await ServiceServer.runGroup([service], logger: Logger(label: "stockpot.suite"))
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: Logger(label: "stockpot.suite")))
+        try await group.run()
     }
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import StockpotModel
 @testable import StockpotTraining
 
 @Suite struct MetricValues {

@@ -1,0 +1,108 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Testing
+import StockpotModel
+import StockpotProto
+import StockpotServing
+import StockpotSuite
+import StockpotTraining
+
+/// All six services on ephemeral loopback ports, real KuaiRand users, then the corrector stopped.
+@Suite(.enabled(if: kuaiRandPresent, Comment(rawValue: kuaiRandMissing)), .serialized)
+struct EndToEnd {
+    @Test func rankCorrectThenDegradeWhenTheCorrectorStops() async throws {
+        BLAS.useSingleThread()
+        var options = LocalSuite.Options()
+        options.dataDirectory = temporaryDirectory("suite")
+        options.kuaiRand = kuaiRandDirectory
+        options.ports = Array(repeating: 0, count: 6)
+        options.legacyTrainDays = "20220425..20220427"
+        options.refreshInterval = .milliseconds(200)
+        options.log = { _ in }
+        defer { try? FileManager.default.removeItem(at: options.dataDirectory) }
+        let suite = LocalSuite(options: options, logger: quietLogger)
+        let data = try KuaiRandData.load(directory: kuaiRandDirectory)
+        let requests = try RankClient.demoRequests(kuaiRand: kuaiRandDirectory, count: 40)
+        let degree = try data.users.column("user_active_degree")
+        let userRow = Dictionary(try data.users.column("user_id").enumerated().map { (Int64($1)!, $0) }, uniquingKeysWith: { a, _ in a })
+        let tail = try #require(requests.first { !["full_active", "high_active"].contains(degree[userRow[$0.userID]!]) })
+        let head = try #require(requests.first { ["full_active", "high_active"].contains(degree[userRow[$0.userID]!]) })
+
+        try await suite.run { suite in
+            try await suite.waitUntilServing()
+            let gateway = suite.address("gateway")
+
+            // Head user: not routed to the corrector; order = order of fused scores; versions reported.
+            let h = try await RankClient.rank(gateway: gateway, request: head)
+            #expect(h.crowd == "head")
+            #expect(h.degraded.isEmpty)
+            #expect(h.itemIds.count == min(10, head.candidateIds.count))
+            #expect(h.finalScores == h.finalScores.sorted(by: >))
+            #expect(Set(h.itemIds).isSubset(of: Set(head.candidateIds)))
+            #expect(h.versions.map(\.role) == ["scorer", "fusion"])
+            #expect(h.versions[0].name == "legacy" && h.versions[0].version == 1 && h.versions[0].alias == "production")
+            #expect(h.scores.map(\.values) == h.legacyScores.map(\.values))
+            // Final scores are the fusion formula over the served scores.
+            let terms = FusionConfig.default.scenarios["default"]!.terms
+            var columns: [String: [Float]] = [:]
+            for s in h.scores { columns[s.objective] = s.values }
+            let expected = FusionConfig.fuse(terms: terms, scores: columns, count: h.itemIds.count)
+            for (a, b) in zip(expected, h.finalScores) { #expect(abs(a - b) < 1e-5) }
+
+            // Register a tail corrector; the corrector service picks it up through the alias.
+            try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
+                let registry = RegistryClient(wrapping: client)
+                let folder = temporaryDirectory("corrector")
+                try testCorrector(objectives: ["is_click", "long_view", "is_like"]).save(to: folder.appendingPathComponent("m"))
+                let v = try await registry.register(name: "corrector-tail", kind: "corrector", folder: folder.appendingPathComponent("m"))
+                _ = try await registry.stub.setAlias(.with { $0.name = "corrector-tail"; $0.alias = "production"; $0.version = v.version })
+            }
+            var corrected = try await RankClient.rank(gateway: gateway, request: tail)
+            let clock = ContinuousClock()
+            let until = clock.now + .seconds(20)
+            while !corrected.versions.contains(where: { $0.role == "corrector" }) && clock.now < until {
+                try await Task.sleep(for: .milliseconds(100))
+                corrected = try await RankClient.rank(gateway: gateway, request: tail)
+            }
+            #expect(corrected.crowd == "tail")
+            #expect(corrected.degraded.isEmpty)
+            #expect(corrected.versions.map(\.role) == ["scorer", "corrector", "fusion"])
+            #expect(corrected.finalScores == corrected.finalScores.sorted(by: >))
+            #expect(corrected.scores[0].values != corrected.legacyScores[0].values) // the correction moved clicks
+
+            // Stop the corrector: the next request still succeeds, names the corrector, serves legacy scores.
+            await suite.stop("corrector")
+            let fallback = try await RankClient.rank(gateway: gateway, request: tail)
+            #expect(fallback.degraded == ["corrector"])
+            #expect(fallback.versions.map(\.role) == ["scorer", "fusion"])
+            #expect(fallback.scores.map(\.values) == fallback.legacyScores.map(\.values))
+            #expect(fallback.finalScores == fallback.finalScores.sorted(by: >))
+
+            // Bad input through the gateway.
+            #expect(await expectStatus(.notFound, mentioning: "scenario") {
+                try await RankClient.rank(gateway: gateway, request: .with { $0.userID = head.userID; $0.candidateIds = [1, 2]; $0.scenario = "nope" })
+            })
+            #expect(await expectStatus(.invalidArgument, mentioning: "candidate_ids") {
+                try await RankClient.rank(gateway: gateway, request: .with { $0.userID = 1 })
+            })
+            #expect(await expectStatus(.invalidArgument, mentioning: "duplicates") {
+                try await RankClient.rank(gateway: gateway, request: .with { $0.userID = 1; $0.candidateIds = [3, 3] })
+            })
+            #expect(await expectStatus(.resourceExhausted, mentioning: "limit") {
+                try await RankClient.rank(gateway: gateway, request: .with { $0.userID = 1; $0.candidateIds = (1...5001).map(Int64.init) })
+            })
+            #expect(await expectStatus(.invalidArgument, mentioning: "top_k") {
+                try await RankClient.rank(gateway: gateway, request: .with { $0.userID = 1; $0.candidateIds = [1, 2]; $0.topK = -1 })
+            })
+        }
+        // The serving log holds what was served.
+        let logDir = options.dataDirectory.appendingPathComponent("serving-log")
+        let files = try FileManager.default.contentsOfDirectory(atPath: logDir.path).filter { $0.hasSuffix(".jsonl") }
+        #expect(!files.isEmpty)
+        let lines = try files.flatMap { try String(contentsOf: logDir.appendingPathComponent($0), encoding: .utf8).split(separator: "\n") }
+        #expect(lines.count >= 3)
+        let first = try JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as! [String: Any]
+        #expect(first["legacyLogits"] != nil && first["itemFeatures"] != nil && first["versions"] != nil)
+    }
+}

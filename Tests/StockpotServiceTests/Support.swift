@@ -1,0 +1,74 @@
+import Foundation
+import GRPCCore
+import Logging
+import StockpotModel
+import StockpotProto
+import StockpotServing
+import StockpotTraining
+
+let kuaiRandDirectory: URL = {
+    if let env = ProcessInfo.processInfo.environment["STOCKPOT_KUAIRAND"], !env.isEmpty { return URL(fileURLWithPath: env) }
+    return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("../shared/data/kuairand-pure").standardizedFileURL
+}()
+let kuaiRandPresent = KuaiRandData.isPresent(at: kuaiRandDirectory)
+let kuaiRandMissing = "KuaiRand-Pure not found at \(kuaiRandDirectory.path): skipping the service tests on real data"
+
+let quietLogger: Logger = {
+    var l = Logger(label: "test")
+    l.logLevel = .critical
+    return l
+}()
+
+func temporaryDirectory(_ name: String) -> URL {
+    let url = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-\(name)-\(UUID().uuidString)")
+    try? FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    return url
+}
+
+/// Runs a handler in-process with a server context of its own.
+func withContext<T: Sendable>(_ body: (ServerContext) async throws -> T) async throws -> T {
+    try await withServerContextRPCCancellationHandle { handle in
+        try await body(ServerContext(descriptor: MethodDescriptor(fullyQualifiedService: "test", method: "test"),
+                                     remotePeer: "in-process", localPeer: "in-process", cancellation: handle))
+    }
+}
+
+/// Expects `body` to fail with `code`, and the message to mention `mentioning`.
+func expectStatus<T>(_ code: RPCError.Code, mentioning: String, _ body: () async throws -> T) async -> Bool {
+    do {
+        _ = try await body()
+        return false
+    } catch let e as RPCError {
+        if !(e.code == code && e.message.contains(mentioning)) { print("unexpected status: \(e.code) \(e.message)") }
+        return e.code == code && e.message.contains(mentioning)
+    } catch {
+        print("unexpected error: \(error)")
+        return false
+    }
+}
+
+/// A watcher whose "registry" is a folder on disk, for in-process handler tests.
+func localWatcher<T: Sendable>(folder: URL, name: String, version: Int64 = 1, reference: String,
+                               load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T) -> ArtifactWatcher<T> {
+    ArtifactWatcher(reference: reference, logger: quietLogger,
+                    fetch: { _ in (Stockpot_V1_ModelVersion.with { $0.name = name; $0.version = version }, folder) },
+                    load: load)
+}
+
+/// A small residual corrector over coarse features with a visible correction (+0.5 on the first head's logit).
+func testCorrector(objectives: [String], seed: UInt64 = 5) throws -> LegacyModel {
+    var spec = ModelSpec(
+        name: "corrector-tail", featureSetVersion: "test",
+        fields: [
+            FieldSpec(name: "user_active_degree", source: "user:user_active_degree", dim: 4,
+                      encoding: .vocabulary(["middle_active", "low_active", "2_14_day_new", "single_low_active"])),
+            FieldSpec(name: "video_type", source: "video:video_type", dim: 4, encoding: .vocabulary(["NORMAL", "AD"])),
+        ],
+        hidden: [8], heads: objectives)
+    spec.denseInputs = objectives
+    spec.residual = true
+    var model = try LegacyModel.initialized(spec: spec, seed: seed)
+    model.heads.bias[0] = 0.5
+    return model
+}
