@@ -10,6 +10,14 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
         public var evictions = 0
         public var expirations = 0
         public var entries = 0
+
+        public init(hits: Int = 0, misses: Int = 0, evictions: Int = 0, expirations: Int = 0, entries: Int = 0) {
+            self.hits = hits
+            self.misses = misses
+            self.evictions = evictions
+            self.expirations = expirations
+            self.entries = entries
+        }
     }
 
     private struct Node {

@@ -1,0 +1,437 @@
+import Foundation
+import GRPCCore
+import Testing
+import StockpotCorrector
+import StockpotFeatures
+import StockpotFusion
+import StockpotModel
+import StockpotProto
+import StockpotRegistry
+import StockpotScorer
+import StockpotServing
+
+@Suite struct FeatureServiceHandlers {
+    func service(capacity: Int = 100, clock: @escaping @Sendable () -> UInt64 = { DispatchTimeShim.nowNanos() }) throws -> FeatureService {
+        let store = try FeatureStore(path: ":memory:")
+        try store.put(.user, rows: [(1, ["user_active_degree": "full_active", "fans_user_num_range": "[10,100)"]),
+                                    (2, ["user_active_degree": "low_active"])])
+        try store.put(.item, rows: [(10, ["video_type": "NORMAL"]), (11, ["video_type": "AD"])])
+        return FeatureService(store: store, cache: FeatureCache(capacity: capacity, ttl: .seconds(60), clock: clock),
+                              limits: RequestLimits(maxCandidates: 5))
+    }
+
+    @Test func batchLookupIsColumnarWithFoundFlags() async throws {
+        let s = try service()
+        let r = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [2, 99, 1]; $0.itemIds = [11] }, context: $0) }
+        #expect(r.users.ids == [2, 99, 1])
+        #expect(r.users.found == [true, false, true])
+        #expect(r.users.columns.map(\.name) == ["fans_user_num_range", "user_active_degree"])
+        #expect(r.users.columns[1].values == ["low_active", "", "full_active"])
+        #expect(r.items.columns.first { $0.name == "video_type" }?.values == ["AD"])
+    }
+
+    @Test func badRequests() async throws {
+        let s = try service()
+        #expect(await expectStatus(.invalidArgument, mentioning: "both empty") {
+            try await withContext { try await s.getFeatures(request: .init(), context: $0) }
+        })
+        #expect(await expectStatus(.resourceExhausted, mentioning: "item_ids") {
+            try await withContext { try await s.getFeatures(request: .with { $0.itemIds = Array(1...6) }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "unknown user column 'nope'") {
+            try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1]; $0.userColumns = ["nope"] }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "kind") {
+            try await withContext { try await s.putFeatures(request: .with { $0.rows.ids = [1] }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "rows.columns['a'] has 1 values for 2 ids") {
+            try await withContext {
+                try await s.putFeatures(request: .with {
+                    $0.kind = .user
+                    $0.rows.ids = [1, 2]
+                    $0.rows.columns = [.with { $0.name = "a"; $0.values = ["x"] }]
+                }, context: $0)
+            }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "duplicates") {
+            try await withContext { try await s.putFeatures(request: .with { $0.kind = .item; $0.rows.ids = [1, 1] }, context: $0) }
+        })
+    }
+
+    @Test func writesInvalidateTheCache() async throws {
+        let s = try service()
+        _ = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1] }, context: $0) }
+        _ = try await withContext {
+            try await s.putFeatures(request: .with {
+                $0.kind = .user
+                $0.rows.ids = [1]
+                $0.rows.columns = [.with { $0.name = "user_active_degree"; $0.values = ["middle_active"] }]
+            }, context: $0)
+        }
+        let r = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1] }, context: $0) }
+        #expect(r.users.columns.first { $0.name == "user_active_degree" }?.values == ["middle_active"])
+        #expect(r.users.columns.first { $0.name == "fans_user_num_range" }?.values == ["[10,100)"]) // kept
+        let stats = try await withContext { try await s.getStats(request: .init(), context: $0) }
+        #expect(stats.cacheMisses == 2 && stats.cacheHits == 0 && stats.storedUsers == 2)
+    }
+}
+
+@Suite struct Cache {
+    final class FakeClock: Sendable {
+        let now = Mutex<UInt64>(0)
+        func advance(_ ns: UInt64) { now.withLock { $0 += ns } }
+    }
+
+    @Test func expiredEntriesAreNeverServed() {
+        let clock = FakeClock()
+        let cache = FeatureCache<Int, String>(capacity: 10, ttl: .seconds(1)) { clock.now.withLock { $0 } }
+        cache.put([(1, "a")])
+        #expect(cache.get([1]) == [1: "a"])
+        clock.advance(999_999_999)
+        #expect(cache.get([1]) == [1: "a"])
+        clock.advance(1)
+        #expect(cache.get([1]).isEmpty)
+        #expect(cache.stats == .init(hits: 2, misses: 1, evictions: 0, expirations: 1, entries: 0))
+    }
+
+    @Test func leastRecentlyUsedIsEvicted() {
+        let cache = FeatureCache<Int, Int>(capacity: 3, ttl: .seconds(60))
+        cache.put([(1, 1), (2, 2), (3, 3)])
+        _ = cache.get([1]) // 2 is now the least recent
+        cache.put([(4, 4)])
+        #expect(Set(cache.get([1, 2, 3, 4]).keys) == [1, 3, 4])
+        #expect(cache.stats.evictions == 1 && cache.stats.entries == 3)
+        cache.invalidate([3])
+        #expect(cache.get([3]).isEmpty)
+    }
+}
+
+import Synchronization
+
+@Suite struct ScorerHandlers {
+    func setup() throws -> (ScorerService, LegacyModel) {
+        let spec = ModelSpec(name: "legacy", featureSetVersion: "t", fields: [
+            FieldSpec(name: "user_id", source: "log:user_id", dim: 4, encoding: .hashed(buckets: 64)),
+            FieldSpec(name: "video_id", source: "log:video_id", dim: 4, encoding: .hashed(buckets: 64)),
+            FieldSpec(name: "degree", source: "user:user_active_degree", dim: 2, encoding: .vocabulary(["full_active", "low_active"])),
+            FieldSpec(name: "type", source: "video:video_type", dim: 2, encoding: .vocabulary(["NORMAL", "AD"])),
+            FieldSpec(name: "hour", source: "derived:hour", dim: 2, encoding: .vocabulary(["18", "9"])),
+        ], hidden: [8], heads: ["is_click", "long_view"])
+        var model = try LegacyModel.initialized(spec: spec, seed: 3)
+        for i in model.embeddings.indices { model.embeddings[i].storage = .f32(model.embeddings[i].floatValues.map { $0 * 100 }) }
+        let folder = temporaryDirectory("scorer")
+        try model.save(to: folder)
+        let watcher = localWatcher(folder: folder, name: "legacy", reference: "legacy@production") { _, f in
+            try ServableModel.load(folder: f, workers: 2)
+        }
+        return (ScorerService(models: watcher, limits: RequestLimits(maxCandidates: 4)), model)
+    }
+
+    func request(_ ids: [Int64], types: [String]? = nil) -> Stockpot_V1_ScoreRequest {
+        .with {
+            $0.userID = 7
+            $0.userFeatures = [.with { $0.name = "user_active_degree"; $0.value = "low_active" }]
+            $0.context = [.with { $0.name = "hourmin"; $0.value = "1830" }]
+            $0.candidates.ids = ids
+            $0.candidates.columns = [.with { $0.name = "video_type"; $0.values = types ?? ids.map { $0 % 2 == 0 ? "NORMAL" : "AD" } }]
+        }
+    }
+
+    @Test func scoresMatchTheModelAndNameTheVersion() async throws {
+        let (service, model) = try setup()
+        #expect(await expectStatus(.unavailable, mentioning: "no model loaded") {
+            try await withContext { try await service.score(request: request([1]), context: $0) }
+        })
+        try await service.models.refresh()
+        let r = try await withContext { try await service.score(request: request([10, 11, 12]), context: $0) }
+        #expect(r.model.name == "legacy" && r.model.version == 1 && r.model.alias == "production")
+        #expect(r.scores.map(\.objective) == ["is_click", "long_view"])
+        // The same rows encoded by hand, scored directly.
+        let e = model.encoder
+        var rows: [Int32] = []
+        for (id, t) in [(10, "NORMAL"), (11, "AD"), (12, "NORMAL")] {
+            rows += [e.row(field: 0, raw: "7"), e.row(field: 1, raw: String(id)), e.row(field: 2, raw: "low_active"),
+                     e.row(field: 3, raw: t), e.row(field: 4, raw: "18")]
+        }
+        let direct = BatchScorer(model: model).score(RowMatrix(fields: 5, rows: rows))
+        for i in 0..<3 {
+            #expect(abs(r.scores[0].values[i] - direct[i * 2]) < 1e-6)
+            #expect(abs(r.scores[1].values[i] - direct[i * 2 + 1]) < 1e-6)
+            #expect(abs(r.logits[0].values[i] - log(direct[i * 2] / (1 - direct[i * 2]))) < 1e-3)
+        }
+        #expect(Set(r.scores[0].values).count == 3)
+    }
+
+    @Test func badRequests() async throws {
+        let (service, _) = try setup()
+        try await service.models.refresh()
+        #expect(await expectStatus(.invalidArgument, mentioning: "candidates.ids is empty") {
+            try await withContext { try await service.score(request: request([]), context: $0) }
+        })
+        #expect(await expectStatus(.resourceExhausted, mentioning: "limit is 4") {
+            try await withContext { try await service.score(request: request([1, 2, 3, 4, 5]), context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "candidates.columns['video_type'] has 1 values for 2") {
+            try await withContext { try await service.score(request: request([1, 2], types: ["AD"]), context: $0) }
+        })
+        #expect(await expectStatus(.notFound, mentioning: "not served here") {
+            try await withContext { try await service.score(request: .with { $0.model = "other@x"; $0.candidates.ids = [1] }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "given twice") {
+            try await withContext {
+                try await service.score(request: .with {
+                    $0.candidates.ids = [1]
+                    $0.userFeatures = [.with { $0.name = "a" }, .with { $0.name = "a" }]
+                }, context: $0)
+            }
+        })
+    }
+}
+
+@Suite struct CorrectorHandlers {
+    static let objectives = ["is_click", "long_view", "is_like"]
+
+    func request(crowd: String, logits: [[Float]]) -> Stockpot_V1_CorrectRequest {
+        .with {
+            $0.crowd = crowd
+            $0.legacyLogits = zip(Self.objectives, logits).map { o, v in .with { $0.objective = o; $0.values = v } }
+            $0.userFeatures = [.with { $0.name = "user_active_degree"; $0.value = "low_active" }]
+            $0.candidates.ids = (0..<Int64(logits[0].count)).map { $0 }
+        }
+    }
+
+    func service() throws -> CorrectorService {
+        let folder = temporaryDirectory("corrector")
+        try testCorrector(objectives: Self.objectives).save(to: folder)
+        let watcher = localWatcher(folder: folder, name: "corrector-tail", reference: "corrector-tail@production") { _, f in
+            let s = try ServableModel.load(folder: f, workers: 1)
+            try CorrectorService.validateCorrector(s.model)
+            return s
+        }
+        return CorrectorService(crowds: ["tail": watcher], limits: RequestLimits(maxCandidates: 3))
+    }
+
+    @Test func crowdWithoutModelPassesLegacyThrough() async throws {
+        let s = try service()
+        let logits: [[Float]] = [[0, 1], [-1, 2], [0.5, -3]]
+        let r = try await withContext { try await s.correct(request: request(crowd: "head", logits: logits), context: $0) }
+        #expect(!r.corrected)
+        for (col, l) in zip(r.scores, logits) { #expect(col.values == l.map(sigmoid)) }
+    }
+
+    @Test func correctorAdjustsOnTopOfTheLegacyLogit() async throws {
+        let s = try service()
+        try await s.crowds["tail"]!.refresh()
+        let logits: [[Float]] = [[0, 1], [-1, 2], [0.5, -3]]
+        let r = try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits), context: $0) }
+        #expect(r.corrected && r.model.name == "corrector-tail" && r.model.role == "corrector")
+        // The residual design: output = legacy logit + correction; the test corrector adds ≥ 0.5 - small to clicks.
+        #expect(r.scores[0].values[0] != sigmoid(0))
+        #expect(r.scores.count == 3)
+    }
+
+    @Test func badRequests() async throws {
+        let s = try service()
+        try await s.crowds["tail"]!.refresh()
+        #expect(await expectStatus(.invalidArgument, mentioning: "crowd is empty") {
+            try await withContext { try await s.correct(request: request(crowd: "", logits: [[0], [0], [0]]), context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "values[1] is nan") {
+            try await withContext { try await s.correct(request: request(crowd: "tail", logits: [[0, .nan], [0, 0], [0, 0]]), context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "legacy_logits['long_view'] has 1 values, expected 2") {
+            try await withContext { try await s.correct(request: request(crowd: "tail", logits: [[0, 0], [0], [0, 0]]), context: $0) }
+        })
+        #expect(await expectStatus(.resourceExhausted, mentioning: "limit is 3") {
+            try await withContext { try await s.correct(request: request(crowd: "tail", logits: [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]), context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "needs objective 'long_view'") {
+            try await withContext {
+                try await s.correct(request: .with {
+                    $0.crowd = "tail"
+                    $0.legacyLogits = [.with { $0.objective = "is_click"; $0.values = [0] }]
+                    $0.candidates.ids = [1]
+                }, context: $0)
+            }
+        })
+    }
+}
+
+@Suite struct FusionHandlers {
+    func service() async throws -> FusionService {
+        let folder = temporaryDirectory("fusion")
+        let config = FusionConfig(scenarios: [
+            "default": .init(terms: [.init(objective: "a", weight: 2, alpha: 1, beta: 1), .init(objective: "b", weight: 1, alpha: 4, beta: 0.5)],
+                             crowds: ["tail": [.init(objective: "a", weight: 1)]]),
+        ])
+        try JSONEncoder().encode(config).write(to: folder.appendingPathComponent(FusionConfig.fileName))
+        let s = FusionService(configs: localWatcher(folder: folder, name: "fusion", reference: "fusion@production") { _, f in
+            try FusionService.load(folder: f)
+        }, limits: RequestLimits(maxCandidates: 3))
+        try await s.configs.refresh()
+        return s
+    }
+
+    func scores(_ a: [Float], _ b: [Float]) -> [Stockpot_V1_ObjectiveScores] {
+        [.with { $0.objective = "a"; $0.values = a }, .with { $0.objective = "b"; $0.values = b }]
+    }
+
+    @Test func formulaAndOrder() async throws {
+        let s = try await service()
+        // final = 2·a + (4·b)^0.5: [2·0.1 + 0.4·... ] computed by hand below.
+        let r = try await withContext { try await s.fuse(request: .with { $0.scores = scores([0.1, 0.5, 0.3], [0.04, 0.01, 0.25]) }, context: $0) }
+        let expected: [Float] = [0.2 + 0.4, 1.0 + 0.2, 0.6 + 1.0]
+        for (x, y) in zip(r.finalScores, expected) { #expect(abs(x - y) < 1e-6) }
+        #expect(r.order == [2, 1, 0])
+        #expect(r.config.name == "fusion" && r.config.role == "fusion")
+        let tail = try await withContext { try await s.fuse(request: .with { $0.crowd = "tail"; $0.topK = 1; $0.scores = scores([0.1, 0.5, 0.3], [1, 0, 0]) }, context: $0) }
+        #expect(tail.order == [1])
+    }
+
+    @Test func badRequests() async throws {
+        let s = try await service()
+        #expect(await expectStatus(.notFound, mentioning: "unknown scenario 'x'") {
+            try await withContext { try await s.fuse(request: .with { $0.scenario = "x"; $0.scores = scores([0.1], [0.1]) }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "scores['b'] has 1 values") {
+            try await withContext { try await s.fuse(request: .with { $0.scores = scores([0.1, 0.2], [0.1]) }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "values[0] is inf") {
+            try await withContext { try await s.fuse(request: .with { $0.scores = scores([.infinity], [0.1]) }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "needs objective 'b'") {
+            try await withContext { try await s.fuse(request: .with { $0.scores = [.with { $0.objective = "a"; $0.values = [0.1] }] }, context: $0) }
+        })
+        #expect(await expectStatus(.resourceExhausted, mentioning: "limit is 3") {
+            try await withContext { try await s.fuse(request: .with { $0.scores = scores([0, 0, 0, 0], [0, 0, 0, 0]) }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "scores is empty") {
+            try await withContext { try await s.fuse(request: .init(), context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "top_k") {
+            try await withContext { try await s.fuse(request: .with { $0.topK = -2; $0.scores = scores([0.1], [0.1]) }, context: $0) }
+        })
+    }
+}
+
+@Suite struct RegistryHandlers {
+    func upload(_ service: RegistryService, _ messages: [Stockpot_V1_RegisterRequest]) async throws -> Stockpot_V1_ModelVersion {
+        let stream = AsyncThrowingStream<Stockpot_V1_RegisterRequest, any Error> { c in
+            for m in messages { c.yield(m) }
+            c.finish()
+        }
+        return try await withContext { try await service.register(request: RPCAsyncSequence(wrapping: stream), context: $0) }
+    }
+
+    func header(_ files: [(String, [UInt8])], name: String = "m") -> Stockpot_V1_RegisterRequest {
+        .with {
+            $0.header = .with { h in
+                h.name = name
+                h.kind = "legacy"
+                h.metadata = ["parent": "none"]
+                h.files = files.map { f in .with { $0.path = f.0; $0.size = Int64(f.1.count); $0.sha256 = SHA256.hex(f.1) } }
+            }
+        }
+    }
+
+    func chunk(_ path: String, _ bytes: [UInt8]) -> Stockpot_V1_RegisterRequest {
+        .with { $0.chunk = .with { $0.path = path; $0.data = Data(bytes) } }
+    }
+
+    @Test func uploadAliasDownloadRoundTrip() async throws {
+        let root = temporaryDirectory("registry")
+        let service = RegistryService(store: try RegistryStore(root: root))
+        let a: [UInt8] = Array("model".utf8), b: [UInt8] = (0..<1000).map { UInt8($0 % 251) }
+        let v1 = try await upload(service, [header([("model.json", a), ("w/weights.bin", b)]), chunk("model.json", a),
+                                            chunk("w/weights.bin", Array(b[0..<400])), chunk("w/weights.bin", Array(b[400...]))])
+        #expect(v1.version == 1 && v1.files.count == 2)
+        #expect(v1.artifactSha256 == RegistryStore.artifactDigest(v1.files))
+        let v2 = try await upload(service, [header([("model.json", a)]), chunk("model.json", a)])
+        #expect(v2.version == 2)
+        let set = try await withContext { try await service.setAlias(request: .with { $0.name = "m"; $0.alias = "production"; $0.version = 1 }, context: $0) }
+        #expect(set.previousVersion == 0 && set.version.aliases == ["production"])
+        let moved = try await withContext { try await service.setAlias(request: .with { $0.name = "m"; $0.alias = "production"; $0.version = 2 }, context: $0) }
+        #expect(moved.previousVersion == 1)
+        let got = try await withContext { try await service.getVersion(request: .with { $0.ref = "m@production" }, context: $0) }
+        #expect(got.version == 2)
+        let list = try await withContext { try await service.listVersions(request: .with { $0.name = "m" }, context: $0) }
+        #expect(list.versions.map(\.version) == [1, 2])
+        // Stored bytes are the uploaded bytes.
+        let stored = try Data(contentsOf: service.store.fileURL(name: "m", version: 1, path: "w/weights.bin"))
+        #expect(stored == Data(b))
+    }
+
+    @Test func corruptOrMalformedUploadsLeaveNothing() async throws {
+        let root = temporaryDirectory("registry")
+        let service = RegistryService(store: try RegistryStore(root: root))
+        let a: [UInt8] = Array("model".utf8)
+        #expect(await expectStatus(.dataLoss, mentioning: "sha256") {
+            try await upload(service, [header([("model.json", a)]), chunk("model.json", Array("mod3l".utf8))])
+        })
+        #expect(await expectStatus(.dataLoss, mentioning: "received 3 bytes") {
+            try await upload(service, [header([("model.json", a)]), chunk("model.json", Array("mod".utf8))])
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "unsafe path '../x'") {
+            try await upload(service, [header([("../x", a)])])
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "chunk before the header") {
+            try await upload(service, [chunk("model.json", a)])
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "header.name") {
+            try await upload(service, [header([("model.json", a)], name: "bad name")])
+        })
+        let list = try await withContext { try await service.listVersions(request: .init(), context: $0) }
+        #expect(list.versions.isEmpty)
+        let incoming = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("artifacts/.incoming").path)
+        #expect(incoming.isEmpty)
+    }
+
+    @Test func badReferences() async throws {
+        let service = RegistryService(store: try RegistryStore(root: temporaryDirectory("registry")))
+        #expect(await expectStatus(.invalidArgument, mentioning: "not a model reference") {
+            try await withContext { try await service.getVersion(request: .with { $0.ref = "legacy" }, context: $0) }
+        })
+        #expect(await expectStatus(.notFound, mentioning: "legacy@production") {
+            try await withContext { try await service.getVersion(request: .with { $0.ref = "legacy@production" }, context: $0) }
+        })
+        #expect(await expectStatus(.notFound, mentioning: "legacy:3") {
+            try await withContext { try await service.setAlias(request: .with { $0.name = "legacy"; $0.alias = "p"; $0.version = 3 }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "version must be positive") {
+            try await withContext { try await service.setAlias(request: .with { $0.name = "legacy"; $0.alias = "p" }, context: $0) }
+        })
+    }
+}
+
+@Suite struct SharedPieces {
+    @Test func sha256KnownVectors() {
+        #expect(SHA256.hex([UInt8]()) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        #expect(SHA256.hex(Array("abc".utf8)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        #expect(SHA256.hex(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8))
+                == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        var incremental = SHA256()
+        let million = [UInt8](repeating: 0x61, count: 1_000_000)
+        incremental.update(million[0..<333_333])
+        incremental.update(million[333_333...])
+        #expect(incremental.finalizeHex() == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+    }
+
+    @Test func modelReferences() {
+        #expect((try? ModelReference.parse("legacy@production").get()) == ModelReference(name: "legacy", selector: .alias("production")))
+        #expect((try? ModelReference.parse("corrector-tail:12").get()) == ModelReference(name: "corrector-tail", selector: .version(12)))
+        for bad in ["legacy", "legacy@", "@x", "a:0", "a:-1", "a b@c", "x:y"] {
+            #expect((try? ModelReference.parse(bad).get()) == nil, "\(bad)")
+        }
+    }
+
+    @Test func healthReportsAndWatches() async throws {
+        let status = HealthStatus()
+        let service = HealthService(status: status)
+        status.set("svc", .notServing)
+        let r = try await withContext { try await service.check(request: .with { $0.service = "svc" }, context: $0) }
+        #expect(r.status == .notServing)
+        #expect(await expectStatus(.notFound, mentioning: "unknown service") {
+            try await withContext { try await service.check(request: .with { $0.service = "nope" }, context: $0) }
+        })
+    }
+}
