@@ -104,6 +104,7 @@ let package = Package(
                 "StockpotSuite",
                 "StockpotServing",
                 "StockpotProto",
+                "StockpotFeatures",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ] + grpc
         ),

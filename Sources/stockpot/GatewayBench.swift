@@ -1,0 +1,165 @@
+import ArgumentParser
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import StockpotFeatures
+import StockpotModel
+import StockpotProto
+import StockpotServing
+import StockpotSuite
+import StockpotTraining
+import Synchronization
+
+/// End-to-end latency of the gateway on loopback, against the per-hop floor (an empty health check) and the
+/// stages' own compute measured in-process. Run from a release build.
+struct GatewayBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench-gateway",
+        abstract: "Gateway latency p50/p99 by candidates and concurrency; health-check floor; stage compute. Use -c release.")
+
+    @Option(help: "Suite data folder (reused between runs: the model is trained once).") var data: String = "runs/bench-suite"
+    @Option(help: "Candidate counts, comma-separated.") var candidates: String = "200,1000"
+    @Option(help: "Concurrency levels, comma-separated.") var concurrency: String = "1,4,16"
+    @Option(help: "Requests per (candidates, concurrency) cell.") var requests: Int = 400
+    @Option(help: "First port of the six services.") var basePort: Int = 50151
+
+    func run() async throws {
+        let counts = candidates.split(separator: ",").compactMap { Int($0) }
+        let levels = concurrency.split(separator: ",").compactMap { Int($0) }
+        var options = LocalSuite.Options()
+        options.dataDirectory = URL(fileURLWithPath: data)
+        options.ports = (0..<6).map { basePort + $0 }
+        options.log = { _ in }
+        let total = requests
+        let fixed = options
+        let suite = LocalSuite(options: fixed)
+        try await suite.run { suite in
+            try await suite.waitUntilServing()
+            let data = try KuaiRandData.load(directory: fixed.kuaiRand)
+            let users = try data.users.column("user_id").compactMap(Int64.init)
+            let degrees = try data.users.column("user_active_degree")
+            let headUsers = zip(users, degrees).filter { ["full_active", "high_active"].contains($0.1) }.map(\.0)
+            let videos = try data.videos.column("video_id").compactMap(Int64.init)
+            var rng = SplitMix64(seed: 11)
+            func request(_ n: Int) -> Stockpot_V1_RankRequest {
+                var ids = Set<Int64>()
+                while ids.count < n { ids.insert(videos[Int(rng.next() % UInt64(videos.count))]) }
+                return .with {
+                    $0.userID = headUsers[Int(rng.next() % UInt64(headUsers.count))]
+                    $0.candidateIds = Array(ids)
+                    $0.topK = 50
+                    $0.context = [.with { $0.name = "tab"; $0.value = "1" }, .with { $0.name = "hourmin"; $0.value = "1800" },
+                                  .with { $0.name = "date"; $0.value = "20220505" }]
+                }
+            }
+            let gatewayTransport = try ServiceClient.transport(target: suite.address("gateway"))
+            try await withGRPCClient(transport: gatewayTransport) { client in
+                let gateway = Stockpot_V1_GatewayService.Client(wrapping: client)
+                let health = Grpc_Health_V1_Health.Client(wrapping: client)
+                // Warm-up: caches, connections, code paths.
+                for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n)) } }
+                var floor: [Double] = []
+                for _ in 0..<total {
+                    let t = ContinuousClock.now
+                    _ = try await health.check(.init())
+                    floor.append((ContinuousClock.now - t).ms)
+                }
+                Console.out(String(format: "health Check (per-hop floor): p50 %.3f ms  p99 %.3f ms", percentile(floor, 0.5), percentile(floor, 0.99)))
+                for n in counts {
+                    let prepared = (0..<total).map { _ in request(n) }
+                    let compute = try stageCompute(suite: suite, options: fixed, request: prepared[0], data: data)
+                    Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms",
+                                       n, compute.features, compute.score, compute.fusion, compute.sum))
+                    for c in levels {
+                        let latencies = Shared<[Double]>([])
+                        let next = Shared(0)
+                        let start = ContinuousClock.now
+                        try await withThrowingTaskGroup(of: Void.self) { group in
+                            for _ in 0..<c {
+                                group.addTask {
+                                    while true {
+                                        let i = next.value.withLock { v -> Int in v += 1; return v - 1 }
+                                        guard i < total else { return }
+                                        let t = ContinuousClock.now
+                                        let r = try await gateway.rank(prepared[i])
+                                        precondition(r.itemIds.count == min(50, n))
+                                        latencies.value.withLock { $0.append((ContinuousClock.now - t).ms) }
+                                    }
+                                }
+                            }
+                            try await group.waitForAll()
+                        }
+                        let wall = (ContinuousClock.now - start).ms / 1000
+                        let l = latencies.value.withLock { $0 }
+                        let p50 = percentile(l, 0.5)
+                        Console.out(String(format: "  concurrency %3d: p50 %7.2f ms  p99 %7.2f ms  %6.0f req/s  p50 / stage compute = %.2f",
+                                           c, p50, percentile(l, 0.99), Double(total) / wall, p50 / compute.sum))
+                    }
+                }
+            }
+        }
+    }
+
+    struct Compute { var features: Double; var score: Double; var fusion: Double; var sum: Double { features + score + fusion } }
+
+    /// The work each stage does for one request, without the network: feature lookups (cache warm), encoding
+    /// and the forward pass, fusion. Median of 50 runs each.
+    func stageCompute(suite: LocalSuite, options: LocalSuite.Options, request: Stockpot_V1_RankRequest, data: KuaiRandData) throws -> Compute {
+        let store = try FeatureStore(path: options.dataDirectory.appendingPathComponent("features.sqlite").path)
+        let features = FeatureService(store: store, cache: FeatureCache(capacity: 100_000, ttl: .seconds(600)))
+        let cacheRoot = options.dataDirectory.appendingPathComponent("cache/legacy")
+        let version = try FileManager.default.contentsOfDirectory(atPath: cacheRoot.path).compactMap(Int.init).max() ?? 1
+        let model = try LegacyModel.load(from: cacheRoot.appendingPathComponent(String(version)))
+        let scorer = BatchScorer(model: model, chunk: 256)
+        func median(_ body: () throws -> Void) rethrows -> Double {
+            var t: [Double] = []
+            for _ in 0..<50 {
+                let s = ContinuousClock.now
+                try body()
+                t.append((ContinuousClock.now - s).ms)
+            }
+            return percentile(t, 0.5)
+        }
+        var items: [Int64: [String: String]] = [:]
+        var user: [String: String] = [:]
+        let f = try median {
+            user = try features.lookup(.user, ids: [request.userID])[request.userID] ?? [:]
+            items = try features.lookup(.item, ids: request.candidateIds)
+        }
+        let columns = Set(items.values.flatMap(\.keys)).sorted()
+        let batch = Stockpot_V1_EntityBatch.with { b in
+            b.ids = request.candidateIds
+            b.columns = columns.map { name in .with { $0.name = name; $0.values = request.candidateIds.map { items[$0]?[name] ?? "" } } }
+        }
+        let inputs = RankingInputs(userId: request.userID, user: user, context: ["tab": "1", "hourmin": "1800", "date": "20220505"], candidates: batch)
+        var logits: [Float] = []
+        let s = median {
+            let rows = inputs.rows(for: model.spec, encoder: model.encoder)
+            logits = scorer.score(rows, logitsOnly: true)
+        }
+        let k = model.headCount
+        var cols: [String: [Float]] = [:]
+        for (j, h) in model.spec.heads.enumerated() { cols[h] = stride(from: j, to: logits.count, by: k).map { sigmoid(logits[$0]) } }
+        let fu = median {
+            let final = FusionConfig.fuse(terms: FusionConfig.default.scenarios["default"]!.terms, scores: cols, count: request.candidateIds.count)
+            _ = FusionConfig.order(final, topK: 50)
+        }
+        return Compute(features: f, score: s, fusion: fu)
+    }
+}
+
+func percentile(_ values: [Double], _ p: Double) -> Double {
+    guard !values.isEmpty else { return .nan }
+    let s = values.sorted()
+    return s[min(s.count - 1, Int((Double(s.count - 1) * p).rounded()))]
+}
+
+extension Duration {
+    var ms: Double { Double(components.seconds) * 1000 + Double(components.attoseconds) / 1e15 }
+}
+
+/// A lock-protected value shared by the benchmark's tasks.
+final class Shared<T: Sendable>: Sendable {
+    let value: Mutex<T>
+    init(_ v: T) { value = Mutex(v) }
+}
