@@ -52,6 +52,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.0"), // tests only: compose.yaml checks
     ],
     targets: [
         // OpenBLAS through its cblas header on Linux (Debian `libopenblas-dev`); Accelerate on Apple platforms.
@@ -121,7 +122,7 @@ let package = Package(
             name: "StockpotServiceTests",
             dependencies: ["StockpotSuite", "StockpotRegistry", "StockpotFeatures", "StockpotScorer",
                            "StockpotCorrector", "StockpotFusion", "StockpotGateway", "StockpotServing",
-                           "StockpotTraining", .product(name: "GRPCInProcessTransport", package: "grpc-swift-2")] + grpc
+                           "StockpotTraining", .product(name: "Yams", package: "Yams")] + grpc
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -8,6 +8,7 @@ public struct CommonServiceOptions: ParsableArguments {
     @Option(help: "Port to listen on (0 = any free port).") public var port: Int?
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") public var logLevel: String?
     @Option(help: "Most candidates per request (RESOURCE_EXHAUSTED above).") public var maxCandidates: Int?
+    @Flag(help: "Check the health of a running instance on --host/--port and exit 0 (SERVING) or 1.") public var checkHealth = false
 
     public init() {}
 
@@ -16,6 +17,13 @@ public struct CommonServiceOptions: ParsableArguments {
     public func port(_ service: String, default d: Int) -> Int { port ?? Env.int("STOCKPOT_\(service)_PORT") ?? d }
     public func limits(_ service: String) -> RequestLimits {
         RequestLimits(maxCandidates: maxCandidates ?? Env.int("STOCKPOT_\(service)_MAX_CANDIDATES") ?? 5_000)
+    }
+
+    /// With `--check-health`: probes the running instance and exits. Returns normally otherwise.
+    public func probeIfAsked(_ service: String, defaultPort: Int) async {
+        guard checkHealth else { return }
+        let ok = await HealthProbe.isServing(target: "\(host(service)):\(port(service, default: defaultPort))")
+        Foundation.exit(ok ? 0 : 1)
     }
 
     public func logger(_ label: String) -> Logger {

@@ -136,11 +136,18 @@ public final class LocalSuite: Sendable {
         try await launch("gateway", server: gateway.server, services: gateway.services)
     }
 
-    /// Registers a legacy model and the default fusion config when the registry has none.
     func bootstrap() async throws {
-        let o = options
-        try await withGRPCClient(transport: try .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port("registry")),
-                                                               transportSecurity: .plaintext)) { client in
+        try await Self.bootstrap(registry: address("registry"), options: options)
+    }
+
+    /// Registers a legacy model trained on KuaiRand (`legacy@production`) and the default fusion config
+    /// (`fusion@production`) when the registry at `registry` has none. Idempotent.
+    public static func bootstrap(registry address: String, options o: Options) async throws {
+        var waitForReady = CallOptions.defaults
+        waitForReady.waitForReady = true
+        waitForReady.timeout = .seconds(120)
+        try await withGRPCClient(transport: try ServiceClient.transport(target: address)) { client in
+            _ = try? await Stockpot_V1_RegistryService.Client(wrapping: client).listVersions(.init(), options: waitForReady)
             let registry = RegistryClient(wrapping: client)
             if (try? await registry.resolve("legacy@production")) == nil {
                 o.log("registry has no legacy@production: training the legacy model on \(o.legacyTrainDays)")

@@ -90,3 +90,24 @@ struct Rank: AsyncParsableCommand {
         Console.out(json ? try RankClient.json(response) : RankClient.table(response))
     }
 }
+
+/// `stockpot bootstrap`: registers the first legacy model and fusion config in a registry (containers, fresh
+/// deployments). Does nothing when both aliases exist.
+struct Bootstrap: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Train and register legacy@production and register fusion@production if the registry has none.")
+
+    @Option(help: "Registry host:port.") var registry: String = Env.string("STOCKPOT_REGISTRY_ADDRESS") ?? "127.0.0.1:\(DefaultPorts.registry)"
+    @Option(help: "KuaiRand-Pure folder.") var kuairand: String?
+    @Option(help: "Working folder for training.") var data: String = "data"
+    @Option(help: "Training days of the first legacy model.") var days: String = "20220425..20220504"
+
+    func run() async throws {
+        var options = LocalSuite.Options()
+        options.dataDirectory = URL(fileURLWithPath: data)
+        if let k = kuairand ?? Env.string("STOCKPOT_KUAIRAND") { options.kuaiRand = URL(fileURLWithPath: k) }
+        options.legacyTrainDays = days
+        try await LocalSuite.bootstrap(registry: registry, options: options)
+        Console.out("registry \(registry) has legacy@production and fusion@production")
+    }
+}

@@ -14,6 +14,7 @@ struct CorrectorCommand: AsyncParsableCommand {
     @Option(help: "Forward-pass threads (env STOCKPOT_CORRECTOR_WORKERS).") var workers: Int?
 
     func run() async throws {
+        await common.probeIfAsked("CORRECTOR", defaultPort: DefaultPorts.corrector)
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
         var app = CorrectorApp()

@@ -15,6 +15,7 @@ struct FeaturesCommand: AsyncParsableCommand {
     var importKuairand: String?
 
     func run() async throws {
+        await common.probeIfAsked("FEATURES", defaultPort: DefaultPorts.features)
         var app = FeaturesApp()
         app.host = common.host("FEATURES")
         app.port = common.port("FEATURES", default: DefaultPorts.features)

@@ -11,6 +11,7 @@ struct FusionCommand: AsyncParsableCommand {
     @Option(help: "Fusion config reference (env STOCKPOT_FUSION_CONFIG).") var config: String?
 
     func run() async throws {
+        await common.probeIfAsked("FUSION", defaultPort: DefaultPorts.fusion)
         var app = FusionApp()
         app.host = common.host("FUSION")
         app.port = common.port("FUSION", default: DefaultPorts.fusion)

@@ -21,6 +21,7 @@ struct GatewayCommand: AsyncParsableCommand {
     var featureDefaults = false
 
     func run() async throws {
+        await common.probeIfAsked("GATEWAY", defaultPort: DefaultPorts.gateway)
         var app = GatewayApp()
         app.host = common.host("GATEWAY")
         app.port = common.port("GATEWAY", default: DefaultPorts.gateway)

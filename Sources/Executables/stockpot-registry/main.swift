@@ -11,6 +11,7 @@ struct RegistryCommand: AsyncParsableCommand {
     @Option(help: "Folder for registry.sqlite and artifacts (env STOCKPOT_REGISTRY_DATA).") var data: String?
 
     func run() async throws {
+        await common.probeIfAsked("REGISTRY", defaultPort: DefaultPorts.registry)
         var app = RegistryApp()
         app.host = common.host("REGISTRY")
         app.port = common.port("REGISTRY", default: DefaultPorts.registry)

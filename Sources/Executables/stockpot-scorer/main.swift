@@ -13,6 +13,7 @@ struct ScorerCommand: AsyncParsableCommand {
     @Option(help: "Forward-pass threads (env STOCKPOT_SCORER_WORKERS).") var workers: Int?
 
     func run() async throws {
+        await common.probeIfAsked("SCORER", defaultPort: DefaultPorts.scorer)
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
         var app = ScorerApp()
