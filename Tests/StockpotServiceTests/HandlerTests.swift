@@ -109,7 +109,7 @@ import StockpotServing
 import Synchronization
 
 @Suite struct ScorerHandlers {
-    func setup() throws -> (ScorerService, LegacyModel) {
+    func setup(int8: Bool = false) throws -> (ScorerService, LegacyModel) {
         let spec = ModelSpec(name: "legacy", featureSetVersion: "t", fields: [
             FieldSpec(name: "user_id", source: "log:user_id", dim: 4, encoding: .hashed(buckets: 64)),
             FieldSpec(name: "video_id", source: "log:video_id", dim: 4, encoding: .hashed(buckets: 64)),
@@ -119,6 +119,7 @@ import Synchronization
         ], hidden: [8], heads: ["is_click", "long_view"])
         var model = try LegacyModel.initialized(spec: spec, seed: 3)
         for i in model.embeddings.indices { model.embeddings[i].storage = .f32(model.embeddings[i].floatValues.map { $0 * 100 }) }
+        if int8 { model = try model.quantizedInt8() }
         let folder = temporaryDirectory("scorer")
         try model.save(to: folder)
         let watcher = localWatcher(folder: folder, name: "legacy", reference: "legacy@production") { _, f in
@@ -137,8 +138,9 @@ import Synchronization
         }
     }
 
-    @Test func scoresMatchTheModelAndNameTheVersion() async throws {
-        let (service, model) = try setup()
+    @Test(arguments: [false, true])
+    func scoresMatchTheModelAndNameTheVersion(int8: Bool) async throws {
+        let (service, model) = try setup(int8: int8)
         #expect(await expectStatus(.unavailable, mentioning: "no model loaded") {
             try await withContext { try await service.score(request: request([1]), context: $0) }
         })

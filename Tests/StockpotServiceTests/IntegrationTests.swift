@@ -95,6 +95,21 @@ struct EndToEnd {
             #expect(await expectStatus(.invalidArgument, mentioning: "top_k") {
                 try await RankClient.rank(gateway: gateway, request: .with { $0.userID = 1; $0.candidateIds = [1, 2]; $0.topK = -1 })
             })
+
+            // Fusion down too: equal weights locally, both layers named.
+            await suite.stop("fusion")
+            let noFusion = try await RankClient.rank(gateway: gateway, request: tail)
+            #expect(noFusion.degraded == ["corrector", "fusion"])
+            #expect(noFusion.versions.map(\.role) == ["scorer"])
+            let equal = zip(zip(noFusion.scores[0].values, noFusion.scores[1].values), noFusion.scores[2].values).map { $0.0 + $0.1 + $1 }
+            for (a, b) in zip(equal, noFusion.finalScores) { #expect(abs(a - b) < 1e-5) }
+            #expect(noFusion.finalScores == noFusion.finalScores.sorted(by: >))
+
+            // Without features (and without --feature-defaults) there is nothing to rank with.
+            await suite.stop("features")
+            #expect(await expectStatus(.unavailable, mentioning: "feature service") {
+                try await RankClient.rank(gateway: gateway, request: head)
+            })
         }
         // The serving log holds what was served.
         let logDir = options.dataDirectory.appendingPathComponent("serving-log")
