@@ -77,7 +77,9 @@ public final class LocalSuite: Sendable {
 
     private func launch(_ name: String, server: ServiceServer, services: [any Service]) async throws {
         let serviceGroup = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) }, logger: logger))
-        let task = Task { try await serviceGroup.run() }
+        // Detached: a nested group would otherwise inherit the caller's graceful-shutdown context and stop with
+        // it all at once; the suite stops them itself, in reverse dependency order.
+        let task = Task.detached { try await serviceGroup.run() }
         state.withLock { $0.groups[name] = (serviceGroup, task) }
         let port = try await server.port()
         state.withLock { $0.addresses[name] = "127.0.0.1:\(port)" }
