@@ -70,9 +70,34 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         return "\(error)"
     }
 
+    /// The client's deadline (`grpc-timeout`) shortens the budget: every downstream call gets what remains.
+    public func rank(request: ServerRequest<Stockpot_V1_RankRequest>, context: ServerContext) async throws -> ServerResponse<Stockpot_V1_RankResponse> {
+        let clientTimeout = request.metadata[stringValues: "grpc-timeout"].first(where: { _ in true }).flatMap(Self.parseTimeout)
+        let budget = clientTimeout.map { min($0, config.budget) } ?? config.budget
+        return ServerResponse(message: try await rank(request: request.message, context: context, budget: budget))
+    }
+
     public func rank(request: Stockpot_V1_RankRequest, context: ServerContext) async throws -> Stockpot_V1_RankResponse {
+        try await rank(request: request, context: context, budget: config.budget)
+    }
+
+    /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+    static func parseTimeout(_ value: String) -> Duration? {
+        guard let unit = value.last, value.count >= 2, value.count <= 9, let amount = Int64(value.dropLast()), amount >= 0 else { return nil }
+        switch unit {
+        case "H": return .seconds(amount * 3600)
+        case "M": return .seconds(amount * 60)
+        case "S": return .seconds(amount)
+        case "m": return .milliseconds(amount)
+        case "u": return .microseconds(amount)
+        case "n": return .nanoseconds(amount)
+        default: return nil
+        }
+    }
+
+    func rank(request: Stockpot_V1_RankRequest, context: ServerContext, budget: Duration) async throws -> Stockpot_V1_RankResponse {
         let clock = ContinuousClock()
-        let deadline = clock.now + config.budget
+        let deadline = clock.now + budget
         func remaining() -> Duration { deadline - clock.now }
 
         // Validate.

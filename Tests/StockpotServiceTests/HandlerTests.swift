@@ -437,3 +437,15 @@ import Synchronization
         })
     }
 }
+
+@testable import StockpotGateway
+
+@Suite struct GatewayDeadlines {
+    @Test func grpcTimeoutHeaderParses() {
+        #expect(GatewayService.parseTimeout("250m") == .milliseconds(250))
+        #expect(GatewayService.parseTimeout("2S") == .seconds(2))
+        #expect(GatewayService.parseTimeout("1H") == .seconds(3600))
+        #expect(GatewayService.parseTimeout("10u") == .microseconds(10))
+        for bad in ["", "m", "12", "123456789m", "-1m", "5x"] { #expect(GatewayService.parseTimeout(bad) == nil, "\(bad)") }
+    }
+}
