@@ -216,6 +216,10 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         if !degraded.isEmpty {
             logger.warning("degraded", metadata: ["request_id": "\(requestId)", "skipped": "\(degraded.map(\.0))"])
         }
+        logger.debug("ranked", metadata: [
+            "request_id": "\(requestId)", "user_id": "\(request.userID)", "crowd": "\(crowd)", "candidates": "\(n)",
+            "ms": "\((budget - remaining()).components.attoseconds / 1_000_000_000_000 + (budget - remaining()).components.seconds * 1000)",
+        ])
         log?.append(.init(
             requestId: requestId, timeMs: nowMs, userId: request.userID, scenario: request.scenario, crowd: crowd,
             context: contextMap, userFeatures: userFeatures, itemIds: ids,
