@@ -66,7 +66,7 @@ let package = Package(
         .target(
             name: "StockpotTraining",
             dependencies: ["StockpotModel"],
-            resources: [.copy("Resources/legacy-kuairand.json")],
+            resources: [.copy("Resources/legacy-kuairand.json"), .copy("Resources/corrector-kuairand.json")],
             swiftSettings: optimized
         ),
 

@@ -19,6 +19,10 @@ public struct EncodedDataset: Sendable {
     public var dates: [Int]
     /// Raw crowd attribute per sample (e.g. `user_active_degree`).
     public var crowdValues: [String]
+    /// Dense inputs per sample (`count × denseWidth`), for models with `denseInputs` (a corrector's legacy
+    /// logits); empty otherwise.
+    public var dense: [Float] = []
+    public var denseWidth: Int = 0
 
     public var count: Int { userIds.count }
 
@@ -56,6 +60,11 @@ public struct EncodedDataset: Sendable {
         out.timeMs = indices.map { timeMs[$0] }
         out.dates = indices.map { dates[$0] }
         out.crowdValues = indices.map { crowdValues[$0] }
+        if denseWidth > 0 {
+            out.dense = []
+            out.dense.reserveCapacity(indices.count * denseWidth)
+            for i in indices { out.dense.append(contentsOf: dense[i * denseWidth..<(i + 1) * denseWidth]) }
+        }
         return out
     }
 

@@ -65,9 +65,14 @@ public struct FeatureConfig: Codable, Sendable {
 
 extension FeatureConfig {
     /// The built-in KuaiRand legacy config (`Sources/StockpotTraining/Resources/legacy-kuairand.json`).
-    public static func builtIn() throws -> FeatureConfig {
-        guard let url = Bundle.module.url(forResource: "legacy-kuairand", withExtension: "json") else {
-            throw TrainingError.config("built-in legacy-kuairand.json is missing from the bundle")
+    public static func builtIn() throws -> FeatureConfig { try builtIn("legacy-kuairand") }
+
+    /// The built-in corrector config: coarse user, context and item features only, no ids.
+    public static func builtInCorrector() throws -> FeatureConfig { try builtIn("corrector-kuairand") }
+
+    static func builtIn(_ name: String) throws -> FeatureConfig {
+        guard let url = Bundle.module.url(forResource: name, withExtension: "json") else {
+            throw TrainingError.config("built-in \(name).json is missing from the bundle")
         }
         return try load(url)
     }

@@ -62,6 +62,7 @@ public struct LegacyTraining {
         var checkpoint = out
         let trainer = try Trainer(model: model, options: options, optimizerState: optimizer)
         let firstStep = trainer.step
+        var saved = model
         for day in dayList {
             let rows = try data.rows(in: DayRange(first: day, last: day))
             let ds = try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source)
@@ -83,12 +84,14 @@ public struct LegacyTraining {
             m.spec.metadata = metadata(info: info)
             checkpoint = out.appendingPathComponent(String(day))
             try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: checkpoint)
+            saved = m
             try Self.pointLatest(in: out, to: String(day))
             if let keep { try Self.prune(out, keep: keep, protecting: warmStart) }
             log(String(format: "day %d: %d samples, mean loss %.4f, %.1fs (%.0f samples/s) → %@", day, ds.count, loss, secs,
                        Double(ds.count) / max(secs, 1e-9), checkpoint.path))
         }
-        return Outcome(model: trainer.model, checkpoint: checkpoint, steps: trainer.step - firstStep, samples: totalSamples,
+        // The model as saved, with its provenance (days, steps, seed, parent) in the metadata.
+        return Outcome(model: saved, checkpoint: checkpoint, steps: trainer.step - firstStep, samples: totalSamples,
                        seconds: (clock.now - start).seconds)
     }
 
@@ -171,13 +174,16 @@ public struct LegacyTraining {
         return try EncodedDataset(data: data, rows: rows, spec: model.spec, crowdSource: config.crowds.source)
     }
 
-    /// Probabilities (`count × heads`) of `model` on `ds`.
-    public static func predict(_ model: LegacyModel, on ds: EncodedDataset) -> [Float] {
+    /// Probabilities (or logits) (`count × heads`) of `model` on `ds` (with its dense inputs, if the model has any).
+    public static func predict(_ model: LegacyModel, on ds: EncodedDataset, logits: Bool = false) -> [Float] {
         let scorer = BatchScorer(model: model, chunk: 512)
         var out = [Float](repeating: 0, count: ds.count * model.headCount)
         ds.rows.withUnsafeBufferPointer { r in
             out.withUnsafeMutableBufferPointer { o in
-                scorer.score(rows: r.baseAddress!, count: ds.count, into: o.baseAddress!)
+                ds.dense.withUnsafeBufferPointer { d in
+                    scorer.score(rows: r.baseAddress!, count: ds.count, into: o.baseAddress!, logitsOnly: logits,
+                                 dense: ds.denseWidth > 0 ? d.baseAddress! : nil)
+                }
             }
         }
         return out

@@ -81,9 +81,6 @@ public final class Trainer {
             throw TrainingError.config("cannot train an \(model.spec.dtype.rawValue) model; train the F32 model and quantise it")
         }
         guard options.batchSize > 0 else { throw TrainingError.config("batch size must be positive") }
-        guard model.spec.denseInputs.isEmpty else {
-            throw TrainingError.config("this trainer trains models without dense inputs; \(model.spec.name) has \(model.spec.denseInputs)")
-        }
         guard options.lossWeights.isEmpty || options.lossWeights.count == model.headCount else {
             throw TrainingError.config("\(options.lossWeights.count) loss weights for \(model.headCount) heads")
         }
@@ -157,10 +154,15 @@ public final class Trainer {
         guard data.fieldCount == model.fieldCount, data.objectives == model.spec.heads else {
             throw TrainingError.data("data set encoded for another model (fields or heads differ)")
         }
+        let e = model.spec.denseInputs.count
+        guard data.denseWidth == e, data.dense.count == data.count * e else {
+            throw TrainingError.data("model takes \(e) dense inputs per sample, data set has \(data.denseWidth)")
+        }
         let f = model.fieldCount, k = model.headCount
         var rows = [Int32](repeating: 0, count: batch * f)
         var labels = [Float](repeating: 0, count: batch * k)
         var weights = [Float](repeating: 0, count: batch)
+        var dense = [Float](repeating: 0, count: batch * max(e, 1))
         let clock = ContinuousClock()
         let start = clock.now
         var lastReport = start
@@ -174,12 +176,16 @@ public final class Trainer {
                 let i = order[done + s]
                 for j in 0..<f { rows[s * f + j] = data.rows[i * f + j] }
                 for j in 0..<k { labels[s * k + j] = data.labels[i * k + j] }
+                for j in 0..<e { dense[s * e + j] = data.dense[i * e + j] }
                 weights[s] = data.weights[i]
             }
             let loss = rows.withUnsafeBufferPointer { r in
                 labels.withUnsafeBufferPointer { l in
                     weights.withUnsafeBufferPointer { w in
-                        trainStep(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: n)
+                        dense.withUnsafeBufferPointer { d in
+                            trainStep(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: n,
+                                      dense: e > 0 ? d.baseAddress! : nil)
+                        }
                     }
                 }
             }
@@ -206,8 +212,9 @@ public final class Trainer {
     // MARK: One step
 
     /// Forward, backward and one optimizer update on `n` samples. Returns the batch loss.
-    public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int) -> Float {
-        let loss = computeGradients(rows: rows, labels: labels, weights: weights, count: n)
+    public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
+                          dense: UnsafePointer<Float>? = nil) -> Float {
+        let loss = computeGradients(rows: rows, labels: labels, weights: weights, count: n, dense: dense)
         step += 1
         applyUpdates()
         return loss
@@ -215,11 +222,22 @@ public final class Trainer {
 
     /// Forward and backward pass: fills the dense gradients and the sparse embedding gradients. Returns the loss.
     /// Exposed for gradient checks; `trainStep` is the normal entry point.
-    public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int) -> Float {
+    /// - Parameter dense: `n × denseInputs.count` values for models with dense inputs (they get no gradient).
+    public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
+                                 dense: UnsafePointer<Float>? = nil) -> Float {
         let k = model.headCount
         let d = model.spec.inputDim
+        let e = model.spec.denseInputs.count
+        precondition(e == 0 || dense != nil, "model has dense inputs; pass them")
         model.gather(rows: rows, count: n, into: x)
+        if let dense, e > 0 {
+            let offset = model.spec.embeddingDim
+            for s in 0..<n { (x + s * d + offset).update(from: dense + s * e, count: e) }
+        }
         model.dense(input: x, count: n, activations: acts, logits: logits)
+        if model.spec.residual, let dense {
+            for s in 0..<n { for j in 0..<k { logits[s * k + j] += dense[s * e + j] } }
+        }
 
         // Loss and dLoss/dLogit.
         var wsum: Float = 0
@@ -287,14 +305,12 @@ public final class Trainer {
 
     /// The batch loss of `model` computed by a plain forward pass in double precision — the reference that
     /// gradient checks differentiate numerically.
-    public static func loss(model: LegacyModel, rows: [Int32], labels: [Float], weights: [Float], lossWeights: [Float]? = nil) -> Double {
+    public static func loss(model: LegacyModel, rows: [Int32], labels: [Float], weights: [Float], lossWeights: [Float]? = nil,
+                            dense: [Float]? = nil) -> Double {
         let n = weights.count
         let k = model.headCount
         let scorer = BatchScorer(model: model, chunk: max(n, 1))
-        var logits = [Float](repeating: 0, count: n * k)
-        logits.withUnsafeMutableBufferPointer { out in
-            rows.withUnsafeBufferPointer { scorer.score(rows: $0.baseAddress!, count: n, into: out.baseAddress!, logitsOnly: true) }
-        }
+        let logits = scorer.score(RowMatrix(fields: model.fieldCount, rows: rows), logitsOnly: true, dense: dense)
         let lw = lossWeights ?? Array(repeating: 1, count: k)
         let wsum = weights.reduce(0.0) { $0 + Double($1) }
         guard wsum > 0 else { return 0 }

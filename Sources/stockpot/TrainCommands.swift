@@ -4,7 +4,37 @@ import StockpotModel
 import StockpotTraining
 
 struct Train: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Train models.", subcommands: [Legacy.self])
+    static let configuration = CommandConfiguration(abstract: "Train models.", subcommands: [Legacy.self, Corrector.self])
+
+    struct Corrector: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Train a crowd corrector on top of a frozen legacy model (residual on its logits, coarse features).",
+            discussion: """
+            The corrector sees only the crowd's impressions of --days, scored by the legacy model. Those days must \
+            all come after the legacy model's training days (read from its metadata): in-sample legacy scores \
+            are over-confident and would teach the corrector the wrong thing.
+            """)
+
+        @OptionGroup var dataOptions: DataOptions
+        @Option(help: "Legacy model folder (frozen).") var legacy: String
+        @Option(help: "Registry version of that legacy model, recorded as lineage (e.g. legacy:3).") var legacyVersion: String?
+        @Option(help: "Crowd to train for (a name from the config's crowds).") var crowd: String = "tail"
+        @Option(help: "Sample days, yyyymmdd..yyyymmdd, after the legacy model's last training day.") var days: String
+        @Option(help: "Passes over the crowd's samples.") var epochs: Int = 2
+        @Option(help: "Coarse-feature config (default: the built-in corrector-kuairand.json).") var correctorConfig: String?
+        @Option(help: "Output model folder.") var out: String
+
+        func run() async throws {
+            let (data, _) = try dataOptions.load()
+            let config = try correctorConfig.map { try FeatureConfig.load(URL(fileURLWithPath: $0)) } ?? FeatureConfig.builtInCorrector()
+            guard config.crowds.names.contains(crowd) else { throw ValidationError("unknown crowd '\(crowd)' (crowds: \(config.crowds.names))") }
+            let legacyModel = try LegacyModel.load(from: URL(fileURLWithPath: legacy))
+            let job = CorrectorTraining(data: data, config: config, log: Console.info)
+            let outcome = try job.train(legacy: legacyModel, legacyVersion: legacyVersion ?? legacy, crowd: crowd,
+                                        days: try parseDays(days), epochs: epochs, out: URL(fileURLWithPath: out))
+            Console.out("trained corrector-\(crowd) on \(outcome.samples) samples in \(outcome.steps) steps → \(out)")
+        }
+    }
 
     struct Legacy: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -90,10 +120,12 @@ struct Eval: AsyncParsableCommand {
     @Option(help: "Model folder (model.json + weights.safetensors); repeat to compare models.") var model: [String] = []
     @Option(help: "Test days, yyyymmdd..yyyymmdd.") var days: String = "20220505..20220508"
     @Option(help: "Also evaluate the per-video rate baseline fitted on these days.") var baselineTrainDays: String?
+    @Option(help: "A corrector to evaluate on top of the (first) --model for its crowd's users.") var corrector: String?
     @Flag(help: "Print JSON instead of a table.") var json = false
 
     func validate() throws {
         if model.isEmpty && baselineTrainDays == nil { throw ValidationError("give --model (one or more) or --baseline-train-days") }
+        if corrector != nil && model.isEmpty { throw ValidationError("--corrector needs --model") }
     }
 
     func run() async throws {
@@ -104,6 +136,15 @@ struct Eval: AsyncParsableCommand {
         for path in model {
             let m = try LegacyModel.load(from: URL(fileURLWithPath: path))
             reports.append((path, try job.evaluate(m, days: test).0))
+        }
+        if let corrector {
+            guard let first = model.first else { throw ValidationError("--corrector needs --model (the legacy model under it)") }
+            let c = try LegacyModel.load(from: URL(fileURLWithPath: corrector))
+            let crowd = c.spec.metadata["crowd"] ?? "tail"
+            let cjob = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: Console.info)
+            let (_, corrected, ds) = try cjob.predictWithCorrector(legacy: try LegacyModel.load(from: URL(fileURLWithPath: first)),
+                                                                   corrector: c, crowd: crowd, days: test)
+            reports.append(("\(first) + \(corrector) on \(crowd)", EvaluationReport(predictions: corrected, dataset: ds, crowds: config.crowds)))
         }
         if let baselineTrainDays {
             let train = try EncodedDataset(data: data, rows: try data.rows(in: try parseDays(baselineTrainDays)), fields: [],

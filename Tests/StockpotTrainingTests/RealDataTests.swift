@@ -40,4 +40,33 @@ struct RealKuaiRand {
         // The tail crowd is reported separately and has data.
         #expect((report.metrics["is_click"]?["tail"]?.n ?? 0) > 1000)
     }
+
+    @Test func correctorTrainsOutOfSampleAndLeavesTheHeadAlone() throws {
+        BLAS.useSingleThread()
+        let data = try kuaiRand.get()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-corr-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let legacy = try LegacyTraining(data: data, config: try FeatureConfig.builtIn(), options: TrainingOptions(), log: { _ in })
+            .incremental(days: try DayRange("20220425..20220427"), warmStart: nil, out: dir.appendingPathComponent("legacy")).model
+        let job = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: { _ in })
+        #expect(throws: TrainingError.self) {
+            try job.train(legacy: legacy, legacyVersion: "legacy:1", crowd: "tail", days: DayRange("20220427..20220428"), epochs: 1,
+                          out: dir.appendingPathComponent("bad"))
+        }
+        let outcome = try job.train(legacy: legacy, legacyVersion: "legacy:1", crowd: "tail", days: DayRange("20220428..20220429"),
+                                    epochs: 1, out: dir.appendingPathComponent("corrector"))
+        #expect(outcome.model.spec.residual && outcome.model.spec.metadata["legacy"] == "legacy:1")
+        #expect(outcome.model.spec.fields.allSatisfy { !$0.name.hasSuffix("_id") }) // coarse features only
+        let loaded = try LegacyModel.load(from: dir.appendingPathComponent("corrector"))
+        let (base, corrected, ds) = try job.predictWithCorrector(legacy: legacy, corrector: loaded, crowd: "tail", days: DayRange("20220430"))
+        let k = legacy.headCount
+        var changedTail = 0
+        for i in 0..<ds.count {
+            let tail = job.config.crowds.crowd(of: ds.crowdValues[i]) == "tail"
+            for j in 0..<k {
+                if !tail { #expect(corrected[i * k + j] == base[i * k + j]) } else if corrected[i * k + j] != base[i * k + j] { changedTail += 1 }
+            }
+        }
+        #expect(changedTail > 100)
+    }
 }
