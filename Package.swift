@@ -66,7 +66,8 @@ let package = Package(
         .target(
             name: "StockpotTraining",
             dependencies: ["StockpotModel"],
-            resources: [.copy("Resources/legacy-kuairand.json"), .copy("Resources/corrector-kuairand.json")],
+            resources: [.copy("Resources/legacy-kuairand.json"), .copy("Resources/legacy-kuairand-v0.json"),
+                        .copy("Resources/corrector-kuairand.json")],
             swiftSettings: optimized
         ),
 

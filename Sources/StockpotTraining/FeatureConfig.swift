@@ -77,9 +77,11 @@ extension FeatureConfig {
         return try load(url)
     }
 
-    /// The config at `path`, or the built-in one when `path` is nil.
+    /// The config at `path`; `builtin:NAME` for a built-in one (`legacy-kuairand`, `legacy-kuairand-v0` — the
+    /// older feature set without activity-level features —, `corrector-kuairand`); nil for `legacy-kuairand`.
     public static func load(path: String?) throws -> FeatureConfig {
         guard let path else { return try builtIn() }
+        if path.hasPrefix("builtin:") { return try builtIn(String(path.dropFirst("builtin:".count))) }
         return try load(URL(fileURLWithPath: path))
     }
 }

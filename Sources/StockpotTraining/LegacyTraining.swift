@@ -65,7 +65,7 @@ public struct LegacyTraining {
         var saved = model
         for day in dayList {
             let rows = try data.rows(in: DayRange(first: day, last: day))
-            let ds = try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source)
+            let ds = weighted(try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source))
             var order = Array(0..<ds.count)
             if options.shuffle {
                 var rng = SplitMix64(seed: options.seed ^ UInt64(day))
@@ -103,7 +103,7 @@ public struct LegacyTraining {
         let spec = try SpecFitter.fit(config: config, data: data, rows: rows)
         let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
         let trainer = try Trainer(model: model, options: options)
-        let ds = try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source)
+        let ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source))
         // Every pass ends with a partial batch, so a step budget is counted in batches, not samples.
         let batchesPerEpoch = (ds.count + options.batchSize - 1) / options.batchSize
         let targetSteps = steps ?? epochs * batchesPerEpoch
@@ -135,12 +135,25 @@ public struct LegacyTraining {
         return Outcome(model: m, checkpoint: out, steps: trainer.step, samples: done, seconds: (clock.now - start).seconds)
     }
 
+    /// Applies the rule re-weighting (`TrainingOptions.crowdWeights`, e.g. tail = 10 for 10:1): each sample's
+    /// weight is its crowd's factor. The trainer normalises weights within each batch, so the loss scale stays
+    /// fixed and only the balance between crowds changes.
+    func weighted(_ ds: EncodedDataset) -> EncodedDataset {
+        guard !options.crowdWeights.isEmpty else { return ds }
+        var out = ds
+        out.weights = ds.crowdValues.map { options.crowdWeights[config.crowds.crowd(of: $0)] ?? 1 }
+        return out
+    }
+
     func metadata(info: CheckpointInfo) -> [String: String] {
         var m = [
             "mode": info.mode, "step": String(info.step), "samples_seen": String(info.samplesSeen),
             "days": info.daysTrained.map(String.init).joined(separator: ","), "seed": String(options.seed),
             "optimizer": options.optimizer.rawValue,
         ]
+        if !options.crowdWeights.isEmpty {
+            m["crowd_weights"] = options.crowdWeights.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+        }
         if let p = info.parent { m["parent"] = p }
         return m
     }

@@ -22,6 +22,8 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
     public var seed: UInt64 = 20_220_425
     /// Shuffle samples within each pass (seeded; otherwise time order).
     public var shuffle: Bool = true
+    /// Rule re-weighting: crowd name → sample weight (e.g. `["tail": 10]` for 10:1), normalised per batch.
+    public var crowdWeights: [String: Float] = [:]
 
     /// Defaults for `optimizer`: Adagrad 0.01 / 0.05 (dense / embeddings), Adam 0.001 / 0.01 — the best of a
     /// small sweep on KuaiRand (`docs/performance.md`).

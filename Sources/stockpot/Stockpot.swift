@@ -8,7 +8,7 @@ struct Stockpot: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stockpot",
         abstract: "Stockpot: run the serving suite, rank, and train, evaluate, quantise and benchmark the legacy model.",
-        subcommands: [Suite.self, Rank.self, Bootstrap.self, Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self, GatewayBench.self]
+        subcommands: [Suite.self, Rank.self, Bootstrap.self, Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self, GatewayBench.self, Experiment.self]
     )
 
     static func main() async {
@@ -32,7 +32,7 @@ struct DataOptions: ParsableArguments {
     @Option(help: "KuaiRand-Pure folder (default: ../shared/data/kuairand-pure, or $STOCKPOT_KUAIRAND).")
     var data: String?
 
-    @Option(help: "Feature config JSON (default: the built-in legacy-kuairand.json).")
+    @Option(help: "Feature config JSON, or builtin:NAME (legacy-kuairand (default), legacy-kuairand-v0, corrector-kuairand).")
     var config: String?
 
     func load(log: Bool = true) throws -> (KuaiRandData, FeatureConfig) {

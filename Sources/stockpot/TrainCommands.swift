@@ -61,6 +61,8 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
         @Flag(help: "Keep time order within each pass.") var noShuffle = false
         @Option(help: "Keep only the newest N daily checkpoints (incremental; default: all).") var keep: Int?
+        @Option(help: "Rule re-weighting, crowd=factor, comma-separated (e.g. tail=10 for 10:1), normalised per batch.")
+        var crowdWeight: String?
 
         func validate() throws {
             if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
@@ -83,6 +85,13 @@ struct Train: AsyncParsableCommand {
             if let embeddingLr { o.embeddingLearningRate = embeddingLr }
             o.seed = seed
             o.shuffle = !noShuffle
+            if let crowdWeight {
+                for pair in crowdWeight.split(separator: ",") {
+                    let kv = pair.split(separator: "=").map { $0.trimmingCharacters(in: .whitespaces) }
+                    guard kv.count == 2, let w = Float(kv[1]), w > 0, w.isFinite else { throw ValidationError("bad --crowd-weight '\(pair)': expected crowd=factor") }
+                    o.crowdWeights[kv[0]] = w
+                }
+            }
             if let lossWeights {
                 let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }
                 guard w.allSatisfy({ $0 != nil && $0! >= 0 }) else { throw ValidationError("bad --loss-weights '\(lossWeights)'") }
@@ -94,7 +103,11 @@ struct Train: AsyncParsableCommand {
         func run() async throws {
             let dayRange = try parseDays(days)
             let (data, config) = try dataOptions.load()
-            let job = LegacyTraining(data: data, config: config, options: try options(), log: Console.info)
+            let trainingOptions = try options()
+            for crowd in trainingOptions.crowdWeights.keys where !config.crowds.names.contains(crowd) {
+                throw ValidationError("--crowd-weight: unknown crowd '\(crowd)' (crowds: \(config.crowds.names.joined(separator: ", ")))")
+            }
+            let job = LegacyTraining(data: data, config: config, options: trainingOptions, log: Console.info)
             let outURL = URL(fileURLWithPath: out)
             let result = fromScratch
                 ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
