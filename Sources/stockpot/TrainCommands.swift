@@ -1,4 +1,7 @@
 import ArgumentParser
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import StockpotServing
 import Foundation
 import StockpotModel
 import StockpotTraining
@@ -23,16 +26,49 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Passes over the crowd's samples.") var epochs: Int = 2
         @Option(help: "Coarse-feature config (default: the built-in corrector-kuairand.json).") var correctorConfig: String?
         @Option(help: "Output model folder.") var out: String
+        @Option(help: "Mini-batch size.") var batchSize: Int = 512
+        @Option(help: "Learning rate (dense and embeddings).") var lr: Float?
+        @Option(help: "Days to evaluate on before registering (metrics go into the registry metadata).") var evalDays: String?
+        @Flag(help: "Register the trained corrector as corrector-<crowd> and point --alias at it.") var register = false
+        @Option(help: "Alias to set with --register.") var alias: String = "production"
+        @Option(help: "Registry host:port for --register.") var registry: String = "127.0.0.1:50051"
 
         func run() async throws {
             let (data, _) = try dataOptions.load()
             let config = try correctorConfig.map { try FeatureConfig.load(URL(fileURLWithPath: $0)) } ?? FeatureConfig.builtInCorrector()
             guard config.crowds.names.contains(crowd) else { throw ValidationError("unknown crowd '\(crowd)' (crowds: \(config.crowds.names))") }
             let legacyModel = try LegacyModel.load(from: URL(fileURLWithPath: legacy))
-            let job = CorrectorTraining(data: data, config: config, log: Console.info)
+            var options = TrainingOptions()
+            options.batchSize = batchSize
+            if let lr { options.learningRate = lr; options.embeddingLearningRate = lr }
+            let job = CorrectorTraining(data: data, config: config, options: options, log: Console.info)
             let outcome = try job.train(legacy: legacyModel, legacyVersion: legacyVersion ?? legacy, crowd: crowd,
                                         days: try parseDays(days), epochs: epochs, out: URL(fileURLWithPath: out))
             Console.out("trained corrector-\(crowd) on \(outcome.samples) samples in \(outcome.steps) steps → \(out)")
+            var metadata = outcome.model.spec.metadata
+            if let evalDays {
+                let test = try parseDays(evalDays)
+                let (base, corrected, ds) = try job.predictWithCorrector(legacy: legacyModel, corrector: outcome.model, crowd: crowd, days: test)
+                let before = EvaluationReport(predictions: base, dataset: ds, crowds: config.crowds)
+                let after = EvaluationReport(predictions: corrected, dataset: ds, crowds: config.crowds)
+                for o in outcome.model.spec.heads {
+                    for (label, r) in [("legacy", before), ("corrected", after)] {
+                        guard let m = r.metrics[o]?[crowd] else { continue }
+                        metadata["eval.\(test).\(crowd).\(o).\(label)"] = String(format: "auc=%.4f gauc=%.4f logloss=%.4f calibration=%.3f n=%d",
+                                                                             m.auc ?? .nan, m.gauc ?? .nan, m.logloss, m.calibration ?? .nan, m.n)
+                    }
+                    Console.out("\(o) on \(crowd), \(test): " + metadata["eval.\(test).\(crowd).\(o).legacy"]! + "  →  " + metadata["eval.\(test).\(crowd).\(o).corrected"]!)
+                }
+            }
+            guard register else { return }
+            let name = "corrector-\(crowd)"
+            let version = try await withGRPCClient(transport: try ServiceClient.transport(target: registry)) { client in
+                let registryClient = RegistryClient(wrapping: client)
+                let v = try await registryClient.register(name: name, kind: "corrector", metadata: metadata, folder: URL(fileURLWithPath: out))
+                _ = try await registryClient.stub.setAlias(.with { $0.name = name; $0.alias = alias; $0.version = v.version })
+                return v.version
+            }
+            Console.out("registered \(name):\(version) as \(name)@\(alias) in \(registry)")
         }
     }
 
