@@ -22,6 +22,8 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "Concurrency levels, comma-separated.") var concurrency: String = "1,4,16"
     @Option(help: "Requests per (candidates, concurrency) cell.") var requests: Int = 400
     @Option(help: "First port of the six services.") var basePort: Int = 50151
+    @Flag(inversion: .prefixedNo, help: "Register a tail corrector and measure tail users too (the corrector hop).")
+    var corrector = true
 
     func run() async throws {
         let counts = candidates.split(separator: ",").compactMap { Int($0) }
@@ -39,13 +41,16 @@ struct GatewayBench: AsyncParsableCommand {
             let users = try data.users.column("user_id").compactMap(Int64.init)
             let degrees = try data.users.column("user_active_degree")
             let headUsers = zip(users, degrees).filter { ["full_active", "high_active"].contains($0.1) }.map(\.0)
+            let tailUsers = zip(users, degrees).filter { !["full_active", "high_active"].contains($0.1) }.map(\.0)
+            if corrector { try await Self.registerCorrector(suite: suite, data: data) }
             let videos = try data.videos.column("video_id").compactMap(Int64.init)
             var rng = SplitMix64(seed: 11)
-            func request(_ n: Int) -> Stockpot_V1_RankRequest {
+            func request(_ n: Int, tail: Bool = false) -> Stockpot_V1_RankRequest {
                 var ids = Set<Int64>()
                 while ids.count < n { ids.insert(videos[Int(rng.next() % UInt64(videos.count))]) }
+                let pool = tail ? tailUsers : headUsers
                 return .with {
-                    $0.userID = headUsers[Int(rng.next() % UInt64(headUsers.count))]
+                    $0.userID = pool[Int(rng.next() % UInt64(pool.count))]
                     $0.candidateIds = Array(ids)
                     $0.topK = 50
                     $0.context = [.with { $0.name = "tab"; $0.value = "1" }, .with { $0.name = "hourmin"; $0.value = "1800" },
@@ -65,11 +70,23 @@ struct GatewayBench: AsyncParsableCommand {
                     floor.append((ContinuousClock.now - t).ms)
                 }
                 Console.out(String(format: "health Check (per-hop floor): p50 %.3f ms  p99 %.3f ms", percentile(floor, 0.5), percentile(floor, 0.99)))
+                if corrector {
+                    // Wait until the corrector serves (its alias was just set).
+                    let clock = ContinuousClock()
+                    let until = clock.now + .seconds(60)
+                    while try await !gateway.rank(request(10, tail: true)).versions.contains(where: { $0.role == "corrector" }) {
+                        guard clock.now < until else { throw ValidationError("the corrector did not load within 60 s") }
+                        try await Task.sleep(for: .milliseconds(200))
+                    }
+                    for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n, tail: true)) } }
+                }
                 for n in counts {
-                    let prepared = (0..<total).map { _ in request(n) }
-                    let compute = try stageCompute(suite: suite, options: fixed, request: prepared[0], data: data)
-                    Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms",
-                                       n, compute.features, compute.score, compute.fusion, compute.sum))
+                  let compute = try stageCompute(suite: suite, options: fixed, request: request(n), data: data)
+                  Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms (legacy path; the corrector adds its own forward pass)",
+                                     n, compute.features, compute.score, compute.fusion, compute.sum))
+                  for tail in corrector ? [false, true] : [false] {
+                    let prepared = (0..<total).map { _ in request(n, tail: tail) }
+                    Console.out(tail ? "  tail users (scorer + corrector + fusion):" : "  head users (scorer + fusion):")
                     for c in levels {
                         let latencies = Shared<[Double]>([])
                         let next = Shared(0)
@@ -95,8 +112,23 @@ struct GatewayBench: AsyncParsableCommand {
                         Console.out(String(format: "  concurrency %3d: p50 %7.2f ms  p99 %7.2f ms  %6.0f req/s  p50 / stage compute = %.2f",
                                            c, p50, percentile(l, 0.99), Double(total) / wall, p50 / compute.sum))
                     }
+                  }
                 }
             }
+        }
+    }
+
+    /// Registers an untrained tail corrector (identity at start; the same compute as a trained one).
+    static func registerCorrector(suite: LocalSuite, data: KuaiRandData) async throws {
+        let folder = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("stockpot-bench-corrector-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let legacy = try LegacyModel.load(from: suite.options.dataDirectory.appendingPathComponent("training/legacy-artifact"))
+        let job = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: { _ in })
+        try job.initialCorrector(legacy: legacy, crowd: "tail", days: try DayRange("20220505")).save(to: folder)
+        try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
+            let registry = RegistryClient(wrapping: client)
+            let v = try await registry.register(name: "corrector-tail", kind: "corrector", metadata: ["purpose": "latency benchmark"], folder: folder)
+            _ = try await registry.stub.setAlias(.with { $0.name = "corrector-tail"; $0.alias = "production"; $0.version = v.version })
         }
     }
 
