@@ -60,12 +60,24 @@ public struct LegacyTraining {
         let start = clock.now
         var totalSamples = 0
         var checkpoint = out
-        let trainer = try Trainer(model: model, options: options, optimizerState: optimizer)
+        var trainOptions = options
+        if let d = options.discriminator, trainOptions.weightedObjectives == nil { trainOptions.weightedObjectives = d.objectives }
+        let trainer = try Trainer(model: model, options: trainOptions, optimizerState: optimizer)
         let firstStep = trainer.step
         var saved = model
+        let discriminator = try options.discriminator.map {
+            try Discriminator(weighting: $0, data: data, rows: try data.rows(in: days), crowds: config.crowds, seed: options.seed)
+        }
         for day in dayList {
             let rows = try data.rows(in: DayRange(first: day, last: day))
-            let ds = weighted(try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source))
+            var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source))
+            if let discriminator {
+                ds.weights = try discriminator.fitAndWeigh(data: data, rows: rows, seed: options.seed ^ UInt64(day) ^ 0xD15C)
+                let mean = ds.weights.reduce(0, +) / Float(max(ds.count, 1))
+                log(String(format: "  %d: discriminator weights mean %.2f (crowd samples %.2f)", day, mean,
+                           zip(ds.weights, ds.crowdValues).filter { config.crowds.crowd(of: $0.1) == options.discriminator!.crowd }.map(\.0).reduce(0, +)
+                           / Float(max(1, ds.crowdValues.filter { config.crowds.crowd(of: $0) == options.discriminator!.crowd }.count))))
+            }
             var order = Array(0..<ds.count)
             if options.shuffle {
                 var rng = SplitMix64(seed: options.seed ^ UInt64(day))
@@ -151,6 +163,9 @@ public struct LegacyTraining {
             "days": info.daysTrained.map(String.init).joined(separator: ","), "seed": String(options.seed),
             "optimizer": options.optimizer.rawValue,
         ]
+        if let d = options.discriminator {
+            m["discriminator"] = "crowd=\(d.crowd) max_weight=\(d.maxWeight) objectives=\(d.objectives.joined(separator: "+")) w=1+(k-1)*clip(p,0.01,0.99)"
+        }
         if !options.crowdWeights.isEmpty {
             m["crowd_weights"] = options.crowdWeights.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
         }

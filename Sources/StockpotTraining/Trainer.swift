@@ -24,6 +24,10 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
     public var shuffle: Bool = true
     /// Rule re-weighting: crowd name → sample weight (e.g. `["tail": 10]` for 10:1), normalised per batch.
     public var crowdWeights: [String: Float] = [:]
+    /// Objectives the per-sample weights apply to (nil = all); the others weigh samples equally.
+    public var weightedObjectives: [String]?
+    /// Discriminator re-weighting (see `DiscriminatorWeighting`); nil = off.
+    public var discriminator: DiscriminatorWeighting?
 
     /// Defaults for `optimizer`: Adagrad 0.01 / 0.05 (dense / embeddings), Adam 0.001 / 0.01 — the best of a
     /// small sweep on KuaiRand (`docs/performance.md`).
@@ -58,6 +62,8 @@ public final class Trainer {
 
     private let batch: Int
     private let lossWeights: [Float]
+    /// Per head: whether per-sample weights apply to it.
+    private let sampleWeighted: [Bool]
     // Forward/backward buffers.
     private let x: UnsafeMutablePointer<Float>
     private let dx: UnsafeMutablePointer<Float>
@@ -90,6 +96,14 @@ public final class Trainer {
         self.options = options
         batch = options.batchSize
         lossWeights = options.lossWeights.isEmpty ? Array(repeating: 1, count: model.headCount) : options.lossWeights
+        if let names = options.weightedObjectives {
+            for name in names where !model.spec.heads.contains(name) {
+                throw TrainingError.config("weighted objective '\(name)' is not a head of \(model.spec.name) (\(model.spec.heads))")
+            }
+            sampleWeighted = model.spec.heads.map { names.contains($0) }
+        } else {
+            sampleWeighted = Array(repeating: true, count: model.headCount)
+        }
         let d = model.spec.inputDim
         let widest = max(d, model.spec.hidden.max() ?? 0)
         x = .allocate(capacity: batch * d)
@@ -241,14 +255,17 @@ public final class Trainer {
             for s in 0..<n { for j in 0..<k { logits[s * k + j] += dense[s * e + j] } }
         }
 
-        // Loss and dLoss/dLogit.
+        // Loss and dLoss/dLogit. Weighted objectives use the per-sample weights normalised within the batch;
+        // the others weigh every sample equally.
         var wsum: Float = 0
         for s in 0..<n { wsum += weights[s] }
         let norm: Float = wsum > 0 ? 1 / wsum : 0
+        let uniform: Float = n > 0 ? 1 / Float(n) : 0
         var loss: Double = 0
         for s in 0..<n {
-            let w = weights[s] * norm
+            let weighted = weights[s] * norm
             for j in 0..<k {
+                let w = sampleWeighted[j] ? weighted : uniform
                 let z = logits[s * k + j]
                 let y = labels[s * k + j]
                 // BCE with logits, stable: max(z,0) - z·y + log(1 + e^{-|z|}).
@@ -308,7 +325,7 @@ public final class Trainer {
     /// The batch loss of `model` computed by a plain forward pass in double precision — the reference that
     /// gradient checks differentiate numerically.
     public static func loss(model: LegacyModel, rows: [Int32], labels: [Float], weights: [Float], lossWeights: [Float]? = nil,
-                            dense: [Float]? = nil) -> Double {
+                            dense: [Float]? = nil, weightedHeads: [Bool]? = nil) -> Double {
         let n = weights.count
         let k = model.headCount
         let scorer = BatchScorer(model: model, chunk: max(n, 1))
@@ -321,10 +338,11 @@ public final class Trainer {
             for j in 0..<k {
                 let p = 1 / (1 + exp(-Double(logits[s * k + j])))
                 let y = Double(labels[s * k + j])
-                total += Double(weights[s]) * Double(lw[j]) * -(y * log(p) + (1 - y) * log(1 - p))
+                let w = weightedHeads?[j] == false ? 1 / Double(n) : Double(weights[s]) / wsum
+                total += w * Double(lw[j]) * -(y * log(p) + (1 - y) * log(1 - p))
             }
         }
-        return total / wsum
+        return total
     }
 
     /// Backward of `out = input · Wᵀ + b`: stores dW, db at `gradIndex`, `gradIndex + 1`; writes dInput.

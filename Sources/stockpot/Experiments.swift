@@ -39,9 +39,11 @@ struct Experiment: AsyncParsableCommand {
             var curves: [(label: String, points: [(Int, Double)], reference: Double)] = []
             for setup in ["legacy-kuairand", "legacy-kuairand-v0"] {
                 let config = try FeatureConfig.load(path: "builtin:\(setup)")
-                func trainLegacy(_ days: DayRange, _ name: String, weights: [String: Float] = [:]) throws -> LegacyModel {
+                func trainLegacy(_ days: DayRange, _ name: String, weights: [String: Float] = [:],
+                                 discriminator: DiscriminatorWeighting? = nil) throws -> LegacyModel {
                     var o = TrainingOptions()
                     o.crowdWeights = weights
+                    o.discriminator = discriminator
                     return try LegacyTraining(data: data, config: config, options: o, log: { _ in })
                         .incremental(days: days, warmStart: nil, out: outURL.appendingPathComponent("\(setup)/\(name)"), keep: 1).model
                 }
@@ -49,6 +51,8 @@ struct Experiment: AsyncParsableCommand {
                 let legacy = try trainLegacy(legacyRange, "legacy-short")
                 let legacyAll = try trainLegacy(allRange, "legacy-all")
                 let weighted = try trainLegacy(allRange, "legacy-all-tail\(Int(tailWeight))", weights: ["tail": tailWeight])
+                let discriminated = try trainLegacy(allRange, "legacy-all-discriminator",
+                                                    discriminator: DiscriminatorWeighting(crowd: "tail", maxWeight: tailWeight))
                 let job = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: { _ in })
                 var rows: [(String, EvaluationReport)] = []
                 rows.append(("legacy \(legacyRange)", try job.evaluate(legacy, days: test).0))
@@ -66,7 +70,9 @@ struct Experiment: AsyncParsableCommand {
                 }
                 rows.append(("legacy \(allRange)", try job.evaluate(legacyAll, days: test).0))
                 rows.append(("legacy \(allRange), rule-weighted tail \(Int(tailWeight)):1", try job.evaluate(weighted, days: test).0))
-                curves.append((setup, points, rows[rows.count - 2].1.metrics["is_click"]!["tail"]!.auc ?? .nan))
+                rows.append(("legacy \(allRange), discriminator-weighted (k = \(Int(tailWeight)), click + long view)",
+                             try job.evaluate(discriminated, days: test).0))
+                curves.append((setup, points, rows[rows.count - 3].1.metrics["is_click"]!["tail"]!.auc ?? .nan))
                 report += "\n## \(setup) (\(config.fields.count) fields\(setup.hasSuffix("v0") ? ", no activity-level features" : ""))\n\n"
                 report += "| model | objective | head | tail |\n| --- | --- | --- | --- |\n"
                 for (label, r) in rows {

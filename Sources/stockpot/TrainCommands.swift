@@ -99,6 +99,8 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Keep only the newest N daily checkpoints (incremental; default: all).") var keep: Int?
         @Option(help: "Rule re-weighting, crowd=factor, comma-separated (e.g. tail=10 for 10:1), normalised per batch.")
         var crowdWeight: String?
+        @Option(help: "Discriminator re-weighting, crowd=max-weight (e.g. tail=10): w = 1 + (k-1)·clip(p(crowd|x), 0.01, 0.99) on click and long-view (incremental only).")
+        var discriminatorWeight: String?
 
         func validate() throws {
             if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
@@ -107,6 +109,8 @@ struct Train: AsyncParsableCommand {
             if epochs <= 0 { throw ValidationError("--epochs must be positive") }
             if let keep, keep <= 0 { throw ValidationError("--keep must be positive") }
             if fromScratch && keep != nil { throw ValidationError("--keep applies to incremental training only") }
+            if fromScratch && discriminatorWeight != nil { throw ValidationError("--discriminator-weight applies to incremental training only") }
+            if crowdWeight != nil && discriminatorWeight != nil { throw ValidationError("use --crowd-weight or --discriminator-weight, not both") }
             if batchSize <= 0 { throw ValidationError("--batch-size must be positive") }
             guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
                 throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
@@ -128,6 +132,13 @@ struct Train: AsyncParsableCommand {
                     o.crowdWeights[kv[0]] = w
                 }
             }
+            if let discriminatorWeight {
+                let kv = discriminatorWeight.split(separator: "=").map { $0.trimmingCharacters(in: .whitespaces) }
+                guard kv.count == 2, let k = Float(kv[1]), k >= 1, k.isFinite else {
+                    throw ValidationError("bad --discriminator-weight '\(discriminatorWeight)': expected crowd=max-weight (≥ 1)")
+                }
+                o.discriminator = DiscriminatorWeighting(crowd: kv[0], maxWeight: k)
+            }
             if let lossWeights {
                 let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }
                 guard w.allSatisfy({ $0 != nil && $0! >= 0 }) else { throw ValidationError("bad --loss-weights '\(lossWeights)'") }
@@ -140,7 +151,8 @@ struct Train: AsyncParsableCommand {
             let dayRange = try parseDays(days)
             let (data, config) = try dataOptions.load()
             let trainingOptions = try options()
-            for crowd in trainingOptions.crowdWeights.keys where !config.crowds.names.contains(crowd) {
+            for crowd in Array(trainingOptions.crowdWeights.keys) + (trainingOptions.discriminator.map { [$0.crowd] } ?? [])
+            where !config.crowds.names.contains(crowd) {
                 throw ValidationError("--crowd-weight: unknown crowd '\(crowd)' (crowds: \(config.crowds.names.joined(separator: ", ")))")
             }
             let job = LegacyTraining(data: data, config: config, options: trainingOptions, log: Console.info)

@@ -67,3 +67,48 @@ import StockpotModel
         try CorrectorTraining.checkOutOfSample(legacy: model, days: DayRange("20220428..20220430"))
     }
 }
+
+@Suite struct ObjectiveWeighting {
+    @Test func unweightedObjectivesIgnoreSampleWeights() throws {
+        let (spec, rows, labels) = syntheticData(count: 12, seed: 21)
+        let model = try LegacyModel.initialized(spec: spec, seed: 2)
+        var options = TrainingOptions()
+        options.weightedObjectives = ["click"]
+        let weights: [Float] = (0..<12).map { Float(1 + 3 * ($0 % 2)) }
+        let trainer = try Trainer(model: model, options: options)
+        _ = rows.withUnsafeBufferPointer { r in
+            labels.withUnsafeBufferPointer { l in
+                weights.withUnsafeBufferPointer { w in trainer.computeGradients(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: 12) }
+            }
+        }
+        let p = BatchScorer(model: model).score(RowMatrix(fields: 3, rows: rows))
+        let gb = try #require(trainer.denseGradient("heads.bias"))
+        let wsum = weights.reduce(0, +)
+        var click: Float = 0, like: Float = 0
+        for i in 0..<12 {
+            click += weights[i] / wsum * (p[i * 2] - labels[i * 2])
+            like += (p[i * 2 + 1] - labels[i * 2 + 1]) / 12
+        }
+        #expect(abs(gb[0] - click) < 1e-5)
+        #expect(abs(gb[1] - like) < 1e-5)
+        let reference = Trainer.loss(model: model, rows: rows, labels: labels, weights: weights, weightedHeads: [true, false])
+        let ours = rows.withUnsafeBufferPointer { r in
+            labels.withUnsafeBufferPointer { l in
+                weights.withUnsafeBufferPointer { w in trainer.computeGradients(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: 12) }
+            }
+        }
+        #expect(abs(Double(ours) - reference) < 1e-4)
+        #expect(throws: TrainingError.self) {
+            var bad = TrainingOptions()
+            bad.weightedObjectives = ["nope"]
+            _ = try Trainer(model: model, options: bad)
+        }
+    }
+
+    @Test func discriminatorWeightFormula() {
+        let d = DiscriminatorWeighting(crowd: "tail", maxWeight: 10)
+        #expect(d.weight(probability: 0) == 1 + 9 * 0.01)
+        #expect(d.weight(probability: 1) == 1 + 9 * 0.99)
+        #expect(abs(d.weight(probability: 0.5) - 5.5) < 1e-6)
+    }
+}
