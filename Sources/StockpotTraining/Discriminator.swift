@@ -52,9 +52,13 @@ final class Discriminator {
 
     /// One pass over `rows` (labels: in the crowd or not), then the weights for those rows.
     func fitAndWeigh(data: KuaiRandData, rows: [Int], seed: UInt64) throws -> [Float] {
-        var ds = try EncodedDataset(data: data, rows: rows, fields: trainer.model.spec.fields, objectives: [Self.head],
-                                    crowdSource: crowds.source)
-        ds.labels = ds.crowdValues.map { crowds.crowd(of: $0) == weighting.crowd ? 1 : 0 }
+        let base = try EncodedDataset(data: data, rows: rows, fields: trainer.model.spec.fields, objectives: [],
+                                      crowdSource: crowds.source)
+        let ds = EncodedDataset(
+            fieldCount: base.fieldCount, objectives: [Self.head], rows: base.rows,
+            labels: base.crowdValues.map { crowds.crowd(of: $0) == weighting.crowd ? 1 : 0 },
+            weights: base.weights, userIds: base.userIds, videoIds: base.videoIds, timeMs: base.timeMs,
+            dates: base.dates, crowdValues: base.crowdValues)
         var order = Array(0..<ds.count)
         var rng = SplitMix64(seed: seed)
         order.shuffle(using: &rng)

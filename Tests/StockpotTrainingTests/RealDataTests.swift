@@ -69,4 +69,25 @@ struct RealKuaiRand {
         }
         #expect(changedTail > 100)
     }
+
+    @Test func discriminatorWeightingTrains() throws {
+        BLAS.useSingleThread()
+        let data = try kuaiRand.get()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-disc-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = TrainingOptions()
+        options.discriminator = DiscriminatorWeighting(crowd: "tail", maxWeight: 10)
+        var lines: [String] = []
+        let outcome = try LegacyTraining(data: data, config: try FeatureConfig.builtIn(), options: options, log: { lines.append($0) })
+            .incremental(days: try DayRange("20220425..20220426"), warmStart: nil, out: dir)
+        #expect(outcome.model.spec.metadata["discriminator"]?.contains("max_weight=10") == true)
+        // Tail samples get larger weights on average than the day's mean: the discriminator finds them.
+        let weightLines = lines.filter { $0.contains("discriminator weights") }
+        #expect(weightLines.count == 2)
+        for line in weightLines {
+            let numbers = line.split(separator: " ").compactMap { Double($0.trimmingCharacters(in: CharacterSet(charactersIn: "()"))) }
+            let mean = numbers[numbers.count - 2], crowd = numbers[numbers.count - 1]
+            #expect(crowd > mean, "\(line)")
+        }
+    }
 }
