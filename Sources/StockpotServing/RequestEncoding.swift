@@ -57,28 +57,18 @@ public struct RankingInputs: Sendable {
         m.reset(count: n)
         var columnIndex: [String: Int] = [:]
         for (i, c) in candidates.columns.enumerated() { columnIndex[c.name] = i }
+        let raw = RawFeatures(userId: userId, user: user, context: context)
         for (fi, field) in spec.fields.enumerated() {
             guard let source = try? FieldSource(field.source) else { continue }
-            switch source {
-            case .log("user_id"):
-                m.setColumn(fi, to: encoder.row(field: fi, raw: String(userId)))
-            case .log("video_id"):
-                for s in 0..<n { m[s, fi] = encoder.row(field: fi, raw: String(candidates.ids[s])) }
-            case .log(let name):
-                m.setColumn(fi, to: encoder.row(field: fi, raw: context[name] ?? ""))
-            case .user(let name):
-                m.setColumn(fi, to: encoder.row(field: fi, raw: user[name] ?? ""))
-            case .video(let name):
-                guard let c = columnIndex[name] else { continue } // all missing: row 0
-                let values = candidates.columns[c].values
-                for s in 0..<n { m[s, fi] = encoder.row(field: fi, raw: values[s]) }
-            case .hour:
-                m.setColumn(fi, to: encoder.row(field: fi, raw: DerivedFeatures.hour(hourmin: context["hourmin"] ?? "")))
-            case .videoAgeDays:
-                let date = context["date"] ?? ""
-                guard let c = columnIndex["upload_dt"] else { continue }
-                let values = candidates.columns[c].values
-                for s in 0..<n { m[s, fi] = encoder.row(field: fi, raw: DerivedFeatures.videoAgeDays(date: date, uploadDate: values[s])) }
+            if RawFeatures.isRequestLevel(source) {
+                m.setColumn(fi, to: encoder.row(field: fi, raw: raw.value(source, itemId: 0) { _ in nil }))
+                continue
+            }
+            for s in 0..<n {
+                let value = raw.value(source, itemId: candidates.ids[s]) { name in
+                    columnIndex[name].map { candidates.columns[$0].values[s] }
+                }
+                m[s, fi] = encoder.row(field: fi, raw: value)
             }
         }
         return m

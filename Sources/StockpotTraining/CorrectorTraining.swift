@@ -80,11 +80,22 @@ public struct CorrectorTraining {
         public var steps: Int
     }
 
-    /// Trains the corrector of `crowd` on `days` for `epochs` passes (shuffled) and saves it to `out`.
-    public func train(legacy: LegacyModel, legacyVersion: String, crowd: String, days: DayRange, epochs: Int, out: URL) throws -> Outcome {
+    /// Trains the corrector of `crowd` on `days` for `epochs` passes (shuffled) and saves it to `out`. With
+    /// `servingLog`, the samples are the gateway's logged impressions (features and legacy logits as served)
+    /// joined with their labels, instead of the data set re-scored offline.
+    public func train(legacy: LegacyModel, legacyVersion: String, crowd: String, days: DayRange, epochs: Int, out: URL,
+                      servingLog: URL? = nil) throws -> Outcome {
         try Self.checkOutOfSample(legacy: legacy, days: days)
         let initial = try initialCorrector(legacy: legacy, crowd: crowd, days: days)
-        let ds = try dataset(legacy: legacy, correctorSpec: initial.spec, crowd: crowd, days: days)
+        let ds: EncodedDataset
+        if let servingLog {
+            let (logged, stats) = try ServingLogSamples.load(directory: servingLog, data: data, spec: initial.spec, crowd: crowd,
+                                                             legacyLastDay: Self.legacyDays(legacy).max())
+            log("serving log \(servingLog.path): \(stats.lines) requests, \(stats.candidates) candidates, \(stats.labelled) labelled \(crowd) samples")
+            ds = logged
+        } else {
+            ds = try dataset(legacy: legacy, correctorSpec: initial.spec, crowd: crowd, days: days)
+        }
         log("corrector-\(crowd): \(ds.count) samples of \(days), \(initial.spec.fields.count) coarse fields, MLP \(initial.spec.hidden), legacy logits as residual inputs")
         let trainer = try Trainer(model: initial, options: options)
         for epoch in 0..<epochs {
@@ -100,6 +111,7 @@ public struct CorrectorTraining {
             "legacy": legacyVersion, "legacy_days": Self.legacyDays(legacy).map(String.init).joined(separator: ","),
             "days": data.daysPresent(in: days).map(String.init).joined(separator: ","), "samples": String(ds.count),
             "epochs": String(epochs), "seed": String(options.seed),
+            "samples_from": servingLog == nil ? "data set, legacy re-scored offline" : "serving log \(servingLog!.path)",
         ]
         try model.save(to: out)
         return Outcome(model: model, samples: ds.count, steps: trainer.step)

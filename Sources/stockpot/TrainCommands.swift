@@ -26,6 +26,8 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Passes over the crowd's samples.") var epochs: Int = 2
         @Option(help: "Coarse-feature config (default: the built-in corrector-kuairand.json).") var correctorConfig: String?
         @Option(help: "Output model folder.") var out: String
+        @Option(help: "Train on the gateway's serving log in this folder (features and legacy logits as served, labels joined from the log) instead of re-scoring the data set.")
+        var servingLog: String?
         @Option(help: "Mini-batch size.") var batchSize: Int = 512
         @Option(help: "Learning rate (dense and embeddings).") var lr: Float?
         @Option(help: "Days to evaluate on before registering (metrics go into the registry metadata).") var evalDays: String?
@@ -43,7 +45,8 @@ struct Train: AsyncParsableCommand {
             if let lr { options.learningRate = lr; options.embeddingLearningRate = lr }
             let job = CorrectorTraining(data: data, config: config, options: options, log: Console.info)
             let outcome = try job.train(legacy: legacyModel, legacyVersion: legacyVersion ?? legacy, crowd: crowd,
-                                        days: try parseDays(days), epochs: epochs, out: URL(fileURLWithPath: out))
+                                        days: try parseDays(days), epochs: epochs, out: URL(fileURLWithPath: out),
+                                        servingLog: servingLog.map { URL(fileURLWithPath: $0) })
             Console.out("trained corrector-\(crowd) on \(outcome.samples) samples in \(outcome.steps) steps → \(out)")
             var metadata = outcome.model.spec.metadata
             if let evalDays {

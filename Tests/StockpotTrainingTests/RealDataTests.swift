@@ -90,4 +90,54 @@ struct RealKuaiRand {
             #expect(crowd > mean, "\(line)")
         }
     }
+
+    @Test func servingLogSamplesJoinLabelsAndEncodeAsServed() throws {
+        let data = try kuaiRand.get()
+        let config = try FeatureConfig.builtInCorrector()
+        let job = CorrectorTraining(data: data, config: config, log: { _ in })
+        let rows = try job.crowdRows("tail", days: DayRange("20220505"))
+        let r0 = rows[0]
+        let user = data.userIds[r0]
+        let shown = rows.filter { data.userIds[$0] == user }.map { data.videoIds[$0] }
+        let spec = try job.initialCorrector(legacy: try LegacyModel.initialized(spec: ModelSpec(name: "l", featureSetVersion: "v", fields: [
+            FieldSpec(name: "u", source: "log:user_id", dim: 2, encoding: .hashed(buckets: 8))], hidden: [2], heads: config.objectives), seed: 1),
+            crowd: "tail", days: DayRange("20220505")).spec
+        let userRow = Int(data.userRow[r0])
+        var userFeatures: [String: String] = [:]
+        for (c, name) in data.users.header.enumerated() { userFeatures[name] = data.users.columns[c][userRow] }
+        let items = shown.map(Int64.init) + [999_999] // the last one was never shown: no label
+        let videoIndex = Dictionary(try data.videos.column("video_id").enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
+        var itemFeatures: [String: [String]] = [:]
+        for (c, name) in data.videos.header.enumerated() {
+            itemFeatures[name] = items.map { id in videoIndex[String(id)].map { data.videos.columns[c][$0] } ?? "" }
+        }
+        let line: [String: Any] = [
+            "userId": user, "crowd": "tail", "context": ["date": "20220505", "tab": "1", "hourmin": "1800"],
+            "userFeatures": userFeatures, "itemIds": items, "itemFeatures": itemFeatures,
+            "legacyLogits": Dictionary(uniqueKeysWithValues: config.objectives.map { ($0, items.map { _ in 0.25 }) }),
+            "degraded": [String](), "requestId": "r", "timeMs": 0,
+        ]
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-log-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try JSONSerialization.data(withJSONObject: line).write(to: dir.appendingPathComponent("serving-20220505.jsonl"))
+        let (ds, stats) = try ServingLogSamples.load(directory: dir, data: data, spec: spec, crowd: "tail", legacyLastDay: 20_220_504)
+        #expect(stats.candidates == items.count && stats.labelled == Set(shown).count)
+        #expect(ds.dense.allSatisfy { $0 == 0.25 } && ds.denseWidth == 3)
+        // Labels are the impression log's; features encode as the data-set path encodes them.
+        let offline = try job.dataset(legacy: try LegacyModel.initialized(spec: ModelSpec(name: "l", featureSetVersion: "v", fields: [
+            FieldSpec(name: "u", source: "log:user_id", dim: 2, encoding: .hashed(buckets: 8))], hidden: [2], heads: config.objectives), seed: 1),
+            correctorSpec: spec, crowd: "tail", days: DayRange("20220505"))
+        let first = try #require(offline.videoIds.indices.first { offline.videoIds[$0] == Int(items[0]) && offline.userIds[$0] == user })
+        let f = spec.fields.count, k = spec.heads.count
+        let tabField = try #require(spec.fields.firstIndex { $0.name == "tab" })
+        for j in 0..<f where j != tabField && spec.fields[j].name != "hour" { // request context set by hand above
+            #expect(ds.rows[j] == offline.rows[first * f + j], "\(spec.fields[j].name)")
+        }
+        #expect(Array(ds.labels[0..<k]) == Array(offline.labels[first * k..<(first + 1) * k]))
+        // Served before the legacy model's last day: refused.
+        #expect(throws: TrainingError.self) {
+            try ServingLogSamples.load(directory: dir, data: data, spec: spec, crowd: "tail", legacyLastDay: 20_220_505)
+        }
+    }
 }
