@@ -6,6 +6,8 @@ import StockpotProto
 import StockpotServing
 import StockpotSuite
 import StockpotTraining
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
 
 /// `stockpot suite`: the six services on loopback, a model trained and registered on first run, real Rank
 /// requests for KuaiRand users, then serving until Ctrl-C.
@@ -109,5 +111,65 @@ struct Bootstrap: AsyncParsableCommand {
         options.legacyTrainDays = days
         try await LocalSuite.bootstrap(registry: registry, options: options)
         Console.out("registry \(registry) has legacy@production and fusion@production")
+    }
+}
+
+/// `stockpot replay`: sends the logged impressions of some days through a gateway as Rank requests (one per user
+/// and day, the videos they were shown as candidates), so the serving log records them as served.
+struct Replay: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Replay logged impressions through the gateway (one Rank per user and day) to fill the serving log.")
+
+    @OptionGroup var dataOptions: DataOptions
+    @Option(help: "Gateway host:port.") var gateway: String = "127.0.0.1:\(DefaultPorts.gateway)"
+    @Option(help: "Days to replay, yyyymmdd..yyyymmdd.") var days: String
+    @Option(help: "Only users of this crowd (e.g. tail); default all.") var crowd: String?
+    @Option(help: "Most requests to send (0 = all).") var limit: Int = 0
+    @Option(help: "Requests in flight.") var concurrency: Int = 4
+
+    func run() async throws {
+        let (data, config) = try dataOptions.load()
+        let rows = try data.rows(in: try parseDays(days))
+        let tab = try data.log.column("tab"), hourmin = try data.log.column("hourmin")
+        let degree = try data.accessor(for: config.crowds.source)
+        var groups: [String: [Int]] = [:]
+        var order: [String] = []
+        for r in rows {
+            if let crowd, config.crowds.crowd(of: data.value(degree, row: r)) != crowd { continue }
+            let key = "\(data.userIds[r])|\(data.dates[r])"
+            if groups[key] == nil { order.append(key) }
+            groups[key, default: []].append(r)
+        }
+        if limit > 0 { order = Array(order.prefix(limit)) }
+        let requests: [Stockpot_V1_RankRequest] = order.map { key in
+            let g = groups[key]!
+            return .with {
+                $0.userID = Int64(data.userIds[g[0]])
+                $0.candidateIds = Array(Set(g.map { Int64(data.videoIds[$0]) })).sorted()
+                $0.topK = 0
+                $0.context = [.with { $0.name = "tab"; $0.value = tab[g[0]] }, .with { $0.name = "hourmin"; $0.value = hourmin[g[0]] },
+                              .with { $0.name = "date"; $0.value = String(data.dates[g[0]]) }]
+            }
+        }
+        Console.info("replaying \(requests.count) requests (\(requests.reduce(0) { $0 + $1.candidateIds.count }) impressions) to \(gateway)")
+        let failures = Shared(0)
+        let next = Shared(0)
+        try await withGRPCClient(transport: try ServiceClient.transport(target: gateway)) { client in
+            let stub = Stockpot_V1_GatewayService.Client(wrapping: client)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0..<max(1, concurrency) {
+                    group.addTask {
+                        while true {
+                            let i = next.value.withLock { v -> Int in v += 1; return v - 1 }
+                            guard i < requests.count else { return }
+                            do { _ = try await stub.rank(requests[i]) } catch { failures.value.withLock { $0 += 1 } }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+        let failed = failures.value.withLock { $0 }
+        Console.out("replayed \(requests.count - failed) of \(requests.count) requests (\(failed) failed)")
     }
 }
