@@ -24,7 +24,7 @@ func serviceLibrary(_ name: String, _ extra: [Target.Dependency] = []) -> Target
 func serviceExecutable(_ name: String, _ library: String) -> Target {
     .executableTarget(
         name: name,
-        dependencies: [.target(name: library), "StockpotServing",
+        dependencies: [.target(name: library), "StockpotServing", "StockpotModel",
                        .product(name: "ArgumentParser", package: "swift-argument-parser")],
         path: "Sources/Executables/\(name)")
 }

@@ -14,7 +14,8 @@ public struct FeatureConfig: Codable, Sendable {
     /// Default embedding width when a field does not set `dim`.
     public var defaultDim: Int
     public var fields: [FieldConfig]
-    /// Crowd definition shared by training, evaluation and (later) the gateway.
+    /// Who belongs to which crowd. Absent from the file: `CrowdDefinition.activity`, the definition the gateway
+    /// routes with by default, so trainer and gateway share one source of truth.
     public var crowds: CrowdDefinition
 
     /// One field: source and how to encode it.
@@ -31,6 +32,18 @@ public struct FeatureConfig: Codable, Sendable {
         public var dim: Int?
         /// Raw strings meaning "missing".
         public var missing: [String]?
+    }
+
+    private enum CodingKeys: String, CodingKey { case featureSetVersion, objectives, hidden, defaultDim, fields, crowds }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        featureSetVersion = try c.decode(String.self, forKey: .featureSetVersion)
+        objectives = try c.decode([String].self, forKey: .objectives)
+        hidden = try c.decode([Int].self, forKey: .hidden)
+        defaultDim = try c.decode(Int.self, forKey: .defaultDim)
+        fields = try c.decode([FieldConfig].self, forKey: .fields)
+        crowds = try c.decodeIfPresent(CrowdDefinition.self, forKey: .crowds) ?? .activity
     }
 
     public static func load(_ url: URL) throws -> FeatureConfig {

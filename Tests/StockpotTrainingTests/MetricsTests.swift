@@ -128,5 +128,8 @@ import StockpotModel
         #expect(c.hidden == [256, 128, 64])
         #expect(c.crowds.crowd(of: "full_active") == "head")
         #expect(c.crowds.crowd(of: "middle_active") == "tail")
+        // One source of truth: the configs use the definition the gateway routes with.
+        #expect(c.crowds == CrowdDefinition.activity)
+        #expect(try FeatureConfig.builtInCorrector().crowds == CrowdDefinition.activity)
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import StockpotGateway
+import StockpotModel
 import StockpotServing
 
 /// `stockpot-gateway`: the production Rank entry point.
@@ -17,6 +18,8 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Corrector timeout in ms (env STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS).") var correctorTimeoutMs: Int?
     @Option(help: "Fusion timeout in ms (env STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS).") var fusionTimeoutMs: Int?
     @Option(help: "Request budget in ms (env STOCKPOT_GATEWAY_BUDGET_MS).") var budgetMs: Int?
+    @Option(help: "Crowd definition JSON ({source, groups, otherwise}); default: head = full/high active, tail = the rest, as the trainer (env STOCKPOT_GATEWAY_CROWDS).")
+    var crowds: String?
     @Flag(help: "Serve with missing features when the feature service fails (env STOCKPOT_GATEWAY_FEATURE_DEFAULTS).")
     var featureDefaults = false
 
@@ -38,6 +41,9 @@ struct GatewayCommand: AsyncParsableCommand {
         if let t = correctorTimeoutMs ?? Env.int("STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS") { app.config.correctorTimeout = .milliseconds(t) }
         if let t = fusionTimeoutMs ?? Env.int("STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS") { app.config.fusionTimeout = .milliseconds(t) }
         if let t = budgetMs ?? Env.int("STOCKPOT_GATEWAY_BUDGET_MS") { app.config.budget = .milliseconds(t) }
+        if let path = crowds ?? Env.string("STOCKPOT_GATEWAY_CROWDS") {
+            app.config.crowds = try JSONDecoder().decode(CrowdDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+        }
         app.config.featureDefaultsOnFailure = featureDefaults || (Env.bool("STOCKPOT_GATEWAY_FEATURE_DEFAULTS") ?? false)
         let logger = common.logger("stockpot.gateway")
         try await ServiceServer.runGroup(try app.build(logger: logger).services, logger: logger)
