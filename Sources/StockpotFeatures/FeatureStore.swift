@@ -3,6 +3,7 @@ import GRDB
 import StockpotProto
 import StockpotServing
 import StockpotTraining
+import Synchronization
 
 /// Persistent feature rows in SQLite (GRDB): one row per (kind, id) holding its features as a JSON object of raw
 /// text values, plus the set of column names per kind.
@@ -14,6 +15,8 @@ public final class FeatureStore: Sendable {
     }
 
     private let db: DatabaseQueue
+    /// Column names per kind, read once and kept current by `put` (looked up on every request).
+    private let knownColumns = Mutex<[Kind: [String]]>([:])
 
     /// Opens (creating if needed) the store at `path`; `":memory:"` for a private in-memory store.
     public init(path: String) throws {
@@ -38,7 +41,10 @@ public final class FeatureStore: Sendable {
     }
 
     public func columns(_ kind: Kind) throws -> [String] {
-        try db.read { try String.fetchAll($0, sql: "SELECT name FROM columns WHERE kind = ? ORDER BY name", arguments: [kind.rawValue]) }
+        if let cached = knownColumns.withLock({ $0[kind] }) { return cached }
+        let names = try db.read { try String.fetchAll($0, sql: "SELECT name FROM columns WHERE kind = ? ORDER BY name", arguments: [kind.rawValue]) }
+        knownColumns.withLock { $0[kind] = names }
+        return names
     }
 
     /// The stored rows among `ids` (absent ids are simply not in the result).
@@ -85,6 +91,7 @@ public final class FeatureStore: Sendable {
             for n in names {
                 try db.execute(sql: "INSERT OR IGNORE INTO columns (kind, name) VALUES (?, ?)", arguments: [kind.rawValue, n])
             }
+            knownColumns.withLock { $0[kind] = nil } // re-read after the write
             return rows.count
         }
     }

@@ -106,8 +106,7 @@ public struct EncodedDataset: Sendable {
         weights = [Float](repeating: 1, count: logRows.count)
         userIds = logRows.map { data.userIds[$0] }
         videoIds = logRows.map { data.videoIds[$0] }
-        let time = try data.log.column("time_ms")
-        timeMs = logRows.map { Int(time[$0]) ?? 0 }
+        timeMs = logRows.map { data.timeMs[$0] }
         dates = logRows.map { data.dates[$0] }
         let crowd = try data.accessor(for: crowdSource)
         crowdValues = logRows.map { data.value(crowd, row: $0) }

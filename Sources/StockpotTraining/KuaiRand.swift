@@ -46,6 +46,8 @@ public struct KuaiRandData: Sendable {
     public let userRow: [Int32]
     public let videoRow: [Int32]
     public let dates: [Int]
+    /// `time_ms` of each log row (0 when unparsable).
+    public let timeMs: [Int]
     public let userIds: [Int]
     public let videoIds: [Int]
     /// Log rows removed as duplicates of an earlier row with the same key.
@@ -104,6 +106,7 @@ public struct KuaiRandData: Sendable {
             dates.append(v)
         }
         self.dates = dates
+        timeMs = try log.column("time_ms", file: Self.logFile).map { Int($0) ?? 0 }
         dayNumber = dates.map { Int32(DerivedFeatures.dayNumber(yyyymmdd: $0) ?? 0) }
         let upload = (try? videos.column("upload_dt")) ?? []
         videoUploadDay = upload.map { DerivedFeatures.dayNumber(isoDate: $0).map(Int32.init) ?? Int32.min }
@@ -148,9 +151,8 @@ public struct KuaiRandData: Sendable {
 
     /// Log rows whose date is in `days`, ordered by (date, time_ms, row).
     public func rows(in days: DayRange) throws -> [Int] {
-        let time = try log.column("time_ms").map { Int($0) ?? 0 }
         let selected = (0..<log.rowCount).filter { days.contains(dates[$0]) }
-        return selected.sorted { (dates[$0], time[$0], $0) < (dates[$1], time[$1], $1) }
+        return selected.sorted { (dates[$0], timeMs[$0], $0) < (dates[$1], timeMs[$1], $1) }
     }
 
     /// The distinct dates in `days` that have at least one impression, ascending.
