@@ -19,12 +19,10 @@ public struct FusionApp {
         let watcher = registry.watcher(reference: config, client: client, logger: logger) { _, folder in
             try FusionService.load(folder: folder)
         }
-        let name = Stockpot_V1_FusionService.descriptor.fullyQualifiedService
         let server = ServiceServer(name: "stockpot-fusion", host: host, port: port,
-                                   services: [FusionService(configs: watcher, limits: limits)], serviceNames: [], logger: logger)
-        server.health.set(name, .notServing)
-        let health = server.health
-        let ready = ReadinessService { watcher.value != nil } onReady: { health.set(name, .serving) }
-        return (server, [client, watcher, server, ready])
+                                   services: [FusionService(configs: watcher, limits: limits)],
+                                   serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService], logger: logger,
+                                   ready: { watcher.value != nil })
+        return (server, [client, watcher, server])
     }
 }

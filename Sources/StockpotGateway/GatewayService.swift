@@ -218,7 +218,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         }
         logger.debug("ranked", metadata: [
             "request_id": "\(requestId)", "user_id": "\(request.userID)", "crowd": "\(crowd)", "candidates": "\(n)",
-            "ms": "\((budget - remaining()).components.attoseconds / 1_000_000_000_000 + (budget - remaining()).components.seconds * 1000)",
+            "ms": "\(String(format: "%.2f", (budget - remaining()).seconds * 1000))",
         ])
         log?.append(.init(
             requestId: requestId, timeMs: nowMs, userId: request.userID, scenario: request.scenario, crowd: crowd,

@@ -22,14 +22,11 @@ public struct ScorerApp {
         let watcher = registry.watcher(reference: model, client: client, logger: logger) { _, folder in
             try ServableModel.load(folder: folder, workers: workers)
         }
-        let name = Stockpot_V1_ScorerService.descriptor.fullyQualifiedService
+        // SERVING only once a model is loaded.
         let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,
                                    services: [ScorerService(models: watcher, limits: limits)],
-                                   serviceNames: [], logger: logger)
-        // SERVING only once a model is loaded.
-        server.health.set(name, .notServing)
-        let health = server.health
-        let ready = ReadinessService { watcher.value != nil } onReady: { health.set(name, .serving) }
-        return (server, watcher, [client, watcher, server, ready])
+                                   serviceNames: [Stockpot_V1_ScorerService.descriptor.fullyQualifiedService], logger: logger,
+                                   ready: { watcher.value != nil })
+        return (server, watcher, [client, watcher, server])
     }
 }

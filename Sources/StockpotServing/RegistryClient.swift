@@ -26,10 +26,10 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
             }
         }
         let sortedPaths = paths.sorted()
-        var files: [Stockpot_V1_ArtifactFile] = []
-        for p in sortedPaths {
-            let data = try Data(contentsOf: folder.appendingPathComponent(p), options: .mappedIfSafe)
-            files.append(.with { $0.path = p; $0.size = Int64(data.count); $0.sha256 = SHA256.hex(data) })
+        // Mapped once: hashed for the header, then streamed from the same mapping.
+        let contents = try sortedPaths.map { try Data(contentsOf: folder.appendingPathComponent($0), options: .mappedIfSafe) }
+        let files = zip(sortedPaths, contents).map { p, data in
+            Stockpot_V1_ArtifactFile.with { $0.path = p; $0.size = Int64(data.count); $0.sha256 = SHA256.hex(data) }
         }
         let header = Stockpot_V1_RegisterHeader.with {
             $0.name = name
@@ -39,8 +39,7 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         }
         return try await stub.register(options: options) { writer in
             try await writer.write(.with { $0.header = header })
-            for p in sortedPaths {
-                let data = try Data(contentsOf: folder.appendingPathComponent(p), options: .mappedIfSafe)
+            for (p, data) in zip(sortedPaths, contents) {
                 var offset = 0
                 repeat {
                     let end = min(offset + 256 * 1024, data.count)

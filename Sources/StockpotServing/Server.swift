@@ -13,16 +13,19 @@ public final class ServiceServer: Service, Sendable {
     public let server: GRPCServer<HTTP2ServerTransport.Posix>
     private let logger: Logger
     private let serviceNames: [String]
+    private let ready: @Sendable () -> Bool
 
     /// - Parameters:
     ///   - serviceNames: fully qualified names reported SERVING by the health service once listening.
     ///   - port: 0 picks a free port (tests); read it back with `port()`.
+    ///   - ready: the services report SERVING only once this holds (e.g. "a model is loaded"); polled after start.
     public init(name: String, host: String, port: Int, services: [any RegistrableRPCService], serviceNames: [String],
-                health: HealthStatus = HealthStatus(), logger: Logger) {
+                health: HealthStatus = HealthStatus(), logger: Logger, ready: @escaping @Sendable () -> Bool = { true }) {
         self.name = name
         self.health = health
         self.logger = logger
         self.serviceNames = serviceNames
+        self.ready = ready
         server = GRPCServer(
             transport: .http2NIOPosix(address: .ipv4(host: host, port: port), transportSecurity: .plaintext),
             services: services + [HealthService(status: health)])
@@ -45,6 +48,9 @@ public final class ServiceServer: Service, Sendable {
                 group.addTask { try await self.server.serve() }
                 let port = try await self.port()
                 self.health.set("", .serving)
+                while !self.ready() && !Task.isShuttingDownGracefully && !Task.isCancelled {
+                    try? await Task.sleep(for: .milliseconds(50))
+                }
                 for s in self.serviceNames { self.health.set(s, .serving) }
                 // Flushed at once: launchers and logs read this line to know the service is up.
                 FileHandle.standardOutput.write(Data("\(self.name) listening on port \(port)\n".utf8))

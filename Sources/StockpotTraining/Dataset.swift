@@ -42,35 +42,6 @@ public struct EncodedDataset: Sendable {
         self.crowdValues = crowdValues
     }
 
-    /// The samples at `indices`, in that order.
-    public func subset(_ indices: [Int]) -> EncodedDataset {
-        var out = self
-        let f = fieldCount, k = objectives.count
-        out.rows = []
-        out.rows.reserveCapacity(indices.count * f)
-        out.labels = []
-        out.labels.reserveCapacity(indices.count * k)
-        for i in indices {
-            out.rows.append(contentsOf: rows[i * f..<(i + 1) * f])
-            out.labels.append(contentsOf: labels[i * k..<(i + 1) * k])
-        }
-        out.weights = indices.map { weights[$0] }
-        out.userIds = indices.map { userIds[$0] }
-        out.videoIds = indices.map { videoIds[$0] }
-        out.timeMs = indices.map { timeMs[$0] }
-        out.dates = indices.map { dates[$0] }
-        out.crowdValues = indices.map { crowdValues[$0] }
-        if denseWidth > 0 {
-            out.dense = []
-            out.dense.reserveCapacity(indices.count * denseWidth)
-            for i in indices { out.dense.append(contentsOf: dense[i * denseWidth..<(i + 1) * denseWidth]) }
-        }
-        return out
-    }
-
-    /// Indices of samples logged on `day`.
-    public func indices(onDay day: Int) -> [Int] { (0..<count).filter { dates[$0] == day } }
-
     /// Encodes KuaiRand log rows with a model's spec.
     public init(data: KuaiRandData, rows logRows: [Int], spec: ModelSpec, crowdSource: String) throws {
         try self.init(data: data, rows: logRows, fields: spec.fields, objectives: spec.heads, crowdSource: crowdSource)

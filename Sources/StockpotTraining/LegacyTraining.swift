@@ -224,10 +224,6 @@ public struct LegacyTraining {
     }
 }
 
-extension Duration {
-    /// The duration in seconds as a Double.
-    public var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
-}
 
 /// The per-video rate baseline: each objective's smoothed positive rate of the video over the training days
 /// (`(positives + m·prior) / (impressions + m)`), the global rate for unseen videos.

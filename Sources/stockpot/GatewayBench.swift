@@ -187,7 +187,7 @@ func percentile(_ values: [Double], _ p: Double) -> Double {
 }
 
 extension Duration {
-    var ms: Double { Double(components.seconds) * 1000 + Double(components.attoseconds) / 1e15 }
+    var ms: Double { seconds * 1000 }
 }
 
 /// A lock-protected value shared by the benchmark's tasks.
