@@ -2,6 +2,12 @@ import Synchronization
 
 /// A bounded LRU cache with a time-to-live enforced on read: an entry past its TTL is removed and reported as a
 /// miss, never served. Thread-safe.
+///
+/// Fill-after-miss without stale rows: a reader takes a `readToken()` before it reads the backing store and
+/// passes it to `put(_:readAt:)`. A key invalidated after the token was taken is not stored, so a reader that
+/// read the old row before a writer committed cannot put it back (the writer invalidates before and after its
+/// commit). Invalidations are remembered per key, boundedly: when too many are tracked they are forgotten and
+/// every token taken before that moment is refused as a whole (the fill is skipped, never stale).
 public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Sendable {
     /// Counters since start.
     public struct Stats: Sendable, Equatable {
@@ -35,10 +41,18 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
         var head = -1 // most recent
         var tail = -1 // least recent
         var stats = Stats()
+        /// Bumped by every invalidation.
+        var epoch: UInt64 = 0
+        /// Epoch of each key's last invalidation (bounded by `maxTracked`).
+        var invalidatedAt: [Key: UInt64] = [:]
+        /// Tokens older than this cannot be checked key by key any more.
+        var floor: UInt64 = 0
     }
 
     public let capacity: Int
     public let ttlNanos: UInt64
+    /// Most invalidated keys remembered for token checks.
+    private let maxTracked: Int
     private let now: @Sendable () -> UInt64
     private let state = Mutex(State())
 
@@ -48,6 +62,7 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
     ///   - clock: nanoseconds from any fixed origin (injectable for tests).
     public init(capacity: Int, ttl: Duration, clock: @escaping @Sendable () -> UInt64 = { DispatchTimeShim.nowNanos() }) {
         self.capacity = max(0, capacity)
+        maxTracked = max(1_024, min(self.capacity, 100_000))
         let c = ttl.components
         ttlNanos = UInt64(max(0, c.seconds)) * 1_000_000_000 + UInt64(max(0, c.attoseconds) / 1_000_000_000)
         now = clock
@@ -76,11 +91,18 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
         }
     }
 
-    public func put(_ entries: [(Key, Value)]) {
+    /// A token to take before reading the backing store for keys that missed; see `put(_:readAt:)`.
+    public func readToken() -> UInt64 { state.withLock { $0.epoch } }
+
+    /// Stores values read from the backing store. With `readAt` (a `readToken()` taken before that read), keys
+    /// invalidated since are skipped: what the reader saw may be older than a committed write.
+    public func put(_ entries: [(Key, Value)], readAt token: UInt64? = nil) {
         guard capacity > 0 else { return }
         let expires = now() &+ ttlNanos
         state.withLock { s in
+            if let token, token < s.floor { return }
             for (k, v) in entries {
+                if let token, let at = s.invalidatedAt[k], at > token { continue }
                 if let i = s.index[k] {
                     s.nodes[i].value = v
                     s.nodes[i].expiresAt = expires
@@ -102,10 +124,20 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
         }
     }
 
-    /// Drops entries (writes invalidate what they change).
+    /// Drops entries (writes invalidate what they change, before and after they commit) and refuses fills of
+    /// these keys read before now.
     public func invalidate(_ keys: [Key]) {
+        let maxTracked = self.maxTracked
         state.withLock { s in
-            for k in keys { if let i = s.index[k] { Self.remove(&s, i) } }
+            s.epoch &+= 1
+            if s.invalidatedAt.count + keys.count > maxTracked {
+                s.invalidatedAt.removeAll(keepingCapacity: true)
+                s.floor = s.epoch
+            }
+            for k in keys {
+                if let i = s.index[k] { Self.remove(&s, i) }
+                s.invalidatedAt[k] = s.epoch
+            }
         }
     }
 

@@ -9,40 +9,42 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         public var id: Int64
     }
 
-    public let store: FeatureStore
+    public let store: any FeatureBackend
     public let cache: FeatureCache<Key, [String: String]>
     public let limits: RequestLimits
 
-    public init(store: FeatureStore, cache: FeatureCache<Key, [String: String]>, limits: RequestLimits = RequestLimits()) {
+    public init(store: any FeatureBackend, cache: FeatureCache<Key, [String: String]>, limits: RequestLimits = RequestLimits()) {
         self.store = store
         self.cache = cache
         self.limits = limits
     }
 
-    /// Rows for `ids` (cache first, then the store; found rows are cached).
-    public func lookup(_ kind: FeatureStore.Kind, ids: [Int64]) throws -> [Int64: [String: String]] {
+    /// Rows for `ids` (cache first, then the store; found rows are cached unless a write touched them while
+    /// they were being read).
+    public func lookup(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
         let keys = ids.map { Key(kind: kind, id: $0) }
         let cached = cache.get(keys)
         var out: [Int64: [String: String]] = [:]
         for (k, v) in cached { out[k.id] = v }
         let missing = ids.filter { out[$0] == nil }
         if !missing.isEmpty {
-            let fetched = try store.get(kind, ids: missing)
-            cache.put(fetched.map { (Key(kind: kind, id: $0.key), $0.value) })
+            let token = cache.readToken()
+            let fetched = try await store.get(kind, ids: missing)
+            cache.put(fetched.map { (Key(kind: kind, id: $0.key), $0.value) }, readAt: token)
             out.merge(fetched) { a, _ in a }
         }
         return out
     }
 
-    func batch(_ kind: FeatureStore.Kind, ids: [Int64], columns requested: [String], field: String) throws -> Stockpot_V1_EntityBatch {
+    func batch(_ kind: FeatureStore.Kind, ids: [Int64], columns requested: [String], field: String) async throws -> Stockpot_V1_EntityBatch {
         guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
-        let known = try store.columns(kind)
+        let known = try await store.columns(kind)
         let columns = requested.isEmpty ? known : requested
         let knownSet = Set(known)
         for c in requested where !knownSet.contains(c) {
             throw Status.invalidArgument("\(field): unknown \(kind.name) column '\(c)'")
         }
-        let rows = try lookup(kind, ids: ids)
+        let rows = try await lookup(kind, ids: ids)
         return .with { b in
             b.ids = ids
             b.found = ids.map { rows[$0] != nil }
@@ -58,9 +60,12 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         }
         try limits.checkCount(request.userIds.count, field: "user_ids", allowEmpty: true)
         try limits.checkCount(request.itemIds.count, field: "item_ids", allowEmpty: true)
-        return try .with {
-            $0.users = try batch(.user, ids: request.userIds, columns: request.userColumns, field: "user_columns")
-            $0.items = try batch(.item, ids: request.itemIds, columns: request.itemColumns, field: "item_columns")
+        async let users = batch(.user, ids: request.userIds, columns: request.userColumns, field: "user_columns")
+        async let items = batch(.item, ids: request.itemIds, columns: request.itemColumns, field: "item_columns")
+        let (u, i) = try await (users, items)
+        return .with {
+            $0.users = u
+            $0.items = i
         }
     }
 
@@ -86,21 +91,22 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         // Invalidate before and after the write: a concurrent reader cannot re-cache the old row.
         let keys = rows.ids.map { Key(kind: kind, id: $0) }
         cache.invalidate(keys)
-        let written = try store.put(kind, rows: upserts)
+        let written = try await store.put(kind, rows: upserts)
         cache.invalidate(keys)
         return .with { $0.written = Int32(written) }
     }
 
     public func getStats(request: Stockpot_V1_GetStatsRequest, context: ServerContext) async throws -> Stockpot_V1_GetStatsResponse {
         let s = cache.stats
-        return try .with {
+        let users = try await store.count(.user), items = try await store.count(.item)
+        return .with {
             $0.cacheHits = Int64(s.hits)
             $0.cacheMisses = Int64(s.misses)
             $0.cacheEvictions = Int64(s.evictions)
             $0.cacheExpirations = Int64(s.expirations)
             $0.cacheEntries = Int64(s.entries)
-            $0.storedUsers = Int64(try store.count(.user))
-            $0.storedItems = Int64(try store.count(.item))
+            $0.storedUsers = Int64(users)
+            $0.storedItems = Int64(items)
         }
     }
 }

@@ -5,26 +5,54 @@ import StockpotServing
 import StockpotTraining
 import Synchronization
 
+/// Where the feature service keeps its rows: a persistent store of (kind, id) → raw text features, read in
+/// batches on the request path and upserted by `PutFeatures`. Async so that a backend never blocks a Swift
+/// concurrency thread while it waits for storage.
+public protocol FeatureBackend: Sendable {
+    /// The stored rows among `ids` (absent ids are simply not in the result).
+    func get(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]]
+    /// Every column name stored for `kind`, sorted.
+    func columns(_ kind: FeatureStore.Kind) async throws -> [String]
+    /// Upserts rows in one transaction (given columns replace stored values, others are kept); durable when it
+    /// returns. Returns the number of rows written.
+    func put(_ kind: FeatureStore.Kind, rows: [(Int64, [String: String])]) async throws -> Int
+    func count(_ kind: FeatureStore.Kind) async throws -> Int
+}
+
 /// Persistent feature rows in SQLite (GRDB): one row per (kind, id) holding its features as a JSON object of raw
 /// text values, plus the set of column names per kind.
-public final class FeatureStore: Sendable {
+///
+/// A file store is a WAL-mode connection pool: reads run concurrently on GRDB's reader threads, never on the Swift
+/// concurrency pool, and do not wait for a writer; a write is fsynced before it returns (`synchronous = FULL`).
+public final class FeatureStore: FeatureBackend {
     public enum Kind: Int, Sendable, CaseIterable {
         case user = 1
         case item = 2
         var name: String { self == .user ? "user" : "item" }
     }
 
-    private let db: DatabaseQueue
-    /// Column names per kind, read once and kept current by `put` (looked up on every request).
-    private let knownColumns = Mutex<[Kind: [String]]>([:])
+    private let db: any DatabaseWriter
+    /// Column names per kind, read once and kept current by `put` (looked up on every request). Filled with a read
+    /// token and invalidated before and after every write, so a read that overlapped a write cannot put back
+    /// the list the write replaced.
+    private let knownColumns = FeatureCache<Kind, [String]>(capacity: Kind.allCases.count, ttl: .seconds(86_400))
 
     /// Opens (creating if needed) the store at `path`; `":memory:"` for a private in-memory store.
     public init(path: String) throws {
-        if path != ":memory:" {
+        var config = Configuration()
+        config.prepareDatabase { db in
+            // In WAL mode, NORMAL would let the last commits vanish on power loss; a PutFeatures that returned
+            // must survive it.
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+        }
+        if path == ":memory:" {
+            db = try DatabaseQueue(configuration: config)
+        } else {
             try FileManager.default.createDirectory(at: URL(fileURLWithPath: path).deletingLastPathComponent(),
                                                     withIntermediateDirectories: true)
+            config.maximumReaderCount = max(2, ProcessInfo.processInfo.activeProcessorCount * 2)
+            db = try DatabasePool(path: path, configuration: config)
         }
-        db = path == ":memory:" ? try DatabaseQueue() : try DatabaseQueue(path: path)
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
             try db.execute(sql: """
@@ -36,31 +64,39 @@ public final class FeatureStore: Sendable {
         try migrator.migrate(db)
     }
 
-    public func count(_ kind: Kind) throws -> Int {
+    public func count(_ kind: Kind) async throws -> Int {
+        try await db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM entities WHERE kind = ?", arguments: [kind.rawValue]) ?? 0 }
+    }
+
+    /// The count, blocking (for start-up and command-line tools, not request handlers).
+    public func countNow(_ kind: Kind) throws -> Int {
         try db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM entities WHERE kind = ?", arguments: [kind.rawValue]) ?? 0 }
     }
 
-    public func columns(_ kind: Kind) throws -> [String] {
-        if let cached = knownColumns.withLock({ $0[kind] }) { return cached }
-        let names = try db.read { try String.fetchAll($0, sql: "SELECT name FROM columns WHERE kind = ? ORDER BY name", arguments: [kind.rawValue]) }
-        knownColumns.withLock { $0[kind] = names }
+    public func columns(_ kind: Kind) async throws -> [String] {
+        if let cached = knownColumns.get([kind])[kind] { return cached }
+        let token = knownColumns.readToken()
+        let names = try await db.read {
+            try String.fetchAll($0, sql: "SELECT name FROM columns WHERE kind = ? ORDER BY name", arguments: [kind.rawValue])
+        }
+        knownColumns.put([(kind, names)], readAt: token)
         return names
     }
 
-    /// The stored rows among `ids` (absent ids are simply not in the result).
-    public func get(_ kind: Kind, ids: [Int64]) throws -> [Int64: [String: String]] {
+    public func get(_ kind: Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
         guard !ids.isEmpty else { return [:] }
         let unique = Array(Set(ids))
-        return try db.read { db in
+        return try await db.read { db in
             var out: [Int64: [String: String]] = [:]
             var start = 0
+            let decoder = JSONDecoder()
             while start < unique.count { // SQLite bounds the number of parameters per statement
                 let part = Array(unique[start..<min(start + 500, unique.count)])
                 let marks = Array(repeating: "?", count: part.count).joined(separator: ",")
                 let rows = try Row.fetchAll(db, sql: "SELECT id, features FROM entities WHERE kind = ? AND id IN (\(marks))",
                                             arguments: StatementArguments([kind.rawValue] + part))
                 for r in rows {
-                    out[r["id"]] = try JSONDecoder().decode([String: String].self, from: Data((r["features"] as String).utf8))
+                    out[r["id"]] = try decoder.decode([String: String].self, from: Data((r["features"] as String).utf8))
                 }
                 start += 500
             }
@@ -68,32 +104,50 @@ public final class FeatureStore: Sendable {
         }
     }
 
-    /// Upserts rows in one transaction: given columns replace stored values, others are kept.
+    public func put(_ kind: Kind, rows: [(Int64, [String: String])]) async throws -> Int {
+        let rows = rows.map { Upsert(id: $0.0, features: $0.1) }
+        knownColumns.invalidate([kind])
+        defer { knownColumns.invalidate([kind]) }
+        return try await db.write { db in try Self.upsert(db, kind: kind, rows: rows) }
+    }
+
+    /// `put`, blocking (for imports and tests, not request handlers).
     @discardableResult
-    public func put(_ kind: Kind, rows: [(Int64, [String: String])]) throws -> Int {
+    public func putNow(_ kind: Kind, rows: [(Int64, [String: String])]) throws -> Int {
+        let rows = rows.map { Upsert(id: $0.0, features: $0.1) }
+        knownColumns.invalidate([kind])
+        defer { knownColumns.invalidate([kind]) }
+        return try db.write { db in try Self.upsert(db, kind: kind, rows: rows) }
+    }
+
+    private struct Upsert: Sendable {
+        var id: Int64
+        var features: [String: String]
+    }
+
+    private static func upsert(_ db: Database, kind: Kind, rows: [Upsert]) throws -> Int {
         let now = Int64(Date().timeIntervalSince1970 * 1000)
-        return try db.write { db in
-            var names = Set<String>()
-            for (id, features) in rows {
-                var merged = features
-                if let old = try String.fetchOne(db, sql: "SELECT features FROM entities WHERE kind = ? AND id = ?",
-                                                 arguments: [kind.rawValue, id]) {
-                    let previous = try JSONDecoder().decode([String: String].self, from: Data(old.utf8))
-                    merged = previous.merging(features) { _, new in new }
-                }
-                let json = String(decoding: try JSONEncoder().encode(merged), as: UTF8.self)
-                try db.execute(sql: """
-                    INSERT INTO entities (kind, id, features, updated_at_ms) VALUES (?, ?, ?, ?)
-                    ON CONFLICT(kind, id) DO UPDATE SET features = excluded.features, updated_at_ms = excluded.updated_at_ms
-                    """, arguments: [kind.rawValue, id, json, now])
-                names.formUnion(features.keys)
+        var names = Set<String>()
+        let decoder = JSONDecoder(), encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        for row in rows {
+            var merged = row.features
+            if let old = try String.fetchOne(db, sql: "SELECT features FROM entities WHERE kind = ? AND id = ?",
+                                             arguments: [kind.rawValue, row.id]) {
+                let previous = try decoder.decode([String: String].self, from: Data(old.utf8))
+                merged = previous.merging(row.features) { _, new in new }
             }
-            for n in names {
-                try db.execute(sql: "INSERT OR IGNORE INTO columns (kind, name) VALUES (?, ?)", arguments: [kind.rawValue, n])
-            }
-            knownColumns.withLock { $0[kind] = nil } // re-read after the write
-            return rows.count
+            let json = String(decoding: try encoder.encode(merged), as: UTF8.self)
+            try db.execute(sql: """
+                INSERT INTO entities (kind, id, features, updated_at_ms) VALUES (?, ?, ?, ?)
+                ON CONFLICT(kind, id) DO UPDATE SET features = excluded.features, updated_at_ms = excluded.updated_at_ms
+                """, arguments: [kind.rawValue, row.id, json, now])
+            names.formUnion(row.features.keys)
         }
+        for n in names {
+            try db.execute(sql: "INSERT OR IGNORE INTO columns (kind, name) VALUES (?, ?)", arguments: [kind.rawValue, n])
+        }
+        return rows.count
     }
 
     /// Loads KuaiRand-Pure's user and video feature files (every column, as text). Returns (users, items) written.
@@ -111,7 +165,7 @@ public final class FeatureStore: Sendable {
                 for (c, name) in t.header.enumerated() where c != idIndex { f[name] = t.columns[c][r] }
                 rows.append((id, f))
             }
-            return try put(kind, rows: rows)
+            return try putNow(kind, rows: rows)
         }
         let users = try load(KuaiRandData.userFile, idColumn: "user_id", kind: .user)
         let items = try load(KuaiRandData.videoFile, idColumn: "video_id", kind: .item)

@@ -19,7 +19,7 @@ public struct FeaturesApp {
 
     public func build(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
         let store = try FeatureStore(path: databasePath)
-        if let dir = importKuaiRand, try store.count(.user) == 0 {
+        if let dir = importKuaiRand, try store.countNow(.user) == 0 {
             let (u, i) = try store.importKuaiRand(directory: dir)
             logger.info("imported KuaiRand features", metadata: ["users": "\(u)", "items": "\(i)"])
         }

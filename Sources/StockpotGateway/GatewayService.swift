@@ -50,6 +50,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     public let clients: GatewayClients
     public let config: GatewayConfig
     public let log: ServingLog?
+    /// Which optional layers are being skipped (logged when that changes, not per request).
+    public let layers: LayerStates
     private let logger: Logger
 
     public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, logger: Logger) {
@@ -57,6 +59,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         self.config = config
         self.log = log
         self.logger = logger
+        layers = LayerStates(logger: logger)
     }
 
     static func options(_ timeout: Duration) -> CallOptions {
@@ -68,6 +71,15 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     static func reason(_ error: any Error) -> String {
         if let e = error as? RPCError { return "\(e.code): \(e.message)" }
         return "\(error)"
+    }
+
+    /// A downstream reply that failed `ReplyValidation`.
+    struct MalformedReply: Error, CustomStringConvertible {
+        var service: String
+        var problem: String
+        var description: String { "malformed reply from the \(service): \(problem)" }
+        /// What the caller sees when the layer cannot be skipped.
+        var status: RPCError { Status.internal(description) }
     }
 
     /// The client's deadline (`grpc-timeout`) shortens the budget: every downstream call gets what remains.
@@ -122,14 +134,21 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             async let user = clients.features.getFeatures(.with { $0.userIds = [request.userID] }, options: Self.options(remaining()))
             async let item = clients.features.getFeatures(.with { $0.itemIds = ids }, options: Self.options(remaining()))
             let (u, i) = try await (user, item)
+            if let problem = ReplyValidation.entityBatch(u.users, ids: [request.userID], field: "users")
+                ?? ReplyValidation.entityBatch(i.items, ids: ids, field: "items") {
+                throw MalformedReply(service: "feature service", problem: problem)
+            }
             if u.users.found.first == true {
                 for c in u.users.columns { userFeatures[c.name] = c.values.first ?? "" }
             }
             items = i.items
         } catch {
             guard config.featureDefaultsOnFailure else {
+                if let malformed = error as? MalformedReply { throw malformed.status }
                 throw Status.unavailable("feature service failed: \(Self.reason(error))")
             }
+            userFeatures = [:]
+            items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
             degraded.append(("features", Self.reason(error)))
         }
         let crowd = config.crowds.crowd(of: config.crowds.userColumn.flatMap { userFeatures[$0] } ?? "")
@@ -152,6 +171,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         } catch {
             throw Status.unavailable("legacy scorer failed: \(Self.reason(error))")
         }
+        if let problem = ReplyValidation.score(legacy, count: ids.count) {
+            throw MalformedReply(service: "legacy scorer", problem: problem).status
+        }
         var versions = [legacy.model]
         var scores = legacy.scores
 
@@ -165,7 +187,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                     $0.context = contextList
                     $0.candidates = items
                 }, options: Self.options(min(config.correctorTimeout, remaining())))
-                if corrected.corrected {
+                if let problem = ReplyValidation.correction(corrected, legacy: legacy.scores, count: ids.count) {
+                    degraded.append(("corrector", MalformedReply(service: "corrector", problem: problem).description))
+                } else if corrected.corrected {
                     scores = corrected.scores
                     versions.append(corrected.model)
                 } else {
@@ -187,6 +211,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 $0.scores = scores
                 $0.topK = request.topK
             }, options: Self.options(min(config.fusionTimeout, remaining())))
+            if let problem = ReplyValidation.fusion(fused, count: n, topK: Int(request.topK)) {
+                throw MalformedReply(service: "fusion", problem: problem)
+            }
             final = fused.finalScores
             order = fused.order.map(Int.init)
             versions.append(fused.config)
@@ -213,8 +240,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             r.degraded = degraded.map(\.0)
             r.degradedReasons = degraded.map(\.1)
         }
+        let skipped = Set(degraded.map(\.0))
+        for (layer, reason) in degraded { layers.skipped(layer, reason: reason) }
+        for layer in ["features", "fusion"] where !skipped.contains(layer) { layers.served(layer) }
+        if versions.contains(where: { $0.role == "corrector" }) { layers.served("corrector") }
         if !degraded.isEmpty {
-            logger.warning("degraded", metadata: ["request_id": "\(requestId)", "skipped": "\(degraded.map(\.0))"])
+            logger.debug("degraded", metadata: ["request_id": "\(requestId)", "skipped": "\(degraded.map(\.0))"])
         }
         logger.debug("ranked", metadata: [
             "request_id": "\(requestId)", "user_id": "\(request.userID)", "crowd": "\(crowd)", "candidates": "\(n)",

@@ -173,6 +173,45 @@ public enum AtomicFile {
         }
     }
 
+    /// Publishes the complete folder `staged` at `url` in one atomic step, for folders that readers in other
+    /// tasks or processes may open at any moment (a serving cache): the content moves to a hidden sibling and
+    /// `url` becomes a symbolic link to it, swapped with rename(2), so a reader of `url` sees the old folder or
+    /// the new one, never neither. The previous content is removed afterwards. `staged` must be on the same
+    /// file system as `url`.
+    public static func publishDirectory(_ staged: URL, at url: URL) throws {
+        let fm = FileManager.default
+        let parent = url.deletingLastPathComponent()
+        let name = url.lastPathComponent
+        let tag = String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        let contentName = ".\(name).\(tag)"
+        let link = parent.appendingPathComponent(".\(name).link-\(tag)")
+        do {
+            try fm.createDirectory(at: parent, withIntermediateDirectories: true)
+            try fm.moveItem(at: staged, to: parent.appendingPathComponent(contentName))
+            try fm.createSymbolicLink(atPath: link.path, withDestinationPath: contentName)
+        } catch {
+            try? fm.removeItem(at: link)
+            throw ModelError.io("cannot stage \(url.path): \(error.localizedDescription)")
+        }
+        var previous: URL?
+        if let target = try? fm.destinationOfSymbolicLink(atPath: url.path) {
+            previous = target.hasPrefix("/") ? URL(fileURLWithPath: target) : parent.appendingPathComponent(target)
+        } else if fm.fileExists(atPath: url.path) {
+            // A plain folder (written before folders were published as links): moved aside once.
+            let old = parent.appendingPathComponent(".\(name).old-\(tag)")
+            try fm.moveItem(at: url, to: old)
+            previous = old
+        }
+        guard rename(link.path, url.path) == 0 else {
+            let code = errno
+            try? fm.removeItem(at: link)
+            throw ModelError.io("cannot publish \(url.path) (errno \(code))")
+        }
+        if let previous, previous.standardizedFileURL != parent.appendingPathComponent(contentName).standardizedFileURL {
+            try? fm.removeItem(at: previous)
+        }
+    }
+
     /// Builds a folder through `fill` in a temporary sibling, then moves it into place (replacing an old one).
     public static func writeDirectory(_ url: URL, fill: (URL) throws -> Void) throws {
         let fm = FileManager.default

@@ -22,7 +22,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
 
     func validate(_ h: Stockpot_V1_RegisterHeader) throws {
         guard ModelReference.isValidName(h.name) else {
-            throw Status.invalidArgument("header.name '\(h.name)' is invalid: 1–64 letters, digits, - _ .")
+            throw Status.invalidArgument("header.name '\(h.name)' is invalid: 1–64 letters, digits, - _ ., starting with a letter or digit")
         }
         guard !h.kind.isEmpty else { throw Status.invalidArgument("header.kind is empty") }
         guard !h.files.isEmpty else { throw Status.invalidArgument("header.files is empty: an artifact has at least one file") }

@@ -58,6 +58,8 @@ public final class RegistryStore: Sendable {
 
     /// Records a verified upload as the next version of `name` and moves its files into place.
     func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL) throws -> Stockpot_V1_ModelVersion {
+        // The name is a folder under artifacts/: never `.`, `..` or hidden (checked by the service too).
+        guard ModelReference.isValidName(header.name) else { throw Status.invalidArgument("name '\(header.name)' is invalid") }
         let metadata = String(decoding: try JSONEncoder().encode(header.metadata), as: UTF8.self)
         let files = String(decoding: try JSONEncoder().encode(header.files.map { FileRecord($0) }), as: UTF8.self)
         let digest = Self.artifactDigest(header.files)

@@ -13,14 +13,16 @@ public struct ScorerApp {
     /// Threads that run forward passes.
     public var workers = max(1, ProcessInfo.processInfo.activeProcessorCount)
     public var limits = RequestLimits()
+    /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
+    public var maxQueued = 64
 
     public init() {}
 
     public func build(logger: Logger) throws -> (server: ServiceServer, watcher: ArtifactWatcher<ServableModel>, services: [any Service]) {
         let client = try registry.makeClient()
-        let workers = self.workers
+        let workers = self.workers, maxQueued = self.maxQueued
         let watcher = registry.watcher(reference: model, client: client, logger: logger) { _, folder in
-            try ServableModel.load(folder: folder, workers: workers)
+            try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
         }
         // SERVING only once a model is loaded.
         let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,

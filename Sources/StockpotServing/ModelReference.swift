@@ -30,9 +30,13 @@ public struct ModelReference: Sendable, Hashable, CustomStringConvertible {
         return .failure(ReferenceError(text: text))
     }
 
-    /// Names and aliases: 1–64 characters of letters, digits, `-`, `_`, `.`.
+    /// Names and aliases: 1–64 characters of letters, digits, `-`, `_`, `.`, starting with a letter or a digit.
+    /// A name is a folder of the artifact store: `.`, `..` and hidden names (`.incoming`) are never valid.
     public static func isValidName(_ s: String) -> Bool {
-        !s.isEmpty && s.count <= 64 && s.utf8.allSatisfy { c in
+        guard let first = s.utf8.first, (first >= 0x30 && first <= 0x39) || (first >= 0x41 && first <= 0x5a) || (first >= 0x61 && first <= 0x7a) else {
+            return false
+        }
+        return s.count <= 64 && s.utf8.allSatisfy { c in
             (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || c == 0x2d || c == 0x5f || c == 0x2e
         }
     }
@@ -48,7 +52,7 @@ public struct ModelReference: Sendable, Hashable, CustomStringConvertible {
     public struct ReferenceError: Error, CustomStringConvertible {
         public let text: String
         public var description: String {
-            "'\(text)' is not a model reference: expected name@alias or name:version (names: letters, digits, - _ .)"
+            "'\(text)' is not a model reference: expected name@alias or name:version (names: letters, digits, - _ ., starting with a letter or digit)"
         }
     }
 }

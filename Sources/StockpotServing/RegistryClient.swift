@@ -1,5 +1,6 @@
 import Foundation
 import GRPCCore
+import StockpotModel
 import StockpotProto
 
 /// Client-side registry operations: register a folder as a new version, resolve a reference, download a version
@@ -101,9 +102,8 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
             return meta
         }
         try Data(downloaded.artifactSha256.utf8).write(to: tmp.appendingPathComponent(".sha256"))
-        try fm.createDirectory(at: folder.deletingLastPathComponent(), withIntermediateDirectories: true)
-        if fm.fileExists(atPath: folder.path) { try fm.removeItem(at: folder) }
-        try fm.moveItem(at: tmp, to: folder)
+        // Another process sharing the cache may be loading `folder` right now: swap it in one step.
+        try AtomicFile.publishDirectory(tmp, at: folder)
         return (downloaded, folder)
     }
 }

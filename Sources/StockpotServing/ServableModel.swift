@@ -8,25 +8,29 @@ public struct ServableModel: Sendable {
     public let pool: ComputePool<BatchScorer>
 
     /// Builds one scorer per worker and runs a batch through each, so the first request pays no warm-up.
-    public init(model: LegacyModel, workers: Int) {
+    /// - Parameter maxQueued: forward passes that may wait for a worker; more are refused (RESOURCE_EXHAUSTED).
+    public init(model: LegacyModel, workers: Int, maxQueued: Int = 64) {
         self.model = model
         var warm = RowMatrix(fields: model.fieldCount, capacity: 8)
         warm.reset(count: 8)
         let dense: [Float]? = model.spec.denseInputs.isEmpty ? nil : [Float](repeating: 0, count: 8 * model.spec.denseInputs.count)
-        pool = ComputePool(workers: workers) { _ in
+        pool = ComputePool(workers: workers, maxQueued: maxQueued) { _ in
             let scorer = BatchScorer(model: model, chunk: 256)
             _ = scorer.score(warm, dense: dense)
             return scorer
         }
     }
 
-    public static func load(folder: URL, workers: Int) throws -> ServableModel {
-        ServableModel(model: try LegacyModel.load(from: folder), workers: workers)
+    public static func load(folder: URL, workers: Int, maxQueued: Int = 64) throws -> ServableModel {
+        ServableModel(model: try LegacyModel.load(from: folder), workers: workers, maxQueued: maxQueued)
     }
 
     /// Logits (`count × heads`) for the encoded rows (and dense inputs, for models that take them).
-    public func logits(_ rows: RowMatrix, dense: [Float]? = nil) async throws -> [Float] {
-        try await pool.run { scorer in scorer.score(rows, logitsOnly: true, dense: dense) }
+    ///
+    /// Waits for a free worker without holding a thread; refused at once when the queue is full, and given up
+    /// when the calling task is cancelled (an RPC past its deadline) or `deadline` passes while waiting.
+    public func logits(_ rows: RowMatrix, dense: [Float]? = nil, deadline: ContinuousClock.Instant? = nil) async throws -> [Float] {
+        try await pool.run(deadline: deadline) { scorer in scorer.score(rows, logitsOnly: true, dense: dense) }
     }
 }
 

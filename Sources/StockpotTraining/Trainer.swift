@@ -206,7 +206,9 @@ public final class Trainer {
                 }
             }
             guard loss.isFinite else {
-                throw TrainingError.data("loss became \(loss) at step \(step); lower the learning rate")
+                // Not applied (see trainStep): the model is as it was after the previous batch.
+                throw TrainingError.data("loss became \(loss) at step \(step + 1) (batch of samples \(done)..<\(done + n)); "
+                    + "the batch was not applied. Check the data for NaN or infinite labels, weights or inputs, or lower the learning rate")
             }
             lossSum += Double(loss)
             batches += 1
@@ -228,9 +230,17 @@ public final class Trainer {
     // MARK: One step
 
     /// Forward, backward and one optimizer update on `n` samples. Returns the batch loss.
+    ///
+    /// A batch whose loss is not finite (a NaN or infinite label, weight or dense input, or a diverged model) is
+    /// not applied: the weights, the optimizer state and the step count stay as they were, and the non-finite
+    /// loss is returned for the caller to report.
     public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
                           dense: UnsafePointer<Float>? = nil) -> Float {
         let loss = computeGradients(rows: rows, labels: labels, weights: weights, count: n, dense: dense)
+        guard loss.isFinite else {
+            discardGradients()
+            return loss
+        }
         step += 1
         applyUpdates()
         return loss

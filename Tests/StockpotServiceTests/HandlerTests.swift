@@ -13,9 +13,9 @@ import StockpotServing
 @Suite struct FeatureServiceHandlers {
     func service(capacity: Int = 100, clock: @escaping @Sendable () -> UInt64 = { DispatchTimeShim.nowNanos() }) throws -> FeatureService {
         let store = try FeatureStore(path: ":memory:")
-        try store.put(.user, rows: [(1, ["user_active_degree": "full_active", "fans_user_num_range": "[10,100)"]),
+        try store.putNow(.user, rows: [(1, ["user_active_degree": "full_active", "fans_user_num_range": "[10,100)"]),
                                     (2, ["user_active_degree": "low_active"])])
-        try store.put(.item, rows: [(10, ["video_type": "NORMAL"]), (11, ["video_type": "AD"])])
+        try store.putNow(.item, rows: [(10, ["video_type": "NORMAL"]), (11, ["video_type": "AD"])])
         return FeatureService(store: store, cache: FeatureCache(capacity: capacity, ttl: .seconds(60), clock: clock),
                               limits: RequestLimits(maxCandidates: 5))
     }

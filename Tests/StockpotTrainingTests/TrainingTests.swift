@@ -102,4 +102,27 @@ func dataset(spec: ModelSpec, rows: [Int32], labels: [Float]) -> EncodedDataset 
             for (u, v) in zip(x, y) { #expect(abs(u - v) <= 1e-5 * max(1, abs(u)), "\(name)") }
         }
     }
+
+    @Test(arguments: TrainingOptions.Optimizer.allCases)
+    func aNonFiniteBatchIsNotApplied(optimizer: TrainingOptions.Optimizer) throws {
+        // Batches of 32: the second holds a NaN label. Training stops there with the model exactly as after the
+        // first batch, and the next good batch continues as if the bad one had never been seen.
+        let (spec, rows, labels) = syntheticData(count: 96, seed: 9)
+        var ds = dataset(spec: spec, rows: rows, labels: labels)
+        var options = TrainingOptions(optimizer: optimizer)
+        options.batchSize = 32
+        let clean = try Trainer(model: try LegacyModel.initialized(spec: spec, seed: 3), options: options)
+        try clean.train(ds, order: Array(0..<32))
+        try clean.train(ds, order: Array(64..<96))
+
+        ds.labels[40 * spec.heads.count] = .nan
+        let t = try Trainer(model: try LegacyModel.initialized(spec: spec, seed: 3), options: options)
+        try t.train(ds, order: Array(0..<32))
+        let afterFirst = t.model.tensors()
+        #expect(throws: TrainingError.self) { try t.train(ds, order: Array(32..<64)) }
+        #expect(t.model.tensors() == afterFirst)
+        #expect(t.step == 1)
+        try t.train(ds, order: Array(64..<96))
+        #expect(t.model.tensors() == clean.model.tensors())
+    }
 }

@@ -1,0 +1,341 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Logging
+import StockpotGateway
+import StockpotProto
+import StockpotServing
+import Synchronization
+import Testing
+
+/// How a fake downstream service answers.
+enum Fault: String, Sendable, CaseIterable, CustomTestStringConvertible {
+    case none
+    /// A column or list one entry short.
+    case short
+    /// An index or value out of its range.
+    case outOfRange
+    case nan
+    /// An objective missing from the reply.
+    case missingObjective
+    /// A repeated index, objective or column.
+    case duplicate
+    /// UNAVAILABLE.
+    case fail
+    /// Answers after 60 s, past the gateway's timeouts and its whole budget.
+    case slow
+
+    var testDescription: String { rawValue }
+}
+
+/// Fault settings shared by the four fake services of one test.
+final class Faults: Sendable {
+    let features = Mutex(Fault.none)
+    let scorer = Mutex(Fault.none)
+    let corrector = Mutex(Fault.none)
+    let fusion = Mutex(Fault.none)
+    /// Calls each fake received.
+    let calls = Mutex([String: Int]())
+
+    func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
+
+    func act(_ fault: Fault) async throws {
+        switch fault {
+        case .fail: throw RPCError(code: .unavailable, message: "fake outage")
+        case .slow: try await Task.sleep(for: .seconds(60))
+        default: break
+        }
+    }
+}
+
+/// The user is "low_active" (tail crowd); each item has a `video_type` column.
+struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
+    let faults: Faults
+    func getFeatures(request: Stockpot_V1_GetFeaturesRequest, context: ServerContext) async throws -> Stockpot_V1_GetFeaturesResponse {
+        faults.count("features")
+        let fault = faults.features.withLock { $0 }
+        try await faults.act(fault)
+        return .with { r in
+            if !request.userIds.isEmpty {
+                r.users = .with {
+                    $0.ids = request.userIds
+                    $0.found = request.userIds.map { _ in true }
+                    $0.columns = [.with { $0.name = "user_active_degree"; $0.values = request.userIds.map { _ in "low_active" } }]
+                }
+            }
+            if !request.itemIds.isEmpty {
+                r.items = .with {
+                    $0.ids = request.itemIds
+                    $0.found = request.itemIds.map { _ in true }
+                    var values = request.itemIds.map { _ in "NORMAL" }
+                    if fault == .short { values.removeLast() }
+                    $0.columns = [.with { $0.name = "video_type"; $0.values = values }]
+                    if fault == .duplicate { $0.columns.append($0.columns[0]) }
+                    if fault == .outOfRange { $0.ids = $0.ids.map { $0 + 1 } }
+                    if fault == .missingObjective { $0.found.removeLast() }
+                }
+            }
+        }
+    }
+    func putFeatures(request: Stockpot_V1_PutFeaturesRequest, context: ServerContext) async throws -> Stockpot_V1_PutFeaturesResponse { .init() }
+    func getStats(request: Stockpot_V1_GetStatsRequest, context: ServerContext) async throws -> Stockpot_V1_GetStatsResponse { .init() }
+}
+
+/// Legacy scores: objective `a` = 0.1 + 0.8·i/n (later candidates better), `b` = 0.5.
+struct FakeScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
+    let faults: Faults
+    static func scores(_ n: Int) -> [String: [Float]] {
+        ["a": (0..<n).map { 0.1 + 0.8 * Float($0) / Float(max(n, 1)) }, "b": Array(repeating: 0.5, count: n)]
+    }
+    func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
+        faults.count("scorer")
+        let fault = faults.scorer.withLock { $0 }
+        try await faults.act(fault)
+        let n = request.candidates.ids.count
+        let s = Self.scores(n)
+        return .with { r in
+            r.model = .with { $0.name = "legacy"; $0.version = 3; $0.role = "scorer" }
+            r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]! } }
+            r.logits = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]!.map { log($0 / (1 - $0)) } } }
+            switch fault {
+            case .short: r.scores[0].values.removeLast()
+            case .nan: r.scores[1].values[0] = .nan
+            case .outOfRange: r.scores[0].values[0] = 1.5
+            case .missingObjective: r.logits.removeLast()
+            case .duplicate: r.scores.append(r.scores[0])
+            default: break
+            }
+        }
+    }
+}
+
+/// Corrects `a` up by 0.05 for every candidate.
+struct FakeCorrector: Stockpot_V1_CorrectorService.SimpleServiceProtocol {
+    let faults: Faults
+    func correct(request: Stockpot_V1_CorrectRequest, context: ServerContext) async throws -> Stockpot_V1_CorrectResponse {
+        faults.count("corrector")
+        let fault = faults.corrector.withLock { $0 }
+        try await faults.act(fault)
+        let n = request.candidates.ids.count
+        let s = FakeScorer.scores(n)
+        return .with { r in
+            r.corrected = true
+            r.model = .with { $0.name = "corrector-tail"; $0.version = 1; $0.role = "corrector" }
+            r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]!.map { o == "a" ? $0 + 0.05 : $0 } } }
+            switch fault {
+            case .short: r.scores[0].values.removeLast()
+            case .nan: r.scores[0].values[n - 1] = .nan
+            case .outOfRange: r.scores[1].values[0] = -0.2
+            case .missingObjective: r.scores.removeLast()
+            case .duplicate: r.scores[1].objective = "a"
+            default: break
+            }
+        }
+    }
+}
+
+/// Final score = a + b; order best first.
+struct FakeFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
+    let faults: Faults
+    func fuse(request: Stockpot_V1_FuseRequest, context: ServerContext) async throws -> Stockpot_V1_FuseResponse {
+        faults.count("fusion")
+        let fault = faults.fusion.withLock { $0 }
+        try await faults.act(fault)
+        let n = request.scores.first?.values.count ?? 0
+        var final = [Float](repeating: 0, count: n)
+        for s in request.scores { for i in 0..<min(n, s.values.count) { final[i] += s.values[i] } }
+        return .with { r in
+            r.finalScores = final
+            r.order = FusionConfig.order(final, topK: Int(request.topK)).map(Int32.init)
+            r.config = .with { $0.name = "fusion"; $0.version = 1; $0.role = "fusion" }
+            switch fault {
+            case .short: r.finalScores.removeLast()
+            case .nan: r.finalScores[0] = .nan
+            case .outOfRange: r.order[0] = Int32(n + 5)
+            case .missingObjective: r.order.removeLast()
+            case .duplicate: r.order[1] = r.order[0]
+            default: break
+            }
+        }
+    }
+}
+
+/// Runs `body` against a gateway whose four downstream services are fakes on one loopback server.
+func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, configure: (inout GatewayConfig) -> Void = { _ in },
+                        _ body: @Sendable (GatewayService) async throws -> Void) async throws {
+    var config = GatewayConfig()
+    // Generous: a debug build runs these beside the whole suite (training included) on two cores. `slow` is
+    // far beyond all of them; a test of a slow scorer or feature service shortens the budget itself.
+    config.correctorTimeout = .seconds(2)
+    config.fusionTimeout = .seconds(2)
+    config.budget = .seconds(20)
+    configure(&config)
+    let server = GRPCServer(
+        transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
+        services: [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults), FakeFusion(faults: faults)])
+    try await withThrowingDiscardingTaskGroup { group in
+        group.addTask { try await server.serve() }
+        guard let port = try await server.listeningAddress?.ipv4?.port else { throw RPCError(code: .internalError, message: "no port") }
+        try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)) { client in
+            let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
+                                         config: config, log: nil, logger: logger)
+            try await body(gateway)
+        }
+        server.beginGracefulShutdown()
+    }
+}
+
+let ids: [Int64] = [101, 102, 103, 104, 105, 106]
+
+func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V1_RankResponse {
+    try await withContext { try await gateway.rank(request: .with { $0.userID = 7; $0.candidateIds = ids; $0.topK = topK }, context: $0) }
+}
+
+@Suite struct GatewayWithFakeDownstream {
+    @Test func healthyPipeline() async throws {
+        try await withFakeDownstream(Faults()) { gateway in
+            let r = try await rank(gateway, topK: 4)
+            #expect(r.crowd == "tail")
+            #expect(r.degraded.isEmpty)
+            #expect(r.versions.map(\.role) == ["scorer", "corrector", "fusion"])
+            // a rises with the index, so the best are the last candidates.
+            #expect(r.itemIds == [106, 105, 104, 103])
+            let legacyA = FakeScorer.scores(ids.count)["a"]!
+            #expect(r.scores.first { $0.objective == "a" }?.values == [5, 4, 3, 2].map { legacyA[$0] + 0.05 })
+            #expect(r.legacyScores.first { $0.objective == "a" }?.values == [5, 4, 3, 2].map { legacyA[$0] })
+        }
+    }
+
+    @Test(arguments: Fault.allCases.filter { $0 != .none })
+    func aBadCorrectorCostsOnlyTheCorrection(fault: Fault) async throws {
+        let faults = Faults()
+        faults.corrector.withLock { $0 = fault }
+        try await withFakeDownstream(faults) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded == ["corrector"], "\(r.degradedReasons)")
+            #expect(r.versions.map(\.role) == ["scorer", "fusion"])
+            // The legacy scores are served, in the fused order.
+            #expect(r.scores == r.legacyScores)
+            #expect(r.itemIds == ids.reversed())
+            if fault != .fail && fault != .slow {
+                #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
+            }
+        }
+    }
+
+    @Test(arguments: Fault.allCases.filter { $0 != .none })
+    func aBadFusionFallsBackToEqualWeights(fault: Fault) async throws {
+        let faults = Faults()
+        faults.fusion.withLock { $0 = fault }
+        try await withFakeDownstream(faults) { gateway in
+            let r = try await rank(gateway, topK: 3)
+            #expect(r.degraded == ["fusion"], "\(r.degradedReasons)")
+            #expect(r.itemIds == [106, 105, 104])
+            #expect(r.finalScores.count == 3 && r.finalScores.allSatisfy(\.isFinite))
+            #expect(r.versions.map(\.role) == ["scorer", "corrector"])
+        }
+    }
+
+    @Test(arguments: Fault.allCases.filter { $0 != .none })
+    func aBadScorerFailsTheRequestClearly(fault: Fault) async throws {
+        let faults = Faults()
+        faults.scorer.withLock { $0 = fault }
+        try await withFakeDownstream(faults, configure: { if fault == .slow { $0.budget = .seconds(3) } }) { gateway in
+            do {
+                _ = try await rank(gateway)
+                Issue.record("a request without legacy scores succeeded")
+            } catch let e as RPCError {
+                switch fault {
+                case .fail, .slow: #expect(e.code == .unavailable && e.message.contains("legacy scorer failed"), "\(e)")
+                default: #expect(e.code == .internalError && e.message.contains("malformed reply from the legacy scorer"), "\(e)")
+                }
+            }
+            // Nothing downstream of the scorer was called with a bad reply.
+            #expect(faults.calls.withLock { $0["corrector"] ?? 0 } == 0)
+            #expect(faults.calls.withLock { $0["fusion"] ?? 0 } == 0)
+        }
+    }
+
+    @Test(arguments: Fault.allCases.filter { $0 != .none && $0 != .nan })
+    func badFeaturesFailOrDegradeAsConfigured(fault: Fault) async throws {
+        let faults = Faults()
+        faults.features.withLock { $0 = fault }
+        try await withFakeDownstream(faults, configure: { if fault == .slow { $0.budget = .seconds(3) } }) { gateway in
+            do {
+                _ = try await rank(gateway)
+                Issue.record("served without features although feature defaults are off")
+            } catch let e as RPCError {
+                #expect(e.code == .internalError || e.code == .unavailable, "\(e)")
+                #expect(e.message.contains("feature service"), "\(e)")
+            }
+        }
+        // With feature defaults on, the same reply is served without features (so the user falls in no corrected
+        // crowd). A feature service slower than the whole budget leaves no time to score: that one still fails.
+        guard fault != .slow else { return }
+        try await withFakeDownstream(faults, configure: { $0.featureDefaultsOnFailure = true }) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded == ["features"], "\(r.degradedReasons)")
+            #expect(r.itemIds.count == ids.count)
+        }
+    }
+
+    @Test func everyFaultAtOnceStillServesTheLegacyOrder() async throws {
+        let faults = Faults()
+        faults.corrector.withLock { $0 = .outOfRange }
+        faults.fusion.withLock { $0 = .outOfRange }
+        try await withFakeDownstream(faults) { gateway in
+            for _ in 0..<20 {
+                let r = try await rank(gateway, topK: 2)
+                #expect(Set(r.degraded) == ["corrector", "fusion"])
+                #expect(r.itemIds == [106, 105])
+            }
+        }
+    }
+}
+
+/// Keeps every log message at notice level or above, for tests that count them.
+final class CapturedLogs: Sendable {
+    let lines = Mutex<[(Logger.Level, String)]>([])
+
+    struct Handler: LogHandler {
+        let sink: CapturedLogs
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .notice
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            let m = (event.metadata ?? [:]).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            sink.lines.withLock { $0.append((event.level, "\(event.message) \(m)")) }
+        }
+    }
+
+    var logger: Logger { Logger(label: "captured") { _ in Handler(sink: self) } }
+    func count(_ level: Logger.Level) -> Int { lines.withLock { $0.filter { $0.0 == level }.count } }
+}
+
+@Suite struct GatewayLayerStates {
+    @Test func aMissingCorrectorIsReportedOnceNotPerRequest() async throws {
+        let faults = Faults()
+        faults.corrector.withLock { $0 = .fail }
+        let logs = CapturedLogs()
+        try await withFakeDownstream(faults, logger: logs.logger) { gateway in
+            for _ in 0..<25 { _ = try await rank(gateway) }
+            #expect(logs.count(.warning) == 1)
+            #expect(gateway.layers.snapshot["corrector"]?.skipped == 25)
+            // A new kind of failure is worth one more warning.
+            faults.corrector.withLock { $0 = .short }
+            for _ in 0..<5 { _ = try await rank(gateway) }
+            #expect(logs.count(.warning) == 2)
+            // Recovery is reported once, with how many requests went without the layer.
+            faults.corrector.withLock { $0 = .none }
+            for _ in 0..<5 { _ = try await rank(gateway) }
+            #expect(logs.count(.notice) == 1)
+            #expect(logs.lines.withLock { $0.last?.1.contains("requests_without_it=30") } == true)
+            let state = gateway.layers.snapshot["corrector"]
+            #expect(state?.reason == nil && state?.skipped == 0 && state?.skippedTotal == 30)
+            #expect(logs.count(.warning) == 2)
+        }
+    }
+}

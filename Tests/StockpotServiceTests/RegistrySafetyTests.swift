@@ -1,0 +1,81 @@
+import Foundation
+import GRPCCore
+import StockpotModel
+import StockpotProto
+import StockpotRegistry
+import StockpotServing
+import Synchronization
+import Testing
+
+@Suite struct RegistrySafety {
+    @Test(arguments: [".", "..", ".incoming", "-x", "_x"])
+    func folderLikeNamesAreRefused(name: String) async throws {
+        let root = temporaryDirectory("registry-names")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let service = RegistryService(store: try RegistryStore(root: root))
+        let handlers = RegistryHandlers()
+        let a: [UInt8] = Array("model".utf8)
+        #expect(await expectStatus(.invalidArgument, mentioning: "header.name") {
+            try await handlers.upload(service, [handlers.header([("model.json", a)], name: name), handlers.chunk("model.json", a)])
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "name") {
+            try await withContext { try await service.setAlias(request: .with { $0.name = name; $0.alias = "production"; $0.version = 1 }, context: $0) }
+        })
+        #expect(await expectStatus(.invalidArgument, mentioning: "alias") {
+            try await withContext { try await service.setAlias(request: .with { $0.name = "m"; $0.alias = name; $0.version = 1 }, context: $0) }
+        })
+        if case .success = ModelReference.parse("\(name)@production") { Issue.record("'\(name)@production' parsed") }
+        // Nothing was written next to the artifact folders.
+        let entries = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("artifacts").path)
+        #expect(entries == [".incoming"])
+    }
+
+    @Test func aPublishedFolderIsNeverMissing() async throws {
+        // A reader polls a file inside the folder while it is replaced 200 times: it always finds one of the
+        // complete versions, never nothing, and no staging folder is left behind.
+        let root = temporaryDirectory("publish")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let target = root.appendingPathComponent("m/1")
+        func stage(_ n: Int) throws -> URL {
+            let dir = root.appendingPathComponent(".download-\(n)")
+            try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+            try Data("v\(n)".utf8).write(to: dir.appendingPathComponent("model.json"))
+            return dir
+        }
+        try AtomicFile.publishDirectory(try stage(0), at: target)
+        let stop = Locked(false), misses = Locked(0), reads = Locked(0)
+        let reader = Thread {
+            while !stop.value {
+                if let d = try? Data(contentsOf: target.appendingPathComponent("model.json")), d.first == UInt8(ascii: "v") {
+                    reads { $0 += 1 }
+                } else {
+                    misses { $0 += 1 }
+                }
+            }
+        }
+        reader.start()
+        for n in 1...200 { try AtomicFile.publishDirectory(try stage(n), at: target) }
+        stop { $0 = true }
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(misses.value == 0)
+        #expect(reads.value > 0)
+        #expect(try String(contentsOf: target.appendingPathComponent("model.json"), encoding: .utf8) == "v200")
+        // Only the link and its one content folder remain.
+        #expect(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).count == 2)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: root.path).filter { $0.hasPrefix(".download") }.isEmpty)
+    }
+
+    @Test func aPlainFolderFromAnOlderCacheIsReplaced() throws {
+        let root = temporaryDirectory("publish-legacy")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let target = root.appendingPathComponent("m/1")
+        try FileManager.default.createDirectory(at: target, withIntermediateDirectories: true)
+        try Data("old".utf8).write(to: target.appendingPathComponent("model.json"))
+        let staged = root.appendingPathComponent(".download-x")
+        try FileManager.default.createDirectory(at: staged, withIntermediateDirectories: true)
+        try Data("new".utf8).write(to: staged.appendingPathComponent("model.json"))
+        try AtomicFile.publishDirectory(staged, at: target)
+        #expect(try String(contentsOf: target.appendingPathComponent("model.json"), encoding: .utf8) == "new")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).count == 2)
+    }
+}
