@@ -13,23 +13,35 @@ public struct CorrectorApp {
     public var registry = RegistryAccess()
     public var workers = max(1, ProcessInfo.processInfo.activeProcessorCount)
     public var limits = RequestLimits()
+    /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
+    public var maxQueued = 64
 
     public init() {}
 
+    /// The health-check name that reports whether `crowd`'s corrector model is loaded.
+    public static func healthKey(crowd: String) -> String { "corrector-\(crowd)" }
+
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let client = try registry.makeClient()
-        let workers = self.workers
+        let workers = self.workers, maxQueued = self.maxQueued
         var watchers: [String: ArtifactWatcher<ServableModel>] = [:]
+        // Each crowd's model is a health entry of its own (`corrector-<crowd>`): NOT_SERVING until its model is
+        // loaded, so a crowd without a model is a state operators can query, not a log line per request. The
+        // service itself is SERVING as soon as it listens: for such a crowd it passes the legacy scores through.
+        let health = HealthStatus()
         for crowd in crowds {
-            watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger) { _, folder in
-                let servable = try ServableModel.load(folder: folder, workers: workers)
+            let key = Self.healthKey(crowd: crowd)
+            health.set(key, .notServing)
+            watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger, load: { _, folder in
+                let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
                 try CorrectorService.validateCorrector(servable.model)
                 return servable
-            }
+            }, onChange: { _ in health.set(key, .serving) })
         }
         let server = ServiceServer(name: "stockpot-corrector", host: host, port: port,
                                    services: [CorrectorService(crowds: watchers, limits: limits)],
-                                   serviceNames: [Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService], logger: logger)
+                                   serviceNames: [Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService],
+                                   health: health, logger: logger)
         return (server, [client] + watchers.keys.sorted().map { watchers[$0]! } + [server])
     }
 }

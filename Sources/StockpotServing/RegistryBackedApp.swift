@@ -20,7 +20,8 @@ public struct RegistryAccess: Sendable {
 
     /// A watcher that keeps `reference` loaded through `client`.
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger,
-                                     load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T) -> ArtifactWatcher<T> {
+                                     load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T,
+                                     onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in }) -> ArtifactWatcher<T> {
         let registry = RegistryClient(wrapping: client.client)
         let cache = cacheDirectory
         return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger,
@@ -29,7 +30,7 @@ public struct RegistryAccess: Sendable {
                                    options.waitForReady = true
                                    return try await registry.fetch(ref, cache: cache, options: options)
                                },
-                               load: load)
+                               load: load, onChange: onChange)
     }
 }
 

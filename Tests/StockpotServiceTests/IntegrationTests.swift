@@ -4,6 +4,7 @@ import GRPCNIOTransportHTTP2Posix
 import Testing
 import StockpotModel
 import StockpotProto
+import StockpotCorrector
 import StockpotServing
 import StockpotSuite
 import StockpotTraining
@@ -50,6 +51,10 @@ struct EndToEnd {
             let expected = FusionConfig.fuse(terms: terms, scores: columns, count: h.itemIds.count)
             for (a, b) in zip(expected, h.finalScores) { #expect(abs(a - b) < 1e-5) }
 
+            // No tail corrector yet: a state on the corrector's health, not an error.
+            #expect(await HealthProbe.isServing(target: suite.address("corrector")))
+            #expect(await !HealthProbe.isServing(target: suite.address("corrector"), service: CorrectorApp.healthKey(crowd: "tail")))
+
             // Register a tail corrector; the corrector service picks it up through the alias.
             try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
                 let registry = RegistryClient(wrapping: client)
@@ -67,6 +72,7 @@ struct EndToEnd {
             }
             #expect(corrected.crowd == "tail")
             #expect(corrected.degraded.isEmpty)
+            #expect(await HealthProbe.isServing(target: suite.address("corrector"), service: CorrectorApp.healthKey(crowd: "tail")))
             #expect(corrected.versions.map(\.role) == ["scorer", "corrector", "fusion"])
             #expect(corrected.finalScores == corrected.finalScores.sorted(by: >))
             #expect(corrected.scores[0].values != corrected.legacyScores[0].values) // the correction moved clicks
