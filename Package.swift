@@ -64,9 +64,15 @@ let package = Package(
             swiftSettings: optimized,
             linkerSettings: [.linkedFramework("Accelerate", .when(platforms: [.macOS, .iOS]))]
         ),
+        // The serving log's on-disk format (generated messages + framing); SwiftProtobuf only, so the training
+        // library reads logs without a networking dependency.
+        .target(
+            name: "StockpotLogFormat",
+            dependencies: [.product(name: "SwiftProtobuf", package: "swift-protobuf")]
+        ),
         .target(
             name: "StockpotTraining",
-            dependencies: ["StockpotModel"],
+            dependencies: ["StockpotModel", "StockpotLogFormat"],
             resources: [.copy("Resources/legacy-kuairand.json"), .copy("Resources/legacy-kuairand-v0.json"),
                         .copy("Resources/corrector-kuairand.json")],
             swiftSettings: optimized
@@ -91,7 +97,7 @@ let package = Package(
         serviceLibrary("StockpotScorer", ["StockpotModel"]),
         serviceLibrary("StockpotCorrector", ["StockpotModel"]),
         serviceLibrary("StockpotFusion"),
-        serviceLibrary("StockpotGateway"),
+        serviceLibrary("StockpotGateway", ["StockpotLogFormat"]),
 
         serviceExecutable("stockpot-registry", "StockpotRegistry"),
         serviceExecutable("stockpot-features", "StockpotFeatures"),
@@ -125,7 +131,7 @@ let package = Package(
             name: "StockpotServiceTests",
             dependencies: ["StockpotSuite", "StockpotRegistry", "StockpotFeatures", "StockpotScorer",
                            "StockpotCorrector", "StockpotFusion", "StockpotGateway", "StockpotServing",
-                           "StockpotTraining", .product(name: "Yams", package: "Yams")] + grpc
+                           "StockpotTraining", "StockpotLogFormat", .product(name: "Yams", package: "Yams")] + grpc
         ),
     ],
     swiftLanguageModes: [.v6]

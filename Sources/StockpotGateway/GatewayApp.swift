@@ -12,14 +12,15 @@ public struct GatewayApp {
     public var scorer = "127.0.0.1:\(DefaultPorts.scorer)"
     public var corrector = "127.0.0.1:\(DefaultPorts.corrector)"
     public var fusion = "127.0.0.1:\(DefaultPorts.fusion)"
-    public var servingLog: URL? = URL(fileURLWithPath: "data/serving-log")
+    /// The serving log (nil: off).
+    public var servingLog: ServingLog.Options? = ServingLog.Options(directory: URL(fileURLWithPath: "data/serving-log"))
     public var config = GatewayConfig()
 
     public init() {}
 
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
         let clients = try [features, scorer, corrector, fusion].map { try ServiceClient(target: $0) }
-        let log = servingLog.map { ServingLog(directory: $0, logger: logger) }
+        let log = servingLog.map { ServingLog(options: $0, logger: logger) }
         let service = GatewayService(clients: GatewayClients(features: clients[0].client, scorer: clients[1].client,
                                                              corrector: clients[2].client, fusion: clients[3].client),
                                      config: config, log: log, logger: logger)

@@ -251,15 +251,18 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             "request_id": "\(requestId)", "user_id": "\(request.userID)", "crowd": "\(crowd)", "candidates": "\(n)",
             "ms": "\(String(format: "%.2f", (budget - remaining()).seconds * 1000))",
         ])
-        log?.append(.init(
-            requestId: requestId, timeMs: nowMs, userId: request.userID, scenario: request.scenario, crowd: crowd,
-            context: contextMap, userFeatures: userFeatures, itemIds: ids,
-            itemFeatures: Dictionary(items.columns.map { ($0.name, $0.values) }, uniquingKeysWith: { a, _ in a }),
-            legacyScores: Dictionary(legacy.scores.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
-            legacyLogits: Dictionary(legacy.logits.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
-            scores: Dictionary(scores.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
-            finalScores: final, returned: order,
-            versions: versions.map { "\($0.role)=\($0.name):\($0.version)" }, degraded: degraded.map(\.0)))
+        if let log {
+            let sampled = log.sample(crowd: crowd)
+            if sampled.logged {
+                var entry = ServingLog.Entry(
+                    requestId: requestId, timeMs: nowMs, userId: request.userID, scenario: request.scenario, crowd: crowd,
+                    context: contextMap, userFeatures: userFeatures, items: items, legacyLogits: legacy.logits,
+                    correctedScores: scores == legacy.scores ? [] : scores, finalScores: final, returned: order,
+                    versions: versions, degraded: degraded.map(\.0))
+                entry.sampleRate = sampled.rate
+                log.append(entry)
+            }
+        }
         return response
     }
 

@@ -1,14 +1,53 @@
 import Foundation
 import Logging
 import ServiceLifecycle
+import StockpotLogFormat
+import StockpotProto
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
-/// Appends served impressions to `directory/serving-<yyyymmdd>.jsonl` (one JSON object per line, a file per UTC
-/// day) from a background task, so logging never sits on the request path. The queue is bounded: when the
-/// writer falls behind, records are dropped and counted (`dropped`), never blocking a request.
+/// The gateway's serving log: every served request (or a per-crowd sample of them) with the features, legacy
+/// logits, scores and versions as served, written off the request path into compact segment files
+/// (`ServingLogFormat`; `docs/reliability.md` describes the guarantees).
+///
+/// - The request path only queues an `Entry` (references to what the request already holds); a dedicated
+///   thread encodes and writes. The queue is bounded by bytes: past `maxQueueBytes` entries are dropped and
+///   counted, never waited for.
+/// - Item features are written once per segment under a content version and referred to by (item id, version)
+///   from each request, instead of being copied into every request.
+/// - Segments rotate by UTC day and by size; retention deletes the oldest segments past `maxTotalBytes` or
+///   older than `retention`. A failed write (a full disk) is cut back to the last whole entry, the request is
+///   dropped and counted, the oldest segments are reclaimed, and the next request opens a new segment.
+/// - Written entries are fsynced every `flushInterval` and on shutdown.
 public final class ServingLog: Service, Sendable {
-    /// One served candidate list, as served.
-    public struct Record: Codable, Sendable {
+    /// Where and how much to log.
+    public struct Options: Sendable {
+        public var directory: URL
+        /// A segment is closed and a new one opened past this size.
+        public var maxSegmentBytes = 128 << 20
+        /// Oldest segments are deleted while the log is larger than this.
+        public var maxTotalBytes: Int64 = 8 << 30
+        /// Segments whose last write is older than this are deleted (nil: kept until `maxTotalBytes`).
+        public var retention: Duration? = .seconds(14 * 86_400)
+        /// Most bytes of entries waiting for the writer; more are dropped and counted.
+        public var maxQueueBytes = 64 << 20
+        /// How often written entries are fsynced.
+        public var flushInterval: Duration = .seconds(1)
+        /// Fraction of each crowd's requests logged (crowds not listed: `defaultSampleRate`).
+        public var sampleRates: [String: Double] = [:]
+        public var defaultSampleRate = 1.0
+        /// Opens a segment file for appending; returns a file descriptor or -1 (replaceable in tests).
+        public var openSegment: @Sendable (URL) -> Int32 = { url in open(url.path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) }
+
+        public init(directory: URL) { self.directory = directory }
+    }
+
+    /// One served request, as the gateway holds it.
+    public struct Entry: Sendable {
         public var requestId: String
         public var timeMs: Int64
         public var userId: Int64
@@ -16,81 +55,414 @@ public final class ServingLog: Service, Sendable {
         public var crowd: String
         public var context: [String: String]
         public var userFeatures: [String: String]
-        public var itemIds: [Int64]
-        /// Item feature columns used for scoring, aligned with `itemIds`.
-        public var itemFeatures: [String: [String]]
-        public var legacyScores: [String: [Float]]
-        public var legacyLogits: [String: [Float]]
-        public var scores: [String: [Float]]
+        /// The candidates and their feature columns, as scored.
+        public var items: Stockpot_V1_EntityBatch
+        public var legacyLogits: [Stockpot_V1_ObjectiveScores]
+        /// The scores fused when a corrector changed them; empty when they are the legacy ones.
+        public var correctedScores: [Stockpot_V1_ObjectiveScores]
         public var finalScores: [Float]
-        /// Indices into `itemIds` of what was returned, in order.
+        /// Indices into `items.ids` of what was returned, best first.
         public var returned: [Int]
-        public var versions: [String]
+        public var versions: [Stockpot_V1_ModelRef]
         public var degraded: [String]
-    }
+        public var sampleRate: Double = 1
 
-    public let directory: URL
-    private let continuation: AsyncStream<Record>.Continuation
-    private let stream: AsyncStream<Record>
-    private let counters = Mutex((written: 0, dropped: 0))
-    private let logger: Logger
+        public init(requestId: String, timeMs: Int64, userId: Int64, scenario: String, crowd: String, context: [String: String],
+                    userFeatures: [String: String], items: Stockpot_V1_EntityBatch, legacyLogits: [Stockpot_V1_ObjectiveScores],
+                    correctedScores: [Stockpot_V1_ObjectiveScores], finalScores: [Float], returned: [Int],
+                    versions: [Stockpot_V1_ModelRef], degraded: [String]) {
+            self.requestId = requestId
+            self.timeMs = timeMs
+            self.userId = userId
+            self.scenario = scenario
+            self.crowd = crowd
+            self.context = context
+            self.userFeatures = userFeatures
+            self.items = items
+            self.legacyLogits = legacyLogits
+            self.correctedScores = correctedScores
+            self.finalScores = finalScores
+            self.returned = returned
+            self.versions = versions
+            self.degraded = degraded
+        }
 
-    public init(directory: URL, capacity: Int = 10_000, logger: Logger) {
-        self.directory = directory
-        self.logger = logger
-        (stream, continuation) = AsyncStream<Record>.makeStream(bufferingPolicy: .bufferingOldest(capacity))
-    }
-
-    public var written: Int { counters.withLock { $0.written } }
-    public var dropped: Int { counters.withLock { $0.dropped } }
-
-    /// Queues a record; never waits.
-    public func append(_ record: Record) {
-        if case .dropped = continuation.yield(record) {
-            counters.withLock { $0.dropped += 1 }
+        /// About how much memory the entry holds while it waits (what the queue bound counts).
+        var estimatedBytes: Int {
+            var n = 256 + requestId.utf8.count + scenario.utf8.count + crowd.utf8.count
+            for (k, v) in context { n += k.utf8.count + v.utf8.count + 32 }
+            for (k, v) in userFeatures { n += k.utf8.count + v.utf8.count + 32 }
+            n += items.ids.count * 9
+            for c in items.columns {
+                n += c.name.utf8.count + 16 * c.values.count
+                for v in c.values { n += v.utf8.count }
+            }
+            for s in legacyLogits { n += 4 * s.values.count + 32 }
+            for s in correctedScores { n += 4 * s.values.count + 32 }
+            n += 4 * finalScores.count + 8 * returned.count + 64 * versions.count
+            return n
         }
     }
 
-    static func day(_ ms: Int64) -> String {
-        let f = DateFormatter()
-        f.dateFormat = "yyyyMMdd"
-        f.timeZone = TimeZone(identifier: "UTC")
-        return f.string(from: Date(timeIntervalSince1970: Double(ms) / 1000))
+    /// Counters since start.
+    public struct Stats: Sendable, Equatable {
+        /// Requests offered to the log (after sampling).
+        public var appended = 0
+        /// Requests not logged by per-crowd sampling.
+        public var sampledOut = 0
+        /// Requests written to a segment.
+        public var written = 0
+        /// Dropped because the queue was full.
+        public var droppedQueueFull = 0
+        /// Dropped because the write failed (a full or failing disk); the segment was cut back.
+        public var droppedWriteFailed = 0
+        /// Dropped because the log shut down before writing them (none with a graceful shutdown).
+        public var droppedAtShutdown = 0
+        public var bytesWritten: Int64 = 0
+        public var itemFeatureEntries = 0
+        public var segmentsOpened = 0
+        public var segmentsDeleted = 0
+        public var queuedEntries = 0
+        public var queuedBytes = 0
+    }
+
+    private struct Queue {
+        var entries: [Entry] = []
+        var bytes = 0
+        var closed = false
+        var stats = Stats()
+    }
+
+    public let options: Options
+    private let queue = Mutex(Queue())
+    private let wake: AsyncStream<Void>.Continuation
+    private let wakes: AsyncStream<Void>
+    private let writer: SegmentWriter
+    private let io = DispatchQueue(label: "stockpot.serving-log")
+    private let logger: Logger
+
+    public init(options: Options, logger: Logger) {
+        self.options = options
+        self.logger = logger
+        (wakes, wake) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        writer = SegmentWriter(options: options, logger: logger)
+    }
+
+    public convenience init(directory: URL, logger: Logger) {
+        self.init(options: Options(directory: directory), logger: logger)
+    }
+
+    public var directory: URL { options.directory }
+
+    public var stats: Stats {
+        var s = queue.withLock { q in
+            var s = q.stats
+            s.queuedEntries = q.entries.count
+            s.queuedBytes = q.bytes
+            return s
+        }
+        let w = writer.stats
+        s.written = w.written
+        s.droppedWriteFailed = w.droppedWriteFailed
+        s.bytesWritten = w.bytesWritten
+        s.itemFeatureEntries = w.itemFeatureEntries
+        s.segmentsOpened = w.segmentsOpened
+        s.segmentsDeleted = w.segmentsDeleted
+        return s
+    }
+
+    public var written: Int { stats.written }
+    public var dropped: Int { let s = stats; return s.droppedQueueFull + s.droppedWriteFailed + s.droppedAtShutdown }
+
+    /// The sampling decision for a request of `crowd`: its rate, and whether this request is logged. Call it
+    /// before building an `Entry`, so that a request sampled out costs nothing more.
+    public func sample(crowd: String) -> (logged: Bool, rate: Double) {
+        let rate = min(1, max(0, options.sampleRates[crowd] ?? options.defaultSampleRate))
+        let logged = rate >= 1 || (rate > 0 && Double.random(in: 0..<1) < rate)
+        if !logged { queue.withLock { $0.stats.sampledOut += 1 } }
+        return (logged, rate)
+    }
+
+    /// Queues an entry for the writer; never waits. Dropped (and counted) when the queue is full or closed.
+    public func append(_ entry: Entry) {
+        let size = entry.estimatedBytes
+        let queued = queue.withLock { q -> Bool in
+            guard !q.closed else { q.stats.droppedAtShutdown += 1; return false }
+            guard q.bytes + size <= options.maxQueueBytes else { q.stats.droppedQueueFull += 1; return false }
+            q.entries.append(entry)
+            q.bytes += size
+            q.stats.appended += 1
+            return true
+        }
+        if queued { wake.yield() }
+    }
+
+    /// Writes and fsyncs everything queued so far (used at shutdown, and by tools and tests that read the log
+    /// back while the gateway runs).
+    public func flush() async {
+        await drain(sync: true)
+    }
+
+    private func drain(sync: Bool) async {
+        let batch = queue.withLock { q -> [Entry] in
+            let b = q.entries
+            q.entries.removeAll(keepingCapacity: true)
+            q.bytes = 0
+            return b
+        }
+        let writer = self.writer
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            io.async {
+                for e in batch { writer.write(e) }
+                if sync { writer.sync() }
+                c.resume()
+            }
+        }
     }
 
     public func run() async throws {
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        var handle: FileHandle?
-        var currentDay = ""
-        defer { try? handle?.close() }
+        let interval = options.flushInterval
+        let clock = ContinuousClock()
+        var lastSync = clock.now
+        // A ticker wakes the writer for the periodic fsync even when no request arrives.
+        let ticker = Task { [wake] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: interval)
+                wake.yield()
+            }
+        }
         await withGracefulShutdownHandler {
-            for await record in stream {
-                do {
-                    let d = Self.day(record.timeMs)
-                    if d != currentDay {
-                        try? handle?.close()
-                        let url = directory.appendingPathComponent("serving-\(d).jsonl")
-                        if !FileManager.default.fileExists(atPath: url.path) {
-                            _ = FileManager.default.createFile(atPath: url.path, contents: nil)
-                        }
-                        handle = try FileHandle(forWritingTo: url)
-                        try handle?.seekToEnd()
-                        currentDay = d
-                    }
-                    var line = try encoder.encode(record)
-                    line.append(0x0A)
-                    try handle?.write(contentsOf: line)
-                    counters.withLock { $0.written += 1 }
-                } catch {
-                    counters.withLock { $0.dropped += 1 }
-                    logger.error("serving log write failed", metadata: ["error": "\(error)"])
+            await withTaskCancellationHandler {
+                for await _ in wakes {
+                    let due = clock.now - lastSync >= interval
+                    await drain(sync: due)
+                    if due { lastSync = clock.now }
                 }
+            } onCancel: {
+                self.wake.finish()
             }
         } onGracefulShutdown: {
-            // Stop accepting; the loop drains what is queued, then ends.
-            self.continuation.finish()
+            self.wake.finish()
+        }
+        ticker.cancel()
+        // Whatever was queued before the stream finished, then close the segment.
+        queue.withLock { $0.closed = true }
+        await drain(sync: true)
+        let writer = self.writer
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            io.async {
+                writer.close()
+                c.resume()
+            }
+        }
+    }
+}
+
+/// The segment file being written and its bookkeeping. Used only on the log's serial I/O queue.
+final class SegmentWriter: @unchecked Sendable {
+    struct Stats {
+        var written = 0
+        var droppedWriteFailed = 0
+        var bytesWritten: Int64 = 0
+        var itemFeatureEntries = 0
+        var segmentsOpened = 0
+        var segmentsDeleted = 0
+    }
+
+    private struct ItemKey: Hashable {
+        var id: Int64
+        var version: UInt64
+    }
+
+    private let options: Options
+    typealias Options = ServingLog.Options
+    private let logger: Logger
+    private let counters = Mutex(Stats())
+    private var fd: Int32 = -1
+    private var day = 0
+    private var offset = 0
+    private var nextSequence: [Int: Int] = [:]
+    /// Items whose features the current segment already holds.
+    private var itemsInSegment = Set<ItemKey>()
+    private var failing = false
+    private var buffer: [UInt8] = []
+
+    init(options: Options, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    var stats: Stats { counters.withLock { $0 } }
+
+    func write(_ e: ServingLog.Entry) {
+        let entryDay = ServingLogFormat.utcDay(ms: e.timeMs)
+        if fd >= 0 && (entryDay != day || offset >= options.maxSegmentBytes) { closeSegment() }
+        if fd < 0 && !openSegment(day: entryDay) {
+            counters.withLock { $0.droppedWriteFailed += 1 }
+            return
+        }
+        buffer.removeAll(keepingCapacity: true)
+        var newItems: [ItemKey] = []
+        do {
+            let n = e.items.ids.count
+            var versions = [UInt64](repeating: 0, count: n)
+            let columns = e.items.columns.filter { $0.values.count == n }.sorted { $0.name < $1.name }
+            for i in 0..<n {
+                let features = columns.map { (name: $0.name, value: $0.values[i]) }
+                let version = ServingLogFormat.itemVersion(features)
+                versions[i] = version
+                let key = ItemKey(id: e.items.ids[i], version: version)
+                guard !itemsInSegment.contains(key), !newItems.contains(key) else { continue }
+                newItems.append(key)
+                try ServingLogFormat.appendDelimited(.with {
+                    $0.item = .with { item in
+                        item.itemID = key.id
+                        item.version = version
+                        item.features = features.filter { !$0.value.isEmpty }.map { f in .with { $0.name = f.name; $0.value = f.value } }
+                    }
+                }, to: &buffer)
+            }
+            try ServingLogFormat.appendDelimited(.with { $0.served = Self.served(e, versions: versions) }, to: &buffer)
+        } catch {
+            counters.withLock { $0.droppedWriteFailed += 1 }
+            logger.error("serving log: cannot encode a request", metadata: ["request_id": "\(e.requestId)", "error": "\(error)"])
+            return
+        }
+        if writeAll(buffer) {
+            offset += buffer.count
+            itemsInSegment.formUnion(newItems)
+            counters.withLock {
+                $0.written += 1
+                $0.bytesWritten += Int64(buffer.count)
+                $0.itemFeatureEntries += newItems.count
+            }
+            if failing {
+                failing = false
+                logger.notice("serving log: writing again")
+            }
+        } else {
+            let code = errno
+            // Cut the segment back to its last whole entry and start a new one with the next request.
+            _ = ftruncate(fd, off_t(offset))
+            closeSegment()
+            counters.withLock { $0.droppedWriteFailed += 1 }
+            if !failing {
+                failing = true
+                logger.error("serving log: write failed; dropping requests until writes succeed",
+                             metadata: ["errno": "\(code)", "error": "\(String(cString: strerror(code)))"])
+            }
+            if code == ENOSPC || code == EDQUOT { enforceRetention(freeing: true) }
+        }
+    }
+
+    static func served(_ e: ServingLog.Entry, versions: [UInt64]) -> Stockpot_Log_V1_ServedRequest {
+        .with { r in
+            r.requestID = e.requestId
+            r.timeMs = e.timeMs
+            r.userID = e.userId
+            r.scenario = e.scenario
+            r.crowd = e.crowd
+            r.context = e.context.sorted { $0.key < $1.key }.map { kv in .with { $0.name = kv.key; $0.value = kv.value } }
+            r.userFeatures = e.userFeatures.sorted { $0.key < $1.key }.map { kv in .with { $0.name = kv.key; $0.value = kv.value } }
+            r.itemIds = e.items.ids
+            r.itemVersions = versions
+            r.legacyLogits = e.legacyLogits.map { s in .with { $0.objective = s.objective; $0.values = s.values } }
+            r.correctedScores = e.correctedScores.map { s in .with { $0.objective = s.objective; $0.values = s.values } }
+            r.finalScores = e.finalScores
+            r.returned = e.returned.map { Int32($0) }
+            r.versions = e.versions.map { v in .with { $0.name = v.name; $0.version = v.version; $0.alias = v.alias; $0.role = v.role } }
+            r.degraded = e.degraded
+            r.sampleRate = Float(e.sampleRate)
+        }
+    }
+
+    private func writeAll(_ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { raw in
+            var done = 0
+            while done < raw.count {
+                let n = Glibc.write(fd, raw.baseAddress! + done, raw.count - done)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return false
+                }
+                done += n
+            }
+            return true
+        }
+    }
+
+    private func openSegment(day: Int) -> Bool {
+        let fm = FileManager.default
+        do { try fm.createDirectory(at: options.directory, withIntermediateDirectories: true) } catch {
+            logger.error("serving log: cannot create \(options.directory.path)", metadata: ["error": "\(error)"])
+            return false
+        }
+        if nextSequence[day] == nil {
+            // Never append to a segment from an earlier run (its tail may be torn): continue the numbering.
+            let existing = (try? ServingLogFormat.segments(in: options.directory)) ?? []
+            nextSequence[day] = (existing.filter { $0.day == day }.map(\.sequence).max() ?? 0) + 1
+        }
+        let seq = nextSequence[day]!
+        nextSequence[day] = seq + 1
+        let url = options.directory.appendingPathComponent(ServingLogFormat.segmentName(day: day, sequence: seq))
+        let f = options.openSegment(url)
+        guard f >= 0 else {
+            logger.error("serving log: cannot open \(url.path)", metadata: ["errno": "\(errno)"])
+            return false
+        }
+        fd = f
+        self.day = day
+        offset = 0
+        itemsInSegment.removeAll(keepingCapacity: true)
+        counters.withLock { $0.segmentsOpened += 1 }
+        enforceRetention(freeing: false)
+        return true
+    }
+
+    private func closeSegment() {
+        guard fd >= 0 else { return }
+        _ = fsync(fd)
+        _ = Glibc.close(fd)
+        fd = -1
+    }
+
+    func sync() {
+        if fd >= 0 { _ = fsync(fd) }
+    }
+
+    func close() { closeSegment() }
+
+    /// Deletes the oldest segments (never the one open) while the log exceeds its size budget, and any older
+    /// than the retention period. With `freeing`, also the oldest one even within budget (the disk is full).
+    private func enforceRetention(freeing: Bool) {
+        let fm = FileManager.default
+        guard var segments = try? ServingLogFormat.segments(in: options.directory) else { return }
+        let current = fd >= 0 ? ServingLogFormat.segmentName(day: day, sequence: (nextSequence[day] ?? 1) - 1) : nil
+        segments.removeAll { $0.url.lastPathComponent == current }
+        var sizes: [Int64] = []
+        var total: Int64 = Int64(offset)
+        var ages: [Date] = []
+        for s in segments {
+            let a = try? fm.attributesOfItem(atPath: s.url.path)
+            let size = (a?[.size] as? NSNumber)?.int64Value ?? 0
+            sizes.append(size)
+            ages.append((a?[.modificationDate] as? Date) ?? Date())
+            total += size
+        }
+        let cutoff = options.retention.map { Date().addingTimeInterval(-Double($0.components.seconds)) }
+        var deleted = 0
+        for (i, s) in segments.enumerated() {
+            let tooOld = cutoff.map { ages[i] < $0 } ?? false
+            let overBudget = total > options.maxTotalBytes
+            guard tooOld || overBudget || (freeing && deleted == 0) else { continue }
+            if (try? fm.removeItem(at: s.url)) != nil {
+                total -= sizes[i]
+                deleted += 1
+            }
+        }
+        if deleted > 0 {
+            counters.withLock { $0.segmentsDeleted += deleted }
+            logger.info("serving log: deleted old segments", metadata: ["count": "\(deleted)", "freeing_space": "\(freeing)"])
         }
     }
 }

@@ -132,7 +132,7 @@ public final class LocalSuite: Sendable {
         gatewayApp.scorer = address("scorer")
         gatewayApp.corrector = address("corrector")
         gatewayApp.fusion = address("fusion")
-        gatewayApp.servingLog = dir.appendingPathComponent("serving-log")
+        gatewayApp.servingLog = ServingLog.Options(directory: dir.appendingPathComponent("serving-log"))
         gatewayApp.config = o.gateway
         let gateway = try gatewayApp.build(logger: logger)
         try await launch("gateway", server: gateway.server, services: gateway.services)

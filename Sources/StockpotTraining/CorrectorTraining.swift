@@ -91,7 +91,9 @@ public struct CorrectorTraining {
         if let servingLog {
             let (logged, stats) = try ServingLogSamples.load(directory: servingLog, data: data, spec: initial.spec, crowd: crowd,
                                                              legacyLastDay: Self.legacyDays(legacy).max())
-            log("serving log \(servingLog.path): \(stats.lines) requests, \(stats.candidates) candidates, \(stats.labelled) labelled \(crowd) samples")
+            log("serving log \(servingLog.path): \(stats.segments) segments, \(stats.lines) requests, \(stats.candidates) candidates, \(stats.labelled) labelled \(crowd) samples"
+                + (stats.tornTails + stats.corruptSegments + stats.unresolvedItems > 0
+                   ? "; skipped \(stats.tornTails) torn tails, \(stats.corruptSegments) corrupt segments (\(stats.skippedBytes) bytes), \(stats.unresolvedItems) candidates without features" : ""))
             ds = logged
         } else {
             ds = try dataset(legacy: legacy, correctorSpec: initial.spec, crowd: crowd, days: days)

@@ -1,9 +1,14 @@
 import Foundation
+import StockpotLogFormat
 import StockpotModel
 
-/// Corrector samples read back from the gateway's serving log (`serving-<yyyymmdd>.jsonl`): the features and
-/// legacy logits exactly as served, joined with labels from the impression log by (user, video, date). What the
-/// corrector learns on is then what it sees in production.
+/// Corrector samples read back from the gateway's serving log: the features and legacy logits exactly as served,
+/// joined with labels from the impression log by (user, video, date). What the corrector learns on is then what
+/// it sees in production.
+///
+/// Reads the segment files (`serving-<yyyymmdd>-<seq>.pblog`, `ServingLogFormat`), resolving each candidate's
+/// features by (item id, feature version) within its segment, and the JSON-lines files of earlier versions
+/// (`serving-<yyyymmdd>.jsonl`). A torn last entry (a crash while writing) is skipped and counted.
 public struct ServingLogSamples {
     /// The fields of a serving-log line that training uses (the gateway writes more).
     struct Line: Decodable {
@@ -18,10 +23,34 @@ public struct ServingLogSamples {
     }
 
     public struct Stats: Sendable {
+        /// Served requests read.
         public var lines = 0
         public var candidates = 0
         /// Candidates with a label in the impression log (the rest were not shown, or not logged).
         public var labelled = 0
+        /// Segment files read.
+        public var segments = 0
+        /// Segments whose last entry was cut short (skipped).
+        public var tornTails = 0
+        /// Segments with an unreadable entry (it and the rest of that segment skipped).
+        public var corruptSegments = 0
+        public var skippedBytes = 0
+        /// Candidates whose features were not in their segment (skipped).
+        public var unresolvedItems = 0
+    }
+
+    /// One served request, whichever file format it came from.
+    struct Served {
+        var file: String
+        var position: Int
+        var userId: Int64
+        var crowd: String
+        var context: [String: String]
+        var userFeatures: [String: String]
+        var itemIds: [Int64]
+        /// The value of an item column for candidate i; nil when the candidate's features are unknown.
+        var itemFeatures: (Int) -> [String: String]?
+        var legacyLogits: [String: [Float]]
     }
 
     /// Reads every `serving-*.jsonl` in `directory` and builds the labelled samples of `crowd` for `spec`
@@ -30,8 +59,12 @@ public struct ServingLogSamples {
     public static func load(directory: URL, data: KuaiRandData, spec: ModelSpec, crowd: String,
                             legacyLastDay: Int?) throws -> (EncodedDataset, Stats) {
         let fm = FileManager.default
-        let files = try fm.contentsOfDirectory(atPath: directory.path).filter { $0.hasPrefix("serving-") && $0.hasSuffix(".jsonl") }.sorted()
-        guard !files.isEmpty else { throw TrainingError.data("no serving-*.jsonl files in \(directory.path)") }
+        let names = try fm.contentsOfDirectory(atPath: directory.path)
+        let jsonFiles = names.filter { $0.hasPrefix("serving-") && $0.hasSuffix(".jsonl") }.sorted()
+        let segments = try ServingLogFormat.segments(in: directory)
+        guard !jsonFiles.isEmpty || !segments.isEmpty else {
+            throw TrainingError.data("no serving log segments (serving-*.\(ServingLogFormat.fileExtension)) in \(directory.path)")
+        }
         // Labels by (user, video, date).
         struct Key: Hashable { var user: Int; var video: Int; var date: Int }
         var labels: [Key: [Float]] = [:]
@@ -44,41 +77,92 @@ public struct ServingLogSamples {
         var stats = Stats()
         var rows: [Int32] = [], y: [Float] = [], dense: [Float] = []
         var users: [Int] = [], videos: [Int] = [], dates: [Int] = [], crowds: [String] = []
+
+        func add(_ line: Served) throws {
+            stats.lines += 1
+            guard line.crowd == crowd else { return }
+            guard let date = Int(line.context["date"] ?? "") else { return }
+            if let last = legacyLastDay, date <= last {
+                throw TrainingError.config("\(line.file) entry \(line.position) was served on \(date), not after the legacy model's last training day \(last): in-sample scores")
+            }
+            let logits = try spec.heads.map { h -> [Float] in
+                guard let v = line.legacyLogits[h], v.count == line.itemIds.count else {
+                    throw TrainingError.data("\(line.file) entry \(line.position): no legacy logits for '\(h)'")
+                }
+                return v
+            }
+            let raw = RawFeatures(userId: line.userId, user: line.userFeatures, context: line.context)
+            for (i, item) in line.itemIds.enumerated() {
+                stats.candidates += 1
+                guard let label = labels[Key(user: Int(line.userId), video: Int(item), date: date)] else { continue }
+                guard let features = line.itemFeatures(i) else {
+                    stats.unresolvedItems += 1
+                    continue
+                }
+                stats.labelled += 1
+                for (fi, source) in sources.enumerated() {
+                    rows.append(encoder.row(field: fi, raw: raw.value(source, itemId: item) { features[$0] }))
+                }
+                y += label
+                dense += logits.map { $0[i] }
+                users.append(Int(line.userId))
+                videos.append(Int(item))
+                dates.append(date)
+                crowds.append(line.userFeatures[CrowdDefinition.activity.userColumn ?? ""] ?? "")
+            }
+        }
+
+        // Segments: item features by (id, version), written earlier in the same segment.
+        struct ItemKey: Hashable { var id: Int64; var version: UInt64 }
+        for segment in segments {
+            stats.segments += 1
+            var items: [ItemKey: [String: String]] = [:]
+            var position = 0
+            let read = try ServingLogFormat.read(segment.url) { entry in
+                position += 1
+                switch entry.entry {
+                case .item(let item):
+                    items[ItemKey(id: item.itemID, version: item.version)] = Dictionary(item.features.map { ($0.name, $0.value) },
+                                                                                        uniquingKeysWith: { a, _ in a })
+                case .served(let r):
+                    guard r.itemVersions.count == r.itemIds.count else {
+                        throw TrainingError.data("\(segment.url.lastPathComponent) entry \(position): \(r.itemVersions.count) item versions for \(r.itemIds.count) items")
+                    }
+                    try add(Served(
+                        file: segment.url.lastPathComponent, position: position, userId: r.userID, crowd: r.crowd,
+                        context: Dictionary(r.context.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a }),
+                        userFeatures: Dictionary(r.userFeatures.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a }),
+                        itemIds: r.itemIds,
+                        itemFeatures: { i in items[ItemKey(id: r.itemIds[i], version: r.itemVersions[i])] },
+                        legacyLogits: Dictionary(r.legacyLogits.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a })))
+                case .none:
+                    break
+                }
+            }
+            if read.tornTail { stats.tornTails += 1 }
+            if read.corruptAt != nil { stats.corruptSegments += 1 }
+            stats.skippedBytes += read.skippedBytes
+        }
+
+        // JSON lines written by earlier versions of the gateway.
         let decoder = JSONDecoder()
-        for file in files {
+        for file in jsonFiles {
             let text = try String(contentsOf: directory.appendingPathComponent(file), encoding: .utf8)
-            for (n, raw) in text.split(separator: "\n").enumerated() {
+            let lines = text.split(separator: "\n", omittingEmptySubsequences: true)
+            for (n, raw) in lines.enumerated() {
                 let line: Line
                 do { line = try decoder.decode(Line.self, from: Data(raw.utf8)) } catch {
+                    if n == lines.count - 1 && !text.hasSuffix("\n") { // a torn last line
+                        stats.tornTails += 1
+                        stats.skippedBytes += raw.utf8.count
+                        continue
+                    }
                     throw TrainingError.data("\(file) line \(n + 1): \(error)")
                 }
-                stats.lines += 1
-                guard line.crowd == crowd else { continue }
-                guard let date = Int(line.context["date"] ?? "") else { continue }
-                if let last = legacyLastDay, date <= last {
-                    throw TrainingError.config("\(file) line \(n + 1) was served on \(date), not after the legacy model's last training day \(last): in-sample scores")
-                }
-                let logits = try spec.heads.map { h -> [Float] in
-                    guard let v = line.legacyLogits[h], v.count == line.itemIds.count else {
-                        throw TrainingError.data("\(file) line \(n + 1): no legacy logits for '\(h)'")
-                    }
-                    return v
-                }
-                let raw = RawFeatures(userId: line.userId, user: line.userFeatures, context: line.context)
-                for (i, item) in line.itemIds.enumerated() {
-                    stats.candidates += 1
-                    guard let label = labels[Key(user: Int(line.userId), video: Int(item), date: date)] else { continue }
-                    stats.labelled += 1
-                    for (fi, source) in sources.enumerated() {
-                        rows.append(encoder.row(field: fi, raw: raw.value(source, itemId: item) { line.itemFeatures[$0]?[i] }))
-                    }
-                    y += label
-                    dense += logits.map { $0[i] }
-                    users.append(Int(line.userId))
-                    videos.append(Int(item))
-                    dates.append(date)
-                    crowds.append(line.userFeatures[CrowdDefinition.activity.userColumn ?? ""] ?? "")
-                }
+                try add(Served(file: file, position: n + 1, userId: line.userId, crowd: line.crowd, context: line.context,
+                               userFeatures: line.userFeatures, itemIds: line.itemIds,
+                               itemFeatures: { i in line.itemFeatures.compactMapValues { i < $0.count ? $0[i] : nil } },
+                               legacyLogits: line.legacyLogits))
             }
         }
         guard stats.labelled > 0 else {

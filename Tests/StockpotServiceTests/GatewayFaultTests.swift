@@ -22,7 +22,8 @@ enum Fault: String, Sendable, CaseIterable, CustomTestStringConvertible {
     case duplicate
     /// UNAVAILABLE.
     case fail
-    /// Answers after 60 s, past the gateway's timeouts and its whole budget.
+    /// Answers after 5 s: past the gateway's layer timeouts, and past the whole budget of the tests of a slow
+    /// scorer or feature service.
     case slow
 
     var testDescription: String { rawValue }
@@ -42,7 +43,7 @@ final class Faults: Sendable {
     func act(_ fault: Fault) async throws {
         switch fault {
         case .fail: throw RPCError(code: .unavailable, message: "fake outage")
-        case .slow: try await Task.sleep(for: .seconds(60))
+        case .slow: try await Task.sleep(for: .seconds(5))
         default: break
         }
     }

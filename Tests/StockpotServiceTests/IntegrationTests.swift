@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Testing
+import StockpotLogFormat
 import StockpotModel
 import StockpotProto
 import StockpotCorrector
@@ -119,11 +120,25 @@ struct EndToEnd {
         }
         // The serving log holds what was served.
         let logDir = options.dataDirectory.appendingPathComponent("serving-log")
-        let files = try FileManager.default.contentsOfDirectory(atPath: logDir.path).filter { $0.hasSuffix(".jsonl") }
-        #expect(!files.isEmpty)
-        let lines = try files.flatMap { try String(contentsOf: logDir.appendingPathComponent($0), encoding: .utf8).split(separator: "\n") }
-        #expect(lines.count >= 3)
-        let first = try JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as! [String: Any]
-        #expect(first["legacyLogits"] != nil && first["itemFeatures"] != nil && first["versions"] != nil)
+        let segments = try ServingLogFormat.segments(in: logDir)
+        #expect(!segments.isEmpty)
+        var served: [Stockpot_Log_V1_ServedRequest] = []
+        var items = Set<Int64>()
+        for segment in segments {
+            let read = try ServingLogFormat.read(segment.url) { entry in
+                switch entry.entry {
+                case .served(let r): served.append(r)
+                case .item(let i): items.insert(i.itemID)
+                case .none: break
+                }
+            }
+            #expect(!read.tornTail && read.corruptAt == nil)
+        }
+        #expect(served.count >= 3)
+        let first = try #require(served.first)
+        #expect(first.legacyLogits.count == 3 && first.versions.contains { $0.role == "scorer" })
+        #expect(first.itemVersions.count == first.itemIds.count)
+        // Every candidate's features are in the log (by reference), each item written once per segment at most.
+        #expect(Set(served.flatMap(\.itemIds)).isSubset(of: items))
     }
 }

@@ -34,7 +34,7 @@ struct GatewayCommand: AsyncParsableCommand {
         app.corrector = corrector ?? Env.string("STOCKPOT_GATEWAY_CORRECTOR") ?? app.corrector
         app.fusion = fusion ?? Env.string("STOCKPOT_GATEWAY_FUSION") ?? app.fusion
         let log = servingLog ?? Env.string("STOCKPOT_GATEWAY_SERVING_LOG") ?? "data/serving-log"
-        app.servingLog = log == "off" ? nil : URL(fileURLWithPath: log)
+        app.servingLog = log == "off" ? nil : ServingLog.Options(directory: URL(fileURLWithPath: log))
         if let c = correctedCrowds ?? Env.string("STOCKPOT_GATEWAY_CORRECTED_CROWDS") {
             app.config.correctedCrowds = Set(c.split(separator: ",").map(String.init))
         }

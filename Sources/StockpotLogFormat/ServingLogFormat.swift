@@ -1,0 +1,130 @@
+import Foundation
+import SwiftProtobuf
+
+/// The on-disk format of the gateway's serving log (`proto/stockpot/log/v1/serving_log.proto`): segment file
+/// names, length-delimited framing, item feature versions, and a reader that tolerates a torn last entry.
+///
+/// Shared by the gateway, which writes the log, and the trainer, which builds corrector samples from it; it
+/// depends on SwiftProtobuf only.
+public enum ServingLogFormat {
+    /// Segment files end with this.
+    public static let fileExtension = "pblog"
+
+    /// `serving-<yyyymmdd>-<seq>.pblog`.
+    public static func segmentName(day: Int, sequence: Int) -> String {
+        "serving-\(day)-\(String(format: "%06d", sequence)).\(fileExtension)"
+    }
+
+    /// The (day, sequence) of a segment file name, or nil for any other file.
+    public static func parseSegmentName(_ name: String) -> (day: Int, sequence: Int)? {
+        guard name.hasPrefix("serving-"), name.hasSuffix(".\(fileExtension)") else { return nil }
+        let core = name.dropFirst("serving-".count).dropLast(fileExtension.count + 1)
+        let parts = core.split(separator: "-")
+        guard parts.count == 2, parts[0].count == 8, let day = Int(parts[0]), let seq = Int(parts[1]) else { return nil }
+        return (day, seq)
+    }
+
+    /// The segment files of `directory`, oldest first.
+    public static func segments(in directory: URL) throws -> [(url: URL, day: Int, sequence: Int)] {
+        try FileManager.default.contentsOfDirectory(atPath: directory.path).compactMap { name in
+            parseSegmentName(name).map { (directory.appendingPathComponent(name), $0.day, $0.sequence) }
+        }.sorted { ($0.day, $0.sequence) < ($1.day, $1.sequence) }
+    }
+
+    /// The UTC calendar day (yyyymmdd) of a Unix time in milliseconds.
+    public static func utcDay(ms: Int64) -> Int {
+        // Days since 1970-01-01 to a civil date (proleptic Gregorian), without a calendar object per request.
+        let days = Int(floorDiv(ms, 86_400_000))
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        let y = yoe + era * 400 + (m <= 2 ? 1 : 0)
+        return y * 10_000 + m * 100 + d
+    }
+
+    private static func floorDiv(_ a: Int64, _ b: Int64) -> Int64 { a >= 0 ? a / b : -((-a + b - 1) / b) }
+
+    /// The version of an item's features: FNV-1a (64 bit) over its (name, value) pairs sorted by name, so equal
+    /// features always hash alike whatever order the columns came in.
+    public static func itemVersion(_ features: [(name: String, value: String)]) -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        @inline(__always) func mix(_ byte: UInt8) { h = (h ^ UInt64(byte)) &* 0x0000_0100_0000_01b3 }
+        for f in features.sorted(by: { $0.name < $1.name }) {
+            for b in f.name.utf8 { mix(b) }
+            mix(0x1f)
+            for b in f.value.utf8 { mix(b) }
+            mix(0x1e)
+        }
+        return h
+    }
+
+    /// Appends `message` to `buffer` with its length as a varint in front (length-delimited framing).
+    public static func appendDelimited(_ message: Stockpot_Log_V1_Entry, to buffer: inout [UInt8]) throws {
+        let bytes: [UInt8] = try message.serializedBytes()
+        var n = UInt64(bytes.count)
+        while n >= 0x80 {
+            buffer.append(UInt8(n & 0x7f) | 0x80)
+            n >>= 7
+        }
+        buffer.append(UInt8(n))
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// What reading one segment found.
+    public struct ReadStats: Sendable, Equatable {
+        public var entries = 0
+        /// A last entry cut short (a crash while writing): skipped.
+        public var tornTail = false
+        /// Bytes after the last complete entry that could not be read (torn or corrupt).
+        public var skippedBytes = 0
+        /// Where an unreadable (not merely cut short) entry starts, if any; the rest of the segment is skipped.
+        public var corruptAt: Int?
+
+        public init() {}
+    }
+
+    /// Calls `body` with every complete entry of the segment at `url`, in order. A torn last entry is skipped
+    /// and reported, as is an undecodable one (and what follows it: framing cannot resynchronise).
+    public static func read(_ url: URL, _ body: (Stockpot_Log_V1_Entry) throws -> Void) throws -> ReadStats {
+        let data = try Data(contentsOf: url, options: .alwaysMapped)
+        var stats = ReadStats()
+        let base = data.startIndex, count = data.count
+        var at = 0
+        while at < count {
+            let start = at
+            var length: UInt64 = 0
+            var shift: UInt64 = 0
+            var complete = false
+            while at < count && shift < 64 {
+                let b = data[base + at]
+                at += 1
+                length |= UInt64(b & 0x7f) << shift
+                if b & 0x80 == 0 { complete = true; break }
+                shift += 7
+            }
+            guard complete, length <= UInt64(count - at) else {
+                stats.tornTail = true
+                stats.skippedBytes = count - start
+                break
+            }
+            let end = at + Int(length)
+            let entry: Stockpot_Log_V1_Entry
+            do {
+                entry = try Stockpot_Log_V1_Entry(serializedBytes: data[(base + at)..<(base + end)])
+            } catch {
+                stats.corruptAt = start
+                stats.skippedBytes = count - start
+                break
+            }
+            try body(entry)
+            stats.entries += 1
+            at = end
+        }
+        return stats
+    }
+}

@@ -1,0 +1,289 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotGateway
+import StockpotLogFormat
+import StockpotModel
+import StockpotProto
+import StockpotTraining
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A served request of `items` (features: `type` = "t<id % 3>", `author` = "a<id>"), on the day of `timeMs`.
+func servedEntry(_ n: Int, items: [Int64], timeMs: Int64 = 1_651_708_800_000, crowd: String = "tail") -> ServingLog.Entry {
+    ServingLog.Entry(
+        requestId: "r\(n)", timeMs: timeMs, userId: Int64(n), scenario: "", crowd: crowd, context: ["date": "20220505", "tab": "1"],
+        userFeatures: ["user_active_degree": "low_active"],
+        items: .with {
+            $0.ids = items
+            $0.found = items.map { _ in true }
+            $0.columns = [.with { $0.name = "type"; $0.values = items.map { "t\($0 % 3)" } },
+                          .with { $0.name = "author"; $0.values = items.map { "a\($0)" } }]
+        },
+        legacyLogits: [.with { $0.objective = "is_click"; $0.values = items.map { Float($0) / 100 } }],
+        correctedScores: [], finalScores: items.map { Float($0) }, returned: Array(items.indices.reversed()),
+        versions: [.with { $0.name = "legacy"; $0.version = 1; $0.role = "scorer" }], degraded: [])
+}
+
+/// Everything in a log folder: served requests and item feature entries per segment.
+func readLog(_ dir: URL) throws -> (served: [Stockpot_Log_V1_ServedRequest], perSegment: [[Stockpot_Log_V1_Entry]], stats: [ServingLogFormat.ReadStats]) {
+    var served: [Stockpot_Log_V1_ServedRequest] = []
+    var perSegment: [[Stockpot_Log_V1_Entry]] = []
+    var stats: [ServingLogFormat.ReadStats] = []
+    for s in try ServingLogFormat.segments(in: dir) {
+        var entries: [Stockpot_Log_V1_Entry] = []
+        stats.append(try ServingLogFormat.read(s.url) { e in
+            entries.append(e)
+            if case .served(let r) = e.entry { served.append(r) }
+        })
+        perSegment.append(entries)
+    }
+    return (served, perSegment, stats)
+}
+
+/// Every served request's items resolve to feature entries earlier in the same segment.
+func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Bool {
+    for entries in segments {
+        var known = Set<String>()
+        for e in entries {
+            switch e.entry {
+            case .item(let i): known.insert("\(i.itemID)/\(i.version)")
+            case .served(let r):
+                for (id, v) in zip(r.itemIds, r.itemVersions) where !known.contains("\(id)/\(v)") { return false }
+            case .none: break
+            }
+        }
+    }
+    return true
+}
+
+@Suite struct ServingLogFormatAndWriter {
+    func withLog(_ options: ServingLog.Options, _ body: (ServingLog) async throws -> Void) async throws {
+        let log = ServingLog(options: options, logger: quietLogger)
+        let task = Task { try await log.run() }
+        try await body(log)
+        task.cancel()
+        try await task.value
+    }
+
+    @Test func itemsAreWrittenOncePerSegmentAndReferredTo() async throws {
+        let dir = temporaryDirectory("log")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            log.append(servedEntry(1, items: [1, 2, 3, 4]))
+            log.append(servedEntry(2, items: [3, 4, 5]))
+            log.append(servedEntry(3, items: [1, 5]))
+            await log.flush()
+            #expect(log.stats.written == 3 && log.stats.itemFeatureEntries == 5)
+        }
+        let (served, segments, _) = try readLog(dir)
+        #expect(served.map(\.requestID) == ["r1", "r2", "r3"])
+        #expect(segments.count == 1)
+        let items = segments[0].compactMap { e -> Stockpot_Log_V1_ItemFeatures? in if case .item(let i) = e.entry { return i } else { return nil } }
+        #expect(items.map(\.itemID) == [1, 2, 3, 4, 5])
+        #expect(items[2].features.map(\.name) == ["author", "type"])
+        #expect(items[2].features.map(\.value) == ["a3", "t0"])
+        #expect(everyItemResolvesInItsSegment(segments))
+        // Same features, same version, whatever the column order.
+        #expect(served[0].itemVersions[0] == served[2].itemVersions[0])
+        #expect(ServingLogFormat.itemVersion([("a", "1"), ("b", "2")]) == ServingLogFormat.itemVersion([("b", "2"), ("a", "1")]))
+        #expect(ServingLogFormat.itemVersion([("a", "1")]) != ServingLogFormat.itemVersion([("a", "2")]))
+        #expect(served[0].legacyLogits[0].values == [0.01, 0.02, 0.03, 0.04])
+        #expect(served[0].returned == [3, 2, 1, 0] && served[0].sampleRate == 1)
+    }
+
+    @Test func aTornLastEntryIsSkippedAndCounted() async throws {
+        let dir = temporaryDirectory("log-torn")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            for n in 0..<5 { log.append(servedEntry(n, items: [Int64(n), 100])) }
+        }
+        let segment = try #require(try ServingLogFormat.segments(in: dir).first).url
+        // A crash in the middle of the last write: cut its last 7 bytes.
+        let size = try FileManager.default.attributesOfItem(atPath: segment.path)[.size] as! Int
+        #expect(truncate(segment.path, off_t(size - 7)) == 0)
+        let (served, _, stats) = try readLog(dir)
+        #expect(served.map(\.requestID) == ["r0", "r1", "r2", "r3"])
+        #expect(stats[0].tornTail && stats[0].skippedBytes > 0 && stats[0].corruptAt == nil)
+        // The next run never appends after a torn tail: it opens a new segment.
+        try await withLog(ServingLog.Options(directory: dir)) { log in log.append(servedEntry(9, items: [1])) }
+        let again = try readLog(dir)
+        #expect(again.served.map(\.requestID) == ["r0", "r1", "r2", "r3", "r9"])
+        #expect(try ServingLogFormat.segments(in: dir).map(\.sequence) == [1, 2])
+    }
+
+    @Test func segmentsRotateBySizeAndByDayAndStaySelfContained() async throws {
+        let dir = temporaryDirectory("log-rotate")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = ServingLog.Options(directory: dir)
+        options.maxSegmentBytes = 600
+        let day1: Int64 = 1_651_708_800_000 // 2022-05-05T00:00Z
+        try await withLog(options) { log in
+            for n in 0..<20 { log.append(servedEntry(n, items: [1, 2, 3, Int64(n)], timeMs: day1 + Int64(n))) }
+            log.append(servedEntry(99, items: [1, 2], timeMs: day1 + 86_400_000))
+        }
+        let segments = try ServingLogFormat.segments(in: dir)
+        #expect(segments.count > 3)
+        #expect(Set(segments.map(\.day)) == [20_220_505, 20_220_506])
+        #expect(segments.last?.day == 20_220_506)
+        let (served, perSegment, _) = try readLog(dir)
+        #expect(served.count == 21)
+        #expect(everyItemResolvesInItsSegment(perSegment))
+        #expect(ServingLogFormat.utcDay(ms: day1 - 1) == 20_220_504 && ServingLogFormat.utcDay(ms: 0) == 19_700_101)
+        #expect(ServingLogFormat.utcDay(ms: 951_782_400_000) == 20_000_229) // a leap day
+    }
+
+    @Test func retentionKeepsTheLogWithinItsBudget() async throws {
+        let dir = temporaryDirectory("log-retention")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = ServingLog.Options(directory: dir)
+        options.maxSegmentBytes = 500
+        options.maxTotalBytes = 2_000
+        try await withLog(options) { log in
+            for n in 0..<60 { log.append(servedEntry(n, items: [Int64(n), Int64(n + 1), Int64(n + 2)])) }
+            await log.flush()
+            #expect(log.stats.segmentsDeleted > 0)
+            #expect(log.stats.written == 60)
+        }
+        let total = try ServingLogFormat.segments(in: dir).map { try FileManager.default.attributesOfItem(atPath: $0.url.path)[.size] as! Int }.reduce(0, +)
+        #expect(total <= 2_000 + 500 + 400)
+        // What is left is the newest requests, readable.
+        let (served, _, _) = try readLog(dir)
+        #expect(served.last?.requestID == "r59")
+    }
+
+    @Test func theQueueIsBoundedByBytesAndDropsAreCounted() {
+        var options = ServingLog.Options(directory: temporaryDirectory("log-queue"))
+        options.maxQueueBytes = 20_000
+        let log = ServingLog(options: options, logger: quietLogger) // no writer running: everything queues
+        let big = servedEntry(1, items: Array(0..<200))
+        for _ in 0..<10 { log.append(big) }
+        let s = log.stats
+        #expect(s.appended >= 1 && s.droppedQueueFull >= 1 && s.appended + s.droppedQueueFull == 10)
+        #expect(s.queuedBytes <= 20_000 && s.queuedEntries == s.appended)
+    }
+
+    @Test func aFullDiskDropsAndCountsThenRecovers() async throws {
+        let dir = temporaryDirectory("log-full")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = ServingLog.Options(directory: dir)
+        let opened = Locked(0)
+        // The first segment lands on /dev/full, where every write fails with ENOSPC.
+        options.openSegment = { url in
+            let n = opened { $0 += 1; return $0 }
+            return n == 1 ? open("/dev/full", O_WRONLY | O_CLOEXEC) : open(url.path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        }
+        try await withLog(options) { log in
+            log.append(servedEntry(1, items: [1, 2]))
+            await log.flush()
+            #expect(log.stats.droppedWriteFailed == 1 && log.stats.written == 0)
+            log.append(servedEntry(2, items: [1, 2]))
+            await log.flush()
+            #expect(log.stats.written == 1 && log.stats.droppedWriteFailed == 1)
+        }
+        let (served, perSegment, _) = try readLog(dir)
+        #expect(served.map(\.requestID) == ["r2"])
+        #expect(everyItemResolvesInItsSegment(perSegment)) // the failed write's items were not assumed written
+    }
+
+    @Test func samplingPerCrowd() {
+        var options = ServingLog.Options(directory: temporaryDirectory("log-sample"))
+        options.sampleRates = ["head": 0, "tail": 1]
+        options.defaultSampleRate = 0.5
+        let log = ServingLog(options: options, logger: quietLogger)
+        #expect((0..<100).allSatisfy { _ in !log.sample(crowd: "head").logged })
+        #expect((0..<100).allSatisfy { _ in log.sample(crowd: "tail").logged })
+        let other = (0..<2_000).filter { _ in log.sample(crowd: "other").logged }.count
+        #expect(other > 800 && other < 1_200)
+        #expect(log.sample(crowd: "other").rate == 0.5)
+        #expect(log.stats.sampledOut >= 100 + 800)
+    }
+
+    @Test func gracefulShutdownWritesEverythingQueued() async throws {
+        let dir = temporaryDirectory("log-shutdown")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = ServingLog.Options(directory: dir)
+        options.flushInterval = .seconds(3600)
+        let log = ServingLog(options: options, logger: quietLogger)
+        let group = ServiceGroup(configuration: .init(services: [.init(service: log)], logger: quietLogger))
+        let running = Task { try await group.run() }
+        for n in 0..<200 { log.append(servedEntry(n, items: [Int64(n % 7), 8])) }
+        await group.triggerGracefulShutdown()
+        try await running.value
+        let (served, _, _) = try readLog(dir)
+        #expect(served.count == 200)
+        #expect(log.stats.written == 200 && log.dropped == 0)
+        // After shutdown nothing more is accepted, and that is counted.
+        log.append(servedEntry(500, items: [1]))
+        #expect(log.stats.droppedAtShutdown == 1)
+    }
+}
+
+/// The corrector loop on the new log: samples built from binary segments equal those built from the JSON lines
+/// earlier gateways wrote for the same requests (real KuaiRand users and videos, labels from the real log).
+@Suite(.enabled(if: kuaiRandPresent, Comment(rawValue: kuaiRandMissing)))
+struct ServingLogSamplesOnRealData {
+    @Test func segmentsAndJSONLinesGiveTheSameSamples() async throws {
+        let data = try KuaiRandData.load(directory: kuaiRandDirectory)
+        let config = try FeatureConfig.builtInCorrector()
+        let job = CorrectorTraining(data: data, config: config, log: { _ in })
+        let legacy = try LegacyModel.initialized(spec: ModelSpec(name: "l", featureSetVersion: "v", fields: [
+            FieldSpec(name: "u", source: "log:user_id", dim: 2, encoding: .hashed(buckets: 8))], hidden: [2], heads: config.objectives), seed: 1)
+        let spec = try job.initialCorrector(legacy: legacy, crowd: "tail", days: DayRange("20220505")).spec
+        let rows = try job.crowdRows("tail", days: DayRange("20220505"))
+        let videoIndex = Dictionary(try data.videos.column("video_id").enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
+        // Forty tail users, each with the videos they were shown that day plus one never shown.
+        var byUser: [Int: [Int]] = [:]
+        for r in rows { byUser[data.userIds[r], default: []].append(data.videoIds[r]) }
+        let users = byUser.keys.sorted().prefix(40)
+        #expect(users.count == 40)
+        let jsonDir = temporaryDirectory("log-json"), binDir = temporaryDirectory("log-bin")
+        defer { try? FileManager.default.removeItem(at: jsonDir); try? FileManager.default.removeItem(at: binDir) }
+        let log = ServingLog(options: ServingLog.Options(directory: binDir), logger: quietLogger)
+        let writer = Task { try await log.run() }
+        var lines = ""
+        for (n, user) in users.enumerated() {
+            let r0 = rows.first { data.userIds[$0] == user }!
+            var userFeatures: [String: String] = [:]
+            for (c, name) in data.users.header.enumerated() { userFeatures[name] = data.users.columns[c][Int(data.userRow[r0])] }
+            let items = byUser[user]!.prefix(30).map(Int64.init) + [999_999]
+            var columns: [String: [String]] = [:]
+            for (c, name) in data.videos.header.enumerated() where name != "video_id" {
+                columns[name] = items.map { id in videoIndex[String(id)].map { data.videos.columns[c][$0] } ?? "" }
+            }
+            let logits = config.objectives.map { o in (o, items.map { Float(($0 + Int64(o.count)) % 17) / 8 - 1 }) }
+            let context = ["date": "20220505", "tab": String(n % 3), "hourmin": "1800"]
+            let line: [String: Any] = [
+                "userId": user, "crowd": "tail", "context": context, "userFeatures": userFeatures, "itemIds": items,
+                "itemFeatures": columns, "legacyLogits": Dictionary(uniqueKeysWithValues: logits), "degraded": [String](),
+                "requestId": "r\(n)", "timeMs": 0,
+            ]
+            lines += String(decoding: try JSONSerialization.data(withJSONObject: line), as: UTF8.self) + "\n"
+            log.append(ServingLog.Entry(
+                requestId: "r\(n)", timeMs: 1_651_708_800_000, userId: Int64(user), scenario: "", crowd: "tail", context: context,
+                userFeatures: userFeatures,
+                items: .with { b in
+                    b.ids = items
+                    b.found = items.map { videoIndex[String($0)] != nil }
+                    b.columns = columns.keys.sorted().map { k in .with { $0.name = k; $0.values = columns[k]! } }
+                },
+                legacyLogits: logits.map { o in .with { $0.objective = o.0; $0.values = o.1 } },
+                correctedScores: [], finalScores: items.map { _ in 0 }, returned: [], versions: [], degraded: []))
+        }
+        try Data(lines.utf8).write(to: jsonDir.appendingPathComponent("serving-20220505.jsonl"))
+        writer.cancel()
+        try await writer.value
+        let (fromJSON, jsonStats) = try ServingLogSamples.load(directory: jsonDir, data: data, spec: spec, crowd: "tail", legacyLastDay: 20_220_504)
+        let (fromLog, logStats) = try ServingLogSamples.load(directory: binDir, data: data, spec: spec, crowd: "tail", legacyLastDay: 20_220_504)
+        #expect(logStats.segments == 1 && logStats.tornTails == 0 && logStats.unresolvedItems == 0)
+        #expect(logStats.lines == jsonStats.lines && logStats.candidates == jsonStats.candidates && logStats.labelled == jsonStats.labelled)
+        #expect(fromLog.count > 30)
+        #expect(fromLog.rows == fromJSON.rows)
+        #expect(fromLog.labels == fromJSON.labels)
+        #expect(fromLog.dense == fromJSON.dense)
+        #expect(fromLog.userIds == fromJSON.userIds && fromLog.videoIds == fromJSON.videoIds && fromLog.dates == fromJSON.dates)
+        #expect(fromLog.crowdValues == fromJSON.crowdValues)
+    }
+}
