@@ -53,6 +53,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.0.0"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.0"), // tests only: compose.yaml checks
     ],
     targets: [
@@ -90,6 +91,7 @@ let package = Package(
         // What every service shares: health, server runner, model references, registry client, compute pool.
         .target(name: "StockpotServing", dependencies: ["StockpotProto", "StockpotModel",
                                                         .product(name: "Crypto", package: "swift-crypto"),
+                                                        .product(name: "Configuration", package: "swift-configuration"),
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser")] + grpc,
                 swiftSettings: optimized), // request encoding runs here
         serviceLibrary("StockpotRegistry", [.product(name: "GRDB", package: "GRDB.swift")]),

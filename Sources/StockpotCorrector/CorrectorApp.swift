@@ -18,6 +18,20 @@ public struct CorrectorApp {
 
     public init() {}
 
+    /// The corrector's settings (`ServiceSettings`): host, port, max-candidates, registry access, `crowds`,
+    /// `alias`, `workers`, `max-queued`.
+    public init(settings: ServiceSettings) async throws {
+        self.init()
+        host = try await settings.host()
+        port = try await settings.port(default: port)
+        limits = try await settings.limits()
+        registry = try await settings.registryAccess()
+        crowds = try await settings.list("crowds") ?? crowds
+        alias = try await settings.string("alias", default: alias)
+        workers = max(1, try await settings.int("workers", default: workers))
+        maxQueued = max(0, try await settings.int("max-queued", default: maxQueued))
+    }
+
     /// The health-check name that reports whether `crowd`'s corrector model is loaded.
     public static func healthKey(crowd: String) -> String { "corrector-\(crowd)" }
 

@@ -17,6 +17,20 @@ public struct FeaturesApp {
 
     public init() {}
 
+    /// The feature service's settings (`ServiceSettings`): host, port, max-candidates, `database`,
+    /// `cache-capacity`, `cache-ttl` (seconds), `import-kuairand`.
+    public init(settings: ServiceSettings) async throws {
+        self.init()
+        host = try await settings.host()
+        port = try await settings.port(default: port)
+        limits = try await settings.limits()
+        databasePath = try await settings.string("database", default: databasePath)
+        cacheCapacity = try await settings.int("cache-capacity", default: cacheCapacity)
+        guard cacheCapacity >= 0 else { throw ServiceSettings.SettingError(description: "setting 'cache-capacity' must not be negative") }
+        if let ttl = try await settings.seconds("cache-ttl") { cacheTTL = ttl }
+        importKuaiRand = try await settings.string("import-kuairand").map { URL(fileURLWithPath: $0) }
+    }
+
     public func build(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
         let store = try FeatureStore(path: databasePath)
         if let dir = importKuaiRand, try store.countNow(.user) == 0 {

@@ -14,6 +14,17 @@ public struct FusionApp {
 
     public init() {}
 
+    /// The fusion service's settings (`ServiceSettings`): host, port, max-candidates, registry access, `config`
+    /// (the fusion config reference).
+    public init(settings: ServiceSettings) async throws {
+        self.init()
+        host = try await settings.host()
+        port = try await settings.port(default: port)
+        limits = try await settings.limits()
+        registry = try await settings.registryAccess()
+        config = try await settings.string("config", default: config)
+    }
+
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let client = try registry.makeClient()
         let watcher = registry.watcher(reference: config, client: client, logger: logger) { _, folder in

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import StockpotModel
 import ServiceLifecycle
 import StockpotProto
 import StockpotServing
@@ -17,6 +18,58 @@ public struct GatewayApp {
     public var config = GatewayConfig()
 
     public init() {}
+
+    /// The gateway's settings (`ServiceSettings`): host, port, max-candidates; `features`, `scorer`,
+    /// `corrector`, `fusion` (host:port); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
+    /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`; the serving log: `serving-log`
+    /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
+    /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others).
+    public init(settings: ServiceSettings) async throws {
+        self.init()
+        host = try await settings.host()
+        port = try await settings.port(default: port)
+        config.limits = try await settings.limits()
+        features = try await settings.string("features", default: features)
+        scorer = try await settings.string("scorer", default: scorer)
+        corrector = try await settings.string("corrector", default: corrector)
+        fusion = try await settings.string("fusion", default: fusion)
+        if let crowds = try await settings.list("corrected-crowds") { config.correctedCrowds = Set(crowds) }
+        if let t = try await settings.milliseconds("corrector-timeout-ms") { config.correctorTimeout = t }
+        if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
+        if let t = try await settings.milliseconds("budget-ms") { config.budget = t }
+        for (key, d) in [("corrector-timeout-ms", config.correctorTimeout), ("fusion-timeout-ms", config.fusionTimeout), ("budget-ms", config.budget)]
+        where d <= .zero {
+            throw ServiceSettings.SettingError(description: "setting '\(key)' must be positive")
+        }
+        if let path = try await settings.string("crowds") {
+            do {
+                config.crowds = try JSONDecoder().decode(CrowdDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+            } catch {
+                throw ServiceSettings.SettingError(description: "setting 'crowds': cannot read a crowd definition from \(path): \(error)")
+            }
+        }
+        config.featureDefaultsOnFailure = try await settings.bool("feature-defaults", default: false)
+        let log = try await settings.string("serving-log", default: "data/serving-log")
+        if log == "off" {
+            servingLog = nil
+        } else {
+            var o = ServingLog.Options(directory: URL(fileURLWithPath: log))
+            if let mb = try await settings.double("serving-log-segment-mb") { o.maxSegmentBytes = max(1 << 16, Int(mb * 1_048_576)) }
+            if let gb = try await settings.double("serving-log-max-gb") { o.maxTotalBytes = Int64(gb * 1_073_741_824) }
+            if let days = try await settings.double("serving-log-retention-days") {
+                o.retention = days > 0 ? .milliseconds(Int64(days * 86_400_000)) : nil
+            }
+            if let mb = try await settings.double("serving-log-queue-mb") { o.maxQueueBytes = max(1 << 16, Int(mb * 1_048_576)) }
+            for part in try await settings.list("serving-log-sample") ?? [] {
+                let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
+                guard kv.count == 2, let rate = Double(kv[1]), (0...1).contains(rate) else {
+                    throw ServiceSettings.SettingError(description: "setting 'serving-log-sample': '\(part)' is not crowd=rate with a rate in [0, 1]")
+                }
+                if kv[0] == "*" { o.defaultSampleRate = rate } else { o.sampleRates[kv[0]] = rate }
+            }
+            servingLog = o
+        }
+    }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
         let clients = try [features, scorer, corrector, fusion].map { try ServiceClient(target: $0) }

@@ -13,6 +13,14 @@ public struct RegistryApp {
 
     public init() {}
 
+    /// The registry's settings (`ServiceSettings`): host, port, `data`.
+    public init(settings: ServiceSettings) async throws {
+        self.init()
+        host = try await settings.host()
+        port = try await settings.port(default: port)
+        dataDirectory = URL(fileURLWithPath: try await settings.string("data", default: dataDirectory.path))
+    }
+
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let store = try RegistryStore(root: dataDirectory)
         let server = ServiceServer(name: "stockpot-registry", host: host, port: port,

@@ -18,6 +18,19 @@ public struct ScorerApp {
 
     public init() {}
 
+    /// The scorer's settings (`ServiceSettings`): host, port, max-candidates, registry access, `model`,
+    /// `workers`, `max-queued`.
+    public init(settings: ServiceSettings) async throws {
+        self.init()
+        host = try await settings.host()
+        port = try await settings.port(default: port)
+        limits = try await settings.limits()
+        registry = try await settings.registryAccess()
+        model = try await settings.string("model", default: model)
+        workers = max(1, try await settings.int("workers", default: workers))
+        maxQueued = max(0, try await settings.int("max-queued", default: maxQueued))
+    }
+
     public func build(logger: Logger) throws -> (server: ServiceServer, watcher: ArtifactWatcher<ServableModel>, services: [any Service]) {
         let client = try registry.makeClient()
         let workers = self.workers, maxQueued = self.maxQueued

@@ -1,7 +1,8 @@
 import ArgumentParser
 import Foundation
 
-/// Flags of services that load artifacts from the registry.
+/// Flags of services that load artifacts from the registry (also `STOCKPOT_<SERVICE>_REGISTRY`, `_CACHE`,
+/// `_REFRESH_SECONDS`; the registry address also from the shared `STOCKPOT_REGISTRY_ADDRESS`).
 public struct RegistryOptions: ParsableArguments {
     @Option(help: "Registry address host:port.") public var registry: String?
     @Option(help: "Local folder for downloaded artifacts.") public var cache: String?
@@ -9,11 +10,9 @@ public struct RegistryOptions: ParsableArguments {
 
     public init() {}
 
-    public func access(_ service: String) -> RegistryAccess {
-        var a = RegistryAccess()
-        a.address = registry ?? Env.string("STOCKPOT_\(service)_REGISTRY") ?? Env.string("STOCKPOT_REGISTRY_ADDRESS") ?? a.address
-        a.cacheDirectory = URL(fileURLWithPath: cache ?? Env.string("STOCKPOT_\(service)_CACHE") ?? "data/cache/\(service.lowercased())")
-        if let s = refreshSeconds ?? Env.double("STOCKPOT_\(service)_REFRESH_SECONDS") { a.refreshInterval = .milliseconds(Int64(s * 1000)) }
-        return a
+    public func add(to flags: inout ServiceSettings.Flags) {
+        flags.set("registry", registry)
+        flags.set("cache", cache)
+        flags.set("refresh-seconds", refreshSeconds)
     }
 }

@@ -2,34 +2,90 @@ import ArgumentParser
 import Foundation
 import Logging
 
-/// Flags every service executable takes (each also readable from `STOCKPOT_<SERVICE>_<FLAG>`).
+/// Flags every service executable takes. Each is also `STOCKPOT_<SERVICE>_<FLAG>` in the environment and
+/// `"<flag>"` in the `--config` file (see `ServiceSettings` for the order).
 public struct CommonServiceOptions: ParsableArguments {
     @Option(help: "Address to listen on.") public var host: String?
     @Option(help: "Port to listen on (0 = any free port).") public var port: Int?
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") public var logLevel: String?
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (env STOCKPOT_LOG_LEVEL too).") public var logLevel: String?
+    @Option(help: "Log format: text or json, one JSON object per line (env STOCKPOT_LOG_FORMAT too).") public var logFormat: String?
     @Option(help: "Most candidates per request (RESOURCE_EXHAUSTED above).") public var maxCandidates: Int?
+    @Option(help: "Port of the Prometheus /metrics endpoint on --host (0 = any free port; 'off' or unset = none).") public var metricsPort: String?
+    @Option(help: "OTLP/HTTP endpoint to export traces to, e.g. http://collector:4318 (unset = tracing off).") public var otlpEndpoint: String?
+    @Option(help: "JSON settings file: the service's section and the top level (env STOCKPOT_CONFIG).") public var config: String?
     @Flag(help: "Check the health of a running instance on --host/--port and exit 0 (SERVING) or 1.") public var checkHealth = false
 
     public init() {}
 
-    /// The value of a flag, else of `STOCKPOT_<SERVICE>_<NAME>`, else the default.
-    public func host(_ service: String, default d: String = "127.0.0.1") -> String { host ?? Env.string("STOCKPOT_\(service)_HOST") ?? d }
-    public func port(_ service: String, default d: Int) -> Int { port ?? Env.int("STOCKPOT_\(service)_PORT") ?? d }
-    public func limits(_ service: String) -> RequestLimits {
-        RequestLimits(maxCandidates: maxCandidates ?? Env.int("STOCKPOT_\(service)_MAX_CANDIDATES") ?? 5_000)
+    /// The common flags, to which a service adds its own before resolving its settings.
+    public func flags() -> ServiceSettings.Flags {
+        var f = ServiceSettings.Flags()
+        f.set("host", host)
+        f.set("port", port)
+        f.set("log-level", logLevel)
+        f.set("log-format", logFormat)
+        f.set("max-candidates", maxCandidates)
+        f.set("metrics-port", metricsPort)
+        f.set("otlp-endpoint", otlpEndpoint)
+        return f
+    }
+
+    /// Resolves `service`'s settings from `flags`, the environment and the `--config` file.
+    public func settings(_ service: String, _ flags: ServiceSettings.Flags) async throws -> ServiceSettings {
+        do { return try await ServiceSettings(service: service, flags: flags, file: config) } catch {
+            throw ValidationError("\(error)")
+        }
     }
 
     /// With `--check-health`: probes the running instance and exits. Returns normally otherwise.
-    public func probeIfAsked(_ service: String, defaultPort: Int) async {
+    public func probeIfAsked(_ settings: ServiceSettings, defaultPort: Int) async throws {
         guard checkHealth else { return }
-        let ok = await HealthProbe.isServing(target: "\(host(service)):\(port(service, default: defaultPort))")
-        Foundation.exit(ok ? 0 : 1)
+        let host = try await settings.host()
+        let target = "\(host == "0.0.0.0" ? "127.0.0.1" : host):\(try await settings.port(default: defaultPort))"
+        Foundation.exit(await HealthProbe.isServing(target: target) ? 0 : 1)
+    }
+}
+
+extension ServiceSettings {
+    public func host(default value: String = "127.0.0.1") async throws -> String { try await string("host", default: value) }
+    public func port(default value: Int) async throws -> Int {
+        let p = try await int("port", default: value)
+        guard (0...65535).contains(p) else { throw SettingError(description: "setting 'port' of \(service): \(p) is not a port") }
+        return p
     }
 
-    public func logger(_ label: String) -> Logger {
+    public func limits() async throws -> RequestLimits {
+        let n = try await int("max-candidates", default: 5_000)
+        guard n > 0 else { throw SettingError(description: "setting 'max-candidates' of \(service) must be positive, not \(n)") }
+        return RequestLimits(maxCandidates: n)
+    }
+
+    /// Registry address, local artifact cache and alias refresh interval of a service that loads artifacts.
+    public func registryAccess() async throws -> RegistryAccess {
+        var a = RegistryAccess()
+        if let address = try await string("registry") {
+            a.address = address
+        } else if let shared = try await string("registry-address") {
+            a.address = shared
+        }
+        a.cacheDirectory = URL(fileURLWithPath: try await string("cache", default: "data/cache/\(service)"))
+        if let s = try await seconds("refresh-seconds") { a.refreshInterval = s }
+        return a
+    }
+
+    /// The process's logger: `log-level` and `log-format` (text or json).
+    public func logger(_ label: String) async throws -> Logger {
+        let levelName = try await string("log-level", default: "info")
+        guard let level = Logger.Level(rawValue: levelName) else {
+            throw SettingError(description: "setting 'log-level': '\(levelName)' is not one of trace, debug, info, notice, warning, error, critical")
+        }
+        let format = try await string("log-format", default: "text")
+        guard let f = ServiceLogging.Format(rawValue: format) else {
+            throw SettingError(description: "setting 'log-format': '\(format)' is not text or json")
+        }
+        ServiceLogging.bootstrap(format: f)
         var logger = Logger(label: label)
-        let level = logLevel ?? Env.string("STOCKPOT_LOG_LEVEL") ?? "info"
-        logger.logLevel = Logger.Level(rawValue: level) ?? .info
+        logger.logLevel = level
         return logger
     }
 }

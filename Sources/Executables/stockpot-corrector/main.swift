@@ -3,7 +3,7 @@ import StockpotCorrector
 import StockpotModel
 import StockpotServing
 
-/// `stockpot-corrector`: per-crowd corrector models on top of the legacy scores.
+/// `stockpot-corrector`: one corrector model per crowd, each behind `corrector-<crowd>@<alias>`.
 @main
 struct CorrectorCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-corrector", abstract: "The Stockpot crowd corrector.")
@@ -12,20 +12,20 @@ struct CorrectorCommand: AsyncParsableCommand {
     @Option(help: "Crowds to host, comma-separated (env STOCKPOT_CORRECTOR_CROWDS).") var crowds: String?
     @Option(help: "Registry alias of each crowd's model, corrector-<crowd>@ALIAS (env STOCKPOT_CORRECTOR_ALIAS).") var alias: String?
     @Option(help: "Forward-pass threads (env STOCKPOT_CORRECTOR_WORKERS).") var workers: Int?
+    @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_CORRECTOR_MAX_QUEUED).") var maxQueued: Int?
 
     func run() async throws {
-        await common.probeIfAsked("CORRECTOR", defaultPort: DefaultPorts.corrector)
+        var flags = common.flags()
+        registry.add(to: &flags)
+        flags.set("crowds", crowds)
+        flags.set("alias", alias)
+        flags.set("workers", workers)
+        flags.set("max-queued", maxQueued)
+        let settings = try await common.settings("corrector", flags)
+        try await common.probeIfAsked(settings, defaultPort: DefaultPorts.corrector)
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
-        var app = CorrectorApp()
-        app.host = common.host("CORRECTOR")
-        app.port = common.port("CORRECTOR", default: DefaultPorts.corrector)
-        app.limits = common.limits("CORRECTOR")
-        app.registry = registry.access("CORRECTOR")
-        if let c = crowds ?? Env.string("STOCKPOT_CORRECTOR_CROWDS") { app.crowds = c.split(separator: ",").map(String.init) }
-        app.alias = alias ?? Env.string("STOCKPOT_CORRECTOR_ALIAS") ?? app.alias
-        app.workers = workers ?? Env.int("STOCKPOT_CORRECTOR_WORKERS") ?? app.workers
-        let logger = common.logger("stockpot.corrector")
-        try await ServiceServer.runGroup(try app.build(logger: logger).services, logger: logger)
+        let app = try await CorrectorApp(settings: settings)
+        try await ServiceRunner.run(settings: settings, label: "stockpot.corrector") { logger in try app.build(logger: logger).services }
     }
 }

@@ -2,7 +2,7 @@ import ArgumentParser
 import StockpotFusion
 import StockpotServing
 
-/// `stockpot-fusion`: Σ wᵢ·(αᵢ·sᵢ)^βᵢ with the config the registry alias points at.
+/// `stockpot-fusion`: the final score Σ wᵢ·(αᵢ·sᵢ)^βᵢ per scenario and crowd, from a registry config.
 @main
 struct FusionCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-fusion", abstract: "The Stockpot fusion service.")
@@ -11,14 +11,12 @@ struct FusionCommand: AsyncParsableCommand {
     @Option(help: "Fusion config reference (env STOCKPOT_FUSION_CONFIG).") var config: String?
 
     func run() async throws {
-        await common.probeIfAsked("FUSION", defaultPort: DefaultPorts.fusion)
-        var app = FusionApp()
-        app.host = common.host("FUSION")
-        app.port = common.port("FUSION", default: DefaultPorts.fusion)
-        app.limits = common.limits("FUSION")
-        app.registry = registry.access("FUSION")
-        app.config = config ?? Env.string("STOCKPOT_FUSION_CONFIG") ?? app.config
-        let logger = common.logger("stockpot.fusion")
-        try await ServiceServer.runGroup(try app.build(logger: logger).services, logger: logger)
+        var flags = common.flags()
+        registry.add(to: &flags)
+        flags.set("config", config)
+        let settings = try await common.settings("fusion", flags)
+        try await common.probeIfAsked(settings, defaultPort: DefaultPorts.fusion)
+        let app = try await FusionApp(settings: settings)
+        try await ServiceRunner.run(settings: settings, label: "stockpot.fusion") { logger in try app.build(logger: logger).services }
     }
 }

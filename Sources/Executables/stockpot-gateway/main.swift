@@ -1,7 +1,5 @@
 import ArgumentParser
-import Foundation
 import StockpotGateway
-import StockpotModel
 import StockpotServing
 
 /// `stockpot-gateway`: the production Rank entry point.
@@ -14,6 +12,11 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Corrector host:port (env STOCKPOT_GATEWAY_CORRECTOR).") var corrector: String?
     @Option(help: "Fusion host:port (env STOCKPOT_GATEWAY_FUSION).") var fusion: String?
     @Option(help: "Serving log folder, or 'off' (env STOCKPOT_GATEWAY_SERVING_LOG).") var servingLog: String?
+    @Option(help: "Serving log segment size in MB (default 128).") var servingLogSegmentMb: Double?
+    @Option(help: "Serving log size budget in GB; oldest segments are deleted past it (default 8).") var servingLogMaxGb: Double?
+    @Option(help: "Serving log retention in days; 0 = by size only (default 14).") var servingLogRetentionDays: Double?
+    @Option(help: "Serving log queue bound in MB; requests past it are dropped and counted (default 64).") var servingLogQueueMb: Double?
+    @Option(help: "Serving log sampling per crowd, e.g. head=0.1,tail=1,*=1 (default: every request).") var servingLogSample: String?
     @Option(help: "Crowds routed through the corrector, comma-separated (env STOCKPOT_GATEWAY_CORRECTED_CROWDS).") var correctedCrowds: String?
     @Option(help: "Corrector timeout in ms (env STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS).") var correctorTimeoutMs: Int?
     @Option(help: "Fusion timeout in ms (env STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS).") var fusionTimeoutMs: Int?
@@ -24,28 +27,26 @@ struct GatewayCommand: AsyncParsableCommand {
     var featureDefaults = false
 
     func run() async throws {
-        await common.probeIfAsked("GATEWAY", defaultPort: DefaultPorts.gateway)
-        var app = GatewayApp()
-        app.host = common.host("GATEWAY")
-        app.port = common.port("GATEWAY", default: DefaultPorts.gateway)
-        app.config.limits = common.limits("GATEWAY")
-        app.features = features ?? Env.string("STOCKPOT_GATEWAY_FEATURES") ?? app.features
-        app.scorer = scorer ?? Env.string("STOCKPOT_GATEWAY_SCORER") ?? app.scorer
-        app.corrector = corrector ?? Env.string("STOCKPOT_GATEWAY_CORRECTOR") ?? app.corrector
-        app.fusion = fusion ?? Env.string("STOCKPOT_GATEWAY_FUSION") ?? app.fusion
-        let log = servingLog ?? Env.string("STOCKPOT_GATEWAY_SERVING_LOG") ?? "data/serving-log"
-        app.servingLog = log == "off" ? nil : ServingLog.Options(directory: URL(fileURLWithPath: log))
-        if let c = correctedCrowds ?? Env.string("STOCKPOT_GATEWAY_CORRECTED_CROWDS") {
-            app.config.correctedCrowds = Set(c.split(separator: ",").map(String.init))
-        }
-        if let t = correctorTimeoutMs ?? Env.int("STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS") { app.config.correctorTimeout = .milliseconds(t) }
-        if let t = fusionTimeoutMs ?? Env.int("STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS") { app.config.fusionTimeout = .milliseconds(t) }
-        if let t = budgetMs ?? Env.int("STOCKPOT_GATEWAY_BUDGET_MS") { app.config.budget = .milliseconds(t) }
-        if let path = crowds ?? Env.string("STOCKPOT_GATEWAY_CROWDS") {
-            app.config.crowds = try JSONDecoder().decode(CrowdDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
-        }
-        app.config.featureDefaultsOnFailure = featureDefaults || (Env.bool("STOCKPOT_GATEWAY_FEATURE_DEFAULTS") ?? false)
-        let logger = common.logger("stockpot.gateway")
-        try await ServiceServer.runGroup(try app.build(logger: logger).services, logger: logger)
+        var flags = common.flags()
+        flags.set("features", features)
+        flags.set("scorer", scorer)
+        flags.set("corrector", corrector)
+        flags.set("fusion", fusion)
+        flags.set("serving-log", servingLog)
+        flags.set("serving-log-segment-mb", servingLogSegmentMb)
+        flags.set("serving-log-max-gb", servingLogMaxGb)
+        flags.set("serving-log-retention-days", servingLogRetentionDays)
+        flags.set("serving-log-queue-mb", servingLogQueueMb)
+        flags.set("serving-log-sample", servingLogSample)
+        flags.set("corrected-crowds", correctedCrowds)
+        flags.set("corrector-timeout-ms", correctorTimeoutMs)
+        flags.set("fusion-timeout-ms", fusionTimeoutMs)
+        flags.set("budget-ms", budgetMs)
+        flags.set("crowds", crowds)
+        flags.set("feature-defaults", flag: featureDefaults)
+        let settings = try await common.settings("gateway", flags)
+        try await common.probeIfAsked(settings, defaultPort: DefaultPorts.gateway)
+        let app = try await GatewayApp(settings: settings)
+        try await ServiceRunner.run(settings: settings, label: "stockpot.gateway") { logger in try app.build(logger: logger).services }
     }
 }

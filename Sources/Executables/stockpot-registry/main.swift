@@ -3,7 +3,7 @@ import Foundation
 import StockpotRegistry
 import StockpotServing
 
-/// `stockpot-registry`: model versions, aliases and artifacts over gRPC.
+/// `stockpot-registry`: model versions, aliases and artifacts.
 @main
 struct RegistryCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-registry", abstract: "The Stockpot model registry.")
@@ -11,12 +11,11 @@ struct RegistryCommand: AsyncParsableCommand {
     @Option(help: "Folder for registry.sqlite and artifacts (env STOCKPOT_REGISTRY_DATA).") var data: String?
 
     func run() async throws {
-        await common.probeIfAsked("REGISTRY", defaultPort: DefaultPorts.registry)
-        var app = RegistryApp()
-        app.host = common.host("REGISTRY")
-        app.port = common.port("REGISTRY", default: DefaultPorts.registry)
-        app.dataDirectory = URL(fileURLWithPath: data ?? Env.string("STOCKPOT_REGISTRY_DATA") ?? "data/registry")
-        let logger = common.logger("stockpot.registry")
-        try await ServiceServer.runGroup(try app.build(logger: logger).services, logger: logger)
+        var flags = common.flags()
+        flags.set("data", data)
+        let settings = try await common.settings("registry", flags)
+        try await common.probeIfAsked(settings, defaultPort: DefaultPorts.registry)
+        let app = try await RegistryApp(settings: settings)
+        try await ServiceRunner.run(settings: settings, label: "stockpot.registry") { logger in try app.build(logger: logger).services }
     }
 }

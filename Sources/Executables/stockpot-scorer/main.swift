@@ -11,19 +11,19 @@ struct ScorerCommand: AsyncParsableCommand {
     @OptionGroup var registry: RegistryOptions
     @Option(help: "Model reference to serve (env STOCKPOT_SCORER_MODEL).") var model: String?
     @Option(help: "Forward-pass threads (env STOCKPOT_SCORER_WORKERS).") var workers: Int?
+    @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_SCORER_MAX_QUEUED).") var maxQueued: Int?
 
     func run() async throws {
-        await common.probeIfAsked("SCORER", defaultPort: DefaultPorts.scorer)
+        var flags = common.flags()
+        registry.add(to: &flags)
+        flags.set("model", model)
+        flags.set("workers", workers)
+        flags.set("max-queued", maxQueued)
+        let settings = try await common.settings("scorer", flags)
+        try await common.probeIfAsked(settings, defaultPort: DefaultPorts.scorer)
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
-        var app = ScorerApp()
-        app.host = common.host("SCORER")
-        app.port = common.port("SCORER", default: DefaultPorts.scorer)
-        app.limits = common.limits("SCORER")
-        app.registry = registry.access("SCORER")
-        app.model = model ?? Env.string("STOCKPOT_SCORER_MODEL") ?? app.model
-        app.workers = workers ?? Env.int("STOCKPOT_SCORER_WORKERS") ?? app.workers
-        let logger = common.logger("stockpot.scorer")
-        try await ServiceServer.runGroup(try app.build(logger: logger).services, logger: logger)
+        let app = try await ScorerApp(settings: settings)
+        try await ServiceRunner.run(settings: settings, label: "stockpot.scorer") { logger in try app.build(logger: logger).services }
     }
 }

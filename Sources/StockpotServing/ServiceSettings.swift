@@ -1,0 +1,130 @@
+import Configuration
+import Foundation
+
+/// The settings of one service process, resolved through one path (swift-configuration) for every service:
+///
+/// 1. a command-line flag (`--corrector-timeout-ms 60`),
+/// 2. the service's environment variable (`STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS=60`),
+/// 3. a shared environment variable for settings every service has (`STOCKPOT_LOG_LEVEL`, `STOCKPOT_LOG_FORMAT`),
+/// 4. the service's section of an optional JSON file (`--config FILE` or `STOCKPOT_CONFIG`:
+///    `{"gateway": {"corrector-timeout-ms": 60}, "log-level": "debug"}`), then the file's top level,
+/// 5. the built-in default.
+///
+/// A value that is present but malformed (`STOCKPOT_SCORER_PORT=abc`) is an error naming the setting, never a
+/// silent fallback to the default.
+public struct ServiceSettings: Sendable {
+    /// Values given on the command line, typed as their flags are.
+    public struct Flags: Sendable {
+        var values: [AbsoluteConfigKey: ConfigValue] = [:]
+
+        public init() {}
+
+        public mutating func set(_ key: String, _ value: String?) {
+            if let value { values[AbsoluteConfigKey(ConfigKey(key))] = ConfigValue(.string(value), isSecret: false) }
+        }
+
+        public mutating func set(_ key: String, _ value: Int?) {
+            if let value { values[AbsoluteConfigKey(ConfigKey(key))] = ConfigValue(.int(value), isSecret: false) }
+        }
+
+        public mutating func set(_ key: String, _ value: Double?) {
+            if let value { values[AbsoluteConfigKey(ConfigKey(key))] = ConfigValue(.double(value), isSecret: false) }
+        }
+
+        /// A `@Flag`: only a flag that was given overrides the lower layers.
+        public mutating func set(_ key: String, flag: Bool) {
+            if flag { values[AbsoluteConfigKey(ConfigKey(key))] = ConfigValue(.bool(true), isSecret: false) }
+        }
+    }
+
+    /// Why a setting could not be read.
+    public struct SettingError: Error, CustomStringConvertible {
+        public let description: String
+        public init(description: String) { self.description = description }
+    }
+
+    /// The service's name as it appears in its environment variables (`gateway` → `STOCKPOT_GATEWAY_…`).
+    public let service: String
+    private let reader: ConfigReader
+
+    /// - Parameters:
+    ///   - environment: the process environment (a dictionary in tests).
+    ///   - file: a JSON settings file; `STOCKPOT_CONFIG` when nil.
+    public init(service: String, flags: Flags = Flags(), environment: [String: String] = ProcessInfo.processInfo.environment,
+                file: String? = nil) async throws {
+        self.service = service
+        let env = EnvironmentVariablesProvider(environmentVariables: environment.filter { !$0.value.isEmpty })
+        var providers: [any ConfigProvider] = [
+            InMemoryProvider(name: "flags", values: flags.values),
+            env.prefixKeys(with: ConfigKey(["stockpot", service])),
+            env.prefixKeys(with: ConfigKey(["stockpot"])),
+        ]
+        if let path = file ?? environment["STOCKPOT_CONFIG"].flatMap({ $0.isEmpty ? nil : $0 }) {
+            let json: FileProvider<JSONSnapshot>
+            do { json = try await FileProvider<JSONSnapshot>(filePath: .init(path)) } catch {
+                throw SettingError(description: "cannot read the settings file \(path): \(error)")
+            }
+            providers.append(json.prefixKeys(with: ConfigKey([service])))
+            providers.append(json)
+        }
+        reader = ConfigReader(providers: providers)
+    }
+
+    private func wrap<T>(_ key: String, _ body: () async throws -> T) async throws -> T {
+        do { return try await body() } catch {
+            throw SettingError(description: "setting '\(key)' of \(service) (flag --\(key), environment "
+                + "\(Self.environmentName(service: service, key: key))): \(error)")
+        }
+    }
+
+    /// `STOCKPOT_<SERVICE>_<KEY>` for a kebab-case key.
+    public static func environmentName(service: String, key: String) -> String {
+        "STOCKPOT_\(service)_\(key)".uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()
+    }
+
+    public func string(_ key: String) async throws -> String? {
+        try await wrap(key) { try await reader.fetchString(forKey: ConfigKey(key)) }
+    }
+
+    public func string(_ key: String, default value: String) async throws -> String {
+        try await string(key) ?? value
+    }
+
+    public func int(_ key: String) async throws -> Int? {
+        try await wrap(key) { try await reader.fetchInt(forKey: ConfigKey(key)) }
+    }
+
+    public func int(_ key: String, default value: Int) async throws -> Int {
+        try await int(key) ?? value
+    }
+
+    public func double(_ key: String) async throws -> Double? {
+        try await wrap(key) {
+            // An integer written for a number of seconds ("ttl": 300) is a number too.
+            if let d = try? await reader.fetchDouble(forKey: ConfigKey(key)) { return d }
+            return try await reader.fetchInt(forKey: ConfigKey(key)).map(Double.init)
+        }
+    }
+
+    public func bool(_ key: String, default value: Bool) async throws -> Bool {
+        try await wrap(key) { try await reader.fetchBool(forKey: ConfigKey(key)) } ?? value
+    }
+
+    /// A comma-separated list (or a JSON array of strings).
+    public func list(_ key: String) async throws -> [String]? {
+        try await wrap(key) {
+            if let a = try? await reader.fetchStringArray(forKey: ConfigKey(key)) { return a }
+            return try await reader.fetchString(forKey: ConfigKey(key)).map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+        }
+    }
+
+    /// Milliseconds as a duration.
+    public func milliseconds(_ key: String) async throws -> Duration? {
+        try await int(key).map { .milliseconds($0) }
+    }
+
+    /// Seconds (possibly fractional) as a duration.
+    public func seconds(_ key: String) async throws -> Duration? {
+        try await double(key).map { .milliseconds(Int64(($0 * 1000).rounded())) }
+    }
+}

@@ -1,0 +1,115 @@
+import Foundation
+import Logging
+import StockpotCorrector
+import StockpotFeatures
+import StockpotFusion
+import StockpotGateway
+import StockpotRegistry
+import StockpotScorer
+import StockpotServing
+import Testing
+
+/// Flags → environment → file → default, for every service's App.
+@Suite struct ServiceSettingsResolution {
+    func file(_ json: String) throws -> String {
+        let url = temporaryDirectory("settings").appendingPathComponent("stockpot.json")
+        try Data(json.utf8).write(to: url)
+        return url.path
+    }
+
+    @Test func flagsBeatEnvironmentBeatFileBeatDefaults() async throws {
+        let path = try file(#"{"log-level": "debug", "scorer": {"port": 7000, "workers": 3, "model": "legacy@canary", "max-queued": 9}}"#)
+        var flags = ServiceSettings.Flags()
+        flags.set("port", 6001)
+        let env = ["STOCKPOT_SCORER_PORT": "6000", "STOCKPOT_SCORER_WORKERS": "5", "STOCKPOT_REGISTRY_ADDRESS": "reg:1"]
+        let s = try await ServiceSettings(service: "scorer", flags: flags, environment: env, file: path)
+        let app = try await ScorerApp(settings: s)
+        #expect(app.port == 6001)                      // flag
+        #expect(app.workers == 5)                      // service environment over the file
+        #expect(app.model == "legacy@canary")          // the file's service section
+        #expect(app.maxQueued == 9)
+        #expect(app.registry.address == "reg:1")       // shared environment
+        #expect(app.host == "127.0.0.1")               // default
+        #expect(try await s.string("log-level") == "debug") // the file's top level
+        #expect(app.registry.cacheDirectory.path.hasSuffix("data/cache/scorer"))
+    }
+
+    @Test func malformedValuesAreErrorsNamingTheSetting() async throws {
+        let s = try await ServiceSettings(service: "scorer", environment: ["STOCKPOT_SCORER_PORT": "abc"])
+        await #expect { try await ScorerApp(settings: s) } throws: { "\($0)".contains("STOCKPOT_SCORER_PORT") }
+        let g = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_SERVING_LOG_SAMPLE": "head=2"])
+        await #expect { try await GatewayApp(settings: g) } throws: { "\($0)".contains("serving-log-sample") }
+        let t = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_BUDGET_MS": "0"])
+        await #expect { try await GatewayApp(settings: t) } throws: { "\($0)".contains("budget-ms") }
+        let l = try await ServiceSettings(service: "fusion", environment: ["STOCKPOT_LOG_LEVEL": "loud"])
+        await #expect { try await l.logger("x") } throws: { "\($0)".contains("log-level") }
+        await #expect { try await ServiceSettings(service: "fusion", environment: [:], file: "/nonexistent/stockpot.json") } throws: {
+            "\($0)".contains("/nonexistent/stockpot.json")
+        }
+    }
+
+    @Test func gatewaySettings() async throws {
+        let dir = temporaryDirectory("crowds")
+        let crowds = dir.appendingPathComponent("crowds.json")
+        try Data(#"{"source": "user:user_active_degree", "groups": [{"name": "vip", "values": ["full_active"]}], "otherwise": "rest"}"#.utf8).write(to: crowds)
+        var flags = ServiceSettings.Flags()
+        flags.set("feature-defaults", flag: true)
+        flags.set("serving-log-sample", "head=0.1,*=0.5")
+        let env = ["STOCKPOT_GATEWAY_CORRECTED_CROWDS": "tail, vip", "STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS": "70",
+                   "STOCKPOT_GATEWAY_CROWDS": crowds.path, "STOCKPOT_GATEWAY_SERVING_LOG": "/tmp/log",
+                   "STOCKPOT_GATEWAY_SERVING_LOG_RETENTION_DAYS": "0", "STOCKPOT_GATEWAY_SERVING_LOG_SEGMENT_MB": "2"]
+        let app = try await GatewayApp(settings: ServiceSettings(service: "gateway", flags: flags, environment: env))
+        #expect(app.config.correctedCrowds == ["tail", "vip"])
+        #expect(app.config.correctorTimeout == .milliseconds(70))
+        #expect(app.config.featureDefaultsOnFailure)
+        #expect(app.config.crowds.crowd(of: "full_active") == "vip" && app.config.crowds.crowd(of: "low_active") == "rest")
+        let log = try #require(app.servingLog)
+        #expect(log.directory.path == "/tmp/log" && log.retention == nil && log.maxSegmentBytes == 2 << 20)
+        #expect(log.sampleRates == ["head": 0.1] && log.defaultSampleRate == 0.5)
+        let off = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_SERVING_LOG": "off"]))
+        #expect(off.servingLog == nil)
+    }
+
+    /// Every deployment env file builds its service's App with the values it states.
+    @Test func deploymentEnvFilesResolve() async throws {
+        func env(_ name: String) throws -> [String: String] {
+            let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            let text = try String(contentsOf: root.appendingPathComponent("services/\(name)/config.env"), encoding: .utf8)
+            var out: [String: String] = [:]
+            for line in text.split(separator: "\n") where !line.hasPrefix("#") {
+                let kv = line.split(separator: "=", maxSplits: 1).map(String.init)
+                if kv.count == 2 { out[kv[0]] = kv[1] }
+            }
+            return out
+        }
+        let registry = try await RegistryApp(settings: ServiceSettings(service: "registry", environment: try env("registry")))
+        #expect(registry.port == 50051 && registry.host == "0.0.0.0" && registry.dataDirectory.path == "/data/registry")
+        let features = try await FeaturesApp(settings: ServiceSettings(service: "features", environment: try env("features")))
+        #expect(features.databasePath == "/data/features/features.sqlite" && features.cacheTTL == .seconds(300))
+        #expect(features.importKuaiRand?.path == "/kuairand")
+        let scorer = try await ScorerApp(settings: ServiceSettings(service: "scorer", environment: try env("scorer")))
+        #expect(scorer.registry.address == "stockpot-registry:50051" && scorer.workers == 2 && scorer.registry.refreshInterval == .seconds(10))
+        let corrector = try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: try env("corrector")))
+        #expect(corrector.crowds == ["tail"] && corrector.alias == "production")
+        let fusion = try await FusionApp(settings: ServiceSettings(service: "fusion", environment: try env("fusion")))
+        #expect(fusion.config == "fusion@production")
+        let gateway = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: try env("gateway")))
+        #expect(gateway.scorer == "stockpot-scorer:50053" && gateway.config.budget == .milliseconds(500))
+        #expect(gateway.servingLog?.directory.path == "/data/serving-log")
+    }
+
+    @Test func jsonLogLinesCarryMetadata() {
+        let lines = Locked([String]())
+        var handler = JSONLogHandler(label: "t", write: { line in lines { $0.append(line) } })
+        handler.metadata["service"] = "gateway"
+        handler.log(event: LogEvent(level: .warning, message: "layer skipped", metadata: ["request_id": "r1"], source: "s",
+                                    file: #fileID, function: #function, line: #line))
+        let line = lines.value.first ?? ""
+        #expect(line.hasSuffix("\n"))
+        let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+        #expect(object?["level"] as? String == "warning")
+        #expect(object?["message"] as? String == "layer skipped")
+        #expect(object?["request_id"] as? String == "r1" && object?["service"] as? String == "gateway")
+        #expect((object?["time"] as? String)?.hasSuffix("Z") == true)
+    }
+}
