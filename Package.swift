@@ -54,6 +54,10 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.0.0"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.0"), // tests only: compose.yaml checks
     ],
     targets: [
@@ -92,6 +96,10 @@ let package = Package(
         .target(name: "StockpotServing", dependencies: ["StockpotProto", "StockpotModel",
                                                         .product(name: "Crypto", package: "swift-crypto"),
                                                         .product(name: "Configuration", package: "swift-configuration"),
+                                                        .product(name: "Metrics", package: "swift-metrics"),
+                                                        .product(name: "Prometheus", package: "swift-prometheus"),
+                                                        .product(name: "Hummingbird", package: "hummingbird"),
+                                                        .product(name: "Tracing", package: "swift-distributed-tracing"),
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser")] + grpc,
                 swiftSettings: optimized), // request encoding runs here
         serviceLibrary("StockpotRegistry", [.product(name: "GRDB", package: "GRDB.swift")]),
@@ -133,7 +141,8 @@ let package = Package(
             name: "StockpotServiceTests",
             dependencies: ["StockpotSuite", "StockpotRegistry", "StockpotFeatures", "StockpotScorer",
                            "StockpotCorrector", "StockpotFusion", "StockpotGateway", "StockpotServing",
-                           "StockpotTraining", "StockpotLogFormat", .product(name: "Yams", package: "Yams")] + grpc
+                           "StockpotTraining", "StockpotLogFormat", .product(name: "Yams", package: "Yams"),
+                           .product(name: "InMemoryTracing", package: "swift-distributed-tracing")] + grpc
         ),
     ],
     swiftLanguageModes: [.v6]

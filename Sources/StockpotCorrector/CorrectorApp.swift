@@ -15,6 +15,8 @@ public struct CorrectorApp {
     public var limits = RequestLimits()
     /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
     public var maxQueued = 64
+    /// Where the service's metrics go.
+    public var metrics: MetricsHub = .process
 
     public init() {}
 
@@ -52,10 +54,11 @@ public struct CorrectorApp {
                 return servable
             }, onChange: { _ in health.set(key, .serving) })
         }
+        for watcher in watchers.values { ModelMetrics.observe(watcher, service: "corrector", metrics: metrics) }
         let server = ServiceServer(name: "stockpot-corrector", host: host, port: port,
                                    services: [CorrectorService(crowds: watchers, limits: limits)],
                                    serviceNames: [Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService],
-                                   health: health, logger: logger)
+                                   health: health, metrics: metrics, logger: logger)
         return (server, [client] + watchers.keys.sorted().map { watchers[$0]! } + [server])
     }
 }

@@ -14,6 +14,8 @@ public struct FeaturesApp {
     /// Loads KuaiRand's user and video feature files into an empty store at start.
     public var importKuaiRand: URL?
     public var limits = RequestLimits()
+    /// Where the service's metrics go.
+    public var metrics: MetricsHub = .process
 
     public init() {}
 
@@ -38,8 +40,18 @@ public struct FeaturesApp {
             logger.info("imported KuaiRand features", metadata: ["users": "\(u)", "items": "\(i)"])
         }
         let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
+        let cache = service.cache, metrics = self.metrics
+        metrics.addCollector {
+            let s = cache.stats, l = [("service", "features")]
+            metrics.count("stockpot_feature_cache_hits_total", l, to: s.hits)
+            metrics.count("stockpot_feature_cache_misses_total", l, to: s.misses)
+            metrics.count("stockpot_feature_cache_evictions_total", l, to: s.evictions)
+            metrics.count("stockpot_feature_cache_expirations_total", l, to: s.expirations)
+            metrics.gauge("stockpot_feature_cache_entries", l).record(s.entries)
+        }
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
-                                   serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService], logger: logger)
+                                   serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
+                                   metrics: metrics, logger: logger)
         return (server, service, [server])
     }
 }

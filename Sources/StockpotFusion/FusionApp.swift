@@ -11,6 +11,8 @@ public struct FusionApp {
     public var config = "fusion@production"
     public var registry = RegistryAccess()
     public var limits = RequestLimits()
+    /// Where the service's metrics go.
+    public var metrics: MetricsHub = .process
 
     public init() {}
 
@@ -30,10 +32,15 @@ public struct FusionApp {
         let watcher = registry.watcher(reference: config, client: client, logger: logger) { _, folder in
             try FusionService.load(folder: folder)
         }
+        let metrics = self.metrics
+        metrics.addCollector {
+            guard let v = watcher.value?.version else { return }
+            metrics.gauge("stockpot_model_version", [("service", "fusion"), ("reference", watcher.reference)]).record(Int(v.version))
+        }
         let server = ServiceServer(name: "stockpot-fusion", host: host, port: port,
                                    services: [FusionService(configs: watcher, limits: limits)],
-                                   serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService], logger: logger,
-                                   ready: { watcher.value != nil })
+                                   serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService],
+                                   metrics: metrics, logger: logger, ready: { watcher.value != nil })
         return (server, [client, watcher, server])
     }
 }

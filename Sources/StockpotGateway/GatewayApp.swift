@@ -16,6 +16,8 @@ public struct GatewayApp {
     /// The serving log (nil: off).
     public var servingLog: ServingLog.Options? = ServingLog.Options(directory: URL(fileURLWithPath: "data/serving-log"))
     public var config = GatewayConfig()
+    /// Where the service's metrics go.
+    public var metrics: MetricsHub = .process
 
     public init() {}
 
@@ -76,9 +78,27 @@ public struct GatewayApp {
         let log = servingLog.map { ServingLog(options: $0, logger: logger) }
         let service = GatewayService(clients: GatewayClients(features: clients[0].client, scorer: clients[1].client,
                                                              corrector: clients[2].client, fusion: clients[3].client),
-                                     config: config, log: log, logger: logger)
+                                     config: config, log: log, metrics: metrics, logger: logger)
+        let metrics = self.metrics
+        metrics.addCollector {
+            for (layer, state) in service.layers.snapshot {
+                metrics.gauge("stockpot_gateway_layer_skipping", [("layer", layer)]).record(state.reason == nil ? 0 : 1)
+            }
+            guard let s = log?.stats else { return }
+            let l = [("service", "gateway")]
+            metrics.count("stockpot_serving_log_written_total", l, to: s.written)
+            metrics.count("stockpot_serving_log_bytes_total", l, to: Int(s.bytesWritten))
+            metrics.count("stockpot_serving_log_sampled_out_total", l, to: s.sampledOut)
+            for (reason, n) in [("queue_full", s.droppedQueueFull), ("write_failed", s.droppedWriteFailed), ("shutdown", s.droppedAtShutdown)] {
+                metrics.count("stockpot_serving_log_dropped_total", [("service", "gateway"), ("reason", reason)], to: n)
+            }
+            metrics.count("stockpot_serving_log_segments_deleted_total", l, to: s.segmentsDeleted)
+            metrics.gauge("stockpot_serving_log_queue_entries", l).record(s.queuedEntries)
+            metrics.gauge("stockpot_serving_log_queue_bytes", l).record(s.queuedBytes)
+        }
         let server = ServiceServer(name: "stockpot-gateway", host: host, port: port, services: [service],
-                                   serviceNames: [Stockpot_V1_GatewayService.descriptor.fullyQualifiedService], logger: logger)
+                                   serviceNames: [Stockpot_V1_GatewayService.descriptor.fullyQualifiedService],
+                                   metrics: metrics, logger: logger)
         return (server, log, clients + (log.map { [$0] } ?? []) + [server])
     }
 }

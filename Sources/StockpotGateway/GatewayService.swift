@@ -5,6 +5,7 @@ import Logging
 import StockpotModel
 import StockpotProto
 import StockpotServing
+import Tracing
 
 /// How the gateway runs the pipeline.
 public struct GatewayConfig: Sendable {
@@ -52,13 +53,15 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     public let log: ServingLog?
     /// Which optional layers are being skipped (logged when that changes, not per request).
     public let layers: LayerStates
+    public let metrics: GatewayMetrics
     private let logger: Logger
 
-    public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, logger: Logger) {
+    public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, metrics: MetricsHub = .process, logger: Logger) {
         self.clients = clients
         self.config = config
         self.log = log
         self.logger = logger
+        self.metrics = GatewayMetrics(hub: metrics)
         layers = LayerStates(logger: logger)
     }
 
@@ -108,6 +111,16 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     }
 
     func rank(request: Stockpot_V1_RankRequest, context: ServerContext, budget: Duration) async throws -> Stockpot_V1_RankResponse {
+        // The request id travels in the task's service context: every log line on this request's path names it.
+        let requestId = request.requestID.isEmpty ? UUID().uuidString.lowercased() : request.requestID
+        var serviceContext = ServiceContext.current ?? .topLevel
+        serviceContext.requestID = requestId
+        return try await ServiceContext.withValue(serviceContext) {
+            try await rank(request: request, requestId: requestId, budget: budget)
+        }
+    }
+
+    private func rank(request: Stockpot_V1_RankRequest, requestId: String, budget: Duration) async throws -> Stockpot_V1_RankResponse {
         let clock = ContinuousClock()
         let deadline = clock.now + budget
         func remaining() -> Duration { deadline - clock.now }
@@ -124,12 +137,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         }
         let nowMs = Int64(Date().timeIntervalSince1970 * 1000)
         fillTime(&contextMap, nowMs: nowMs)
-        let requestId = request.requestID.isEmpty ? UUID().uuidString.lowercased() : request.requestID
         var degraded: [(String, String)] = []
 
         // 1. Features: user and items in parallel.
         var userFeatures: [String: String] = [:]
         var items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
+        var started = clock.now
         do {
             async let user = clients.features.getFeatures(.with { $0.userIds = [request.userID] }, options: Self.options(remaining()))
             async let item = clients.features.getFeatures(.with { $0.itemIds = ids }, options: Self.options(remaining()))
@@ -156,6 +169,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         let contextList = contextMap.map { k, v in Stockpot_V1_Feature.with { $0.name = k; $0.value = v } }.sorted { $0.name < $1.name }
 
         // 2. Legacy scores: the floor. Without them there is nothing to serve.
+        metrics.stage("features", since: started)
+        started = clock.now
         let legacy: Stockpot_V1_ScoreResponse
         do {
             legacy = try await clients.scorer.score(.with {
@@ -174,11 +189,14 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         if let problem = ReplyValidation.score(legacy, count: ids.count) {
             throw MalformedReply(service: "legacy scorer", problem: problem).status
         }
+        metrics.stage("scorer", since: started)
         var versions = [legacy.model]
         var scores = legacy.scores
 
         // 3. Crowd correction, within its own timeout.
         if config.correctedCrowds.contains(crowd) {
+            started = clock.now
+            defer { metrics.stage("corrector", since: started) }
             do {
                 let corrected = try await clients.corrector.correct(.with {
                     $0.crowd = crowd
@@ -204,7 +222,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         let n = ids.count
         var final: [Float]
         var order: [Int]
+        started = clock.now
         do {
+            defer { metrics.stage("fusion", since: started) }
             let fused = try await clients.fusion.fuse(.with {
                 $0.scenario = request.scenario
                 $0.crowd = crowd
@@ -241,7 +261,11 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             r.degradedReasons = degraded.map(\.1)
         }
         let skipped = Set(degraded.map(\.0))
-        for (layer, reason) in degraded { layers.skipped(layer, reason: reason) }
+        for (layer, reason) in degraded {
+            layers.skipped(layer, reason: reason)
+            metrics.degraded(layer, reason: reason)
+        }
+        metrics.served(crowd: crowd, versions: versions, scores: scores, returned: order)
         for layer in ["features", "fusion"] where !skipped.contains(layer) { layers.served(layer) }
         if versions.contains(where: { $0.role == "corrector" }) { layers.served("corrector") }
         if !degraded.isEmpty {

@@ -10,6 +10,8 @@ public struct RegistryApp {
     public var port = DefaultPorts.registry
     /// Folder for `registry.sqlite` and the artifacts.
     public var dataDirectory = URL(fileURLWithPath: "data/registry")
+    /// Where the service's metrics go.
+    public var metrics: MetricsHub = .process
 
     public init() {}
 
@@ -25,7 +27,8 @@ public struct RegistryApp {
         let store = try RegistryStore(root: dataDirectory)
         let server = ServiceServer(name: "stockpot-registry", host: host, port: port,
                                    services: [RegistryService(store: store)],
-                                   serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService], logger: logger)
+                                   serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService],
+                                   metrics: metrics, logger: logger)
         return (server, [server])
     }
 }

@@ -15,6 +15,8 @@ public struct ScorerApp {
     public var limits = RequestLimits()
     /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
     public var maxQueued = 64
+    /// Where the service's metrics go.
+    public var metrics: MetricsHub = .process
 
     public init() {}
 
@@ -38,10 +40,11 @@ public struct ScorerApp {
             try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
         }
         // SERVING only once a model is loaded.
+        ModelMetrics.observe(watcher, service: "scorer", metrics: metrics)
         let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,
                                    services: [ScorerService(models: watcher, limits: limits)],
-                                   serviceNames: [Stockpot_V1_ScorerService.descriptor.fullyQualifiedService], logger: logger,
-                                   ready: { watcher.value != nil })
+                                   serviceNames: [Stockpot_V1_ScorerService.descriptor.fullyQualifiedService],
+                                   metrics: metrics, logger: logger, ready: { watcher.value != nil })
         return (server, watcher, [client, watcher, server])
     }
 }

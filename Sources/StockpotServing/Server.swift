@@ -19,16 +19,27 @@ public final class ServiceServer: Service, Sendable {
     ///   - serviceNames: fully qualified names reported SERVING by the health service once listening.
     ///   - port: 0 picks a free port (tests); read it back with `port()`.
     ///   - ready: the services report SERVING only once this holds (e.g. "a model is loaded"); polled after start.
+    ///   - metrics: where the RPC counters and latency histograms go (label `service` = the name without its
+    ///     `stockpot-` prefix).
     public init(name: String, host: String, port: Int, services: [any RegistrableRPCService], serviceNames: [String],
-                health: HealthStatus = HealthStatus(), logger: Logger, ready: @escaping @Sendable () -> Bool = { true }) {
+                health: HealthStatus = HealthStatus(), metrics: MetricsHub = .process, logger: Logger,
+                ready: @escaping @Sendable () -> Bool = { true }) {
         self.name = name
         self.health = health
         self.logger = logger
         self.serviceNames = serviceNames
         self.ready = ready
+        let label = name.hasPrefix("stockpot-") ? String(name.dropFirst("stockpot-".count)) : name
         server = GRPCServer(
             transport: .http2NIOPosix(address: .ipv4(host: host, port: port), transportSecurity: .plaintext),
-            services: services + [HealthService(status: health)])
+            services: services + [HealthService(status: health)],
+            interceptors: [ServerTracingInterceptor(), RPCMetricsInterceptor(hub: metrics, service: label)])
+        let serving = serviceNames
+        metrics.addCollector { [health] in
+            for s in serving {
+                metrics.gauge("stockpot_serving", [("service", label), ("grpc_service", s)]).record(health.status(of: s) == .serving ? 1 : 0)
+            }
+        }
         health.set("", .notServing)
         for s in serviceNames { health.set(s, .notServing) }
     }
@@ -83,7 +94,7 @@ public final class ServiceClient: Service, Sendable {
     ///   balancing across them (scale a layer by adding instances behind one name).
     public init(target: String) throws {
         self.target = target
-        client = GRPCClient(transport: try Self.transport(target: target))
+        client = GRPCClient(transport: try Self.transport(target: target), interceptors: [ClientTracingInterceptor()])
     }
 
     /// An HTTP/2 transport to `host:port`: an IPv4 literal directly, a DNS name to every address behind it

@@ -73,8 +73,9 @@ extension ServiceSettings {
         return a
     }
 
-    /// The process's logger: `log-level` and `log-format` (text or json).
-    public func logger(_ label: String) async throws -> Logger {
+    /// The process's logger: `log-level` and `log-format` (text or json); `extra` metadata providers add to the
+    /// request id on every line.
+    public func logger(_ label: String, extra: [Logger.MetadataProvider] = []) async throws -> Logger {
         let levelName = try await string("log-level", default: "info")
         guard let level = Logger.Level(rawValue: levelName) else {
             throw SettingError(description: "setting 'log-level': '\(levelName)' is not one of trace, debug, info, notice, warning, error, critical")
@@ -83,9 +84,20 @@ extension ServiceSettings {
         guard let f = ServiceLogging.Format(rawValue: format) else {
             throw SettingError(description: "setting 'log-format': '\(format)' is not text or json")
         }
-        ServiceLogging.bootstrap(format: f)
+        ServiceLogging.bootstrap(format: f, extra: extra)
         var logger = Logger(label: label)
         logger.logLevel = level
         return logger
+    }
+}
+
+extension ServiceSettings {
+    /// The `/metrics` port (`metrics-port`), or nil when off.
+    public func metricsPort() async throws -> Int? {
+        guard let text = try await string("metrics-port"), text != "off", !text.isEmpty else { return nil }
+        guard let p = Int(text), (0...65535).contains(p) else {
+            throw SettingError(description: "setting 'metrics-port' of \(service): '\(text)' is not a port or 'off'")
+        }
+        return p
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Synchronization
+import Tracing
 
 /// How service processes log: swift-log's stream handler on stderr (text), or one JSON object per line for log
 /// collectors. Every line carries the logger's metadata (the request id on request paths) and whatever the
@@ -13,8 +14,16 @@ public enum ServiceLogging {
 
     private static let bootstrapped = Mutex(false)
 
+    /// Adds `request_id` to every line logged inside a request's task (`ServiceContext.requestID`).
+    public static let requestIDMetadataProvider = Logger.MetadataProvider {
+        guard let id = ServiceContext.current?.requestID else { return [:] }
+        return ["request_id": "\(id)"]
+    }
+
     /// Installs the process-wide log handler once; later calls do nothing (swift-log allows one bootstrap).
-    public static func bootstrap(format: Format, metadataProvider: Logger.MetadataProvider? = nil) {
+    /// `extra` adds to the request id (e.g. the trace id when tracing is on).
+    public static func bootstrap(format: Format, extra: [Logger.MetadataProvider] = []) {
+        let metadataProvider = Logger.MetadataProvider.multiplex([requestIDMetadataProvider] + extra)
         let first = bootstrapped.withLock { done -> Bool in
             defer { done = true }
             return !done

@@ -162,7 +162,8 @@ struct FakeFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
 }
 
 /// Runs `body` against a gateway whose four downstream services are fakes on one loopback server.
-func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, configure: (inout GatewayConfig) -> Void = { _ in },
+func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics: MetricsHub = MetricsHub(),
+                        configure: (inout GatewayConfig) -> Void = { _ in },
                         _ body: @Sendable (GatewayService) async throws -> Void) async throws {
     var config = GatewayConfig()
     // Generous: a debug build runs these beside the whole suite (training included) on two cores. `slow` is
@@ -173,13 +174,15 @@ func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, configur
     configure(&config)
     let server = GRPCServer(
         transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
-        services: [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults), FakeFusion(faults: faults)])
+        services: [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults), FakeFusion(faults: faults)],
+        interceptors: [ServerTracingInterceptor()])
     try await withThrowingDiscardingTaskGroup { group in
         group.addTask { try await server.serve() }
         guard let port = try await server.listeningAddress?.ipv4?.port else { throw RPCError(code: .internalError, message: "no port") }
-        try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)) { client in
+        try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext),
+                                 interceptors: [ClientTracingInterceptor()]) { client in
             let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
-                                         config: config, log: nil, logger: logger)
+                                         config: config, log: nil, metrics: metrics, logger: logger)
             try await body(gateway)
         }
         server.beginGracefulShutdown()

@@ -1,0 +1,179 @@
+import CoreMetrics
+import Foundation
+import GRPCCore
+import Prometheus
+import Synchronization
+
+/// The metrics of one process, exposed in Prometheus's text format at `/metrics` (`MetricsEndpoint`).
+///
+/// Metrics are swift-metrics types made by a Prometheus factory over this hub's own registry (not the global
+/// `MetricsSystem`), so that several services in one process (the local suite) and parallel tests each count
+/// on their own. Every metric name starts with `stockpot_`; every series has a `service` label.
+///
+/// Values that components already count (cache, compute pool and serving-log statistics) are read when the
+/// endpoint is scraped, by collectors registered with `addCollector`.
+public final class MetricsHub: Sendable {
+    /// The hub of this process (what the service executables serve).
+    public static let process = MetricsHub()
+
+    public let registry: PrometheusCollectorRegistry
+    public let factory: PrometheusMetricsFactory
+    private let collectors = Mutex<[@Sendable () -> Void]>([])
+    private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
+    private let gauges = Mutex<[String: CoreMetrics.Gauge]>([:])
+    private let timers = Mutex<[String: CoreMetrics.Timer]>([:])
+    private let recorders = Mutex<[String: CoreMetrics.Recorder]>([:])
+    /// Last cumulative value seen per counter fed from statistics (`count(_:to:)`).
+    private let lastTotals = Mutex<[String: Int64]>([:])
+
+    public init() {
+        registry = PrometheusCollectorRegistry()
+        var f = PrometheusMetricsFactory(registry: registry)
+        f.defaultDurationHistogramBuckets = [0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 35, 60, 100, 200, 500, 1_000, 2_500, 5_000]
+            .map { Duration.microseconds(Int64($0 * 1_000)) }
+        f.defaultValueHistogramBuckets = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        factory = f
+    }
+
+    private static func key(_ name: String, _ labels: [(String, String)]) -> String {
+        name + "{" + labels.map { "\($0.0)=\($0.1)" }.joined(separator: ",") + "}"
+    }
+
+    /// A counter (cached per name and labels).
+    public func counter(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Counter {
+        let k = Self.key(name, labels)
+        return counters.withLock { c in
+            if let existing = c[k] { return existing }
+            let made = CoreMetrics.Counter(label: name, dimensions: labels, factory: factory)
+            c[k] = made
+            return made
+        }
+    }
+
+    public func gauge(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Gauge {
+        let k = Self.key(name, labels)
+        return gauges.withLock { g in
+            if let existing = g[k] { return existing }
+            let made = CoreMetrics.Gauge(label: name, dimensions: labels, factory: factory)
+            g[k] = made
+            return made
+        }
+    }
+
+    /// A latency histogram in seconds (name it `…_seconds`).
+    public func timer(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Timer {
+        let k = Self.key(name, labels)
+        return timers.withLock { t in
+            if let existing = t[k] { return existing }
+            let made = CoreMetrics.Timer(label: name, dimensions: labels, factory: factory)
+            t[k] = made
+            return made
+        }
+    }
+
+    /// A histogram of values in [0, 1] (scores).
+    public func histogram(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Recorder {
+        let k = Self.key(name, labels)
+        return recorders.withLock { r in
+            if let existing = r[k] { return existing }
+            let made = CoreMetrics.Recorder(label: name, dimensions: labels, aggregate: true, factory: factory)
+            r[k] = made
+            return made
+        }
+    }
+
+    /// Feeds a counter from a cumulative total kept elsewhere (e.g. a cache's hit count): adds what it grew by
+    /// since the last call.
+    public func count(_ name: String, _ labels: [(String, String)], to total: Int) {
+        let k = Self.key(name, labels)
+        let delta = lastTotals.withLock { last -> Int64 in
+            let d = Int64(total) - (last[k] ?? 0)
+            if d > 0 { last[k] = Int64(total) }
+            return d
+        }
+        if delta > 0 { counter(name, labels).increment(by: delta) }
+        else if counters.withLock({ $0[k] == nil }) { _ = counter(name, labels) } // present at 0
+    }
+
+    /// Runs before every scrape: sets gauges and counters from statistics components keep.
+    public func addCollector(_ collect: @escaping @Sendable () -> Void) {
+        collectors.withLock { $0.append(collect) }
+    }
+
+    /// The Prometheus text exposition of everything (collectors run first).
+    public func exposition() -> [UInt8] {
+        for collect in collectors.withLock({ $0 }) { collect() }
+        return registry.emitToBuffer()
+    }
+
+    /// `exposition()` as text.
+    public func text() -> String { String(decoding: exposition(), as: UTF8.self) }
+}
+
+/// Counts and times every RPC a server handles: `stockpot_rpc_requests_total{service, method, code}`,
+/// `stockpot_rpc_duration_seconds{service, method}` (until the response is written) and
+/// `stockpot_rpc_in_flight{service}`.
+public struct RPCMetricsInterceptor: ServerInterceptor {
+    public let hub: MetricsHub
+    public let service: String
+    private let inFlight = Counter()
+
+    /// RPCs in flight (shared by the copies of the interceptor).
+    final class Counter: Sendable {
+        private let value = Mutex(0)
+        func add(_ d: Int) -> Int { value.withLock { $0 += d; return $0 } }
+    }
+
+    public init(hub: MetricsHub, service: String) {
+        self.hub = hub
+        self.service = service
+    }
+
+    /// The lowerCamel name of a status code (`ok`, `unavailable`, `deadlineExceeded`…).
+    static func codeName(_ error: (any Error)?) -> String {
+        guard let error else { return "ok" }
+        if let e = error as? RPCError { return "\(e.code)" }
+        if let e = error as? any RPCErrorConvertible { return "\(e.rpcErrorCode)" }
+        return "unknown"
+    }
+
+    public func intercept<Input: Sendable, Output: Sendable>(
+        request: StreamingServerRequest<Input>, context: ServerContext,
+        next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+    ) async throws -> StreamingServerResponse<Output> {
+        let method = context.descriptor.method
+        let start = ContinuousClock.now
+        let hub = self.hub, service = self.service
+        let gauge = hub.gauge("stockpot_rpc_in_flight", [("service", service)])
+        let n = inFlight.add(1)
+        gauge.record(n)
+        let finish: @Sendable ((any Error)?) -> Void = { [inFlight] error in
+            hub.counter("stockpot_rpc_requests_total", [("service", service), ("method", method), ("code", Self.codeName(error))]).increment()
+            hub.timer("stockpot_rpc_duration_seconds", [("service", service), ("method", method)]).record(duration: ContinuousClock.now - start)
+            gauge.record(inFlight.add(-1))
+        }
+        var response: StreamingServerResponse<Output>
+        do { response = try await next(request, context) } catch {
+            finish(error)
+            throw error
+        }
+        switch response.accepted {
+        case .success(var contents):
+            let producer = contents.producer
+            contents.producer = { writer in
+                do {
+                    let trailers = try await producer(writer)
+                    finish(nil)
+                    return trailers
+                } catch {
+                    finish(error)
+                    throw error
+                }
+            }
+            response.accepted = .success(contents)
+        case .failure(let error):
+            finish(error)
+        }
+        return response
+    }
+}
