@@ -24,7 +24,7 @@ func serviceLibrary(_ name: String, _ extra: [Target.Dependency] = []) -> Target
 func serviceExecutable(_ name: String, _ library: String) -> Target {
     .executableTarget(
         name: name,
-        dependencies: [.target(name: library), "StockpotServing", "StockpotModel",
+        dependencies: [.target(name: library), "StockpotServing", "StockpotModel", "StockpotTelemetry",
                        .product(name: "ArgumentParser", package: "swift-argument-parser")],
         path: "Sources/Executables/\(name)")
 }
@@ -58,6 +58,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
+        .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPHTTP"]),
         .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.0"), // tests only: compose.yaml checks
     ],
     targets: [
@@ -102,6 +103,8 @@ let package = Package(
                                                         .product(name: "Tracing", package: "swift-distributed-tracing"),
                                                         .product(name: "ArgumentParser", package: "swift-argument-parser")] + grpc,
                 swiftSettings: optimized), // request encoding runs here
+        // Trace export (OpenTelemetry, OTLP/HTTP) for the executables; libraries only depend on swift-distributed-tracing.
+        .target(name: "StockpotTelemetry", dependencies: ["StockpotServing", .product(name: "OTel", package: "swift-otel")]),
         serviceLibrary("StockpotRegistry", [.product(name: "GRDB", package: "GRDB.swift")]),
         serviceLibrary("StockpotFeatures", ["StockpotTraining", .product(name: "GRDB", package: "GRDB.swift")]),
         serviceLibrary("StockpotScorer", ["StockpotModel"]),
@@ -141,7 +144,7 @@ let package = Package(
             name: "StockpotServiceTests",
             dependencies: ["StockpotSuite", "StockpotRegistry", "StockpotFeatures", "StockpotScorer",
                            "StockpotCorrector", "StockpotFusion", "StockpotGateway", "StockpotServing",
-                           "StockpotTraining", "StockpotLogFormat", .product(name: "Yams", package: "Yams"),
+                           "StockpotTraining", "StockpotLogFormat", "StockpotTelemetry", .product(name: "Yams", package: "Yams"),
                            .product(name: "InMemoryTracing", package: "swift-distributed-tracing")] + grpc
         ),
     ],

@@ -2,6 +2,7 @@ import ArgumentParser
 import StockpotCorrector
 import StockpotModel
 import StockpotServing
+import StockpotTelemetry
 
 /// `stockpot-corrector`: one corrector model per crowd, each behind `corrector-<crowd>@<alias>`.
 @main
@@ -26,6 +27,6 @@ struct CorrectorCommand: AsyncParsableCommand {
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
         let app = try await CorrectorApp(settings: settings)
-        try await ServiceRunner.run(settings: settings, label: "stockpot.corrector") { logger in try app.build(logger: logger).services }
+        try await Telemetry.run(settings: settings, label: "stockpot.corrector") { logger in try app.build(logger: logger).services }
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import StockpotFeatures
 import StockpotServing
+import StockpotTelemetry
 
 /// `stockpot-features`: batched feature lookups through a TTL cache over SQLite.
 @main
@@ -30,6 +31,6 @@ struct FeaturesCommand: AsyncParsableCommand {
             print("imported \(users) users and \(items) items into \(app.databasePath)")
             return
         }
-        try await ServiceRunner.run(settings: settings, label: "stockpot.features") { logger in try app.build(logger: logger).services }
+        try await Telemetry.run(settings: settings, label: "stockpot.features") { logger in try app.build(logger: logger).services }
     }
 }

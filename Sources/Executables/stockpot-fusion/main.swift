@@ -1,6 +1,7 @@
 import ArgumentParser
 import StockpotFusion
 import StockpotServing
+import StockpotTelemetry
 
 /// `stockpot-fusion`: the final score Σ wᵢ·(αᵢ·sᵢ)^βᵢ per scenario and crowd, from a registry config.
 @main
@@ -17,6 +18,6 @@ struct FusionCommand: AsyncParsableCommand {
         let settings = try await common.settings("fusion", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.fusion)
         let app = try await FusionApp(settings: settings)
-        try await ServiceRunner.run(settings: settings, label: "stockpot.fusion") { logger in try app.build(logger: logger).services }
+        try await Telemetry.run(settings: settings, label: "stockpot.fusion") { logger in try app.build(logger: logger).services }
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import StockpotGateway
 import StockpotServing
+import StockpotTelemetry
 
 /// `stockpot-gateway`: the production Rank entry point.
 @main
@@ -47,6 +48,6 @@ struct GatewayCommand: AsyncParsableCommand {
         let settings = try await common.settings("gateway", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.gateway)
         let app = try await GatewayApp(settings: settings)
-        try await ServiceRunner.run(settings: settings, label: "stockpot.gateway") { logger in try app.build(logger: logger).services }
+        try await Telemetry.run(settings: settings, label: "stockpot.gateway") { logger in try app.build(logger: logger).services }
     }
 }

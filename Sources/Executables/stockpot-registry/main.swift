@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import StockpotRegistry
 import StockpotServing
+import StockpotTelemetry
 
 /// `stockpot-registry`: model versions, aliases and artifacts.
 @main
@@ -16,6 +17,6 @@ struct RegistryCommand: AsyncParsableCommand {
         let settings = try await common.settings("registry", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.registry)
         let app = try await RegistryApp(settings: settings)
-        try await ServiceRunner.run(settings: settings, label: "stockpot.registry") { logger in try app.build(logger: logger).services }
+        try await Telemetry.run(settings: settings, label: "stockpot.registry") { logger in try app.build(logger: logger).services }
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import StockpotModel
 import StockpotScorer
 import StockpotServing
+import StockpotTelemetry
 
 /// `stockpot-scorer`: the legacy model behind a registry alias, hot-swapped when the alias moves.
 @main
@@ -24,6 +25,6 @@ struct ScorerCommand: AsyncParsableCommand {
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
         let app = try await ScorerApp(settings: settings)
-        try await ServiceRunner.run(settings: settings, label: "stockpot.scorer") { logger in try app.build(logger: logger).services }
+        try await Telemetry.run(settings: settings, label: "stockpot.scorer") { logger in try app.build(logger: logger).services }
     }
 }
