@@ -98,8 +98,20 @@ public final class ServiceClient: Service, Sendable {
     }
 
     /// An HTTP/2 transport to `host:port`: an IPv4 literal directly, a DNS name to every address behind it
-    /// with round-robin load balancing.
+    /// with round-robin load balancing. Several IPv4 `host:port` separated by commas are replicas balanced
+    /// round-robin too (replicas on one host, or a fixed list without DNS).
     public static func transport(target: String) throws -> HTTP2ClientTransport.Posix {
+        if target.contains(",") {
+            let addresses = try target.split(separator: ",").map { part -> SocketAddress.IPv4 in
+                let hp = part.trimmingCharacters(in: .whitespaces).split(separator: ":", omittingEmptySubsequences: false)
+                guard hp.count == 2, let port = Int(hp[1]), (1...65535).contains(port), hp[0].first?.isNumber == true else {
+                    throw Status.invalidArgument("bad replica address '\(part)' in '\(target)': expected IPv4 host:port")
+                }
+                return SocketAddress.IPv4(host: String(hp[0]), port: port)
+            }
+            return try .http2NIOPosix(target: ResolvableTargets.IPv4(addresses: addresses), transportSecurity: .plaintext,
+                                      serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
+        }
         let parts = target.split(separator: ":", omittingEmptySubsequences: false)
         guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port), !parts[0].isEmpty else {
             throw Status.invalidArgument("bad service address '\(target)': expected host:port")

@@ -3,7 +3,7 @@ import Foundation
 import Logging
 
 /// Flags every service executable takes. Each is also `STOCKPOT_<SERVICE>_<FLAG>` in the environment and
-/// `"<flag>"` in the `--config` file (see `ServiceSettings` for the order).
+/// `"<flag>"` in the `--settings-file` file (see `ServiceSettings` for the order).
 public struct CommonServiceOptions: ParsableArguments {
     @Option(help: "Address to listen on.") public var host: String?
     @Option(help: "Port to listen on (0 = any free port).") public var port: Int?
@@ -12,7 +12,7 @@ public struct CommonServiceOptions: ParsableArguments {
     @Option(help: "Most candidates per request (RESOURCE_EXHAUSTED above).") public var maxCandidates: Int?
     @Option(help: "Port of the Prometheus /metrics endpoint on --host (0 = any free port; 'off' or unset = none).") public var metricsPort: String?
     @Option(help: "OTLP/HTTP endpoint to export traces to, e.g. http://collector:4318 (unset = tracing off).") public var otlpEndpoint: String?
-    @Option(help: "JSON settings file: the service's section and the top level (env STOCKPOT_CONFIG).") public var config: String?
+    @Option(help: "JSON settings file: the service's section and the top level (env STOCKPOT_SETTINGS_FILE).") public var settingsFile: String?
     @Flag(help: "Check the health of a running instance on --host/--port and exit 0 (SERVING) or 1.") public var checkHealth = false
 
     public init() {}
@@ -30,9 +30,9 @@ public struct CommonServiceOptions: ParsableArguments {
         return f
     }
 
-    /// Resolves `service`'s settings from `flags`, the environment and the `--config` file.
+    /// Resolves `service`'s settings from `flags`, the environment and the `--settings-file` file.
     public func settings(_ service: String, _ flags: ServiceSettings.Flags) async throws -> ServiceSettings {
-        do { return try await ServiceSettings(service: service, flags: flags, file: config) } catch {
+        do { return try await ServiceSettings(service: service, flags: flags, file: settingsFile) } catch {
             throw ValidationError("\(error)")
         }
     }

@@ -6,7 +6,7 @@ import Foundation
 /// 1. a command-line flag (`--corrector-timeout-ms 60`),
 /// 2. the service's environment variable (`STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS=60`),
 /// 3. a shared environment variable for settings every service has (`STOCKPOT_LOG_LEVEL`, `STOCKPOT_LOG_FORMAT`),
-/// 4. the service's section of an optional JSON file (`--config FILE` or `STOCKPOT_CONFIG`:
+/// 4. the service's section of an optional JSON file (`--settings-file FILE` or `STOCKPOT_SETTINGS_FILE`:
 ///    `{"gateway": {"corrector-timeout-ms": 60}, "log-level": "debug"}`), then the file's top level,
 /// 5. the built-in default.
 ///
@@ -49,7 +49,7 @@ public struct ServiceSettings: Sendable {
 
     /// - Parameters:
     ///   - environment: the process environment (a dictionary in tests).
-    ///   - file: a JSON settings file; `STOCKPOT_CONFIG` when nil.
+    ///   - file: a JSON settings file; `STOCKPOT_SETTINGS_FILE` when nil.
     public init(service: String, flags: Flags = Flags(), environment: [String: String] = ProcessInfo.processInfo.environment,
                 file: String? = nil) async throws {
         self.service = service
@@ -59,7 +59,7 @@ public struct ServiceSettings: Sendable {
             env.prefixKeys(with: ConfigKey(["stockpot", service])),
             env.prefixKeys(with: ConfigKey(["stockpot"])),
         ]
-        if let path = file ?? environment["STOCKPOT_CONFIG"].flatMap({ $0.isEmpty ? nil : $0 }) {
+        if let path = file ?? environment["STOCKPOT_SETTINGS_FILE"].flatMap({ $0.isEmpty ? nil : $0 }) {
             let json: FileProvider<JSONSnapshot>
             do { json = try await FileProvider<JSONSnapshot>(filePath: .init(path)) } catch {
                 throw SettingError(description: "cannot read the settings file \(path): \(error)")

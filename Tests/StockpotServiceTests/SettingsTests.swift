@@ -113,3 +113,28 @@ import Testing
         #expect((object?["time"] as? String)?.hasSuffix("Z") == true)
     }
 }
+
+/// The six executables as built: their flags parse (no two options share a name) and `--help` lists the
+/// common ones. Skips when the executables are not next to the test binary.
+@Suite struct Executables {
+    static let folder = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+    static let names = ["registry", "features", "scorer", "corrector", "fusion", "gateway"].map { "stockpot-\($0)" }
+    static let present = names.allSatisfy { FileManager.default.isExecutableFile(atPath: folder.appendingPathComponent($0).path) }
+
+    @Test(.enabled(if: present, "the service executables are not built next to the tests"), arguments: names)
+    func helpParses(name: String) throws {
+        let p = Process()
+        p.executableURL = Self.folder.appendingPathComponent(name)
+        p.arguments = ["--help"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0, "\(out)")
+        for flag in ["--settings-file", "--metrics-port", "--otlp-endpoint", "--log-format", "--port"] {
+            #expect(out.contains(flag), "\(name) --help lacks \(flag)")
+        }
+    }
+}
