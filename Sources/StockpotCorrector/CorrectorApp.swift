@@ -30,8 +30,8 @@ public struct CorrectorApp {
         registry = try await settings.registryAccess()
         crowds = try await settings.list("crowds") ?? crowds
         alias = try await settings.string("alias", default: alias)
-        workers = max(1, try await settings.int("workers", default: workers))
-        maxQueued = max(0, try await settings.int("max-queued", default: maxQueued))
+        workers = try await settings.int("workers", in: 1...256) ?? workers
+        maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
     }
 
     /// The health-check name that reports whether `crowd`'s corrector model is loaded.

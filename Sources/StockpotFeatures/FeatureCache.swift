@@ -63,8 +63,11 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
     public init(capacity: Int, ttl: Duration, clock: @escaping @Sendable () -> UInt64 = { DispatchTimeShim.nowNanos() }) {
         self.capacity = max(0, capacity)
         maxTracked = max(1_024, min(self.capacity, 100_000))
+        // Saturating: a TTL beyond ~290 years is "forever", not an overflow.
         let c = ttl.components
-        ttlNanos = UInt64(max(0, c.seconds)) * 1_000_000_000 + UInt64(max(0, c.attoseconds) / 1_000_000_000)
+        let seconds = UInt64(clamping: max(0, c.seconds))
+        let (whole, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        ttlNanos = overflow ? .max / 2 : whole &+ UInt64(max(0, c.attoseconds) / 1_000_000_000)
         now = clock
     }
 

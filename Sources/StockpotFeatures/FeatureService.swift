@@ -91,8 +91,8 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         // Invalidate before and after the write: a concurrent reader cannot re-cache the old row.
         let keys = rows.ids.map { Key(kind: kind, id: $0) }
         cache.invalidate(keys)
+        defer { cache.invalidate(keys) } // also when the write fails half-way through a transaction
         let written = try await store.put(kind, rows: upserts)
-        cache.invalidate(keys)
         return .with { $0.written = Int32(written) }
     }
 

@@ -24,6 +24,11 @@ public protocol FeatureBackend: Sendable {
 ///
 /// A file store is a WAL-mode connection pool: reads run concurrently on GRDB's reader threads, never on the Swift
 /// concurrency pool, and do not wait for a writer; a write is fsynced before it returns (`synchronous = FULL`).
+///
+/// Several feature-service processes may share one file (replicas on one host): each reads the others'
+/// writes, but each caches rows for its TTL, so a row written through one replica can be served stale by
+/// another for up to the cache TTL (the column list until a write through it adds a column). Invalidation
+/// across replicas comes with a shared store (PostgreSQL).
 public final class FeatureStore: FeatureBackend {
     public enum Kind: Int, Sendable, CaseIterable {
         case user = 1
@@ -106,8 +111,9 @@ public final class FeatureStore: FeatureBackend {
 
     public func put(_ kind: Kind, rows: [(Int64, [String: String])]) async throws -> Int {
         let rows = rows.map { Upsert(id: $0.0, features: $0.1) }
-        knownColumns.invalidate([kind])
-        defer { knownColumns.invalidate([kind]) }
+        let addsColumns = addsColumns(kind, rows)
+        if addsColumns { knownColumns.invalidate([kind]) }
+        defer { if addsColumns { knownColumns.invalidate([kind]) } }
         return try await db.write { db in try Self.upsert(db, kind: kind, rows: rows) }
     }
 
@@ -115,9 +121,18 @@ public final class FeatureStore: FeatureBackend {
     @discardableResult
     public func putNow(_ kind: Kind, rows: [(Int64, [String: String])]) throws -> Int {
         let rows = rows.map { Upsert(id: $0.0, features: $0.1) }
-        knownColumns.invalidate([kind])
-        defer { knownColumns.invalidate([kind]) }
+        let addsColumns = addsColumns(kind, rows)
+        if addsColumns { knownColumns.invalidate([kind]) }
+        defer { if addsColumns { knownColumns.invalidate([kind]) } }
         return try db.write { db in try Self.upsert(db, kind: kind, rows: rows) }
+    }
+
+    /// Whether the rows may add a column name the cached list lacks (always, when no list is cached): only
+    /// then does a write invalidate the list, so writes of known columns cost readers nothing.
+    private func addsColumns(_ kind: Kind, _ rows: [Upsert]) -> Bool {
+        guard let known = knownColumns.get([kind])[kind] else { return true }
+        let set = Set(known)
+        return rows.contains { $0.features.keys.contains { !set.contains($0) } }
     }
 
     private struct Upsert: Sendable {

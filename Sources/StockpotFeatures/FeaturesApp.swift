@@ -27,8 +27,7 @@ public struct FeaturesApp {
         port = try await settings.port(default: port)
         limits = try await settings.limits()
         databasePath = try await settings.string("database", default: databasePath)
-        cacheCapacity = try await settings.int("cache-capacity", default: cacheCapacity)
-        guard cacheCapacity >= 0 else { throw ServiceSettings.SettingError(description: "setting 'cache-capacity' must not be negative") }
+        cacheCapacity = try await settings.int("cache-capacity", in: 0...100_000_000) ?? cacheCapacity
         if let ttl = try await settings.seconds("cache-ttl") { cacheTTL = ttl }
         importKuaiRand = try await settings.string("import-kuairand").map { URL(fileURLWithPath: $0) }
     }

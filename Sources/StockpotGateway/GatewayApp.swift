@@ -56,12 +56,12 @@ public struct GatewayApp {
             servingLog = nil
         } else {
             var o = ServingLog.Options(directory: URL(fileURLWithPath: log))
-            if let mb = try await settings.double("serving-log-segment-mb") { o.maxSegmentBytes = max(1 << 16, Int(mb * 1_048_576)) }
-            if let gb = try await settings.double("serving-log-max-gb") { o.maxTotalBytes = Int64(gb * 1_073_741_824) }
-            if let days = try await settings.double("serving-log-retention-days") {
+            if let mb = try await settings.double("serving-log-segment-mb", in: 0.0625...65_536) { o.maxSegmentBytes = Int(mb * 1_048_576) }
+            if let gb = try await settings.double("serving-log-max-gb", in: 0.001...1_000_000) { o.maxTotalBytes = Int64(gb * 1_073_741_824) }
+            if let days = try await settings.double("serving-log-retention-days", in: 0...36_500) {
                 o.retention = days > 0 ? .milliseconds(Int64(days * 86_400_000)) : nil
             }
-            if let mb = try await settings.double("serving-log-queue-mb") { o.maxQueueBytes = max(1 << 16, Int(mb * 1_048_576)) }
+            if let mb = try await settings.double("serving-log-queue-mb", in: 0.0625...65_536) { o.maxQueueBytes = Int(mb * 1_048_576) }
             for part in try await settings.list("serving-log-sample") ?? [] {
                 let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
                 guard kv.count == 2, let rate = Double(kv[1]), (0...1).contains(rate) else {

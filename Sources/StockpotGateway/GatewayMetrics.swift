@@ -30,8 +30,11 @@ public struct GatewayMetrics: Sendable {
         hub.counter("stockpot_gateway_degraded_total", [("layer", layer), ("reason", Self.reasonKind(reason))]).increment()
     }
 
+    /// A model version as a label value; a name that is not a valid registry name (a downstream can reply
+    /// anything) is `invalid`, and `MetricsHub` bounds the number of distinct versions.
     static func label(_ ref: Stockpot_V1_ModelRef?) -> String {
         guard let ref, !ref.name.isEmpty else { return "none" }
+        guard ModelReference.isValidName(ref.name), ref.version > 0 else { return "invalid" }
         return "\(ref.name):\(ref.version)"
     }
 

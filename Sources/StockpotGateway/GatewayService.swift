@@ -262,12 +262,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         }
         let skipped = Set(degraded.map(\.0))
         for (layer, reason) in degraded {
-            layers.skipped(layer, reason: reason)
+            layers.skipped(layer == "corrector" ? "corrector/\(crowd)" : layer, reason: reason)
             metrics.degraded(layer, reason: reason)
         }
         metrics.served(crowd: crowd, versions: versions, scores: scores, returned: order)
         for layer in ["features", "fusion"] where !skipped.contains(layer) { layers.served(layer) }
-        if versions.contains(where: { $0.role == "corrector" }) { layers.served("corrector") }
+        if versions.contains(where: { $0.role == "corrector" }) { layers.served("corrector/\(crowd)") }
         if !degraded.isEmpty {
             logger.debug("degraded", metadata: ["request_id": "\(requestId)", "skipped": "\(degraded.map(\.0))"])
         }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import ServiceLifecycle
 import StockpotLogFormat
+import StockpotModel
 import StockpotProto
 import Synchronization
 #if canImport(Glibc)
@@ -40,8 +41,16 @@ public final class ServingLog: Service, Sendable {
         /// Fraction of each crowd's requests logged (crowds not listed: `defaultSampleRate`).
         public var sampleRates: [String: Double] = [:]
         public var defaultSampleRate = 1.0
-        /// Opens a segment file for appending; returns a file descriptor or -1 (replaceable in tests).
-        public var openSegment: @Sendable (URL) -> Int32 = { url in open(url.path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) }
+        /// This writer's name in its segment files, so that gateways sharing one folder never write, cut back
+        /// or delete each other's segments (default: the host name; a container's is unique per replica).
+        public var instance = ServingLogFormat.instanceName(ProcessInfo.processInfo.hostName)
+        /// After a failed open or write, requests are dropped (and counted) for this long before trying again.
+        public var retryAfterFailure: Duration = .seconds(1)
+        /// Creates a new segment file for appending (never an existing one); returns a file descriptor, or -1
+        /// with `errno` set (replaceable in tests).
+        public var openSegment: @Sendable (URL) -> Int32 = { url in
+            open(url.path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o644)
+        }
 
         public init(directory: URL) { self.directory = directory }
     }
@@ -127,7 +136,7 @@ public final class ServingLog: Service, Sendable {
     }
 
     private struct Queue {
-        var entries: [Entry] = []
+        var entries: [(entry: Entry, size: Int)] = []
         var bytes = 0
         var closed = false
         var stats = Stats()
@@ -189,7 +198,7 @@ public final class ServingLog: Service, Sendable {
         let queued = queue.withLock { q -> Bool in
             guard !q.closed else { q.stats.droppedAtShutdown += 1; return false }
             guard q.bytes + size <= options.maxQueueBytes else { q.stats.droppedQueueFull += 1; return false }
-            q.entries.append(entry)
+            q.entries.append((entry, size))
             q.bytes += size
             q.stats.appended += 1
             return true
@@ -203,18 +212,21 @@ public final class ServingLog: Service, Sendable {
         await drain(sync: true)
     }
 
+    /// Writes what is queued, on the serial I/O queue: the batch is taken there, so entries are written in
+    /// the order they were queued and a `flush` returns only after everything queued before it is written.
+    /// Their bytes count against the queue bound until they are written.
     private func drain(sync: Bool) async {
-        let batch = queue.withLock { q -> [Entry] in
-            let b = q.entries
-            q.entries.removeAll(keepingCapacity: true)
-            q.bytes = 0
-            return b
-        }
         let writer = self.writer
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            io.async {
-                for e in batch { writer.write(e) }
+            io.async { [self] in
+                let batch = queue.withLock { q -> [(entry: Entry, size: Int)] in
+                    defer { q.entries.removeAll(keepingCapacity: true) }
+                    return q.entries
+                }
+                let bytes = batch.reduce(0) { $0 + $1.size }
+                for e in batch { writer.write(e.entry) }
                 if sync { writer.sync() }
+                queue.withLock { $0.bytes -= bytes }
                 c.resume()
             }
         }
@@ -234,9 +246,10 @@ public final class ServingLog: Service, Sendable {
         await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
                 for await _ in wakes {
-                    let due = clock.now - lastSync >= interval
+                    let now = clock.now
+                    let due = now - lastSync >= interval
+                    if due { lastSync = now }
                     await drain(sync: due)
-                    if due { lastSync = clock.now }
                 }
             } onCancel: {
                 self.wake.finish()
@@ -274,17 +287,19 @@ final class SegmentWriter: @unchecked Sendable {
         var version: UInt64
     }
 
-    private let options: Options
     typealias Options = ServingLog.Options
+    private let options: Options
     private let logger: Logger
     private let counters = Mutex(Stats())
     private var fd: Int32 = -1
+    private var segmentURL: URL?
     private var day = 0
     private var offset = 0
     private var nextSequence: [Int: Int] = [:]
     /// Items whose features the current segment already holds.
     private var itemsInSegment = Set<ItemKey>()
-    private var failing = false
+    /// Set after a failed open or write: until then requests are dropped without touching the disk.
+    private var retryAt: ContinuousClock.Instant?
     private var buffer: [UInt8] = []
 
     init(options: Options, logger: Logger) {
@@ -295,14 +310,22 @@ final class SegmentWriter: @unchecked Sendable {
     var stats: Stats { counters.withLock { $0 } }
 
     func write(_ e: ServingLog.Entry) {
+        if let retryAt {
+            guard ContinuousClock.now >= retryAt else {
+                counters.withLock { $0.droppedWriteFailed += 1 }
+                return
+            }
+        }
         let entryDay = ServingLogFormat.utcDay(ms: e.timeMs)
         if fd >= 0 && (entryDay != day || offset >= options.maxSegmentBytes) { closeSegment() }
-        if fd < 0 && !openSegment(day: entryDay) {
-            counters.withLock { $0.droppedWriteFailed += 1 }
-            return
+        if fd < 0 {
+            if let code = openSegment(day: entryDay) {
+                failed("cannot create a segment", errno: code)
+                return
+            }
         }
         buffer.removeAll(keepingCapacity: true)
-        var newItems: [ItemKey] = []
+        var newItems = Set<ItemKey>()
         do {
             let n = e.items.ids.count
             var versions = [UInt64](repeating: 0, count: n)
@@ -312,8 +335,7 @@ final class SegmentWriter: @unchecked Sendable {
                 let version = ServingLogFormat.itemVersion(features)
                 versions[i] = version
                 let key = ItemKey(id: e.items.ids[i], version: version)
-                guard !itemsInSegment.contains(key), !newItems.contains(key) else { continue }
-                newItems.append(key)
+                guard !itemsInSegment.contains(key), newItems.insert(key).inserted else { continue }
                 try ServingLogFormat.appendDelimited(.with {
                     $0.item = .with { item in
                         item.itemID = key.id
@@ -328,31 +350,41 @@ final class SegmentWriter: @unchecked Sendable {
             logger.error("serving log: cannot encode a request", metadata: ["request_id": "\(e.requestId)", "error": "\(error)"])
             return
         }
-        if writeAll(buffer) {
-            offset += buffer.count
-            itemsInSegment.formUnion(newItems)
-            counters.withLock {
-                $0.written += 1
-                $0.bytesWritten += Int64(buffer.count)
-                $0.itemFeatureEntries += newItems.count
+        if let code = writeAll(buffer) {
+            // Cut the segment back to its last whole entry (an empty one is removed), drop this request, and
+            // try a new segment after a pause. History is never deleted to make room: the size budget and
+            // retention decide what is kept.
+            if offset == 0, let url = segmentURL {
+                closeSegment()
+                unlink(url.path)
+            } else {
+                _ = ftruncate(fd, off_t(offset))
+                closeSegment()
             }
-            if failing {
-                failing = false
-                logger.notice("serving log: writing again")
-            }
-        } else {
-            let code = errno
-            // Cut the segment back to its last whole entry and start a new one with the next request.
-            _ = ftruncate(fd, off_t(offset))
-            closeSegment()
-            counters.withLock { $0.droppedWriteFailed += 1 }
-            if !failing {
-                failing = true
-                logger.error("serving log: write failed; dropping requests until writes succeed",
-                             metadata: ["errno": "\(code)", "error": "\(String(cString: strerror(code)))"])
-            }
-            if code == ENOSPC || code == EDQUOT { enforceRetention(freeing: true) }
+            failed("write failed", errno: code)
+            return
         }
+        offset += buffer.count
+        itemsInSegment.formUnion(newItems)
+        counters.withLock {
+            $0.written += 1
+            $0.bytesWritten += Int64(buffer.count)
+            $0.itemFeatureEntries += newItems.count
+        }
+        if retryAt != nil {
+            retryAt = nil
+            logger.notice("serving log: writing again")
+        }
+    }
+
+    /// Counts the dropped request; logs once when a failure starts, then pauses writes for a while.
+    private func failed(_ what: String, errno code: Int32) {
+        counters.withLock { $0.droppedWriteFailed += 1 }
+        if retryAt == nil {
+            logger.error("serving log: \(what); dropping requests until writes succeed",
+                         metadata: ["errno": "\(code)", "error": "\(String(cString: strerror(code)))", "folder": "\(options.directory.path)"])
+        }
+        retryAt = ContinuousClock.now + options.retryAfterFailure
     }
 
     static func served(_ e: ServingLog.Entry, versions: [UInt64]) -> Stockpot_Log_V1_ServedRequest {
@@ -369,61 +401,76 @@ final class SegmentWriter: @unchecked Sendable {
             r.legacyLogits = e.legacyLogits.map { s in .with { $0.objective = s.objective; $0.values = s.values } }
             r.correctedScores = e.correctedScores.map { s in .with { $0.objective = s.objective; $0.values = s.values } }
             r.finalScores = e.finalScores
-            r.returned = e.returned.map { Int32($0) }
+            r.returned = e.returned.map { Int32(clamping: $0) }
             r.versions = e.versions.map { v in .with { $0.name = v.name; $0.version = v.version; $0.alias = v.alias; $0.role = v.role } }
             r.degraded = e.degraded
             r.sampleRate = Float(e.sampleRate)
         }
     }
 
-    private func writeAll(_ bytes: [UInt8]) -> Bool {
-        bytes.withUnsafeBytes { raw in
+    /// Writes every byte; returns nil, or the errno of the failure.
+    private func writeAll(_ bytes: [UInt8]) -> Int32? {
+        bytes.withUnsafeBytes { raw -> Int32? in
             var done = 0
             while done < raw.count {
-                let n = Glibc.write(fd, raw.baseAddress! + done, raw.count - done)
+                let n = posixWrite(fd, raw.baseAddress! + done, raw.count - done)
                 if n < 0 {
-                    if errno == EINTR { continue }
-                    return false
+                    let code = errno
+                    if code == EINTR { continue }
+                    return code
                 }
                 done += n
             }
-            return true
+            return nil
         }
     }
 
-    private func openSegment(day: Int) -> Bool {
-        let fm = FileManager.default
-        do { try fm.createDirectory(at: options.directory, withIntermediateDirectories: true) } catch {
-            logger.error("serving log: cannot create \(options.directory.path)", metadata: ["error": "\(error)"])
-            return false
+    /// Creates the next segment of `day` for this instance; returns nil, or the errno of the failure.
+    private func openSegment(day: Int) -> Int32? {
+        do { try FileManager.default.createDirectory(at: options.directory, withIntermediateDirectories: true) } catch {
+            return EACCES
         }
         if nextSequence[day] == nil {
             // Never append to a segment from an earlier run (its tail may be torn): continue the numbering.
             let existing = (try? ServingLogFormat.segments(in: options.directory)) ?? []
-            nextSequence[day] = (existing.filter { $0.day == day }.map(\.sequence).max() ?? 0) + 1
+            nextSequence[day] = (existing.filter { $0.day == day && $0.instance == options.instance }.map(\.sequence).max() ?? 0) + 1
         }
-        let seq = nextSequence[day]!
-        nextSequence[day] = seq + 1
-        let url = options.directory.appendingPathComponent(ServingLogFormat.segmentName(day: day, sequence: seq))
-        let f = options.openSegment(url)
-        guard f >= 0 else {
-            logger.error("serving log: cannot open \(url.path)", metadata: ["errno": "\(errno)"])
-            return false
+        var code: Int32 = 0
+        for _ in 0..<100 {
+            let seq = nextSequence[day]!
+            nextSequence[day] = seq + 1
+            let url = options.directory.appendingPathComponent(ServingLogFormat.segmentName(day: day, sequence: seq, instance: options.instance))
+            let f = options.openSegment(url)
+            if f >= 0 {
+                fd = f
+                segmentURL = url
+                self.day = day
+                offset = 0
+                itemsInSegment.removeAll(keepingCapacity: true)
+                counters.withLock { $0.segmentsOpened += 1 }
+                syncDirectory() // the new file's name survives a power loss
+                enforceRetention()
+                return nil
+            }
+            code = errno
+            guard code == EEXIST else { break } // taken (another writer, or an earlier run): the next number
         }
-        fd = f
-        self.day = day
-        offset = 0
-        itemsInSegment.removeAll(keepingCapacity: true)
-        counters.withLock { $0.segmentsOpened += 1 }
-        enforceRetention(freeing: false)
-        return true
+        return code
+    }
+
+    private func syncDirectory() {
+        let dir = open(options.directory.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else { return }
+        _ = fsync(dir)
+        _ = posixClose(dir)
     }
 
     private func closeSegment() {
         guard fd >= 0 else { return }
         _ = fsync(fd)
-        _ = Glibc.close(fd)
+        _ = posixClose(fd)
         fd = -1
+        segmentURL = nil
     }
 
     func sync() {
@@ -432,37 +479,43 @@ final class SegmentWriter: @unchecked Sendable {
 
     func close() { closeSegment() }
 
-    /// Deletes the oldest segments (never the one open) while the log exceeds its size budget, and any older
-    /// than the retention period. With `freeing`, also the oldest one even within budget (the disk is full).
-    private func enforceRetention(freeing: Bool) {
+    /// Deletes this instance's oldest segments (never the one open) while its segments exceed the size budget,
+    /// and any instance's segments not written for longer than the retention period.
+    private func enforceRetention() {
         let fm = FileManager.default
-        guard var segments = try? ServingLogFormat.segments(in: options.directory) else { return }
-        let current = fd >= 0 ? ServingLogFormat.segmentName(day: day, sequence: (nextSequence[day] ?? 1) - 1) : nil
-        segments.removeAll { $0.url.lastPathComponent == current }
-        var sizes: [Int64] = []
+        guard let all = try? ServingLogFormat.segments(in: options.directory) else { return }
+        let segments = all.filter { $0.url.lastPathComponent != segmentURL?.lastPathComponent }
         var total: Int64 = Int64(offset)
-        var ages: [Date] = []
+        var info: [(size: Int64, modified: Date, own: Bool)] = []
         for s in segments {
             let a = try? fm.attributesOfItem(atPath: s.url.path)
             let size = (a?[.size] as? NSNumber)?.int64Value ?? 0
-            sizes.append(size)
-            ages.append((a?[.modificationDate] as? Date) ?? Date())
-            total += size
+            let own = s.instance == options.instance
+            info.append((size, (a?[.modificationDate] as? Date) ?? Date(), own))
+            if own { total += size }
         }
-        let cutoff = options.retention.map { Date().addingTimeInterval(-Double($0.components.seconds)) }
+        let cutoff = options.retention.map { Date().addingTimeInterval(-$0.seconds) }
         var deleted = 0
         for (i, s) in segments.enumerated() {
-            let tooOld = cutoff.map { ages[i] < $0 } ?? false
-            let overBudget = total > options.maxTotalBytes
-            guard tooOld || overBudget || (freeing && deleted == 0) else { continue }
+            let tooOld = cutoff.map { info[i].modified < $0 } ?? false
+            let overBudget = info[i].own && total > options.maxTotalBytes
+            guard tooOld || overBudget else { continue }
             if (try? fm.removeItem(at: s.url)) != nil {
-                total -= sizes[i]
+                if info[i].own { total -= info[i].size }
                 deleted += 1
             }
         }
         if deleted > 0 {
             counters.withLock { $0.segmentsDeleted += deleted }
-            logger.info("serving log: deleted old segments", metadata: ["count": "\(deleted)", "freeing_space": "\(freeing)"])
+            logger.info("serving log: deleted old segments", metadata: ["count": "\(deleted)"])
         }
     }
 }
+
+#if canImport(Glibc)
+private func posixWrite(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int) -> Int { Glibc.write(fd, buffer, count) }
+private func posixClose(_ fd: Int32) -> Int32 { Glibc.close(fd) }
+#elseif canImport(Darwin)
+private func posixWrite(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int) -> Int { Darwin.write(fd, buffer, count) }
+private func posixClose(_ fd: Int32) -> Int32 { Darwin.close(fd) }
+#endif

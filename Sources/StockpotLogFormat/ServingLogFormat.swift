@@ -10,25 +10,33 @@ public enum ServingLogFormat {
     /// Segment files end with this.
     public static let fileExtension = "pblog"
 
-    /// `serving-<yyyymmdd>-<seq>.pblog`.
-    public static func segmentName(day: Int, sequence: Int) -> String {
-        "serving-\(day)-\(String(format: "%06d", sequence)).\(fileExtension)"
+    /// `serving-<yyyymmdd>-<seq>-<instance>.pblog` (`serving-<yyyymmdd>-<seq>.pblog` without an instance).
+    /// The instance (the writing gateway, e.g. its host name) keeps replicas that share a folder apart.
+    public static func segmentName(day: Int, sequence: Int, instance: String = "") -> String {
+        "serving-\(day)-\(String(format: "%06d", sequence))\(instance.isEmpty ? "" : "-" + instance).\(fileExtension)"
     }
 
-    /// The (day, sequence) of a segment file name, or nil for any other file.
-    public static func parseSegmentName(_ name: String) -> (day: Int, sequence: Int)? {
+    /// An instance name usable in a segment file name: letters, digits and `_` (anything else becomes `_`).
+    public static func instanceName(_ raw: String) -> String {
+        String(raw.prefix(64).map { $0.isASCII && ($0.isLetter || $0.isNumber) ? $0 : "_" })
+    }
+
+    /// The (day, sequence, instance) of a segment file name, or nil for any other file.
+    public static func parseSegmentName(_ name: String) -> (day: Int, sequence: Int, instance: String)? {
         guard name.hasPrefix("serving-"), name.hasSuffix(".\(fileExtension)") else { return nil }
         let core = name.dropFirst("serving-".count).dropLast(fileExtension.count + 1)
-        let parts = core.split(separator: "-")
-        guard parts.count == 2, parts[0].count == 8, let day = Int(parts[0]), let seq = Int(parts[1]) else { return nil }
-        return (day, seq)
+        let parts = core.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2 || parts.count == 3, parts[0].count == 8, let day = Int(parts[0]), let seq = Int(parts[1]) else { return nil }
+        let instance = parts.count == 3 ? String(parts[2]) : ""
+        guard parts.count == 2 || (!instance.isEmpty && instanceName(instance) == instance) else { return nil }
+        return (day, seq, instance)
     }
 
-    /// The segment files of `directory`, oldest first.
-    public static func segments(in directory: URL) throws -> [(url: URL, day: Int, sequence: Int)] {
+    /// The segment files of `directory`, oldest first (by day, then sequence, then instance).
+    public static func segments(in directory: URL) throws -> [(url: URL, day: Int, sequence: Int, instance: String)] {
         try FileManager.default.contentsOfDirectory(atPath: directory.path).compactMap { name in
-            parseSegmentName(name).map { (directory.appendingPathComponent(name), $0.day, $0.sequence) }
-        }.sorted { ($0.day, $0.sequence) < ($1.day, $1.sequence) }
+            parseSegmentName(name).map { (directory.appendingPathComponent(name), $0.day, $0.sequence, $0.instance) }
+        }.sorted { ($0.day, $0.sequence, $0.instance) < ($1.day, $1.sequence, $1.instance) }
     }
 
     /// The UTC calendar day (yyyymmdd) of a Unix time in milliseconds.
@@ -91,7 +99,8 @@ public enum ServingLogFormat {
     /// Calls `body` with every complete entry of the segment at `url`, in order. A torn last entry is skipped
     /// and reported, as is an undecodable one (and what follows it: framing cannot resynchronise).
     public static func read(_ url: URL, _ body: (Stockpot_Log_V1_Entry) throws -> Void) throws -> ReadStats {
-        let data = try Data(contentsOf: url, options: .alwaysMapped)
+        // Read, not mapped: the writer may cut the open segment back after a failed write.
+        let data = try Data(contentsOf: url)
         var stats = ReadStats()
         let base = data.startIndex, count = data.count
         var at = 0

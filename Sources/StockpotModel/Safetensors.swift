@@ -176,39 +176,48 @@ public enum AtomicFile {
     /// Publishes the complete folder `staged` at `url` in one atomic step, for folders that readers in other
     /// tasks or processes may open at any moment (a serving cache): the content moves to a hidden sibling and
     /// `url` becomes a symbolic link to it, swapped with rename(2), so a reader of `url` sees the old folder or
-    /// the new one, never neither. The previous content is removed afterwards. `staged` must be on the same
-    /// file system as `url`.
+    /// the new one, never neither. Publishers of the same `url` take turns (an exclusive lock on a sibling
+    /// lock file); afterwards the hidden siblings of older publications and leftovers of a crash are removed,
+    /// keeping the content just replaced until the next publication. `staged` must be on the same file system
+    /// as `url`.
     public static func publishDirectory(_ staged: URL, at url: URL) throws {
         let fm = FileManager.default
         let parent = url.deletingLastPathComponent()
         let name = url.lastPathComponent
+        do { try fm.createDirectory(at: parent, withIntermediateDirectories: true) } catch {
+            throw ModelError.io("cannot create \(parent.path): \(error.localizedDescription)")
+        }
+        let lockFD = open(parent.appendingPathComponent(".\(name).lock").path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard lockFD >= 0 else { throw ModelError.io("cannot lock \(url.path) (errno \(errno))") }
+        defer { close(lockFD) } // releases the lock
+        while flock(lockFD, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw ModelError.io("cannot lock \(url.path) (errno \(errno))") }
+        }
         let tag = String(UInt64.random(in: 0...UInt64.max), radix: 36)
         let contentName = ".\(name).\(tag)"
+        let content = parent.appendingPathComponent(contentName)
         let link = parent.appendingPathComponent(".\(name).link-\(tag)")
+        let previous = fm.destinationOfSymbolicLinkIfAny(url)
         do {
-            try fm.createDirectory(at: parent, withIntermediateDirectories: true)
-            try fm.moveItem(at: staged, to: parent.appendingPathComponent(contentName))
+            try fm.moveItem(at: staged, to: content)
             try fm.createSymbolicLink(atPath: link.path, withDestinationPath: contentName)
+            if fm.destinationOfSymbolicLinkIfAny(url) == nil, fm.fileExists(atPath: url.path) {
+                // A plain folder (written before folders were published as links): moved aside once.
+                try fm.moveItem(at: url, to: parent.appendingPathComponent(".\(name).old-\(tag)"))
+            }
+            guard rename(link.path, url.path) == 0 else { throw ModelError.io("cannot publish \(url.path) (errno \(errno))") }
         } catch {
             try? fm.removeItem(at: link)
-            throw ModelError.io("cannot stage \(url.path): \(error.localizedDescription)")
+            if fm.destinationOfSymbolicLinkIfAny(url) != contentName { try? fm.removeItem(at: content) }
+            if let e = error as? ModelError { throw e }
+            throw ModelError.io("cannot publish \(url.path): \(error.localizedDescription)")
         }
-        var previous: URL?
-        if let target = try? fm.destinationOfSymbolicLink(atPath: url.path) {
-            previous = target.hasPrefix("/") ? URL(fileURLWithPath: target) : parent.appendingPathComponent(target)
-        } else if fm.fileExists(atPath: url.path) {
-            // A plain folder (written before folders were published as links): moved aside once.
-            let old = parent.appendingPathComponent(".\(name).old-\(tag)")
-            try fm.moveItem(at: url, to: old)
-            previous = old
-        }
-        guard rename(link.path, url.path) == 0 else {
-            let code = errno
-            try? fm.removeItem(at: link)
-            throw ModelError.io("cannot publish \(url.path) (errno \(code))")
-        }
-        if let previous, previous.standardizedFileURL != parent.appendingPathComponent(contentName).standardizedFileURL {
-            try? fm.removeItem(at: previous)
+        // Everything hidden for this name but the live content, the one it replaced (a reader that resolved the
+        // link just before the swap may still be opening its files: it goes at the next publication) and the
+        // lock file.
+        for sibling in (try? fm.contentsOfDirectory(atPath: parent.path)) ?? []
+        where sibling.hasPrefix(".\(name).") && sibling != contentName && sibling != previous && sibling != ".\(name).lock" {
+            try? fm.removeItem(at: parent.appendingPathComponent(sibling))
         }
     }
 
@@ -239,5 +248,12 @@ public enum AtomicFile {
             if let e = error as? ModelError { throw e }
             throw ModelError.io("cannot write \(url.path): \(error.localizedDescription)")
         }
+    }
+}
+
+extension FileManager {
+    /// The target of a symbolic link, or nil when `url` is not one.
+    func destinationOfSymbolicLinkIfAny(_ url: URL) -> String? {
+        try? destinationOfSymbolicLink(atPath: url.path)
     }
 }

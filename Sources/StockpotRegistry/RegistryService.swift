@@ -109,7 +109,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
                 try openFile(index)
                 try finishFile()
             }
-            return try store.commit(header: h, files: folder!)
+            return try await store.commit(header: h, files: folder!)
         } catch {
             try? handle?.close()
             if let folder { try? FileManager.default.removeItem(at: folder) }
@@ -124,32 +124,33 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
         }
     }
 
-    public func resolve(_ text: String, field: String) throws -> Stockpot_V1_ModelVersion {
+    public func resolve(_ text: String, field: String) async throws -> Stockpot_V1_ModelVersion {
         let ref = try parseRef(text, field: field)
-        guard let v = try store.resolve(ref) else { throw Status.notFound("no model version \(ref)") }
+        guard let v = try await store.resolve(ref) else { throw Status.notFound("no model version \(ref)") }
         return v
     }
 
     public func listVersions(request: Stockpot_V1_ListVersionsRequest, context: ServerContext) async throws -> Stockpot_V1_ListVersionsResponse {
-        .with { $0.versions = (try? store.list(name: request.name.isEmpty ? nil : request.name)) ?? [] }
+        let versions = try await store.list(name: request.name.isEmpty ? nil : request.name)
+        return .with { $0.versions = versions }
     }
 
     public func getVersion(request: Stockpot_V1_GetVersionRequest, context: ServerContext) async throws -> Stockpot_V1_ModelVersion {
-        try resolve(request.ref, field: "ref")
+        try await resolve(request.ref, field: "ref")
     }
 
     public func setAlias(request: Stockpot_V1_SetAliasRequest, context: ServerContext) async throws -> Stockpot_V1_SetAliasResponse {
         guard ModelReference.isValidName(request.name) else { throw Status.invalidArgument("name '\(request.name)' is invalid") }
         guard ModelReference.isValidName(request.alias) else { throw Status.invalidArgument("alias '\(request.alias)' is invalid") }
         guard request.version > 0 else { throw Status.invalidArgument("version must be positive") }
-        guard let (v, previous) = try store.setAlias(name: request.name, alias: request.alias, version: request.version) else {
+        guard let (v, previous) = try await store.setAlias(name: request.name, alias: request.alias, version: request.version) else {
             throw Status.notFound("no model version \(request.name):\(request.version)")
         }
         return .with { $0.version = v; $0.previousVersion = previous }
     }
 
     public func download(request: Stockpot_V1_DownloadRequest, response: RPCWriter<Stockpot_V1_DownloadResponse>, context: ServerContext) async throws {
-        let v = try resolve(request.ref, field: "ref")
+        let v = try await resolve(request.ref, field: "ref")
         try await response.write(.with { $0.version = v })
         for f in v.files {
             let url = store.fileURL(name: v.name, version: v.version, path: f.path)

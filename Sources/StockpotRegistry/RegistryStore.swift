@@ -7,6 +7,7 @@ import StockpotServing
 ///
 /// Versions are immutable. An upload is written to `artifacts/.incoming/<id>/`, verified (sizes and sha256),
 /// then moved into place and recorded in one transaction, so a failed or interrupted upload leaves nothing behind.
+/// Database work runs on GRDB's own threads (async reads and writes), never on the Swift concurrency pool.
 public final class RegistryStore: Sendable {
     public let root: URL
     private let db: DatabaseQueue
@@ -57,14 +58,14 @@ public final class RegistryStore: Sendable {
     }
 
     /// Records a verified upload as the next version of `name` and moves its files into place.
-    func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL) throws -> Stockpot_V1_ModelVersion {
+    func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL) async throws -> Stockpot_V1_ModelVersion {
         // The name is a folder under artifacts/: never `.`, `..` or hidden (checked by the service too).
         guard ModelReference.isValidName(header.name) else { throw Status.invalidArgument("name '\(header.name)' is invalid") }
         let metadata = String(decoding: try JSONEncoder().encode(header.metadata), as: UTF8.self)
         let files = String(decoding: try JSONEncoder().encode(header.files.map { FileRecord($0) }), as: UTF8.self)
         let digest = Self.artifactDigest(header.files)
         let now = Self.nowMs()
-        return try db.write { db -> Stockpot_V1_ModelVersion in
+        return try await db.write { [self] db -> Stockpot_V1_ModelVersion in
             let last = try Int64.fetchOne(db, sql: "SELECT MAX(version) FROM versions WHERE name = ?", arguments: [header.name]) ?? 0
             let version = last + 1
             let dest = artifactFolder(name: header.name, version: version)
@@ -109,8 +110,8 @@ public final class RegistryStore: Sendable {
     }
 
     /// The version a reference points at, or nil.
-    public func resolve(_ ref: ModelReference) throws -> Stockpot_V1_ModelVersion? {
-        try db.read { db in
+    public func resolve(_ ref: ModelReference) async throws -> Stockpot_V1_ModelVersion? {
+        try await db.read { [self] db in
             switch ref.selector {
             case .version(let v): return try fetchVersion(db, name: ref.name, version: v)
             case .alias(let a):
@@ -121,8 +122,8 @@ public final class RegistryStore: Sendable {
         }
     }
 
-    public func list(name: String?) throws -> [Stockpot_V1_ModelVersion] {
-        try db.read { db in
+    public func list(name: String?) async throws -> [Stockpot_V1_ModelVersion] {
+        try await db.read { [self] db in
             let rows = try Row.fetchAll(db, sql: name == nil
                 ? "SELECT name, version FROM versions ORDER BY name, version"
                 : "SELECT name, version FROM versions WHERE name = ? ORDER BY version",
@@ -132,8 +133,8 @@ public final class RegistryStore: Sendable {
     }
 
     /// Points `alias` at an existing version; returns it and the previous version (0 if none). Appends history.
-    public func setAlias(name: String, alias: String, version: Int64) throws -> (Stockpot_V1_ModelVersion, Int64)? {
-        try db.write { db in
+    public func setAlias(name: String, alias: String, version: Int64) async throws -> (Stockpot_V1_ModelVersion, Int64)? {
+        try await db.write { [self] db in
             guard try Int64.fetchOne(db, sql: "SELECT version FROM versions WHERE name = ? AND version = ?",
                                      arguments: [name, version]) != nil else { return nil }
             let previous = try Int64.fetchOne(db, sql: "SELECT version FROM aliases WHERE name = ? AND alias = ?",

@@ -29,8 +29,8 @@ public struct ScorerApp {
         limits = try await settings.limits()
         registry = try await settings.registryAccess()
         model = try await settings.string("model", default: model)
-        workers = max(1, try await settings.int("workers", default: workers))
-        maxQueued = max(0, try await settings.int("max-queued", default: maxQueued))
+        workers = try await settings.int("workers", in: 1...256) ?? workers
+        maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, watcher: ArtifactWatcher<ServableModel>, services: [any Service]) {

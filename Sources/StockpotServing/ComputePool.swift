@@ -95,7 +95,10 @@ public final class ComputePool<Resource>: @unchecked Sendable {
     /// - Throws: `ComputePoolError` when the job was refused, expired or cancelled; whatever `work` throws.
     public func run<T: Sendable>(deadline: ContinuousClock.Instant? = nil,
                                  _ work: @escaping @Sendable (sending Resource) throws -> T) async throws -> T {
-        if let deadline, deadline <= .now { throw ComputePoolError.expired }
+        if let deadline, deadline <= .now {
+            state.withLock { $0.stats.expired += 1 }
+            throw ComputePoolError.expired
+        }
         let id = state.withLock { s -> UInt64 in
             s.nextId += 1
             return s.nextId

@@ -55,9 +55,7 @@ extension ServiceSettings {
     }
 
     public func limits() async throws -> RequestLimits {
-        let n = try await int("max-candidates", default: 5_000)
-        guard n > 0 else { throw SettingError(description: "setting 'max-candidates' of \(service) must be positive, not \(n)") }
-        return RequestLimits(maxCandidates: n)
+        RequestLimits(maxCandidates: try await int("max-candidates", in: 1...1_000_000) ?? 5_000)
     }
 
     /// Registry address, local artifact cache and alias refresh interval of a service that loads artifacts.
@@ -69,7 +67,7 @@ extension ServiceSettings {
             a.address = shared
         }
         a.cacheDirectory = URL(fileURLWithPath: try await string("cache", default: "data/cache/\(service)"))
-        if let s = try await seconds("refresh-seconds") { a.refreshInterval = s }
+        if let s = try await double("refresh-seconds", in: 0.05...86_400) { a.refreshInterval = .milliseconds(Int64(s * 1000)) }
         return a
     }
 

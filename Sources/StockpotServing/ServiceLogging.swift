@@ -7,6 +7,7 @@ import Tracing
 /// collectors. Every line carries the logger's metadata (the request id on request paths) and whatever the
 /// installed metadata provider adds (the trace id when tracing is on).
 public enum ServiceLogging {
+    /// How lines look: swift-log's text lines, or one JSON object per line.
     public enum Format: String, Sendable {
         case text
         case json

@@ -18,81 +18,80 @@ public final class MetricsHub: Sendable {
 
     public let registry: PrometheusCollectorRegistry
     public let factory: PrometheusMetricsFactory
+    /// Most series one metric name may have; past it, new label sets are counted under `other` values so that
+    /// label values taken from requests or replies cannot grow the registry without bound.
+    public let maxSeriesPerMetric: Int
     private let collectors = Mutex<[@Sendable () -> Void]>([])
-    private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
-    private let gauges = Mutex<[String: CoreMetrics.Gauge]>([:])
-    private let timers = Mutex<[String: CoreMetrics.Timer]>([:])
-    private let recorders = Mutex<[String: CoreMetrics.Recorder]>([:])
-    /// Last cumulative value seen per counter fed from statistics (`count(_:to:)`).
+    private let series = Mutex<[String: any Sendable]>([:])
+    private let seriesPerName = Mutex<[String: Int]>([:])
+    /// Last cumulative value seen per counter fed from statistics (`count(_:_:source:to:)`).
     private let lastTotals = Mutex<[String: Int64]>([:])
 
-    public init() {
+    public init(maxSeriesPerMetric: Int = 500) {
         registry = PrometheusCollectorRegistry()
         var f = PrometheusMetricsFactory(registry: registry)
         f.defaultDurationHistogramBuckets = [0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 35, 60, 100, 200, 500, 1_000, 2_500, 5_000]
             .map { Duration.microseconds(Int64($0 * 1_000)) }
         f.defaultValueHistogramBuckets = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
         factory = f
+        self.maxSeriesPerMetric = maxSeriesPerMetric
     }
 
     private static func key(_ name: String, _ labels: [(String, String)]) -> String {
-        name + "{" + labels.map { "\($0.0)=\($0.1)" }.joined(separator: ",") + "}"
+        name + "\u{1}" + labels.map { "\($0.0)\u{2}\($0.1)" }.joined(separator: "\u{1}")
+    }
+
+    /// The cached series of `name` with `labels`, made by `make` the first time (or the `other` series when
+    /// the name already has `maxSeriesPerMetric`).
+    private func cached<M: Sendable>(_ name: String, _ labels: [(String, String)], _ make: ([(String, String)]) -> M) -> M {
+        let k = Self.key(name, labels)
+        if let existing = series.withLock({ $0[k] }) as? M { return existing }
+        let full = seriesPerName.withLock { counts -> Bool in
+            guard counts[name, default: 0] < maxSeriesPerMetric else { return true }
+            counts[name, default: 0] += 1
+            return false
+        }
+        let finalLabels = full ? labels.map { ($0.0, "other") } : labels
+        let finalKey = full ? Self.key(name, finalLabels) : k
+        return series.withLock { s in
+            if let existing = s[finalKey] as? M { return existing }
+            let made = make(finalLabels)
+            s[finalKey] = made
+            return made
+        }
     }
 
     /// A counter (cached per name and labels).
     public func counter(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Counter {
-        let k = Self.key(name, labels)
-        return counters.withLock { c in
-            if let existing = c[k] { return existing }
-            let made = CoreMetrics.Counter(label: name, dimensions: labels, factory: factory)
-            c[k] = made
-            return made
-        }
+        cached(name, labels) { CoreMetrics.Counter(label: name, dimensions: $0, factory: factory) }
     }
 
     public func gauge(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Gauge {
-        let k = Self.key(name, labels)
-        return gauges.withLock { g in
-            if let existing = g[k] { return existing }
-            let made = CoreMetrics.Gauge(label: name, dimensions: labels, factory: factory)
-            g[k] = made
-            return made
-        }
+        cached(name, labels) { CoreMetrics.Gauge(label: name, dimensions: $0, factory: factory) }
     }
 
     /// A latency histogram in seconds (name it `…_seconds`).
     public func timer(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Timer {
-        let k = Self.key(name, labels)
-        return timers.withLock { t in
-            if let existing = t[k] { return existing }
-            let made = CoreMetrics.Timer(label: name, dimensions: labels, factory: factory)
-            t[k] = made
-            return made
-        }
+        cached(name, labels) { CoreMetrics.Timer(label: name, dimensions: $0, factory: factory) }
     }
 
     /// A histogram of values in [0, 1] (scores).
     public func histogram(_ name: String, _ labels: [(String, String)]) -> CoreMetrics.Recorder {
-        let k = Self.key(name, labels)
-        return recorders.withLock { r in
-            if let existing = r[k] { return existing }
-            let made = CoreMetrics.Recorder(label: name, dimensions: labels, aggregate: true, factory: factory)
-            r[k] = made
-            return made
-        }
+        cached(name, labels) { CoreMetrics.Recorder(label: name, dimensions: $0, aggregate: true, factory: factory) }
     }
 
     /// Feeds a counter from a cumulative total kept elsewhere (e.g. a cache's hit count): adds what it grew by
-    /// since the last call.
-    public func count(_ name: String, _ labels: [(String, String)], to total: Int) {
-        let k = Self.key(name, labels)
+    /// since the last call. `source` names the object that keeps the total (e.g. a model version's pool), so
+    /// that a new source starting again from zero adds its own counts to the same series.
+    public func count(_ name: String, _ labels: [(String, String)], source: String = "", to total: Int) {
+        let k = Self.key(name, labels) + "\u{3}" + source
         let delta = lastTotals.withLock { last -> Int64 in
             let d = Int64(total) - (last[k] ?? 0)
             if d > 0 { last[k] = Int64(total) }
             return d
         }
-        if delta > 0 { counter(name, labels).increment(by: delta) }
-        else if counters.withLock({ $0[k] == nil }) { _ = counter(name, labels) } // present at 0
+        let c = counter(name, labels) // present at 0 before the first increment
+        if delta > 0 { c.increment(by: delta) }
     }
 
     /// Runs before every scrape: sets gauges and counters from statistics components keep.

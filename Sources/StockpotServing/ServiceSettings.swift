@@ -54,10 +54,14 @@ public struct ServiceSettings: Sendable {
                 file: String? = nil) async throws {
         self.service = service
         let env = EnvironmentVariablesProvider(environmentVariables: environment.filter { !$0.value.isEmpty })
+        // The shared layer only for the settings every service has: `STOCKPOT_PORT` must not reach all six.
+        let shared = EnvironmentVariablesProvider(environmentVariables: environment.filter { name, value in
+            !value.isEmpty && Self.sharedKeys.contains { Self.sharedEnvironmentName($0) == name }
+        })
         var providers: [any ConfigProvider] = [
             InMemoryProvider(name: "flags", values: flags.values),
             env.prefixKeys(with: ConfigKey(["stockpot", service])),
-            env.prefixKeys(with: ConfigKey(["stockpot"])),
+            shared.prefixKeys(with: ConfigKey(["stockpot"])),
         ]
         if let path = file ?? environment["STOCKPOT_SETTINGS_FILE"].flatMap({ $0.isEmpty ? nil : $0 }) {
             let json: FileProvider<JSONSnapshot>
@@ -65,7 +69,10 @@ public struct ServiceSettings: Sendable {
                 throw SettingError(description: "cannot read the settings file \(path): \(error)")
             }
             providers.append(json.prefixKeys(with: ConfigKey([service])))
-            providers.append(json)
+            // The file's top level, for the shared settings only.
+            providers.append(json.mapKeys { key in
+                Self.sharedKeys.contains(key.components.joined(separator: ".")) ? key : AbsoluteConfigKey(["_not_shared_"] + key.components)
+            })
         }
         reader = ConfigReader(providers: providers)
     }
@@ -75,6 +82,13 @@ public struct ServiceSettings: Sendable {
             throw SettingError(description: "setting '\(key)' of \(service) (flag --\(key), environment "
                 + "\(Self.environmentName(service: service, key: key))): \(error)")
         }
+    }
+
+    /// Settings every service has, which may also come from `STOCKPOT_<KEY>` and the file's top level.
+    public static let sharedKeys: Set<String> = ["log-level", "log-format", "registry-address", "otlp-endpoint"]
+
+    static func sharedEnvironmentName(_ key: String) -> String {
+        "STOCKPOT_\(key)".uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()
     }
 
     /// `STOCKPOT_<SERVICE>_<KEY>` for a kebab-case key.
@@ -118,13 +132,29 @@ public struct ServiceSettings: Sendable {
         }
     }
 
-    /// Milliseconds as a duration.
-    public func milliseconds(_ key: String) async throws -> Duration? {
-        try await int(key).map { .milliseconds($0) }
+    /// An integer that must lie in `range`.
+    public func int(_ key: String, in range: ClosedRange<Int>) async throws -> Int? {
+        guard let v = try await int(key) else { return nil }
+        guard range.contains(v) else { throw SettingError(description: "setting '\(key)' of \(service): \(v) is outside \(range)") }
+        return v
     }
 
-    /// Seconds (possibly fractional) as a duration.
+    /// A finite number that must lie in `range`.
+    public func double(_ key: String, in range: ClosedRange<Double>) async throws -> Double? {
+        guard let v = try await double(key) else { return nil }
+        guard v.isFinite, range.contains(v) else {
+            throw SettingError(description: "setting '\(key)' of \(service): \(v) is outside \(range.lowerBound)...\(range.upperBound)")
+        }
+        return v
+    }
+
+    /// Milliseconds as a duration (1 ms to 10 minutes).
+    public func milliseconds(_ key: String) async throws -> Duration? {
+        try await int(key, in: 1...600_000).map { .milliseconds($0) }
+    }
+
+    /// Seconds (possibly fractional) as a duration (0 to a year).
     public func seconds(_ key: String) async throws -> Duration? {
-        try await double(key).map { .milliseconds(Int64(($0 * 1000).rounded())) }
+        try await double(key, in: 0...31_536_000).map { .milliseconds(Int64(($0 * 1000).rounded())) }
     }
 }

@@ -42,8 +42,11 @@ public enum Telemetry {
             try await ServiceRunner.run(settings: settings, label: label, build: build)
             return
         }
-        let exporter = try OTel.bootstrap(configuration: configuration(serviceName: label, endpoint: endpoint))
-        try await ServiceRunner.run(settings: settings, label: label, before: [exporter],
+        // Only the tracer is installed process-wide: logging and metrics keep their own bootstrap (OTel.bootstrap
+        // would also apply OTEL_* overrides that can switch them on and bootstrap swift-log a second time).
+        let backend = try OTel.makeTracingBackend(configuration: configuration(serviceName: label, endpoint: endpoint))
+        InstrumentationSystem.bootstrap(backend.factory)
+        try await ServiceRunner.run(settings: settings, label: label, before: [backend.service],
                                     extraLogMetadata: [OTel.makeLoggingMetadataProvider()], build: build)
     }
 }

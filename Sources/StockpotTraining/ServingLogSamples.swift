@@ -53,9 +53,10 @@ public struct ServingLogSamples {
         var legacyLogits: [String: [Float]]
     }
 
-    /// Reads every `serving-*.jsonl` in `directory` and builds the labelled samples of `crowd` for `spec`
+    /// Reads every serving-log segment (and older JSON-lines file) in `directory` and builds the labelled
+    /// samples of `crowd` for `spec`
     /// (a corrector spec: its heads are the objectives, its dense inputs the legacy logits).
-    /// Impressions logged on or before `notAfter` are refused when given (the out-of-sample rule).
+    /// Impressions served on or before `legacyLastDay` are refused when it is given (the out-of-sample rule).
     public static func load(directory: URL, data: KuaiRandData, spec: ModelSpec, crowd: String,
                             legacyLastDay: Int?) throws -> (EncodedDataset, Stats) {
         let fm = FileManager.default

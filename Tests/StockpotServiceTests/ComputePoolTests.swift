@@ -53,15 +53,17 @@ final class Locked<T: Sendable>: Sendable {
         let ran = Locked(false)
         async let blocker: Int = pool.run { _ in gate.wait(); return 1 }
         await gate.waitUntilEntered()
-        let late = Task { try await pool.run(deadline: .now + .milliseconds(20)) { _ in ran { $0 = true }; return 2 } }
-        try await Task.sleep(for: .milliseconds(60))
+        let late = Task { try await pool.run(deadline: .now + .milliseconds(200)) { _ in ran { $0 = true }; return 2 } }
+        while pool.stats.queued < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        try await Task.sleep(for: .milliseconds(300))
         gate.open()
         _ = try await blocker
         await #expect(throws: ComputePoolError.expired) { try await late.value }
         #expect(ran.value == false)
         #expect(pool.stats.expired == 1)
-        // An already-passed deadline is refused without queueing.
+        // An already-passed deadline is refused without queueing, and counted.
         await #expect(throws: ComputePoolError.expired) { try await pool.run(deadline: .now - .milliseconds(1)) { _ in 0 } }
+        #expect(pool.stats.expired == 2)
     }
 
     @Test func aCancelledWaiterLeavesTheQueueAtOnce() async throws {
@@ -81,8 +83,8 @@ final class Locked<T: Sendable>: Sendable {
         #expect(ran.value == false)
     }
 
-    @Test func manyWaitersParkNoThreads() async throws {
-        // 200 jobs on 2 workers all complete, in order of arrival per worker, with at most 2 running at once.
+    @Test func runsAtMostOneJobPerWorker() async throws {
+        // 200 jobs on 2 workers all complete, with at most 2 running at once.
         let pool = ComputePool(workers: 2, maxQueued: 1_000) { $0 }
         let concurrent = Locked((now: 0, peak: 0))
         try await withThrowingTaskGroup(of: Int.self) { group in

@@ -239,7 +239,7 @@ func fuzz<Request: SwiftProtobuf.Message, Response: Sendable>(
         }))
         for t in tallies { #expect(t.findings.isEmpty, "\(t)") }
         // Nothing half-written: every version in the store has all its files.
-        for v in try service.store.list(name: nil) {
+        for v in try await service.store.list(name: nil) {
             for f in v.files { #expect(FileManager.default.fileExists(atPath: service.store.fileURL(name: v.name, version: v.version, path: f.path).path)) }
         }
     }

@@ -327,19 +327,37 @@ final class CapturedLogs: Sendable {
         try await withFakeDownstream(faults, logger: logs.logger) { gateway in
             for _ in 0..<25 { _ = try await rank(gateway) }
             #expect(logs.count(.warning) == 1)
-            #expect(gateway.layers.snapshot["corrector"]?.skipped == 25)
-            // A new kind of failure is worth one more warning.
+            #expect(gateway.layers.snapshot["corrector/tail"]?.skipped == 25)
+            // A new kind of failure within the reminder interval (60 s) adds no warning.
             faults.corrector.withLock { $0 = .short }
             for _ in 0..<5 { _ = try await rank(gateway) }
-            #expect(logs.count(.warning) == 2)
-            // Recovery is reported once, with how many requests went without the layer.
+            #expect(logs.count(.warning) == 1)
+            // Recovery is reported once it has held for 20 requests, with how many went without the layer.
             faults.corrector.withLock { $0 = .none }
-            for _ in 0..<5 { _ = try await rank(gateway) }
+            for _ in 0..<19 { _ = try await rank(gateway) }
+            #expect(logs.count(.notice) == 0)
+            _ = try await rank(gateway)
             #expect(logs.count(.notice) == 1)
             #expect(logs.lines.withLock { $0.last?.1.contains("requests_without_it=30") } == true)
-            let state = gateway.layers.snapshot["corrector"]
+            let state = gateway.layers.snapshot["corrector/tail"]
             #expect(state?.reason == nil && state?.skipped == 0 && state?.skippedTotal == 30)
-            #expect(logs.count(.warning) == 2)
+            #expect(logs.count(.warning) == 1)
         }
+    }
+
+    @Test func intermittentFailuresDoNotFlap() {
+        let logs = CapturedLogs()
+        let states = LayerStates(logger: logs.logger, recoveryAfter: 20)
+        // One timeout in ten requests, for 500 requests: a single warning, no recovery notices in between.
+        for i in 0..<500 {
+            if i % 10 == 3 { states.skipped("fusion", reason: "deadlineExceeded: late") } else { states.served("fusion") }
+        }
+        #expect(logs.count(.warning) == 1)
+        #expect(logs.count(.notice) == 0)
+        #expect(states.snapshot["fusion"]?.skippedTotal == 50)
+        // Layers are independent: another crowd's corrector has its own state.
+        states.skipped("corrector/vip", reason: "no corrector model for crowd 'vip'")
+        #expect(logs.count(.warning) == 2)
+        #expect(states.snapshot["corrector/tail"] == nil)
     }
 }

@@ -96,6 +96,15 @@ struct CountingFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
         #expect(sample(hub.text(), #"stockpot_feature_cache_hits_total{service="features"}"#) == 3)
     }
 
+    @Test func labelValuesFromRepliesCannotGrowTheRegistryWithoutBound() {
+        let hub = MetricsHub(maxSeriesPerMetric: 3)
+        for v in 0..<10 { hub.counter("stockpot_test_total", [("model", "m:\(v)")]).increment() }
+        let text = hub.text()
+        #expect(sample(text, #"stockpot_test_total{model="m:2"}"#) == 1)
+        #expect(sample(text, #"stockpot_test_total{model="m:3"}"#) == nil)
+        #expect(sample(text, #"stockpot_test_total{model="other"}"#) == 7)
+    }
+
     @Test func theEndpointServesPrometheusText() async throws {
         let hub = MetricsHub()
         hub.counter("stockpot_test_total", [("service", "x")]).increment(by: 7)

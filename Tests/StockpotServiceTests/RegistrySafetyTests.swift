@@ -60,8 +60,8 @@ import Testing
         #expect(misses.value == 0)
         #expect(reads.value > 0)
         #expect(try String(contentsOf: target.appendingPathComponent("model.json"), encoding: .utf8) == "v200")
-        // Only the link and its one content folder remain.
-        #expect(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).count == 2)
+        // Only the link, its content, the content it replaced (kept until the next publication) and the lock file.
+        #expect(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).count == 4)
         #expect(try FileManager.default.contentsOfDirectory(atPath: root.path).filter { $0.hasPrefix(".download") }.isEmpty)
     }
 
@@ -74,8 +74,33 @@ import Testing
         let staged = root.appendingPathComponent(".download-x")
         try FileManager.default.createDirectory(at: staged, withIntermediateDirectories: true)
         try Data("new".utf8).write(to: staged.appendingPathComponent("model.json"))
+        // A leftover of a publisher that crashed half-way is swept too.
+        try FileManager.default.createDirectory(at: root.appendingPathComponent("m/.1.crashed"), withIntermediateDirectories: true)
         try AtomicFile.publishDirectory(staged, at: target)
         #expect(try String(contentsOf: target.appendingPathComponent("model.json"), encoding: .utf8) == "new")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).count == 2)
+        let left = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).sorted()
+        #expect(left.count == 3 && left.contains("1") && left.contains(".1.lock") && !left.contains(".1.crashed"), "\(left)")
+    }
+}
+
+@Suite struct ConcurrentPublishers {
+    @Test func publishersOfOneFolderTakeTurns() async throws {
+        let root = temporaryDirectory("publish-race")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let target = root.appendingPathComponent("m/1")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for n in 0..<16 {
+                group.addTask {
+                    let dir = root.appendingPathComponent(".download-\(n)")
+                    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+                    try Data("v\(n)".utf8).write(to: dir.appendingPathComponent("model.json"))
+                    try AtomicFile.publishDirectory(dir, at: target)
+                }
+            }
+            try await group.waitForAll()
+        }
+        let text = try String(contentsOf: target.appendingPathComponent("model.json"), encoding: .utf8)
+        #expect(text.hasPrefix("v"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).count == 4)
     }
 }

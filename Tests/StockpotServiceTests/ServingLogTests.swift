@@ -169,6 +169,7 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         let dir = temporaryDirectory("log-full")
         defer { try? FileManager.default.removeItem(at: dir) }
         var options = ServingLog.Options(directory: dir)
+        options.retryAfterFailure = .zero
         let opened = Locked(0)
         // The first segment lands on /dev/full, where every write fails with ENOSPC.
         options.openSegment = { url in
@@ -186,6 +187,69 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         let (served, perSegment, _) = try readLog(dir)
         #expect(served.map(\.requestID) == ["r2"])
         #expect(everyItemResolvesInItsSegment(perSegment)) // the failed write's items were not assumed written
+    }
+
+    @Test func aFullDiskNeverDeletesHistoryAndPausesBetweenTries() async throws {
+        let dir = temporaryDirectory("log-full-history")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            for n in 0..<3 { log.append(servedEntry(n, items: [1, 2])) }
+        }
+        let before = try ServingLogFormat.segments(in: dir).map(\.url.lastPathComponent)
+        var options = ServingLog.Options(directory: dir)
+        options.retryAfterFailure = .seconds(3600)
+        let opened = Locked(0)
+        options.openSegment = { _ in opened { $0 += 1 }; return open("/dev/full", O_WRONLY | O_CLOEXEC) }
+        try await withLog(options) { log in
+            for n in 10..<30 { log.append(servedEntry(n, items: [1, 2])) }
+            await log.flush()
+            #expect(log.stats.droppedWriteFailed == 20 && log.stats.written == 0)
+        }
+        #expect(opened.value == 1) // one try, then a pause: no new file per request
+        #expect(try ServingLogFormat.segments(in: dir).map(\.url.lastPathComponent) == before)
+        #expect(try readLog(dir).served.count == 3)
+    }
+
+    @Test func flushWritesEverythingQueuedBeforeItInOrder() async throws {
+        let dir = temporaryDirectory("log-flush")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            for round in 0..<20 {
+                for n in 0..<10 { log.append(servedEntry(round * 10 + n, items: [Int64(n)])) }
+                async let a: Void = log.flush()
+                async let b: Void = log.flush()
+                _ = await (a, b)
+                #expect(log.stats.written == (round + 1) * 10)
+            }
+        }
+        let (served, _, _) = try readLog(dir)
+        #expect(served.map(\.requestID) == (0..<200).map { "r\($0)" })
+    }
+
+    @Test func gatewaysSharingAFolderKeepToTheirOwnSegments() async throws {
+        let dir = temporaryDirectory("log-shared")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var a = ServingLog.Options(directory: dir), b = ServingLog.Options(directory: dir)
+        a.instance = "gw_a"
+        b.instance = "gw_b"
+        a.maxSegmentBytes = 400
+        a.maxTotalBytes = 1_200
+        b.maxSegmentBytes = 400
+        try await withLog(a) { logA in
+            try await withLog(b) { logB in
+                for n in 0..<40 {
+                    logA.append(servedEntry(n, items: [Int64(n), 1]))
+                    logB.append(servedEntry(1_000 + n, items: [Int64(n), 2]))
+                }
+            }
+        }
+        let segments = try ServingLogFormat.segments(in: dir)
+        #expect(Set(segments.map(\.instance)) == ["gw_a", "gw_b"])
+        let (served, perSegment, _) = try readLog(dir)
+        // A's budget deleted only A's oldest segments; every one of B's requests is still there.
+        #expect(served.filter { $0.requestID.hasPrefix("r1") && $0.requestID.count == 5 }.count == 40)
+        #expect(served.filter { Int($0.requestID.dropFirst())! < 1_000 }.count < 40)
+        #expect(everyItemResolvesInItsSegment(perSegment))
     }
 
     @Test func samplingPerCrowd() {

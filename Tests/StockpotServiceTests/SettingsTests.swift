@@ -48,6 +48,25 @@ import Testing
         }
     }
 
+    @Test func onlyCommonSettingsAreShared() async throws {
+        let path = try file(#"{"port": 1234, "log-level": "warning"}"#)
+        let s = try await ServiceSettings(service: "scorer", environment: ["STOCKPOT_PORT": "7777", "STOCKPOT_MODEL": "x@y",
+                                                                          "STOCKPOT_LOG_FORMAT": "json"], file: path)
+        let app = try await ScorerApp(settings: s)
+        #expect(app.port == DefaultPorts.scorer)      // neither STOCKPOT_PORT nor the file's top-level port
+        #expect(app.model == "legacy@production")
+        let format = try await s.string("log-format"), level = try await s.string("log-level")
+        #expect(format == "json" && level == "warning")
+    }
+
+    @Test(arguments: [("STOCKPOT_GATEWAY_SERVING_LOG_SEGMENT_MB", "inf"), ("STOCKPOT_GATEWAY_SERVING_LOG_MAX_GB", "-1"),
+                      ("STOCKPOT_GATEWAY_SERVING_LOG_RETENTION_DAYS", "1e300"), ("STOCKPOT_GATEWAY_BUDGET_MS", "99999999999"),
+                      ("STOCKPOT_GATEWAY_MAX_CANDIDATES", "0")])
+    func outOfRangeNumbersAreErrors(name: String, value: String) async throws {
+        let s = try await ServiceSettings(service: "gateway", environment: [name: value])
+        await #expect { try await GatewayApp(settings: s) } throws: { _ in true }
+    }
+
     @Test func gatewaySettings() async throws {
         let dir = temporaryDirectory("crowds")
         let crowds = dir.appendingPathComponent("crowds.json")

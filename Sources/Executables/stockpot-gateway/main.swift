@@ -13,11 +13,11 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Corrector host:port (env STOCKPOT_GATEWAY_CORRECTOR).") var corrector: String?
     @Option(help: "Fusion host:port (env STOCKPOT_GATEWAY_FUSION).") var fusion: String?
     @Option(help: "Serving log folder, or 'off' (env STOCKPOT_GATEWAY_SERVING_LOG).") var servingLog: String?
-    @Option(help: "Serving log segment size in MB (default 128).") var servingLogSegmentMb: Double?
-    @Option(help: "Serving log size budget in GB; oldest segments are deleted past it (default 8).") var servingLogMaxGb: Double?
-    @Option(help: "Serving log retention in days; 0 = by size only (default 14).") var servingLogRetentionDays: Double?
-    @Option(help: "Serving log queue bound in MB; requests past it are dropped and counted (default 64).") var servingLogQueueMb: Double?
-    @Option(help: "Serving log sampling per crowd, e.g. head=0.1,tail=1,*=1 (default: every request).") var servingLogSample: String?
+    @Option(help: "Serving log segment size in MB (default 128; env STOCKPOT_GATEWAY_SERVING_LOG_SEGMENT_MB).") var servingLogSegmentMb: Double?
+    @Option(help: "Serving log size budget in GB; oldest segments are deleted past it (default 8; env STOCKPOT_GATEWAY_SERVING_LOG_MAX_GB).") var servingLogMaxGb: Double?
+    @Option(help: "Serving log retention in days; 0 = by size only (default 14; env STOCKPOT_GATEWAY_SERVING_LOG_RETENTION_DAYS).") var servingLogRetentionDays: Double?
+    @Option(help: "Serving log queue bound in MB; requests past it are dropped and counted (default 64; env STOCKPOT_GATEWAY_SERVING_LOG_QUEUE_MB).") var servingLogQueueMb: Double?
+    @Option(help: "Serving log sampling per crowd, e.g. head=0.1,tail=1,*=1 (default: every request; env STOCKPOT_GATEWAY_SERVING_LOG_SAMPLE).") var servingLogSample: String?
     @Option(help: "Crowds routed through the corrector, comma-separated (env STOCKPOT_GATEWAY_CORRECTED_CROWDS).") var correctedCrowds: String?
     @Option(help: "Corrector timeout in ms (env STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS).") var correctorTimeoutMs: Int?
     @Option(help: "Fusion timeout in ms (env STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS).") var fusionTimeoutMs: Int?
