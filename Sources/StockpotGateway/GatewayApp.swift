@@ -16,6 +16,8 @@ public struct GatewayApp {
     /// The serving log (nil: off).
     public var servingLog: ServingLog.Options? = ServingLog.Options(directory: URL(fileURLWithPath: "data/serving-log"))
     public var config = GatewayConfig()
+    /// Live calibration from the serving log joined with a label file (nil: off; needs the serving log).
+    public var liveQuality: (labels: URL, interval: Duration)?
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -25,7 +27,8 @@ public struct GatewayApp {
     /// `corrector`, `fusion` (host:port); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
     /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`; the serving log: `serving-log`
     /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
-    /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others).
+    /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others); live calibration:
+    /// `quality-labels` (a label CSV), `quality-interval-seconds`.
     public init(settings: ServiceSettings) async throws {
         self.init()
         host = try await settings.host()
@@ -71,6 +74,9 @@ public struct GatewayApp {
             }
             servingLog = o
         }
+        if let labels = try await settings.string("quality-labels") {
+            liveQuality = (URL(fileURLWithPath: labels), try await settings.seconds("quality-interval-seconds") ?? .seconds(60))
+        }
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
@@ -99,6 +105,12 @@ public struct GatewayApp {
         let server = ServiceServer(name: "stockpot-gateway", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_GatewayService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger)
-        return (server, log, clients + (log.map { [$0] } ?? []) + [server])
+        var quality: [any Service] = []
+        if let log, let live = liveQuality {
+            var o = LiveQuality.Options(servingLog: log.directory, labels: live.labels)
+            o.interval = live.interval
+            quality = [LiveQuality(options: o, metrics: metrics, logger: logger)]
+        }
+        return (server, log, clients + (log.map { [$0] } ?? []) + quality + [server])
     }
 }

@@ -133,6 +133,8 @@ public final class LocalSuite: Sendable {
         gatewayApp.corrector = address("corrector")
         gatewayApp.fusion = address("fusion")
         gatewayApp.servingLog = ServingLog.Options(directory: dir.appendingPathComponent("serving-log"))
+        // Live calibration of what the suite serves, against the KuaiRand labels of the same impressions.
+        gatewayApp.liveQuality = (o.kuaiRand.appendingPathComponent(KuaiRandData.logFile), .seconds(30))
         gatewayApp.config = o.gateway
         let gateway = try gatewayApp.build(logger: logger)
         try await launch("gateway", server: gateway.server, services: gateway.services)

@@ -5,6 +5,7 @@ import StockpotGateway
 import StockpotLogFormat
 import StockpotModel
 import StockpotProto
+import StockpotServing
 import StockpotTraining
 import Testing
 #if canImport(Glibc)
@@ -349,5 +350,40 @@ struct ServingLogSamplesOnRealData {
         #expect(fromLog.dense == fromJSON.dense)
         #expect(fromLog.userIds == fromJSON.userIds && fromLog.videoIds == fromJSON.videoIds && fromLog.dates == fromJSON.dates)
         #expect(fromLog.crowdValues == fromJSON.crowdValues)
+    }
+}
+
+@Suite struct LiveCalibration {
+    @Test func servedScoresJoinLabelsIntoGauges() async throws {
+        let dir = temporaryDirectory("live")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let log = ServingLog(options: ServingLog.Options(directory: dir.appendingPathComponent("log")), logger: quietLogger)
+        let writer = Task { try await log.run() }
+        for n in 0..<4 { log.append(servedEntry(n, items: [1, 2, 3])) }
+        await log.flush()
+        // Item 1 clicked, item 2 not, item 3 never labelled; a repeated impression is OR-ed.
+        var csv = "user_id,video_id,date,is_click,long_view\n"
+        for n in 0..<4 { csv += "\(n),1,20220505,1,0\n\(n),2,20220505,0,0\n\(n),2,20220505,0,1\n" }
+        let labels = dir.appendingPathComponent("labels.csv")
+        try Data(csv.utf8).write(to: labels)
+        let hub = MetricsHub()
+        let quality = LiveQuality(options: .init(servingLog: dir.appendingPathComponent("log"), labels: labels), metrics: hub, logger: quietLogger)
+        try quality.refreshNow()
+        let key = LiveQuality.Key(crowd: "tail", objective: "is_click", model: "legacy:1")
+        let sums = quality.totals[key] ?? LiveQuality.Sums()
+        let p1 = 1 / (1 + exp(-0.01)), p2 = 1 / (1 + exp(-0.02))
+        #expect(sums.labelled == 8 && sums.positives == 4)
+        #expect(abs(sums.predicted - 4 * (p1 + p2)) < 1e-4)
+        let text = hub.text()
+        #expect(sample(text, #"stockpot_live_labelled{crowd="tail",objective="is_click",model="legacy:1"}"#) == 8)
+        #expect(abs((sample(text, #"stockpot_live_calibration{crowd="tail",objective="is_click",model="legacy:1"}"#) ?? 0) - (p1 + p2)) < 1e-4)
+        #expect(sample(text, #"stockpot_live_observed_rate{crowd="tail",objective="is_click",model="legacy:1"}"#) == 0.5)
+        // More traffic: only the changed segment is read again, and the totals grow.
+        for n in 0..<4 { log.append(servedEntry(n, items: [1])) }
+        await log.flush()
+        try quality.refreshNow()
+        #expect(quality.totals[key]?.labelled == 12)
+        writer.cancel()
+        try await writer.value
     }
 }

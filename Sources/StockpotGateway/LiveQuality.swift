@@ -1,0 +1,173 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import StockpotLogFormat
+import StockpotServing
+import Synchronization
+
+/// Live calibration per crowd, objective and model version, from what was actually served: every `interval` it
+/// reads the serving-log segments that changed, joins each returned item with its label (by user, item and
+/// day) from a label file, and publishes gauges — the mean served probability, the observed rate, their ratio
+/// (calibration; 1 is perfect) and the number of labelled impressions — over what the log retains.
+///
+/// `stockpot_live_mean_predicted`, `stockpot_live_observed_rate`, `stockpot_live_calibration`,
+/// `stockpot_live_labelled{crowd,objective,model}` (model: the corrector's version when one corrected the
+/// scores, else the scorer's). Reading runs on a dedicated thread, never on the request path.
+public final class LiveQuality: Service, Sendable {
+    /// Where the labels and the log are, and how often to look.
+    public struct Options: Sendable {
+        public var servingLog: URL
+        /// CSV with a header: `user_id`, `video_id`, `date` (yyyymmdd) and one 0/1 column per objective (the
+        /// KuaiRand log works as it is).
+        public var labels: URL
+        public var interval: Duration = .seconds(60)
+
+        public init(servingLog: URL, labels: URL) {
+            self.servingLog = servingLog
+            self.labels = labels
+        }
+    }
+
+    /// Sums for one (crowd, objective, model).
+    public struct Sums: Sendable, Equatable {
+        public var labelled = 0
+        public var predicted = 0.0
+        public var positives = 0.0
+
+        public var meanPredicted: Double { labelled > 0 ? predicted / Double(labelled) : .nan }
+        public var observedRate: Double { labelled > 0 ? positives / Double(labelled) : .nan }
+        public var calibration: Double { positives > 0 ? predicted / positives : .nan }
+
+        public init() {}
+    }
+
+    public struct Key: Hashable, Sendable {
+        public var crowd: String
+        public var objective: String
+        public var model: String
+
+        public init(crowd: String, objective: String, model: String) {
+            self.crowd = crowd
+            self.objective = objective
+            self.model = model
+        }
+    }
+
+    private struct LabelKey: Hashable {
+        var user: Int64
+        var item: Int64
+        var day: Int
+    }
+
+    public let options: Options
+    private let metrics: MetricsHub
+    private let logger: Logger
+    /// Per segment file: its size when read and its sums.
+    private let perSegment = Mutex<[String: (size: Int, sums: [Key: Sums])]>([:])
+    private let labels = Mutex<[LabelKey: [String: Float]]?>(nil)
+    private let io = DispatchQueue(label: "stockpot.live-quality")
+
+    public init(options: Options, metrics: MetricsHub, logger: Logger) {
+        self.options = options
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// The totals over the segments read so far.
+    public var totals: [Key: Sums] {
+        perSegment.withLock { segments in
+            var out: [Key: Sums] = [:]
+            for (_, s) in segments {
+                for (k, v) in s.sums {
+                    out[k, default: Sums()].labelled += v.labelled
+                    out[k, default: Sums()].predicted += v.predicted
+                    out[k, default: Sums()].positives += v.positives
+                }
+            }
+            return out
+        }
+    }
+
+    /// Reads what changed in the log and updates the gauges (on the caller's thread).
+    public func refreshNow() throws {
+        let labels = try loadLabels()
+        let segments = (try? ServingLogFormat.segments(in: options.servingLog)) ?? []
+        var seen = Set<String>()
+        for segment in segments {
+            let name = segment.url.lastPathComponent
+            seen.insert(name)
+            let size = ((try? FileManager.default.attributesOfItem(atPath: segment.url.path))?[.size] as? NSNumber)?.intValue ?? 0
+            if perSegment.withLock({ $0[name]?.size }) == size { continue }
+            var sums: [Key: Sums] = [:]
+            _ = try? ServingLogFormat.read(segment.url) { entry in
+                guard case .served(let r) = entry.entry, let day = Int(r.context.first { $0.name == "date" }?.value ?? "") else { return }
+                let model = Self.model(r.versions)
+                let scores = r.correctedScores.isEmpty
+                    ? r.legacyLogits.map { ($0.objective, $0.values.map { 1 / (1 + exp(-$0)) }) }
+                    : r.correctedScores.map { ($0.objective, $0.values) }
+                for i in r.returned where i >= 0 && Int(i) < r.itemIds.count {
+                    guard let label = labels[LabelKey(user: r.userID, item: r.itemIds[Int(i)], day: day)] else { continue }
+                    for (objective, values) in scores where Int(i) < values.count {
+                        guard let y = label[objective] else { continue }
+                        let k = Key(crowd: r.crowd, objective: objective, model: model)
+                        sums[k, default: Sums()].labelled += 1
+                        sums[k, default: Sums()].predicted += Double(values[Int(i)])
+                        sums[k, default: Sums()].positives += Double(y)
+                    }
+                }
+            }
+            perSegment.withLock { $0[name] = (size, sums) }
+        }
+        perSegment.withLock { s in for name in Array(s.keys) where !seen.contains(name) { s.removeValue(forKey: name) } }
+        for (k, v) in totals {
+            let labels = [("crowd", k.crowd), ("objective", k.objective), ("model", k.model)]
+            metrics.gauge("stockpot_live_labelled", labels).record(v.labelled)
+            metrics.gauge("stockpot_live_mean_predicted", labels).record(v.meanPredicted)
+            metrics.gauge("stockpot_live_observed_rate", labels).record(v.observedRate)
+            if v.positives > 0 { metrics.gauge("stockpot_live_calibration", labels).record(v.calibration) }
+        }
+    }
+
+    static func model(_ versions: [Stockpot_Log_V1_Model]) -> String {
+        let v = versions.first { $0.role == "corrector" } ?? versions.first { $0.role == "scorer" }
+        guard let v, ModelReference.isValidName(v.name) else { return "none" }
+        return "\(v.name):\(v.version)"
+    }
+
+    private func loadLabels() throws -> [LabelKey: [String: Float]] {
+        if let loaded = labels.withLock({ $0 }) { return loaded }
+        let text = try String(contentsOf: options.labels, encoding: .utf8)
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: true).makeIterator()
+        guard let header = lines.next()?.split(separator: ",", omittingEmptySubsequences: false).map({ String($0).trimmingCharacters(in: .whitespacesAndNewlines) }),
+              let u = header.firstIndex(of: "user_id"), let v = header.firstIndex(of: "video_id"), let d = header.firstIndex(of: "date") else {
+            throw ServiceSettings.SettingError(description: "\(options.labels.path): the label file needs user_id, video_id and date columns")
+        }
+        let objectives = header.enumerated().filter { ["is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward"].contains($0.element) }
+        var out: [LabelKey: [String: Float]] = [:]
+        while let line = lines.next() {
+            let f = line.split(separator: ",", omittingEmptySubsequences: false)
+            guard f.count == header.count, let user = Int64(f[u]), let item = Int64(f[v]), let day = Int(f[d]) else { continue }
+            var y: [String: Float] = out[LabelKey(user: user, item: item, day: day)] ?? [:]
+            for (i, name) in objectives { y[name] = max(y[name] ?? 0, f[i] == "1" ? 1 : 0) } // repeated impressions: OR
+            out[LabelKey(user: user, item: item, day: day)] = y
+        }
+        labels.withLock { $0 = out }
+        logger.info("live quality: labels loaded", metadata: ["file": "\(options.labels.path)", "impressions": "\(out.count)"])
+        return out
+    }
+
+    public func run() async throws {
+        var lastError = ""
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            let error: String? = await withCheckedContinuation { c in
+                io.async { [self] in
+                    do { try refreshNow(); c.resume(returning: nil) } catch { c.resume(returning: "\(error)") }
+                }
+            }
+            if let error, error != lastError { logger.warning("live quality: cannot refresh", metadata: ["error": "\(error)"]) }
+            lastError = error ?? ""
+            let interval = options.interval
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
+        }
+    }
+}
