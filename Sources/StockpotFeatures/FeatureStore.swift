@@ -84,9 +84,13 @@ public final class FeatureStore: FeatureBackend {
         let names = try await db.read {
             try String.fetchAll($0, sql: "SELECT name FROM columns WHERE kind = ? ORDER BY name", arguments: [kind.rawValue])
         }
+        if let pause = afterColumnsRead.withLock({ $0 }) { await pause() }
         knownColumns.put([(kind, names)], readAt: token)
         return names
     }
+
+    /// Runs between reading the column list and caching it (tests pause a reader there to interleave a write).
+    let afterColumnsRead = Mutex<(@Sendable () async -> Void)?>(nil)
 
     public func get(_ kind: Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
         guard !ids.isEmpty else { return [:] }

@@ -1,6 +1,6 @@
 import Foundation
 import GRPCCore
-import StockpotFeatures
+@testable import StockpotFeatures
 import StockpotServing
 import Synchronization
 import Testing
@@ -134,11 +134,70 @@ final class PausingBackend: FeatureBackend {
         #expect(try await degree() == ["new"])
     }
 
+    @Test func aColumnListReadBeforeAWriteIsNotCached() async throws {
+        let store = try FeatureStore(path: ":memory:")
+        try store.putNow(.item, rows: [(1, ["a": "1"])])
+        // A reader reads the list ["a"], then stalls before caching it...
+        let gate = AsyncGate()
+        store.afterColumnsRead.withLock { $0 = { await gate.arrive() } }
+        let reader = Task { try await store.columns(.item) }
+        await gate.waitForArrival()
+        store.afterColumnsRead.withLock { $0 = nil }
+        // ...a writer adds column "b" and commits...
+        _ = try await store.put(.item, rows: [(2, ["b": "2"])])
+        // ...the reader returns what it read, but the stale list is not cached.
+        gate.release()
+        #expect(try await reader.value == ["a"])
+        #expect(try await store.columns(.item) == ["a", "b"])
+    }
+
     @Test func theColumnListFollowsWrites() async throws {
         let store = try FeatureStore(path: ":memory:")
         try store.putNow(.item, rows: [(1, ["a": "1"])])
         #expect(try await store.columns(.item) == ["a"])
         _ = try await store.put(.item, rows: [(2, ["b": "2"])])
         #expect(try await store.columns(.item) == ["a", "b"])
+    }
+}
+
+/// One task waits at `arrive()` until the test calls `release()`; the test can wait for it to arrive.
+final class AsyncGate: Sendable {
+    private let state = Mutex<(arrived: Bool, arrivalWaiter: CheckedContinuation<Void, Never>?, released: Bool, releaseWaiter: CheckedContinuation<Void, Never>?)>((false, nil, false, nil))
+
+    func arrive() async {
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.arrived = true
+            defer { s.arrivalWaiter = nil }
+            return s.arrivalWaiter
+        }
+        waiter?.resume()
+        await withCheckedContinuation { c in
+            let go = state.withLock { s -> Bool in
+                if s.released { return true }
+                s.releaseWaiter = c
+                return false
+            }
+            if go { c.resume() }
+        }
+    }
+
+    func waitForArrival() async {
+        await withCheckedContinuation { c in
+            let now = state.withLock { s -> Bool in
+                if s.arrived { return true }
+                s.arrivalWaiter = c
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    func release() {
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.released = true
+            defer { s.releaseWaiter = nil }
+            return s.releaseWaiter
+        }
+        waiter?.resume()
     }
 }

@@ -22,8 +22,8 @@ enum Fault: String, Sendable, CaseIterable, CustomTestStringConvertible {
     case duplicate
     /// UNAVAILABLE.
     case fail
-    /// Answers after 5 s: past the gateway's layer timeouts, and past the whole budget of the tests of a slow
-    /// scorer or feature service.
+    /// Answers late (`Faults.slowness`, 8 s unless a test sets more): past the gateway's layer timeouts, and, for
+    /// a slow scorer, past the whole budget; a test of a slow feature service shortens the budget itself.
     case slow
 
     var testDescription: String { rawValue }
@@ -37,13 +37,15 @@ final class Faults: Sendable {
     let fusion = Mutex(Fault.none)
     /// Calls each fake received.
     let calls = Mutex([String: Int]())
+    /// How long `slow` waits.
+    let slowness = Mutex(Duration.seconds(8))
 
     func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
 
     func act(_ fault: Fault) async throws {
         switch fault {
         case .fail: throw RPCError(code: .unavailable, message: "fake outage")
-        case .slow: try await Task.sleep(for: .seconds(5))
+        case .slow: try await Task.sleep(for: slowness.withLock { $0 })
         default: break
         }
     }
@@ -168,8 +170,8 @@ func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics:
     var config = GatewayConfig()
     // Generous: a debug build runs these beside the whole suite (training included) on two cores. `slow` is
     // far beyond all of them; a test of a slow scorer or feature service shortens the budget itself.
-    config.correctorTimeout = .seconds(2)
-    config.fusionTimeout = .seconds(2)
+    config.correctorTimeout = .seconds(4)
+    config.fusionTimeout = .seconds(4)
     config.budget = .seconds(20)
     configure(&config)
     let server = GRPCServer(
@@ -244,7 +246,9 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
     func aBadScorerFailsTheRequestClearly(fault: Fault) async throws {
         let faults = Faults()
         faults.scorer.withLock { $0 = fault }
-        try await withFakeDownstream(faults, configure: { if fault == .slow { $0.budget = .seconds(3) } }) { gateway in
+        // A slow scorer outlasts the whole (generous) budget, so that only the scorer can be what timed out.
+        faults.slowness.withLock { $0 = .seconds(25) }
+        try await withFakeDownstream(faults) { gateway in
             do {
                 _ = try await rank(gateway)
                 Issue.record("a request without legacy scores succeeded")

@@ -72,3 +72,42 @@ final class TraceSink: Sendable {
         }
     }
 }
+
+/// Keeps the `traceparent` header of every request it sees.
+struct TraceparentRecorder: ServerInterceptor {
+    let seen = Locked([String]())
+    func intercept<Input: Sendable, Output: Sendable>(
+        request: StreamingServerRequest<Input>, context: ServerContext,
+        next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+    ) async throws -> StreamingServerResponse<Output> {
+        for v in request.metadata[stringValues: "traceparent"] { seen { $0.append(v) } }
+        return try await next(request, context)
+    }
+}
+
+@Suite struct W3CTraceContext {
+    @Test func traceparentCrossesTheHop() async throws {
+        let backend = try OTel.makeTracingBackend(configuration: Telemetry.configuration(serviceName: "t", endpoint: "http://127.0.0.1:9"))
+        let recorder = TraceparentRecorder()
+        let server = GRPCServer(transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
+                                services: [CountingFusion()], interceptors: [recorder, ServerTracingInterceptor()])
+        try await withTracer(backend.factory) {
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { try await server.serve() }
+                let port = try #require(try await server.listeningAddress?.ipv4?.port)
+                try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext),
+                                         interceptors: [ClientTracingInterceptor()]) { client in
+                    try await withSpan("caller") { _ in
+                        _ = try await Stockpot_V1_FusionService.Client(wrapping: client).fuse(.init())
+                    }
+                }
+                server.beginGracefulShutdown()
+            }
+        }
+        let header = try #require(recorder.seen.value.first)
+        // version 00, a 32-hex trace id, a 16-hex parent span id, flags.
+        let parts = header.split(separator: "-")
+        #expect(parts.count == 4 && parts[0] == "00" && parts[1].count == 32 && parts[2].count == 16, "\(header)")
+        #expect(parts[1].allSatisfy(\.isHexDigit) && parts[1] != String(repeating: "0", count: 32))
+    }
+}
