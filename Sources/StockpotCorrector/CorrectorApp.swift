@@ -24,9 +24,7 @@ public struct CorrectorApp {
     /// `alias`, `workers`, `max-queued`.
     public init(settings: ServiceSettings) async throws {
         self.init()
-        host = try await settings.host()
-        port = try await settings.port(default: port)
-        limits = try await settings.limits()
+        (host, port, limits) = try await settings.endpoint(defaultPort: port)
         registry = try await settings.registryAccess()
         crowds = try await settings.list("crowds") ?? crowds
         alias = try await settings.string("alias", default: alias)

@@ -23,9 +23,7 @@ public struct FeaturesApp {
     /// `cache-capacity`, `cache-ttl` (seconds), `import-kuairand`.
     public init(settings: ServiceSettings) async throws {
         self.init()
-        host = try await settings.host()
-        port = try await settings.port(default: port)
-        limits = try await settings.limits()
+        (host, port, limits) = try await settings.endpoint(defaultPort: port)
         databasePath = try await settings.string("database", default: databasePath)
         cacheCapacity = try await settings.int("cache-capacity", in: 0...100_000_000) ?? cacheCapacity
         if let ttl = try await settings.seconds("cache-ttl") { cacheTTL = ttl }

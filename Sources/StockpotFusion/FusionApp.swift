@@ -20,9 +20,7 @@ public struct FusionApp {
     /// (the fusion config reference).
     public init(settings: ServiceSettings) async throws {
         self.init()
-        host = try await settings.host()
-        port = try await settings.port(default: port)
-        limits = try await settings.limits()
+        (host, port, limits) = try await settings.endpoint(defaultPort: port)
         registry = try await settings.registryAccess()
         config = try await settings.string("config", default: config)
     }

@@ -31,9 +31,7 @@ public struct GatewayApp {
     /// `quality-labels` (a label CSV), `quality-interval-seconds`.
     public init(settings: ServiceSettings) async throws {
         self.init()
-        host = try await settings.host()
-        port = try await settings.port(default: port)
-        config.limits = try await settings.limits()
+        (host, port, config.limits) = try await settings.endpoint(defaultPort: port)
         features = try await settings.string("features", default: features)
         scorer = try await settings.string("scorer", default: scorer)
         corrector = try await settings.string("corrector", default: corrector)

@@ -24,9 +24,7 @@ public struct ScorerApp {
     /// `workers`, `max-queued`.
     public init(settings: ServiceSettings) async throws {
         self.init()
-        host = try await settings.host()
-        port = try await settings.port(default: port)
-        limits = try await settings.limits()
+        (host, port, limits) = try await settings.endpoint(defaultPort: port)
         registry = try await settings.registryAccess()
         model = try await settings.string("model", default: model)
         workers = try await settings.int("workers", in: 1...256) ?? workers

@@ -41,35 +41,13 @@ public struct ServerTracingInterceptor: ServerInterceptor {
         span.attributes["rpc.service"] = context.descriptor.service.fullyQualifiedService
         span.attributes["rpc.method"] = context.descriptor.method
         let spanContext = span.context
-        var response: StreamingServerResponse<Output>
-        do {
-            response = try await ServiceContext.withValue(spanContext) { try await next(request, context) }
-        } catch {
-            span.fail(error)
-            span.end()
-            throw error
-        }
-        switch response.accepted {
-        case .success(var contents):
-            let producer = contents.producer
-            contents.producer = { writer in
-                do {
-                    let trailers = try await ServiceContext.withValue(spanContext) { try await producer(writer) }
-                    span.attributes["rpc.grpc.status_code"] = 0
-                    span.end()
-                    return trailers
-                } catch {
-                    span.fail(error)
-                    span.end()
-                    throw error
-                }
-            }
-            response.accepted = .success(contents)
-        case .failure(let error):
-            span.fail(error)
+        return try await finishing(
+            await ServiceContext.withValue(spanContext) { try await next(request, context) },
+            around: { produce in try await ServiceContext.withValue(spanContext) { try await produce() } }
+        ) { error in
+            if let error { span.fail(error) } else { span.attributes["rpc.grpc.status_code"] = 0 }
             span.end()
         }
-        return response
     }
 }
 

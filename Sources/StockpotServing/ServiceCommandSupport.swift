@@ -54,6 +54,11 @@ extension ServiceSettings {
         return p
     }
 
+    /// What every service reads first: where it listens and how large a request may be.
+    public func endpoint(defaultPort: Int) async throws -> (host: String, port: Int, limits: RequestLimits) {
+        (try await host(), try await port(default: defaultPort), try await limits())
+    }
+
     public func limits() async throws -> RequestLimits {
         RequestLimits(maxCandidates: try await int("max-candidates", in: 1...1_000_000) ?? 5_000)
     }

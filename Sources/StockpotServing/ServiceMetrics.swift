@@ -151,28 +151,38 @@ public struct RPCMetricsInterceptor: ServerInterceptor {
             hub.timer("stockpot_rpc_duration_seconds", [("service", service), ("method", method)]).record(duration: ContinuousClock.now - start)
             gauge.record(inFlight.add(-1))
         }
-        var response: StreamingServerResponse<Output>
-        do { response = try await next(request, context) } catch {
-            finish(error)
-            throw error
-        }
-        switch response.accepted {
-        case .success(var contents):
-            let producer = contents.producer
-            contents.producer = { writer in
-                do {
-                    let trailers = try await producer(writer)
-                    finish(nil)
-                    return trailers
-                } catch {
-                    finish(error)
-                    throw error
-                }
-            }
-            response.accepted = .success(contents)
-        case .failure(let error):
-            finish(error)
-        }
-        return response
+        return try await finishing(await next(request, context), finish)
     }
+}
+
+/// Calls `finish` exactly once per RPC: when the response has been written (nil), when producing or writing it
+/// fails, or at once when the handler fails. `around` wraps the producer (e.g. in the RPC's tracing context).
+func finishing<Output: Sendable>(
+    _ respond: @autoclosure () async throws -> StreamingServerResponse<Output>,
+    around: @escaping @Sendable (@Sendable () async throws -> Metadata) async throws -> Metadata = { try await $0() },
+    _ finish: @escaping @Sendable ((any Error)?) -> Void
+) async throws -> StreamingServerResponse<Output> {
+    var response: StreamingServerResponse<Output>
+    do { response = try await respond() } catch {
+        finish(error)
+        throw error
+    }
+    switch response.accepted {
+    case .success(var contents):
+        let producer = contents.producer
+        contents.producer = { writer in
+            do {
+                let trailers = try await around { try await producer(writer) }
+                finish(nil)
+                return trailers
+            } catch {
+                finish(error)
+                throw error
+            }
+        }
+        response.accepted = .success(contents)
+    case .failure(let error):
+        finish(error)
+    }
+    return response
 }
