@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import StockpotLogFormat
 import StockpotModel
 import ServiceLifecycle
 import StockpotProto
@@ -27,7 +28,8 @@ public struct GatewayApp {
     /// `corrector`, `fusion` (host:port); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
     /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`; the serving log: `serving-log`
     /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
-    /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others); live calibration:
+    /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others), `serving-log-instance`
+    /// (this gateway's name in its segment files; default the host name); live calibration:
     /// `quality-labels` (a label CSV), `quality-interval-seconds`.
     public init(settings: ServiceSettings) async throws {
         self.init()
@@ -63,6 +65,11 @@ public struct GatewayApp {
                 o.retention = days > 0 ? .milliseconds(Int64(days * 86_400_000)) : nil
             }
             if let mb = try await settings.double("serving-log-queue-mb", in: 0.0625...65_536) { o.maxQueueBytes = Int(mb * 1_048_576) }
+            if let instance = try await settings.string("serving-log-instance") {
+                let clean = ServingLogFormat.instanceName(instance)
+                guard !clean.isEmpty else { throw ServiceSettings.SettingError(description: "setting 'serving-log-instance' is empty") }
+                o.instance = clean
+            }
             for part in try await settings.list("serving-log-sample") ?? [] {
                 let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
                 guard kv.count == 2, let rate = Double(kv[1]), (0...1).contains(rate) else {
@@ -73,7 +80,8 @@ public struct GatewayApp {
             servingLog = o
         }
         if let labels = try await settings.string("quality-labels") {
-            liveQuality = (URL(fileURLWithPath: labels), try await settings.seconds("quality-interval-seconds") ?? .seconds(60))
+            let interval = try await settings.double("quality-interval-seconds", in: 1...86_400) ?? 60
+            liveQuality = (URL(fileURLWithPath: labels), .milliseconds(Int64(interval * 1000)))
         }
     }
 

@@ -64,7 +64,10 @@ public final class LiveQuality: Service, Sendable {
     private let logger: Logger
     /// Per segment file: its size when read and its sums.
     private let perSegment = Mutex<[String: (size: Int, sums: [Key: Sums])]>([:])
-    private let labels = Mutex<[LabelKey: [String: Float]]?>(nil)
+    /// The labels, with the size and modification time of the file they were read from.
+    private let labels = Mutex<(stamp: String, labels: [LabelKey: [String: Float]])?>(nil)
+    /// Keys published at the last refresh (a key that disappears has its gauges reset).
+    private let published = Mutex<Set<Key>>([])
     private let io = DispatchQueue(label: "stockpot.live-quality")
 
     public init(options: Options, metrics: MetricsHub, logger: Logger) {
@@ -90,7 +93,9 @@ public final class LiveQuality: Service, Sendable {
 
     /// Reads what changed in the log and updates the gauges (on the caller's thread).
     public func refreshNow() throws {
-        let labels = try loadLabels()
+        let (labels, reloaded) = try loadLabels()
+        // New labels: every segment is joined again.
+        if reloaded { perSegment.withLock { $0.removeAll() } }
         let segments = (try? ServingLogFormat.segments(in: options.servingLog)) ?? []
         var seen = Set<String>()
         for segment in segments {
@@ -119,13 +124,21 @@ public final class LiveQuality: Service, Sendable {
             perSegment.withLock { $0[name] = (size, sums) }
         }
         perSegment.withLock { s in for name in Array(s.keys) where !seen.contains(name) { s.removeValue(forKey: name) } }
-        for (k, v) in totals {
-            let labels = [("crowd", k.crowd), ("objective", k.objective), ("model", k.model)]
-            metrics.gauge("stockpot_live_labelled", labels).record(v.labelled)
-            metrics.gauge("stockpot_live_mean_predicted", labels).record(v.meanPredicted)
-            metrics.gauge("stockpot_live_observed_rate", labels).record(v.observedRate)
-            if v.positives > 0 { metrics.gauge("stockpot_live_calibration", labels).record(v.calibration) }
+        let current = totals
+        let gone = published.withLock { p -> Set<Key> in
+            defer { p = Set(current.keys) }
+            return p.subtracting(current.keys)
         }
+        for (k, v) in current { publish(k, v) }
+        for k in gone { publish(k, Sums()) } // what the log no longer holds: nothing labelled
+    }
+
+    private func publish(_ k: Key, _ v: Sums) {
+        let labels = [("crowd", k.crowd), ("objective", k.objective), ("model", k.model)]
+        metrics.gauge("stockpot_live_labelled", labels).record(v.labelled)
+        metrics.gauge("stockpot_live_mean_predicted", labels).record(v.meanPredicted)
+        metrics.gauge("stockpot_live_observed_rate", labels).record(v.observedRate)
+        metrics.gauge("stockpot_live_calibration", labels).record(v.calibration)
     }
 
     static func model(_ versions: [Stockpot_Log_V1_Model]) -> String {
@@ -134,8 +147,11 @@ public final class LiveQuality: Service, Sendable {
         return "\(v.name):\(v.version)"
     }
 
-    private func loadLabels() throws -> [LabelKey: [String: Float]] {
-        if let loaded = labels.withLock({ $0 }) { return loaded }
+    /// The labels, read again when the file changed (size or modification time); and whether they were.
+    private func loadLabels() throws -> ([LabelKey: [String: Float]], reloaded: Bool) {
+        let attributes = try FileManager.default.attributesOfItem(atPath: options.labels.path)
+        let stamp = "\((attributes[.size] as? NSNumber)?.intValue ?? 0)@\((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)"
+        if let loaded = labels.withLock({ $0 }), loaded.stamp == stamp { return (loaded.labels, false) }
         let text = try String(contentsOf: options.labels, encoding: .utf8)
         var lines = text.split(separator: "\n", omittingEmptySubsequences: true).makeIterator()
         guard let header = lines.next()?.split(separator: ",", omittingEmptySubsequences: false).map({ String($0).trimmingCharacters(in: .whitespacesAndNewlines) }),
@@ -151,9 +167,9 @@ public final class LiveQuality: Service, Sendable {
             for (i, name) in objectives { y[name] = max(y[name] ?? 0, f[i] == "1" ? 1 : 0) } // repeated impressions: OR
             out[LabelKey(user: user, item: item, day: day)] = y
         }
-        labels.withLock { $0 = out }
+        labels.withLock { $0 = (stamp, out) }
         logger.info("live quality: labels loaded", metadata: ["file": "\(options.labels.path)", "impressions": "\(out.count)"])
-        return out
+        return (out, true)
     }
 
     public func run() async throws {

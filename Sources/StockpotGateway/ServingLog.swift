@@ -442,6 +442,8 @@ final class SegmentWriter: @unchecked Sendable {
             let url = options.directory.appendingPathComponent(ServingLogFormat.segmentName(day: day, sequence: seq, instance: options.instance))
             let f = options.openSegment(url)
             if f >= 0 {
+                // Held while the segment is written: retention (this process's or another's) skips it.
+                _ = flock(f, LOCK_SH | LOCK_NB)
                 fd = f
                 segmentURL = url
                 self.day = day
@@ -500,6 +502,7 @@ final class SegmentWriter: @unchecked Sendable {
             let tooOld = cutoff.map { info[i].modified < $0 } ?? false
             let overBudget = info[i].own && total > options.maxTotalBytes
             guard tooOld || overBudget else { continue }
+            guard !Self.isBeingWritten(s.url) else { continue }
             if (try? fm.removeItem(at: s.url)) != nil {
                 if info[i].own { total -= info[i].size }
                 deleted += 1
@@ -509,6 +512,16 @@ final class SegmentWriter: @unchecked Sendable {
             counters.withLock { $0.segmentsDeleted += deleted }
             logger.info("serving log: deleted old segments", metadata: ["count": "\(deleted)"])
         }
+    }
+}
+
+extension SegmentWriter {
+    /// Whether a live writer (any process) holds the segment open: it keeps a shared lock on it.
+    static func isBeingWritten(_ url: URL) -> Bool {
+        let f = open(url.path, O_RDONLY | O_CLOEXEC)
+        guard f >= 0 else { return false }
+        defer { _ = posixClose(f) }
+        return flock(f, LOCK_EX | LOCK_NB) != 0
     }
 }
 

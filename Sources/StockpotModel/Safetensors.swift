@@ -197,13 +197,15 @@ public enum AtomicFile {
         let contentName = ".\(name).\(tag)"
         let content = parent.appendingPathComponent(contentName)
         let link = parent.appendingPathComponent(".\(name).link-\(tag)")
-        let previous = fm.destinationOfSymbolicLinkIfAny(url)
+        var previous = fm.destinationOfSymbolicLinkIfAny(url)
         do {
             try fm.moveItem(at: staged, to: content)
             try fm.createSymbolicLink(atPath: link.path, withDestinationPath: contentName)
             if fm.destinationOfSymbolicLinkIfAny(url) == nil, fm.fileExists(atPath: url.path) {
-                // A plain folder (written before folders were published as links): moved aside once.
+                // A plain folder (written before folders were published as links): moved aside once, and kept
+                // one generation like any replaced content.
                 try fm.moveItem(at: url, to: parent.appendingPathComponent(".\(name).old-\(tag)"))
+                previous = ".\(name).old-\(tag)"
             }
             guard rename(link.path, url.path) == 0 else { throw ModelError.io("cannot publish \(url.path) (errno \(errno))") }
         } catch {

@@ -14,6 +14,8 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         public let version: Stockpot_V1_ModelVersion
         public let reference: String
         public let value: Loaded
+        /// Distinct for every load in this process (a version loaded again after a rollback gets a new one).
+        public let loadID: UInt64
 
         /// The `ModelRef` responses carry.
         public func ref(role: String) -> Stockpot_V1_ModelRef {
@@ -49,6 +51,8 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         self.onChange = onChange
     }
 
+    private static func nextLoadID() -> UInt64 { artifactLoads.withLock { $0 += 1; return $0 } }
+
     /// The version serving now, or nil before the first successful load.
     public var value: Current? { current.withLock { $0 } }
 
@@ -58,7 +62,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         let (version, folder) = try await fetch(reference)
         if let now = value, now.version.name == version.name, now.version.version == version.version { return false }
         let loaded = try load(version, folder)
-        let next = Current(version: version, reference: reference, value: loaded)
+        let next = Current(version: version, reference: reference, value: loaded, loadID: Self.nextLoadID())
         current.withLock { $0 = next }
         logger.info("loaded", metadata: ["ref": "\(reference)", "version": "\(version.name):\(version.version)"])
         onChange(next)
@@ -84,3 +88,6 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         }
     }
 }
+
+/// Loads counted across every watcher of the process (`ArtifactWatcher.Current.loadID`).
+private let artifactLoads = Mutex<UInt64>(0)

@@ -10,7 +10,7 @@ public final class MetricsEndpoint: Service, Sendable {
     public let hub: MetricsHub
     public let host: String
     private let requestedPort: Int
-    private let bound = Mutex<(port: Int?, waiters: [CheckedContinuation<Int, Never>])>((nil, []))
+    private let bound = Mutex<(port: Int?, ended: Bool, waiters: [CheckedContinuation<Int, any Error>])>((nil, false, []))
     private let logger: Logger
 
     public init(hub: MetricsHub, host: String, port: Int, logger: Logger) {
@@ -20,15 +20,16 @@ public final class MetricsEndpoint: Service, Sendable {
         self.logger = logger
     }
 
-    /// The port it listens on, once listening.
-    public func port() async -> Int {
-        await withCheckedContinuation { c in
-            let now = bound.withLock { b -> Int? in
-                if let p = b.port { return p }
+    /// The port it listens on, once listening; throws if the endpoint stopped (or failed to bind) first.
+    public func port() async throws -> Int {
+        try await withCheckedThrowingContinuation { c in
+            let now = bound.withLock { b -> Result<Int, any Error>? in
+                if let p = b.port { return .success(p) }
+                if b.ended { return .failure(Status.unavailable("the metrics endpoint on \(host):\(requestedPort) is not running")) }
                 b.waiters.append(c)
                 return nil
             }
-            if let now { c.resume(returning: now) }
+            if let now { c.resume(with: now) }
         }
     }
 
@@ -46,7 +47,7 @@ public final class MetricsEndpoint: Service, Sendable {
             router: router, configuration: .init(address: .hostname(host, port: requestedPort), serverName: "stockpot-metrics"),
             onServerRunning: { [self] channel in
                 let port = channel.localAddress?.port ?? 0
-                let waiters = self.bound.withLock { b -> [CheckedContinuation<Int, Never>] in
+                let waiters = self.bound.withLock { b -> [CheckedContinuation<Int, any Error>] in
                     b.port = port
                     defer { b.waiters = [] }
                     return b.waiters
@@ -55,6 +56,14 @@ public final class MetricsEndpoint: Service, Sendable {
                 self.logger.info("metrics endpoint listening", metadata: ["port": "\(port)", "path": "/metrics"])
             },
             logger: quiet)
+        defer {
+            let waiters = bound.withLock { b -> [CheckedContinuation<Int, any Error>] in
+                b.ended = true
+                defer { b.waiters = [] }
+                return b.waiters
+            }
+            for w in waiters { w.resume(throwing: Status.unavailable("the metrics endpoint on \(host):\(requestedPort) stopped before listening")) }
+        }
         try await app.run()
     }
 }

@@ -12,8 +12,8 @@ public enum ModelMetrics {
             metrics.gauge("stockpot_model_loaded", ref).record(1)
             metrics.gauge("stockpot_model_version", ref).record(Int(current.version.version))
             let s = current.value.pool.stats
-            // Each loaded version has its own pool, whose totals start at zero: counted per source.
-            let source = "\(current.version.name):\(current.version.version)"
+            // Each load has its own pool, whose totals start at zero: counted per load.
+            let source = String(current.loadID)
             metrics.gauge("stockpot_compute_queue_depth", ref).record(s.queued)
             metrics.gauge("stockpot_compute_running", ref).record(s.running)
             metrics.count("stockpot_compute_completed_total", ref, source: source, to: s.completed)

@@ -102,8 +102,11 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
             return meta
         }
         try Data(downloaded.artifactSha256.utf8).write(to: tmp.appendingPathComponent(".sha256"))
-        // Another process sharing the cache may be loading `folder` right now: swap it in one step.
-        try AtomicFile.publishDirectory(tmp, at: folder)
+        // Another process sharing the cache may be loading `folder` right now: swap it in one step (under a
+        // file lock, so off the Swift concurrency threads).
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            DispatchQueue.global(qos: .utility).async { c.resume(with: Result { try AtomicFile.publishDirectory(tmp, at: folder) }) }
+        }
         return (downloaded, folder)
     }
 }

@@ -97,6 +97,10 @@ extension ServiceSettings {
 extension ServiceSettings {
     /// The `/metrics` port (`metrics-port`), or nil when off.
     public func metricsPort() async throws -> Int? {
+        if let n = try? await int("metrics-port") {
+            guard (0...65535).contains(n) else { throw SettingError(description: "setting 'metrics-port' of \(service): \(n) is not a port") }
+            return n
+        }
         guard let text = try await string("metrics-port"), text != "off", !text.isEmpty else { return nil }
         guard let p = Int(text), (0...65535).contains(p) else {
             throw SettingError(description: "setting 'metrics-port' of \(service): '\(text)' is not a port or 'off'")

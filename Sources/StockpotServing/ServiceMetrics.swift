@@ -22,10 +22,10 @@ public final class MetricsHub: Sendable {
     /// label values taken from requests or replies cannot grow the registry without bound.
     public let maxSeriesPerMetric: Int
     private let collectors = Mutex<[@Sendable () -> Void]>([])
-    private let series = Mutex<[String: any Sendable]>([:])
-    private let seriesPerName = Mutex<[String: Int]>([:])
-    /// Last cumulative value seen per counter fed from statistics (`count(_:_:source:to:)`).
-    private let lastTotals = Mutex<[String: Int64]>([:])
+    /// Series made so far (by name and labels) and how many each name has.
+    private let series = Mutex<(made: [String: any Sendable], perName: [String: Int])>(([:], [:]))
+    /// Per counter fed from statistics: which source it follows and the last total seen from it.
+    private let lastTotals = Mutex<[String: (source: String, total: Int64)]>([:])
 
     public init(maxSeriesPerMetric: Int = 500) {
         registry = PrometheusCollectorRegistry()
@@ -42,21 +42,23 @@ public final class MetricsHub: Sendable {
     }
 
     /// The cached series of `name` with `labels`, made by `make` the first time (or the `other` series when
-    /// the name already has `maxSeriesPerMetric`).
+    /// the name already has `maxSeriesPerMetric`). One lock for lookup, cap and insertion, so that concurrent
+    /// first uses make one series and count it once.
     private func cached<M: Sendable>(_ name: String, _ labels: [(String, String)], _ make: ([(String, String)]) -> M) -> M {
         let k = Self.key(name, labels)
-        if let existing = series.withLock({ $0[k] }) as? M { return existing }
-        let full = seriesPerName.withLock { counts -> Bool in
-            guard counts[name, default: 0] < maxSeriesPerMetric else { return true }
-            counts[name, default: 0] += 1
-            return false
-        }
-        let finalLabels = full ? labels.map { ($0.0, "other") } : labels
-        let finalKey = full ? Self.key(name, finalLabels) : k
         return series.withLock { s in
-            if let existing = s[finalKey] as? M { return existing }
-            let made = make(finalLabels)
-            s[finalKey] = made
+            if let existing = s.made[k] as? M { return existing }
+            if s.perName[name, default: 0] >= maxSeriesPerMetric {
+                let other = labels.map { ($0.0, "other") }
+                let otherKey = Self.key(name, other)
+                if let existing = s.made[otherKey] as? M { return existing }
+                let made = make(other)
+                s.made[otherKey] = made
+                return made
+            }
+            let made = make(labels)
+            s.made[k] = made
+            s.perName[name, default: 0] += 1
             return made
         }
     }
@@ -81,13 +83,14 @@ public final class MetricsHub: Sendable {
     }
 
     /// Feeds a counter from a cumulative total kept elsewhere (e.g. a cache's hit count): adds what it grew by
-    /// since the last call. `source` names the object that keeps the total (e.g. a model version's pool), so
-    /// that a new source starting again from zero adds its own counts to the same series.
+    /// since the last call. `source` names the object that keeps the total (e.g. one load of a model and its
+    /// pool): when it changes, the new source's total (counted from zero) is added and the old one forgotten.
     public func count(_ name: String, _ labels: [(String, String)], source: String = "", to total: Int) {
-        let k = Self.key(name, labels) + "\u{3}" + source
+        let k = Self.key(name, labels)
         let delta = lastTotals.withLock { last -> Int64 in
-            let d = Int64(total) - (last[k] ?? 0)
-            if d > 0 { last[k] = Int64(total) }
+            let previous = last[k]
+            let d = previous?.source == source ? Int64(total) - previous!.total : Int64(total)
+            if d > 0 || previous?.source != source { last[k] = (source, Int64(total)) }
             return d
         }
         let c = counter(name, labels) // present at 0 before the first increment
@@ -156,15 +159,18 @@ public struct RPCMetricsInterceptor: ServerInterceptor {
 }
 
 /// Calls `finish` exactly once per RPC: when the response has been written (nil), when producing or writing it
-/// fails, or at once when the handler fails. `around` wraps the producer (e.g. in the RPC's tracing context).
+/// fails, at once when the handler fails, or — when the transport drops the response without running its
+/// producer (the client went away before the response headers could be written) — as the response is released,
+/// with CANCELLED. `around` wraps the producer (e.g. in the RPC's tracing context).
 func finishing<Output: Sendable>(
     _ respond: @autoclosure () async throws -> StreamingServerResponse<Output>,
     around: @escaping @Sendable (@Sendable () async throws -> Metadata) async throws -> Metadata = { try await $0() },
     _ finish: @escaping @Sendable ((any Error)?) -> Void
 ) async throws -> StreamingServerResponse<Output> {
+    let completion = Completion(finish)
     var response: StreamingServerResponse<Output>
     do { response = try await respond() } catch {
-        finish(error)
+        completion(error)
         throw error
     }
     switch response.accepted {
@@ -173,16 +179,38 @@ func finishing<Output: Sendable>(
         contents.producer = { writer in
             do {
                 let trailers = try await around { try await producer(writer) }
-                finish(nil)
+                completion(nil)
                 return trailers
             } catch {
-                finish(error)
+                completion(error)
                 throw error
             }
         }
         response.accepted = .success(contents)
     case .failure(let error):
-        finish(error)
+        completion(error)
     }
     return response
+}
+
+/// A completion callback that runs once: explicitly, or when released without having run.
+final class Completion: Sendable {
+    private let finish: @Sendable ((any Error)?) -> Void
+    private let done = Mutex(false)
+
+    init(_ finish: @escaping @Sendable ((any Error)?) -> Void) { self.finish = finish }
+
+    func callAsFunction(_ error: (any Error)?) {
+        let first = done.withLock { d -> Bool in
+            defer { d = true }
+            return !d
+        }
+        if first { finish(error) }
+    }
+
+    deinit {
+        if !done.withLock({ $0 }) {
+            finish(RPCError(code: .cancelled, message: "the response was dropped before it was written (the client went away)"))
+        }
+    }
 }

@@ -44,9 +44,25 @@ public enum Telemetry {
         }
         // Only the tracer is installed process-wide: logging and metrics keep their own bootstrap (OTel.bootstrap
         // would also apply OTEL_* overrides that can switch them on and bootstrap swift-log a second time).
-        let backend = try OTel.makeTracingBackend(configuration: configuration(serviceName: label, endpoint: endpoint))
-        InstrumentationSystem.bootstrap(backend.factory)
+        guard let backend = tracingBackend(label: label, endpoint: endpoint) else {
+            try await ServiceRunner.run(settings: settings, label: label, build: build)
+            return
+        }
+        InstrumentationSystem.bootstrap(backend.tracer)
         try await ServiceRunner.run(settings: settings, label: label, before: [backend.service],
                                     extraLogMetadata: [OTel.makeLoggingMetadataProvider()], build: build)
+    }
+
+    /// The tracer and its exporter service. The standard OTEL_* variables still apply on top (e.g.
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, the sampler); a combination OTel refuses (OTEL_SDK_DISABLED=true)
+    /// leaves tracing off rather than the service down.
+    static func tracingBackend(label: String, endpoint: String) -> (tracer: any Tracer, service: any Service)? {
+        do {
+            let backend = try OTel.makeTracingBackend(configuration: configuration(serviceName: label, endpoint: endpoint))
+            return (backend.factory, backend.service)
+        } catch {
+            FileHandle.standardError.write(Data("\(label): tracing off: \(error)\n".utf8))
+            return nil
+        }
     }
 }

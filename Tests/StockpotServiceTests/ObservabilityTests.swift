@@ -10,7 +10,7 @@ import ServiceLifecycle
 import StockpotFeatures
 import StockpotGateway
 import StockpotProto
-import StockpotServing
+@testable import StockpotServing
 import Testing
 import Tracing
 
@@ -112,7 +112,7 @@ struct CountingFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
         let group = ServiceGroup(configuration: .init(services: [.init(service: endpoint)], logger: quietLogger))
         try await withThrowingDiscardingTaskGroup { tasks in
             tasks.addTask { try await group.run() }
-            let port = await endpoint.port()
+            let port = try await endpoint.port()
             let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!)
             let text = String(decoding: data, as: UTF8.self)
             #expect((response as? HTTPURLResponse)?.statusCode == 200)
@@ -160,4 +160,31 @@ struct CountingFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
         #expect(lines.value.count >= 2)
         #expect(lines.value.allSatisfy { $0.contains(#""request_id":"req-42""#) }, "\(lines.value)")
     }
+}
+
+@Suite struct CompletionAndCounters {
+    @Test func anRPCWhoseResponseIsDroppedStillFinishes() async throws {
+        let calls = Locked([String]())
+        do {
+            let response = try await finishingForTests { error in calls { $0.append(error.map { "\($0)" } ?? "ok") } }
+            _ = response // dropped without running its producer, as the transport does when the client is gone
+        }
+        #expect(calls.value.count == 1)
+        #expect(calls.value.first?.contains("cancelled") == true, "\(calls.value)")
+    }
+
+    @Test func countersFollowANewSourceFromZero() {
+        let hub = MetricsHub()
+        let l = [("service", "s")]
+        hub.count("stockpot_test_total", l, source: "load1", to: 10)
+        hub.count("stockpot_test_total", l, source: "load1", to: 12)
+        hub.count("stockpot_test_total", l, source: "load2", to: 3)   // a new pool after a swap
+        hub.count("stockpot_test_total", l, source: "load3", to: 5)   // a rollback loads the old version anew
+        #expect(sample(hub.text(), #"stockpot_test_total{service="s"}"#) == 20)
+    }
+}
+
+/// `finishing` over a response whose producer writes nothing.
+func finishingForTests(_ finish: @escaping @Sendable ((any Error)?) -> Void) async throws -> StreamingServerResponse<Int> {
+    try await finishing(StreamingServerResponse(of: Int.self, metadata: [:], producer: { _ in [:] }), finish)
 }

@@ -79,7 +79,7 @@ import Testing
         try AtomicFile.publishDirectory(staged, at: target)
         #expect(try String(contentsOf: target.appendingPathComponent("model.json"), encoding: .utf8) == "new")
         let left = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("m").path).sorted()
-        #expect(left.count == 3 && left.contains("1") && left.contains(".1.lock") && !left.contains(".1.crashed"), "\(left)")
+        #expect(left.count == 4 && left.contains("1") && left.contains(".1.lock") && !left.contains(".1.crashed"), "\(left)")
     }
 }
 

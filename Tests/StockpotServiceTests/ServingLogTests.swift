@@ -253,6 +253,31 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         #expect(everyItemResolvesInItsSegment(perSegment))
     }
 
+    @Test func retentionSkipsASegmentAnotherWriterHolds() async throws {
+        // Two gateways with the same instance name (two processes on one host) share a folder: one's size
+        // budget must not delete the segment the other is writing.
+        let dir = temporaryDirectory("log-same-instance")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var a = ServingLog.Options(directory: dir), b = ServingLog.Options(directory: dir)
+        a.instance = "host"
+        b.instance = "host"
+        a.maxSegmentBytes = 300
+        a.maxTotalBytes = 600
+        b.maxSegmentBytes = 1 << 20
+        try await withLog(b) { logB in
+            logB.append(servedEntry(9_000, items: [1]))
+            await logB.flush() // B's segment is open (and locked) from here on
+            try await withLog(a) { logA in
+                for n in 0..<30 { logA.append(servedEntry(n, items: [Int64(n)])) }
+                await logA.flush()
+                #expect(logA.stats.segmentsDeleted > 0)
+            }
+            logB.append(servedEntry(9_001, items: [1]))
+        }
+        let ids = try readLog(dir).served.map(\.requestID)
+        #expect(ids.contains("r9000") && ids.contains("r9001"), "\(ids)")
+    }
+
     @Test func samplingPerCrowd() {
         var options = ServingLog.Options(directory: temporaryDirectory("log-sample"))
         options.sampleRates = ["head": 0, "tail": 1]
@@ -383,6 +408,11 @@ struct ServingLogSamplesOnRealData {
         await log.flush()
         try quality.refreshNow()
         #expect(quality.totals[key]?.labelled == 12)
+        // Labels that arrive later are joined too: the file changed, every segment is joined again.
+        csv += (0..<4).map { "\($0),3,20220505,1,0\n" }.joined()
+        try Data(csv.utf8).write(to: labels)
+        try quality.refreshNow()
+        #expect(quality.totals[key]?.labelled == 16 && quality.totals[key]?.positives == 12)
         writer.cancel()
         try await writer.value
     }

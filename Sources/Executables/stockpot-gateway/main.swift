@@ -18,6 +18,8 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Serving log retention in days; 0 = by size only (default 14; env STOCKPOT_GATEWAY_SERVING_LOG_RETENTION_DAYS).") var servingLogRetentionDays: Double?
     @Option(help: "Serving log queue bound in MB; requests past it are dropped and counted (default 64; env STOCKPOT_GATEWAY_SERVING_LOG_QUEUE_MB).") var servingLogQueueMb: Double?
     @Option(help: "Serving log sampling per crowd, e.g. head=0.1,tail=1,*=1 (default: every request; env STOCKPOT_GATEWAY_SERVING_LOG_SAMPLE).") var servingLogSample: String?
+    @Option(help: "This gateway's name in its serving-log segment files, when several share a folder on one host (default: the host name; env STOCKPOT_GATEWAY_SERVING_LOG_INSTANCE).")
+    var servingLogInstance: String?
     @Option(help: "Label CSV (user_id, video_id, date, 0/1 objective columns) joined with the serving log for live calibration gauges (env STOCKPOT_GATEWAY_QUALITY_LABELS; default off).")
     var qualityLabels: String?
     @Option(help: "Seconds between live calibration passes (default 60; env STOCKPOT_GATEWAY_QUALITY_INTERVAL_SECONDS).") var qualityIntervalSeconds: Double?
@@ -42,6 +44,7 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("serving-log-retention-days", servingLogRetentionDays)
         flags.set("serving-log-queue-mb", servingLogQueueMb)
         flags.set("serving-log-sample", servingLogSample)
+        flags.set("serving-log-instance", servingLogInstance)
         flags.set("quality-labels", qualityLabels)
         flags.set("quality-interval-seconds", qualityIntervalSeconds)
         flags.set("corrected-crowds", correctedCrowds)
