@@ -76,6 +76,17 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         return "\(error)"
     }
 
+    /// Runs an idempotent read (feature lookup, legacy scores) and runs it once more if the connection dropped
+    /// under it ("Stream unexpectedly closed": the stream's connection went away) while the budget lasts. Any
+    /// other failure, a refused connection included, is not retried: a dead service fails fast.
+    public static func retryingDroppedConnection<T: Sendable>(before deadline: ContinuousClock.Instant,
+                                                       _ call: () async throws -> T) async throws -> T {
+        do { return try await call() } catch let e as RPCError where e.code == .unavailable
+            && e.message.hasPrefix("Stream unexpectedly closed") && ContinuousClock.now < deadline {
+            return try await call()
+        }
+    }
+
     /// A downstream reply that failed `ReplyValidation`.
     struct MalformedReply: Error, CustomStringConvertible {
         var service: String
@@ -144,8 +155,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         var items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
         var started = clock.now
         do {
-            async let user = clients.features.getFeatures(.with { $0.userIds = [request.userID] }, options: Self.options(remaining()))
-            async let item = clients.features.getFeatures(.with { $0.itemIds = ids }, options: Self.options(remaining()))
+            async let user = Self.retryingDroppedConnection(before: deadline) {
+                try await clients.features.getFeatures(.with { $0.userIds = [request.userID] }, options: Self.options(remaining()))
+            }
+            async let item = Self.retryingDroppedConnection(before: deadline) {
+                try await clients.features.getFeatures(.with { $0.itemIds = ids }, options: Self.options(remaining()))
+            }
             let (u, i) = try await (user, item)
             if let problem = ReplyValidation.entityBatch(u.users, ids: [request.userID], field: "users")
                 ?? ReplyValidation.entityBatch(i.items, ids: ids, field: "items") {
@@ -173,13 +188,16 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         started = clock.now
         let legacy: Stockpot_V1_ScoreResponse
         do {
-            legacy = try await clients.scorer.score(.with {
+            let scoreRequest = Stockpot_V1_ScoreRequest.with {
                 $0.model = config.scorerModel
                 $0.userID = request.userID
                 $0.userFeatures = userList
                 $0.context = contextList
                 $0.candidates = items
-            }, options: Self.options(remaining()))
+            }
+            legacy = try await Self.retryingDroppedConnection(before: deadline) {
+                try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
+            }
         } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
             // A fresh error: a downstream error's metadata (its trailers) must not become ours.
             throw RPCError(code: e.code, message: "scorer: \(e.message)")

@@ -101,6 +101,7 @@ public final class ServiceClient: Service, Sendable {
     /// with round-robin load balancing. Several IPv4 `host:port` separated by commas are replicas balanced
     /// round-robin too (replicas on one host, or a fixed list without DNS).
     public static func transport(target: String) throws -> HTTP2ClientTransport.Posix {
+        let config = ServiceConfig(loadBalancingConfig: [.roundRobin])
         if target.contains(",") {
             let addresses = try target.split(separator: ",").map { part -> SocketAddress.IPv4 in
                 let hp = part.trimmingCharacters(in: .whitespaces).split(separator: ":", omittingEmptySubsequences: false)
@@ -110,7 +111,7 @@ public final class ServiceClient: Service, Sendable {
                 return SocketAddress.IPv4(host: String(hp[0]), port: port)
             }
             return try .http2NIOPosix(target: ResolvableTargets.IPv4(addresses: addresses), transportSecurity: .plaintext,
-                                      serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
+                                      serviceConfig: config)
         }
         let parts = target.split(separator: ":", omittingEmptySubsequences: false)
         guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port), !parts[0].isEmpty else {
@@ -120,8 +121,7 @@ public final class ServiceClient: Service, Sendable {
         let resolvable: any ResolvableTarget = host.first?.isNumber == true
             ? ResolvableTargets.IPv4(addresses: [SocketAddress.IPv4(host: host, port: port)])
             : ResolvableTargets.DNS(host: host, port: port)
-        return try .http2NIOPosix(target: resolvable, transportSecurity: .plaintext,
-                                  serviceConfig: ServiceConfig(loadBalancingConfig: [.roundRobin]))
+        return try .http2NIOPosix(target: resolvable, transportSecurity: .plaintext, serviceConfig: config)
     }
 
     public func run() async throws {

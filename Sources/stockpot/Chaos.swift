@@ -21,7 +21,7 @@ struct Chaos: AsyncParsableCommand {
 
     @Option(help: "Working folder (registry, feature store, logs of each process).") var data: String = "runs/chaos"
     @Option(help: "KuaiRand-Pure folder (default ../shared/data/kuairand-pure).") var kuairand: String?
-    @Option(help: "First port: registry, features A, scorer, corrector, fusion, gateway, gateway metrics, features B.") var basePort: Int = 52051
+    @Option(help: "First port: registry, features A, scorer, corrector, fusion, gateway, gateway metrics, features B (below the ephemeral range, so that a reconnecting client cannot connect to itself on loopback).") var basePort: Int = 21051
     @Option(help: "Seconds per phase.") var phaseSeconds: Double = 8
     @Option(help: "Requests in flight.") var concurrency: Int = 4
     @Option(help: "Target requests per second over all workers (0 = as fast as they go).") var rate: Double = 100

@@ -365,3 +365,48 @@ final class CapturedLogs: Sendable {
         #expect(states.snapshot["corrector/tail"] == nil)
     }
 }
+
+/// A scorer whose first call and every third after fails as a dropped connection would (UNAVAILABLE).
+struct FlakyScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
+    let calls = Locked(0)
+    func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
+        let n = calls { $0 += 1; return $0 }
+        if n % 3 == 1 { throw RPCError(code: .unavailable, message: "Stream unexpectedly closed.") }
+        return try await FakeScorer(faults: Faults()).score(request: request, context: context)
+    }
+}
+
+@Suite struct GatewayRetries {
+    @Test func aDroppedConnectionUnderAReadIsRetriedOnce() async throws {
+        let flaky = FlakyScorer()
+        let faults = Faults()
+        let server = GRPCServer(
+            transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
+            services: [FakeFeatures(faults: faults), flaky, FakeCorrector(faults: faults), FakeFusion(faults: faults)])
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await server.serve() }
+            let port = try #require(try await server.listeningAddress?.ipv4?.port)
+            try await withGRPCClient(transport: try ServiceClient.transport(target: "127.0.0.1:\(port)")) { client in
+                var config = GatewayConfig()
+                config.budget = .seconds(20)
+                config.correctorTimeout = .seconds(4)
+                config.fusionTimeout = .seconds(4)
+                let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
+                                             config: config, log: nil, metrics: MetricsHub(), logger: quietLogger)
+                for _ in 0..<10 { _ = try await rank(gateway) }
+                // Every request succeeded; the five whose first scorer call was dropped were retried once.
+                #expect(flaky.calls.value == 15)
+            }
+            server.beginGracefulShutdown()
+        }
+        // Other failures are not retried: a dead or refusing service fails fast.
+        var calls = 0
+        await #expect(throws: RPCError.self) {
+            try await GatewayService.retryingDroppedConnection(before: .now + .seconds(5)) { () async throws -> Int in
+                calls += 1
+                throw RPCError(code: .unavailable, message: "Could not establish a connection")
+            }
+        }
+        #expect(calls == 1)
+    }
+}
