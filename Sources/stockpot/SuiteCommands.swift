@@ -20,6 +20,7 @@ struct Suite: AsyncParsableCommand {
     @Option(help: "First port; the services take six consecutive ports (registry … gateway).") var basePort: Int = DefaultPorts.registry
     @Option(help: "Demo Rank requests to send once every service is SERVING.") var demoRequests: Int = 3
     @Flag(help: "Exit after the demo requests instead of serving until Ctrl-C.") var exitAfterDemo = false
+    @Option(help: "Port of the Prometheus /metrics endpoint for all six services (0 = any free port, -1 = off).") var metricsPort: Int = 9464
 
     func run() async throws {
         var options = LocalSuite.Options()
@@ -28,9 +29,13 @@ struct Suite: AsyncParsableCommand {
         options.ports = (0..<6).map { basePort + $0 }
         let suite = LocalSuite(options: options)
         let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
+        let logger = Logger(label: "stockpot.suite")
+        // One endpoint for the six services of this process (each series has a `service` label).
+        let metrics = metricsPort >= 0 ? MetricsEndpoint(hub: .process, host: "127.0.0.1", port: metricsPort, logger: logger) : nil
         let service = SuiteService(suite: suite) { suite in
             try await suite.waitUntilServing()
             Console.out("all six services SERVING: " + LocalSuite.order.map { "\($0)=\(suite.address($0))" }.joined(separator: " "))
+            if let metrics, let port = try? await metrics.port() { Console.out("metrics: http://127.0.0.1:\(port)/metrics") }
             for request in try RankClient.demoRequests(kuaiRand: kuaiRand, count: demo) {
                 let response = try await RankClient.rank(gateway: suite.address("gateway"), request: request)
                 Console.out("\nRank user \(request.userID), \(request.candidateIds.count) candidates, top \(request.topK):")
@@ -40,8 +45,9 @@ struct Suite: AsyncParsableCommand {
             return exitAfter
         }
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)],
-            gracefulShutdownSignals: [.sigterm, .sigint], logger: Logger(label: "stockpot.suite")))
+            services: (metrics.map { [ServiceGroupConfiguration.ServiceConfiguration(service: $0)] } ?? [])
+                + [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()
     }
 }
