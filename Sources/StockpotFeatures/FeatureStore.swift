@@ -70,12 +70,16 @@ public final class FeatureStore: FeatureBackend {
     }
 
     public func count(_ kind: Kind) async throws -> Int {
-        try await db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM entities WHERE kind = ?", arguments: [kind.rawValue]) ?? 0 }
+        try await db.read(Self.countQuery(kind))
     }
 
     /// The count, blocking (for start-up and command-line tools, not request handlers).
     public func countNow(_ kind: Kind) throws -> Int {
-        try db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM entities WHERE kind = ?", arguments: [kind.rawValue]) ?? 0 }
+        try db.read(Self.countQuery(kind))
+    }
+
+    private static func countQuery(_ kind: Kind) -> @Sendable (Database) throws -> Int {
+        { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM entities WHERE kind = ?", arguments: [kind.rawValue]) ?? 0 }
     }
 
     public func columns(_ kind: Kind) async throws -> [String] {
@@ -114,29 +118,35 @@ public final class FeatureStore: FeatureBackend {
     }
 
     public func put(_ kind: Kind, rows: [(Int64, [String: String])]) async throws -> Int {
-        let rows = rows.map { Upsert(id: $0.0, features: $0.1) }
-        let addsColumns = addsColumns(kind, rows)
-        if addsColumns { knownColumns.invalidate([kind]) }
-        defer { if addsColumns { knownColumns.invalidate([kind]) } }
-        return try await db.write { db in try Self.upsert(db, kind: kind, rows: rows) }
+        let write = columnWrite(kind, rows)
+        defer { write.committed() }
+        let upserts = write.rows
+        return try await db.write { db in try Self.upsert(db, kind: kind, rows: upserts) }
     }
 
     /// `put`, blocking (for imports and tests, not request handlers).
     @discardableResult
     public func putNow(_ kind: Kind, rows: [(Int64, [String: String])]) throws -> Int {
-        let rows = rows.map { Upsert(id: $0.0, features: $0.1) }
-        let addsColumns = addsColumns(kind, rows)
-        if addsColumns { knownColumns.invalidate([kind]) }
-        defer { if addsColumns { knownColumns.invalidate([kind]) } }
-        return try db.write { db in try Self.upsert(db, kind: kind, rows: rows) }
+        let write = columnWrite(kind, rows)
+        defer { write.committed() }
+        return try db.write { db in try Self.upsert(db, kind: kind, rows: write.rows) }
     }
 
-    /// Whether the rows may add a column name the cached list lacks (always, when no list is cached): only
-    /// then does a write invalidate the list, so writes of known columns cost readers nothing.
-    private func addsColumns(_ kind: Kind, _ rows: [Upsert]) -> Bool {
-        guard let known = knownColumns.get([kind])[kind] else { return true }
-        let set = Set(known)
-        return rows.contains { $0.features.keys.contains { !set.contains($0) } }
+    /// Starts a write: the rows to upsert, and what to call once it has committed (or failed). When the rows
+    /// may add a column name the cached list lacks (always, when no list is cached), the list is invalidated
+    /// before and after the write; writes of known columns cost readers nothing.
+    private func columnWrite(_ kind: Kind, _ rows: [(Int64, [String: String])]) -> (rows: [Upsert], committed: () -> Void) {
+        let upserts = rows.map { Upsert(id: $0.0, features: $0.1) }
+        let adds: Bool
+        if let known = knownColumns.get([kind])[kind] {
+            let set = Set(known)
+            adds = upserts.contains { $0.features.keys.contains { !set.contains($0) } }
+        } else {
+            adds = true
+        }
+        guard adds else { return (upserts, {}) }
+        knownColumns.invalidate([kind])
+        return (upserts, { [knownColumns] in knownColumns.invalidate([kind]) })
     }
 
     private struct Upsert: Sendable {

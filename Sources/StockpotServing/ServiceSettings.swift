@@ -55,8 +55,9 @@ public struct ServiceSettings: Sendable {
         self.service = service
         let env = EnvironmentVariablesProvider(environmentVariables: environment.filter { !$0.value.isEmpty })
         // The shared layer only for the settings every service has: `STOCKPOT_PORT` must not reach all six.
+        let sharedNames = Set(Self.sharedKeys.map { Self.variableName("stockpot", $0) })
         let shared = EnvironmentVariablesProvider(environmentVariables: environment.filter { name, value in
-            !value.isEmpty && Self.sharedKeys.contains { Self.sharedEnvironmentName($0) == name }
+            !value.isEmpty && sharedNames.contains(name)
         })
         var providers: [any ConfigProvider] = [
             InMemoryProvider(name: "flags", values: flags.values),
@@ -87,13 +88,14 @@ public struct ServiceSettings: Sendable {
     /// Settings every service has, which may also come from `STOCKPOT_<KEY>` and the file's top level.
     public static let sharedKeys: Set<String> = ["log-level", "log-format", "registry-address", "otlp-endpoint"]
 
-    static func sharedEnvironmentName(_ key: String) -> String {
-        "STOCKPOT_\(key)".uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()
+    /// The environment variable of a key path: upper case, every other character an underscore.
+    static func variableName(_ parts: String...) -> String {
+        parts.joined(separator: "_").uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()
     }
 
     /// `STOCKPOT_<SERVICE>_<KEY>` for a kebab-case key.
     public static func environmentName(service: String, key: String) -> String {
-        "STOCKPOT_\(service)_\(key)".uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()
+        variableName("stockpot", service, key)
     }
 
     public func string(_ key: String) async throws -> String? {
