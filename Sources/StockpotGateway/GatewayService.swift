@@ -82,7 +82,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     public static func retryingDroppedConnection<T: Sendable>(before deadline: ContinuousClock.Instant,
                                                        _ call: () async throws -> T) async throws -> T {
         do { return try await call() } catch let e as RPCError where e.code == .unavailable
-            && e.message.hasPrefix("Stream unexpectedly closed") && ContinuousClock.now < deadline {
+            && e.message == "Stream unexpectedly closed." && ContinuousClock.now < deadline {
             return try await call()
         }
     }

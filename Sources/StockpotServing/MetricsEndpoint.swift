@@ -64,6 +64,9 @@ public final class MetricsEndpoint: Service, Sendable {
             }
             for w in waiters { w.resume(throwing: Status.unavailable("the metrics endpoint on \(host):\(requestedPort) stopped before listening")) }
         }
-        try await app.run()
+        do { try await app.run() } catch {
+            logger.error("metrics endpoint stopped", metadata: ["host": "\(host)", "port": "\(requestedPort)", "error": "\(error)"])
+            throw error
+        }
     }
 }

@@ -22,6 +22,12 @@ struct Suite: AsyncParsableCommand {
     @Flag(help: "Exit after the demo requests instead of serving until Ctrl-C.") var exitAfterDemo = false
     @Option(help: "Port of the Prometheus /metrics endpoint for all six services (0 = any free port, -1 = off).") var metricsPort: Int = 9464
 
+    func validate() throws {
+        guard metricsPort == -1 || (0...65535).contains(metricsPort) else {
+            throw ValidationError("--metrics-port must be -1 (off) or a port 0...65535, not \(metricsPort)")
+        }
+    }
+
     func run() async throws {
         var options = LocalSuite.Options()
         options.dataDirectory = URL(fileURLWithPath: data)
@@ -45,7 +51,8 @@ struct Suite: AsyncParsableCommand {
             return exitAfter
         }
         let group = ServiceGroup(configuration: .init(
-            services: (metrics.map { [ServiceGroupConfiguration.ServiceConfiguration(service: $0)] } ?? [])
+            // A metrics endpoint that cannot start (its port taken) is reported and the suite serves without it.
+            services: (metrics.map { [ServiceGroupConfiguration.ServiceConfiguration(service: $0, failureTerminationBehavior: .ignore)] } ?? [])
                 + [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)],
             gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group.run()

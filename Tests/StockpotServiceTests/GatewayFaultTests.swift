@@ -366,12 +366,13 @@ final class CapturedLogs: Sendable {
     }
 }
 
-/// A scorer whose first call and every third after fails as a dropped connection would (UNAVAILABLE).
+/// A scorer whose calls fail as a dropped connection would (UNAVAILABLE) when `fails(n)` holds for the n-th.
 struct FlakyScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
     let calls = Locked(0)
+    var fails: @Sendable (Int) -> Bool = { $0 % 3 == 1 } // the first call and every third after
     func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
         let n = calls { $0 += 1; return $0 }
-        if n % 3 == 1 { throw RPCError(code: .unavailable, message: "Stream unexpectedly closed.") }
+        if fails(n) { throw RPCError(code: .unavailable, message: "Stream unexpectedly closed.") }
         return try await FakeScorer(faults: Faults()).score(request: request, context: context)
     }
 }
@@ -399,6 +400,35 @@ struct FlakyScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
             }
             server.beginGracefulShutdown()
         }
+        // Once, not until it works: a call dropped twice fails the request after two calls.
+        var twice = FlakyScorer()
+        twice.fails = { $0 <= 2 }
+        let dropping = twice
+        let again = GRPCServer(
+            transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
+            services: [FakeFeatures(faults: faults), dropping, FakeCorrector(faults: faults), FakeFusion(faults: faults)])
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await again.serve() }
+            let port = try #require(try await again.listeningAddress?.ipv4?.port)
+            try await withGRPCClient(transport: try ServiceClient.transport(target: "127.0.0.1:\(port)")) { client in
+                var config = GatewayConfig()
+                config.budget = .seconds(20)
+                let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
+                                             config: config, log: nil, metrics: MetricsHub(), logger: quietLogger)
+                #expect(await expectStatus(.unavailable, mentioning: "legacy scorer failed") { try await rank(gateway) })
+                #expect(dropping.calls.value == 2)
+            }
+            again.beginGracefulShutdown()
+        }
+        // No time left: no second call.
+        var late = 0
+        await #expect(throws: RPCError.self) {
+            try await GatewayService.retryingDroppedConnection(before: .now - .milliseconds(1)) { () async throws -> Int in
+                late += 1
+                throw RPCError(code: .unavailable, message: "Stream unexpectedly closed.")
+            }
+        }
+        #expect(late == 1)
         // Other failures are not retried: a dead or refusing service fails fast.
         var calls = 0
         await #expect(throws: RPCError.self) {
