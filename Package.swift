@@ -128,6 +128,7 @@ let package = Package(
                 "StockpotServing",
                 "StockpotProto",
                 "StockpotFeatures",
+                "StockpotRegistry",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ] + grpc
         ),

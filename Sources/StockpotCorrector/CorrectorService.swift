@@ -29,6 +29,10 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
     public func correct(request: Stockpot_V1_CorrectRequest, context: ServerContext) async throws -> Stockpot_V1_CorrectResponse {
         guard !request.crowd.isEmpty else { throw Status.invalidArgument("crowd is empty") }
         guard !request.legacyLogits.isEmpty else { throw Status.invalidArgument("legacy_logits is empty") }
+        guard request.hasLegacyModel, ModelReference.isValidName(request.legacyModel.name), request.legacyModel.version > 0 else {
+            throw Status.invalidArgument("legacy_model (name and version of the legacy model that produced legacy_logits) is required")
+        }
+        let legacyVersion = "\(request.legacyModel.name):\(request.legacyModel.version)"
         let n = request.legacyLogits[0].values.count
         try limits.checkCount(n, field: "legacy_logits[\(request.legacyLogits[0].objective)].values")
         var logits: [String: [Float]] = [:]
@@ -52,6 +56,14 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
         guard let current = crowds[request.crowd]?.value else {
             return .with { $0.scores = passthrough; $0.corrected = false }
         }
+        // Never applied to logits of a legacy version this corrector was not trained on.
+        let bound = current.version.lineage.trainedOn
+        guard bound == legacyVersion else {
+            let me = "\(current.version.name):\(current.version.version)"
+            throw Status.failedPrecondition(bound.isEmpty
+                ? "corrector \(me) records no legacy version it was trained on (lineage.trained_on): not applied"
+                : "corrector \(me) was trained on \(bound); these are logits of \(legacyVersion): not applied")
+        }
         let servable = current.value
         let heads = servable.model.spec.heads
         for h in heads where logits[h] == nil {
@@ -73,6 +85,7 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
         return .with { r in
             r.corrected = true
             r.model = current.ref(role: "corrector")
+            r.trainedOn = bound
             r.scores = request.legacyLogits.map { c in
                 guard let j = heads.firstIndex(of: c.objective) else {
                     return .with { $0.objective = c.objective; $0.values = c.values.map(sigmoid) }

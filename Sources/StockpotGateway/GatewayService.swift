@@ -222,8 +222,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                     $0.userFeatures = userList
                     $0.context = contextList
                     $0.candidates = items
+                    $0.legacyModel = legacy.model
                 }, options: Self.options(min(config.correctorTimeout, remaining())))
-                if let problem = ReplyValidation.correction(corrected, legacy: legacy.scores, count: ids.count) {
+                if let problem = ReplyValidation.correction(corrected, legacy: legacy.scores, count: ids.count, legacyModel: legacy.model) {
                     degraded.append(("corrector", MalformedReply(service: "corrector", problem: problem).description))
                 } else if corrected.corrected {
                     scores = corrected.scores

@@ -57,8 +57,18 @@ public enum ReplyValidation {
 
     /// A corrector's reply: when it corrected, a probability for every objective the legacy scorer gave, for
     /// every candidate.
-    public static func correction(_ r: Stockpot_V1_CorrectResponse, legacy: [Stockpot_V1_ObjectiveScores], count: Int) -> String? {
+    /// It must also have been trained on the legacy version that produced the logits (`legacyModel`): a
+    /// corrector applied to another version's logits would correct the wrong thing.
+    public static func correction(_ r: Stockpot_V1_CorrectResponse, legacy: [Stockpot_V1_ObjectiveScores], count: Int,
+                                  legacyModel: Stockpot_V1_ModelRef? = nil) -> String? {
         guard r.corrected else { return nil }
+        if let legacyModel {
+            let expected = "\(legacyModel.name):\(legacyModel.version)"
+            guard r.trainedOn == expected else {
+                return r.trainedOn.isEmpty ? "trained_on is empty: the corrector does not say which legacy version it was trained on (the logits are \(expected)'s)"
+                    : "trained_on is \(r.trainedOn), but the logits are \(expected)'s"
+            }
+        }
         if let e = objectiveColumns(r.scores, count: count, field: "scores", probabilities: true) { return e }
         let expected = Set(legacy.map(\.objective)), got = Set(r.scores.map(\.objective))
         guard expected == got else {

@@ -1,18 +1,27 @@
 import Foundation
 import GRPCCore
+import ServiceLifecycle
 import StockpotProto
 import StockpotServing
 
-/// The registry's gRPC service: streamed, checksummed uploads of immutable versions; aliases; streamed downloads.
-public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol {
+/// The registry's gRPC service: streamed, checksummed uploads of immutable versions with lineage and metrics;
+/// guarded promotions and rollbacks on the record; alias history; a push stream of alias moves; streamed,
+/// re-verified downloads. Writes are authorised by `AccessControl` from the request's metadata, which is why this
+/// service implements the generated `ServiceProtocol` (requests with their metadata) rather than the simple one.
+public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
     public let store: RegistryStore
+    public let access: AccessControl
     /// Largest artifact accepted (sum of file sizes).
     public var maxArtifactBytes: Int64
+    /// Most concurrent `WatchAliases` streams; more are RESOURCE_EXHAUSTED.
+    public var maxWatchers: Int
     public static let chunkSize = 256 * 1024
 
-    public init(store: RegistryStore, maxArtifactBytes: Int64 = 4 << 30) {
+    public init(store: RegistryStore, access: AccessControl, maxArtifactBytes: Int64 = 4 << 30, maxWatchers: Int = 256) {
         self.store = store
+        self.access = access
         self.maxArtifactBytes = maxArtifactBytes
+        self.maxWatchers = maxWatchers
     }
 
     static func isSafePath(_ p: String) -> Bool {
@@ -24,7 +33,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
         guard ModelReference.isValidName(h.name) else {
             throw Status.invalidArgument("header.name '\(h.name)' is invalid: 1–64 letters, digits, - _ ., starting with a letter or digit")
         }
-        guard !h.kind.isEmpty else { throw Status.invalidArgument("header.kind is empty") }
+        guard !h.kind.isEmpty, h.kind.count <= 64 else { throw Status.invalidArgument("header.kind must be 1–64 characters") }
         guard !h.files.isEmpty else { throw Status.invalidArgument("header.files is empty: an artifact has at least one file") }
         var seen = Set<String>()
         var total: Int64 = 0
@@ -40,9 +49,21 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
         guard total <= maxArtifactBytes else {
             throw Status.resourceExhausted("artifact is \(total) bytes; the limit is \(maxArtifactBytes)")
         }
+        for (key, value) in h.metrics {
+            guard !key.isEmpty, key.count <= 128 else { throw Status.invalidArgument("header.metrics: keys must be 1–128 characters") }
+            guard value.isFinite else { throw Status.invalidArgument("header.metrics['\(key)'] is \(value)") }
+        }
+        for day in h.lineage.trainingDays where !(19_700_101...99_991_231).contains(day) {
+            throw Status.invalidArgument("header.lineage.training_days: \(day) is not a yyyymmdd day")
+        }
     }
 
-    public func register(request: RPCAsyncSequence<Stockpot_V1_RegisterRequest, any Error>, context: ServerContext) async throws -> Stockpot_V1_ModelVersion {
+    // MARK: Writes
+
+    public func register(request: StreamingServerRequest<Stockpot_V1_RegisterRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_ModelVersion>
+    {
+        let actor = try access.authorize(request.metadata, .init(role: .register, action: "register"))
         var header: Stockpot_V1_RegisterHeader?
         var folder: URL?
         var handle: FileHandle?
@@ -72,7 +93,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
             written = 0
         }
         do {
-            for try await message in request {
+            for try await message in request.messages {
                 switch message.part {
                 case .header(let h):
                     guard header == nil else { throw Status.invalidArgument("a second header in one upload") }
@@ -109,13 +130,82 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
                 try openFile(index)
                 try finishFile()
             }
-            return try await store.commit(header: h, files: folder!)
+            return ServerResponse(message: try await store.commit(header: h, files: folder!, actor: actor))
         } catch {
             try? handle?.close()
             if let folder { try? FileManager.default.removeItem(at: folder) }
             throw error
         }
     }
+
+    public func promote(request: ServerRequest<Stockpot_V1_PromoteRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_PromoteResponse>
+    {
+        let r = request.message
+        let actor = try access.authorize(request.metadata, .init(role: .promote, alias: r.alias, force: r.force, action: "promote"))
+        let ref = try parseRef(r.ref, field: "ref")
+        try checkAlias(r.alias)
+        let reason = try checkReason(r.reason)
+        let together = try r.together.enumerated().map { try parseRef($1, field: "together[\($0)]") }
+        let requirements = try r.require.enumerated().map { i, text -> MetricRequirement in
+            guard let req = MetricRequirement(text) else {
+                throw Status.invalidArgument("require[\(i)]: '\(text)' is not a requirement like 'auc.is_click.tail>=0.71' (operators >= <= > < ==)")
+            }
+            return req
+        }
+        if !requirements.isEmpty {
+            guard let version = try await store.resolve(ref) else { throw Status.notFound("no model version \(ref)") }
+            let failed = requirements.compactMap { $0.failure(in: version) }
+            guard failed.isEmpty else {
+                throw Status.failedPrecondition("\(version.name):\(version.version) does not meet the promotion requirements: \(failed.joined(separator: "; "))")
+            }
+        }
+        let (version, moves) = try await store.move([ref] + together, alias: r.alias, expect: r.hasExpectVersion ? r.expectVersion : nil,
+                                                    by: .init(actor: actor, reason: reason, action: "promote", force: r.force))
+        return ServerResponse(message: .with { $0.version = version; $0.moves = moves })
+    }
+
+    public func rollback(request: ServerRequest<Stockpot_V1_RollbackRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_RollbackResponse>
+    {
+        let r = request.message
+        let actor = try access.authorize(request.metadata, .init(role: .promote, alias: r.alias, force: r.force, action: "rollback"))
+        guard ModelReference.isValidName(r.name) else { throw Status.invalidArgument("name '\(r.name)' is invalid") }
+        try checkAlias(r.alias)
+        let reason = try checkReason(r.reason)
+        let (version, moves) = try await store.rollback(name: r.name, alias: r.alias, expect: r.hasExpectVersion ? r.expectVersion : nil,
+                                                        by: .init(actor: actor, reason: reason, action: "rollback", force: r.force))
+        return ServerResponse(message: .with { $0.version = version; $0.moves = moves })
+    }
+
+    public func setAlias(request: ServerRequest<Stockpot_V1_SetAliasRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_SetAliasResponse>
+    {
+        let r = request.message
+        let actor = try access.authorize(request.metadata, .init(role: .promote, alias: r.alias, action: "set-alias"))
+        guard ModelReference.isValidName(r.name) else { throw Status.invalidArgument("name '\(r.name)' is invalid") }
+        try checkAlias(r.alias)
+        guard r.version > 0 else { throw Status.invalidArgument("version must be positive") }
+        let (version, moves) = try await store.move([ModelReference(name: r.name, selector: .version(r.version))], alias: r.alias,
+                                                    expect: nil, by: .init(actor: actor, reason: "SetAlias", action: "set"))
+        let previous = moves.first?.previousVersion ?? version.version
+        return ServerResponse(message: .with { $0.version = version; $0.previousVersion = previous })
+    }
+
+    func checkAlias(_ alias: String) throws {
+        guard ModelReference.isValidName(alias) else {
+            throw Status.invalidArgument("alias '\(alias)' is invalid: 1–64 letters, digits, - _ ., starting with a letter or digit")
+        }
+    }
+
+    func checkReason(_ reason: String) throws -> String {
+        let trimmed = reason.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !trimmed.isEmpty else { throw Status.invalidArgument("reason is required: say why (it is kept in the history)") }
+        guard trimmed.count <= 1000 else { throw Status.invalidArgument("reason is longer than 1000 characters") }
+        return trimmed
+    }
+
+    // MARK: Reads
 
     func parseRef(_ text: String, field: String) throws -> ModelReference {
         switch ModelReference.parse(text) {
@@ -130,37 +220,140 @@ public struct RegistryService: Stockpot_V1_RegistryService.SimpleServiceProtocol
         return v
     }
 
-    public func listVersions(request: Stockpot_V1_ListVersionsRequest, context: ServerContext) async throws -> Stockpot_V1_ListVersionsResponse {
-        let versions = try await store.list(name: request.name.isEmpty ? nil : request.name)
-        return .with { $0.versions = versions }
+    public func listVersions(request: ServerRequest<Stockpot_V1_ListVersionsRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_ListVersionsResponse>
+    {
+        let name = request.message.name
+        if !name.isEmpty, !ModelReference.isValidName(name) { throw Status.invalidArgument("name '\(name)' is invalid") }
+        let versions = try await store.list(name: name.isEmpty ? nil : name)
+        return ServerResponse(message: .with { $0.versions = versions })
     }
 
-    public func getVersion(request: Stockpot_V1_GetVersionRequest, context: ServerContext) async throws -> Stockpot_V1_ModelVersion {
-        try await resolve(request.ref, field: "ref")
+    public func getVersion(request: ServerRequest<Stockpot_V1_GetVersionRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_ModelVersion>
+    {
+        ServerResponse(message: try await resolve(request.message.ref, field: "ref"))
     }
 
-    public func setAlias(request: Stockpot_V1_SetAliasRequest, context: ServerContext) async throws -> Stockpot_V1_SetAliasResponse {
-        guard ModelReference.isValidName(request.name) else { throw Status.invalidArgument("name '\(request.name)' is invalid") }
-        guard ModelReference.isValidName(request.alias) else { throw Status.invalidArgument("alias '\(request.alias)' is invalid") }
-        guard request.version > 0 else { throw Status.invalidArgument("version must be positive") }
-        guard let (v, previous) = try await store.setAlias(name: request.name, alias: request.alias, version: request.version) else {
-            throw Status.notFound("no model version \(request.name):\(request.version)")
-        }
-        return .with { $0.version = v; $0.previousVersion = previous }
+    public func history(request: ServerRequest<Stockpot_V1_HistoryRequest>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_HistoryResponse>
+    {
+        let r = request.message
+        guard ModelReference.isValidName(r.name) else { throw Status.invalidArgument("name '\(r.name)' is invalid") }
+        if !r.alias.isEmpty { try checkAlias(r.alias) }
+        guard r.atMs >= 0 else { throw Status.invalidArgument("at_ms is negative") }
+        guard r.limit >= 0 else { throw Status.invalidArgument("limit is negative") }
+        let moves = try await store.history(name: r.name, alias: r.alias.isEmpty ? nil : r.alias,
+                                            atMs: r.atMs == 0 ? nil : r.atMs, limit: r.limit == 0 ? nil : Int(r.limit))
+        return ServerResponse(message: .with { $0.moves = moves })
     }
 
-    public func download(request: Stockpot_V1_DownloadRequest, response: RPCWriter<Stockpot_V1_DownloadResponse>, context: ServerContext) async throws {
-        let v = try await resolve(request.ref, field: "ref")
-        try await response.write(.with { $0.version = v })
-        for f in v.files {
-            let url = store.fileURL(name: v.name, version: v.version, path: f.path)
-            guard let handle = try? FileHandle(forReadingFrom: url) else {
-                throw Status.dataLoss("artifact file '\(f.path)' of \(v.name):\(v.version) is missing from the store")
+    public func download(request: ServerRequest<Stockpot_V1_DownloadRequest>, context: ServerContext) async throws
+        -> StreamingServerResponse<Stockpot_V1_DownloadResponse>
+    {
+        let v = try await resolve(request.message.ref, field: "ref")
+        return StreamingServerResponse { [store] response in
+            try await response.write(.with { $0.version = v })
+            for f in v.files {
+                let url = store.fileURL(name: v.name, version: v.version, path: f.path)
+                guard let handle = try? FileHandle(forReadingFrom: url) else {
+                    throw Status.dataLoss("artifact file '\(f.path)' of \(v.name):\(v.version) is missing from the store")
+                }
+                defer { try? handle.close() }
+                // Re-checked while streaming: a file damaged at rest ends the download with DATA_LOSS.
+                var hasher = SHA256()
+                while let data = try handle.read(upToCount: Self.chunkSize), !data.isEmpty {
+                    hasher.update(data)
+                    try await response.write(.with { $0.chunk = .with { $0.path = f.path; $0.data = data } })
+                }
+                let digest = hasher.finalizeHex()
+                guard digest == f.sha256 else {
+                    throw Status.dataLoss("artifact file '\(f.path)' of \(v.name):\(v.version) is damaged in the store: sha256 \(digest), recorded \(f.sha256)")
+                }
             }
-            defer { try? handle.close() }
-            while let data = try handle.read(upToCount: Self.chunkSize), !data.isEmpty {
-                try await response.write(.with { $0.chunk = .with { $0.path = f.path; $0.data = data } })
-            }
+            return [:]
         }
+    }
+
+    public func watchAliases(request: ServerRequest<Stockpot_V1_WatchAliasesRequest>, context: ServerContext) async throws
+        -> StreamingServerResponse<Stockpot_V1_WatchAliasesResponse>
+    {
+        let r = request.message
+        if !r.name.isEmpty, !ModelReference.isValidName(r.name) { throw Status.invalidArgument("name '\(r.name)' is invalid") }
+        guard r.resumeAfter >= 0 else { throw Status.invalidArgument("resume_after is negative") }
+        let name = r.name.isEmpty ? nil : r.name
+        let signal = store.moveSignal
+        guard signal.subscriberCount < maxWatchers else {
+            throw Status.resourceExhausted("\(maxWatchers) alias watchers are connected; the limit is \(maxWatchers)")
+        }
+        // Subscribed before the first read, so no move between the read and the wait is missed.
+        let (id, wakeUps) = signal.subscribe()
+        return StreamingServerResponse { [store] response in
+            defer { signal.unsubscribe(id) }
+            var last = r.resumeAfter
+            if last == 0 {
+                let current = try await store.currentMoves(name: name)
+                try await response.write(.with { $0.moves = current; $0.snapshot = true })
+                last = current.map(\.id).max() ?? 0
+            }
+            // The stream ends when the client goes, or when the registry shuts down (the subscription is finished,
+            // so a draining server is not held open by watchers; they reconnect and resume).
+            try await withGracefulShutdownHandler {
+                var iterator = wakeUps.makeAsyncIterator()
+                repeat {
+                    while true {
+                        let moves = try await store.moves(after: last, name: name)
+                        guard let newest = moves.last else { break }
+                        try await response.write(.with { $0.moves = moves })
+                        last = newest.id
+                    }
+                } while await iterator.next() != nil && !Task.isCancelled
+            } onGracefulShutdown: {
+                signal.unsubscribe(id)
+            }
+            return [:]
+        }
+    }
+}
+
+/// A promotion requirement on a recorded metric: `auc.is_click.tail>=0.71`.
+public struct MetricRequirement: Sendable, Equatable, CustomStringConvertible {
+    public var metric: String
+    public var op: String
+    public var threshold: Double
+
+    public init?(_ text: String) {
+        let s = text.replacingOccurrences(of: " ", with: "")
+        for op in [">=", "<=", "==", ">", "<"] {
+            guard let range = s.range(of: op) else { continue }
+            let metric = String(s[..<range.lowerBound]), value = String(s[range.upperBound...])
+            guard !metric.isEmpty, let threshold = Double(value), threshold.isFinite else { return nil }
+            self.metric = metric
+            self.op = op
+            self.threshold = threshold
+            return
+        }
+        return nil
+    }
+
+    public var description: String { "\(metric)\(op)\(threshold)" }
+
+    func holds(_ v: Double) -> Bool {
+        switch op {
+        case ">=": return v >= threshold
+        case "<=": return v <= threshold
+        case ">": return v > threshold
+        case "<": return v < threshold
+        default: return v == threshold
+        }
+    }
+
+    /// Why `version` fails this requirement, or nil when it meets it.
+    public func failure(in version: Stockpot_V1_ModelVersion) -> String? {
+        guard let v = version.metrics[metric] else {
+            let known = version.metrics.keys.sorted()
+            return "\(metric) is not recorded (recorded: \(known.isEmpty ? "none" : known.joined(separator: ", ")))"
+        }
+        return holds(v) ? nil : "\(metric) = \(v), required \(op) \(threshold)"
     }
 }

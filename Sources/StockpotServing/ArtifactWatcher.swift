@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import GRPCCore
 import Logging
@@ -5,9 +6,12 @@ import ServiceLifecycle
 import StockpotProto
 import Synchronization
 
-/// A registry artifact loaded into memory and kept current: resolves a reference (e.g. `legacy@production`)
-/// at start and every `interval`, and when the alias has moved, downloads, loads and warms up the new version
-/// off the request path, then swaps it in atomically. Requests in flight keep the version they started with.
+/// A registry artifact loaded into memory and kept current: resolves a reference (e.g. `legacy@production`) at
+/// start, whenever the registry pushes a move of that alias (`WatchAliases`, resumed after a dropped stream so no
+/// move is missed) and every `interval` as a fallback; when the alias has moved, downloads and verifies the new
+/// version, loads and warms it on a dispatch queue (never on the Swift concurrency threads that serve requests),
+/// then swaps it in atomically. Requests in flight keep the version they started with. A version that fails to
+/// load leaves the current one serving and is reported (`failure`).
 public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     /// A loaded version.
     public struct Current: Sendable {
@@ -28,24 +32,46 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         }
     }
 
+    /// A version that could not be loaded, and why.
+    public struct Failure: Sendable, Equatable {
+        public let version: String
+        public let message: String
+    }
+
+    /// Subscribes to the registry's alias moves of one model: calls the handler with each batch of moves
+    /// (resuming after the given history id) until the stream ends or fails.
+    public typealias Watch = @Sendable (_ name: String, _ resumeAfter: Int64,
+                                        _ handle: @escaping @Sendable ([Stockpot_V1_AliasMove]) -> Void) async throws -> Void
+
     public let reference: String
-    private let fetch: @Sendable (String) async throws -> (Stockpot_V1_ModelVersion, URL)
+    private let resolve: @Sendable (String) async throws -> Stockpot_V1_ModelVersion
+    private let fetch: @Sendable (Stockpot_V1_ModelVersion) async throws -> URL
     private let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded
+    private let watch: Watch?
     private let current = Mutex<Current?>(nil)
+    private let lastFailure = Mutex<Failure?>(nil)
+    private let poked = Atomic<Bool>(false)
+    private let refreshing = Mutex<Bool>(false)
     private let interval: Duration
     private let logger: Logger
     private let onChange: @Sendable (Current) -> Void
 
     /// - Parameters:
-    ///   - fetch: resolves and downloads a reference (`RegistryClient.fetch`), returning the version and its folder.
-    ///   - load: builds the in-memory artifact (and warms it up); runs on the watcher's task, never on a request.
+    ///   - resolve: the version a reference points at now (`RegistryClient.resolve`).
+    ///   - fetch: downloads a version (or finds it in the cache), verified, and returns its folder.
+    ///   - load: builds the in-memory artifact (and warms it up); runs on a dispatch queue, never on a request.
+    ///   - watch: the registry's push stream of alias moves; nil = polling only.
     public init(reference: String, interval: Duration = .seconds(10), logger: Logger,
-                fetch: @escaping @Sendable (String) async throws -> (Stockpot_V1_ModelVersion, URL),
+                resolve: @escaping @Sendable (String) async throws -> Stockpot_V1_ModelVersion,
+                fetch: @escaping @Sendable (Stockpot_V1_ModelVersion) async throws -> URL,
                 load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded,
+                watch: Watch? = nil,
                 onChange: @escaping @Sendable (Current) -> Void = { _ in }) {
         self.reference = reference
+        self.resolve = resolve
         self.fetch = fetch
         self.load = load
+        self.watch = watch
         self.interval = interval
         self.logger = logger
         self.onChange = onChange
@@ -56,38 +82,110 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     /// The version serving now, or nil before the first successful load.
     public var value: Current? { current.withLock { $0 } }
 
+    /// The last version that failed to load while another kept serving (nil once a load succeeds).
+    public var failure: Failure? { lastFailure.withLock { $0 } }
+
+    /// Asks the run loop to check the reference now (an alias move was pushed).
+    public func poke() { poked.store(true, ordering: .releasing) }
+
+    /// The model name and alias of the reference (nil alias for a pinned `name:version`).
+    var nameAndAlias: (name: String, alias: String?)? {
+        guard case .success(let ref) = ModelReference.parse(reference) else { return nil }
+        if case .alias(let a) = ref.selector { return (ref.name, a) }
+        return (ref.name, nil)
+    }
+
     /// Loads (or reloads) now. Returns true when a new version was swapped in.
     @discardableResult
     public func refresh() async throws -> Bool {
-        let (version, folder) = try await fetch(reference)
-        if let now = value, now.version.name == version.name, now.version.version == version.version { return false }
-        let loaded = try load(version, folder)
-        let next = Current(version: version, reference: reference, value: loaded, loadID: Self.nextLoadID())
-        current.withLock { $0 = next }
-        logger.info("loaded", metadata: ["ref": "\(reference)", "version": "\(version.name):\(version.version)"])
-        onChange(next)
-        return true
+        // One refresh at a time (the run loop and a test may both ask).
+        while refreshing.withLock({ busy in if busy { return true }; busy = true; return false }) {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        defer { refreshing.withLock { $0 = false } }
+        let version = try await resolve(reference)
+        if let now = value, now.version.name == version.name, now.version.version == version.version {
+            return false
+        }
+        let label = "\(version.name):\(version.version)"
+        do {
+            let folder = try await fetch(version)
+            let load = self.load
+            let loaded = try await withCheckedThrowingContinuation { (c: CheckedContinuation<Loaded, any Error>) in
+                artifactLoadQueue.async { c.resume(with: Result { try load(version, folder) }) }
+            }
+            let next = Current(version: version, reference: reference, value: loaded, loadID: Self.nextLoadID())
+            current.withLock { $0 = next }
+            lastFailure.withLock { $0 = nil }
+            logger.info("loaded", metadata: ["ref": "\(reference)", "version": "\(label)"])
+            onChange(next)
+            return true
+        } catch {
+            if value != nil {
+                lastFailure.withLock { $0 = Failure(version: label, message: "\(error)") }
+            }
+            throw error
+        }
     }
 
     public func run() async throws {
-        var lastError = ""
-        while !Task.isShuttingDownGracefully && !Task.isCancelled {
-            do {
-                try await refresh()
-                lastError = ""
-            } catch {
-                // Log a failure when it starts or changes, not on every retry.
-                let message = "\(error)"
-                if message != lastError {
-                    logger.warning(value == nil ? "cannot load yet; retrying" : "refresh failed; keeping the current version",
-                                   metadata: ["ref": "\(reference)", "error": "\(message)"])
-                    lastError = message
+        await withDiscardingTaskGroup { group in
+            if let watch, let (name, alias) = nameAndAlias, let alias {
+                group.addTask { await self.subscribe(watch, name: name, alias: alias) }
+            }
+            var lastError = ""
+            while !Task.isShuttingDownGracefully && !Task.isCancelled {
+                do {
+                    try await refresh()
+                    lastError = ""
+                } catch {
+                    // Log a failure when it starts or changes, not on every retry.
+                    let message = "\(error)"
+                    if message != lastError {
+                        logger.warning(value == nil ? "cannot load yet; retrying" : "refresh failed; keeping the current version",
+                                       metadata: ["ref": "\(reference)", "error": "\(message)"])
+                        lastError = message
+                    }
+                }
+                // Sleeps `interval`, cut short by a pushed move.
+                let until = ContinuousClock.now + interval
+                while ContinuousClock.now < until, !poked.exchange(false, ordering: .acquiringAndReleasing),
+                      !Task.isShuttingDownGracefully, !Task.isCancelled {
+                    try? await Task.sleep(for: .milliseconds(25))
                 }
             }
-            try? await Task.sleep(for: interval)
+            group.cancelAll()
+        }
+    }
+
+    /// Follows the registry's moves of `name`, poking the run loop on every move of `alias`; reconnects after a
+    /// dropped stream from the last move it saw. Polling remains the fallback (a registry without the stream).
+    private func subscribe(_ watch: Watch, name: String, alias: String) async {
+        let last = Atomic<Int64>(0)
+        var backoff = Duration.milliseconds(200)
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                try await watch(name, last.load(ordering: .acquiring)) { [self] moves in
+                    if moves.contains(where: { $0.alias == alias }) { poke() }
+                    if let newest = moves.map(\.id).max(), newest > last.load(ordering: .acquiring) {
+                        last.store(newest, ordering: .releasing)
+                    }
+                }
+                backoff = .milliseconds(200)
+            } catch let error as RPCError where error.code == .unimplemented {
+                logger.info("the registry has no alias stream; polling only", metadata: ["ref": "\(reference)"])
+                return
+            } catch {
+                logger.debug("alias stream dropped; reconnecting", metadata: ["ref": "\(reference)", "error": "\(error)"])
+            }
+            try? await Task.sleep(for: backoff)
+            backoff = min(backoff * 2, .seconds(5))
         }
     }
 }
+
+/// Where every watcher of the process loads: one at a time, at utility priority, beside the request threads.
+private let artifactLoadQueue = DispatchQueue(label: "stockpot.artifact-load", qos: .utility)
 
 /// Loads counted across every watcher of the process (`ArtifactWatcher.Current.loadID`).
 private let artifactLoads = Mutex<UInt64>(0)

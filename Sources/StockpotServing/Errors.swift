@@ -8,6 +8,9 @@ public enum Status {
     public static func unavailable(_ message: String) -> RPCError { RPCError(code: .unavailable, message: message) }
     public static func failedPrecondition(_ message: String) -> RPCError { RPCError(code: .failedPrecondition, message: message) }
     public static func dataLoss(_ message: String) -> RPCError { RPCError(code: .dataLoss, message: message) }
+    public static func aborted(_ message: String) -> RPCError { RPCError(code: .aborted, message: message) }
+    public static func unauthenticated(_ message: String) -> RPCError { RPCError(code: .unauthenticated, message: message) }
+    public static func permissionDenied(_ message: String) -> RPCError { RPCError(code: .permissionDenied, message: message) }
     public static func `internal`(_ message: String) -> RPCError { RPCError(code: .internalError, message: message) }
 }
 

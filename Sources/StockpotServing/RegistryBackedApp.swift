@@ -18,19 +18,29 @@ public struct RegistryAccess: Sendable {
 
     public func makeClient() throws -> ServiceClient { try ServiceClient(target: address) }
 
-    /// A watcher that keeps `reference` loaded through `client`.
+    /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
+    /// check at once; `refreshInterval` is the polling fallback.
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger,
                                      load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T,
                                      onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in }) -> ArtifactWatcher<T> {
         let registry = RegistryClient(wrapping: client.client)
         let cache = cacheDirectory
+        var options = CallOptionsShim.timeout(.seconds(30))
+        options.waitForReady = true
+        let callOptions = options
         return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger,
-                               fetch: { ref in
-                                   var options = CallOptionsShim.timeout(.seconds(30))
-                                   options.waitForReady = true
-                                   return try await registry.fetch(ref, cache: cache, options: options)
+                               resolve: { ref in try await registry.resolve(ref, options: callOptions) },
+                               fetch: { version in try await registry.download(version, cache: cache, options: callOptions) },
+                               load: load,
+                               watch: { name, after, handle in
+                                   var streamOptions = CallOptions.defaults
+                                   streamOptions.waitForReady = true
+                                   try await registry.stub.watchAliases(.with { $0.name = name; $0.resumeAfter = after },
+                                                                        options: streamOptions) { response in
+                                       for try await message in response.messages { handle(message.moves) }
+                                   }
                                },
-                               load: load, onChange: onChange)
+                               onChange: onChange)
     }
 }
 

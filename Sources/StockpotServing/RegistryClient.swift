@@ -3,17 +3,56 @@ import GRPCCore
 import StockpotModel
 import StockpotProto
 
-/// Client-side registry operations: register a folder as a new version, resolve a reference, download a version
-/// into a local cache (verified against its sha256).
+/// Client-side registry operations: register a folder as a new version, promote and roll back, resolve a
+/// reference, download a version into a local cache (verified against its sha256). Writes send `token` as
+/// `authorization: Bearer` metadata.
 public struct RegistryClient<Transport: ClientTransport>: Sendable {
     public let stub: Stockpot_V1_RegistryService.Client<Transport>
+    /// The write token (nil: writes are sent without one, which only an open-writes registry accepts).
+    public var token: String?
 
-    public init(wrapping client: GRPCClient<Transport>) {
+    public init(wrapping client: GRPCClient<Transport>, token: String? = nil) {
         stub = Stockpot_V1_RegistryService.Client(wrapping: client)
+        self.token = token
+    }
+
+    /// The metadata writes carry.
+    public var writeMetadata: Metadata {
+        var m = Metadata()
+        if let token { m.addString("Bearer \(token)", forKey: "authorization") }
+        return m
+    }
+
+    /// Moves `alias` to `ref` (and the `together` versions with it), recording `reason`.
+    public func promote(_ ref: String, alias: String, reason: String, together: [String] = [], require: [String] = [],
+                        expectVersion: Int64? = nil, force: Bool = false,
+                        options: CallOptions = .defaults) async throws -> Stockpot_V1_PromoteResponse {
+        try await stub.promote(.with {
+            $0.ref = ref
+            $0.alias = alias
+            $0.reason = reason
+            $0.together = together
+            $0.require = require
+            if let expectVersion { $0.expectVersion = expectVersion }
+            $0.force = force
+        }, metadata: writeMetadata, options: options)
+    }
+
+    /// Moves `alias` of `name` back to the version it held before its last move.
+    public func rollback(name: String, alias: String, reason: String, expectVersion: Int64? = nil, force: Bool = false,
+                         options: CallOptions = .defaults) async throws -> Stockpot_V1_RollbackResponse {
+        try await stub.rollback(.with {
+            $0.name = name
+            $0.alias = alias
+            $0.reason = reason
+            if let expectVersion { $0.expectVersion = expectVersion }
+            $0.force = force
+        }, metadata: writeMetadata, options: options)
     }
 
     /// Uploads every regular file of `folder` (recursively) as the next version of `name`.
-    public func register(name: String, kind: String, metadata: [String: String] = [:], folder: URL,
+    public func register(name: String, kind: String, metadata: [String: String] = [:], lineage: Stockpot_V1_Lineage = .init(),
+                         metrics: [String: Double] = [:], folder: URL,
                          options: CallOptions = .defaults) async throws -> Stockpot_V1_ModelVersion {
         let fm = FileManager.default
         var paths: [String] = []
@@ -37,8 +76,10 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
             $0.kind = kind
             $0.metadata = metadata
             $0.files = files
+            $0.lineage = lineage
+            $0.metrics = metrics
         }
-        return try await stub.register(options: options) { writer in
+        return try await stub.register(metadata: writeMetadata, options: options) { writer in
             try await writer.write(.with { $0.header = header })
             for (p, data) in zip(sortedPaths, contents) {
                 var offset = 0
@@ -59,10 +100,36 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
     /// Returns the version and its folder.
     public func fetch(_ ref: String, cache: URL, options: CallOptions = .defaults) async throws -> (Stockpot_V1_ModelVersion, URL) {
         let version = try await resolve(ref, options: options)
+        return (version, try await download(version, cache: cache, options: options))
+    }
+
+    /// Every file of `version` in `folder` has the size and sha256 the registry recorded.
+    public static func verify(_ version: Stockpot_V1_ModelVersion, in folder: URL) -> Bool {
+        for f in version.files {
+            guard let handle = try? FileHandle(forReadingFrom: folder.appendingPathComponent(f.path)) else { return false }
+            defer { try? handle.close() }
+            var hasher = SHA256()
+            var size: Int64 = 0
+            while let data = try? handle.read(upToCount: 1 << 20), !data.isEmpty {
+                hasher.update(data)
+                size += Int64(data.count)
+            }
+            guard size == f.size, hasher.finalizeHex() == f.sha256 else { return false }
+        }
+        return true
+    }
+
+    /// `version`'s files in `cache/<name>/<version>/`: the cached copy when every file still has its recorded
+    /// sha256 (checked at each load, so a file damaged on disk is fetched again), otherwise downloaded, verified
+    /// and published atomically.
+    public func download(_ version: Stockpot_V1_ModelVersion, cache: URL, options: CallOptions = .defaults) async throws -> URL {
         let folder = cache.appendingPathComponent("\(version.name)/\(version.version)")
         let marker = folder.appendingPathComponent(".sha256")
         if let existing = try? String(contentsOf: marker, encoding: .utf8), existing == version.artifactSha256 {
-            return (version, folder)
+            let intact = await withCheckedContinuation { c in
+                DispatchQueue.global(qos: .utility).async { c.resume(returning: Self.verify(version, in: folder)) }
+            }
+            if intact { return folder }
         }
         let fm = FileManager.default
         let tmp = cache.appendingPathComponent(".download-\(UUID().uuidString)")
@@ -99,6 +166,9 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
                 let digest = h.finalizeHex()
                 guard digest == f.sha256 else { throw Status.dataLoss("file '\(f.path)' arrived with sha256 \(digest), expected \(f.sha256)") }
             }
+            guard meta.name == version.name, meta.version == version.version, meta.artifactSha256 == version.artifactSha256 else {
+                throw Status.dataLoss("download of \(version.name):\(version.version) sent \(meta.name):\(meta.version)")
+            }
             return meta
         }
         try Data(downloaded.artifactSha256.utf8).write(to: tmp.appendingPathComponent(".sha256"))
@@ -107,6 +177,6 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
             DispatchQueue.global(qos: .utility).async { c.resume(with: Result { try AtomicFile.publishDirectory(tmp, at: folder) }) }
         }
-        return (downloaded, folder)
+        return folder
     }
 }

@@ -91,6 +91,7 @@ public final class LocalSuite: Sendable {
         var registryApp = RegistryApp()
         registryApp.port = o.ports[0]
         registryApp.dataDirectory = dir.appendingPathComponent("registry")
+        registryApp.tokensFile = try Self.ensureAdminToken(dataDirectory: dir, log: o.log)
         let registry = try registryApp.build(logger: logger)
         try await launch("registry", server: registry.server, services: registry.services)
 
@@ -141,18 +142,38 @@ public final class LocalSuite: Sendable {
     }
 
     func bootstrap() async throws {
-        try await Self.bootstrap(registry: address("registry"), options: options)
+        try await Self.bootstrap(registry: address("registry"), token: try adminToken(), options: options)
+    }
+
+    /// The suite registry's admin token (`admin.token` under the data folder).
+    public func adminToken() throws -> String? {
+        try RegistryToken.find(file: options.dataDirectory.appendingPathComponent(RegistryToken.suiteFile).path, environment: [:])?.token
+    }
+
+    /// The suite's registry accepts writes from tokens in `registry/tokens.json`. On first run it creates an
+    /// admin token, keeps it in `admin.token` (mode 600) beside the registry, and says how the CLI finds it.
+    /// Returns the tokens file.
+    public static func ensureAdminToken(dataDirectory dir: URL, log: @Sendable (String) -> Void) throws -> URL {
+        let tokens = dir.appendingPathComponent("registry/tokens.json")
+        let file = dir.appendingPathComponent(RegistryToken.suiteFile)
+        if FileManager.default.fileExists(atPath: file.path) && FileManager.default.fileExists(atPath: tokens.path) { return tokens }
+        let token = AccessControl.newToken()
+        try AccessControl.addToken(name: "suite-admin", roles: [.admin], token: token, to: tokens)
+        try AccessControl.writePrivate(Data((token + "\n").utf8), to: file)
+        log("created the registry admin token in \(file.path) (mode 600); `stockpot registry` finds it there when run from "
+            + "this folder, or give --token-file \(file.path) (or STOCKPOT_REGISTRY_TOKEN)")
+        return tokens
     }
 
     /// Registers a legacy model trained on KuaiRand (`legacy@production`) and the default fusion config
     /// (`fusion@production`) when the registry at `registry` has none. Idempotent.
-    public static func bootstrap(registry address: String, options o: Options) async throws {
+    public static func bootstrap(registry address: String, token: String?, options o: Options) async throws {
         var waitForReady = CallOptions.defaults
         waitForReady.waitForReady = true
         waitForReady.timeout = .seconds(120)
         try await withGRPCClient(transport: try ServiceClient.transport(target: address)) { client in
             _ = try? await Stockpot_V1_RegistryService.Client(wrapping: client).listVersions(.init(), options: waitForReady)
-            let registry = RegistryClient(wrapping: client)
+            let registry = RegistryClient(wrapping: client, token: token)
             if (try? await registry.resolve("legacy@production")) == nil {
                 o.log("registry has no legacy@production: training the legacy model on \(o.legacyTrainDays)")
                 BLAS.useSingleThread()
@@ -163,8 +184,12 @@ public final class LocalSuite: Sendable {
                 let folder = o.dataDirectory.appendingPathComponent("training/legacy-artifact")
                 try? FileManager.default.removeItem(at: folder)
                 try trained.model.save(to: folder) // model.json + weights.safetensors only
-                let v = try await registry.register(name: "legacy", kind: "legacy", metadata: trained.model.spec.metadata, folder: folder)
-                _ = try await registry.stub.setAlias(.with { $0.name = "legacy"; $0.alias = "production"; $0.version = v.version })
+                var lineage = Stockpot_V1_Lineage()
+                lineage.trainingDays = (trained.model.spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) }
+                lineage.featureSetVersion = trained.model.spec.featureSetVersion
+                let v = try await registry.register(name: "legacy", kind: "legacy", metadata: trained.model.spec.metadata,
+                                                    lineage: lineage, folder: folder)
+                _ = try await registry.promote("legacy:\(v.version)", alias: "production", reason: "bootstrap: first legacy model of the local suite")
                 o.log("registered legacy:\(v.version) as legacy@production")
             }
             if (try? await registry.resolve("fusion@production")) == nil {
@@ -174,7 +199,7 @@ public final class LocalSuite: Sendable {
                 enc.outputFormatting = [.prettyPrinted, .sortedKeys]
                 try enc.encode(FusionConfig.default).write(to: folder.appendingPathComponent(FusionConfig.fileName))
                 let v = try await registry.register(name: "fusion", kind: "fusion-config", metadata: ["source": "built-in default"], folder: folder)
-                _ = try await registry.stub.setAlias(.with { $0.name = "fusion"; $0.alias = "production"; $0.version = v.version })
+                _ = try await registry.promote("fusion:\(v.version)", alias: "production", reason: "bootstrap: the built-in default fusion config")
                 o.log("registered fusion:\(v.version) as fusion@production")
             }
         }

@@ -43,14 +43,17 @@ struct Chaos: AsyncParsableCommand {
         defer { fleet.stopAll() }
 
         // 1. Registry, with a legacy model, the default fusion config and a tail corrector.
-        try fleet.start("registry", ["--port", "\(ports.registry)", "--data", work.appendingPathComponent("registry").path])
+        let tokens = try LocalSuite.ensureAdminToken(dataDirectory: work, log: { Console.info($0) })
+        let token = try RegistryToken.find(file: work.appendingPathComponent(RegistryToken.suiteFile).path, environment: [:])?.token
+        try fleet.start("registry", ["--port", "\(ports.registry)", "--data", work.appendingPathComponent("registry").path,
+                                     "--tokens-file", tokens.path])
         var options = LocalSuite.Options()
         options.dataDirectory = work
         options.kuaiRand = kuaiRand
         options.legacyTrainDays = trainDays
         options.log = { Console.info($0) }
-        try await LocalSuite.bootstrap(registry: ports.address(ports.registry), options: options)
-        try await registerCorrector(work: work, kuaiRand: kuaiRand, registry: ports.address(ports.registry))
+        try await LocalSuite.bootstrap(registry: ports.address(ports.registry), token: token, options: options)
+        try await registerCorrector(work: work, kuaiRand: kuaiRand, registry: ports.address(ports.registry), token: token)
 
         // 2. The rest: feature replica A imports the KuaiRand features, B shares its store.
         let db = work.appendingPathComponent("features.sqlite").path
@@ -100,7 +103,7 @@ struct Chaos: AsyncParsableCommand {
         if let report { try Data(table.utf8).write(to: URL(fileURLWithPath: report)) }
     }
 
-    func registerCorrector(work: URL, kuaiRand: URL, registry: String) async throws {
+    func registerCorrector(work: URL, kuaiRand: URL, registry: String, token: String?) async throws {
         let data = try KuaiRandData.load(directory: kuaiRand)
         let legacy = try LegacyModel.load(from: work.appendingPathComponent("training/legacy-artifact"))
         let job = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: { Console.info($0) })
@@ -109,9 +112,10 @@ struct Chaos: AsyncParsableCommand {
         let folder = work.appendingPathComponent("training/corrector-artifact")
         try trained.model.save(to: folder)
         try await withGRPCClient(transport: try ServiceClient.transport(target: registry)) { client in
-            let r = RegistryClient(wrapping: client)
-            let v = try await r.register(name: "corrector-tail", kind: "corrector", metadata: trained.model.spec.metadata, folder: folder)
-            _ = try await r.stub.setAlias(.with { $0.name = "corrector-tail"; $0.alias = "production"; $0.version = v.version })
+            let r = RegistryClient(wrapping: client, token: token)
+            let v = try await r.register(name: "corrector-tail", kind: "corrector", metadata: trained.model.spec.metadata,
+                                         lineage: .with { $0.trainedOn = "legacy@production" }, folder: folder)
+            _ = try await r.promote("corrector-tail:\(v.version)", alias: "production", reason: "chaos run: tail corrector")
         }
     }
 

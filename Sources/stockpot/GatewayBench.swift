@@ -126,9 +126,10 @@ struct GatewayBench: AsyncParsableCommand {
         let job = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: { _ in })
         try job.initialCorrector(legacy: legacy, crowd: "tail", days: try DayRange("20220505")).save(to: folder)
         try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
-            let registry = RegistryClient(wrapping: client)
-            let v = try await registry.register(name: "corrector-tail", kind: "corrector", metadata: ["purpose": "latency benchmark"], folder: folder)
-            _ = try await registry.stub.setAlias(.with { $0.name = "corrector-tail"; $0.alias = "production"; $0.version = v.version })
+            let registry = RegistryClient(wrapping: client, token: try suite.adminToken())
+            let v = try await registry.register(name: "corrector-tail", kind: "corrector", metadata: ["purpose": "latency benchmark"],
+                                                lineage: .with { $0.trainedOn = "legacy@production" }, folder: folder)
+            _ = try await registry.promote("corrector-tail:\(v.version)", alias: "production", reason: "latency benchmark")
         }
     }
 

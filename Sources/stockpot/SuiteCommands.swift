@@ -116,13 +116,16 @@ struct Bootstrap: AsyncParsableCommand {
     @Option(help: "KuaiRand-Pure folder.") var kuairand: String?
     @Option(help: "Working folder for training.") var data: String = "data"
     @Option(help: "Training days of the first legacy model.") var days: String = "20220425..20220504"
+    @Option(help: "File holding an admin token of the registry (also STOCKPOT_REGISTRY_TOKEN / STOCKPOT_REGISTRY_TOKEN_FILE; default data/admin.token).")
+    var tokenFile: String?
 
     func run() async throws {
         var options = LocalSuite.Options()
         options.dataDirectory = URL(fileURLWithPath: data)
         if let k = kuairand ?? Env.string("STOCKPOT_KUAIRAND") { options.kuaiRand = URL(fileURLWithPath: k) }
         options.legacyTrainDays = days
-        try await LocalSuite.bootstrap(registry: registry, options: options)
+        let token = try RegistryToken.find(file: tokenFile, defaultDataDirectory: URL(fileURLWithPath: data))?.token
+        try await LocalSuite.bootstrap(registry: registry, token: token, options: options)
         Console.out("registry \(registry) has legacy@production and fusion@production")
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
+import StockpotProto
 import StockpotServing
 import Foundation
 import StockpotModel
@@ -34,6 +35,17 @@ struct Train: AsyncParsableCommand {
         @Flag(help: "Register the trained corrector as corrector-<crowd> and point --alias at it.") var register = false
         @Option(help: "Alias to set with --register.") var alias: String = "production"
         @Option(help: "Registry host:port for --register.") var registry: String = "127.0.0.1:50051"
+        @Option(help: "File holding a registry token with the register and promote roles (also STOCKPOT_REGISTRY_TOKEN; default data/admin.token).")
+        var tokenFile: String?
+
+        func validate() throws {
+            if register {
+                guard let legacyVersion, case .success(let ref) = ModelReference.parse(legacyVersion) else {
+                    throw ValidationError("--register needs --legacy-version NAME:VERSION (or NAME@ALIAS): the registry binds the corrector to the legacy version it was trained on")
+                }
+                _ = ref
+            }
+        }
 
         func run() async throws {
             let (data, _) = try dataOptions.load()
@@ -49,6 +61,7 @@ struct Train: AsyncParsableCommand {
                                         servingLog: servingLog.map { URL(fileURLWithPath: $0) })
             Console.out("trained corrector-\(crowd) on \(outcome.samples) samples in \(outcome.steps) steps → \(out)")
             var metadata = outcome.model.spec.metadata
+            var metrics: [String: Double] = [:]
             if let evalDays {
                 let test = try parseDays(evalDays)
                 let (base, corrected, ds) = try job.predictWithCorrector(legacy: legacyModel, corrector: outcome.model, crowd: crowd, days: test)
@@ -57,6 +70,13 @@ struct Train: AsyncParsableCommand {
                 for o in outcome.model.spec.heads {
                     for (label, r) in [("legacy", before), ("corrected", after)] {
                         guard let m = r.metrics[o]?[crowd] else { continue }
+                        if label == "corrected" {
+                            // Metric guard keys (promote --require): metric.objective.crowd.
+                            if let auc = m.auc { metrics["auc.\(o).\(crowd)"] = Double(auc) }
+                            if let gauc = m.gauc { metrics["gauc.\(o).\(crowd)"] = Double(gauc) }
+                            metrics["logloss.\(o).\(crowd)"] = Double(m.logloss)
+                            if let c = m.calibration { metrics["calibration.\(o).\(crowd)"] = Double(c) }
+                        }
                         metadata["eval.\(test).\(crowd).\(o).\(label)"] = String(format: "auc=%.4f gauc=%.4f logloss=%.4f calibration=%.3f n=%d",
                                                                              m.auc ?? .nan, m.gauc ?? .nan, m.logloss, m.calibration ?? .nan, m.n)
                     }
@@ -65,10 +85,17 @@ struct Train: AsyncParsableCommand {
             }
             guard register else { return }
             let name = "corrector-\(crowd)"
+            let token = try RegistryToken.find(file: tokenFile)?.token
+            let lineage = Stockpot_V1_Lineage.with {
+                $0.trainedOn = legacyVersion ?? ""
+                $0.trainingDays = (outcome.model.spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) }
+                $0.featureSetVersion = outcome.model.spec.featureSetVersion
+            }
             let version = try await withGRPCClient(transport: try ServiceClient.transport(target: registry)) { client in
-                let registryClient = RegistryClient(wrapping: client)
-                let v = try await registryClient.register(name: name, kind: "corrector", metadata: metadata, folder: URL(fileURLWithPath: out))
-                _ = try await registryClient.stub.setAlias(.with { $0.name = name; $0.alias = alias; $0.version = v.version })
+                let registryClient = RegistryClient(wrapping: client, token: token)
+                let v = try await registryClient.register(name: name, kind: "corrector", metadata: metadata, lineage: lineage,
+                                                          metrics: metrics, folder: URL(fileURLWithPath: out))
+                _ = try await registryClient.promote("\(name):\(v.version)", alias: alias, reason: "trained by stockpot train corrector on \(days)")
                 return v.version
             }
             Console.out("registered \(name):\(version) as \(name)@\(alias) in \(registry)")

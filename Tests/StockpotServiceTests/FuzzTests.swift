@@ -170,6 +170,7 @@ func fuzz<Request: SwiftProtobuf.Message, Response: Sendable>(
             return Stockpot_V1_CorrectRequest.with {
                 $0.crowd = g.chance(0.6) ? "tail" : g.string()
                 if g.chance(0.1) { $0.model = g.string() }
+                if g.chance(0.8) { $0.legacyModel = .with { $0.name = g.chance(0.8) ? "legacy" : g.string(); $0.version = Int64(g.int(-1...2)) } }
                 $0.legacyLogits = g.chance(0.5)
                     ? CorrectorHandlers.objectives.map { o in .with { $0.objective = o; $0.values = g.floats(n) } }
                     : g.scores(n: n)
@@ -307,7 +308,13 @@ struct RandomCorrector: Stockpot_V1_CorrectorService.SimpleServiceProtocol {
     let r: RandomReplies
     func correct(request: Stockpot_V1_CorrectRequest, context: ServerContext) async throws -> Stockpot_V1_CorrectResponse {
         let n = request.candidates.ids.count
-        return r.with { g in .with { $0.corrected = g.chance(0.8); $0.scores = g.scores(n: g.chance(0.7) ? n : g.count()) } }
+        return r.with { g in
+            .with {
+                $0.corrected = g.chance(0.8)
+                $0.scores = g.scores(n: g.chance(0.7) ? n : g.count())
+                if g.chance(0.8) { $0.trainedOn = g.chance(0.8) ? "\(request.legacyModel.name):\(request.legacyModel.version)" : g.string() }
+            }
+        }
     }
 }
 

@@ -39,6 +39,8 @@ final class Faults: Sendable {
     let calls = Mutex([String: Int]())
     /// How long `slow` waits.
     let slowness = Mutex(Duration.seconds(8))
+    /// The legacy version the fake corrector says it was trained on; nil = the one the request names.
+    let correctorTrainedOn = Mutex<String?>(nil)
 
     func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
 
@@ -124,6 +126,7 @@ struct FakeCorrector: Stockpot_V1_CorrectorService.SimpleServiceProtocol {
         return .with { r in
             r.corrected = true
             r.model = .with { $0.name = "corrector-tail"; $0.version = 1; $0.role = "corrector" }
+            r.trainedOn = faults.correctorTrainedOn.withLock { $0 } ?? "\(request.legacyModel.name):\(request.legacyModel.version)"
             r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]!.map { o == "a" ? $0 + 0.05 : $0 } } }
             switch fault {
             case .short: r.scores[0].values.removeLast()
@@ -226,6 +229,21 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             if fault != .fail && fault != .slow {
                 #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
             }
+        }
+    }
+
+    @Test(arguments: ["legacy:2", "", "other:3"])
+    func aCorrectorTrainedOnAnotherLegacyVersionIsNotApplied(trainedOn: String) async throws {
+        // The fake scorer serves legacy:3; a corrector claiming another binding (or none) is skipped.
+        let faults = Faults()
+        faults.correctorTrainedOn.withLock { $0 = trainedOn }
+        try await withFakeDownstream(faults) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded == ["corrector"])
+            #expect(r.scores == r.legacyScores)
+            #expect(r.versions.map(\.role) == ["scorer", "fusion"])
+            let reason = r.degradedReasons.first ?? ""
+            #expect(reason.contains(trainedOn.isEmpty ? "does not say which legacy version" : "trained_on is \(trainedOn), but the logits are legacy:3's"), "\(reason)")
         }
     }
 

@@ -193,9 +193,10 @@ import Synchronization
 @Suite struct CorrectorHandlers {
     static let objectives = ["is_click", "long_view", "is_like"]
 
-    func request(crowd: String, logits: [[Float]]) -> Stockpot_V1_CorrectRequest {
+    func request(crowd: String, logits: [[Float]], legacy: Int64 = 1) -> Stockpot_V1_CorrectRequest {
         .with {
             $0.crowd = crowd
+            $0.legacyModel = .with { $0.name = "legacy"; $0.version = legacy }
             $0.legacyLogits = zip(Self.objectives, logits).map { o, v in .with { $0.objective = o; $0.values = v } }
             $0.userFeatures = [.with { $0.name = "user_active_degree"; $0.value = "low_active" }]
             $0.candidates.ids = (0..<Int64(logits[0].count)).map { $0 }
@@ -205,7 +206,7 @@ import Synchronization
     func service() throws -> CorrectorService {
         let folder = temporaryDirectory("corrector")
         try testCorrector(objectives: Self.objectives).save(to: folder)
-        let watcher = localWatcher(folder: folder, name: "corrector-tail", reference: "corrector-tail@production") { _, f in
+        let watcher = localWatcher(folder: folder, name: "corrector-tail", reference: "corrector-tail@production", trainedOn: "legacy:1") { _, f in
             let s = try ServableModel.load(folder: f, workers: 1)
             try CorrectorService.validateCorrector(s.model)
             return s
@@ -227,9 +228,24 @@ import Synchronization
         let logits: [[Float]] = [[0, 1], [-1, 2], [0.5, -3]]
         let r = try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits), context: $0) }
         #expect(r.corrected && r.model.name == "corrector-tail" && r.model.role == "corrector")
+        #expect(r.trainedOn == "legacy:1")
         // The residual design: output = legacy logit + correction; the test corrector adds ≥ 0.5 - small to clicks.
         #expect(r.scores[0].values[0] != sigmoid(0))
         #expect(r.scores.count == 3)
+    }
+
+    @Test func neverAppliedToLogitsOfAnotherLegacyVersion() async throws {
+        let s = try service()
+        try await s.crowds["tail"]!.refresh()
+        let logits: [[Float]] = [[0, 1], [-1, 2], [0.5, -3]]
+        #expect(await expectStatus(.failedPrecondition, mentioning: "corrector-tail:1 was trained on legacy:1; these are logits of legacy:2") {
+            try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits, legacy: 2), context: $0) }
+        })
+        var anonymous = request(crowd: "tail", logits: logits)
+        anonymous.clearLegacyModel()
+        #expect(await expectStatus(.invalidArgument, mentioning: "legacy_model") {
+            try await withContext { try await s.correct(request: anonymous, context: $0) }
+        })
     }
 
     @Test func badRequests() async throws {
@@ -251,6 +267,7 @@ import Synchronization
             try await withContext {
                 try await s.correct(request: .with {
                     $0.crowd = "tail"
+                    $0.legacyModel = .with { $0.name = "legacy"; $0.version = 1 }
                     $0.legacyLogits = [.with { $0.objective = "is_click"; $0.values = [0] }]
                     $0.candidates.ids = [1]
                 }, context: $0)
@@ -382,7 +399,7 @@ import Synchronization
         #expect(await expectStatus(.invalidArgument, mentioning: "header.name") {
             try await upload(service, [header([("model.json", a)], name: "bad name")])
         })
-        let list = try await withContext { try await service.listVersions(request: .init(), context: $0) }
+        let list = try await withContext { try await service.listVersions(request: Stockpot_V1_ListVersionsRequest(), context: $0) }
         #expect(list.versions.isEmpty)
         let incoming = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("artifacts/.incoming").path)
         #expect(incoming.isEmpty)

@@ -57,13 +57,7 @@ struct EndToEnd {
             #expect(await !HealthProbe.isServing(target: suite.address("corrector"), service: CorrectorApp.healthKey(crowd: "tail")))
 
             // Register a tail corrector; the corrector service picks it up through the alias.
-            try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
-                let registry = RegistryClient(wrapping: client)
-                let folder = temporaryDirectory("corrector")
-                try testCorrector(objectives: ["is_click", "long_view", "is_like"]).save(to: folder.appendingPathComponent("m"))
-                let v = try await registry.register(name: "corrector-tail", kind: "corrector", folder: folder.appendingPathComponent("m"))
-                _ = try await registry.stub.setAlias(.with { $0.name = "corrector-tail"; $0.alias = "production"; $0.version = v.version })
-            }
+            try await Self.registerTailCorrector(suite)
             var corrected = try await RankClient.rank(gateway: gateway, request: tail)
             let clock = ContinuousClock()
             let until = clock.now + .seconds(20)
@@ -77,6 +71,20 @@ struct EndToEnd {
             #expect(corrected.versions.map(\.role) == ["scorer", "corrector", "fusion"])
             #expect(corrected.finalScores == corrected.finalScores.sorted(by: >))
             #expect(corrected.scores[0].values != corrected.legacyScores[0].values) // the correction moved clicks
+
+            // A legacy version the corrector was not trained on: the promotion is refused, and once forced, the
+            // gateway serves legacy scores and names the corrector, with the reason.
+            try await Self.promoteLegacyTheCorrectorDoesNotKnow(suite)
+            var unbound = try await RankClient.rank(gateway: gateway, request: tail)
+            let switchUntil = clock.now + .seconds(20)
+            while unbound.versions.first?.version != 2 && clock.now < switchUntil {
+                try await Task.sleep(for: .milliseconds(100))
+                unbound = try await RankClient.rank(gateway: gateway, request: tail)
+            }
+            #expect(unbound.versions.first?.version == 2)
+            #expect(unbound.degraded == ["corrector"])
+            #expect(unbound.degradedReasons.first?.contains("trained on legacy:1") == true)
+            #expect(unbound.scores.map(\.values) == unbound.legacyScores.map(\.values))
 
             // Stop the corrector: the next request still succeeds, names the corrector, serves legacy scores.
             await suite.stop("corrector")
@@ -140,5 +148,43 @@ struct EndToEnd {
         #expect(first.itemVersions.count == first.itemIds.count)
         // Every candidate's features are in the log (by reference), each item written once per segment at most.
         #expect(Set(served.flatMap(\.itemIds)).isSubset(of: items))
+    }
+}
+
+extension EndToEnd {
+    /// Registers the test corrector as corrector-tail, bound to legacy@production, and promotes it.
+    static func registerTailCorrector(_ suite: LocalSuite) async throws {
+        let token = try suite.adminToken()
+        #expect(token != nil)
+        try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
+            let registry = RegistryClient(wrapping: client, token: token)
+            let folder = temporaryDirectory("corrector")
+            try testCorrector(objectives: ["is_click", "long_view", "is_like"]).save(to: folder.appendingPathComponent("m"))
+            let v = try await registry.register(name: "corrector-tail", kind: "corrector", lineage: .with { $0.trainedOn = "legacy@production" },
+                                                folder: folder.appendingPathComponent("m"))
+            #expect(v.lineage.trainedOn == "legacy:1")
+            _ = try await registry.promote("corrector-tail:\(v.version)", alias: "production", reason: "integration test")
+        }
+    }
+
+    /// Registers a copy of legacy:1 as legacy:2 and promotes it: refused while corrector-tail@production is bound
+    /// to legacy:1, then forced (the override recorded).
+    static func promoteLegacyTheCorrectorDoesNotKnow(_ suite: LocalSuite) async throws {
+        let token = try suite.adminToken()
+        try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
+            let registry = RegistryClient(wrapping: client, token: token)
+            let (_, legacyFolder) = try await registry.fetch("legacy:1", cache: temporaryDirectory("legacy-copy"))
+            let copy = temporaryDirectory("legacy-2")
+            for f in try FileManager.default.contentsOfDirectory(atPath: legacyFolder.path) where !f.hasPrefix(".") {
+                try FileManager.default.copyItem(at: legacyFolder.appendingPathComponent(f), to: copy.appendingPathComponent(f))
+            }
+            let v2 = try await registry.register(name: "legacy", kind: "legacy", lineage: .with { $0.parent = "legacy:1" }, folder: copy)
+            let refused = await expectStatus(.failedPrecondition, mentioning: "corrector-tail:1 (production) was trained on legacy:1") {
+                try await registry.promote("legacy:\(v2.version)", alias: "production", reason: "new day")
+            }
+            #expect(refused)
+            let forced = try await registry.promote("legacy:\(v2.version)", alias: "production", reason: "test the serving guard", force: true)
+            #expect(forced.moves.first?.overrides.isEmpty == false)
+        }
     }
 }

@@ -3,6 +3,7 @@ import GRPCCore
 import Logging
 import StockpotModel
 import StockpotProto
+import StockpotRegistry
 import StockpotServing
 import StockpotTraining
 
@@ -49,10 +50,11 @@ func expectStatus<T>(_ code: RPCError.Code, mentioning: String, _ body: () async
 }
 
 /// A watcher whose "registry" is a folder on disk, for in-process handler tests.
-func localWatcher<T: Sendable>(folder: URL, name: String, version: Int64 = 1, reference: String,
+func localWatcher<T: Sendable>(folder: URL, name: String, version: Int64 = 1, reference: String, trainedOn: String = "",
                                load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T) -> ArtifactWatcher<T> {
     ArtifactWatcher(reference: reference, logger: quietLogger,
-                    fetch: { _ in (Stockpot_V1_ModelVersion.with { $0.name = name; $0.version = version }, folder) },
+                    resolve: { _ in Stockpot_V1_ModelVersion.with { $0.name = name; $0.version = version; $0.lineage.trainedOn = trainedOn } },
+                    fetch: { _ in folder },
                     load: load)
 }
 
@@ -71,4 +73,45 @@ func testCorrector(objectives: [String], seed: UInt64 = 5) throws -> LegacyModel
     var model = try LegacyModel.initialized(spec: spec, seed: seed)
     model.heads.bias[0] = 0.5
     return model
+}
+
+/// Message-level calls into the registry's handlers for in-process tests (the service takes requests with their
+/// metadata, for the bearer token).
+extension RegistryService {
+    init(store: RegistryStore) { self.init(store: store, access: .open) }
+
+    static func bearer(_ token: String?) -> Metadata {
+        var m = Metadata()
+        if let token { m.addString("Bearer \(token)", forKey: "authorization") }
+        return m
+    }
+
+    func register(request: RPCAsyncSequence<Stockpot_V1_RegisterRequest, any Error>, context: ServerContext,
+                  token: String? = nil) async throws -> Stockpot_V1_ModelVersion {
+        try await register(request: StreamingServerRequest(metadata: Self.bearer(token), messages: request), context: context).message
+    }
+
+    func setAlias(request: Stockpot_V1_SetAliasRequest, context: ServerContext, token: String? = nil) async throws -> Stockpot_V1_SetAliasResponse {
+        try await setAlias(request: ServerRequest(metadata: Self.bearer(token), message: request), context: context).message
+    }
+
+    func promote(request: Stockpot_V1_PromoteRequest, context: ServerContext, token: String? = nil) async throws -> Stockpot_V1_PromoteResponse {
+        try await promote(request: ServerRequest(metadata: Self.bearer(token), message: request), context: context).message
+    }
+
+    func rollback(request: Stockpot_V1_RollbackRequest, context: ServerContext, token: String? = nil) async throws -> Stockpot_V1_RollbackResponse {
+        try await rollback(request: ServerRequest(metadata: Self.bearer(token), message: request), context: context).message
+    }
+
+    func getVersion(request: Stockpot_V1_GetVersionRequest, context: ServerContext) async throws -> Stockpot_V1_ModelVersion {
+        try await getVersion(request: ServerRequest(metadata: [:], message: request), context: context).message
+    }
+
+    func listVersions(request: Stockpot_V1_ListVersionsRequest, context: ServerContext) async throws -> Stockpot_V1_ListVersionsResponse {
+        try await listVersions(request: ServerRequest(metadata: [:], message: request), context: context).message
+    }
+
+    func history(request: Stockpot_V1_HistoryRequest, context: ServerContext) async throws -> Stockpot_V1_HistoryResponse {
+        try await history(request: ServerRequest(metadata: [:], message: request), context: context).message
+    }
 }

@@ -10,10 +10,17 @@ struct RegistryCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-registry", abstract: "The Stockpot model registry.")
     @OptionGroup var common: CommonServiceOptions
     @Option(help: "Folder for registry.sqlite and artifacts (env STOCKPOT_REGISTRY_DATA).") var data: String?
+    @Option(help: "JSON file of write tokens and their roles (create entries with `stockpot registry token`; env STOCKPOT_REGISTRY_TOKENS_FILE).")
+    var tokensFile: String?
+    @Flag(help: "Accept writes without a token (a sandbox; never production).") var openWrites = false
+    @Option(help: "Aliases only an admin token may move, comma-separated (default: production).") var protectedAliases: String?
 
     func run() async throws {
         var flags = common.flags()
         flags.set("data", data)
+        flags.set("tokens-file", tokensFile)
+        flags.set("open-writes", flag: openWrites)
+        flags.set("protected-aliases", protectedAliases)
         let settings = try await common.settings("registry", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.registry)
         let app = try await RegistryApp(settings: settings)

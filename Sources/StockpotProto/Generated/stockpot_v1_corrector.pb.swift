@@ -50,11 +50,23 @@ public nonisolated struct Stockpot_V1_CorrectRequest: Sendable {
   /// Clears the value of `candidates`. Subsequent reads from it will return its default value.
   public mutating func clearCandidates() {self._candidates = nil}
 
+  /// The legacy version that produced legacy_logits. A corrector trained on another version's logits does not
+  /// correct them: FAILED_PRECONDITION naming both versions.
+  public var legacyModel: Stockpot_V1_ModelRef {
+    get {_legacyModel ?? Stockpot_V1_ModelRef()}
+    set {_legacyModel = newValue}
+  }
+  /// Returns true if `legacyModel` has been explicitly set.
+  public var hasLegacyModel: Bool {self._legacyModel != nil}
+  /// Clears the value of `legacyModel`. Subsequent reads from it will return its default value.
+  public mutating func clearLegacyModel() {self._legacyModel = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _candidates: Stockpot_V1_EntityBatch? = nil
+  fileprivate var _legacyModel: Stockpot_V1_ModelRef? = nil
 }
 
 public nonisolated struct Stockpot_V1_CorrectResponse: Sendable {
@@ -77,6 +89,9 @@ public nonisolated struct Stockpot_V1_CorrectResponse: Sendable {
   /// Clears the value of `model`. Subsequent reads from it will return its default value.
   public mutating func clearModel() {self._model = nil}
 
+  /// The legacy version this corrector was trained on ("legacy:5"); set whenever corrected is true.
+  public var trainedOn: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -90,7 +105,7 @@ fileprivate nonisolated let _protobuf_package = "stockpot.v1"
 
 nonisolated extension Stockpot_V1_CorrectRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CorrectRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}crowd\0\u{1}model\0\u{3}legacy_logits\0\u{3}user_features\0\u{1}context\0\u{1}candidates\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}crowd\0\u{1}model\0\u{3}legacy_logits\0\u{3}user_features\0\u{1}context\0\u{1}candidates\0\u{3}legacy_model\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -104,6 +119,7 @@ nonisolated extension Stockpot_V1_CorrectRequest: SwiftProtobuf.Message, SwiftPr
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.userFeatures) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.context) }()
       case 6: try { try decoder.decodeSingularMessageField(value: &self._candidates) }()
+      case 7: try { try decoder.decodeSingularMessageField(value: &self._legacyModel) }()
       default: break
       }
     }
@@ -132,6 +148,9 @@ nonisolated extension Stockpot_V1_CorrectRequest: SwiftProtobuf.Message, SwiftPr
     try { if let v = self._candidates {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
     } }()
+    try { if let v = self._legacyModel {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -142,6 +161,7 @@ nonisolated extension Stockpot_V1_CorrectRequest: SwiftProtobuf.Message, SwiftPr
     if lhs.userFeatures != rhs.userFeatures {return false}
     if lhs.context != rhs.context {return false}
     if lhs._candidates != rhs._candidates {return false}
+    if lhs._legacyModel != rhs._legacyModel {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -149,7 +169,7 @@ nonisolated extension Stockpot_V1_CorrectRequest: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Stockpot_V1_CorrectResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CorrectResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scores\0\u{1}corrected\0\u{1}model\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scores\0\u{1}corrected\0\u{1}model\0\u{3}trained_on\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -160,6 +180,7 @@ nonisolated extension Stockpot_V1_CorrectResponse: SwiftProtobuf.Message, SwiftP
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.scores) }()
       case 2: try { try decoder.decodeSingularBoolField(value: &self.corrected) }()
       case 3: try { try decoder.decodeSingularMessageField(value: &self._model) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.trainedOn) }()
       default: break
       }
     }
@@ -179,6 +200,9 @@ nonisolated extension Stockpot_V1_CorrectResponse: SwiftProtobuf.Message, SwiftP
     try { if let v = self._model {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
     } }()
+    if !self.trainedOn.isEmpty {
+      try visitor.visitSingularStringField(value: self.trainedOn, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -186,6 +210,7 @@ nonisolated extension Stockpot_V1_CorrectResponse: SwiftProtobuf.Message, SwiftP
     if lhs.scores != rhs.scores {return false}
     if lhs.corrected != rhs.corrected {return false}
     if lhs._model != rhs._model {return false}
+    if lhs.trainedOn != rhs.trainedOn {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,4 +1,9 @@
-/// Model registry: immutable versions with artifacts, aliases that point at versions.
+/// Model registry: immutable versions with artifacts and lineage, aliases that point at versions, every alias move on
+/// the record (who, when, from, to, why), guarded promotions, rollbacks and a push stream of alias moves.
+///
+/// Reads are open. Writes (Register, Promote, Rollback, SetAlias) need `authorization: Bearer <token>` metadata with
+/// a role: "register" (upload versions), "promote" (move aliases that are not protected), "admin" (everything,
+/// including protected aliases and --force). Missing or unknown token: UNAUTHENTICATED; wrong role: PERMISSION_DENIED.
 
 // DO NOT EDIT.
 // swift-format-ignore-file
@@ -87,13 +92,69 @@ public enum Stockpot_V1_RegistryService: Sendable {
                 type: .serverStreaming
             )
         }
+        /// Namespace for "Promote" metadata.
+        public enum Promote: Sendable {
+            /// Request type for "Promote".
+            public typealias Input = Stockpot_V1_PromoteRequest
+            /// Response type for "Promote".
+            public typealias Output = Stockpot_V1_PromoteResponse
+            /// Descriptor for "Promote".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "stockpot.v1.RegistryService"),
+                method: "Promote",
+                type: .unary
+            )
+        }
+        /// Namespace for "Rollback" metadata.
+        public enum Rollback: Sendable {
+            /// Request type for "Rollback".
+            public typealias Input = Stockpot_V1_RollbackRequest
+            /// Response type for "Rollback".
+            public typealias Output = Stockpot_V1_RollbackResponse
+            /// Descriptor for "Rollback".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "stockpot.v1.RegistryService"),
+                method: "Rollback",
+                type: .unary
+            )
+        }
+        /// Namespace for "History" metadata.
+        public enum History: Sendable {
+            /// Request type for "History".
+            public typealias Input = Stockpot_V1_HistoryRequest
+            /// Response type for "History".
+            public typealias Output = Stockpot_V1_HistoryResponse
+            /// Descriptor for "History".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "stockpot.v1.RegistryService"),
+                method: "History",
+                type: .unary
+            )
+        }
+        /// Namespace for "WatchAliases" metadata.
+        public enum WatchAliases: Sendable {
+            /// Request type for "WatchAliases".
+            public typealias Input = Stockpot_V1_WatchAliasesRequest
+            /// Response type for "WatchAliases".
+            public typealias Output = Stockpot_V1_WatchAliasesResponse
+            /// Descriptor for "WatchAliases".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "stockpot.v1.RegistryService"),
+                method: "WatchAliases",
+                type: .serverStreaming
+            )
+        }
         /// Descriptors for all methods in the "stockpot.v1.RegistryService" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Register.descriptor,
             ListVersions.descriptor,
             GetVersion.descriptor,
             SetAlias.descriptor,
-            Download.descriptor
+            Download.descriptor,
+            Promote.descriptor,
+            Rollback.descriptor,
+            History.descriptor,
+            WatchAliases.descriptor
         ]
     }
 }
@@ -189,6 +250,62 @@ extension Stockpot_V1_RegistryService {
             request: GRPCCore.StreamingServerRequest<Stockpot_V1_DownloadRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_DownloadResponse>
+
+        /// Handle the "Promote" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Stockpot_V1_PromoteRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_PromoteResponse` messages.
+        func promote(
+            request: GRPCCore.StreamingServerRequest<Stockpot_V1_PromoteRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_PromoteResponse>
+
+        /// Handle the "Rollback" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Stockpot_V1_RollbackRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_RollbackResponse` messages.
+        func rollback(
+            request: GRPCCore.StreamingServerRequest<Stockpot_V1_RollbackRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_RollbackResponse>
+
+        /// Handle the "History" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Stockpot_V1_HistoryRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_HistoryResponse` messages.
+        func history(
+            request: GRPCCore.StreamingServerRequest<Stockpot_V1_HistoryRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_HistoryResponse>
+
+        /// Handle the "WatchAliases" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Stockpot_V1_WatchAliasesRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_WatchAliasesResponse` messages.
+        func watchAliases(
+            request: GRPCCore.StreamingServerRequest<Stockpot_V1_WatchAliasesRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse>
     }
 
     /// Service protocol for the "stockpot.v1.RegistryService" service.
@@ -268,6 +385,62 @@ extension Stockpot_V1_RegistryService {
             request: GRPCCore.ServerRequest<Stockpot_V1_DownloadRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_DownloadResponse>
+
+        /// Handle the "Promote" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_PromoteRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Stockpot_V1_PromoteResponse` message.
+        func promote(
+            request: GRPCCore.ServerRequest<Stockpot_V1_PromoteRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_PromoteResponse>
+
+        /// Handle the "Rollback" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_RollbackRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Stockpot_V1_RollbackResponse` message.
+        func rollback(
+            request: GRPCCore.ServerRequest<Stockpot_V1_RollbackRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_RollbackResponse>
+
+        /// Handle the "History" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_HistoryRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Stockpot_V1_HistoryResponse` message.
+        func history(
+            request: GRPCCore.ServerRequest<Stockpot_V1_HistoryRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_HistoryResponse>
+
+        /// Handle the "WatchAliases" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_WatchAliasesRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_WatchAliasesResponse` messages.
+        func watchAliases(
+            request: GRPCCore.ServerRequest<Stockpot_V1_WatchAliasesRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse>
     }
 
     /// Simple service protocol for the "stockpot.v1.RegistryService" service.
@@ -346,6 +519,63 @@ extension Stockpot_V1_RegistryService {
             response: GRPCCore.RPCWriter<Stockpot_V1_DownloadResponse>,
             context: GRPCCore.ServerContext
         ) async throws
+
+        /// Handle the "Promote" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Stockpot_V1_PromoteRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Stockpot_V1_PromoteResponse` to respond with.
+        func promote(
+            request: Stockpot_V1_PromoteRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Stockpot_V1_PromoteResponse
+
+        /// Handle the "Rollback" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Stockpot_V1_RollbackRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Stockpot_V1_RollbackResponse` to respond with.
+        func rollback(
+            request: Stockpot_V1_RollbackRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Stockpot_V1_RollbackResponse
+
+        /// Handle the "History" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Stockpot_V1_HistoryRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Stockpot_V1_HistoryResponse` to respond with.
+        func history(
+            request: Stockpot_V1_HistoryRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Stockpot_V1_HistoryResponse
+
+        /// Handle the "WatchAliases" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Stockpot_V1_WatchAliasesRequest` message.
+        ///   - response: A response stream of `Stockpot_V1_WatchAliasesResponse` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        func watchAliases(
+            request: Stockpot_V1_WatchAliasesRequest,
+            response: GRPCCore.RPCWriter<Stockpot_V1_WatchAliasesResponse>,
+            context: GRPCCore.ServerContext
+        ) async throws
     }
 }
 
@@ -408,6 +638,50 @@ extension Stockpot_V1_RegistryService.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Stockpot_V1_RegistryService.Method.Promote.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_PromoteRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_PromoteResponse>(),
+            handler: { request, context in
+                try await self.promote(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Stockpot_V1_RegistryService.Method.Rollback.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_RollbackRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_RollbackResponse>(),
+            handler: { request, context in
+                try await self.rollback(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Stockpot_V1_RegistryService.Method.History.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_HistoryRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_HistoryResponse>(),
+            handler: { request, context in
+                try await self.history(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Stockpot_V1_RegistryService.Method.WatchAliases.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_WatchAliasesRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_WatchAliasesResponse>(),
+            handler: { request, context in
+                try await self.watchAliases(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -463,6 +737,50 @@ extension Stockpot_V1_RegistryService.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_DownloadResponse> {
         let response = try await self.download(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return response
+    }
+
+    public func promote(
+        request: GRPCCore.StreamingServerRequest<Stockpot_V1_PromoteRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_PromoteResponse> {
+        let response = try await self.promote(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func rollback(
+        request: GRPCCore.StreamingServerRequest<Stockpot_V1_RollbackRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_RollbackResponse> {
+        let response = try await self.rollback(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func history(
+        request: GRPCCore.StreamingServerRequest<Stockpot_V1_HistoryRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_HistoryResponse> {
+        let response = try await self.history(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func watchAliases(
+        request: GRPCCore.StreamingServerRequest<Stockpot_V1_WatchAliasesRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse> {
+        let response = try await self.watchAliases(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -533,6 +851,62 @@ extension Stockpot_V1_RegistryService.SimpleServiceProtocol {
             metadata: [:],
             producer: { writer in
                 try await self.download(
+                    request: request.message,
+                    response: writer,
+                    context: context
+                )
+                return [:]
+            }
+        )
+    }
+
+    public func promote(
+        request: GRPCCore.ServerRequest<Stockpot_V1_PromoteRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_PromoteResponse> {
+        return GRPCCore.ServerResponse<Stockpot_V1_PromoteResponse>(
+            message: try await self.promote(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func rollback(
+        request: GRPCCore.ServerRequest<Stockpot_V1_RollbackRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_RollbackResponse> {
+        return GRPCCore.ServerResponse<Stockpot_V1_RollbackResponse>(
+            message: try await self.rollback(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func history(
+        request: GRPCCore.ServerRequest<Stockpot_V1_HistoryRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_HistoryResponse> {
+        return GRPCCore.ServerResponse<Stockpot_V1_HistoryResponse>(
+            message: try await self.history(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func watchAliases(
+        request: GRPCCore.ServerRequest<Stockpot_V1_WatchAliasesRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse> {
+        return GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse>(
+            metadata: [:],
+            producer: { writer in
+                try await self.watchAliases(
                     request: request.message,
                     response: writer,
                     context: context
@@ -645,6 +1019,82 @@ extension Stockpot_V1_RegistryService {
             deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_DownloadResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Stockpot_V1_DownloadResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Promote" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_PromoteRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_PromoteRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_PromoteResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func promote<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_PromoteRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_PromoteRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_PromoteResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_PromoteResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Rollback" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_RollbackRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_RollbackRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_RollbackResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func rollback<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_RollbackRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_RollbackRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_RollbackResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_RollbackResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "History" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_HistoryRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_HistoryRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_HistoryResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func history<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_HistoryRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_HistoryRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_HistoryResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_HistoryResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "WatchAliases" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_WatchAliasesRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_WatchAliasesRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_WatchAliasesResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func watchAliases<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_WatchAliasesRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_WatchAliasesRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_WatchAliasesResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Stockpot_V1_WatchAliasesResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -811,6 +1261,124 @@ extension Stockpot_V1_RegistryService {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "Promote" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_PromoteRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_PromoteRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_PromoteResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func promote<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_PromoteRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_PromoteRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_PromoteResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_PromoteResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Stockpot_V1_RegistryService.Method.Promote.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Rollback" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_RollbackRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_RollbackRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_RollbackResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func rollback<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_RollbackRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_RollbackRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_RollbackResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_RollbackResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Stockpot_V1_RegistryService.Method.Rollback.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "History" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_HistoryRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_HistoryRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_HistoryResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func history<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_HistoryRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_HistoryRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_HistoryResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_HistoryResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Stockpot_V1_RegistryService.Method.History.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "WatchAliases" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_WatchAliasesRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_WatchAliasesRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_WatchAliasesResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func watchAliases<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_WatchAliasesRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_WatchAliasesRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_WatchAliasesResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Stockpot_V1_WatchAliasesResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.serverStreaming(
+                request: request,
+                descriptor: Stockpot_V1_RegistryService.Method.WatchAliases.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -935,6 +1503,104 @@ extension Stockpot_V1_RegistryService.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_DownloadRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_DownloadResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Promote" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Stockpot_V1_PromoteRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func promote<Result>(
+        request: GRPCCore.ClientRequest<Stockpot_V1_PromoteRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_PromoteResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.promote(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_PromoteRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_PromoteResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Rollback" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Stockpot_V1_RollbackRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func rollback<Result>(
+        request: GRPCCore.ClientRequest<Stockpot_V1_RollbackRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_RollbackResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.rollback(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_RollbackRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_RollbackResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "History" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Stockpot_V1_HistoryRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func history<Result>(
+        request: GRPCCore.ClientRequest<Stockpot_V1_HistoryRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_HistoryResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.history(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_HistoryRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_HistoryResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "WatchAliases" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Stockpot_V1_WatchAliasesRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func watchAliases<Result>(
+        request: GRPCCore.ClientRequest<Stockpot_V1_WatchAliasesRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Stockpot_V1_WatchAliasesResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.watchAliases(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_WatchAliasesRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_WatchAliasesResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1082,6 +1748,120 @@ extension Stockpot_V1_RegistryService.ClientProtocol {
             metadata: metadata
         )
         return try await self.download(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Promote" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func promote<Result>(
+        _ message: Stockpot_V1_PromoteRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_PromoteResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Stockpot_V1_PromoteRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.promote(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Rollback" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func rollback<Result>(
+        _ message: Stockpot_V1_RollbackRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_RollbackResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Stockpot_V1_RollbackRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.rollback(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "History" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func history<Result>(
+        _ message: Stockpot_V1_HistoryRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_HistoryResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Stockpot_V1_HistoryRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.history(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "WatchAliases" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func watchAliases<Result>(
+        _ message: Stockpot_V1_WatchAliasesRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Stockpot_V1_WatchAliasesResponse>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Stockpot_V1_WatchAliasesRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.watchAliases(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -8,7 +8,12 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/apple/swift-protobuf/
 
-/// Model registry: immutable versions with artifacts, aliases that point at versions.
+/// Model registry: immutable versions with artifacts and lineage, aliases that point at versions, every alias move on
+/// the record (who, when, from, to, why), guarded promotions, rollbacks and a push stream of alias moves.
+///
+/// Reads are open. Writes (Register, Promote, Rollback, SetAlias) need `authorization: Bearer <token>` metadata with
+/// a role: "register" (upload versions), "promote" (move aliases that are not protected), "admin" (everything,
+/// including protected aliases and --force). Missing or unknown token: UNAUTHENTICATED; wrong role: PERMISSION_DENIED.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -45,6 +50,33 @@ public nonisolated struct Stockpot_V1_ArtifactFile: Sendable {
   public init() {}
 }
 
+/// Where a version came from, as data. References are "name:version" of versions in the same registry; a
+/// register request may give "name@alias", which is resolved to the version it points at when registering.
+public nonisolated struct Stockpot_V1_Lineage: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// warm-start parent (the checkpoint this one continued from)
+  public var parent: String = String()
+
+  /// distillation teacher
+  public var teacher: String = String()
+
+  /// For a corrector: the legacy version whose logits it was trained on. A corrector is only ever applied to
+  /// logits of that version (guard at promotion and at serving time). Required for kind "corrector".
+  public var trainedOn: String = String()
+
+  /// yyyymmdd
+  public var trainingDays: [Int32] = []
+
+  public var featureSetVersion: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Stockpot_V1_ModelVersion: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -70,9 +102,27 @@ public nonisolated struct Stockpot_V1_ModelVersion: Sendable {
   /// aliases currently pointing here
   public var aliases: [String] = []
 
+  public var lineage: Stockpot_V1_Lineage {
+    get {_lineage ?? Stockpot_V1_Lineage()}
+    set {_lineage = newValue}
+  }
+  /// Returns true if `lineage` has been explicitly set.
+  public var hasLineage: Bool {self._lineage != nil}
+  /// Clears the value of `lineage`. Subsequent reads from it will return its default value.
+  public mutating func clearLineage() {self._lineage = nil}
+
+  /// Recorded evaluation metrics, e.g. "auc.is_click.tail" = 0.7132 (metric.objective.crowd); checked by
+  /// PromoteRequest.require.
+  public var metrics: Dictionary<String,Double> = [:]
+
+  /// name of the token that registered it
+  public var createdBy: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _lineage: Stockpot_V1_Lineage? = nil
 }
 
 public nonisolated struct Stockpot_V1_RegisterHeader: Sendable {
@@ -89,9 +139,22 @@ public nonisolated struct Stockpot_V1_RegisterHeader: Sendable {
   /// Every file that follows, with its size and sha256; the upload is rejected unless all arrive intact.
   public var files: [Stockpot_V1_ArtifactFile] = []
 
+  public var lineage: Stockpot_V1_Lineage {
+    get {_lineage ?? Stockpot_V1_Lineage()}
+    set {_lineage = newValue}
+  }
+  /// Returns true if `lineage` has been explicitly set.
+  public var hasLineage: Bool {self._lineage != nil}
+  /// Clears the value of `lineage`. Subsequent reads from it will return its default value.
+  public mutating func clearLineage() {self._lineage = nil}
+
+  public var metrics: Dictionary<String,Double> = [:]
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _lineage: Stockpot_V1_Lineage? = nil
 }
 
 public nonisolated struct Stockpot_V1_FileChunk: Sendable {
@@ -181,6 +244,7 @@ public nonisolated struct Stockpot_V1_GetVersionRequest: Sendable {
   public init() {}
 }
 
+/// Low-level alias move (same guards as Promote; prefer Promote, which records a reason).
 public nonisolated struct Stockpot_V1_SetAliasRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -219,6 +283,237 @@ public nonisolated struct Stockpot_V1_SetAliasResponse: Sendable {
   public init() {}
 
   fileprivate var _version: Stockpot_V1_ModelVersion? = nil
+}
+
+/// One alias move, as recorded in the registry's history.
+public nonisolated struct Stockpot_V1_AliasMove: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// position in the history; a resume token for WatchAliases
+  public var id: Int64 = 0
+
+  public var name: String = String()
+
+  public var alias: String = String()
+
+  /// the version the alias points at after the move
+  public var version: Int64 = 0
+
+  /// before the move; 0 = the alias was new
+  public var previousVersion: Int64 = 0
+
+  /// Unix epoch milliseconds
+  public var atMs: Int64 = 0
+
+  /// the token that moved it
+  public var actor: String = String()
+
+  public var reason: String = String()
+
+  /// "promote", "rollback" or "set"
+  public var action: String = String()
+
+  /// Moves made together (Promote with `together`, or the Rollback of such a promotion) share the id of the
+  /// first move of the batch.
+  public var batch: Int64 = 0
+
+  /// Guards that --force overrode (empty when none did).
+  public var overrides: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Stockpot_V1_PromoteRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// "corrector-tail:9", or "name@alias" (promote what another alias holds)
+  public var ref: String = String()
+
+  /// e.g. "production"
+  public var alias: String = String()
+
+  /// required: why (recorded in the history)
+  public var reason: String = String()
+
+  /// Compare-and-set: the move happens only if the alias now points at this version (0 = the alias must not
+  /// exist yet); otherwise ABORTED naming the current holder. Unset = no check.
+  public var expectVersion: Int64 {
+    get {_expectVersion ?? 0}
+    set {_expectVersion = newValue}
+  }
+  /// Returns true if `expectVersion` has been explicitly set.
+  public var hasExpectVersion: Bool {self._expectVersion != nil}
+  /// Clears the value of `expectVersion`. Subsequent reads from it will return its default value.
+  public mutating func clearExpectVersion() {self._expectVersion = nil}
+
+  /// Override the lineage guard (admin only); what it overrode is recorded in the history.
+  public var force: Bool = false
+
+  /// Metric guard: "auc.is_click.tail>=0.71" (operators >=, <=, >, <, ==) against the version's recorded metrics.
+  public var require: [String] = []
+
+  /// Other versions moved to the same alias in the same transaction, e.g. the correctors trained on a new legacy
+  /// version: the guard checks the state after all the moves.
+  public var together: [String] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _expectVersion: Int64? = nil
+}
+
+public nonisolated struct Stockpot_V1_PromoteResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var version: Stockpot_V1_ModelVersion {
+    get {_version ?? Stockpot_V1_ModelVersion()}
+    set {_version = newValue}
+  }
+  /// Returns true if `version` has been explicitly set.
+  public var hasVersion: Bool {self._version != nil}
+  /// Clears the value of `version`. Subsequent reads from it will return its default value.
+  public mutating func clearVersion() {self._version = nil}
+
+  public var moves: [Stockpot_V1_AliasMove] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _version: Stockpot_V1_ModelVersion? = nil
+}
+
+public nonisolated struct Stockpot_V1_RollbackRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var alias: String = String()
+
+  /// required
+  public var reason: String = String()
+
+  /// as in PromoteRequest
+  public var expectVersion: Int64 {
+    get {_expectVersion ?? 0}
+    set {_expectVersion = newValue}
+  }
+  /// Returns true if `expectVersion` has been explicitly set.
+  public var hasExpectVersion: Bool {self._expectVersion != nil}
+  /// Clears the value of `expectVersion`. Subsequent reads from it will return its default value.
+  public mutating func clearExpectVersion() {self._expectVersion = nil}
+
+  public var force: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _expectVersion: Int64? = nil
+}
+
+public nonisolated struct Stockpot_V1_RollbackResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// what NAME@ALIAS points at now
+  public var version: Stockpot_V1_ModelVersion {
+    get {_version ?? Stockpot_V1_ModelVersion()}
+    set {_version = newValue}
+  }
+  /// Returns true if `version` has been explicitly set.
+  public var hasVersion: Bool {self._version != nil}
+  /// Clears the value of `version`. Subsequent reads from it will return its default value.
+  public mutating func clearVersion() {self._version = nil}
+
+  /// a rollback of a batch moves every alias of the batch back
+  public var moves: [Stockpot_V1_AliasMove] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _version: Stockpot_V1_ModelVersion? = nil
+}
+
+public nonisolated struct Stockpot_V1_HistoryRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// required
+  public var name: String = String()
+
+  /// "" = every alias of the model
+  public var alias: String = String()
+
+  /// 0 = every move; otherwise the moves in effect at that instant (Unix epoch ms), one per alias.
+  public var atMs: Int64 = 0
+
+  /// newest N moves; 0 = all
+  public var limit: Int32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Stockpot_V1_HistoryResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// oldest first
+  public var moves: [Stockpot_V1_AliasMove] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Stockpot_V1_WatchAliasesRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// "" = every model
+  public var name: String = String()
+
+  /// 0: start with the current holder of every alias (as moves with snapshot = true), then live moves.
+  /// Otherwise: every move recorded after that id (AliasMove.id), then live moves — a subscriber that reconnects
+  /// with the last id it saw misses nothing.
+  public var resumeAfter: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Stockpot_V1_WatchAliasesResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var moves: [Stockpot_V1_AliasMove] = []
+
+  /// these moves describe the current state, not new events
+  public var snapshot: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 public nonisolated struct Stockpot_V1_DownloadRequest: Sendable {
@@ -312,9 +607,59 @@ nonisolated extension Stockpot_V1_ArtifactFile: SwiftProtobuf.Message, SwiftProt
   }
 }
 
+nonisolated extension Stockpot_V1_Lineage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Lineage"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}parent\0\u{1}teacher\0\u{3}trained_on\0\u{3}training_days\0\u{3}feature_set_version\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.parent) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.teacher) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.trainedOn) }()
+      case 4: try { try decoder.decodeRepeatedInt32Field(value: &self.trainingDays) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.featureSetVersion) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.parent.isEmpty {
+      try visitor.visitSingularStringField(value: self.parent, fieldNumber: 1)
+    }
+    if !self.teacher.isEmpty {
+      try visitor.visitSingularStringField(value: self.teacher, fieldNumber: 2)
+    }
+    if !self.trainedOn.isEmpty {
+      try visitor.visitSingularStringField(value: self.trainedOn, fieldNumber: 3)
+    }
+    if !self.trainingDays.isEmpty {
+      try visitor.visitPackedInt32Field(value: self.trainingDays, fieldNumber: 4)
+    }
+    if !self.featureSetVersion.isEmpty {
+      try visitor.visitSingularStringField(value: self.featureSetVersion, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_Lineage, rhs: Stockpot_V1_Lineage) -> Bool {
+    if lhs.parent != rhs.parent {return false}
+    if lhs.teacher != rhs.teacher {return false}
+    if lhs.trainedOn != rhs.trainedOn {return false}
+    if lhs.trainingDays != rhs.trainingDays {return false}
+    if lhs.featureSetVersion != rhs.featureSetVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Stockpot_V1_ModelVersion: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ModelVersion"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}version\0\u{1}kind\0\u{1}metadata\0\u{1}files\0\u{3}artifact_sha256\0\u{3}created_at_ms\0\u{1}aliases\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}version\0\u{1}kind\0\u{1}metadata\0\u{1}files\0\u{3}artifact_sha256\0\u{3}created_at_ms\0\u{1}aliases\0\u{1}lineage\0\u{1}metrics\0\u{3}created_by\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -330,12 +675,19 @@ nonisolated extension Stockpot_V1_ModelVersion: SwiftProtobuf.Message, SwiftProt
       case 6: try { try decoder.decodeSingularStringField(value: &self.artifactSha256) }()
       case 7: try { try decoder.decodeSingularInt64Field(value: &self.createdAtMs) }()
       case 8: try { try decoder.decodeRepeatedStringField(value: &self.aliases) }()
+      case 9: try { try decoder.decodeSingularMessageField(value: &self._lineage) }()
+      case 10: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufDouble>.self, value: &self.metrics) }()
+      case 11: try { try decoder.decodeSingularStringField(value: &self.createdBy) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.name.isEmpty {
       try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
     }
@@ -360,6 +712,15 @@ nonisolated extension Stockpot_V1_ModelVersion: SwiftProtobuf.Message, SwiftProt
     if !self.aliases.isEmpty {
       try visitor.visitRepeatedStringField(value: self.aliases, fieldNumber: 8)
     }
+    try { if let v = self._lineage {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+    } }()
+    if !self.metrics.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufDouble>.self, value: self.metrics, fieldNumber: 10)
+    }
+    if !self.createdBy.isEmpty {
+      try visitor.visitSingularStringField(value: self.createdBy, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -372,6 +733,9 @@ nonisolated extension Stockpot_V1_ModelVersion: SwiftProtobuf.Message, SwiftProt
     if lhs.artifactSha256 != rhs.artifactSha256 {return false}
     if lhs.createdAtMs != rhs.createdAtMs {return false}
     if lhs.aliases != rhs.aliases {return false}
+    if lhs._lineage != rhs._lineage {return false}
+    if lhs.metrics != rhs.metrics {return false}
+    if lhs.createdBy != rhs.createdBy {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -379,7 +743,7 @@ nonisolated extension Stockpot_V1_ModelVersion: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Stockpot_V1_RegisterHeader: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RegisterHeader"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}kind\0\u{1}metadata\0\u{1}files\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}kind\0\u{1}metadata\0\u{1}files\0\u{1}lineage\0\u{1}metrics\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -391,12 +755,18 @@ nonisolated extension Stockpot_V1_RegisterHeader: SwiftProtobuf.Message, SwiftPr
       case 2: try { try decoder.decodeSingularStringField(value: &self.kind) }()
       case 3: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.metadata) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.files) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._lineage) }()
+      case 6: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufDouble>.self, value: &self.metrics) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.name.isEmpty {
       try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
     }
@@ -409,6 +779,12 @@ nonisolated extension Stockpot_V1_RegisterHeader: SwiftProtobuf.Message, SwiftPr
     if !self.files.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.files, fieldNumber: 4)
     }
+    try { if let v = self._lineage {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    if !self.metrics.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufDouble>.self, value: self.metrics, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -417,6 +793,8 @@ nonisolated extension Stockpot_V1_RegisterHeader: SwiftProtobuf.Message, SwiftPr
     if lhs.kind != rhs.kind {return false}
     if lhs.metadata != rhs.metadata {return false}
     if lhs.files != rhs.files {return false}
+    if lhs._lineage != rhs._lineage {return false}
+    if lhs.metrics != rhs.metrics {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -688,6 +1066,427 @@ nonisolated extension Stockpot_V1_SetAliasResponse: SwiftProtobuf.Message, Swift
   public static func ==(lhs: Stockpot_V1_SetAliasResponse, rhs: Stockpot_V1_SetAliasResponse) -> Bool {
     if lhs._version != rhs._version {return false}
     if lhs.previousVersion != rhs.previousVersion {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_AliasMove: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AliasMove"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}name\0\u{1}alias\0\u{1}version\0\u{3}previous_version\0\u{3}at_ms\0\u{1}actor\0\u{1}reason\0\u{1}action\0\u{1}batch\0\u{1}overrides\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularInt64Field(value: &self.id) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.alias) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self.version) }()
+      case 5: try { try decoder.decodeSingularInt64Field(value: &self.previousVersion) }()
+      case 6: try { try decoder.decodeSingularInt64Field(value: &self.atMs) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.actor) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.action) }()
+      case 10: try { try decoder.decodeSingularInt64Field(value: &self.batch) }()
+      case 11: try { try decoder.decodeRepeatedStringField(value: &self.overrides) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.id != 0 {
+      try visitor.visitSingularInt64Field(value: self.id, fieldNumber: 1)
+    }
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 2)
+    }
+    if !self.alias.isEmpty {
+      try visitor.visitSingularStringField(value: self.alias, fieldNumber: 3)
+    }
+    if self.version != 0 {
+      try visitor.visitSingularInt64Field(value: self.version, fieldNumber: 4)
+    }
+    if self.previousVersion != 0 {
+      try visitor.visitSingularInt64Field(value: self.previousVersion, fieldNumber: 5)
+    }
+    if self.atMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.atMs, fieldNumber: 6)
+    }
+    if !self.actor.isEmpty {
+      try visitor.visitSingularStringField(value: self.actor, fieldNumber: 7)
+    }
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 8)
+    }
+    if !self.action.isEmpty {
+      try visitor.visitSingularStringField(value: self.action, fieldNumber: 9)
+    }
+    if self.batch != 0 {
+      try visitor.visitSingularInt64Field(value: self.batch, fieldNumber: 10)
+    }
+    if !self.overrides.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.overrides, fieldNumber: 11)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_AliasMove, rhs: Stockpot_V1_AliasMove) -> Bool {
+    if lhs.id != rhs.id {return false}
+    if lhs.name != rhs.name {return false}
+    if lhs.alias != rhs.alias {return false}
+    if lhs.version != rhs.version {return false}
+    if lhs.previousVersion != rhs.previousVersion {return false}
+    if lhs.atMs != rhs.atMs {return false}
+    if lhs.actor != rhs.actor {return false}
+    if lhs.reason != rhs.reason {return false}
+    if lhs.action != rhs.action {return false}
+    if lhs.batch != rhs.batch {return false}
+    if lhs.overrides != rhs.overrides {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_PromoteRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PromoteRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}ref\0\u{1}alias\0\u{1}reason\0\u{3}expect_version\0\u{1}force\0\u{1}require\0\u{1}together\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.ref) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.alias) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self._expectVersion) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.force) }()
+      case 6: try { try decoder.decodeRepeatedStringField(value: &self.require) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.together) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.ref.isEmpty {
+      try visitor.visitSingularStringField(value: self.ref, fieldNumber: 1)
+    }
+    if !self.alias.isEmpty {
+      try visitor.visitSingularStringField(value: self.alias, fieldNumber: 2)
+    }
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 3)
+    }
+    try { if let v = self._expectVersion {
+      try visitor.visitSingularInt64Field(value: v, fieldNumber: 4)
+    } }()
+    if self.force != false {
+      try visitor.visitSingularBoolField(value: self.force, fieldNumber: 5)
+    }
+    if !self.require.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.require, fieldNumber: 6)
+    }
+    if !self.together.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.together, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_PromoteRequest, rhs: Stockpot_V1_PromoteRequest) -> Bool {
+    if lhs.ref != rhs.ref {return false}
+    if lhs.alias != rhs.alias {return false}
+    if lhs.reason != rhs.reason {return false}
+    if lhs._expectVersion != rhs._expectVersion {return false}
+    if lhs.force != rhs.force {return false}
+    if lhs.require != rhs.require {return false}
+    if lhs.together != rhs.together {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_PromoteResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PromoteResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{1}moves\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._version) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.moves) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._version {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.moves.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.moves, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_PromoteResponse, rhs: Stockpot_V1_PromoteResponse) -> Bool {
+    if lhs._version != rhs._version {return false}
+    if lhs.moves != rhs.moves {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_RollbackRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RollbackRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}alias\0\u{1}reason\0\u{3}expect_version\0\u{1}force\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.alias) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self._expectVersion) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.force) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.alias.isEmpty {
+      try visitor.visitSingularStringField(value: self.alias, fieldNumber: 2)
+    }
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 3)
+    }
+    try { if let v = self._expectVersion {
+      try visitor.visitSingularInt64Field(value: v, fieldNumber: 4)
+    } }()
+    if self.force != false {
+      try visitor.visitSingularBoolField(value: self.force, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_RollbackRequest, rhs: Stockpot_V1_RollbackRequest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.alias != rhs.alias {return false}
+    if lhs.reason != rhs.reason {return false}
+    if lhs._expectVersion != rhs._expectVersion {return false}
+    if lhs.force != rhs.force {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_RollbackResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RollbackResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}version\0\u{1}moves\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._version) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.moves) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._version {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.moves.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.moves, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_RollbackResponse, rhs: Stockpot_V1_RollbackResponse) -> Bool {
+    if lhs._version != rhs._version {return false}
+    if lhs.moves != rhs.moves {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_HistoryRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HistoryRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}alias\0\u{3}at_ms\0\u{1}limit\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.alias) }()
+      case 3: try { try decoder.decodeSingularInt64Field(value: &self.atMs) }()
+      case 4: try { try decoder.decodeSingularInt32Field(value: &self.limit) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.alias.isEmpty {
+      try visitor.visitSingularStringField(value: self.alias, fieldNumber: 2)
+    }
+    if self.atMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.atMs, fieldNumber: 3)
+    }
+    if self.limit != 0 {
+      try visitor.visitSingularInt32Field(value: self.limit, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_HistoryRequest, rhs: Stockpot_V1_HistoryRequest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.alias != rhs.alias {return false}
+    if lhs.atMs != rhs.atMs {return false}
+    if lhs.limit != rhs.limit {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_HistoryResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HistoryResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}moves\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.moves) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.moves.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.moves, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_HistoryResponse, rhs: Stockpot_V1_HistoryResponse) -> Bool {
+    if lhs.moves != rhs.moves {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_WatchAliasesRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".WatchAliasesRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}resume_after\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.resumeAfter) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.resumeAfter != 0 {
+      try visitor.visitSingularInt64Field(value: self.resumeAfter, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_WatchAliasesRequest, rhs: Stockpot_V1_WatchAliasesRequest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.resumeAfter != rhs.resumeAfter {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_WatchAliasesResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".WatchAliasesResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}moves\0\u{1}snapshot\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.moves) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.snapshot) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.moves.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.moves, fieldNumber: 1)
+    }
+    if self.snapshot != false {
+      try visitor.visitSingularBoolField(value: self.snapshot, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_WatchAliasesResponse, rhs: Stockpot_V1_WatchAliasesResponse) -> Bool {
+    if lhs.moves != rhs.moves {return false}
+    if lhs.snapshot != rhs.snapshot {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
