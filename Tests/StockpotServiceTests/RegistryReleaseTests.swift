@@ -1,0 +1,536 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Logging
+import ServiceLifecycle
+import StockpotProto
+import StockpotRegistry
+import StockpotServing
+import Synchronization
+import Testing
+
+/// Tokens of one test registry, one per role.
+struct TestTokens {
+    let file: URL
+    let register = AccessControl.newToken()
+    let promote = AccessControl.newToken()
+    let admin = AccessControl.newToken()
+
+    init(in dir: URL) throws {
+        file = dir.appendingPathComponent("tokens.json")
+        try AccessControl.addToken(name: "ci-register", roles: [.register], token: register, to: file)
+        try AccessControl.addToken(name: "ci-promote", roles: [.register, .promote], token: promote, to: file)
+        try AccessControl.addToken(name: "ops-admin", roles: [.admin], token: admin, to: file)
+    }
+}
+
+/// A registry server on a free port, run in its own service group, for the duration of `body`.
+func withRegistry<T: Sendable>(root: URL, access: AccessControl,
+                               _ body: @Sendable (_ address: String, _ store: RegistryStore) async throws -> T) async throws -> T {
+    let store = try RegistryStore(root: root)
+    let server = ServiceServer(name: "stockpot-registry", host: "127.0.0.1", port: 0,
+                               services: [RegistryService(store: store, access: access)],
+                               serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService],
+                               metrics: MetricsHub(), logger: quietLogger)
+    let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: quietLogger))
+    let task = Task { try await group.run() }
+    do {
+        let port = try await server.port()
+        let result = try await body("127.0.0.1:\(port)", store)
+        await group.triggerGracefulShutdown()
+        try await task.value
+        return result
+    } catch {
+        await group.triggerGracefulShutdown()
+        _ = await task.result
+        throw error
+    }
+}
+
+/// Runs `body` with a registry client for `address` carrying `token`.
+func withRegistryClient<T: Sendable>(_ address: String, token: String? = nil,
+                                     _ body: @Sendable (RegistryClient<HTTP2ClientTransport.Posix>) async throws -> T) async throws -> T {
+    try await withGRPCClient(transport: try ServiceClient.transport(target: address)) { client in
+        try await body(RegistryClient(wrapping: client, token: token))
+    }
+}
+
+/// A small artifact folder with distinct content.
+func artifact(_ content: String) -> URL {
+    let dir = temporaryDirectory("artifact")
+    try? Data(content.utf8).write(to: dir.appendingPathComponent("model.json"))
+    return dir
+}
+
+@Suite struct RegistryAccessRules {
+    @Test func writesNeedATokenWithTheRightRole() async throws {
+        let root = temporaryDirectory("registry-auth")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let tokens = try TestTokens(in: root)
+        let access = try AccessControl(tokensFile: tokens.file)
+        try await withRegistry(root: root.appendingPathComponent("data"), access: access) { address, store in
+            // No token, unknown token: UNAUTHENTICATED; nothing registered.
+            let missing = await expectStatus(.unauthenticated, mentioning: "needs a token") {
+                try await withRegistryClient(address) { try await $0.register(name: "legacy", kind: "legacy", folder: artifact("a")) }
+            }
+            #expect(missing)
+            let unknown = await expectStatus(.unauthenticated, mentioning: "not known") {
+                try await withRegistryClient(address, token: "spt_wrong") { try await $0.register(name: "legacy", kind: "legacy", folder: artifact("a")) }
+            }
+            #expect(unknown)
+            #expect(try await store.list(name: nil).isEmpty)
+
+            // register may upload but not promote.
+            let v1 = try await withRegistryClient(address, token: tokens.register) { try await $0.register(name: "legacy", kind: "legacy", folder: artifact("a")) }
+            #expect(v1.version == 1 && v1.createdBy == "ci-register")
+            let denied = await expectStatus(.permissionDenied, mentioning: "needs the 'promote' role") {
+                try await withRegistryClient(address, token: tokens.register) { try await $0.promote("legacy:1", alias: "canary", reason: "try") }
+            }
+            #expect(denied)
+            // promote may move canary, but production is protected.
+            _ = try await withRegistryClient(address, token: tokens.promote) { try await $0.promote("legacy:1", alias: "canary", reason: "canary first") }
+            let protected = await expectStatus(.permissionDenied, mentioning: "'production' is a protected alias") {
+                try await withRegistryClient(address, token: tokens.promote) { try await $0.promote("legacy:1", alias: "production", reason: "ship") }
+            }
+            #expect(protected)
+            let protectedRollback = await expectStatus(.permissionDenied, mentioning: "protected alias") {
+                try await withRegistryClient(address, token: tokens.promote) { try await $0.rollback(name: "legacy", alias: "production", reason: "undo") }
+            }
+            #expect(protectedRollback)
+            // Nothing but the canary move happened.
+            #expect(try await store.history(name: "legacy", alias: nil, atMs: nil, limit: nil).map(\.alias) == ["canary"])
+            // admin may.
+            let moved = try await withRegistryClient(address, token: tokens.admin) { try await $0.promote("legacy:1", alias: "production", reason: "ship") }
+            #expect(moved.moves.map(\.actor) == ["ops-admin"])
+            // Reads need nothing.
+            let read = try await withRegistryClient(address) { try await $0.resolve("legacy@production") }
+            #expect(read.version == 1)
+        }
+    }
+
+    @Test func aRegistryWithoutTokensRefusesWritesUnlessOpen() async throws {
+        let root = temporaryDirectory("registry-closed")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: try AccessControl(tokensFile: nil)) { address, store in
+            let refused = await expectStatus(.unauthenticated, mentioning: "accepts no writes") {
+                try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("a")) }
+            }
+            #expect(refused)
+            let empty = try await store.list(name: nil).isEmpty
+            #expect(empty)
+        }
+        try await withRegistry(root: root, access: .open) { address, _ in
+            let v = try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("a")) }
+            #expect(v.createdBy == "anonymous")
+        }
+    }
+
+    @Test func forceNeedsAdminAndARevokedTokenStopsWorking() async throws {
+        let root = temporaryDirectory("registry-force")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let tokens = try TestTokens(in: root)
+        let access = try AccessControl(tokensFile: tokens.file, protectedAliases: [])
+        try await withRegistry(root: root.appendingPathComponent("data"), access: access) { address, _ in
+            _ = try await withRegistryClient(address, token: tokens.promote) { try await $0.register(name: "m", kind: "legacy", folder: artifact("a")) }
+            let denied = await expectStatus(.permissionDenied, mentioning: "--force") {
+                try await withRegistryClient(address, token: tokens.promote) { try await $0.promote("m:1", alias: "production", reason: "x", force: true) }
+            }
+            #expect(denied)
+            // Revoke ci-promote by rewriting the file without it: the registry notices the change.
+            var file = try JSONDecoder().decode(AccessControl.TokensFile.self, from: Data(contentsOf: tokens.file))
+            file.tokens.removeAll { $0.name == "ci-promote" }
+            try await Task.sleep(for: .milliseconds(1100)) // a modification time the registry can tell apart
+            try AccessControl.writePrivate(try JSONEncoder().encode(file), to: tokens.file)
+            let revoked = await expectStatus(.unauthenticated, mentioning: "not known") {
+                try await withRegistryClient(address, token: tokens.promote) { try await $0.promote("m:1", alias: "production", reason: "x") }
+            }
+            #expect(revoked)
+        }
+        // The tokens file is private, and holds digests only.
+        let mode = try FileManager.default.attributesOfItem(atPath: tokens.file.path)[.posixPermissions] as? NSNumber
+        #expect(mode?.intValue == 0o600)
+        let text = try String(contentsOf: tokens.file, encoding: .utf8)
+        #expect(!text.contains(tokens.admin) && text.contains(AccessControl.digest(tokens.admin)))
+    }
+}
+
+@Suite struct RegistryGuards {
+    /// legacy:1 with corrector-tail:1 bound to it, both at production; legacy:2 and corrector-tail:2 (bound to
+    /// legacy:2) registered.
+    func twoGenerations(_ client: RegistryClient<HTTP2ClientTransport.Posix>) async throws {
+        _ = try await client.register(name: "legacy", kind: "legacy", lineage: .with { $0.trainingDays = [20220425, 20220426] }, folder: artifact("l1"))
+        _ = try await client.promote("legacy:1", alias: "production", reason: "first")
+        _ = try await client.register(name: "corrector-tail", kind: "corrector", lineage: .with { $0.trainedOn = "legacy@production" },
+                                      metrics: ["auc.is_click.tail": 0.72], folder: artifact("c1"))
+        _ = try await client.promote("corrector-tail:1", alias: "production", reason: "first corrector")
+        _ = try await client.register(name: "legacy", kind: "legacy", lineage: .with { $0.parent = "legacy:1" }, folder: artifact("l2"))
+        _ = try await client.register(name: "corrector-tail", kind: "corrector", lineage: .with { $0.trainedOn = "legacy:2" },
+                                      metrics: ["auc.is_click.tail": 0.70], folder: artifact("c2"))
+    }
+
+    @Test func aLegacyPromotionIsRefusedWhileCorrectorsAreBoundToAnotherVersion() async throws {
+        let root = temporaryDirectory("registry-guard")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, store in
+            try await withRegistryClient(address) { client in
+                try await twoGenerations(client)
+                let refused = await expectStatus(.failedPrecondition, mentioning: "corrector-tail:1 (production) was trained on legacy:1, but legacy@production would be legacy:2") {
+                    try await client.promote("legacy:2", alias: "production", reason: "next day")
+                }
+                #expect(refused)
+                // The other direction: a corrector bound to a legacy version production does not serve.
+                let refusedCorrector = await expectStatus(.failedPrecondition, mentioning: "corrector-tail:2 (production) was trained on legacy:2") {
+                    try await client.promote("corrector-tail:2", alias: "production", reason: "new corrector")
+                }
+                #expect(refusedCorrector)
+                #expect(try await client.resolve("legacy@production").version == 1)
+
+                // Together: one transaction, one batch.
+                let both = try await client.promote("legacy:2", alias: "production", reason: "day 2 with its corrector", together: ["corrector-tail:2"])
+                #expect(both.moves.count == 2 && both.moves.allSatisfy { $0.batch == both.moves[0].id && $0.overrides.isEmpty })
+                #expect(try await client.resolve("corrector-tail@production").version == 2)
+
+                // Rolling back the legacy model rolls back its batch: both return, the guard still holds.
+                let back = try await client.rollback(name: "legacy", alias: "production", reason: "day 2 regressed")
+                #expect(back.version.version == 1)
+                #expect(Set(back.moves.map { "\($0.name):\($0.version)" }) == ["legacy:1", "corrector-tail:1"])
+                #expect(back.moves.allSatisfy { $0.action == "rollback" && $0.reason == "day 2 regressed" })
+
+                // Forced: recorded with what it overrode.
+                let forced = try await client.promote("legacy:2", alias: "production", reason: "emergency", force: true)
+                #expect(forced.moves.first?.overrides.first?.contains("corrector-tail:1") == true)
+                let history = try await store.history(name: "legacy", alias: "production", atMs: nil, limit: nil)
+                #expect(history.map(\.version) == [1, 2, 1, 2])
+                #expect(history.last?.overrides.isEmpty == false)
+            }
+        }
+    }
+
+    @Test func metricRequirementsAreCheckedAgainstRecordedMetrics() async throws {
+        let root = temporaryDirectory("registry-metrics")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                try await twoGenerations(client)
+                let low = await expectStatus(.failedPrecondition, mentioning: "auc.is_click.tail = 0.7, required >= 0.71") {
+                    try await client.promote("corrector-tail:2", alias: "canary", reason: "try", require: ["auc.is_click.tail>=0.71"])
+                }
+                #expect(low)
+                let missing = await expectStatus(.failedPrecondition, mentioning: "gauc.is_click.tail is not recorded (recorded: auc.is_click.tail)") {
+                    try await client.promote("corrector-tail:2", alias: "canary", reason: "try", require: ["gauc.is_click.tail>0.6"])
+                }
+                #expect(missing)
+                let malformed = await expectStatus(.invalidArgument, mentioning: "is not a requirement") {
+                    try await client.promote("corrector-tail:2", alias: "canary", reason: "try", require: ["auc.is_click.tail~0.7"])
+                }
+                #expect(malformed)
+                // Met: promoted (canary holds no legacy version, so no binding conflict).
+                let ok = try await client.promote("corrector-tail:1", alias: "canary", reason: "try", require: ["auc.is_click.tail >= 0.71"])
+                #expect(ok.moves.count == 1)
+            }
+        }
+    }
+
+    @Test func lineageIsPinnedAndCheckedAtRegistration() async throws {
+        let root = temporaryDirectory("registry-lineage")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                let unbound = await expectStatus(.invalidArgument, mentioning: "a corrector needs lineage.trained_on") {
+                    try await client.register(name: "corrector-tail", kind: "corrector", folder: artifact("c"))
+                }
+                #expect(unbound)
+                let dangling = await expectStatus(.notFound, mentioning: "lineage.parent: no model version legacy:9") {
+                    try await client.register(name: "legacy", kind: "legacy", lineage: .with { $0.parent = "legacy:9" }, folder: artifact("x"))
+                }
+                #expect(dangling)
+                _ = try await client.register(name: "legacy", kind: "legacy", folder: artifact("l1"))
+                _ = try await client.promote("legacy:1", alias: "production", reason: "first")
+                let child = try await client.register(name: "legacy", kind: "legacy", lineage: .with { $0.parent = "legacy@production" }, folder: artifact("l2"))
+                // An alias is pinned to the version it named at registration: lineage never moves.
+                #expect(child.lineage.parent == "legacy:1")
+                #expect(try await client.stub.listVersions(.with { $0.name = "legacy" }).versions.count == 2)
+            }
+        }
+    }
+}
+
+@Suite struct RegistryConcurrency {
+    @Test func concurrentPromotionsOfOneAliasEndInOneConsistentHistory() async throws {
+        let root = temporaryDirectory("registry-race")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, store in
+            try await withRegistryClient(address) { client in
+                for i in 1...9 { _ = try await client.register(name: "m", kind: "legacy", folder: artifact("v\(i)")) }
+                _ = try await client.promote("m:1", alias: "production", reason: "start")
+                // Eight clients that all saw m:1 race to move production: exactly one wins, the others are told
+                // who holds it now.
+                let outcomes = await withTaskGroup(of: String.self) { group in
+                    for v in 2...9 {
+                        group.addTask {
+                            do {
+                                _ = try await client.promote("m:\(v)", alias: "production", reason: "race \(v)", expectVersion: 1)
+                                return "won"
+                            } catch let e as RPCError {
+                                return e.code == .aborted && e.message.contains("m@production points at m:") ? "aborted" : "\(e)"
+                            } catch { return "\(error)" }
+                        }
+                    }
+                    var all: [String] = []
+                    for await o in group { all.append(o) }
+                    return all
+                }
+                #expect(outcomes.filter { $0 == "won" }.count == 1, "\(outcomes)")
+                #expect(outcomes.filter { $0 == "aborted" }.count == 7, "\(outcomes)")
+                // Without compare-and-set every move lands, serialised: each move starts where the previous ended.
+                await withTaskGroup(of: Void.self) { group in
+                    for v in 1...9 { group.addTask { _ = try? await client.promote("m:\(v)", alias: "staging", reason: "unguarded \(v)") } }
+                }
+                for alias in ["production", "staging"] {
+                    let h = try await store.history(name: "m", alias: alias, atMs: nil, limit: nil)
+                    for (a, b) in zip(h, h.dropFirst()) { #expect(b.previousVersion == a.version) }
+                    #expect(h.first?.previousVersion == 0)
+                    #expect(try await client.resolve("m@\(alias)").version == h.last?.version)
+                }
+            }
+        }
+    }
+
+    @Test func historyAnswersWhatAnAliasWasAtAGivenTime() async throws {
+        let root = temporaryDirectory("registry-at")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                for i in 1...3 { _ = try await client.register(name: "legacy", kind: "legacy", folder: artifact("v\(i)")) }
+                var marks: [Int64] = []
+                for v in 1...3 {
+                    _ = try await client.promote("legacy:\(v)", alias: "production", reason: "day \(v)")
+                    try await Task.sleep(for: .milliseconds(30))
+                    marks.append(Int64(Date().timeIntervalSince1970 * 1000))
+                    try await Task.sleep(for: .milliseconds(30))
+                }
+                _ = try await client.promote("legacy:1", alias: "canary", reason: "canary")
+                for (i, at) in marks.enumerated() {
+                    let moves = try await client.stub.history(.with { $0.name = "legacy"; $0.alias = "production"; $0.atMs = at }).moves
+                    #expect(moves.map(\.version) == [Int64(i + 1)])
+                }
+                // Before anything: nothing. Every alias at once: one move each.
+                #expect(try await client.stub.history(.with { $0.name = "legacy"; $0.atMs = 1 }).moves.isEmpty)
+                let now = try await client.stub.history(.with { $0.name = "legacy"; $0.atMs = Int64(Date().timeIntervalSince1970 * 1000) + 1000 }).moves
+                #expect(Set(now.map(\.alias)) == ["production", "canary"])
+                let newest = try await client.stub.history(.with { $0.name = "legacy"; $0.limit = 2 }).moves
+                #expect(newest.map(\.alias) == ["production", "canary"] && newest[0].version == 3)
+            }
+        }
+    }
+}
+
+@Suite struct AliasWatch {
+    @Test func aWatcherThatReconnectsMissesNothing() async throws {
+        let root = temporaryDirectory("registry-watch")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                for i in 1...5 { _ = try await client.register(name: "m", kind: "legacy", folder: artifact("v\(i)")) }
+                _ = try await client.promote("m:1", alias: "production", reason: "start")
+                // First connection: the snapshot, then two live moves; then the stream drops.
+                let seen = Mutex<[Stockpot_V1_AliasMove]>([])
+                let snapshot = Mutex<[Stockpot_V1_AliasMove]>([])
+                let stream = Task {
+                    try await client.stub.watchAliases(.with { $0.name = "m" }) { response in
+                        for try await message in response.messages {
+                            if message.snapshot { snapshot.withLock { $0 += message.moves } } else { seen.withLock { $0 += message.moves } }
+                        }
+                    }
+                }
+                try await waitFor { snapshot.withLock { $0.count } == 1 }
+                _ = try await client.promote("m:2", alias: "production", reason: "live 1")
+                _ = try await client.promote("m:3", alias: "canary", reason: "live 2")
+                try await waitFor { seen.withLock { $0.count } == 2 }
+                stream.cancel()
+                _ = await stream.result
+                let last = seen.withLock { $0.last!.id }
+                // While disconnected.
+                _ = try await client.promote("m:4", alias: "production", reason: "missed 1")
+                _ = try await client.rollback(name: "m", alias: "production", reason: "missed 2")
+                // Resumed after the last id seen: exactly the two missed moves, in order, then live ones.
+                let resumed = Mutex<[Stockpot_V1_AliasMove]>([])
+                let again = Task {
+                    try await client.stub.watchAliases(.with { $0.name = "m"; $0.resumeAfter = last }) { response in
+                        for try await message in response.messages {
+                            #expect(!message.snapshot)
+                            resumed.withLock { $0 += message.moves }
+                        }
+                    }
+                }
+                try await waitFor { resumed.withLock { $0.count } == 2 }
+                #expect(resumed.withLock { $0.map(\.reason) } == ["missed 1", "missed 2"])
+                _ = try await client.promote("m:5", alias: "production", reason: "live 3")
+                try await waitFor { resumed.withLock { $0.count } == 3 }
+                again.cancel()
+                _ = await again.result
+                #expect(snapshot.withLock { $0.map(\.version) } == [1])
+            }
+        }
+    }
+
+    @Test func aServingWatcherFollowsAPromotionWithoutWaitingForItsPoll() async throws {
+        let root = temporaryDirectory("registry-push")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root.appendingPathComponent("registry"), access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                _ = try await client.register(name: "m", kind: "legacy", folder: artifact("one"))
+                _ = try await client.register(name: "m", kind: "legacy", folder: artifact("two"))
+                _ = try await client.promote("m:1", alias: "production", reason: "start")
+            }
+            let serviceClient = try ServiceClient(target: address)
+            // Polling every 10 minutes: only the push can explain a switch within seconds.
+            let access = RegistryAccess(address: address, cacheDirectory: root.appendingPathComponent("cache"), refreshInterval: .seconds(600))
+            let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger) { _, folder in
+                try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8)
+            }
+            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
+            let running = Task { try await group.run() }
+            try await waitFor { watcher.value?.value == "one" }
+            try await Task.sleep(for: .milliseconds(300)) // the stream is connected
+            let clock = ContinuousClock()
+            let promoted = clock.now
+            try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "push") }
+            try await waitFor(timeout: .seconds(20)) { watcher.value?.value == "two" }
+            #expect(clock.now - promoted < .seconds(20))
+            await group.triggerGracefulShutdown()
+            try await running.value
+        }
+    }
+
+    @Test func theRegistryShutsDownWithWatchersConnected() async throws {
+        let root = temporaryDirectory("registry-drain")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let connected = Locked(false)
+        let started = ContinuousClock.now
+        try await withRegistry(root: root, access: .open) { address, _ in
+            // A watcher that stays connected across the shutdown of the registry.
+            Task.detached {
+                try? await withRegistryClient(address) { client in
+                    try await client.stub.watchAliases(.init()) { response in
+                        for try await _ in response.messages { connected { $0 = true } }
+                    }
+                }
+            }
+            try await waitFor { connected.value }
+        }
+        // withRegistry returned: the group stopped although the stream was open.
+        #expect(ContinuousClock.now - started < .seconds(30))
+    }
+}
+
+@Suite struct RegistryDurability {
+    @Test func damagedFilesAreCaughtOnDownloadAndInTheCache() async throws {
+        let root = temporaryDirectory("registry-damage")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root.appendingPathComponent("registry"), access: .open) { address, store in
+            try await withRegistryClient(address) { client in
+                let v = try await client.register(name: "m", kind: "legacy", folder: artifact("original"))
+                let cache = root.appendingPathComponent("cache")
+                let folder = try await client.download(v, cache: cache)
+                // Damaged in the serving cache: the next load downloads it again.
+                try Data("tampered".utf8).write(to: folder.appendingPathComponent("model.json"))
+                let again = try await client.download(v, cache: cache)
+                #expect(try String(contentsOf: again.appendingPathComponent("model.json"), encoding: .utf8) == "original")
+                // Damaged in the store: the download fails with DATA_LOSS instead of serving it.
+                try Data("rotten!!".utf8).write(to: store.fileURL(name: "m", version: 1, path: "model.json"))
+                let loss = await expectStatus(.dataLoss, mentioning: "damaged in the store") {
+                    try await client.download(v, cache: root.appendingPathComponent("cache2"))
+                }
+                #expect(loss)
+            }
+        }
+    }
+
+    /// Kills a registry process between the artifact move and the metadata commit, restarts it: no half
+    /// version, no orphan folder, and the next register gets the number cleanly.
+    @Test(.enabled(if: Executables.present, "the service executables are not built next to the tests"))
+    func aCrashBetweenMoveAndCommitLeavesNoHalfVersion() async throws {
+        let root = temporaryDirectory("registry-crash")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let data = root.appendingPathComponent("registry")
+        func start(fault: Bool) throws -> (Process, Int) {
+            let p = Process()
+            p.executableURL = Executables.folder.appendingPathComponent("stockpot-registry")
+            p.arguments = ["--port", "0", "--data", data.path, "--open-writes", "--log-level", "error"]
+            var env = ProcessInfo.processInfo.environment
+            if fault { env["STOCKPOT_REGISTRY_FAULT"] = "exit-after-move" } else { env.removeValue(forKey: "STOCKPOT_REGISTRY_FAULT") }
+            p.environment = env
+            let pipe = Pipe()
+            p.standardOutput = pipe
+            try p.run()
+            // "stockpot-registry listening on port N"
+            var buffer = Data()
+            while !buffer.contains(UInt8(ascii: "\n")) {
+                let chunk = pipe.fileHandleForReading.availableData
+                if chunk.isEmpty { break }
+                buffer += chunk
+            }
+            let line = String(decoding: buffer, as: UTF8.self)
+            guard let port = line.split(separator: " ").last.flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
+                p.terminate()
+                throw RPCError(code: .internalError, message: "no port in '\(line)'")
+            }
+            return (p, port)
+        }
+        let (crashing, port) = try start(fault: true)
+        do {
+            _ = try await withRegistryClient("127.0.0.1:\(port)") { try await $0.register(name: "m", kind: "legacy", folder: artifact("lost")) }
+            Issue.record("the register succeeded although the registry died before its commit")
+        } catch let e as RPCError {
+            #expect(e.code == .unavailable, "\(e)")
+        }
+        crashing.waitUntilExit()
+        #expect(crashing.terminationStatus == 86)
+        // The files were moved into place before the crash; the commit never happened.
+        #expect(FileManager.default.fileExists(atPath: data.appendingPathComponent("artifacts/m/1/model.json").path))
+
+        let (restarted, port2) = try start(fault: false)
+        defer { restarted.terminate(); restarted.waitUntilExit() }
+        #expect(!FileManager.default.fileExists(atPath: data.appendingPathComponent("artifacts/m/1").path))
+        try await withRegistryClient("127.0.0.1:\(port2)") { client in
+            #expect(try await client.stub.listVersions(.init()).versions.isEmpty)
+            let v = try await client.register(name: "m", kind: "legacy", folder: artifact("kept"))
+            #expect(v.version == 1)
+            let (_, folder) = try await client.fetch("m:1", cache: root.appendingPathComponent("cache"))
+            #expect(try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8) == "kept")
+        }
+    }
+}
+
+@Suite struct RegistryTimes {
+    @Test func timesAreReadInTheUsersZoneOrTheOneTheyName() throws {
+        let paris = TimeZone(identifier: "Europe/Paris")!
+        let utc = TimeZone(identifier: "UTC")!
+        // 2026-11-20 14:00 UTC = 1_795_183_200_000 ms.
+        let expected: Int64 = 1_795_183_200_000
+        #expect(RegistryTime.parse("2026-11-20 14:00", zone: utc) == expected)
+        #expect(RegistryTime.parse("2026-11-20T14:00:00Z", zone: paris) == expected)
+        #expect(RegistryTime.parse("2026-11-20 15:00", zone: paris) == expected)
+        #expect(RegistryTime.parse("2026-11-20 15:00 +01:00", zone: utc) == expected)
+        #expect(RegistryTime.parse("2026-11-20 09:00 -0500", zone: utc) == expected)
+        #expect(RegistryTime.parse("2026-11-20 15:00 Europe/Paris", zone: utc) == expected)
+        #expect(RegistryTime.parse("2026-11-20 14:00 UTC", zone: paris) == expected)
+        #expect(RegistryTime.parse("1795183200000") == expected)
+        #expect(RegistryTime.parse("2026-11-20", zone: utc) == expected - 14 * 3_600_000)
+        #expect(RegistryTime.parse("yesterday") == nil)
+        #expect(RegistryTime.parse("2026-13-40 10:00") == nil)
+        #expect(RegistryTime.format(expected, zone: utc) == "2026-11-20 14:00:00 UTC")
+        let shown = RegistryTime.format(expected, zone: paris) // "CET" or "GMT+1", depending on the platform's names
+        #expect(shown.hasPrefix("2026-11-20 15:00:00 ") && shown.hasSuffix(" (14:00:00 UTC)"), "\(shown)")
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, or fails after `timeout`.
+func waitFor(timeout: Duration = .seconds(30), _ condition: @Sendable () -> Bool) async throws {
+    let until = ContinuousClock.now + timeout
+    while !condition() {
+        guard ContinuousClock.now < until else { throw RPCError(code: .deadlineExceeded, message: "condition not met within \(timeout)") }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+}
