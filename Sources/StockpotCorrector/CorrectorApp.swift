@@ -10,6 +10,9 @@ public struct CorrectorApp {
     public var port = DefaultPorts.corrector
     public var crowds = ["tail"]
     public var alias = "production"
+    /// Other aliases of each crowd's corrector kept loaded (default: canary); the one trained on the request's
+    /// legacy version corrects it.
+    public var alternateAliases = ["canary"]
     public var registry = RegistryAccess()
     public var workers = max(1, ProcessInfo.processInfo.activeProcessorCount)
     public var limits = RequestLimits()
@@ -28,6 +31,10 @@ public struct CorrectorApp {
         registry = try await settings.registryAccess()
         crowds = try await settings.list("crowds") ?? crowds
         alias = try await settings.string("alias", default: alias)
+        alternateAliases = try await settings.list("also-aliases") ?? alternateAliases
+        for a in alternateAliases where !a.isEmpty && !ModelReference.isValidName(a) {
+            throw ServiceSettings.SettingError(description: "setting 'also-aliases' of corrector: '\(a)' is not an alias name")
+        }
         workers = try await settings.int("workers", in: 1...256) ?? workers
         maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
     }
@@ -39,6 +46,7 @@ public struct CorrectorApp {
         let client = try registry.makeClient()
         let workers = self.workers, maxQueued = self.maxQueued
         var watchers: [String: ArtifactWatcher<ServableModel>] = [:]
+        var alternates: [String: [ArtifactWatcher<ServableModel>]] = [:]
         // Each crowd's model is a health entry of its own (`corrector-<crowd>`): NOT_SERVING until its model is
         // loaded, so a crowd without a model is a state operators can query, not a log line per request. The
         // service itself is SERVING as soon as it listens: for such a crowd it passes the legacy scores through.
@@ -51,12 +59,21 @@ public struct CorrectorApp {
                 try CorrectorService.validateCorrector(servable.model)
                 return servable
             }, onChange: { _ in health.set(key, .serving) })
+            alternates[crowd] = alternateAliases.filter { !$0.isEmpty && $0 != alias }.map { other in
+                registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, load: { _, folder in
+                    let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
+                    try CorrectorService.validateCorrector(servable.model)
+                    return servable
+                })
+            }
         }
         for watcher in watchers.values { ModelMetrics.observe(watcher, service: "corrector", metrics: metrics) }
         let server = ServiceServer(name: "stockpot-corrector", host: host, port: port,
-                                   services: [CorrectorService(crowds: watchers, limits: limits)],
+                                   services: [CorrectorService(crowds: watchers, alternates: alternates, limits: limits)],
                                    serviceNames: [Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService],
                                    health: health, metrics: metrics, logger: logger)
-        return (server, [client] + watchers.keys.sorted().map { watchers[$0]! } + [server])
+        let others = alternates.keys.sorted().flatMap { alternates[$0]! }
+        for w in others { ModelMetrics.observe(w, service: "corrector", metrics: metrics) }
+        return (server, [client] + watchers.keys.sorted().map { watchers[$0]! } + others + [server])
     }
 }

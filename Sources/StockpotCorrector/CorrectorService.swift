@@ -12,10 +12,16 @@ import StockpotServing
 public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtocol {
     /// Crowd name → the watched corrector model of that crowd.
     public let crowds: [String: ArtifactWatcher<ServableModel>]
+    /// Crowd name → other versions kept loaded (the crowd's canary): a request is corrected by whichever loaded
+    /// version was trained on the legacy version that produced its logits, so users routed to a legacy canary
+    /// get the corrector trained for it.
+    public let alternates: [String: [ArtifactWatcher<ServableModel>]]
     public let limits: RequestLimits
 
-    public init(crowds: [String: ArtifactWatcher<ServableModel>], limits: RequestLimits = RequestLimits()) {
+    public init(crowds: [String: ArtifactWatcher<ServableModel>], alternates: [String: [ArtifactWatcher<ServableModel>]] = [:],
+                limits: RequestLimits = RequestLimits()) {
         self.crowds = crowds
+        self.alternates = alternates
         self.limits = limits
     }
 
@@ -50,13 +56,18 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
         let passthrough = request.legacyLogits.map { c in
             Stockpot_V1_ObjectiveScores.with { $0.objective = c.objective; $0.values = c.values.map(sigmoid) }
         }
-        if !request.model.isEmpty, crowds[request.crowd]?.reference != request.model {
-            throw Status.notFound("corrector '\(request.model)' is not served here")
+        var watchers = crowds[request.crowd].map { [$0] } ?? []
+        watchers += alternates[request.crowd] ?? []
+        if !request.model.isEmpty {
+            watchers = watchers.filter { $0.reference == request.model }
+            if watchers.isEmpty { throw Status.notFound("corrector '\(request.model)' is not served here") }
         }
-        guard let current = crowds[request.crowd]?.value else {
+        let loaded = watchers.compactMap(\.value)
+        guard let first = loaded.first else {
             return .with { $0.scores = passthrough; $0.corrected = false }
         }
         // Never applied to logits of a legacy version this corrector was not trained on.
+        let current = loaded.first { $0.version.lineage.trainedOn == legacyVersion } ?? first
         let bound = current.version.lineage.trainedOn
         guard bound == legacyVersion else {
             let me = "\(current.version.name):\(current.version.version)"

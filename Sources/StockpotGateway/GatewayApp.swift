@@ -54,6 +54,11 @@ public struct GatewayApp {
             }
         }
         config.featureDefaultsOnFailure = try await settings.bool("feature-defaults", default: false)
+        if let share = try await settings.double("canary-percent", in: 0...100) { config.canaryShare = share / 100 }
+        config.canaryModel = try await settings.string("canary-model", default: config.canaryModel)
+        guard case .success = ModelReference.parse(config.canaryModel) else {
+            throw ServiceSettings.SettingError(description: "setting 'canary-model': '\(config.canaryModel)' is not a model reference")
+        }
         let log = try await settings.string("serving-log", default: "data/serving-log")
         if log == "off" {
             servingLog = nil

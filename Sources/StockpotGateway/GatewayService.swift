@@ -5,6 +5,7 @@ import Logging
 import StockpotModel
 import StockpotProto
 import StockpotServing
+import Synchronization
 import Tracing
 
 /// How the gateway runs the pipeline.
@@ -15,6 +16,10 @@ public struct GatewayConfig: Sendable {
     public var correctedCrowds: Set<String> = ["tail"]
     /// Scorer model reference ("" = what the scorer serves).
     public var scorerModel = ""
+    /// Canary: this share of users (a stable hash of the user id, so a user always sees one version) is scored by
+    /// `canaryModel` while the scorer serves it; 0 = off. Without a canary loaded they get the default model.
+    public var canaryShare = 0.1
+    public var canaryModel = "legacy@canary"
     /// Whole-request budget when the client sets no deadline.
     public var budget: Duration = .milliseconds(500)
     /// Longest wait for the corrector and for fusion; past it the layer is skipped.
@@ -54,6 +59,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     /// Which optional layers are being skipped (logged when that changes, not per request).
     public let layers: LayerStates
     public let metrics: GatewayMetrics
+    /// Whether the scorer serves the canary model (checked again a few seconds after it said it does not).
+    let canary = CanaryAvailability()
     private let logger: Logger
 
     public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, metrics: MetricsHub = .process, logger: Logger) {
@@ -188,15 +195,26 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         started = clock.now
         let legacy: Stockpot_V1_ScoreResponse
         do {
-            let scoreRequest = Stockpot_V1_ScoreRequest.with {
-                $0.model = config.scorerModel
+            let inCanary = config.canaryShare > 0 && CanaryRouting.isCanary(userID: request.userID, share: config.canaryShare)
+                && canary.mayTry(nowMs: nowMs)
+            var scoreRequest = Stockpot_V1_ScoreRequest.with {
+                $0.model = inCanary ? config.canaryModel : config.scorerModel
                 $0.userID = request.userID
                 $0.userFeatures = userList
                 $0.context = contextList
                 $0.candidates = items
             }
-            legacy = try await Self.retryingDroppedConnection(before: deadline) {
-                try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
+            do {
+                legacy = try await Self.retryingDroppedConnection(before: deadline) { [scoreRequest] in
+                    try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
+                }
+            } catch let e as RPCError where inCanary && e.code == .notFound {
+                // No canary loaded (none promoted, or not yet): this user gets the default model.
+                canary.unavailable(nowMs: nowMs)
+                scoreRequest.model = config.scorerModel
+                legacy = try await Self.retryingDroppedConnection(before: deadline) { [scoreRequest] in
+                    try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
+                }
             }
         } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
             // A fresh error: a downstream error's metadata (its trailers) must not become ours.
@@ -318,4 +336,29 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         if context["date"] == nil { context["date"] = String(format: "%04d%02d%02d", c.year!, c.month!, c.day!) }
         if context["hourmin"] == nil { context["hourmin"] = String(format: "%02d%02d", c.hour!, (c.minute! / 100) * 100) }
     }
+}
+
+/// Which users a canary serves: a stable hash of the user id mapped to [0, 1), below the share. The same user is
+/// in or out on every request, every gateway replica and every restart (no state, no randomness).
+public enum CanaryRouting {
+    /// The user's position in [0, 1): SplitMix64's finaliser of the id (well mixed for sequential ids).
+    public static func bucket(userID: Int64) -> Double {
+        var z = UInt64(bitPattern: userID) &+ 0x9E37_79B9_7F4A_7C15
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        z ^= z >> 31
+        return Double(z >> 11) / Double(1 << 53)
+    }
+
+    public static func isCanary(userID: Int64, share: Double) -> Bool { bucket(userID: userID) < share }
+}
+
+/// Remembers for a few seconds that the scorer serves no canary, so canary users do not pay a second call on
+/// every request while none is promoted.
+final class CanaryAvailability: Sendable {
+    private let retryAfterMs = Atomic<Int64>(0)
+    static let backoffMs: Int64 = 2_000
+
+    func mayTry(nowMs: Int64) -> Bool { nowMs >= retryAfterMs.load(ordering: .relaxed) }
+    func unavailable(nowMs: Int64) { retryAfterMs.store(nowMs + Self.backoffMs, ordering: .relaxed) }
 }

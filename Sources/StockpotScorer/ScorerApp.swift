@@ -15,6 +15,9 @@ public struct ScorerApp {
     public var limits = RequestLimits()
     /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
     public var maxQueued = 64
+    /// References also kept loaded and served when a request names them; nil = the `canary` and `shadow`
+    /// aliases of the model's name.
+    public var alternates: [String]?
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -29,20 +32,38 @@ public struct ScorerApp {
         model = try await settings.string("model", default: model)
         workers = try await settings.int("workers", in: 1...256) ?? workers
         maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
+        alternates = try await settings.list("also")
+        for ref in alternates ?? [] {
+            guard case .success = ModelReference.parse(ref) else {
+                throw ServiceSettings.SettingError(description: "setting 'also' of scorer: '\(ref)' is not a model reference")
+            }
+        }
+    }
+
+    /// The alternates served: `alternates`, or the canary and shadow aliases of the model's name.
+    public var servedAlternates: [String] {
+        if let alternates { return alternates.filter { !$0.isEmpty && $0 != model } }
+        guard case .success(let ref) = ModelReference.parse(model), case .alias(let a) = ref.selector else { return [] }
+        return ["canary", "shadow"].filter { $0 != a }.map { "\(ref.name)@\($0)" }
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, watcher: ArtifactWatcher<ServableModel>, services: [any Service]) {
         let client = try registry.makeClient()
         let workers = self.workers, maxQueued = self.maxQueued
-        let watcher = registry.watcher(reference: model, client: client, logger: logger) { _, folder in
-            try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
+        let recent = RecentRequests()
+        // Loaded on the watcher's queue and warmed with the last real requests before the swap.
+        let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { _, folder in
+            try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued, warmUp: recent.snapshot)
         }
+        let watcher = registry.watcher(reference: model, client: client, logger: logger, load: load)
+        let alternates = servedAlternates.map { registry.watcher(reference: $0, client: client, logger: logger, optional: true, load: load) }
+        for w in alternates { ModelMetrics.observe(w, service: "scorer", metrics: metrics) }
         // SERVING only once a model is loaded.
         ModelMetrics.observe(watcher, service: "scorer", metrics: metrics)
         let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,
-                                   services: [ScorerService(models: watcher, limits: limits)],
+                                   services: [ScorerService(models: watcher, alternates: alternates, limits: limits, recent: recent)],
                                    serviceNames: [Stockpot_V1_ScorerService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger, ready: { watcher.value != nil })
-        return (server, watcher, [client, watcher, server])
+        return (server, watcher, [client, watcher] + alternates + [server])
     }
 }

@@ -5,25 +5,48 @@ import StockpotProto
 import StockpotServing
 
 /// The legacy scorer: every head's probability (and logit) for one user's candidates, from the model version the
-/// watched alias points at.
+/// watched alias points at — or, when the request names it, from one of the alternates it also keeps loaded
+/// (`legacy@canary`, `legacy@shadow`).
 public struct ScorerService: Stockpot_V1_ScorerService.SimpleServiceProtocol {
     public let models: ArtifactWatcher<ServableModel>
+    /// Other references served on request (canary, shadow); each may be absent from the registry.
+    public let alternates: [ArtifactWatcher<ServableModel>]
     public let limits: RequestLimits
+    /// Recent requests, for warming up the next version with real traffic.
+    public let recent: RecentRequests
 
-    public init(models: ArtifactWatcher<ServableModel>, limits: RequestLimits = RequestLimits()) {
+    public init(models: ArtifactWatcher<ServableModel>, alternates: [ArtifactWatcher<ServableModel>] = [],
+                limits: RequestLimits = RequestLimits(), recent: RecentRequests = RecentRequests()) {
         self.models = models
+        self.alternates = alternates
         self.limits = limits
+        self.recent = recent
+    }
+
+    /// The loaded version a request's `model` names: "" = the default; a served reference; or `name:version` of
+    /// any loaded one.
+    func select(_ model: String) throws -> ArtifactWatcher<ServableModel>.Current {
+        if model.isEmpty || model == models.reference {
+            guard let current = models.value else { throw Status.unavailable("no model loaded yet for \(models.reference)") }
+            return current
+        }
+        for w in [models] + alternates {
+            if let c = w.value, "\(c.version.name):\(c.version.version)" == model { return c }
+        }
+        if let w = alternates.first(where: { $0.reference == model }) {
+            guard let current = w.value else { throw Status.notFound("model '\(model)' is not loaded here (its alias may not exist)") }
+            return current
+        }
+        let served = ([models] + alternates).map(\.reference).joined(separator: ", ")
+        throw Status.notFound("model '\(model)' is not served here (served: \(served))")
     }
 
     public func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
-        guard let current = models.value else { throw Status.unavailable("no model loaded yet for \(models.reference)") }
-        if !request.model.isEmpty && request.model != current.reference
-            && request.model != "\(current.version.name):\(current.version.version)" {
-            throw Status.notFound("model '\(request.model)' is not served here (serving \(current.reference) = \(current.version.name):\(current.version.version))")
-        }
+        let current = try select(request.model)
         let inputs = try RankingInputs(userId: request.userID, user: request.userFeatures, context: request.context,
                                        candidates: request.candidates)
         try inputs.validate(limits: limits)
+        recent.record(inputs)
         let servable = current.value
         let rows = inputs.rows(for: servable.model.spec, encoder: servable.model.encoder)
         let logits = try await servable.logits(rows)

@@ -53,6 +53,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     private let poked = Atomic<Bool>(false)
     private let refreshing = Mutex<Bool>(false)
     private let interval: Duration
+    private let optional: Bool
     private let logger: Logger
     private let onChange: @Sendable (Current) -> Void
 
@@ -61,7 +62,8 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     ///   - fetch: downloads a version (or finds it in the cache), verified, and returns its folder.
     ///   - load: builds the in-memory artifact (and warms it up); runs on a dispatch queue, never on a request.
     ///   - watch: the registry's push stream of alias moves; nil = polling only.
-    public init(reference: String, interval: Duration = .seconds(10), logger: Logger,
+    ///   - optional: the reference may legitimately not exist (a canary alias): NOT_FOUND is logged at debug level.
+    public init(reference: String, interval: Duration = .seconds(10), logger: Logger, optional: Bool = false,
                 resolve: @escaping @Sendable (String) async throws -> Stockpot_V1_ModelVersion,
                 fetch: @escaping @Sendable (Stockpot_V1_ModelVersion) async throws -> URL,
                 load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded,
@@ -73,6 +75,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         self.load = load
         self.watch = watch
         self.interval = interval
+        self.optional = optional
         self.logger = logger
         self.onChange = onChange
     }
@@ -141,7 +144,10 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 } catch {
                     // Log a failure when it starts or changes, not on every retry.
                     let message = "\(error)"
-                    if message != lastError {
+                    if optional, let e = error as? RPCError, e.code == .notFound {
+                        if message != lastError { logger.debug("not in the registry (yet)", metadata: ["ref": "\(reference)"]) }
+                        lastError = message
+                    } else if message != lastError {
                         logger.warning(value == nil ? "cannot load yet; retrying" : "refresh failed; keeping the current version",
                                        metadata: ["ref": "\(reference)", "error": "\(message)"])
                         lastError = message

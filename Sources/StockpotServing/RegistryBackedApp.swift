@@ -20,7 +20,8 @@ public struct RegistryAccess: Sendable {
 
     /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
     /// check at once; `refreshInterval` is the polling fallback.
-    public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger,
+    /// - Parameter optional: the reference may not exist (a canary alias): its absence is logged at debug level.
+    public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger, optional: Bool = false,
                                      load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T,
                                      onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in }) -> ArtifactWatcher<T> {
         let registry = RegistryClient(wrapping: client.client)
@@ -28,7 +29,7 @@ public struct RegistryAccess: Sendable {
         var options = CallOptionsShim.timeout(.seconds(30))
         options.waitForReady = true
         let callOptions = options
-        return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger,
+        return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger, optional: optional,
                                resolve: { ref in try await registry.resolve(ref, options: callOptions) },
                                fetch: { version in try await registry.download(version, cache: cache, options: callOptions) },
                                load: load,

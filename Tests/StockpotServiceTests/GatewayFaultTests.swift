@@ -41,6 +41,8 @@ final class Faults: Sendable {
     let slowness = Mutex(Duration.seconds(8))
     /// The legacy version the fake corrector says it was trained on; nil = the one the request names.
     let correctorTrainedOn = Mutex<String?>(nil)
+    /// The version the fake scorer serves as `legacy@canary`; nil = no canary (NOT_FOUND).
+    let canaryVersion = Mutex<Int64?>(nil)
 
     func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
 
@@ -98,8 +100,14 @@ struct FakeScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
         try await faults.act(fault)
         let n = request.candidates.ids.count
         let s = Self.scores(n)
+        var model = Stockpot_V1_ModelRef.with { $0.name = "legacy"; $0.version = 3; $0.role = "scorer"; $0.alias = "production" }
+        if request.model == "legacy@canary" {
+            guard let v = faults.canaryVersion.withLock({ $0 }) else { throw RPCError(code: .notFound, message: "model 'legacy@canary' is not loaded here") }
+            model.version = v
+            model.alias = "canary"
+        }
         return .with { r in
-            r.model = .with { $0.name = "legacy"; $0.version = 3; $0.role = "scorer" }
+            r.model = model
             r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]! } }
             r.logits = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]!.map { log($0 / (1 - $0)) } } }
             switch fault {
@@ -228,6 +236,34 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             #expect(r.itemIds == ids.reversed())
             if fault != .fail && fault != .slow {
                 #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
+            }
+        }
+    }
+
+    @Test func aCanaryServesAStableShareOfUsers() async throws {
+        let faults = Faults()
+        faults.canaryVersion.withLock { $0 = 4 }
+        try await withFakeDownstream(faults, configure: { $0.canaryShare = 0.2 }) { gateway in
+            var canaryUsers: Set<Int64> = []
+            for user in Int64(1)...300 {
+                let r = try await withContext { try await gateway.rank(request: .with { $0.userID = user; $0.candidateIds = ids }, context: $0) }
+                #expect(r.degraded.isEmpty)
+                let scorer = try #require(r.versions.first)
+                #expect(scorer.version == (CanaryRouting.isCanary(userID: user, share: 0.2) ? 4 : 3))
+                #expect(scorer.alias == (scorer.version == 4 ? "canary" : "production"))
+                if scorer.version == 4 { canaryUsers.insert(user) }
+            }
+            #expect((30...90).contains(canaryUsers.count), "\(canaryUsers.count) of 300")
+            // Sticky: the same users again get the same version.
+            for user in canaryUsers.prefix(20) {
+                let r = try await withContext { try await gateway.rank(request: .with { $0.userID = user; $0.candidateIds = ids }, context: $0) }
+                #expect(r.versions.first?.version == 4)
+            }
+            // The canary goes away (promoted, or never loaded): its users get the default model, not an error.
+            faults.canaryVersion.withLock { $0 = nil }
+            for user in canaryUsers.prefix(5) {
+                let r = try await withContext { try await gateway.rank(request: .with { $0.userID = user; $0.candidateIds = ids }, context: $0) }
+                #expect(r.versions.first?.version == 3 && r.degraded.isEmpty)
             }
         }
     }

@@ -164,6 +164,29 @@ import Synchronization
         #expect(Set(r.scores[0].values).count == 3)
     }
 
+    @Test func alternatesAreServedWhenNamed() async throws {
+        let (primary, model) = try setup()
+        let folder = temporaryDirectory("scorer-canary")
+        try model.save(to: folder)
+        let canary = localWatcher(folder: folder, name: "legacy", version: 2, reference: "legacy@canary") { _, f in
+            try ServableModel.load(folder: f, workers: 1)
+        }
+        let service = ScorerService(models: primary.models, alternates: [canary], limits: RequestLimits(maxCandidates: 4))
+        try await service.models.refresh()
+        #expect(await expectStatus(.notFound, mentioning: "'legacy@canary' is not loaded here") {
+            try await withContext { try await service.score(request: .with { $0.model = "legacy@canary"; $0.candidates.ids = [1] }, context: $0) }
+        })
+        try await canary.refresh()
+        for (ref, version) in [("legacy@canary", Int64(2)), ("legacy:2", 2), ("", 1), ("legacy@production", 1), ("legacy:1", 1)] {
+            var r = request([10])
+            r.model = ref
+            let response = try await withContext { try await service.score(request: r, context: $0) }
+            #expect(response.model.version == version, "\(ref)")
+        }
+        // The request was kept for warming up the next version.
+        #expect(service.recent.snapshot.count == 5)
+    }
+
     @Test func badRequests() async throws {
         let (service, _) = try setup()
         try await service.models.refresh()
@@ -232,6 +255,26 @@ import Synchronization
         // The residual design: output = legacy logit + correction; the test corrector adds ≥ 0.5 - small to clicks.
         #expect(r.scores[0].values[0] != sigmoid(0))
         #expect(r.scores.count == 3)
+    }
+
+    @Test func theCanaryCorrectorCorrectsTheCanaryLegacyLogits() async throws {
+        let primary = try service()
+        let folder = temporaryDirectory("corrector-canary")
+        try testCorrector(objectives: Self.objectives, seed: 9).save(to: folder)
+        let canary = localWatcher(folder: folder, name: "corrector-tail", version: 2, reference: "corrector-tail@canary", trainedOn: "legacy:2") { _, f in
+            try ServableModel.load(folder: f, workers: 1)
+        }
+        let s = CorrectorService(crowds: primary.crowds, alternates: ["tail": [canary]], limits: RequestLimits(maxCandidates: 3))
+        try await s.crowds["tail"]!.refresh()
+        try await canary.refresh()
+        let logits: [[Float]] = [[0, 1], [-1, 2], [0.5, -3]]
+        let onProduction = try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits, legacy: 1), context: $0) }
+        #expect(onProduction.model.version == 1 && onProduction.trainedOn == "legacy:1")
+        let onCanary = try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits, legacy: 2), context: $0) }
+        #expect(onCanary.model.version == 2 && onCanary.trainedOn == "legacy:2" && onCanary.model.alias == "canary")
+        #expect(await expectStatus(.failedPrecondition, mentioning: "these are logits of legacy:3") {
+            try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits, legacy: 3), context: $0) }
+        })
     }
 
     @Test func neverAppliedToLogitsOfAnotherLegacyVersion() async throws {

@@ -3,6 +3,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Logging
 import ServiceLifecycle
+import StockpotGateway
 import StockpotProto
 import StockpotRegistry
 import StockpotServing
@@ -500,6 +501,25 @@ func artifact(_ content: String) -> URL {
             let (_, folder) = try await client.fetch("m:1", cache: root.appendingPathComponent("cache"))
             #expect(try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8) == "kept")
         }
+    }
+}
+
+@Suite struct CanarySplit {
+    @Test(arguments: [0.01, 0.1, 0.5])
+    func theShareHoldsOverTenThousandUsersAndIsSticky(share: Double) {
+        let users = (1...10_000).map { Int64($0) * 7919 + 12_345 }
+        let inCanary = users.filter { CanaryRouting.isCanary(userID: $0, share: share) }.count
+        let fraction = Double(inCanary) / Double(users.count)
+        // The bar (±2 points), and no worse than a fair coin would be (4 binomial standard deviations).
+        let sd = (share * (1 - share) / Double(users.count)).squareRoot()
+        #expect(abs(fraction - share) <= 0.02 && abs(fraction - share) <= 4 * sd, "\(fraction) for share \(share)")
+        // Sticky, and nested: a user in the 1 % canary stays in when it grows to 10 %.
+        for u in users.prefix(500) {
+            #expect(CanaryRouting.isCanary(userID: u, share: share) == CanaryRouting.isCanary(userID: u, share: share))
+            if CanaryRouting.isCanary(userID: u, share: 0.01) { #expect(CanaryRouting.isCanary(userID: u, share: 0.1)) }
+        }
+        #expect(!CanaryRouting.isCanary(userID: 42, share: 0))
+        #expect(CanaryRouting.isCanary(userID: 42, share: 1))
     }
 }
 

@@ -12,6 +12,8 @@ struct CorrectorCommand: AsyncParsableCommand {
     @OptionGroup var registry: RegistryOptions
     @Option(help: "Crowds to host, comma-separated (env STOCKPOT_CORRECTOR_CROWDS).") var crowds: String?
     @Option(help: "Registry alias of each crowd's model, corrector-<crowd>@ALIAS (env STOCKPOT_CORRECTOR_ALIAS).") var alias: String?
+    @Option(help: "Other aliases of each crowd's corrector kept loaded, comma-separated (default: canary; '' = none; env STOCKPOT_CORRECTOR_ALSO_ALIASES).")
+    var alsoAliases: String?
     @Option(help: "Forward-pass threads (env STOCKPOT_CORRECTOR_WORKERS).") var workers: Int?
     @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_CORRECTOR_MAX_QUEUED).") var maxQueued: Int?
 
@@ -20,6 +22,7 @@ struct CorrectorCommand: AsyncParsableCommand {
         registry.add(to: &flags)
         flags.set("crowds", crowds)
         flags.set("alias", alias)
+        flags.set("also-aliases", alsoAliases)
         flags.set("workers", workers)
         flags.set("max-queued", maxQueued)
         let settings = try await common.settings("corrector", flags)

@@ -27,6 +27,9 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Corrector timeout in ms (env STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS).") var correctorTimeoutMs: Int?
     @Option(help: "Fusion timeout in ms (env STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS).") var fusionTimeoutMs: Int?
     @Option(help: "Request budget in ms (env STOCKPOT_GATEWAY_BUDGET_MS).") var budgetMs: Int?
+    @Option(help: "Percent of users (stable hash of the user id) scored by the canary model while one is loaded (default 10; 0 = off; env STOCKPOT_GATEWAY_CANARY_PERCENT).")
+    var canaryPercent: Double?
+    @Option(help: "The canary model reference (default legacy@canary; env STOCKPOT_GATEWAY_CANARY_MODEL).") var canaryModel: String?
     @Option(help: "Crowd definition JSON ({source, groups, otherwise}); default: head = full/high active, tail = the rest, as the trainer (env STOCKPOT_GATEWAY_CROWDS).")
     var crowds: String?
     @Flag(help: "Serve with missing features when the feature service fails (env STOCKPOT_GATEWAY_FEATURE_DEFAULTS).")
@@ -38,6 +41,8 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("scorer", scorer)
         flags.set("corrector", corrector)
         flags.set("fusion", fusion)
+        flags.set("canary-percent", canaryPercent)
+        flags.set("canary-model", canaryModel)
         flags.set("serving-log", servingLog)
         flags.set("serving-log-segment-mb", servingLogSegmentMb)
         flags.set("serving-log-max-gb", servingLogMaxGb)

@@ -11,6 +11,8 @@ struct ScorerCommand: AsyncParsableCommand {
     @OptionGroup var common: CommonServiceOptions
     @OptionGroup var registry: RegistryOptions
     @Option(help: "Model reference to serve (env STOCKPOT_SCORER_MODEL).") var model: String?
+    @Option(help: "Other references kept loaded and served when a request names them, comma-separated (default: the model's canary and shadow aliases; '' = none; env STOCKPOT_SCORER_ALSO).")
+    var also: String?
     @Option(help: "Forward-pass threads (env STOCKPOT_SCORER_WORKERS).") var workers: Int?
     @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_SCORER_MAX_QUEUED).") var maxQueued: Int?
 
@@ -18,6 +20,7 @@ struct ScorerCommand: AsyncParsableCommand {
         var flags = common.flags()
         registry.add(to: &flags)
         flags.set("model", model)
+        flags.set("also", also)
         flags.set("workers", workers)
         flags.set("max-queued", maxQueued)
         let settings = try await common.settings("scorer", flags)
