@@ -51,6 +51,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-protobuf.git", exact: "1.39.0", traits: []),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"), // LogEvent
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"), // a low-priority event loop for artifact transfers
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.0.0"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0"),
@@ -101,7 +102,8 @@ let package = Package(
                                                         .product(name: "Prometheus", package: "swift-prometheus"),
                                                         .product(name: "Hummingbird", package: "hummingbird"),
                                                         .product(name: "Tracing", package: "swift-distributed-tracing"),
-                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")] + grpc,
+                                                        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                        .product(name: "NIOPosix", package: "swift-nio")] + grpc,
                 swiftSettings: optimized), // request encoding runs here
         // Trace export (OpenTelemetry, OTLP/HTTP) for the executables; libraries only depend on swift-distributed-tracing.
         .target(name: "StockpotTelemetry", dependencies: ["StockpotServing", .product(name: "OTel", package: "swift-otel")]),

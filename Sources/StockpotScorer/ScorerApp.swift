@@ -18,6 +18,8 @@ public struct ScorerApp {
     /// References also kept loaded and served when a request names them; nil = the `canary` and `shadow`
     /// aliases of the model's name.
     public var alternates: [String]?
+    /// Versions kept loaded beyond those served (the previous production version, for an instant rollback).
+    public var keepPrevious = 1
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -33,6 +35,7 @@ public struct ScorerApp {
         workers = try await settings.int("workers", in: 1...256) ?? workers
         maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
         alternates = try await settings.list("also")
+        keepPrevious = try await settings.int("keep-previous", in: 0...8) ?? keepPrevious
         for ref in alternates ?? [] {
             guard case .success = ModelReference.parse(ref) else {
                 throw ServiceSettings.SettingError(description: "setting 'also' of scorer: '\(ref)' is not a model reference")
@@ -51,9 +54,14 @@ public struct ScorerApp {
         let client = try registry.makeClient()
         let workers = self.workers, maxQueued = self.maxQueued
         let recent = RecentRequests()
-        // Loaded on the watcher's queue and warmed with the last real requests before the swap.
-        let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { _, folder in
-            try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued, warmUp: recent.snapshot)
+        let shelf = LoadedVersions<ServableModel>(capacity: 1 + servedAlternates.count + keepPrevious)
+        // Loaded on a background thread and warmed with the last real requests before the swap; a version
+        // already loaded in this process (the canary being promoted, the previous version rolled back to) is
+        // reused as it is.
+        let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { version, folder in
+            try shelf.value(for: version) {
+                try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued, warmUp: recent.snapshot)
+            }
         }
         let watcher = registry.watcher(reference: model, client: client, logger: logger, load: load)
         let alternates = servedAlternates.map { registry.watcher(reference: $0, client: client, logger: logger, optional: true, load: load) }

@@ -112,15 +112,20 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         }
         let label = "\(version.name):\(version.version)"
         do {
+            let clock = ContinuousClock()
+            let started = clock.now
             let folder = try await fetch(version)
+            let fetched = clock.now
             let load = self.load
-            let loaded = try await withCheckedThrowingContinuation { (c: CheckedContinuation<Loaded, any Error>) in
-                artifactLoadQueue.async { c.resume(with: Result { try load(version, folder) }) }
-            }
+            let loaded = try await Self.loadInBackground { try load(version, folder) }
+            let ready = clock.now
             let next = Current(version: version, reference: reference, value: loaded, loadID: Self.nextLoadID())
             current.withLock { $0 = next }
             lastFailure.withLock { $0 = nil }
-            logger.info("loaded", metadata: ["ref": "\(reference)", "version": "\(label)"])
+            logger.notice("loaded", metadata: [
+                "ref": "\(reference)", "version": "\(label)",
+                "fetch_ms": "\(Int((fetched - started).seconds * 1000))", "load_ms": "\(Int((ready - fetched).seconds * 1000))",
+            ])
             onChange(next)
             return true
         } catch {
@@ -128,6 +133,26 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 lastFailure.withLock { $0 = Failure(version: label, message: "\(error)") }
             }
             throw error
+        }
+    }
+
+    /// Runs `work` (loading and warming a version) on a thread of its own at the lowest CPU priority (nice 19
+    /// on Linux), one load at a time per process: the request threads keep the CPU, the load takes what they
+    /// leave.
+    static func loadInBackground<T>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
+            let thread = Thread {
+                #if os(Linux)
+                // who = 0 is the calling thread: on Linux the nice value is per thread.
+                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)
+                #endif
+                artifactLoadLock.lock()
+                defer { artifactLoadLock.unlock() }
+                c.resume(with: Result { try work() })
+            }
+            thread.name = "stockpot-artifact-load"
+            thread.stackSize = 8 << 20
+            thread.start()
         }
     }
 
@@ -190,8 +215,8 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     }
 }
 
-/// Where every watcher of the process loads: one at a time, at utility priority, beside the request threads.
-private let artifactLoadQueue = DispatchQueue(label: "stockpot.artifact-load", qos: .utility)
+/// One load at a time per process.
+private let artifactLoadLock = NSLock()
 
 /// Loads counted across every watcher of the process (`ArtifactWatcher.Current.loadID`).
 private let artifactLoads = Mutex<UInt64>(0)

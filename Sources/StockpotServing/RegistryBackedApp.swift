@@ -16,7 +16,9 @@ public struct RegistryAccess: Sendable {
         self.refreshInterval = refreshInterval
     }
 
-    public func makeClient() throws -> ServiceClient { try ServiceClient(target: address) }
+    /// A client whose connections run on the low-priority `BackgroundEventLoop`: artifact downloads do not
+    /// compete with the requests the service is answering.
+    public func makeClient() throws -> ServiceClient { try ServiceClient(target: address, background: true) }
 
     /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
     /// check at once; `refreshInterval` is the polling fallback.

@@ -126,46 +126,29 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         let folder = cache.appendingPathComponent("\(version.name)/\(version.version)")
         let marker = folder.appendingPathComponent(".sha256")
         if let existing = try? String(contentsOf: marker, encoding: .utf8), existing == version.artifactSha256 {
-            let intact = await withCheckedContinuation { c in
-                DispatchQueue.global(qos: .utility).async { c.resume(returning: Self.verify(version, in: folder)) }
-            }
-            if intact { return folder }
+            if (try? await BackgroundEventLoop.run({ Self.verify(version, in: folder) })) == true { return folder }
         }
         let fm = FileManager.default
         let tmp = cache.appendingPathComponent(".download-\(UUID().uuidString)")
         try fm.createDirectory(at: tmp, withIntermediateDirectories: true)
         defer { try? fm.removeItem(at: tmp) }
+        // Hashing and writing run on the low-priority background thread, in arrival order.
+        let sink = DownloadSink(folder: tmp)
         let downloaded = try await stub.download(.with { $0.ref = "\(version.name):\(version.version)" }, options: options) { response in
             var meta: Stockpot_V1_ModelVersion?
-            var hashers: [String: SHA256] = [:]
-            var handles: [String: FileHandle] = [:]
-            defer { for h in handles.values { try? h.close() } }
             for try await part in response.messages {
                 switch part.part {
                 case .version(let v): meta = v
                 case .chunk(let c):
-                    guard meta?.files.contains(where: { $0.path == c.path }) == true, !c.path.contains("..") else {
+                    guard meta?.files.contains(where: { $0.path == c.path }) == true, RegistryClient.isSafePath(c.path) else {
                         throw Status.dataLoss("download sent an unexpected file '\(c.path)'")
                     }
-                    if handles[c.path] == nil {
-                        let url = tmp.appendingPathComponent(c.path)
-                        try fm.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
-                        _ = fm.createFile(atPath: url.path, contents: nil)
-                        handles[c.path] = try FileHandle(forWritingTo: url)
-                        hashers[c.path] = SHA256()
-                    }
-                    hashers[c.path]!.update(c.data)
-                    try handles[c.path]!.write(contentsOf: c.data)
+                    try await BackgroundEventLoop.run { try sink.write(path: c.path, data: c.data) }
                 case .none: break
                 }
             }
             guard let meta else { throw Status.dataLoss("download ended without the version header") }
-            for f in meta.files {
-                var h = hashers[f.path] ?? SHA256()
-                if hashers[f.path] == nil { _ = fm.createFile(atPath: tmp.appendingPathComponent(f.path).path, contents: nil) }
-                let digest = h.finalizeHex()
-                guard digest == f.sha256 else { throw Status.dataLoss("file '\(f.path)' arrived with sha256 \(digest), expected \(f.sha256)") }
-            }
+            try await BackgroundEventLoop.run { try sink.finish(meta.files) }
             guard meta.name == version.name, meta.version == version.version, meta.artifactSha256 == version.artifactSha256 else {
                 throw Status.dataLoss("download of \(version.name):\(version.version) sent \(meta.name):\(meta.version)")
             }
@@ -174,9 +157,53 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         try Data(downloaded.artifactSha256.utf8).write(to: tmp.appendingPathComponent(".sha256"))
         // Another process sharing the cache may be loading `folder` right now: swap it in one step (under a
         // file lock, so off the Swift concurrency threads).
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-            DispatchQueue.global(qos: .utility).async { c.resume(with: Result { try AtomicFile.publishDirectory(tmp, at: folder) }) }
-        }
+        try await BackgroundEventLoop.run { try AtomicFile.publishDirectory(tmp, at: folder) }
         return folder
+    }
+
+    /// A relative path inside an artifact: no absolute paths, no `.` or `..` components, no empty ones.
+    static func isSafePath(_ p: String) -> Bool {
+        !p.isEmpty && !p.hasPrefix("/") && !p.split(separator: "/", omittingEmptySubsequences: false)
+            .contains(where: { $0.isEmpty || $0 == "." || $0 == ".." })
+    }
+}
+
+/// The files of one download being written and hashed. Used only on `BackgroundEventLoop`'s single thread, one
+/// call after another, which is what makes the unchecked sendability sound.
+final class DownloadSink: @unchecked Sendable {
+    let folder: URL
+    private var hashers: [String: SHA256] = [:]
+    private var handles: [String: FileHandle] = [:]
+
+    init(folder: URL) { self.folder = folder }
+
+    deinit { for h in handles.values { try? h.close() } }
+
+    func write(path: String, data: Data) throws {
+        if handles[path] == nil {
+            let url = folder.appendingPathComponent(path)
+            try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+            _ = FileManager.default.createFile(atPath: url.path, contents: nil)
+            handles[path] = try FileHandle(forWritingTo: url)
+            hashers[path] = SHA256()
+        }
+        hashers[path]!.update(data)
+        try handles[path]!.write(contentsOf: data)
+    }
+
+    /// Closes every file and checks each against its recorded sha256 (a zero-byte file arrives without chunks).
+    func finish(_ files: [Stockpot_V1_ArtifactFile]) throws {
+        for h in handles.values { try h.close() }
+        handles = [:]
+        for f in files {
+            var h = hashers[f.path] ?? SHA256()
+            if hashers[f.path] == nil {
+                let url = folder.appendingPathComponent(f.path)
+                try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+                _ = FileManager.default.createFile(atPath: url.path, contents: nil)
+            }
+            let digest = h.finalizeHex()
+            guard digest == f.sha256 else { throw Status.dataLoss("file '\(f.path)' arrived with sha256 \(digest), expected \(f.sha256)") }
+        }
     }
 }

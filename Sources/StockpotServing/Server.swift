@@ -2,6 +2,8 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Logging
+import NIOCore
+import NIOPosix
 import ServiceLifecycle
 import StockpotProto
 
@@ -92,26 +94,31 @@ public final class ServiceClient: Service, Sendable {
 
     /// - Parameter target: `host:port`; a DNS name resolves to every address behind it, with round-robin load
     ///   balancing across them (scale a layer by adding instances behind one name).
-    public init(target: String) throws {
+    /// - Parameter background: run the connections on `BackgroundEventLoop` (one thread at the lowest CPU
+    ///   priority) instead of the shared event loops that carry requests: for bulk transfers such as artifact
+    ///   downloads, which must not delay the requests being served meanwhile.
+    public init(target: String, background: Bool = false) throws {
         self.target = target
-        client = GRPCClient(transport: try Self.transport(target: target), interceptors: [ClientTracingInterceptor()])
+        client = GRPCClient(transport: try Self.transport(target: target, eventLoopGroup: background ? BackgroundEventLoop.group : nil),
+                            interceptors: [ClientTracingInterceptor()])
     }
 
     /// An HTTP/2 transport to `host:port`: an IPv4 literal directly, a DNS name to every address behind it
     /// with round-robin load balancing. Several IPv4 `host:port` separated by commas are replicas balanced
     /// round-robin too (replicas on one host, or a fixed list without DNS).
-    public static func transport(target: String) throws -> HTTP2ClientTransport.Posix {
+    public static func transport(target: String, eventLoopGroup: (any EventLoopGroup)? = nil) throws -> HTTP2ClientTransport.Posix {
+        let group = eventLoopGroup ?? MultiThreadedEventLoopGroup.singleton
         let config = ServiceConfig(loadBalancingConfig: [.roundRobin])
         if target.contains(",") {
-            let addresses = try target.split(separator: ",").map { part -> SocketAddress.IPv4 in
+            let addresses = try target.split(separator: ",").map { part -> GRPCNIOTransportCore.SocketAddress.IPv4 in
                 let hp = part.trimmingCharacters(in: .whitespaces).split(separator: ":", omittingEmptySubsequences: false)
                 guard hp.count == 2, let port = Int(hp[1]), (1...65535).contains(port), hp[0].first?.isNumber == true else {
                     throw Status.invalidArgument("bad replica address '\(part)' in '\(target)': expected IPv4 host:port")
                 }
-                return SocketAddress.IPv4(host: String(hp[0]), port: port)
+                return GRPCNIOTransportCore.SocketAddress.IPv4(host: String(hp[0]), port: port)
             }
             return try .http2NIOPosix(target: ResolvableTargets.IPv4(addresses: addresses), transportSecurity: .plaintext,
-                                      serviceConfig: config)
+                                      serviceConfig: config, eventLoopGroup: group)
         }
         let parts = target.split(separator: ":", omittingEmptySubsequences: false)
         guard parts.count == 2, let port = Int(parts[1]), (1...65535).contains(port), !parts[0].isEmpty else {
@@ -119,9 +126,9 @@ public final class ServiceClient: Service, Sendable {
         }
         let host = String(parts[0])
         let resolvable: any ResolvableTarget = host.first?.isNumber == true
-            ? ResolvableTargets.IPv4(addresses: [SocketAddress.IPv4(host: host, port: port)])
+            ? ResolvableTargets.IPv4(addresses: [GRPCNIOTransportCore.SocketAddress.IPv4(host: host, port: port)])
             : ResolvableTargets.DNS(host: host, port: port)
-        return try .http2NIOPosix(target: resolvable, transportSecurity: .plaintext, serviceConfig: config)
+        return try .http2NIOPosix(target: resolvable, transportSecurity: .plaintext, serviceConfig: config, eventLoopGroup: group)
     }
 
     public func run() async throws {
@@ -130,5 +137,23 @@ public final class ServiceClient: Service, Sendable {
         } onGracefulShutdown: {
             self.client.beginGracefulShutdown()
         }
+    }
+}
+
+/// One event-loop thread at the lowest CPU priority (nice 19 on Linux), for bulk transfers that run beside
+/// request serving (registry downloads): under contention the request threads keep the CPU.
+public enum BackgroundEventLoop {
+    public static let group: MultiThreadedEventLoopGroup = {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        #if os(Linux)
+        // who = 0 is the calling thread: on Linux the nice value is per thread.
+        _ = try? group.next().submit { setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19) }.wait()
+        #endif
+        return group
+    }()
+
+    /// Runs `work` on the background thread and returns its result.
+    public static func run<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await group.next().submit(work).get()
     }
 }

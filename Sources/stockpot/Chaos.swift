@@ -168,7 +168,7 @@ struct ChaosPorts {
 final class Fleet: @unchecked Sendable {
     private let bin: URL
     private let logs: URL
-    private var processes: [String: (process: Process, arguments: [String])] = [:]
+    private var processes: [String: (process: Process, arguments: [String], niceness: Int?)] = [:]
     private let lock = NSLock()
 
     init(bin: URL, logs: URL) {
@@ -176,14 +176,22 @@ final class Fleet: @unchecked Sendable {
         self.logs = logs
     }
 
+    /// `features-a` and `scorer-1` are replicas of `stockpot-features` and `stockpot-scorer`.
     private func executable(_ name: String) -> String {
-        "stockpot-" + (name.hasPrefix("features") ? "features" : name)
+        "stockpot-" + (name.split(separator: "-").first.map(String.init) ?? name)
     }
 
-    func start(_ name: String, _ arguments: [String]) throws {
+    /// - Parameter niceness: run it under `nice -n` (a lower CPU priority) when set.
+    func start(_ name: String, _ arguments: [String], niceness: Int? = nil) throws {
         let p = Process()
-        p.executableURL = bin.appendingPathComponent(executable(name))
-        p.arguments = arguments + ["--log-level", "notice"]
+        let path = bin.appendingPathComponent(executable(name))
+        if let niceness {
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/nice")
+            p.arguments = ["-n", "\(niceness)", path.path] + arguments + ["--log-level", "notice"]
+        } else {
+            p.executableURL = path
+            p.arguments = arguments + ["--log-level", "notice"]
+        }
         let logURL = logs.appendingPathComponent("\(name).log")
         if !FileManager.default.fileExists(atPath: logURL.path) { _ = FileManager.default.createFile(atPath: logURL.path, contents: nil) }
         let log = try FileHandle(forWritingTo: logURL)
@@ -191,7 +199,7 @@ final class Fleet: @unchecked Sendable {
         p.standardOutput = log
         p.standardError = log
         try p.run()
-        lock.withLock { processes[name] = (p, arguments) }
+        lock.withLock { processes[name] = (p, arguments, niceness) }
         Console.info("started \(name) (pid \(p.processIdentifier))")
     }
 
@@ -216,8 +224,8 @@ final class Fleet: @unchecked Sendable {
     func resume(_ name: String) { if let pid = pid(name) { _ = Foundation.kill(pid, SIGCONT); Console.info("resumed \(name)") } }
 
     func restart(_ name: String) throws {
-        guard let arguments = lock.withLock({ processes[name]?.arguments }) else { return }
-        try start(name, arguments)
+        guard let (arguments, niceness) = lock.withLock({ processes[name].map { ($0.arguments, $0.niceness) } }) else { return }
+        try start(name, arguments, niceness: niceness)
     }
 
     func stopAll() {

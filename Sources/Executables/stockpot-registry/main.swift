@@ -14,6 +14,8 @@ struct RegistryCommand: AsyncParsableCommand {
     var tokensFile: String?
     @Flag(help: "Accept writes without a token (a sandbox; never production).") var openWrites = false
     @Option(help: "Aliases only an admin token may move, comma-separated (default: production).") var protectedAliases: String?
+    @Option(help: "CPU priority of the process, 0 (normal) to 19 (lowest); default 10: on a host shared with serving processes, artifact downloads do not take their CPU (env STOCKPOT_REGISTRY_NICE).")
+    var nice: Int?
 
     func run() async throws {
         var flags = common.flags()
@@ -21,8 +23,15 @@ struct RegistryCommand: AsyncParsableCommand {
         flags.set("tokens-file", tokensFile)
         flags.set("open-writes", flag: openWrites)
         flags.set("protected-aliases", protectedAliases)
+        flags.set("nice", nice)
         let settings = try await common.settings("registry", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.registry)
+        let niceness = Int32(try await settings.int("nice", in: 0...19) ?? 10)
+        ProcessPriority.lower(to: niceness)
+        Task.detached { // threads started meanwhile by a thread not yet lowered
+            try? await Task.sleep(for: .seconds(2))
+            ProcessPriority.lower(to: niceness)
+        }
         let app = try await RegistryApp(settings: settings)
         try await Telemetry.run(settings: settings, label: "stockpot.registry") { logger in try app.build(logger: logger).services }
     }

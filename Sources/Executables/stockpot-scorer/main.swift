@@ -13,6 +13,8 @@ struct ScorerCommand: AsyncParsableCommand {
     @Option(help: "Model reference to serve (env STOCKPOT_SCORER_MODEL).") var model: String?
     @Option(help: "Other references kept loaded and served when a request names them, comma-separated (default: the model's canary and shadow aliases; '' = none; env STOCKPOT_SCORER_ALSO).")
     var also: String?
+    @Option(help: "Versions kept in memory beyond those served, for an instant rollback (default 1; env STOCKPOT_SCORER_KEEP_PREVIOUS).")
+    var keepPrevious: Int?
     @Option(help: "Forward-pass threads (env STOCKPOT_SCORER_WORKERS).") var workers: Int?
     @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_SCORER_MAX_QUEUED).") var maxQueued: Int?
 
@@ -21,6 +23,7 @@ struct ScorerCommand: AsyncParsableCommand {
         registry.add(to: &flags)
         flags.set("model", model)
         flags.set("also", also)
+        flags.set("keep-previous", keepPrevious)
         flags.set("workers", workers)
         flags.set("max-queued", maxQueued)
         let settings = try await common.settings("scorer", flags)
