@@ -56,6 +56,11 @@ public struct GatewayApp {
         config.featureDefaultsOnFailure = try await settings.bool("feature-defaults", default: false)
         if let share = try await settings.double("canary-percent", in: 0...100) { config.canaryShare = share / 100 }
         config.canaryModel = try await settings.string("canary-model", default: config.canaryModel)
+        if let share = try await settings.double("shadow-percent", in: 0...100) { config.shadow.share = share / 100 }
+        config.shadow.model = try await settings.string("shadow-model", default: config.shadow.model)
+        guard case .success = ModelReference.parse(config.shadow.model) else {
+            throw ServiceSettings.SettingError(description: "setting 'shadow-model': '\(config.shadow.model)' is not a model reference")
+        }
         guard case .success = ModelReference.parse(config.canaryModel) else {
             throw ServiceSettings.SettingError(description: "setting 'canary-model': '\(config.canaryModel)' is not a model reference")
         }

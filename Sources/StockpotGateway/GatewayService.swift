@@ -20,6 +20,8 @@ public struct GatewayConfig: Sendable {
     /// `canaryModel` while the scorer serves it; 0 = off. Without a canary loaded they get the default model.
     public var canaryShare = 0.1
     public var canaryModel = "legacy@canary"
+    /// Shadow scoring of a sample of requests by `legacy@shadow`, after the response (`ShadowTraffic`).
+    public var shadow = ShadowTraffic.Options()
     /// Whole-request budget when the client sets no deadline.
     public var budget: Duration = .milliseconds(500)
     /// Longest wait for the corrector and for fusion; past it the layer is skipped.
@@ -61,6 +63,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     public let metrics: GatewayMetrics
     /// Whether the scorer serves the canary model (checked again a few seconds after it said it does not).
     let canary = CanaryAvailability()
+    /// Shadow calls and their running comparisons.
+    public let shadow: ShadowTraffic
     private let logger: Logger
 
     public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, metrics: MetricsHub = .process, logger: Logger) {
@@ -70,6 +74,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         self.logger = logger
         self.metrics = GatewayMetrics(hub: metrics)
         layers = LayerStates(logger: logger)
+        shadow = ShadowTraffic(options: config.shadow, metrics: metrics, logger: logger)
     }
 
     static func options(_ timeout: Duration) -> CallOptions {
@@ -194,10 +199,11 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         metrics.stage("features", since: started)
         started = clock.now
         let legacy: Stockpot_V1_ScoreResponse
+        var scoreRequest = Stockpot_V1_ScoreRequest()
         do {
             let inCanary = config.canaryShare > 0 && CanaryRouting.isCanary(userID: request.userID, share: config.canaryShare)
                 && canary.mayTry(nowMs: nowMs)
-            var scoreRequest = Stockpot_V1_ScoreRequest.with {
+            scoreRequest = Stockpot_V1_ScoreRequest.with {
                 $0.model = inCanary ? config.canaryModel : config.scorerModel
                 $0.userID = request.userID
                 $0.userFeatures = userList
@@ -226,6 +232,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             throw MalformedReply(service: "legacy scorer", problem: problem).status
         }
         metrics.stage("scorer", since: started)
+        let scorerMs = (clock.now - started).seconds * 1000
         var versions = [legacy.model]
         var scores = legacy.scores
 
@@ -324,7 +331,19 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 log.append(entry)
             }
         }
+        // After everything the response needs: the shadow never delays or changes it.
+        if shadow.admit(nowMs: nowMs) {
+            shadow.launch(request: scoreRequest, primary: legacy, primaryLatencyMs: scorerMs, crowd: crowd, requestId: requestId,
+                          nowMs: nowMs, scorer: clients.scorer, log: log)
+        }
         return response
+    }
+
+    public func shadowReport(request: Stockpot_V1_ShadowReportRequest, context: ServerContext) async throws -> Stockpot_V1_ShadowReportResponse {
+        if !request.model.isEmpty, case .failure(let e) = ModelReference.parse(request.model) {
+            throw Status.invalidArgument("model: \(e)")
+        }
+        return shadow.report(model: request.model)
     }
 
     /// Fills `date` (yyyymmdd) and `hourmin` (hhmm) from the clock in the logs' local time when absent.

@@ -75,6 +75,18 @@ public final class ServingLog: Service, Sendable {
         public var versions: [Stockpot_V1_ModelRef]
         public var degraded: [String]
         public var sampleRate: Double = 1
+        /// Set for a shadow version's scores of a request served earlier (`ShadowTraffic`); the request fields
+        /// are then unused.
+        public var shadow: Stockpot_Log_V1_ShadowScores?
+
+        /// A shadow entry.
+        public static func shadow(_ scores: Stockpot_Log_V1_ShadowScores) -> Entry {
+            var e = Entry(requestId: scores.requestID, timeMs: scores.timeMs, userId: 0, scenario: "", crowd: scores.crowd, context: [:],
+                          userFeatures: [:], items: .init(), legacyLogits: [], correctedScores: [], finalScores: [], returned: [],
+                          versions: [], degraded: [])
+            e.shadow = scores
+            return e
+        }
 
         public init(requestId: String, timeMs: Int64, userId: Int64, scenario: String, crowd: String, context: [String: String],
                     userFeatures: [String: String], items: Stockpot_V1_EntityBatch, legacyLogits: [Stockpot_V1_ObjectiveScores],
@@ -99,6 +111,7 @@ public final class ServingLog: Service, Sendable {
         /// About how much memory the entry holds while it waits (what the queue bound counts).
         var estimatedBytes: Int {
             var n = 256 + requestId.utf8.count + scenario.utf8.count + crowd.utf8.count
+            if let shadow { for s in shadow.shadowScores { n += 4 * s.values.count + 32 } }
             for (k, v) in context { n += k.utf8.count + v.utf8.count + 32 }
             for (k, v) in userFeatures { n += k.utf8.count + v.utf8.count + 32 }
             n += items.ids.count * 9
@@ -327,24 +340,28 @@ final class SegmentWriter: @unchecked Sendable {
         buffer.removeAll(keepingCapacity: true)
         var newItems = Set<ItemKey>()
         do {
-            let n = e.items.ids.count
-            var versions = [UInt64](repeating: 0, count: n)
-            let columns = e.items.columns.filter { $0.values.count == n }.sorted { $0.name < $1.name }
-            for i in 0..<n {
-                let features = columns.map { (name: $0.name, value: $0.values[i]) }
-                let version = ServingLogFormat.itemVersion(features)
-                versions[i] = version
-                let key = ItemKey(id: e.items.ids[i], version: version)
-                guard !itemsInSegment.contains(key), newItems.insert(key).inserted else { continue }
-                try ServingLogFormat.appendDelimited(.with {
-                    $0.item = .with { item in
-                        item.itemID = key.id
-                        item.version = version
-                        item.features = features.filter { !$0.value.isEmpty }.map { f in .with { $0.name = f.name; $0.value = f.value } }
-                    }
-                }, to: &buffer)
+            if let shadow = e.shadow {
+                try ServingLogFormat.appendDelimited(.with { $0.shadow = shadow }, to: &buffer)
+            } else {
+                let n = e.items.ids.count
+                var versions = [UInt64](repeating: 0, count: n)
+                let columns = e.items.columns.filter { $0.values.count == n }.sorted { $0.name < $1.name }
+                for i in 0..<n {
+                    let features = columns.map { (name: $0.name, value: $0.values[i]) }
+                    let version = ServingLogFormat.itemVersion(features)
+                    versions[i] = version
+                    let key = ItemKey(id: e.items.ids[i], version: version)
+                    guard !itemsInSegment.contains(key), newItems.insert(key).inserted else { continue }
+                    try ServingLogFormat.appendDelimited(.with {
+                        $0.item = .with { item in
+                            item.itemID = key.id
+                            item.version = version
+                            item.features = features.filter { !$0.value.isEmpty }.map { f in .with { $0.name = f.name; $0.value = f.value } }
+                        }
+                    }, to: &buffer)
+                }
+                try ServingLogFormat.appendDelimited(.with { $0.served = Self.served(e, versions: versions) }, to: &buffer)
             }
-            try ServingLogFormat.appendDelimited(.with { $0.served = Self.served(e, versions: versions) }, to: &buffer)
         } catch {
             counters.withLock { $0.droppedWriteFailed += 1 }
             logger.error("serving log: cannot encode a request", metadata: ["request_id": "\(e.requestId)", "error": "\(error)"])

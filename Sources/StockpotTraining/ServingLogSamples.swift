@@ -136,8 +136,8 @@ public struct ServingLogSamples {
                         itemIds: r.itemIds,
                         itemFeatures: { i in items[ItemKey(id: r.itemIds[i], version: r.itemVersions[i])] },
                         legacyLogits: Dictionary(r.legacyLogits.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a })))
-                case .none:
-                    break
+                case .shadow, .none:
+                    break // a shadow version's scores are not training samples
                 }
             }
             if read.tornTail { stats.tornTails += 1 }

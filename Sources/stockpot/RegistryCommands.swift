@@ -18,7 +18,7 @@ struct RegistryCommand: AsyncParsableCommand {
         STOCKPOT_REGISTRY_TOKEN_FILE), else data/admin.token (created by `stockpot suite` on its first run). \
         Times are shown in your zone and UTC, and accepted in your zone unless they name one (Z, +02:00, UTC).
         """,
-        subcommands: [List.self, Show.self, Promote.self, Rollback.self, History.self, Download.self, Register.self, Token.self])
+        subcommands: [List.self, Show.self, Promote.self, Rollback.self, History.self, Download.self, Register.self, Compare.self, Token.self])
 
     /// Where the registry is and how to write to it.
     struct Connection: ParsableArguments {
@@ -332,6 +332,45 @@ struct RegistryCommand: AsyncParsableCommand {
             }
             if json { Console.out(try RegistryCommand.json(version)); return }
             Console.out("registered \(version.name):\(version.version) (\(version.files.count) files, sha256 \(version.artifactSha256.prefix(12))…)")
+        }
+    }
+
+    struct Compare: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "How a shadow version compares with what served, per crowd and objective (from a gateway's running comparisons).",
+            discussion: "Example: stockpot registry promote legacy:7 --alias shadow --reason 'try day 7'; later: stockpot registry compare legacy@shadow")
+        @OptionGroup var connection: Connection
+        @Argument(help: "The shadow version: name:version or name@alias (resolved through the registry).") var ref: String
+        @Option(help: "Gateway host:port (env STOCKPOT_GATEWAY_ADDRESS).")
+        var gateway: String = Env.string("STOCKPOT_GATEWAY_ADDRESS") ?? "127.0.0.1:\(DefaultPorts.gateway)"
+        @Flag(help: "JSON output.") var json = false
+
+        func run() async throws {
+            let ref = self.ref
+            let version = try await connection.run { try await $0.resolve(ref) }
+            let model = "\(version.name):\(version.version)"
+            let report: Stockpot_V1_ShadowReportResponse
+            do {
+                report = try await withGRPCClient(transport: try ServiceClient.transport(target: gateway)) { client in
+                    try await Stockpot_V1_GatewayService.Client(wrapping: client).shadowReport(.with { $0.model = model })
+                }
+            } catch let e as RPCError {
+                throw CleanExit.message("error: gateway \(gateway): \(e.code): \(e.message)")
+            }
+            if json { Console.out(try RegistryCommand.json(report)); return }
+            Console.out("shadow \(model) — sampled \(report.sampled), dropped \(report.dropped), failed \(report.failed) (all shadow versions)")
+            guard !report.comparisons.isEmpty else {
+                Console.out("no comparison yet: is \(model) the scorer's shadow (promote it --alias shadow) and --shadow-percent above 0?")
+                return
+            }
+            Console.out("primary".padded(16) + "crowd".padded(8) + "objective".padded(12) + "requests".padded(10) + "top-k overlap".padded(15)
+                        + "rank corr".padded(11) + "|Δ score|".padded(11) + "shadow ms".padded(11) + "primary ms")
+            for c in report.comparisons {
+                Console.out("\(c.primary.name):\(c.primary.version)".padded(16) + c.crowd.padded(8) + c.objective.padded(12) + "\(c.requests)".padded(10)
+                            + String(format: "%.3f", c.meanTopKOverlap).padded(15) + String(format: "%.3f", c.meanRankCorrelation).padded(11)
+                            + String(format: "%.4f", c.meanAbsScoreDelta).padded(11) + String(format: "%.2f", c.meanShadowLatencyMs).padded(11)
+                            + String(format: "%.2f", c.meanPrimaryLatencyMs))
+            }
         }
     }
 

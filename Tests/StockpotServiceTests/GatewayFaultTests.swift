@@ -43,6 +43,10 @@ final class Faults: Sendable {
     let correctorTrainedOn = Mutex<String?>(nil)
     /// The version the fake scorer serves as `legacy@canary`; nil = no canary (NOT_FOUND).
     let canaryVersion = Mutex<Int64?>(nil)
+    /// The version the fake scorer serves as `legacy@shadow` (objective `a` reversed); nil = none (NOT_FOUND).
+    let shadowVersion = Mutex<Int64?>(nil)
+    /// While set, shadow calls wait until it is cleared.
+    let holdShadow = Mutex(false)
 
     func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
 
@@ -101,14 +105,23 @@ struct FakeScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
         let n = request.candidates.ids.count
         let s = Self.scores(n)
         var model = Stockpot_V1_ModelRef.with { $0.name = "legacy"; $0.version = 3; $0.role = "scorer"; $0.alias = "production" }
+        var shadowed = false
+        if request.model == "legacy@shadow" {
+            guard let v = faults.shadowVersion.withLock({ $0 }) else { throw RPCError(code: .notFound, message: "model 'legacy@shadow' is not loaded here") }
+            while faults.holdShadow.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(5)) }
+            model.version = v
+            model.alias = "shadow"
+            shadowed = true
+        }
         if request.model == "legacy@canary" {
             guard let v = faults.canaryVersion.withLock({ $0 }) else { throw RPCError(code: .notFound, message: "model 'legacy@canary' is not loaded here") }
             model.version = v
             model.alias = "canary"
         }
+        let values = shadowed ? ["a": Array(s["a"]!.reversed()), "b": s["b"]!] : s
         return .with { r in
             r.model = model
-            r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]! } }
+            r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = values[o]! } }
             r.logits = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]!.map { log($0 / (1 - $0)) } } }
             switch fault {
             case .short: r.scores[0].values.removeLast()
@@ -265,6 +278,50 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
                 let r = try await withContext { try await gateway.rank(request: .with { $0.userID = user; $0.candidateIds = ids }, context: $0) }
                 #expect(r.versions.first?.version == 3 && r.degraded.isEmpty)
             }
+        }
+    }
+
+    @Test func theShadowNeverChangesTheResponseAndIsCompared() async throws {
+        let faults = Faults()
+        faults.shadowVersion.withLock { $0 = 5 }
+        let without = Locked<[Stockpot_V1_RankResponse]>([])
+        try await withFakeDownstream(faults, configure: { $0.shadow.share = 0 }) { gateway in
+            for _ in 0..<5 { let r = try await rank(gateway, topK: 3); without { $0.append(r) } }
+        }
+        let expected = without.value
+        try await withFakeDownstream(faults, configure: { $0.shadow.share = 1; $0.shadow.topK = 2 }) { gateway in
+            // The response comes back while its shadow call is still held: nothing waits for the shadow.
+            faults.holdShadow.withLock { $0 = true }
+            let first = try await rank(gateway, topK: 3)
+            #expect(gateway.shadow.report(model: "").sampled == 1)
+            #expect(gateway.shadow.report(model: "").comparisons.isEmpty)
+            faults.holdShadow.withLock { $0 = false }
+            var with = [first]
+            for _ in 0..<4 { with.append(try await rank(gateway, topK: 3)) }
+            for (a, b) in zip(with, expected) {
+                #expect(a.itemIds == b.itemIds && a.finalScores == b.finalScores && a.scores == b.scores)
+                #expect(a.versions == b.versions && a.degraded == b.degraded)
+            }
+            await gateway.shadow.drain()
+            let report = try await withContext { try await gateway.shadowReport(request: .with { $0.model = "legacy:5" }, context: $0) }
+            #expect(report.sampled == 5 && report.failed == 0 && report.dropped == 0)
+            let a = try #require(report.comparisons.first { $0.objective == "a" })
+            let b = try #require(report.comparisons.first { $0.objective == "b" })
+            #expect(a.requests == 5 && a.crowd == "tail" && a.primary.version == 3 && a.shadow.version == 5)
+            // `a` reversed: no common top-2, perfectly anti-correlated; `b` identical.
+            #expect(a.meanTopKOverlap == 0 && abs(a.meanRankCorrelation + 1) < 1e-9 && a.meanAbsScoreDelta > 0)
+            #expect(b.meanTopKOverlap == 1 && abs(b.meanRankCorrelation - 1) < 1e-9 && b.meanAbsScoreDelta == 0)
+            #expect(try await withContext { try await gateway.shadowReport(request: .with { $0.model = "legacy:9" }, context: $0) }.comparisons.isEmpty)
+        }
+        // No shadow served: the responses are untouched, the failure is counted, sampling pauses.
+        faults.shadowVersion.withLock { $0 = nil }
+        try await withFakeDownstream(faults, configure: { $0.shadow.share = 1 }) { gateway in
+            let r = try await rank(gateway, topK: 3)
+            #expect(r.itemIds == expected[0].itemIds && r.degraded.isEmpty)
+            await gateway.shadow.drain()
+            #expect(gateway.shadow.report(model: "").failed == 1)
+            _ = try await rank(gateway, topK: 3)
+            #expect(gateway.shadow.report(model: "").sampled == 1) // paused after NOT_FOUND
         }
     }
 

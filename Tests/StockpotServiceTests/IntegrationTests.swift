@@ -137,7 +137,7 @@ struct EndToEnd {
                 switch entry.entry {
                 case .served(let r): served.append(r)
                 case .item(let i): items.insert(i.itemID)
-                case .none: break
+                case .shadow, .none: break
                 }
             }
             #expect(!read.tornTail && read.corruptAt == nil)

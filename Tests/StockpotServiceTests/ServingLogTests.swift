@@ -53,7 +53,7 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
             case .item(let i): known.insert("\(i.itemID)/\(i.version)")
             case .served(let r):
                 for (id, v) in zip(r.itemIds, r.itemVersions) where !known.contains("\(id)/\(v)") { return false }
-            case .none: break
+            case .shadow, .none: break
             }
         }
     }
@@ -67,6 +67,31 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         try await body(log)
         task.cancel()
         try await task.value
+    }
+
+    @Test func shadowScoresAreWrittenBesideTheRequestTheyShadow() async throws {
+        let dir = temporaryDirectory("log-shadow")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            log.append(servedEntry(1, items: [1, 2]))
+            log.append(.shadow(.with {
+                $0.requestID = "r1"
+                $0.timeMs = 1_651_400_000_000
+                $0.crowd = "tail"
+                $0.shadow = .with { $0.name = "legacy"; $0.version = 2; $0.alias = "shadow" }
+                $0.shadowScores = [.with { $0.objective = "is_click"; $0.values = [0.2, 0.1] }]
+                $0.shadowLatencyMs = 3.5
+            }))
+            await log.flush()
+            #expect(log.stats.written == 2)
+        }
+        let (served, segments, _) = try readLog(dir)
+        #expect(served.count == 1)
+        let shadows = segments.flatMap { $0 }.compactMap { e -> Stockpot_Log_V1_ShadowScores? in
+            if case .shadow(let s) = e.entry { return s } else { return nil }
+        }
+        #expect(shadows.count == 1 && shadows[0].requestID == "r1" && shadows[0].shadow.version == 2)
+        #expect(shadows[0].shadowScores.first?.values == [0.2, 0.1])
     }
 
     @Test func itemsAreWrittenOncePerSegmentAndReferredTo() async throws {
@@ -415,5 +440,17 @@ struct ServingLogSamplesOnRealData {
         #expect(quality.totals[key]?.labelled == 16 && quality.totals[key]?.positives == 12)
         writer.cancel()
         try await writer.value
+    }
+}
+
+@Suite struct ShadowMeasures {
+    @Test func overlapAndRankCorrelation() {
+        #expect(ShadowTraffic.topKOverlap([0.9, 0.8, 0.1, 0.2], [0.9, 0.1, 0.8, 0.2], k: 2) == 0.5)
+        #expect(ShadowTraffic.topKOverlap([1, 2, 3], [1, 2, 3], k: 10) == 1)
+        #expect(abs(ShadowTraffic.spearman([1, 2, 3, 4], [10, 20, 30, 40]) - 1) < 1e-12)
+        #expect(abs(ShadowTraffic.spearman([1, 2, 3, 4], [4, 3, 2, 1]) + 1) < 1e-12)
+        // d = (0,0,1,-1): ρ = 1 - 6·2 / (4·15) = 0.8
+        #expect(abs(ShadowTraffic.spearman([1, 2, 3, 4], [1, 2, 4, 3]) - 0.8) < 1e-12)
+        #expect(ShadowTraffic.spearman([1], [5]) == 1)
     }
 }

@@ -30,6 +30,9 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Percent of users (stable hash of the user id) scored by the canary model while one is loaded (default 10; 0 = off; env STOCKPOT_GATEWAY_CANARY_PERCENT).")
     var canaryPercent: Double?
     @Option(help: "The canary model reference (default legacy@canary; env STOCKPOT_GATEWAY_CANARY_MODEL).") var canaryModel: String?
+    @Option(help: "Percent of requests also scored by the shadow model after the response, and compared (default 5; 0 = off; env STOCKPOT_GATEWAY_SHADOW_PERCENT).")
+    var shadowPercent: Double?
+    @Option(help: "The shadow model reference (default legacy@shadow; env STOCKPOT_GATEWAY_SHADOW_MODEL).") var shadowModel: String?
     @Option(help: "Crowd definition JSON ({source, groups, otherwise}); default: head = full/high active, tail = the rest, as the trainer (env STOCKPOT_GATEWAY_CROWDS).")
     var crowds: String?
     @Flag(help: "Serve with missing features when the feature service fails (env STOCKPOT_GATEWAY_FEATURE_DEFAULTS).")
@@ -43,6 +46,8 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("fusion", fusion)
         flags.set("canary-percent", canaryPercent)
         flags.set("canary-model", canaryModel)
+        flags.set("shadow-percent", shadowPercent)
+        flags.set("shadow-model", shadowModel)
         flags.set("serving-log", servingLog)
         flags.set("serving-log-segment-mb", servingLogSegmentMb)
         flags.set("serving-log-max-gb", servingLogMaxGb)

@@ -52,15 +52,72 @@ public nonisolated struct Stockpot_Log_V1_Entry: Sendable {
     set {entry = .served(newValue)}
   }
 
+  public var shadow: Stockpot_Log_V1_ShadowScores {
+    get {
+      if case .shadow(let v)? = entry {return v}
+      return Stockpot_Log_V1_ShadowScores()
+    }
+    set {entry = .shadow(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Entry: Equatable, Sendable {
     case item(Stockpot_Log_V1_ItemFeatures)
     case served(Stockpot_Log_V1_ServedRequest)
+    case shadow(Stockpot_Log_V1_ShadowScores)
 
   }
 
   public init() {}
+}
+
+/// A shadow version's scores for a request already served (off the critical path; never returned to the
+/// client). Join with the ServedRequest of the same request_id for the primary's scores.
+public nonisolated struct Stockpot_Log_V1_ShadowScores: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var requestID: String = String()
+
+  public var timeMs: Int64 = 0
+
+  public var crowd: String = String()
+
+  /// the version that served the request
+  public var primary: Stockpot_Log_V1_Model {
+    get {_primary ?? Stockpot_Log_V1_Model()}
+    set {_primary = newValue}
+  }
+  /// Returns true if `primary` has been explicitly set.
+  public var hasPrimary: Bool {self._primary != nil}
+  /// Clears the value of `primary`. Subsequent reads from it will return its default value.
+  public mutating func clearPrimary() {self._primary = nil}
+
+  /// the version scored in its shadow
+  public var shadow: Stockpot_Log_V1_Model {
+    get {_shadow ?? Stockpot_Log_V1_Model()}
+    set {_shadow = newValue}
+  }
+  /// Returns true if `shadow` has been explicitly set.
+  public var hasShadow: Bool {self._shadow != nil}
+  /// Clears the value of `shadow`. Subsequent reads from it will return its default value.
+  public mutating func clearShadow() {self._shadow = nil}
+
+  /// probabilities, per objective, in the request's candidate order
+  public var shadowScores: [Stockpot_Log_V1_Scores] = []
+
+  public var shadowLatencyMs: Float = 0
+
+  public var primaryLatencyMs: Float = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _primary: Stockpot_Log_V1_Model? = nil
+  fileprivate var _shadow: Stockpot_Log_V1_Model? = nil
 }
 
 /// The features of one item as served, under a version: a 64-bit hash of its column names and values, so the
@@ -185,7 +242,7 @@ fileprivate nonisolated let _protobuf_package = "stockpot.log.v1"
 
 nonisolated extension Stockpot_Log_V1_Entry: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Entry"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}item\0\u{1}served\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}item\0\u{1}served\0\u{1}shadow\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -219,6 +276,19 @@ nonisolated extension Stockpot_Log_V1_Entry: SwiftProtobuf.Message, SwiftProtobu
           self.entry = .served(v)
         }
       }()
+      case 3: try {
+        var v: Stockpot_Log_V1_ShadowScores?
+        var hadOneofValue = false
+        if let current = self.entry {
+          hadOneofValue = true
+          if case .shadow(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.entry = .shadow(v)
+        }
+      }()
       default: break
       }
     }
@@ -238,6 +308,10 @@ nonisolated extension Stockpot_Log_V1_Entry: SwiftProtobuf.Message, SwiftProtobu
       guard case .served(let v)? = self.entry else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
     }()
+    case .shadow?: try {
+      guard case .shadow(let v)? = self.entry else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -245,6 +319,75 @@ nonisolated extension Stockpot_Log_V1_Entry: SwiftProtobuf.Message, SwiftProtobu
 
   public static func ==(lhs: Stockpot_Log_V1_Entry, rhs: Stockpot_Log_V1_Entry) -> Bool {
     if lhs.entry != rhs.entry {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_Log_V1_ShadowScores: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ShadowScores"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{3}time_ms\0\u{1}crowd\0\u{1}primary\0\u{1}shadow\0\u{3}shadow_scores\0\u{3}shadow_latency_ms\0\u{3}primary_latency_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.requestID) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.timeMs) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.crowd) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._primary) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._shadow) }()
+      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.shadowScores) }()
+      case 7: try { try decoder.decodeSingularFloatField(value: &self.shadowLatencyMs) }()
+      case 8: try { try decoder.decodeSingularFloatField(value: &self.primaryLatencyMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.requestID.isEmpty {
+      try visitor.visitSingularStringField(value: self.requestID, fieldNumber: 1)
+    }
+    if self.timeMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.timeMs, fieldNumber: 2)
+    }
+    if !self.crowd.isEmpty {
+      try visitor.visitSingularStringField(value: self.crowd, fieldNumber: 3)
+    }
+    try { if let v = self._primary {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    try { if let v = self._shadow {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    if !self.shadowScores.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.shadowScores, fieldNumber: 6)
+    }
+    if self.shadowLatencyMs.bitPattern != 0 {
+      try visitor.visitSingularFloatField(value: self.shadowLatencyMs, fieldNumber: 7)
+    }
+    if self.primaryLatencyMs.bitPattern != 0 {
+      try visitor.visitSingularFloatField(value: self.primaryLatencyMs, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_Log_V1_ShadowScores, rhs: Stockpot_Log_V1_ShadowScores) -> Bool {
+    if lhs.requestID != rhs.requestID {return false}
+    if lhs.timeMs != rhs.timeMs {return false}
+    if lhs.crowd != rhs.crowd {return false}
+    if lhs._primary != rhs._primary {return false}
+    if lhs._shadow != rhs._shadow {return false}
+    if lhs.shadowScores != rhs.shadowScores {return false}
+    if lhs.shadowLatencyMs != rhs.shadowLatencyMs {return false}
+    if lhs.primaryLatencyMs != rhs.primaryLatencyMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

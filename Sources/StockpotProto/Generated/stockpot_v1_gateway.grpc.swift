@@ -35,9 +35,23 @@ public enum Stockpot_V1_GatewayService: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "ShadowReport" metadata.
+        public enum ShadowReport: Sendable {
+            /// Request type for "ShadowReport".
+            public typealias Input = Stockpot_V1_ShadowReportRequest
+            /// Response type for "ShadowReport".
+            public typealias Output = Stockpot_V1_ShadowReportResponse
+            /// Descriptor for "ShadowReport".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "stockpot.v1.GatewayService"),
+                method: "ShadowReport",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "stockpot.v1.GatewayService" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
-            Rank.descriptor
+            Rank.descriptor,
+            ShadowReport.descriptor
         ]
     }
 }
@@ -77,6 +91,24 @@ extension Stockpot_V1_GatewayService {
             request: GRPCCore.StreamingServerRequest<Stockpot_V1_RankRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_RankResponse>
+
+        /// Handle the "ShadowReport" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Stockpot_V1_ShadowReportRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_ShadowReportResponse` messages.
+        func shadowReport(
+            request: GRPCCore.StreamingServerRequest<Stockpot_V1_ShadowReportRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_ShadowReportResponse>
     }
 
     /// Service protocol for the "stockpot.v1.GatewayService" service.
@@ -100,6 +132,24 @@ extension Stockpot_V1_GatewayService {
             request: GRPCCore.ServerRequest<Stockpot_V1_RankRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_RankResponse>
+
+        /// Handle the "ShadowReport" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_ShadowReportRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Stockpot_V1_ShadowReportResponse` message.
+        func shadowReport(
+            request: GRPCCore.ServerRequest<Stockpot_V1_ShadowReportRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_ShadowReportResponse>
     }
 
     /// Simple service protocol for the "stockpot.v1.GatewayService" service.
@@ -121,6 +171,24 @@ extension Stockpot_V1_GatewayService {
             request: Stockpot_V1_RankRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Stockpot_V1_RankResponse
+
+        /// Handle the "ShadowReport" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+        ///
+        /// - Parameters:
+        ///   - request: A `Stockpot_V1_ShadowReportRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Stockpot_V1_ShadowReportResponse` to respond with.
+        func shadowReport(
+            request: Stockpot_V1_ShadowReportRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Stockpot_V1_ShadowReportResponse
     }
 }
 
@@ -134,6 +202,17 @@ extension Stockpot_V1_GatewayService.StreamingServiceProtocol {
             serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_RankResponse>(),
             handler: { request, context in
                 try await self.rank(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Stockpot_V1_GatewayService.Method.ShadowReport.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_ShadowReportRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_ShadowReportResponse>(),
+            handler: { request, context in
+                try await self.shadowReport(
                     request: request,
                     context: context
                 )
@@ -155,6 +234,17 @@ extension Stockpot_V1_GatewayService.ServiceProtocol {
         )
         return GRPCCore.StreamingServerResponse(single: response)
     }
+
+    public func shadowReport(
+        request: GRPCCore.StreamingServerRequest<Stockpot_V1_ShadowReportRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_ShadowReportResponse> {
+        let response = try await self.shadowReport(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
 }
 
 // Default implementation of methods from 'ServiceProtocol'.
@@ -166,6 +256,19 @@ extension Stockpot_V1_GatewayService.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_RankResponse> {
         return GRPCCore.ServerResponse<Stockpot_V1_RankResponse>(
             message: try await self.rank(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func shadowReport(
+        request: GRPCCore.ServerRequest<Stockpot_V1_ShadowReportRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_ShadowReportResponse> {
+        return GRPCCore.ServerResponse<Stockpot_V1_ShadowReportResponse>(
+            message: try await self.shadowReport(
                 request: request.message,
                 context: context
             ),
@@ -200,6 +303,29 @@ extension Stockpot_V1_GatewayService {
             deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_RankResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_RankResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ShadowReport" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_ShadowReportRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_ShadowReportRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_ShadowReportResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func shadowReport<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_ShadowReportRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_ShadowReportRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_ShadowReportResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_ShadowReportResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -248,6 +374,40 @@ extension Stockpot_V1_GatewayService {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "ShadowReport" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_ShadowReportRequest` message.
+        ///   - serializer: A serializer for `Stockpot_V1_ShadowReportRequest` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_ShadowReportResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func shadowReport<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_ShadowReportRequest>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_ShadowReportRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_ShadowReportResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_ShadowReportResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Stockpot_V1_GatewayService.Method.ShadowReport.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -274,6 +434,35 @@ extension Stockpot_V1_GatewayService.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_RankRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_RankResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ShadowReport" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Stockpot_V1_ShadowReportRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func shadowReport<Result>(
+        request: GRPCCore.ClientRequest<Stockpot_V1_ShadowReportRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_ShadowReportResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.shadowReport(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_ShadowReportRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_ShadowReportResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -306,6 +495,39 @@ extension Stockpot_V1_GatewayService.ClientProtocol {
             metadata: metadata
         )
         return try await self.rank(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ShadowReport" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > What the shadow versions would have served, compared with what was served (stockpot registry compare).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func shadowReport<Result>(
+        _ message: Stockpot_V1_ShadowReportRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_ShadowReportResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Stockpot_V1_ShadowReportRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.shadowReport(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -81,6 +81,92 @@ public nonisolated struct Stockpot_V1_RankResponse: Sendable {
   public init() {}
 }
 
+public nonisolated struct Stockpot_V1_ShadowReportRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// "name:version" of a shadow version; "" = every shadow version compared so far
+  public var model: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Running comparison of a shadow version with the version that served, per crowd and objective, over the
+/// requests sampled since the gateway started.
+public nonisolated struct Stockpot_V1_ShadowComparison: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var primary: Stockpot_V1_ModelRef {
+    get {_primary ?? Stockpot_V1_ModelRef()}
+    set {_primary = newValue}
+  }
+  /// Returns true if `primary` has been explicitly set.
+  public var hasPrimary: Bool {self._primary != nil}
+  /// Clears the value of `primary`. Subsequent reads from it will return its default value.
+  public mutating func clearPrimary() {self._primary = nil}
+
+  public var shadow: Stockpot_V1_ModelRef {
+    get {_shadow ?? Stockpot_V1_ModelRef()}
+    set {_shadow = newValue}
+  }
+  /// Returns true if `shadow` has been explicitly set.
+  public var hasShadow: Bool {self._shadow != nil}
+  /// Clears the value of `shadow`. Subsequent reads from it will return its default value.
+  public mutating func clearShadow() {self._shadow = nil}
+
+  public var crowd: String = String()
+
+  public var objective: String = String()
+
+  public var requests: Int64 = 0
+
+  /// |top-k(primary) ∩ top-k(shadow)| / k, k = min(10, candidates)
+  public var meanTopKOverlap: Double = 0
+
+  /// Spearman, per request
+  public var meanRankCorrelation: Double = 0
+
+  /// mean |p_shadow − p_primary| over candidates
+  public var meanAbsScoreDelta: Double = 0
+
+  public var meanShadowLatencyMs: Double = 0
+
+  public var meanPrimaryLatencyMs: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _primary: Stockpot_V1_ModelRef? = nil
+  fileprivate var _shadow: Stockpot_V1_ModelRef? = nil
+}
+
+public nonisolated struct Stockpot_V1_ShadowReportResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var comparisons: [Stockpot_V1_ShadowComparison] = []
+
+  /// shadow calls started
+  public var sampled: Int64 = 0
+
+  /// sampled but not sent: too many shadow calls in flight
+  public var dropped: Int64 = 0
+
+  /// the shadow call failed or its reply was malformed
+  public var failed: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "stockpot.v1"
@@ -205,6 +291,160 @@ nonisolated extension Stockpot_V1_RankResponse: SwiftProtobuf.Message, SwiftProt
     if lhs.versions != rhs.versions {return false}
     if lhs.degraded != rhs.degraded {return false}
     if lhs.degradedReasons != rhs.degradedReasons {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_ShadowReportRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ShadowReportRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}model\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.model) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.model.isEmpty {
+      try visitor.visitSingularStringField(value: self.model, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_ShadowReportRequest, rhs: Stockpot_V1_ShadowReportRequest) -> Bool {
+    if lhs.model != rhs.model {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_ShadowComparison: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ShadowComparison"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}primary\0\u{1}shadow\0\u{1}crowd\0\u{1}objective\0\u{1}requests\0\u{3}mean_top_k_overlap\0\u{3}mean_rank_correlation\0\u{3}mean_abs_score_delta\0\u{3}mean_shadow_latency_ms\0\u{3}mean_primary_latency_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._primary) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._shadow) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.crowd) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.objective) }()
+      case 5: try { try decoder.decodeSingularInt64Field(value: &self.requests) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.meanTopKOverlap) }()
+      case 7: try { try decoder.decodeSingularDoubleField(value: &self.meanRankCorrelation) }()
+      case 8: try { try decoder.decodeSingularDoubleField(value: &self.meanAbsScoreDelta) }()
+      case 9: try { try decoder.decodeSingularDoubleField(value: &self.meanShadowLatencyMs) }()
+      case 10: try { try decoder.decodeSingularDoubleField(value: &self.meanPrimaryLatencyMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._primary {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try { if let v = self._shadow {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if !self.crowd.isEmpty {
+      try visitor.visitSingularStringField(value: self.crowd, fieldNumber: 3)
+    }
+    if !self.objective.isEmpty {
+      try visitor.visitSingularStringField(value: self.objective, fieldNumber: 4)
+    }
+    if self.requests != 0 {
+      try visitor.visitSingularInt64Field(value: self.requests, fieldNumber: 5)
+    }
+    if self.meanTopKOverlap.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.meanTopKOverlap, fieldNumber: 6)
+    }
+    if self.meanRankCorrelation.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.meanRankCorrelation, fieldNumber: 7)
+    }
+    if self.meanAbsScoreDelta.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.meanAbsScoreDelta, fieldNumber: 8)
+    }
+    if self.meanShadowLatencyMs.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.meanShadowLatencyMs, fieldNumber: 9)
+    }
+    if self.meanPrimaryLatencyMs.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.meanPrimaryLatencyMs, fieldNumber: 10)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_ShadowComparison, rhs: Stockpot_V1_ShadowComparison) -> Bool {
+    if lhs._primary != rhs._primary {return false}
+    if lhs._shadow != rhs._shadow {return false}
+    if lhs.crowd != rhs.crowd {return false}
+    if lhs.objective != rhs.objective {return false}
+    if lhs.requests != rhs.requests {return false}
+    if lhs.meanTopKOverlap != rhs.meanTopKOverlap {return false}
+    if lhs.meanRankCorrelation != rhs.meanRankCorrelation {return false}
+    if lhs.meanAbsScoreDelta != rhs.meanAbsScoreDelta {return false}
+    if lhs.meanShadowLatencyMs != rhs.meanShadowLatencyMs {return false}
+    if lhs.meanPrimaryLatencyMs != rhs.meanPrimaryLatencyMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_ShadowReportResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ShadowReportResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}comparisons\0\u{1}sampled\0\u{1}dropped\0\u{1}failed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.comparisons) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.sampled) }()
+      case 3: try { try decoder.decodeSingularInt64Field(value: &self.dropped) }()
+      case 4: try { try decoder.decodeSingularInt64Field(value: &self.failed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.comparisons.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.comparisons, fieldNumber: 1)
+    }
+    if self.sampled != 0 {
+      try visitor.visitSingularInt64Field(value: self.sampled, fieldNumber: 2)
+    }
+    if self.dropped != 0 {
+      try visitor.visitSingularInt64Field(value: self.dropped, fieldNumber: 3)
+    }
+    if self.failed != 0 {
+      try visitor.visitSingularInt64Field(value: self.failed, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_ShadowReportResponse, rhs: Stockpot_V1_ShadowReportResponse) -> Bool {
+    if lhs.comparisons != rhs.comparisons {return false}
+    if lhs.sampled != rhs.sampled {return false}
+    if lhs.dropped != rhs.dropped {return false}
+    if lhs.failed != rhs.failed {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
