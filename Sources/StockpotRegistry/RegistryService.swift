@@ -245,7 +245,22 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         guard r.limit >= 0 else { throw Status.invalidArgument("limit is negative") }
         let moves = try await store.history(name: r.name, alias: r.alias.isEmpty ? nil : r.alias,
                                             atMs: r.atMs == 0 ? nil : r.atMs, limit: r.limit == 0 ? nil : Int(r.limit))
-        return ServerResponse(message: .with { $0.moves = moves })
+        let failures = r.atMs == 0 ? try await store.loadFailures(name: r.name) : []
+        return ServerResponse(message: .with { $0.moves = moves; $0.loadFailures = failures })
+    }
+
+    public func reportLoad(request: ServerRequest<Stockpot_V1_LoadReport>, context: ServerContext) async throws
+        -> ServerResponse<Stockpot_V1_LoadReportAck>
+    {
+        let r = request.message
+        guard ModelReference.isValidName(r.name), r.version > 0 else { throw Status.invalidArgument("name and a positive version are required") }
+        guard !r.replica.isEmpty, r.replica.count <= 200, r.replica.unicodeScalars.allSatisfy({ $0.value >= 0x20 && $0.value < 0x7f }) else {
+            throw Status.invalidArgument("replica must be 1–200 printable ASCII characters")
+        }
+        guard try await store.reportLoad(r) else {
+            throw Status.failedPrecondition("\(r.name):\(r.version) does not exist, or already has reports from 1,000 replicas")
+        }
+        return ServerResponse(message: .init())
     }
 
     public func download(request: ServerRequest<Stockpot_V1_DownloadRequest>, context: ServerContext) async throws

@@ -60,6 +60,13 @@ public final class RegistryStore: Sendable {
                 CREATE INDEX aliases_by_alias ON aliases (alias);
                 """)
         }
+        migrator.registerMigration("v3-load-reports") { db in
+            try db.execute(sql: """
+                CREATE TABLE load_reports (
+                    name TEXT NOT NULL, version INTEGER NOT NULL, replica TEXT NOT NULL, ok INTEGER NOT NULL,
+                    error TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (name, version, replica));
+                """)
+        }
         try migrator.migrate(db)
         try removeLeftovers()
     }
@@ -412,6 +419,40 @@ public final class RegistryStore: Sendable {
                 return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move).reversed()
             }
             return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move)
+        }
+    }
+
+    /// Records a replica's load outcome (the latest per version and replica); false when the version does not
+    /// exist or already has `maxReplicas` other replicas on record.
+    public func reportLoad(_ r: Stockpot_V1_LoadReport, maxReplicas: Int = 1_000) async throws -> Bool {
+        try await db.write { db in
+            guard try Int64.fetchOne(db, sql: "SELECT version FROM versions WHERE name = ? AND version = ?", arguments: [r.name, r.version]) != nil else {
+                return false
+            }
+            let known = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM load_reports WHERE name = ? AND version = ? AND replica != ?",
+                                         arguments: [r.name, r.version, r.replica]) ?? 0
+            guard known < maxReplicas else { return false }
+            try db.execute(sql: """
+                INSERT INTO load_reports (name, version, replica, ok, error, at_ms) VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT(name, version, replica) DO UPDATE SET ok = excluded.ok, error = excluded.error, at_ms = excluded.at_ms
+                """, arguments: [r.name, r.version, r.replica, r.ok, String(r.error.prefix(1000)), Self.nowMs()])
+            return true
+        }
+    }
+
+    /// Failed loads of `name`'s versions, oldest first.
+    public func loadFailures(name: String) async throws -> [Stockpot_V1_LoadReport] {
+        try await db.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM load_reports WHERE name = ? AND ok = 0 ORDER BY at_ms", arguments: [name]).map { row in
+                .with {
+                    $0.name = row["name"]
+                    $0.version = row["version"]
+                    $0.replica = row["replica"]
+                    $0.ok = row["ok"]
+                    $0.error = row["error"]
+                    $0.atMs = row["at_ms"]
+                }
+            }
         }
     }
 

@@ -43,13 +43,18 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     public typealias Watch = @Sendable (_ name: String, _ resumeAfter: Int64,
                                         _ handle: @escaping @Sendable ([Stockpot_V1_AliasMove]) -> Void) async throws -> Void
 
+    /// Tells the registry how loading a version went (`RegistryService.ReportLoad`); best effort.
+    public typealias Report = @Sendable (_ version: Stockpot_V1_ModelVersion, _ error: (any Error)?) async -> Void
+
     public let reference: String
     private let resolve: @Sendable (String) async throws -> Stockpot_V1_ModelVersion
     private let fetch: @Sendable (Stockpot_V1_ModelVersion) async throws -> URL
     private let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded
     private let watch: Watch?
+    private let report: Report?
     private let current = Mutex<Current?>(nil)
     private let lastFailure = Mutex<Failure?>(nil)
+    private let lastReportedFailure = Mutex<String>("")
     private let poked = Atomic<Bool>(false)
     private let refreshing = Mutex<Bool>(false)
     private let interval: Duration
@@ -68,12 +73,14 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 fetch: @escaping @Sendable (Stockpot_V1_ModelVersion) async throws -> URL,
                 load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded,
                 watch: Watch? = nil,
+                report: Report? = nil,
                 onChange: @escaping @Sendable (Current) -> Void = { _ in }) {
         self.reference = reference
         self.resolve = resolve
         self.fetch = fetch
         self.load = load
         self.watch = watch
+        self.report = report
         self.interval = interval
         self.optional = optional
         self.logger = logger
@@ -127,10 +134,15 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 "fetch_ms": "\(Int((fetched - started).seconds * 1000))", "load_ms": "\(Int((ready - fetched).seconds * 1000))",
             ])
             onChange(next)
+            await report?(version, nil)
             return true
         } catch {
             if value != nil {
                 lastFailure.withLock { $0 = Failure(version: label, message: "\(error)") }
+            }
+            // Reported once per failing version, not on every retry.
+            if lastReportedFailure.withLock({ old in defer { old = label }; return old != label }) {
+                await report?(version, error)
             }
             throw error
         }

@@ -10,6 +10,8 @@ public enum ModelMetrics {
                 return
             }
             metrics.gauge("stockpot_model_loaded", ref).record(1)
+            // 1 while a newer version failed to load and the previous one keeps serving.
+            metrics.gauge("stockpot_model_load_failed", ref).record(watcher.failure == nil ? 0 : 1)
             metrics.gauge("stockpot_model_version", ref).record(Int(current.version.version))
             let s = current.value.pool.stats
             // Each load has its own pool, whose totals start at zero: counted per load.

@@ -8,6 +8,8 @@ public struct RegistryAccess: Sendable {
     public var address: String
     public var cacheDirectory: URL
     public var refreshInterval: Duration
+    /// This replica's name in the registry's load reports.
+    public var replica = "\(ProcessInfo.processInfo.processName)@\(ProcessInfo.processInfo.hostName):\(ProcessInfo.processInfo.processIdentifier)"
 
     public init(address: String = "127.0.0.1:\(DefaultPorts.registry)", cacheDirectory: URL = URL(fileURLWithPath: "data/cache"),
                 refreshInterval: Duration = .seconds(10)) {
@@ -42,6 +44,17 @@ public struct RegistryAccess: Sendable {
                                                                         options: streamOptions) { response in
                                        for try await message in response.messages { handle(message.moves) }
                                    }
+                               },
+                               report: { [replica] version, error in
+                                   var options = CallOptions.defaults
+                                   options.timeout = .seconds(5)
+                                   _ = try? await registry.stub.reportLoad(.with {
+                                       $0.name = version.name
+                                       $0.version = version.version
+                                       $0.replica = replica
+                                       $0.ok = error == nil
+                                       $0.error = error.map { "\($0)" } ?? ""
+                                   }, options: options)
                                },
                                onChange: onChange)
     }

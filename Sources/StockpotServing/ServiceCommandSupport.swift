@@ -73,6 +73,7 @@ extension ServiceSettings {
         }
         a.cacheDirectory = URL(fileURLWithPath: try await string("cache", default: "data/cache/\(service)"))
         if let s = try await double("refresh-seconds", in: 0.05...86_400) { a.refreshInterval = .milliseconds(Int64(s * 1000)) }
+        a.replica = "\(service)@\(ProcessInfo.processInfo.hostName):\(ProcessInfo.processInfo.processIdentifier)"
         return a
     }
 

@@ -223,10 +223,11 @@ struct RegistryCommand: AsyncParsableCommand {
             let name = parts[0], alias = parts.count > 1 ? parts[1] : ""
             let atMs = at.flatMap { RegistryTime.parse($0, zone: connection.zone) } ?? 0
             let limit = self.limit ?? 0
-            let moves = try await connection.run { registry in
-                try await registry.stub.history(.with { $0.name = name; $0.alias = alias; $0.atMs = atMs; $0.limit = limit }).moves
+            let response = try await connection.run { registry in
+                try await registry.stub.history(.with { $0.name = name; $0.alias = alias; $0.atMs = atMs; $0.limit = limit })
             }
-            if json { Console.out(try RegistryCommand.json(moves)); return }
+            if json { Console.out(try RegistryCommand.json(response)); return }
+            let moves = response.moves
             if atMs != 0 {
                 let when = RegistryTime.format(atMs, zone: connection.zone)
                 if moves.isEmpty { Console.out("\(target) did not exist at \(when)") }
@@ -234,6 +235,9 @@ struct RegistryCommand: AsyncParsableCommand {
             }
             for m in moves { Console.out(RegistryCommand.describe(m, zone: connection.zone)) }
             if moves.isEmpty && atMs == 0 { Console.out("no alias of \(target) has ever been set") }
+            for f in response.loadFailures {
+                Console.out("load failed  \(RegistryTime.format(f.atMs, zone: connection.zone))  \(f.name):\(f.version) on \(f.replica): \(f.error)")
+            }
         }
     }
 

@@ -219,6 +219,33 @@ func fuzz<Request: SwiftProtobuf.Message, Response: Sendable>(
         tallies.append(await fuzz("ListVersions", seed: Fuzz.seed + 7, build: { g in
             Stockpot_V1_ListVersionsRequest.with { $0.name = g.string() }
         }, handle: { r in try await withContext { try await service.listVersions(request: r, context: $0) } }))
+        tallies.append(await fuzz("Promote", seed: Fuzz.seed + 11, build: { g in
+            Stockpot_V1_PromoteRequest.with {
+                $0.ref = g.chance(0.4) ? "m:1" : g.string()
+                $0.alias = g.chance(0.5) ? "production" : g.string()
+                $0.reason = g.chance(0.7) ? "fuzz" : g.string()
+                if g.chance(0.3) { $0.expectVersion = Int64(g.int(-1...2)) }
+                $0.force = g.chance(0.2)
+                $0.require = (0..<g.int(0...2)).map { _ in g.chance(0.5) ? "auc.x.y>=0.5" : g.string() }
+                $0.together = (0..<g.int(0...2)).map { _ in g.chance(0.5) ? "m:1" : g.string() }
+            }
+        }, handle: { r in try await withContext { try await service.promote(request: r, context: $0) } }))
+        tallies.append(await fuzz("Rollback", seed: Fuzz.seed + 12, build: { g in
+            Stockpot_V1_RollbackRequest.with {
+                $0.name = g.chance(0.5) ? "m" : g.string()
+                $0.alias = g.chance(0.5) ? "production" : g.string()
+                $0.reason = g.chance(0.7) ? "fuzz" : g.string()
+                if g.chance(0.3) { $0.expectVersion = Int64(g.int(-1...2)) }
+            }
+        }, handle: { r in try await withContext { try await service.rollback(request: r, context: $0) } }))
+        tallies.append(await fuzz("History", seed: Fuzz.seed + 13, build: { g in
+            Stockpot_V1_HistoryRequest.with {
+                $0.name = g.chance(0.5) ? "m" : g.string()
+                $0.alias = g.chance(0.5) ? "" : g.string()
+                $0.atMs = Int64(g.int(-1...2)) * 1_700_000_000_000
+                $0.limit = Int32(g.int(-1...3))
+            }
+        }, handle: { r in try await withContext { try await service.history(request: r, context: $0) } }))
         // Uploads: a header with random files, then random chunks.
         tallies.append(await fuzz("Register", seed: Fuzz.seed + 8, build: { g in
             Stockpot_V1_RegisterHeader.with { h in

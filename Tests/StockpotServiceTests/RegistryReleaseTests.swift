@@ -404,6 +404,42 @@ func artifact(_ content: String) -> URL {
         }
     }
 
+    @Test func aVersionThatFailsToLoadKeepsThePreviousOneServingAndIsOnRecord() async throws {
+        let root = temporaryDirectory("registry-badload")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root.appendingPathComponent("registry"), access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                for content in ["one", "broken", "three"] { _ = try await client.register(name: "m", kind: "legacy", folder: artifact(content)) }
+                _ = try await client.promote("m:1", alias: "production", reason: "start")
+            }
+            let serviceClient = try ServiceClient(target: address)
+            var access = RegistryAccess(address: address, cacheDirectory: root.appendingPathComponent("cache"), refreshInterval: .seconds(600))
+            access.replica = "scorer@test"
+            let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger) { _, folder in
+                let text = try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8)
+                guard text != "broken" else { throw RPCError(code: .internalError, message: "cannot parse model.json") }
+                return text
+            }
+            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
+            let running = Task { try await group.run() }
+            try await waitFor { watcher.value?.value == "one" }
+            try await Task.sleep(for: .milliseconds(300))
+            try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "bad build") }
+            try await waitFor { watcher.failure != nil }
+            #expect(watcher.value?.value == "one")
+            #expect(watcher.failure?.version == "m:2" && watcher.failure?.message.contains("cannot parse") == true)
+            let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
+            #expect(failures.map { "\($0.name):\($0.version)@\($0.replica)" } == ["m:2@scorer@test"])
+            #expect(failures.first?.error.contains("cannot parse") == true)
+            // The next good version loads and clears the failure.
+            try await withRegistryClient(address) { _ = try await $0.promote("m:3", alias: "production", reason: "fixed") }
+            try await waitFor { watcher.value?.value == "three" }
+            #expect(watcher.failure == nil)
+            await group.triggerGracefulShutdown()
+            try await running.value
+        }
+    }
+
     @Test func theRegistryShutsDownWithWatchersConnected() async throws {
         let root = temporaryDirectory("registry-drain")
         defer { try? FileManager.default.removeItem(at: root) }

@@ -144,6 +144,19 @@ public enum Stockpot_V1_RegistryService: Sendable {
                 type: .serverStreaming
             )
         }
+        /// Namespace for "ReportLoad" metadata.
+        public enum ReportLoad: Sendable {
+            /// Request type for "ReportLoad".
+            public typealias Input = Stockpot_V1_LoadReport
+            /// Response type for "ReportLoad".
+            public typealias Output = Stockpot_V1_LoadReportAck
+            /// Descriptor for "ReportLoad".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "stockpot.v1.RegistryService"),
+                method: "ReportLoad",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "stockpot.v1.RegistryService" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Register.descriptor,
@@ -154,7 +167,8 @@ public enum Stockpot_V1_RegistryService: Sendable {
             Promote.descriptor,
             Rollback.descriptor,
             History.descriptor,
-            WatchAliases.descriptor
+            WatchAliases.descriptor,
+            ReportLoad.descriptor
         ]
     }
 }
@@ -306,6 +320,20 @@ extension Stockpot_V1_RegistryService {
             request: GRPCCore.StreamingServerRequest<Stockpot_V1_WatchAliasesRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse>
+
+        /// Handle the "ReportLoad" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Stockpot_V1_LoadReport` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Stockpot_V1_LoadReportAck` messages.
+        func reportLoad(
+            request: GRPCCore.StreamingServerRequest<Stockpot_V1_LoadReport>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_LoadReportAck>
     }
 
     /// Service protocol for the "stockpot.v1.RegistryService" service.
@@ -441,6 +469,20 @@ extension Stockpot_V1_RegistryService {
             request: GRPCCore.ServerRequest<Stockpot_V1_WatchAliasesRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_WatchAliasesResponse>
+
+        /// Handle the "ReportLoad" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_LoadReport` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Stockpot_V1_LoadReportAck` message.
+        func reportLoad(
+            request: GRPCCore.ServerRequest<Stockpot_V1_LoadReport>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_LoadReportAck>
     }
 
     /// Simple service protocol for the "stockpot.v1.RegistryService" service.
@@ -576,6 +618,20 @@ extension Stockpot_V1_RegistryService {
             response: GRPCCore.RPCWriter<Stockpot_V1_WatchAliasesResponse>,
             context: GRPCCore.ServerContext
         ) async throws
+
+        /// Handle the "ReportLoad" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Stockpot_V1_LoadReport` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Stockpot_V1_LoadReportAck` to respond with.
+        func reportLoad(
+            request: Stockpot_V1_LoadReport,
+            context: GRPCCore.ServerContext
+        ) async throws -> Stockpot_V1_LoadReportAck
     }
 }
 
@@ -677,6 +733,17 @@ extension Stockpot_V1_RegistryService.StreamingServiceProtocol {
             serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_WatchAliasesResponse>(),
             handler: { request, context in
                 try await self.watchAliases(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Stockpot_V1_RegistryService.Method.ReportLoad.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_LoadReport>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_LoadReportAck>(),
+            handler: { request, context in
+                try await self.reportLoad(
                     request: request,
                     context: context
                 )
@@ -785,6 +852,17 @@ extension Stockpot_V1_RegistryService.ServiceProtocol {
             context: context
         )
         return response
+    }
+
+    public func reportLoad(
+        request: GRPCCore.StreamingServerRequest<Stockpot_V1_LoadReport>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Stockpot_V1_LoadReportAck> {
+        let response = try await self.reportLoad(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
     }
 }
 
@@ -913,6 +991,19 @@ extension Stockpot_V1_RegistryService.SimpleServiceProtocol {
                 )
                 return [:]
             }
+        )
+    }
+
+    public func reportLoad(
+        request: GRPCCore.ServerRequest<Stockpot_V1_LoadReport>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Stockpot_V1_LoadReportAck> {
+        return GRPCCore.ServerResponse<Stockpot_V1_LoadReportAck>(
+            message: try await self.reportLoad(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
         )
     }
 }
@@ -1095,6 +1186,25 @@ extension Stockpot_V1_RegistryService {
             deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_WatchAliasesResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Stockpot_V1_WatchAliasesResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ReportLoad" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_LoadReport` message.
+        ///   - serializer: A serializer for `Stockpot_V1_LoadReport` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_LoadReportAck` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func reportLoad<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_LoadReport>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_LoadReport>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_LoadReportAck>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_LoadReportAck>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -1379,6 +1489,36 @@ extension Stockpot_V1_RegistryService {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "ReportLoad" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Stockpot_V1_LoadReport` message.
+        ///   - serializer: A serializer for `Stockpot_V1_LoadReport` messages.
+        ///   - deserializer: A deserializer for `Stockpot_V1_LoadReportAck` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func reportLoad<Result>(
+            request: GRPCCore.ClientRequest<Stockpot_V1_LoadReport>,
+            serializer: some GRPCCore.MessageSerializer<Stockpot_V1_LoadReport>,
+            deserializer: some GRPCCore.MessageDeserializer<Stockpot_V1_LoadReportAck>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_LoadReportAck>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Stockpot_V1_RegistryService.Method.ReportLoad.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1601,6 +1741,31 @@ extension Stockpot_V1_RegistryService.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_WatchAliasesRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_WatchAliasesResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ReportLoad" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Stockpot_V1_LoadReport` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func reportLoad<Result>(
+        request: GRPCCore.ClientRequest<Stockpot_V1_LoadReport>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_LoadReportAck>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.reportLoad(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Stockpot_V1_LoadReport>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Stockpot_V1_LoadReportAck>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1862,6 +2027,35 @@ extension Stockpot_V1_RegistryService.ClientProtocol {
             metadata: metadata
         )
         return try await self.watchAliases(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ReportLoad" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func reportLoad<Result>(
+        _ message: Stockpot_V1_LoadReport,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Stockpot_V1_LoadReportAck>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Stockpot_V1_LoadReport>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.reportLoad(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -478,6 +478,46 @@ public nonisolated struct Stockpot_V1_HistoryResponse: Sendable {
   /// oldest first
   public var moves: [Stockpot_V1_AliasMove] = []
 
+  /// Versions of the model that a serving replica could not load (it kept serving its previous version).
+  public var loadFailures: [Stockpot_V1_LoadReport] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A serving replica's outcome of loading a version. Reports need no token (they move nothing); the registry
+/// keeps the latest per version and replica, at most 1,000 replicas per version.
+public nonisolated struct Stockpot_V1_LoadReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var version: Int64 = 0
+
+  /// e.g. "scorer@host-1:4242"
+  public var replica: String = String()
+
+  public var ok: Bool = false
+
+  /// why it failed (at most 1,000 characters kept)
+  public var error: String = String()
+
+  /// set by the registry
+  public var atMs: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Stockpot_V1_LoadReportAck: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1394,7 +1434,7 @@ nonisolated extension Stockpot_V1_HistoryRequest: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Stockpot_V1_HistoryResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".HistoryResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}moves\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}moves\0\u{3}load_failures\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1403,6 +1443,7 @@ nonisolated extension Stockpot_V1_HistoryResponse: SwiftProtobuf.Message, SwiftP
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.moves) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.loadFailures) }()
       default: break
       }
     }
@@ -1412,11 +1453,89 @@ nonisolated extension Stockpot_V1_HistoryResponse: SwiftProtobuf.Message, SwiftP
     if !self.moves.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.moves, fieldNumber: 1)
     }
+    if !self.loadFailures.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.loadFailures, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Stockpot_V1_HistoryResponse, rhs: Stockpot_V1_HistoryResponse) -> Bool {
     if lhs.moves != rhs.moves {return false}
+    if lhs.loadFailures != rhs.loadFailures {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_LoadReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LoadReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}version\0\u{1}replica\0\u{1}ok\0\u{1}error\0\u{3}at_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularInt64Field(value: &self.version) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.replica) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.ok) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 6: try { try decoder.decodeSingularInt64Field(value: &self.atMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.version != 0 {
+      try visitor.visitSingularInt64Field(value: self.version, fieldNumber: 2)
+    }
+    if !self.replica.isEmpty {
+      try visitor.visitSingularStringField(value: self.replica, fieldNumber: 3)
+    }
+    if self.ok != false {
+      try visitor.visitSingularBoolField(value: self.ok, fieldNumber: 4)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 5)
+    }
+    if self.atMs != 0 {
+      try visitor.visitSingularInt64Field(value: self.atMs, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_LoadReport, rhs: Stockpot_V1_LoadReport) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.version != rhs.version {return false}
+    if lhs.replica != rhs.replica {return false}
+    if lhs.ok != rhs.ok {return false}
+    if lhs.error != rhs.error {return false}
+    if lhs.atMs != rhs.atMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Stockpot_V1_LoadReportAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LoadReportAck"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Stockpot_V1_LoadReportAck, rhs: Stockpot_V1_LoadReportAck) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
