@@ -24,7 +24,7 @@ public final class ShadowTraffic: Sendable {
         public var model = "legacy@shadow"
         public var maxInFlight = 8
         public var timeout: Duration = .seconds(1)
-        /// k of the top-k overlap.
+        /// k of the top-k overlap (at most half the candidates, so that a short list is not trivially 1).
         public var topK = 10
 
         public init() {}
@@ -133,6 +133,9 @@ public final class ShadowTraffic: Sendable {
 
     /// Adds one request's comparison, per objective both replies have.
     func record(primary: Stockpot_V1_ScoreResponse, shadow: Stockpot_V1_ScoreResponse, crowd: String, primaryMs: Double, shadowMs: Double) {
+        // A request served by the shadow's own version (a canary user, or the shadow already promoted) compares
+        // nothing.
+        guard primary.model.name != shadow.model.name || primary.model.version != shadow.model.version else { return }
         let shadowScores = Dictionary(shadow.scores.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a })
         comparisons.withLock { all in
             for p in primary.scores {
@@ -143,7 +146,7 @@ public final class ShadowTraffic: Sendable {
                 a.primary = primary.model
                 a.shadow = shadow.model
                 a.requests += 1
-                a.overlap += Self.topKOverlap(p.values, s, k: options.topK)
+                a.overlap += Self.topKOverlap(p.values, s, k: min(options.topK, max(1, s.count / 2)))
                 a.correlation += Self.spearman(p.values, s)
                 a.delta += zip(p.values, s).reduce(0.0) { $0 + Double(abs($1.0 - $1.1)) } / Double(s.count)
                 a.shadowMs += shadowMs

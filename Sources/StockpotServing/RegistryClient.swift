@@ -51,8 +51,10 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
     }
 
     /// Uploads every regular file of `folder` (recursively) as the next version of `name`.
+    /// - Parameter only: upload just these paths (relative to `folder`), e.g. a checkpoint's model files without
+    ///   its optimizer state.
     public func register(name: String, kind: String, metadata: [String: String] = [:], lineage: Stockpot_V1_Lineage = .init(),
-                         metrics: [String: Double] = [:], folder: URL,
+                         metrics: [String: Double] = [:], folder: URL, only: Set<String>? = nil,
                          options: CallOptions = .defaults) async throws -> Stockpot_V1_ModelVersion {
         let fm = FileManager.default
         var paths: [String] = []
@@ -64,6 +66,11 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
                     paths.append(p)
                 }
             }
+        }
+        if let only {
+            let missing = only.subtracting(paths)
+            guard missing.isEmpty else { throw Status.invalidArgument("\(folder.path) has no \(missing.sorted().joined(separator: ", "))") }
+            paths = paths.filter { only.contains($0) }
         }
         let sortedPaths = paths.sorted()
         // Mapped once: hashed for the header, then streamed from the same mapping.

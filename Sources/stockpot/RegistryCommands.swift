@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
+import StockpotModel
 import StockpotProto
 import StockpotRegistry
 import StockpotServing
@@ -36,10 +37,15 @@ struct RegistryCommand: AsyncParsableCommand {
                     try await body(RegistryClient(wrapping: client, token: token))
                 }
             } catch let e as RPCError {
-                // The status code and message, not a stack of wrappers.
-                throw CleanExit.message("error: \(e.code): \(e.message)")
+                // The status code and message, not a stack of wrappers; exit status 1.
+                throw Failure(description: "\(e.code): \(e.message)")
             }
         }
+    }
+
+    /// A failed registry call, printed as `Error: <code>: <message>` with exit status 1.
+    struct Failure: Error, CustomStringConvertible {
+        let description: String
     }
 
     static func json<M: SwiftProtobuf.Message>(_ messages: [M]) throws -> String {
@@ -281,6 +287,8 @@ struct RegistryCommand: AsyncParsableCommand {
         @Option(help: "JSON file of metrics {\"auc.is_click.tail\": 0.71, …}.") var metricsFile: String?
         @Option(help: "A metric, key=value (repeatable).") var metric: [String] = []
         @Option(help: "Free-form metadata, key=value (repeatable).") var metadata: [String] = []
+        @Option(help: "Upload only these files, comma-separated paths relative to DIR (e.g. model.json,weights.safetensors of a training checkpoint).")
+        var only: String?
         @Flag(help: "JSON output.") var json = false
 
         func validate() throws {
@@ -312,13 +320,16 @@ struct RegistryCommand: AsyncParsableCommand {
                 guard kv.count == 2, let v = Double(kv[1]) else { throw ValidationError("--metric '\(m)' is not key=number") }
                 metrics[String(kv[0])] = v
             }
-            var meta: [String: String] = [:]
+            // A model folder's own metadata (training days, steps, seed…) comes along; --metadata adds or overrides.
+            let folderURL = URL(fileURLWithPath: dir).resolvingSymlinksInPath()
+            let spec = try? JSONDecoder().decode(ModelSpec.self, from: Data(contentsOf: folderURL.appendingPathComponent("model.json")))
+            var meta: [String: String] = spec?.metadata ?? [:]
             for m in metadata {
                 let kv = m.split(separator: "=", maxSplits: 1)
                 guard kv.count == 2 else { throw ValidationError("--metadata '\(m)' is not key=value") }
                 meta[String(kv[0])] = String(kv[1])
             }
-            var days: [Int32] = []
+            var days: [Int32] = (spec?.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) }
             if let trainingDays {
                 if trainingDays.contains("..") { days = Self.calendarDays(try parseDays(trainingDays)) }
                 else { days = try trainingDays.split(separator: ",").map { guard let d = Int32($0) else { throw ValidationError("bad day '\($0)'") }; return d } }
@@ -328,11 +339,12 @@ struct RegistryCommand: AsyncParsableCommand {
                 $0.teacher = teacher ?? ""
                 $0.trainedOn = trainedOn ?? ""
                 $0.trainingDays = days
-                $0.featureSetVersion = featureSet ?? ""
+                $0.featureSetVersion = featureSet ?? spec?.featureSetVersion ?? ""
             }
-            let (name, kind, folder, m, measured) = (self.name, self.kind, URL(fileURLWithPath: dir), meta, metrics)
+            let (name, kind, folder, m, measured) = (self.name, self.kind, URL(fileURLWithPath: dir).resolvingSymlinksInPath(), meta, metrics)
+            let files = only.map { Set($0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }) }
             let version = try await connection.run(write: true) { registry in
-                try await registry.register(name: name, kind: kind, metadata: m, lineage: lineage, metrics: measured, folder: folder)
+                try await registry.register(name: name, kind: kind, metadata: m, lineage: lineage, metrics: measured, folder: folder, only: files)
             }
             if json { Console.out(try RegistryCommand.json(version)); return }
             Console.out("registered \(version.name):\(version.version) (\(version.files.count) files, sha256 \(version.artifactSha256.prefix(12))…)")
@@ -359,7 +371,7 @@ struct RegistryCommand: AsyncParsableCommand {
                     try await Stockpot_V1_GatewayService.Client(wrapping: client).shadowReport(.with { $0.model = model })
                 }
             } catch let e as RPCError {
-                throw CleanExit.message("error: gateway \(gateway): \(e.code): \(e.message)")
+                throw Failure(description: "gateway \(gateway): \(e.code): \(e.message)")
             }
             if json { Console.out(try RegistryCommand.json(report)); return }
             Console.out("shadow \(model) — sampled \(report.sampled), dropped \(report.dropped), failed \(report.failed) (all shadow versions)")

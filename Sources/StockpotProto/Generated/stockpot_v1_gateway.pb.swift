@@ -125,7 +125,7 @@ public nonisolated struct Stockpot_V1_ShadowComparison: Sendable {
 
   public var requests: Int64 = 0
 
-  /// |top-k(primary) ∩ top-k(shadow)| / k, k = min(10, candidates)
+  /// |top-k(primary) ∩ top-k(shadow)| / k, k = min(10, half the candidates)
   public var meanTopKOverlap: Double = 0
 
   /// Spearman, per request
