@@ -373,6 +373,7 @@ struct RandomFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
                 config.budget = .seconds(10)
                 config.correctorTimeout = .seconds(2)
                 config.fusionTimeout = .seconds(2)
+                config.shadow.share = 0.5 // shadow replies are random too: validated before they are compared
                 let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
                                              config: config, log: nil, metrics: MetricsHub(), logger: quietLogger)
                 var g = Chaotic(rng: SplitMix64(seed: Fuzz.seed + 11))

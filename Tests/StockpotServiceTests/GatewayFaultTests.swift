@@ -197,6 +197,8 @@ func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics:
     config.correctorTimeout = .seconds(4)
     config.fusionTimeout = .seconds(4)
     config.budget = .seconds(20)
+    // Shadow calls are random extra scorer calls: off unless a test turns them on.
+    config.shadow.share = 0
     configure(&config)
     let server = GRPCServer(
         transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
@@ -503,6 +505,7 @@ struct FlakyScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
                 config.budget = .seconds(20)
                 config.correctorTimeout = .seconds(4)
                 config.fusionTimeout = .seconds(4)
+                config.shadow.share = 0 // counted calls: no random shadow calls
                 let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
                                              config: config, log: nil, metrics: MetricsHub(), logger: quietLogger)
                 for _ in 0..<10 { _ = try await rank(gateway) }
@@ -524,6 +527,7 @@ struct FlakyScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
             try await withGRPCClient(transport: try ServiceClient.transport(target: "127.0.0.1:\(port)")) { client in
                 var config = GatewayConfig()
                 config.budget = .seconds(20)
+                config.shadow.share = 0
                 let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
                                              config: config, log: nil, metrics: MetricsHub(), logger: quietLogger)
                 #expect(await expectStatus(.unavailable, mentioning: "legacy scorer failed") { try await rank(gateway) })
