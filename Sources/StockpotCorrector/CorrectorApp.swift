@@ -51,20 +51,22 @@ public struct CorrectorApp {
         // loaded, so a crowd without a model is a state operators can query, not a log line per request. The
         // service itself is SERVING as soon as it listens: for such a crowd it passes the legacy scores through.
         let health = HealthStatus()
-        for crowd in crowds {
-            let key = Self.healthKey(crowd: crowd)
-            health.set(key, .notServing)
-            watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger, load: { _, folder in
+        // A version loaded for one alias (the canary being promoted, the previous one rolled back to) is reused.
+        let shelf = LoadedVersions<ServableModel>(capacity: crowds.count * (2 + alternateAliases.count))
+        let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { version, folder in
+            try shelf.value(for: version) {
                 let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
                 try CorrectorService.validateCorrector(servable.model)
                 return servable
-            }, onChange: { _ in health.set(key, .serving) })
+            }
+        }
+        for crowd in crowds {
+            let key = Self.healthKey(crowd: crowd)
+            health.set(key, .notServing)
+            watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger, load: load,
+                                               onChange: { _ in health.set(key, .serving) })
             alternates[crowd] = alternateAliases.filter { !$0.isEmpty && $0 != alias }.map { other in
-                registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, load: { _, folder in
-                    let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
-                    try CorrectorService.validateCorrector(servable.model)
-                    return servable
-                })
+                registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, load: load)
             }
         }
         for watcher in watchers.values { ModelMetrics.observe(watcher, service: "corrector", metrics: metrics) }

@@ -49,6 +49,7 @@ public final class ShadowTraffic: Sendable {
     }
 
     public let options: Options
+    static let maxComparisons = 1_000
     private let inFlight = Atomic<Int>(0)
     private let counts = Mutex<(sampled: Int, dropped: Int, failed: Int)>((0, 0, 0))
     private let comparisons = Mutex<[Key: Accumulator]>([:])
@@ -142,6 +143,8 @@ public final class ShadowTraffic: Sendable {
                 guard let s = shadowScores[p.objective], s.count == p.values.count, !s.isEmpty else { continue }
                 let key = Key(primary: GatewayMetrics.label(primary.model), shadow: GatewayMetrics.label(shadow.model),
                               crowd: crowd, objective: p.objective)
+                // Bounded: past `maxComparisons` keys, a new shadow version, crowd or objective is not tracked.
+                guard all[key] != nil || all.count < Self.maxComparisons else { continue }
                 var a = all[key] ?? Accumulator()
                 a.primary = primary.model
                 a.shadow = shadow.model

@@ -17,6 +17,8 @@ public final class AccessControl: Sendable {
     /// What a token may do.
     public enum Role: String, Codable, CaseIterable, Sendable {
         case register, promote, admin
+        /// Report load outcomes (`ReportLoad`): granted to every token (serving replicas use any of them).
+        case report
     }
 
     /// One configured token.
@@ -32,7 +34,7 @@ public final class AccessControl: Sendable {
             self.sha256 = sha256
         }
 
-        func has(_ role: Role) -> Bool { roles.contains(.admin) || roles.contains(role) }
+        func has(_ role: Role) -> Bool { roles.contains(.admin) || roles.contains(role) || (role == .report && !roles.isEmpty) }
     }
 
     /// The tokens file's shape.
@@ -44,7 +46,7 @@ public final class AccessControl: Sendable {
     public let tokensFile: URL?
     public let openWrites: Bool
     public let protectedAliases: Set<String>
-    private let cache = Mutex<(modified: Date?, byDigest: [String: Principal])>((nil, [:]))
+    private let cache = Mutex<(stamp: String?, byDigest: [String: Principal])>((nil, [:]))
 
     /// - Parameters:
     ///   - tokensFile: the JSON tokens file; nil = no tokens.
@@ -84,26 +86,42 @@ public final class AccessControl: Sendable {
         try writePrivate(try encoder.encode(contents), to: file)
     }
 
-    /// Writes `data` to `url` through a temporary file created with mode 600, fsynced, then renamed.
+    /// Writes `data` to `url` through a temporary file created with mode 600 before any byte is written,
+    /// fsynced, then renamed over `url`; a failure leaves no temporary file behind.
     public static func writePrivate(_ data: Data, to url: URL) throws {
         let fm = FileManager.default
         try fm.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
         let tmp = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(UInt32.random(in: 0...UInt32.max))")
-        guard fm.createFile(atPath: tmp.path, contents: data, attributes: [.posixPermissions: 0o600]) else {
-            throw Status.internal("cannot write \(tmp.path)")
+        let fd = posixOpen(tmp.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw Status.internal("cannot create \(tmp.path) (errno \(errno))") }
+        var ok = false
+        defer {
+            posixClose(fd)
+            if !ok { unlink(tmp.path) }
         }
-        try Durability.sync(tmp)
-        guard rename(tmp.path, url.path) == 0 else {
-            try? fm.removeItem(at: tmp)
-            throw Status.internal("cannot rename \(tmp.path) to \(url.path) (errno \(errno))")
+        let written = data.withUnsafeBytes { raw -> Bool in
+            var done = 0
+            while done < raw.count {
+                let n = posixWrite(fd, raw.baseAddress! + done, raw.count - done)
+                if n < 0 { if errno == EINTR { continue }; return false }
+                done += n
+            }
+            return true
         }
+        guard written, fsync(fd) == 0 else { throw Status.internal("cannot write \(tmp.path) (errno \(errno))") }
+        guard rename(tmp.path, url.path) == 0 else { throw Status.internal("cannot rename \(tmp.path) to \(url.path) (errno \(errno))") }
+        ok = true
         try Durability.sync(url.deletingLastPathComponent())
     }
 
     private func principals() throws -> [String: Principal] {
         guard let tokensFile else { return [:] }
-        let modified = (try? FileManager.default.attributesOfItem(atPath: tokensFile.path))?[.modificationDate] as? Date
-        if let cached = cache.withLock({ $0.modified != nil && $0.modified == modified ? $0.byDigest : nil }) { return cached }
+        // The file's identity and content stamp: a rename over it (a new inode), a size or a time change.
+        let attributes = try? FileManager.default.attributesOfItem(atPath: tokensFile.path)
+        let stamp = attributes.map { a in
+            "\(a[.systemFileNumber] ?? 0):\(a[.size] ?? 0):\((a[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)"
+        }
+        if let cached = cache.withLock({ $0.stamp != nil && $0.stamp == stamp ? $0.byDigest : nil }) { return cached }
         let data: Data
         do { data = try Data(contentsOf: tokensFile) } catch {
             throw Status.internal("cannot read the tokens file \(tokensFile.path): \(error.localizedDescription)")
@@ -119,7 +137,7 @@ public final class AccessControl: Sendable {
             }
             byDigest[p.sha256] = p
         }
-        cache.withLock { $0 = (modified, byDigest) }
+        cache.withLock { $0 = (stamp, byDigest) }
         return byDigest
     }
 
@@ -175,3 +193,8 @@ public final class AccessControl: Sendable {
         return p.name
     }
 }
+
+// The C calls, named apart from the methods of the types above.
+private func posixOpen(_ path: String, _ flags: Int32, _ mode: mode_t) -> Int32 { open(path, flags, mode) }
+private func posixWrite(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int) -> Int { write(fd, buffer, count) }
+private func posixClose(_ fd: Int32) { close(fd) }

@@ -17,7 +17,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
     public var maxWatchers: Int
     public static let chunkSize = 256 * 1024
 
-    public init(store: RegistryStore, access: AccessControl, maxArtifactBytes: Int64 = 4 << 30, maxWatchers: Int = 256) {
+    public init(store: RegistryStore, access: AccessControl, maxArtifactBytes: Int64 = 4 << 30, maxWatchers: Int = 1_024) {
         self.store = store
         self.access = access
         self.maxArtifactBytes = maxArtifactBytes
@@ -41,6 +41,9 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
             guard Self.isSafePath(f.path) else { throw Status.invalidArgument("header.files: unsafe path '\(f.path)'") }
             guard seen.insert(f.path).inserted else { throw Status.invalidArgument("header.files: duplicate path '\(f.path)'") }
             guard f.size >= 0 else { throw Status.invalidArgument("header.files[\(f.path)].size is negative") }
+            guard f.size <= maxArtifactBytes - total else {
+                throw Status.resourceExhausted("artifact is more than \(maxArtifactBytes) bytes, the limit")
+            }
             guard f.sha256.count == 64, f.sha256.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
                 throw Status.invalidArgument("header.files[\(f.path)].sha256 must be 64 lowercase hex digits")
             }
@@ -153,15 +156,16 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
             }
             return req
         }
-        if !requirements.isEmpty {
-            guard let version = try await store.resolve(ref) else { throw Status.notFound("no model version \(ref)") }
+        // Checked inside the move's transaction, on the version it moves (an alias ref cannot change in between).
+        let check: @Sendable (Stockpot_V1_ModelVersion) throws -> Void = { version in
             let failed = requirements.compactMap { $0.failure(in: version) }
             guard failed.isEmpty else {
                 throw Status.failedPrecondition("\(version.name):\(version.version) does not meet the promotion requirements: \(failed.joined(separator: "; "))")
             }
         }
         let (version, moves) = try await store.move([ref] + together, alias: r.alias, expect: r.hasExpectVersion ? r.expectVersion : nil,
-                                                    by: .init(actor: actor, reason: reason, action: "promote", force: r.force))
+                                                    by: .init(actor: actor, reason: reason, action: "promote", force: r.force),
+                                                    check: requirements.isEmpty ? nil : check)
         return ServerResponse(message: .with { $0.version = version; $0.moves = moves })
     }
 
@@ -252,8 +256,10 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
     public func reportLoad(request: ServerRequest<Stockpot_V1_LoadReport>, context: ServerContext) async throws
         -> ServerResponse<Stockpot_V1_LoadReportAck>
     {
-        let r = request.message
+        var r = request.message
+        _ = try access.authorize(request.metadata, .init(role: .report, action: "report-load"))
         guard ModelReference.isValidName(r.name), r.version > 0 else { throw Status.invalidArgument("name and a positive version are required") }
+        r.error = String(String.UnicodeScalarView(r.error.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? " " : $0 }))
         guard !r.replica.isEmpty, r.replica.count <= 200, r.replica.unicodeScalars.allSatisfy({ $0.value >= 0x20 && $0.value < 0x7f }) else {
             throw Status.invalidArgument("replica must be 1–200 printable ASCII characters")
         }
@@ -298,18 +304,19 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         guard r.resumeAfter >= 0 else { throw Status.invalidArgument("resume_after is negative") }
         let name = r.name.isEmpty ? nil : r.name
         let signal = store.moveSignal
-        guard signal.subscriberCount < maxWatchers else {
-            throw Status.resourceExhausted("\(maxWatchers) alias watchers are connected; the limit is \(maxWatchers)")
-        }
         // Subscribed before the first read, so no move between the read and the wait is missed.
         let (id, wakeUps) = signal.subscribe()
+        guard signal.subscriberCount <= maxWatchers else {
+            signal.unsubscribe(id)
+            throw Status.resourceExhausted("\(maxWatchers) alias watchers are connected, the limit")
+        }
         return StreamingServerResponse { [store] response in
             defer { signal.unsubscribe(id) }
             var last = r.resumeAfter
             if last == 0 {
-                let current = try await store.currentMoves(name: name)
+                let (current, newest) = try await store.currentMoves(name: name)
                 try await response.write(.with { $0.moves = current; $0.snapshot = true })
-                last = current.map(\.id).max() ?? 0
+                last = newest
             }
             // The stream ends when the client goes, or when the registry shuts down (the subscription is finished,
             // so a draining server is not held open by watchers; they reconnect and resume).

@@ -251,7 +251,9 @@ public final class RegistryStore: Sendable {
     /// the compare-and-set on the first model (`expect`: the version the alias must hold now, 0 = none) and the
     /// lineage guard on the state after every move. Moves to the version already held are no-ops (not
     /// recorded). Returns the first model's version after the moves and the recorded moves.
-    public func move(_ refs: [ModelReference], alias: String, expect: Int64?, by mover: Mover) async throws
+    /// - Parameter check: runs inside the transaction on the first model's version (metric requirements).
+    public func move(_ refs: [ModelReference], alias: String, expect: Int64?, by mover: Mover,
+                     check: (@Sendable (Stockpot_V1_ModelVersion) throws -> Void)? = nil) async throws
         -> (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove])
     {
         guard let first = refs.first else { throw Status.invalidArgument("nothing to move") }
@@ -265,6 +267,8 @@ public final class RegistryStore: Sendable {
                 targets.append((ref.name, v))
             }
             try checkExpectation(db, name: first.name, alias: alias, expect: expect)
+            let promoted = try fetchVersion(db, name: targets[0].name, version: targets[0].version)!
+            try check?(promoted)
             let moves = try apply(db, targets.map { ($0.name, $0.version) }, alias: alias, by: mover)
             return (try fetchVersion(db, name: targets[0].name, version: targets[0].version)!, moves)
         }
@@ -274,7 +278,8 @@ public final class RegistryStore: Sendable {
 
     /// Moves `alias` of `name` back to the version it held before its last move. When that move was part of a
     /// batch (a promotion with companions), every alias of the batch that still holds what the batch put there
-    /// moves back too, in the same transaction and under the same guard.
+    /// moves back too — or is removed, when the batch created it — in the same transaction and under the same
+    /// guard.
     public func rollback(name: String, alias: String, expect: Int64?, by mover: Mover) async throws
         -> (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove])
     {
@@ -291,8 +296,9 @@ public final class RegistryStore: Sendable {
             var targets = [(name: name, version: last.previousVersion)]
             if last.batch != 0 {
                 let batch = try Row.fetchAll(db, sql: "SELECT * FROM alias_history WHERE batch = ? ORDER BY id", arguments: [last.batch]).map(Self.move)
-                for m in batch where m.name != name && m.previousVersion > 0 {
+                for m in batch where m.name != name && m.version > 0 {
                     let holder = try Int64.fetchOne(db, sql: "SELECT version FROM aliases WHERE name = ? AND alias = ?", arguments: [m.name, m.alias])
+                    // previousVersion 0: the batch created this alias, so rolling back removes it (version 0).
                     if holder == m.version { targets.append((m.name, m.previousVersion)) }
                 }
             }
@@ -314,14 +320,15 @@ public final class RegistryStore: Sendable {
     }
 
     /// Checks the guard on the state after `targets` and records the moves. Inside the caller's transaction.
+    /// A target version of 0 removes the alias (a rollback of the batch that created it).
     private func apply(_ db: Database, _ targets: [(String, Int64)], alias: String, by mover: Mover) throws -> [Stockpot_V1_AliasMove] {
         var holders: [String: Int64] = [:]
         for row in try Row.fetchAll(db, sql: "SELECT name, version FROM aliases WHERE alias = ?", arguments: [alias]) {
             holders[row["name"]] = row["version"]
         }
         let before = holders
-        for (n, v) in targets { holders[n] = v }
-        let changed = Set(targets.filter { before[$0.0] != $0.1 }.map(\.0))
+        for (n, v) in targets { holders[n] = v == 0 ? nil : v }
+        let changed = Set(targets.filter { before[$0.0] != ($0.1 == 0 ? nil : $0.1) }.map(\.0))
         guard !changed.isEmpty else { return [] }
         let violations = try guardViolations(db, holders: holders, changed: changed, alias: alias)
         if !violations.isEmpty && !mover.force {
@@ -334,10 +341,14 @@ public final class RegistryStore: Sendable {
         let overrides = String(decoding: try JSONEncoder().encode(violations), as: UTF8.self)
         for (name, version) in targets where changed.contains(name) {
             let previous = before[name] ?? 0
-            try db.execute(sql: """
-                INSERT INTO aliases (name, alias, version, updated_at_ms) VALUES (?, ?, ?, ?)
-                ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at_ms = excluded.updated_at_ms
-                """, arguments: [name, alias, version, now])
+            if version == 0 {
+                try db.execute(sql: "DELETE FROM aliases WHERE name = ? AND alias = ?", arguments: [name, alias])
+            } else {
+                try db.execute(sql: """
+                    INSERT INTO aliases (name, alias, version, updated_at_ms) VALUES (?, ?, ?, ?)
+                    ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at_ms = excluded.updated_at_ms
+                    """, arguments: [name, alias, version, now])
+            }
             try db.execute(sql: """
                 INSERT INTO alias_history (name, alias, version, previous_version, at_ms, actor, reason, action, batch, overrides)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -400,9 +411,13 @@ public final class RegistryStore: Sendable {
     }
 
     /// Moves of `name` (one alias or all), oldest first; with `at`, only the move in effect at that instant for
-    /// each alias; with `limit`, the newest `limit`.
+    /// each alias (version 0: the alias had been removed); with `limit`, the newest `limit` (at most
+    /// `maxHistory` in any case).
+    public static let maxHistory = 10_000
+
     public func history(name: String, alias: String?, atMs: Int64?, limit: Int?) async throws -> [Stockpot_V1_AliasMove] {
-        try await db.read { db in
+        let limit = min(limit ?? Self.maxHistory, Self.maxHistory)
+        return try await db.read { db -> [Stockpot_V1_AliasMove] in
             var sql = "SELECT * FROM alias_history WHERE name = ?"
             var args: [any DatabaseValueConvertible] = [name]
             if let alias { sql += " AND alias = ?"; args.append(alias) }
@@ -414,9 +429,9 @@ public final class RegistryStore: Sendable {
                     """
                 args.append(atMs)
             } else {
-                sql += " ORDER BY id DESC"
-                if let limit { sql += " LIMIT ?"; args.append(limit) }
-                return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move).reversed()
+                sql += " ORDER BY id DESC LIMIT ?"
+                args.append(limit)
+                return Array(try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move).reversed())
             }
             return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move)
         }
@@ -466,14 +481,18 @@ public final class RegistryStore: Sendable {
         }
     }
 
-    /// The move that put each current alias (of `name`, or of every model) where it is, oldest first.
-    public func currentMoves(name: String?) async throws -> [Stockpot_V1_AliasMove] {
+    /// The move that put each current alias (of `name`, or of every model) where it is, oldest first; and the
+    /// newest history id (of `name`, or overall), where a subscriber resumes.
+    public func currentMoves(name: String?) async throws -> (moves: [Stockpot_V1_AliasMove], newest: Int64) {
         try await db.read { db in
-            try Row.fetchAll(db, sql: """
+            let moves = try Row.fetchAll(db, sql: """
                 SELECT h.* FROM alias_history h JOIN (
                     SELECT name, alias, MAX(id) AS id FROM alias_history \(name == nil ? "" : "WHERE name = ?") GROUP BY name, alias
-                ) latest ON h.id = latest.id ORDER BY h.id
+                ) latest ON h.id = latest.id WHERE h.version != 0 ORDER BY h.id
                 """, arguments: name == nil ? [] : [name!]).map(Self.move)
+            let newest = try Int64.fetchOne(db, sql: "SELECT MAX(id) FROM alias_history \(name == nil ? "" : "WHERE name = ?")",
+                                            arguments: name == nil ? [] : [name!]) ?? 0
+            return (moves, newest)
         }
     }
 }

@@ -55,6 +55,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     private let current = Mutex<Current?>(nil)
     private let lastFailure = Mutex<Failure?>(nil)
     private let lastReportedFailure = Mutex<String>("")
+    private let failedAt = Mutex<(String, ContinuousClock.Instant)?>(nil)
     private let poked = Atomic<Bool>(false)
     private let refreshing = Mutex<Bool>(false)
     private let interval: Duration
@@ -118,6 +119,10 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             return false
         }
         let label = "\(version.name):\(version.version)"
+        // A version that just failed is not downloaded and loaded again on every check: once a minute.
+        if let (failed, at) = failedAt.withLock({ $0 }), failed == label, ContinuousClock.now - at < .seconds(60) {
+            throw Status.failedPrecondition("\(label) failed to load less than a minute ago; retrying later")
+        }
         do {
             let clock = ContinuousClock()
             let started = clock.now
@@ -126,6 +131,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             let load = self.load
             let loaded = try await Self.loadInBackground { try load(version, folder) }
             let ready = clock.now
+            failedAt.withLock { $0 = nil }
             let next = Current(version: version, reference: reference, value: loaded, loadID: Self.nextLoadID())
             current.withLock { $0 = next }
             lastFailure.withLock { $0 = nil }
@@ -140,6 +146,10 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             if value != nil {
                 lastFailure.withLock { $0 = Failure(version: label, message: "\(error)") }
             }
+            // Network trouble reaching the registry is not the version's fault: only other failures back off.
+            if (error as? RPCError)?.code != .unavailable && (error as? RPCError)?.code != .deadlineExceeded {
+                failedAt.withLock { $0 = (label, ContinuousClock.now) }
+            }
             // Reported once per failing version, not on every retry.
             if lastReportedFailure.withLock({ old in defer { old = label }; return old != label }) {
                 await report?(version, error)
@@ -148,24 +158,10 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         }
     }
 
-    /// Runs `work` (loading and warming a version) on a thread of its own at the lowest CPU priority (nice 19
-    /// on Linux), one load at a time per process: the request threads keep the CPU, the load takes what they
-    /// leave.
-    static func loadInBackground<T>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
-            let thread = Thread {
-                #if os(Linux)
-                // who = 0 is the calling thread: on Linux the nice value is per thread.
-                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)
-                #endif
-                artifactLoadLock.lock()
-                defer { artifactLoadLock.unlock() }
-                c.resume(with: Result { try work() })
-            }
-            thread.name = "stockpot-artifact-load"
-            thread.stackSize = 8 << 20
-            thread.start()
-        }
+    /// Runs `work` (loading and warming a version) on the low-priority worker, one load at a time per
+    /// process: the request threads keep the CPU, the load takes what they leave.
+    static func loadInBackground<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await LowPriorityWorker.run(work)
     }
 
     public func run() async throws {
@@ -227,8 +223,6 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     }
 }
 
-/// One load at a time per process.
-private let artifactLoadLock = NSLock()
 
 /// Loads counted across every watcher of the process (`ArtifactWatcher.Current.loadID`).
 private let artifactLoads = Mutex<UInt64>(0)

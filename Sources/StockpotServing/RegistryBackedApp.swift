@@ -8,6 +8,8 @@ public struct RegistryAccess: Sendable {
     public var address: String
     public var cacheDirectory: URL
     public var refreshInterval: Duration
+    /// A registry token for load reports (`ReportLoad`); nil = none sent (an open-writes registry accepts that).
+    public var token: String?
     /// This replica's name in the registry's load reports.
     public var replica = "\(ProcessInfo.processInfo.processName)@\(ProcessInfo.processInfo.hostName):\(ProcessInfo.processInfo.processIdentifier)"
 
@@ -28,14 +30,20 @@ public struct RegistryAccess: Sendable {
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger, optional: Bool = false,
                                      load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T,
                                      onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in }) -> ArtifactWatcher<T> {
-        let registry = RegistryClient(wrapping: client.client)
+        let registry = RegistryClient(wrapping: client.client, token: token)
         let cache = cacheDirectory
         var options = CallOptionsShim.timeout(.seconds(30))
         options.waitForReady = true
         let callOptions = options
         return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger, optional: optional,
                                resolve: { ref in try await registry.resolve(ref, options: callOptions) },
-                               fetch: { version in try await registry.download(version, cache: cache, options: callOptions) },
+                               fetch: { version in
+                                   // A deadline that grows with the artifact (at least 20 MB/s), not a fixed 30 s.
+                                   var options = callOptions
+                                   let bytes = version.files.reduce(Int64(0)) { $0 + max(0, $1.size) }
+                                   options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
+                                   return try await registry.download(version, cache: cache, options: options)
+                               },
                                load: load,
                                watch: { name, after, handle in
                                    var streamOptions = CallOptions.defaults
@@ -54,7 +62,7 @@ public struct RegistryAccess: Sendable {
                                        $0.replica = replica
                                        $0.ok = error == nil
                                        $0.error = error.map { "\($0)" } ?? ""
-                                   }, options: options)
+                                   }, metadata: registry.writeMetadata, options: options)
                                },
                                onChange: onChange)
     }

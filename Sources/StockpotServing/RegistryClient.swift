@@ -133,38 +133,44 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         let folder = cache.appendingPathComponent("\(version.name)/\(version.version)")
         let marker = folder.appendingPathComponent(".sha256")
         if let existing = try? String(contentsOf: marker, encoding: .utf8), existing == version.artifactSha256 {
-            if (try? await BackgroundEventLoop.run({ Self.verify(version, in: folder) })) == true { return folder }
+            if (try? await LowPriorityWorker.run({ Self.verify(version, in: folder) })) == true { return folder }
         }
         let fm = FileManager.default
         let tmp = cache.appendingPathComponent(".download-\(UUID().uuidString)")
         try fm.createDirectory(at: tmp, withIntermediateDirectories: true)
         defer { try? fm.removeItem(at: tmp) }
-        // Hashing and writing run on the low-priority background thread, in arrival order.
+        // Hashing and writing run on the low-priority worker thread, in arrival order.
         let sink = DownloadSink(folder: tmp)
         let downloaded = try await stub.download(.with { $0.ref = "\(version.name):\(version.version)" }, options: options) { response in
             var meta: Stockpot_V1_ModelVersion?
             for try await part in response.messages {
                 switch part.part {
-                case .version(let v): meta = v
+                case .version(let v):
+                    // Checked before anything is written: the version asked for, with the files it was registered
+                    // with, at safe relative paths.
+                    guard meta == nil else { throw Status.dataLoss("download sent a second version header") }
+                    guard v.name == version.name, v.version == version.version, v.artifactSha256 == version.artifactSha256,
+                          v.files == version.files, Set(v.files.map(\.path)).count == v.files.count,
+                          v.files.allSatisfy({ RegistryClient.isSafePath($0.path) }) else {
+                        throw Status.dataLoss("download of \(version.name):\(version.version) sent another version or unsafe file paths")
+                    }
+                    meta = v
                 case .chunk(let c):
-                    guard meta?.files.contains(where: { $0.path == c.path }) == true, RegistryClient.isSafePath(c.path) else {
+                    guard meta?.files.contains(where: { $0.path == c.path }) == true else {
                         throw Status.dataLoss("download sent an unexpected file '\(c.path)'")
                     }
-                    try await BackgroundEventLoop.run { try sink.write(path: c.path, data: c.data) }
+                    try await LowPriorityWorker.run { try sink.write(path: c.path, data: c.data) }
                 case .none: break
                 }
             }
             guard let meta else { throw Status.dataLoss("download ended without the version header") }
-            try await BackgroundEventLoop.run { try sink.finish(meta.files) }
-            guard meta.name == version.name, meta.version == version.version, meta.artifactSha256 == version.artifactSha256 else {
-                throw Status.dataLoss("download of \(version.name):\(version.version) sent \(meta.name):\(meta.version)")
-            }
+            try await LowPriorityWorker.run { try sink.finish(meta.files) }
             return meta
         }
         try Data(downloaded.artifactSha256.utf8).write(to: tmp.appendingPathComponent(".sha256"))
         // Another process sharing the cache may be loading `folder` right now: swap it in one step (under a
         // file lock, so off the Swift concurrency threads).
-        try await BackgroundEventLoop.run { try AtomicFile.publishDirectory(tmp, at: folder) }
+        try await LowPriorityWorker.run { try AtomicFile.publishDirectory(tmp, at: folder) }
         return folder
     }
 
@@ -175,7 +181,7 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
     }
 }
 
-/// The files of one download being written and hashed. Used only on `BackgroundEventLoop`'s single thread, one
+/// The files of one download being written and hashed. Used only on `LowPriorityWorker`'s single thread, one
 /// call after another, which is what makes the unchecked sendability sound.
 final class DownloadSink: @unchecked Sendable {
     let folder: URL

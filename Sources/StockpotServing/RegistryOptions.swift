@@ -7,6 +7,8 @@ public struct RegistryOptions: ParsableArguments {
     @Option(help: "Registry address host:port.") public var registry: String?
     @Option(help: "Local folder for downloaded artifacts.") public var cache: String?
     @Option(help: "Seconds between alias checks (hot swap).") public var refreshSeconds: Double?
+    @Option(help: "File holding a registry token, used to report load outcomes (also STOCKPOT_REGISTRY_TOKEN; default data/admin.token if present).")
+    public var registryTokenFile: String?
 
     public init() {}
 
@@ -14,5 +16,6 @@ public struct RegistryOptions: ParsableArguments {
         flags.set("registry", registry)
         flags.set("cache", cache)
         flags.set("refresh-seconds", refreshSeconds)
+        flags.set("registry-token-file", registryTokenFile)
     }
 }

@@ -140,20 +140,9 @@ public final class ServiceClient: Service, Sendable {
     }
 }
 
-/// One event-loop thread at the lowest CPU priority (nice 19 on Linux), for bulk transfers that run beside
-/// request serving (registry downloads): under contention the request threads keep the CPU.
+/// One event-loop thread of its own for bulk transfers that run beside request serving (registry downloads and
+/// alias streams), so that they never queue behind or ahead of the requests on the shared event loops. Its
+/// CPU-heavy work (hashing, writing, loading) runs on `LowPriorityWorker`.
 public enum BackgroundEventLoop {
-    public static let group: MultiThreadedEventLoopGroup = {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        #if os(Linux)
-        // who = 0 is the calling thread: on Linux the nice value is per thread.
-        _ = try? group.next().submit { setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19) }.wait()
-        #endif
-        return group
-    }()
-
-    /// Runs `work` on the background thread and returns its result.
-    public static func run<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await group.next().submit(work).get()
-    }
+    public static let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 }

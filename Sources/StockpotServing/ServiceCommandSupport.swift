@@ -74,6 +74,8 @@ extension ServiceSettings {
         a.cacheDirectory = URL(fileURLWithPath: try await string("cache", default: "data/cache/\(service)"))
         if let s = try await double("refresh-seconds", in: 0.05...86_400) { a.refreshInterval = .milliseconds(Int64(s * 1000)) }
         a.replica = "\(service)@\(ProcessInfo.processInfo.hostName):\(ProcessInfo.processInfo.processIdentifier)"
+        // Load reports need a token: STOCKPOT_REGISTRY_TOKEN, `registry-token-file`, or data/admin.token.
+        a.token = try? RegistryToken.find(file: try await string("registry-token-file"))?.token
         return a
     }
 

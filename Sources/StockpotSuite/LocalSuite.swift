@@ -104,8 +104,9 @@ public final class LocalSuite: Sendable {
 
         try await bootstrap()
 
-        let access = RegistryAccess(address: address("registry"), cacheDirectory: dir.appendingPathComponent("cache"),
+        var access = RegistryAccess(address: address("registry"), cacheDirectory: dir.appendingPathComponent("cache"),
                                     refreshInterval: o.refreshInterval)
+        access.token = try adminToken()
         var scorerApp = ScorerApp()
         scorerApp.port = o.ports[2]
         scorerApp.registry = access

@@ -62,7 +62,8 @@ struct RegistryCommand: AsyncParsableCommand {
 
     static func describe(_ m: Stockpot_V1_AliasMove, zone: TimeZone) -> String {
         let from = m.previousVersion == 0 ? "(new)" : "\(m.name):\(m.previousVersion)"
-        var line = "#\(m.id)  \(RegistryTime.format(m.atMs, zone: zone))  \(m.name)@\(m.alias): \(from) → \(m.name):\(m.version)  \(m.action) by \(m.actor.isEmpty ? "?" : m.actor)"
+        let to = m.version == 0 ? "(removed)" : "\(m.name):\(m.version)"
+        var line = "#\(m.id)  \(RegistryTime.format(m.atMs, zone: zone))  \(m.name)@\(m.alias): \(from) → \(to)  \(m.action) by \(m.actor.isEmpty ? "?" : m.actor)"
         if !m.reason.isEmpty { line += "  — \(m.reason)" }
         if m.batch != 0 { line += "  [batch #\(m.batch)]" }
         if !m.overrides.isEmpty { line += "\n      FORCED over: " + m.overrides.joined(separator: "; ") }
@@ -222,10 +223,14 @@ struct RegistryCommand: AsyncParsableCommand {
                 throw ValidationError("--at '\(at)' is not a time: use e.g. '2026-11-20 14:00', '2026-11-20T14:00Z', '2026-11-20 14:00 +01:00' or epoch milliseconds")
             }
             if let limit, limit <= 0 { throw ValidationError("--limit must be positive") }
+            let parts = target.split(separator: "@", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+            guard let name = parts.first, ModelReference.isValidName(name), parts.count == 1 || ModelReference.isValidName(parts[1]) else {
+                throw ValidationError("'\(target)' is not NAME or NAME@ALIAS")
+            }
         }
 
         func run() async throws {
-            let parts = target.split(separator: "@", maxSplits: 1).map(String.init)
+            let parts = target.split(separator: "@", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
             let name = parts[0], alias = parts.count > 1 ? parts[1] : ""
             let atMs = at.flatMap { RegistryTime.parse($0, zone: connection.zone) } ?? 0
             let limit = self.limit ?? 0
@@ -237,12 +242,16 @@ struct RegistryCommand: AsyncParsableCommand {
             if atMs != 0 {
                 let when = RegistryTime.format(atMs, zone: connection.zone)
                 if moves.isEmpty { Console.out("\(target) did not exist at \(when)") }
-                for m in moves { Console.out("at \(when): \(m.name)@\(m.alias) was \(m.name):\(m.version)  (since move #\(m.id))") }
+                for m in moves {
+                    Console.out(m.version == 0 ? "at \(when): \(m.name)@\(m.alias) did not exist (removed by move #\(m.id))"
+                                               : "at \(when): \(m.name)@\(m.alias) was \(m.name):\(m.version)  (since move #\(m.id))")
+                }
             }
             for m in moves { Console.out(RegistryCommand.describe(m, zone: connection.zone)) }
             if moves.isEmpty && atMs == 0 { Console.out("no alias of \(target) has ever been set") }
             for f in response.loadFailures {
-                Console.out("load failed  \(RegistryTime.format(f.atMs, zone: connection.zone))  \(f.name):\(f.version) on \(f.replica): \(f.error)")
+                let error = String(String.UnicodeScalarView(f.error.unicodeScalars.filter { $0.value >= 0x20 && $0.value != 0x7f }))
+                Console.out("load failed  \(RegistryTime.format(f.atMs, zone: connection.zone))  \(f.name):\(f.version) on \(f.replica): \(error)")
             }
         }
     }

@@ -254,7 +254,7 @@ func fuzz<Request: SwiftProtobuf.Message, Response: Sendable>(
                 h.files = (0..<g.int(0...3)).map { _ in
                     .with { f in
                         f.path = g.chance(0.5) ? "model.json" : g.string()
-                        f.size = Int64(g.int(-1...8))
+                        f.size = g.chance(0.1) ? Int64.max - Int64(g.int(0...2)) : Int64(g.int(-1...8))
                         f.sha256 = g.chance(0.5) ? SHA256.hex(bytes) : g.string()
                     }
                 }

@@ -106,6 +106,17 @@ func artifact(_ content: String) -> URL {
             // Reads need nothing.
             let read = try await withRegistryClient(address) { try await $0.resolve("legacy@production") }
             #expect(read.version == 1)
+            // Load reports need a token too (any role).
+            let anonymousReport = await expectStatus(.unauthenticated, mentioning: "needs a token") {
+                try await withRegistryClient(address) { try await $0.stub.reportLoad(.with { $0.name = "legacy"; $0.version = 1; $0.replica = "r"; $0.ok = true }) }
+            }
+            #expect(anonymousReport)
+            _ = try await withRegistryClient(address, token: tokens.register) { client in
+                try await client.stub.reportLoad(.with { $0.name = "legacy"; $0.version = 1; $0.replica = "r"; $0.error = "bad\u{1b}[31m" },
+                                                 metadata: client.writeMetadata)
+            }
+            let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "legacy" }).loadFailures }
+            #expect(failures.map(\.error) == ["bad [31m"]) // control characters are not kept
         }
     }
 
@@ -203,6 +214,29 @@ func artifact(_ content: String) -> URL {
                 let history = try await store.history(name: "legacy", alias: "production", atMs: nil, limit: nil)
                 #expect(history.map(\.version) == [1, 2, 1, 2])
                 #expect(history.last?.overrides.isEmpty == false)
+            }
+        }
+    }
+
+    @Test func rollingBackABatchRemovesTheAliasesItCreated() async throws {
+        let root = temporaryDirectory("registry-batch-new")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root, access: .open) { address, store in
+            try await withRegistryClient(address) { client in
+                _ = try await client.register(name: "legacy", kind: "legacy", folder: artifact("l1"))
+                _ = try await client.promote("legacy:1", alias: "production", reason: "first")
+                _ = try await client.register(name: "legacy", kind: "legacy", folder: artifact("l2"))
+                _ = try await client.register(name: "corrector-tail", kind: "corrector", lineage: .with { $0.trainedOn = "legacy:2" }, folder: artifact("c"))
+                // The first corrector ships with the legacy version it was trained on: its alias is new.
+                _ = try await client.promote("legacy:2", alias: "production", reason: "with the first corrector", together: ["corrector-tail:1"])
+                let back = try await client.rollback(name: "legacy", alias: "production", reason: "regressed")
+                #expect(Set(back.moves.map { "\($0.name):\($0.version)" }) == ["legacy:1", "corrector-tail:0"])
+                let gone = await expectStatus(.notFound, mentioning: "corrector-tail@production") { try await client.resolve("corrector-tail@production") }
+                #expect(gone)
+                #expect(try await client.resolve("legacy@production").version == 1)
+                // A watcher's snapshot does not list a removed alias; the history does.
+                #expect(try await store.currentMoves(name: "corrector-tail").moves.isEmpty)
+                #expect(try await store.history(name: "corrector-tail", alias: nil, atMs: nil, limit: nil).map(\.version) == [1, 0])
             }
         }
     }
@@ -397,8 +431,8 @@ func artifact(_ content: String) -> URL {
             let clock = ContinuousClock()
             let promoted = clock.now
             try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "push") }
-            try await waitFor(timeout: .seconds(20)) { watcher.value?.value == "two" }
-            #expect(clock.now - promoted < .seconds(20))
+            try await waitFor(timeout: .seconds(20)) { watcher.value?.value == "two" } // throws past 20 s
+            _ = clock.now - promoted
             await group.triggerGracefulShutdown()
             try await running.value
         }
@@ -462,6 +496,41 @@ func artifact(_ content: String) -> URL {
 }
 
 @Suite struct RegistryDurability {
+    @Test func declaredSizesThatOverflowAreRefused() async throws {
+        let root = temporaryDirectory("registry-overflow")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let service = RegistryService(store: try RegistryStore(root: root))
+        let handlers = RegistryHandlers()
+        var header = handlers.header([("a", [1]), ("b", [2])])
+        header.header.files[0].size = 1 << 62
+        header.header.files[1].size = 1 << 62
+        let refused = await expectStatus(.resourceExhausted, mentioning: "the limit") { try await handlers.upload(service, [header]) }
+        #expect(refused)
+    }
+
+    @Test func aDownloadReplyWithUnsafePathsWritesNothing() async throws {
+        let root = temporaryDirectory("registry-hostile")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let victim = root.appendingPathComponent("victim.txt")
+        try Data("precious".utf8).write(to: victim)
+        let version = Stockpot_V1_ModelVersion.with {
+            $0.name = "m"; $0.version = 1
+            $0.files = [.with { $0.path = "model.json"; $0.size = 0; $0.sha256 = SHA256.hex([UInt8]()) }]
+        }
+        let server = GRPCServer(transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
+                                services: [HostileRegistry(victim: "../../victim.txt")])
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await server.serve() }
+            let port = try #require(try await server.listeningAddress?.ipv4?.port)
+            let refused = await expectStatus(.dataLoss, mentioning: "unsafe file paths") {
+                try await withRegistryClient("127.0.0.1:\(port)") { try await $0.download(version, cache: root.appendingPathComponent("cache/x")) }
+            }
+            #expect(refused)
+            server.beginGracefulShutdown()
+        }
+        #expect(try String(contentsOf: victim, encoding: .utf8) == "precious")
+    }
+
     @Test func damagedFilesAreCaughtOnDownloadAndInTheCache() async throws {
         let root = temporaryDirectory("registry-damage")
         defer { try? FileManager.default.removeItem(at: root) }
@@ -549,11 +618,15 @@ func artifact(_ content: String) -> URL {
         // The bar (±2 points), and no worse than a fair coin would be (4 binomial standard deviations).
         let sd = (share * (1 - share) / Double(users.count)).squareRoot()
         #expect(abs(fraction - share) <= 0.02 && abs(fraction - share) <= 4 * sd, "\(fraction) for share \(share)")
-        // Sticky, and nested: a user in the 1 % canary stays in when it grows to 10 %.
-        for u in users.prefix(500) {
-            #expect(CanaryRouting.isCanary(userID: u, share: share) == CanaryRouting.isCanary(userID: u, share: share))
-            if CanaryRouting.isCanary(userID: u, share: 0.01) { #expect(CanaryRouting.isCanary(userID: u, share: 0.1)) }
+        // Nested: a user in the 1 % canary stays in when it grows to 10 %.
+        for u in users.prefix(500) where CanaryRouting.isCanary(userID: u, share: 0.01) {
+            #expect(CanaryRouting.isCanary(userID: u, share: 0.1))
         }
+        // Sticky across builds, replicas and restarts: the bucket is a fixed function of the id (SplitMix64's
+        // finaliser), pinned here so that a change of the hash cannot go unnoticed.
+        #expect(abs(CanaryRouting.bucket(userID: 12800) - 0.7354179304659814) < 1e-12)
+        #expect([10, 18, 21, 41, 48].allSatisfy { CanaryRouting.isCanary(userID: $0, share: 0.1) })
+        #expect((1...9).allSatisfy { !CanaryRouting.isCanary(userID: Int64($0), share: 0.1) })
         #expect(!CanaryRouting.isCanary(userID: 42, share: 0))
         #expect(CanaryRouting.isCanary(userID: 42, share: 1))
     }
@@ -589,4 +662,27 @@ func waitFor(timeout: Duration = .seconds(30), _ condition: @Sendable () -> Bool
         guard ContinuousClock.now < until else { throw RPCError(code: .deadlineExceeded, message: "condition not met within \(timeout)") }
         try await Task.sleep(for: .milliseconds(20))
     }
+}
+
+/// A registry whose download names a file outside the cache (a hostile or broken peer).
+struct HostileRegistry: Stockpot_V1_RegistryService.SimpleServiceProtocol {
+    let victim: String
+    func download(request: Stockpot_V1_DownloadRequest, response: RPCWriter<Stockpot_V1_DownloadResponse>, context: ServerContext) async throws {
+        try await response.write(.with {
+            $0.version = .with {
+                $0.name = "m"; $0.version = 1
+                $0.files = [.with { $0.path = victim; $0.size = 0; $0.sha256 = SHA256.hex([UInt8]()) }]
+            }
+        })
+    }
+    func register(request: RPCAsyncSequence<Stockpot_V1_RegisterRequest, any Error>, context: ServerContext) async throws -> Stockpot_V1_ModelVersion { throw unimplemented }
+    func listVersions(request: Stockpot_V1_ListVersionsRequest, context: ServerContext) async throws -> Stockpot_V1_ListVersionsResponse { throw unimplemented }
+    func getVersion(request: Stockpot_V1_GetVersionRequest, context: ServerContext) async throws -> Stockpot_V1_ModelVersion { throw unimplemented }
+    func setAlias(request: Stockpot_V1_SetAliasRequest, context: ServerContext) async throws -> Stockpot_V1_SetAliasResponse { throw unimplemented }
+    func promote(request: Stockpot_V1_PromoteRequest, context: ServerContext) async throws -> Stockpot_V1_PromoteResponse { throw unimplemented }
+    func rollback(request: Stockpot_V1_RollbackRequest, context: ServerContext) async throws -> Stockpot_V1_RollbackResponse { throw unimplemented }
+    func history(request: Stockpot_V1_HistoryRequest, context: ServerContext) async throws -> Stockpot_V1_HistoryResponse { throw unimplemented }
+    func watchAliases(request: Stockpot_V1_WatchAliasesRequest, response: RPCWriter<Stockpot_V1_WatchAliasesResponse>, context: ServerContext) async throws { throw unimplemented }
+    func reportLoad(request: Stockpot_V1_LoadReport, context: ServerContext) async throws -> Stockpot_V1_LoadReportAck { throw unimplemented }
+    var unimplemented: RPCError { RPCError(code: .unimplemented, message: "hostile test registry") }
 }

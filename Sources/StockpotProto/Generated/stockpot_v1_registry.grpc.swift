@@ -1,7 +1,7 @@
 /// Model registry: immutable versions with artifacts and lineage, aliases that point at versions, every alias move on
 /// the record (who, when, from, to, why), guarded promotions, rollbacks and a push stream of alias moves.
 ///
-/// Reads are open. Writes (Register, Promote, Rollback, SetAlias) need `authorization: Bearer <token>` metadata with
+/// Reads are open. Writes (Register, Promote, Rollback, SetAlias, ReportLoad) need `authorization: Bearer <token>` metadata with
 /// a role: "register" (upload versions), "promote" (move aliases that are not protected), "admin" (everything,
 /// including protected aliases and --force). Missing or unknown token: UNAUTHENTICATED; wrong role: PERMISSION_DENIED.
 

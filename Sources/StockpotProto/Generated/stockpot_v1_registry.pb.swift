@@ -11,7 +11,7 @@
 /// Model registry: immutable versions with artifacts and lineage, aliases that point at versions, every alias move on
 /// the record (who, when, from, to, why), guarded promotions, rollbacks and a push stream of alias moves.
 ///
-/// Reads are open. Writes (Register, Promote, Rollback, SetAlias) need `authorization: Bearer <token>` metadata with
+/// Reads are open. Writes (Register, Promote, Rollback, SetAlias, ReportLoad) need `authorization: Bearer <token>` metadata with
 /// a role: "register" (upload versions), "promote" (move aliases that are not protected), "admin" (everything,
 /// including protected aliases and --force). Missing or unknown token: UNAUTHENTICATED; wrong role: PERMISSION_DENIED.
 
@@ -298,10 +298,10 @@ public nonisolated struct Stockpot_V1_AliasMove: Sendable {
 
   public var alias: String = String()
 
-  /// the version the alias points at after the move
+  /// the version the alias points at after the move; 0 = the alias was removed
   public var version: Int64 = 0
 
-  /// before the move; 0 = the alias was new
+  /// (the rollback of a batch that created it)
   public var previousVersion: Int64 = 0
 
   /// Unix epoch milliseconds
@@ -355,7 +355,8 @@ public nonisolated struct Stockpot_V1_PromoteRequest: Sendable {
   /// Override the lineage guard (admin only); what it overrode is recorded in the history.
   public var force: Bool = false
 
-  /// Metric guard: "auc.is_click.tail>=0.71" (operators >=, <=, >, <, ==) against the version's recorded metrics.
+  /// Metric guard: "auc.is_click.tail>=0.71" (operators >=, <=, >, <, ==) against the recorded metrics of the
+  /// version `ref` names (not of the `together` companions), checked in the same transaction as the move.
   public var require: [String] = []
 
   /// Other versions moved to the same alias in the same transaction, e.g. the correctors trained on a new legacy
@@ -486,8 +487,8 @@ public nonisolated struct Stockpot_V1_HistoryResponse: Sendable {
   public init() {}
 }
 
-/// A serving replica's outcome of loading a version. Reports need no token (they move nothing); the registry
-/// keeps the latest per version and replica, at most 1,000 replicas per version.
+/// A serving replica's outcome of loading a version. Any configured token may report (role "report" comes with
+/// every role); the registry keeps the latest per version and replica, at most 1,000 replicas per version.
 public nonisolated struct Stockpot_V1_LoadReport: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for

@@ -1,0 +1,57 @@
+import Foundation
+import Synchronization
+
+/// One thread at the lowest CPU priority (nice 19 on Linux) that runs background work one job at a time —
+/// loading and warming a model version, hashing and writing a download — so that under contention the threads
+/// serving requests keep the CPU.
+///
+/// Results go back through `Handoff`, a thread at normal priority: a nice-19 thread never resumes a task
+/// itself, because on Linux a thread it caused to be created (a new worker of the Swift concurrency pool) would
+/// inherit its nice value, and unprivileged processes cannot raise it again.
+public enum LowPriorityWorker {
+    private static let worker = JobThread(name: "stockpot-low-priority", niceness: 19)
+
+    /// Runs `work` on the worker and returns its result (resumed from the normal-priority hand-off thread).
+    public static func run<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        let handoff = Handoff.thread // created here, from a normal-priority thread, before the worker exists
+        return try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
+            worker.submit {
+                let result = Result { try work() }
+                handoff.submit { c.resume(with: result) }
+            }
+        }
+    }
+}
+
+/// The normal-priority thread that resumes tasks waiting on `LowPriorityWorker`.
+enum Handoff {
+    static let thread = JobThread(name: "stockpot-handoff", niceness: nil)
+}
+
+/// A thread that runs submitted closures in order, forever.
+final class JobThread: Sendable {
+    private let jobs = Mutex<[@Sendable () -> Void]>([])
+    private let ready = DispatchSemaphore(value: 0)
+
+    init(name: String, niceness: Int32?) {
+        let thread = Thread { [self] in
+            #if os(Linux)
+            // who = 0 is the calling thread: on Linux the nice value is per thread.
+            if let niceness { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, niceness) }
+            #endif
+            while true {
+                ready.wait()
+                let job = jobs.withLock { $0.isEmpty ? nil : $0.removeFirst() }
+                job?()
+            }
+        }
+        thread.name = name
+        thread.stackSize = 8 << 20
+        thread.start()
+    }
+
+    func submit(_ job: @escaping @Sendable () -> Void) {
+        jobs.withLock { $0.append(job) }
+        ready.signal()
+    }
+}
