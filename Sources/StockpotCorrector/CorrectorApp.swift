@@ -63,10 +63,10 @@ public struct CorrectorApp {
         for crowd in crowds {
             let key = Self.healthKey(crowd: crowd)
             health.set(key, .notServing)
-            watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger, load: load,
-                                               onChange: { _ in health.set(key, .serving) })
+            watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger,
+                                               health: health, load: load, onChange: { _ in health.set(key, .serving) })
             alternates[crowd] = alternateAliases.filter { !$0.isEmpty && $0 != alias }.map { other in
-                registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, load: load)
+                registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, health: health, load: load)
             }
         }
         for watcher in watchers.values { ModelMetrics.observe(watcher, service: "corrector", metrics: metrics) }

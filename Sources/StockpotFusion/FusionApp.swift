@@ -27,7 +27,8 @@ public struct FusionApp {
 
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let client = try registry.makeClient()
-        let watcher = registry.watcher(reference: config, client: client, logger: logger) { _, folder in
+        let health = HealthStatus()
+        let watcher = registry.watcher(reference: config, client: client, logger: logger, health: health) { _, folder in
             try FusionService.load(folder: folder)
         }
         let metrics = self.metrics
@@ -38,7 +39,7 @@ public struct FusionApp {
         let server = ServiceServer(name: "stockpot-fusion", host: host, port: port,
                                    services: [FusionService(configs: watcher, limits: limits)],
                                    serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger, ready: { watcher.value != nil })
+                                   health: health, metrics: metrics, logger: logger, ready: { watcher.value != nil })
         return (server, [client, watcher, server])
     }
 }

@@ -63,15 +63,18 @@ public struct ScorerApp {
                 try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued, warmUp: recent.snapshot)
             }
         }
-        let watcher = registry.watcher(reference: model, client: client, logger: logger, load: load)
-        let alternates = servedAlternates.map { registry.watcher(reference: $0, client: client, logger: logger, optional: true, load: load) }
+        let health = HealthStatus()
+        let watcher = registry.watcher(reference: model, client: client, logger: logger, health: health, load: load)
+        let alternates = servedAlternates.map {
+            registry.watcher(reference: $0, client: client, logger: logger, optional: true, health: health, load: load)
+        }
         for w in alternates { ModelMetrics.observe(w, service: "scorer", metrics: metrics) }
         // SERVING only once a model is loaded.
         ModelMetrics.observe(watcher, service: "scorer", metrics: metrics)
         let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,
                                    services: [ScorerService(models: watcher, alternates: alternates, limits: limits, recent: recent)],
                                    serviceNames: [Stockpot_V1_ScorerService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger, ready: { watcher.value != nil })
+                                   health: health, metrics: metrics, logger: logger, ready: { watcher.value != nil })
         return (server, watcher, [client, watcher] + alternates + [server])
     }
 }

@@ -62,6 +62,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     private let optional: Bool
     private let logger: Logger
     private let onChange: @Sendable (Current) -> Void
+    private let health: HealthStatus?
 
     /// - Parameters:
     ///   - resolve: the version a reference points at now (`RegistryClient.resolve`).
@@ -75,6 +76,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded,
                 watch: Watch? = nil,
                 report: Report? = nil,
+                health: HealthStatus? = nil,
                 onChange: @escaping @Sendable (Current) -> Void = { _ in }) {
         self.reference = reference
         self.resolve = resolve
@@ -86,6 +88,8 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         self.optional = optional
         self.logger = logger
         self.onChange = onChange
+        self.health = health
+        health?.set(healthKey, .notServing)
     }
 
     private static func nextLoadID() -> UInt64 { artifactLoads.withLock { $0 += 1; return $0 } }
@@ -95,6 +99,11 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
 
     /// The last version that failed to load while another kept serving (nil once a load succeeds).
     public var failure: Failure? { lastFailure.withLock { $0 } }
+
+    /// This reference's entry in the process's health service: SERVING while the version it points at is the
+    /// one loaded; NOT_SERVING before the first load, and while a newer version failed to load (the previous
+    /// one keeps serving requests; the failure is in the logs, `stockpot_model_load_failed` and the registry).
+    public var healthKey: String { "model:\(reference)" }
 
     /// Asks the run loop to check the reference now (an alias move was pushed).
     public func poke() { poked.store(true, ordering: .releasing) }
@@ -132,6 +141,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             let loaded = try await Self.loadInBackground { try load(version, folder) }
             let ready = clock.now
             failedAt.withLock { $0 = nil }
+            health?.set(healthKey, .serving)
             let next = Current(version: version, reference: reference, value: loaded, loadID: Self.nextLoadID())
             current.withLock { $0 = next }
             lastFailure.withLock { $0 = nil }
@@ -145,6 +155,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         } catch {
             if value != nil {
                 lastFailure.withLock { $0 = Failure(version: label, message: "\(error)") }
+                health?.set(healthKey, .notServing)
             }
             // Network trouble reaching the registry is not the version's fault: only other failures back off.
             if (error as? RPCError)?.code != .unavailable && (error as? RPCError)?.code != .deadlineExceeded {

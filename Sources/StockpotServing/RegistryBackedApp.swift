@@ -27,7 +27,9 @@ public struct RegistryAccess: Sendable {
     /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
     /// check at once; `refreshInterval` is the polling fallback.
     /// - Parameter optional: the reference may not exist (a canary alias): its absence is logged at debug level.
+    /// - Parameter health: where the reference's `model:<reference>` health entry goes.
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger, optional: Bool = false,
+                                     health: HealthStatus? = nil,
                                      load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T,
                                      onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in }) -> ArtifactWatcher<T> {
         let registry = RegistryClient(wrapping: client.client, token: token)
@@ -64,6 +66,7 @@ public struct RegistryAccess: Sendable {
                                        $0.error = error.map { "\($0)" } ?? ""
                                    }, metadata: registry.writeMetadata, options: options)
                                },
+                               health: health,
                                onChange: onChange)
     }
 }

@@ -449,7 +449,8 @@ func artifact(_ content: String) -> URL {
             let serviceClient = try ServiceClient(target: address)
             var access = RegistryAccess(address: address, cacheDirectory: root.appendingPathComponent("cache"), refreshInterval: .seconds(600))
             access.replica = "scorer@test"
-            let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger) { _, folder in
+            let health = HealthStatus()
+            let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger, health: health) { _, folder in
                 let text = try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8)
                 guard text != "broken" else { throw RPCError(code: .internalError, message: "cannot parse model.json") }
                 return text
@@ -457,10 +458,12 @@ func artifact(_ content: String) -> URL {
             let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
             let running = Task { try await group.run() }
             try await waitFor { watcher.value?.value == "one" }
+            #expect(health.status(of: "model:m@production") == .serving)
             try await Task.sleep(for: .milliseconds(300))
             try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "bad build") }
             try await waitFor { watcher.failure != nil }
             #expect(watcher.value?.value == "one")
+            #expect(health.status(of: "model:m@production") == .notServing) // stale: the newest version did not load
             #expect(watcher.failure?.version == "m:2" && watcher.failure?.message.contains("cannot parse") == true)
             let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
             #expect(failures.map { "\($0.name):\($0.version)@\($0.replica)" } == ["m:2@scorer@test"])
@@ -469,6 +472,7 @@ func artifact(_ content: String) -> URL {
             try await withRegistryClient(address) { _ = try await $0.promote("m:3", alias: "production", reason: "fixed") }
             try await waitFor { watcher.value?.value == "three" }
             #expect(watcher.failure == nil)
+            #expect(health.status(of: "model:m@production") == .serving)
             await group.triggerGracefulShutdown()
             try await running.value
         }
