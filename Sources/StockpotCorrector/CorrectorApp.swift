@@ -47,12 +47,13 @@ public struct CorrectorApp {
         let workers = self.workers, maxQueued = self.maxQueued
         var watchers: [String: ArtifactWatcher<ServableModel>] = [:]
         var alternates: [String: [ArtifactWatcher<ServableModel>]] = [:]
+        var shadows: [String: ArtifactWatcher<ServableModel>] = [:]
         // Each crowd's model is a health entry of its own (`corrector-<crowd>`): NOT_SERVING until its model is
         // loaded, so a crowd without a model is a state operators can query, not a log line per request. The
         // service itself is SERVING as soon as it listens: for such a crowd it passes the legacy scores through.
         let health = HealthStatus()
         // A version loaded for one alias (the canary being promoted, the previous one rolled back to) is reused.
-        let shelf = LoadedVersions<ServableModel>(capacity: crowds.count * (2 + alternateAliases.count))
+        let shelf = LoadedVersions<ServableModel>(capacity: crowds.count * (3 + alternateAliases.count))
         let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { version, folder in
             try shelf.value(for: version) {
                 let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
@@ -68,13 +69,17 @@ public struct CorrectorApp {
             alternates[crowd] = alternateAliases.filter { !$0.isEmpty && $0 != alias }.map { other in
                 registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, health: health, load: load)
             }
+            if alias != "shadow" {
+                shadows[crowd] = registry.watcher(reference: "corrector-\(crowd)@shadow", client: client, logger: logger, optional: true,
+                                                  health: health, load: load)
+            }
         }
         for watcher in watchers.values { ModelMetrics.observe(watcher, service: "corrector", metrics: metrics) }
         let server = ServiceServer(name: "stockpot-corrector", host: host, port: port,
-                                   services: [CorrectorService(crowds: watchers, alternates: alternates, limits: limits)],
+                                   services: [CorrectorService(crowds: watchers, alternates: alternates, shadows: shadows, limits: limits)],
                                    serviceNames: [Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService],
                                    health: health, metrics: metrics, logger: logger)
-        let others = alternates.keys.sorted().flatMap { alternates[$0]! }
+        let others = alternates.keys.sorted().flatMap { alternates[$0]! } + shadows.keys.sorted().map { shadows[$0]! }
         for w in others { ModelMetrics.observe(w, service: "corrector", metrics: metrics) }
         return (server, [client] + watchers.keys.sorted().map { watchers[$0]! } + others + [server])
     }

@@ -16,12 +16,16 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
     /// version was trained on the legacy version that produced its logits, so users routed to a legacy canary
     /// get the corrector trained for it.
     public let alternates: [String: [ArtifactWatcher<ServableModel>]]
+    /// Crowd name → the crowd's shadow corrector, used only when a request names it (shadow comparisons); never
+    /// chosen for a request that does not.
+    public let shadows: [String: ArtifactWatcher<ServableModel>]
     public let limits: RequestLimits
 
     public init(crowds: [String: ArtifactWatcher<ServableModel>], alternates: [String: [ArtifactWatcher<ServableModel>]] = [:],
-                limits: RequestLimits = RequestLimits()) {
+                shadows: [String: ArtifactWatcher<ServableModel>] = [:], limits: RequestLimits = RequestLimits()) {
         self.crowds = crowds
         self.alternates = alternates
+        self.shadows = shadows
         self.limits = limits
     }
 
@@ -59,11 +63,14 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
         var watchers = crowds[request.crowd].map { [$0] } ?? []
         watchers += alternates[request.crowd] ?? []
         if !request.model.isEmpty {
-            watchers = watchers.filter { $0.reference == request.model }
+            watchers = (watchers + (shadows[request.crowd].map { [$0] } ?? [])).filter { $0.reference == request.model }
             if watchers.isEmpty { throw Status.notFound("corrector '\(request.model)' is not served here") }
         }
         let loaded = watchers.compactMap(\.value)
         guard let first = loaded.first else {
+            if let shadow = shadows[request.crowd], shadow.reference == request.model {
+                throw Status.notFound("corrector '\(request.model)' is not loaded here (its alias may not exist)")
+            }
             return .with { $0.scores = passthrough; $0.corrected = false }
         }
         // Never applied to logits of a legacy version this corrector was not trained on.

@@ -31,15 +31,22 @@ public struct FusionApp {
         let watcher = registry.watcher(reference: config, client: client, logger: logger, health: health) { _, folder in
             try FusionService.load(folder: folder)
         }
+        // The shadow config of the same name, served only to requests that name it (shadow comparisons).
+        var alternates: [ArtifactWatcher<FusionConfig>] = []
+        if case .success(let ref) = ModelReference.parse(config), case .alias(let a) = ref.selector, a != "shadow" {
+            alternates.append(registry.watcher(reference: "\(ref.name)@shadow", client: client, logger: logger, optional: true, health: health) { _, folder in
+                try FusionService.load(folder: folder)
+            })
+        }
         let metrics = self.metrics
         metrics.addCollector {
             guard let v = watcher.value?.version else { return }
             metrics.gauge("stockpot_model_version", [("service", "fusion"), ("reference", watcher.reference)]).record(Int(v.version))
         }
         let server = ServiceServer(name: "stockpot-fusion", host: host, port: port,
-                                   services: [FusionService(configs: watcher, limits: limits)],
+                                   services: [FusionService(configs: watcher, alternates: alternates, limits: limits)],
                                    serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService],
                                    health: health, metrics: metrics, logger: logger, ready: { watcher.value != nil })
-        return (server, [client, watcher, server])
+        return (server, [client, watcher] + alternates + [server])
     }
 }

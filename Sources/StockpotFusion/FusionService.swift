@@ -4,12 +4,16 @@ import StockpotProto
 import StockpotServing
 
 /// Fusion: combines per-objective scores into one final score per candidate with the scenario's weights.
+/// Other configs it keeps loaded (`fusion@shadow`) are used only when a request names them.
 public struct FusionService: Stockpot_V1_FusionService.SimpleServiceProtocol {
     public let configs: ArtifactWatcher<FusionConfig>
+    /// Configs served only when a request names them (the shadow config).
+    public let alternates: [ArtifactWatcher<FusionConfig>]
     public let limits: RequestLimits
 
-    public init(configs: ArtifactWatcher<FusionConfig>, limits: RequestLimits = RequestLimits()) {
+    public init(configs: ArtifactWatcher<FusionConfig>, alternates: [ArtifactWatcher<FusionConfig>] = [], limits: RequestLimits = RequestLimits()) {
         self.configs = configs
+        self.alternates = alternates
         self.limits = limits
     }
 
@@ -21,7 +25,17 @@ public struct FusionService: Stockpot_V1_FusionService.SimpleServiceProtocol {
     }
 
     public func fuse(request: Stockpot_V1_FuseRequest, context: ServerContext) async throws -> Stockpot_V1_FuseResponse {
-        guard let current = configs.value else { throw Status.unavailable("no fusion config loaded yet for \(configs.reference)") }
+        let current: ArtifactWatcher<FusionConfig>.Current
+        if request.config.isEmpty || request.config == configs.reference {
+            guard let c = configs.value else { throw Status.unavailable("no fusion config loaded yet for \(configs.reference)") }
+            current = c
+        } else {
+            guard let w = alternates.first(where: { $0.reference == request.config }) else {
+                throw Status.notFound("fusion config '\(request.config)' is not served here")
+            }
+            guard let c = w.value else { throw Status.notFound("fusion config '\(request.config)' is not loaded here (its alias may not exist)") }
+            current = c
+        }
         guard request.topK >= 0 else { throw Status.invalidArgument("top_k is negative") }
         guard !request.scores.isEmpty else { throw Status.invalidArgument("scores is empty") }
         let scenario = request.scenario.isEmpty ? "default" : request.scenario

@@ -237,23 +237,26 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         var scores = legacy.scores
 
         // 3. Crowd correction, within its own timeout.
+        var correctedStage: ShadowTraffic.Job.Correct?
         if config.correctedCrowds.contains(crowd) {
             started = clock.now
             defer { metrics.stage("corrector", since: started) }
             do {
-                let corrected = try await clients.corrector.correct(.with {
+                let correctRequest = Stockpot_V1_CorrectRequest.with {
                     $0.crowd = crowd
                     $0.legacyLogits = legacy.logits
                     $0.userFeatures = userList
                     $0.context = contextList
                     $0.candidates = items
                     $0.legacyModel = legacy.model
-                }, options: Self.options(min(config.correctorTimeout, remaining())))
+                }
+                let corrected = try await clients.corrector.correct(correctRequest, options: Self.options(min(config.correctorTimeout, remaining())))
                 if let problem = ReplyValidation.correction(corrected, legacy: legacy.scores, count: ids.count, legacyModel: legacy.model) {
                     degraded.append(("corrector", MalformedReply(service: "corrector", problem: problem).description))
                 } else if corrected.corrected {
                     scores = corrected.scores
                     versions.append(corrected.model)
+                    correctedStage = (correctRequest, corrected, (clock.now - started).seconds * 1000)
                 } else {
                     degraded.append(("corrector", "no corrector model for crowd '\(crowd)'"))
                 }
@@ -267,20 +270,23 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         var final: [Float]
         var order: [Int]
         started = clock.now
+        var fusedStage: ShadowTraffic.Job.Fuse?
         do {
             defer { metrics.stage("fusion", since: started) }
-            let fused = try await clients.fusion.fuse(.with {
+            let fuseRequest = Stockpot_V1_FuseRequest.with {
                 $0.scenario = request.scenario
                 $0.crowd = crowd
                 $0.scores = scores
                 $0.topK = request.topK
-            }, options: Self.options(min(config.fusionTimeout, remaining())))
+            }
+            let fused = try await clients.fusion.fuse(fuseRequest, options: Self.options(min(config.fusionTimeout, remaining())))
             if let problem = ReplyValidation.fusion(fused, count: n, topK: Int(request.topK)) {
                 throw MalformedReply(service: "fusion", problem: problem)
             }
             final = fused.finalScores
             order = fused.order.map(Int.init)
             versions.append(fused.config)
+            fusedStage = (fuseRequest, fused, (clock.now - started).seconds * 1000)
         } catch let e as RPCError where e.code == .notFound || e.code == .invalidArgument {
             // An unknown scenario is the caller's error, not an outage. A fresh error: the downstream one's
             // metadata (its trailers) must not become ours.
@@ -333,8 +339,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         }
         // After everything the response needs: the shadow never delays or changes it.
         if shadow.admit(nowMs: nowMs) {
-            shadow.launch(request: scoreRequest, primary: legacy, primaryLatencyMs: scorerMs, crowd: crowd, requestId: requestId,
-                          nowMs: nowMs, scorer: clients.scorer, log: log)
+            shadow.launch(.init(crowd: crowd, requestId: requestId, nowMs: nowMs, score: (scoreRequest, legacy, scorerMs),
+                                correct: correctedStage, fuse: fusedStage), clients: clients, log: log)
         }
         return response
     }

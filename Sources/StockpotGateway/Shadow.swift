@@ -7,21 +7,28 @@ import StockpotProto
 import StockpotServing
 import Synchronization
 
-/// Shadow scoring of the legacy layer: a sample of live requests is scored again by `legacy@shadow` after the
-/// response has been returned — never changing the response or its latency budget — and the two are compared
-/// per request (top-k overlap, Spearman rank correlation, mean absolute score difference, latency). The
-/// comparisons accumulate per shadow version, crowd and objective (`GatewayService.ShadowReport`,
-/// `stockpot registry compare`, `stockpot_gateway_shadow_*` metrics), and the shadow's scores are written to
-/// the serving log beside the request they shadow, so any other comparison can be computed offline.
+/// Shadow versions of every layer: a sample of live requests is sent again, after its response has been built,
+/// to `legacy@shadow` (scorer), `corrector-<crowd>@shadow` (corrector, when the request was corrected) and
+/// `fusion@shadow` (fusion), each with the same inputs the primary got — never changing the response or its
+/// deadline — and each reply is compared with the primary's per request (top-k overlap, Spearman rank
+/// correlation, mean absolute score difference, latency). The comparisons accumulate per shadow version, crowd
+/// and objective (`GatewayService.ShadowReport`, `stockpot registry compare`, `stockpot_gateway_shadow_*`
+/// metrics), and the shadows' scores are written to the serving log beside the request they shadow, so any
+/// other comparison can be computed offline.
 ///
-/// Bounded: at most `maxInFlight` shadow calls at once (more are dropped and counted); each has its own
-/// timeout; while the scorer serves no shadow version, sampling pauses for a few seconds at a time.
+/// Bounded: at most `maxInFlight` shadowed requests at once (more are dropped and counted); each call has its
+/// own timeout; while a layer serves no shadow version, that layer's shadow calls pause for a few seconds.
 public final class ShadowTraffic: Sendable {
     /// What to shadow and how much.
     public struct Options: Sendable {
-        /// Share of requests scored by the shadow as well (0 = off).
+        /// Share of requests sent to the shadows as well (0 = off).
         public var share = 0.05
+        /// The scorer's shadow model.
         public var model = "legacy@shadow"
+        /// The corrector's shadow alias (`corrector-<crowd>@<alias>`).
+        public var correctorAlias = "shadow"
+        /// The fusion service's shadow config.
+        public var fusionConfig = "fusion@shadow"
         public var maxInFlight = 8
         public var timeout: Duration = .seconds(1)
         /// k of the top-k overlap (at most half the candidates, so that a short list is not trivially 1).
@@ -53,7 +60,7 @@ public final class ShadowTraffic: Sendable {
     private let inFlight = Atomic<Int>(0)
     private let counts = Mutex<(sampled: Int, dropped: Int, failed: Int)>((0, 0, 0))
     private let comparisons = Mutex<[Key: Accumulator]>([:])
-    private let availability = CanaryAvailability()
+    private let availability = (scorer: CanaryAvailability(), corrector: CanaryAvailability(), fusion: CanaryAvailability())
     private let logger: Logger
 
     public init(options: Options, metrics: MetricsHub, logger: Logger) {
@@ -74,7 +81,9 @@ public final class ShadowTraffic: Sendable {
 
     /// Whether this request is shadowed: sampled, a shadow is believed served, and a slot is free.
     func admit(nowMs: Int64) -> Bool {
-        guard options.share > 0, Double.random(in: 0..<1) < options.share, availability.mayTry(nowMs: nowMs) else { return false }
+        guard options.share > 0, Double.random(in: 0..<1) < options.share,
+              availability.scorer.mayTry(nowMs: nowMs) || availability.corrector.mayTry(nowMs: nowMs) || availability.fusion.mayTry(nowMs: nowMs)
+        else { return false }
         guard inFlight.add(1, ordering: .relaxed).newValue <= options.maxInFlight else {
             inFlight.subtract(1, ordering: .relaxed)
             counts.withLock { $0.dropped += 1 }
@@ -84,48 +93,87 @@ public final class ShadowTraffic: Sendable {
         return true
     }
 
-    /// Scores `request` with the shadow model in a detached task and records the comparison with `primary`.
-    /// Call only after `admit` returned true.
-    func launch(request: Stockpot_V1_ScoreRequest, primary: Stockpot_V1_ScoreResponse, primaryLatencyMs: Double,
-                crowd: String, requestId: String, nowMs: Int64,
-                scorer: Stockpot_V1_ScorerService.Client<HTTP2ClientTransport.Posix>, log: ServingLog?) {
-        var shadowRequest = request
-        shadowRequest.model = options.model
+    /// What one request sent to each layer and got back (a layer that was skipped is nil).
+    struct Job: Sendable {
+        typealias Correct = (request: Stockpot_V1_CorrectRequest, reply: Stockpot_V1_CorrectResponse, ms: Double)
+        typealias Fuse = (request: Stockpot_V1_FuseRequest, reply: Stockpot_V1_FuseResponse, ms: Double)
+        var crowd: String
+        var requestId: String
+        var nowMs: Int64
+        var score: (request: Stockpot_V1_ScoreRequest, reply: Stockpot_V1_ScoreResponse, ms: Double)
+        var correct: Correct?
+        var fuse: Fuse?
+    }
+
+    /// Sends `job`'s requests to the shadows in a detached task and records the comparisons. Call only after
+    /// `admit` returned true.
+    func launch(_ job: Job, clients: GatewayClients, log: ServingLog?) {
         let timeout = options.timeout
         Task.detached(priority: .background) { [self] in
             defer { inFlight.subtract(1, ordering: .relaxed) }
-            let started = ContinuousClock.now
-            let reply: Stockpot_V1_ScoreResponse
-            do {
-                var callOptions = CallOptions.defaults
-                callOptions.timeout = timeout
-                reply = try await scorer.score(shadowRequest, options: callOptions)
-            } catch {
-                if let e = error as? RPCError, e.code == .notFound { availability.unavailable(nowMs: nowMs) }
-                counts.withLock { $0.failed += 1 }
-                return
+            var callOptions = CallOptions.defaults
+            callOptions.timeout = timeout
+            let n = job.score.request.candidates.ids.count
+            if availability.scorer.mayTry(nowMs: job.nowMs) {
+                var request = job.score.request
+                request.model = options.model
+                let (reply, ms) = await call(availability.scorer, nowMs: job.nowMs) { try await clients.scorer.score(request, options: callOptions) }
+                if let reply, ReplyValidation.score(reply, count: n) == nil {
+                    compare(job, layer: "scorer", primary: (job.score.reply.model, job.score.reply.scores, job.score.ms),
+                            shadow: (reply.model, reply.scores, ms), log: log)
+                } else if reply != nil { counts.withLock { $0.failed += 1 } }
             }
-            let shadowMs = (ContinuousClock.now - started).seconds * 1000
-            let n = request.candidates.ids.count
-            guard ReplyValidation.score(reply, count: n) == nil else {
-                counts.withLock { $0.failed += 1 }
-                logger.debug("malformed shadow reply", metadata: ["request_id": "\(requestId)"])
-                return
+            if let correct = job.correct, availability.corrector.mayTry(nowMs: job.nowMs) {
+                var request = correct.request
+                request.model = "corrector-\(job.crowd)@\(options.correctorAlias)"
+                let (reply, ms) = await call(availability.corrector, nowMs: job.nowMs) { try await clients.corrector.correct(request, options: callOptions) }
+                if let reply, reply.corrected,
+                   ReplyValidation.correction(reply, legacy: job.score.reply.scores, count: n, legacyModel: job.score.reply.model) == nil {
+                    compare(job, layer: "corrector", primary: (correct.reply.model, correct.reply.scores, correct.ms),
+                            shadow: (reply.model, reply.scores, ms), log: log)
+                } else if reply != nil { counts.withLock { $0.failed += 1 } }
             }
-            record(primary: primary, shadow: reply, crowd: crowd, primaryMs: primaryLatencyMs, shadowMs: shadowMs)
-            if let log {
-                log.append(.shadow(.with {
-                    $0.requestID = requestId
-                    $0.timeMs = nowMs
-                    $0.crowd = crowd
-                    $0.primary = Self.model(primary.model)
-                    $0.shadow = Self.model(reply.model)
-                    $0.shadowScores = reply.scores.map { s in .with { $0.objective = s.objective; $0.values = s.values } }
-                    $0.shadowLatencyMs = Float(shadowMs)
-                    $0.primaryLatencyMs = Float(primaryLatencyMs)
-                }))
+            if let fuse = job.fuse, availability.fusion.mayTry(nowMs: job.nowMs) {
+                var request = fuse.request
+                request.config = options.fusionConfig
+                let (reply, ms) = await call(availability.fusion, nowMs: job.nowMs) { try await clients.fusion.fuse(request, options: callOptions) }
+                if let reply, ReplyValidation.fusion(reply, count: n, topK: Int(request.topK)) == nil {
+                    compare(job, layer: "fusion", primary: (fuse.reply.config, [.with { $0.objective = "final"; $0.values = fuse.reply.finalScores }], fuse.ms),
+                            shadow: (reply.config, [.with { $0.objective = "final"; $0.values = reply.finalScores }], ms), log: log)
+                } else if reply != nil { counts.withLock { $0.failed += 1 } }
             }
         }
+    }
+
+    /// One shadow call: its reply (nil when it failed, counted; NOT_FOUND pauses that layer) and its latency.
+    private func call<R: Sendable>(_ availability: CanaryAvailability, nowMs: Int64,
+                                   _ body: () async throws -> R) async -> (R?, Double) {
+        let started = ContinuousClock.now
+        do {
+            let reply = try await body()
+            return (reply, (ContinuousClock.now - started).seconds * 1000)
+        } catch {
+            if let e = error as? RPCError, e.code == .notFound { availability.unavailable(nowMs: nowMs) }
+            counts.withLock { $0.failed += 1 }
+            return (nil, 0)
+        }
+    }
+
+    private func compare(_ job: Job, layer: String,
+                         primary: (ref: Stockpot_V1_ModelRef, scores: [Stockpot_V1_ObjectiveScores], ms: Double),
+                         shadow: (ref: Stockpot_V1_ModelRef, scores: [Stockpot_V1_ObjectiveScores], ms: Double), log: ServingLog?) {
+        record(primary: primary.ref, primaryScores: primary.scores, shadow: shadow.ref, shadowScores: shadow.scores,
+               crowd: job.crowd, primaryMs: primary.ms, shadowMs: shadow.ms)
+        log?.append(.shadow(.with {
+            $0.requestID = job.requestId
+            $0.timeMs = job.nowMs
+            $0.crowd = job.crowd
+            $0.primary = Self.model(primary.ref)
+            $0.shadow = Self.model(shadow.ref)
+            $0.shadowScores = shadow.scores.map { s in .with { $0.objective = s.objective; $0.values = s.values } }
+            $0.shadowLatencyMs = Float(shadow.ms)
+            $0.primaryLatencyMs = Float(primary.ms)
+        }))
     }
 
     static func model(_ r: Stockpot_V1_ModelRef) -> Stockpot_Log_V1_Model {
@@ -133,21 +181,22 @@ public final class ShadowTraffic: Sendable {
     }
 
     /// Adds one request's comparison, per objective both replies have.
-    func record(primary: Stockpot_V1_ScoreResponse, shadow: Stockpot_V1_ScoreResponse, crowd: String, primaryMs: Double, shadowMs: Double) {
+    func record(primary: Stockpot_V1_ModelRef, primaryScores: [Stockpot_V1_ObjectiveScores], shadow: Stockpot_V1_ModelRef,
+                shadowScores shadowColumns: [Stockpot_V1_ObjectiveScores], crowd: String, primaryMs: Double, shadowMs: Double) {
         // A request served by the shadow's own version (a canary user, or the shadow already promoted) compares
         // nothing.
-        guard primary.model.name != shadow.model.name || primary.model.version != shadow.model.version else { return }
-        let shadowScores = Dictionary(shadow.scores.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a })
+        guard primary.name != shadow.name || primary.version != shadow.version else { return }
+        let shadowScores = Dictionary(shadowColumns.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a })
         comparisons.withLock { all in
-            for p in primary.scores {
+            for p in primaryScores {
                 guard let s = shadowScores[p.objective], s.count == p.values.count, !s.isEmpty else { continue }
-                let key = Key(primary: GatewayMetrics.label(primary.model), shadow: GatewayMetrics.label(shadow.model),
+                let key = Key(primary: GatewayMetrics.label(primary), shadow: GatewayMetrics.label(shadow),
                               crowd: crowd, objective: p.objective)
                 // Bounded: past `maxComparisons` keys, a new shadow version, crowd or objective is not tracked.
                 guard all[key] != nil || all.count < Self.maxComparisons else { continue }
                 var a = all[key] ?? Accumulator()
-                a.primary = primary.model
-                a.shadow = shadow.model
+                a.primary = primary
+                a.shadow = shadow
                 a.requests += 1
                 a.overlap += Self.topKOverlap(p.values, s, k: min(options.topK, max(1, s.count / 2)))
                 a.correlation += Self.spearman(p.values, s)

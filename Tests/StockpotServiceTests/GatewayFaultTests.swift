@@ -143,10 +143,17 @@ struct FakeCorrector: Stockpot_V1_CorrectorService.SimpleServiceProtocol {
         let fault = faults.corrector.withLock { $0 }
         try await faults.act(fault)
         let n = request.candidates.ids.count
-        let s = FakeScorer.scores(n)
+        var s = FakeScorer.scores(n)
+        var version: Int64 = 1
+        if request.model == "corrector-tail@shadow" {
+            // The shadow corrector: objective `a` reversed.
+            guard let v = faults.shadowVersion.withLock({ $0 }) else { throw RPCError(code: .notFound, message: "no corrector-tail@shadow") }
+            version = v + 10
+            s["a"] = s["a"]!.reversed()
+        }
         return .with { r in
             r.corrected = true
-            r.model = .with { $0.name = "corrector-tail"; $0.version = 1; $0.role = "corrector" }
+            r.model = .with { $0.name = "corrector-tail"; $0.version = version; $0.role = "corrector" }
             r.trainedOn = faults.correctorTrainedOn.withLock { $0 } ?? "\(request.legacyModel.name):\(request.legacyModel.version)"
             r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = s[o]!.map { o == "a" ? $0 + 0.05 : $0 } } }
             switch fault {
@@ -171,10 +178,17 @@ struct FakeFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
         let n = request.scores.first?.values.count ?? 0
         var final = [Float](repeating: 0, count: n)
         for s in request.scores { for i in 0..<min(n, s.values.count) { final[i] += s.values[i] } }
+        var version: Int64 = 1
+        if request.config == "fusion@shadow" {
+            // The shadow config: the final scores reversed.
+            guard let v = faults.shadowVersion.withLock({ $0 }) else { throw RPCError(code: .notFound, message: "no fusion@shadow") }
+            version = v + 20
+            final = final.reversed()
+        }
         return .with { r in
             r.finalScores = final
             r.order = FusionConfig.order(final, topK: Int(request.topK)).map(Int32.init)
-            r.config = .with { $0.name = "fusion"; $0.version = 1; $0.role = "fusion" }
+            r.config = .with { $0.name = "fusion"; $0.version = version; $0.role = "fusion" }
             switch fault {
             case .short: r.finalScores.removeLast()
             case .nan: r.finalScores[0] = .nan
@@ -314,6 +328,13 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             #expect(a.meanTopKOverlap == 0 && abs(a.meanRankCorrelation + 1) < 1e-9 && a.meanAbsScoreDelta > 0)
             #expect(b.meanTopKOverlap == 1 && abs(b.meanRankCorrelation - 1) < 1e-9 && b.meanAbsScoreDelta == 0)
             #expect(try await withContext { try await gateway.shadowReport(request: .with { $0.model = "legacy:9" }, context: $0) }.comparisons.isEmpty)
+            // The corrector's and fusion's shadows, compared with what corrected and fused.
+            let corrector = try await withContext { try await gateway.shadowReport(request: .with { $0.model = "corrector-tail:15" }, context: $0) }
+            let ca = try #require(corrector.comparisons.first { $0.objective == "a" })
+            #expect(ca.requests == 5 && ca.primary.name == "corrector-tail" && ca.primary.version == 1 && ca.meanTopKOverlap == 0)
+            let fusion = try await withContext { try await gateway.shadowReport(request: .with { $0.model = "fusion:25" }, context: $0) }
+            let final = try #require(fusion.comparisons.first)
+            #expect(final.objective == "final" && final.requests == 5 && abs(final.meanRankCorrelation + 1) < 1e-9)
         }
         // No shadow served: the responses are untouched, the failure is counted, sampling pauses.
         faults.shadowVersion.withLock { $0 = nil }
@@ -321,7 +342,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             let r = try await rank(gateway, topK: 3)
             #expect(r.itemIds == expected[0].itemIds && r.degraded.isEmpty)
             await gateway.shadow.drain()
-            #expect(gateway.shadow.report(model: "").failed == 1)
+            #expect(gateway.shadow.report(model: "").failed == 3) // scorer, corrector and fusion: none has a shadow
             _ = try await rank(gateway, topK: 3)
             #expect(gateway.shadow.report(model: "").sampled == 1) // paused after NOT_FOUND
         }

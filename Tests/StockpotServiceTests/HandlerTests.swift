@@ -277,6 +277,27 @@ import Synchronization
         })
     }
 
+    @Test func theShadowCorrectorServesOnlyRequestsThatNameIt() async throws {
+        let primary = try service()
+        let folder = temporaryDirectory("corrector-shadow")
+        try testCorrector(objectives: Self.objectives, seed: 11).save(to: folder)
+        // Bound to legacy:2, which production's corrector is not: still never chosen unless named.
+        let shadow = localWatcher(folder: folder, name: "corrector-tail", version: 3, reference: "corrector-tail@shadow", trainedOn: "legacy:2") { _, f in
+            try ServableModel.load(folder: f, workers: 1)
+        }
+        let s = CorrectorService(crowds: primary.crowds, shadows: ["tail": shadow], limits: RequestLimits(maxCandidates: 3))
+        try await s.crowds["tail"]!.refresh()
+        try await shadow.refresh()
+        let logits: [[Float]] = [[0, 1], [-1, 2], [0.5, -3]]
+        #expect(await expectStatus(.failedPrecondition, mentioning: "corrector-tail:1 was trained on legacy:1") {
+            try await withContext { try await s.correct(request: request(crowd: "tail", logits: logits, legacy: 2), context: $0) }
+        })
+        var named = request(crowd: "tail", logits: logits, legacy: 2)
+        named.model = "corrector-tail@shadow"
+        let r = try await withContext { try await s.correct(request: named, context: $0) }
+        #expect(r.model.version == 3 && r.trainedOn == "legacy:2")
+    }
+
     @Test func neverAppliedToLogitsOfAnotherLegacyVersion() async throws {
         let s = try service()
         try await s.crowds["tail"]!.refresh()
@@ -336,6 +357,26 @@ import Synchronization
 
     func scores(_ a: [Float], _ b: [Float]) -> [Stockpot_V1_ObjectiveScores] {
         [.with { $0.objective = "a"; $0.values = a }, .with { $0.objective = "b"; $0.values = b }]
+    }
+
+    @Test func aShadowConfigIsServedOnlyWhenNamed() async throws {
+        let primary = try await service()
+        let folder = temporaryDirectory("fusion-shadow")
+        let shadowConfig = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "b", weight: 1)])])
+        try JSONEncoder().encode(shadowConfig).write(to: folder.appendingPathComponent(FusionConfig.fileName))
+        let shadow = localWatcher(folder: folder, name: "fusion", version: 2, reference: "fusion@shadow") { _, f in try FusionService.load(folder: f) }
+        let s = FusionService(configs: primary.configs, alternates: [shadow], limits: RequestLimits(maxCandidates: 3))
+        #expect(await expectStatus(.notFound, mentioning: "not loaded here") {
+            try await withContext { try await s.fuse(request: .with { $0.config = "fusion@shadow"; $0.scores = scores([0.1], [0.2]) }, context: $0) }
+        })
+        try await shadow.refresh()
+        let plain = try await withContext { try await s.fuse(request: .with { $0.scores = scores([0.1, 0.5], [0.3, 0.2]) }, context: $0) }
+        let named = try await withContext { try await s.fuse(request: .with { $0.config = "fusion@shadow"; $0.scores = scores([0.1, 0.5], [0.3, 0.2]) }, context: $0) }
+        #expect(plain.config.version == 1 && named.config.version == 2)
+        #expect(named.finalScores == [0.3, 0.2])
+        #expect(await expectStatus(.notFound, mentioning: "not served here") {
+            try await withContext { try await s.fuse(request: .with { $0.config = "fusion@other"; $0.scores = scores([0.1], [0.2]) }, context: $0) }
+        })
     }
 
     @Test func formulaAndOrder() async throws {

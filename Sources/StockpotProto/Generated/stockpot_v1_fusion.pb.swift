@@ -36,6 +36,10 @@ public nonisolated struct Stockpot_V1_FuseRequest: Sendable {
   /// Number of indices to return in `order`; 0 = all.
   public var topK: Int32 = 0
 
+  /// Fusion config reference; "" = the one served by default. Another reference must be one the service keeps
+  /// loaded (e.g. "fusion@shadow", for shadow comparisons), else NOT_FOUND.
+  public var config: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -75,7 +79,7 @@ fileprivate nonisolated let _protobuf_package = "stockpot.v1"
 
 nonisolated extension Stockpot_V1_FuseRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".FuseRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scenario\0\u{1}crowd\0\u{1}scores\0\u{3}top_k\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}scenario\0\u{1}crowd\0\u{1}scores\0\u{3}top_k\0\u{1}config\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -87,6 +91,7 @@ nonisolated extension Stockpot_V1_FuseRequest: SwiftProtobuf.Message, SwiftProto
       case 2: try { try decoder.decodeSingularStringField(value: &self.crowd) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.scores) }()
       case 4: try { try decoder.decodeSingularInt32Field(value: &self.topK) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.config) }()
       default: break
       }
     }
@@ -105,6 +110,9 @@ nonisolated extension Stockpot_V1_FuseRequest: SwiftProtobuf.Message, SwiftProto
     if self.topK != 0 {
       try visitor.visitSingularInt32Field(value: self.topK, fieldNumber: 4)
     }
+    if !self.config.isEmpty {
+      try visitor.visitSingularStringField(value: self.config, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -113,6 +121,7 @@ nonisolated extension Stockpot_V1_FuseRequest: SwiftProtobuf.Message, SwiftProto
     if lhs.crowd != rhs.crowd {return false}
     if lhs.scores != rhs.scores {return false}
     if lhs.topK != rhs.topK {return false}
+    if lhs.config != rhs.config {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
