@@ -65,8 +65,10 @@ public struct CorrectorApp {
             let key = Self.healthKey(crowd: crowd)
             health.set(key, .notServing)
             watchers[crowd] = registry.watcher(reference: "corrector-\(crowd)@\(alias)", client: client, logger: logger,
-                                               health: health, load: load, onChange: { _ in health.set(key, .serving) })
-            alternates[crowd] = alternateAliases.filter { !$0.isEmpty && $0 != alias }.map { other in
+                                               health: health, load: load, onChange: { _ in health.set(key, .serving) },
+                                               onUnload: { health.set(key, .notServing) })
+            // `shadow` is never an alternate: live requests would pick it by lineage.
+            alternates[crowd] = alternateAliases.filter { !$0.isEmpty && $0 != alias && $0 != "shadow" }.map { other in
                 registry.watcher(reference: "corrector-\(crowd)@\(other)", client: client, logger: logger, optional: true, health: health, load: load)
             }
             if alias != "shadow" {

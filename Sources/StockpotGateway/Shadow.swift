@@ -114,21 +114,28 @@ public final class ShadowTraffic: Sendable {
             var callOptions = CallOptions.defaults
             callOptions.timeout = timeout
             let n = job.score.request.candidates.ids.count
+            var shadowLegacy: Stockpot_V1_ScoreResponse?
             if availability.scorer.mayTry(nowMs: job.nowMs) {
                 var request = job.score.request
                 request.model = options.model
                 let (reply, ms) = await call(availability.scorer, nowMs: job.nowMs) { try await clients.scorer.score(request, options: callOptions) }
                 if let reply, ReplyValidation.score(reply, count: n) == nil {
+                    shadowLegacy = reply
                     compare(job, layer: "scorer", primary: (job.score.reply.model, job.score.reply.scores, job.score.ms),
                             shadow: (reply.model, reply.scores, ms), log: log)
                 } else if reply != nil { counts.withLock { $0.failed += 1 } }
             }
             if let correct = job.correct, availability.corrector.mayTry(nowMs: job.nowMs) {
+                // The shadow corrector is bound (registry guard) to the legacy version at the same alias: fed the
+                // shadow scorer's logits when there is one, production's otherwise.
                 var request = correct.request
                 request.model = "corrector-\(job.crowd)@\(options.correctorAlias)"
+                let legacy = shadowLegacy ?? job.score.reply
+                request.legacyLogits = legacy.logits
+                request.legacyModel = legacy.model
                 let (reply, ms) = await call(availability.corrector, nowMs: job.nowMs) { try await clients.corrector.correct(request, options: callOptions) }
                 if let reply, reply.corrected,
-                   ReplyValidation.correction(reply, legacy: job.score.reply.scores, count: n, legacyModel: job.score.reply.model) == nil {
+                   ReplyValidation.correction(reply, legacy: legacy.scores, count: n, legacyModel: legacy.model) == nil {
                     compare(job, layer: "corrector", primary: (correct.reply.model, correct.reply.scores, correct.ms),
                             shadow: (reply.model, reply.scores, ms), log: log)
                 } else if reply != nil { counts.withLock { $0.failed += 1 } }
@@ -153,7 +160,8 @@ public final class ShadowTraffic: Sendable {
             let reply = try await body()
             return (reply, (ContinuousClock.now - started).seconds * 1000)
         } catch {
-            if let e = error as? RPCError, e.code == .notFound { availability.unavailable(nowMs: nowMs) }
+            // No shadow here, or one that cannot take these inputs: that layer's shadow calls pause.
+            if let e = error as? RPCError, e.code == .notFound || e.code == .failedPrecondition { availability.unavailable(nowMs: nowMs) }
             counts.withLock { $0.failed += 1 }
             return (nil, 0)
         }

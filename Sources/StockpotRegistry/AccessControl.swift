@@ -116,16 +116,14 @@ public final class AccessControl: Sendable {
 
     private func principals() throws -> [String: Principal] {
         guard let tokensFile else { return [:] }
-        // The file's identity and content stamp: a rename over it (a new inode), a size or a time change.
-        let attributes = try? FileManager.default.attributesOfItem(atPath: tokensFile.path)
-        let stamp = attributes.map { a in
-            "\(a[.systemFileNumber] ?? 0):\(a[.size] ?? 0):\((a[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)"
-        }
-        if let cached = cache.withLock({ $0.stamp != nil && $0.stamp == stamp ? $0.byDigest : nil }) { return cached }
+        // Re-read on every write call (the file is small): the cache is keyed by the content's digest, so any
+        // change is seen at once, whatever the file system's timestamps.
         let data: Data
         do { data = try Data(contentsOf: tokensFile) } catch {
             throw Status.internal("cannot read the tokens file \(tokensFile.path): \(error.localizedDescription)")
         }
+        let stamp = SHA256.hex(data)
+        if let cached = cache.withLock({ $0.stamp == stamp ? $0.byDigest : nil }) { return cached }
         let file: TokensFile
         do { file = try JSONDecoder().decode(TokensFile.self, from: data) } catch {
             throw Status.internal("the tokens file \(tokensFile.path) is malformed: \(error)")

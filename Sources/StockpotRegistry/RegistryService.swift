@@ -24,9 +24,10 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         self.maxWatchers = maxWatchers
     }
 
+    /// A relative artifact path: no absolute paths, no empty or hidden components (`.`, `..`, `.sha256`…).
     static func isSafePath(_ p: String) -> Bool {
         !p.isEmpty && !p.hasPrefix("/") && !p.split(separator: "/", omittingEmptySubsequences: false)
-            .contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) && p.count <= 255
+            .contains(where: { $0.isEmpty || $0.hasPrefix(".") }) && p.count <= 255
     }
 
     func validate(_ h: Stockpot_V1_RegisterHeader) throws {
@@ -196,6 +197,15 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         return ServerResponse(message: .with { $0.version = version; $0.previousVersion = previous })
     }
 
+    /// Text safe to print on a terminal: control characters (C0, DEL, C1) and bidirectional overrides become
+    /// spaces.
+    public static func printable(_ text: String) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.map { u in
+            let v = u.value
+            return v < 0x20 || (0x7f...0x9f).contains(v) || (0x202a...0x202e).contains(v) || (0x2066...0x2069).contains(v) ? " " : u
+        }))
+    }
+
     func checkAlias(_ alias: String) throws {
         guard ModelReference.isValidName(alias) else {
             throw Status.invalidArgument("alias '\(alias)' is invalid: 1–64 letters, digits, - _ ., starting with a letter or digit")
@@ -259,7 +269,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         var r = request.message
         _ = try access.authorize(request.metadata, .init(role: .report, action: "report-load"))
         guard ModelReference.isValidName(r.name), r.version > 0 else { throw Status.invalidArgument("name and a positive version are required") }
-        r.error = String(String.UnicodeScalarView(r.error.unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7f ? " " : $0 }))
+        r.error = Self.printable(r.error)
         guard !r.replica.isEmpty, r.replica.count <= 200, r.replica.unicodeScalars.allSatisfy({ $0.value >= 0x20 && $0.value < 0x7f }) else {
             throw Status.invalidArgument("replica must be 1–200 printable ASCII characters")
         }

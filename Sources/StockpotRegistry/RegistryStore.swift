@@ -455,10 +455,12 @@ public final class RegistryStore: Sendable {
         }
     }
 
-    /// Failed loads of `name`'s versions, oldest first.
+    /// Failed loads of `name`'s versions, oldest first (the newest 1,000).
     public func loadFailures(name: String) async throws -> [Stockpot_V1_LoadReport] {
         try await db.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM load_reports WHERE name = ? AND ok = 0 ORDER BY at_ms", arguments: [name]).map { row in
+            try Row.fetchAll(db, sql: """
+                SELECT * FROM (SELECT * FROM load_reports WHERE name = ? AND ok = 0 ORDER BY at_ms DESC LIMIT 1000) ORDER BY at_ms
+                """, arguments: [name]).map { row in
                 .with {
                     $0.name = row["name"]
                     $0.version = row["version"]

@@ -62,6 +62,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     private let optional: Bool
     private let logger: Logger
     private let onChange: @Sendable (Current) -> Void
+    private let onUnload: @Sendable () -> Void
     private let health: HealthStatus?
 
     /// - Parameters:
@@ -77,7 +78,8 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 watch: Watch? = nil,
                 report: Report? = nil,
                 health: HealthStatus? = nil,
-                onChange: @escaping @Sendable (Current) -> Void = { _ in }) {
+                onChange: @escaping @Sendable (Current) -> Void = { _ in },
+                onUnload: @escaping @Sendable () -> Void = {}) {
         self.reference = reference
         self.resolve = resolve
         self.fetch = fetch
@@ -88,6 +90,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         self.optional = optional
         self.logger = logger
         self.onChange = onChange
+        self.onUnload = onUnload
         self.health = health
         health?.set(healthKey, .notServing)
     }
@@ -123,8 +126,25 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             try await Task.sleep(for: .milliseconds(5))
         }
         defer { refreshing.withLock { $0 = false } }
-        let version = try await resolve(reference)
+        let version: Stockpot_V1_ModelVersion
+        do {
+            version = try await resolve(reference)
+        } catch let e as RPCError where e.code == .notFound && nameAndAlias?.alias != nil && value != nil {
+            // The alias was removed (the rollback of the batch that created it): nothing serves under it now.
+            current.withLock { $0 = nil }
+            lastFailure.withLock { $0 = nil }
+            health?.set(healthKey, .notServing)
+            logger.warning("alias removed from the registry; unloaded", metadata: ["ref": "\(reference)"])
+            onUnload()
+            throw e
+        }
         if let now = value, now.version.name == version.name, now.version.version == version.version {
+            // Back on the loaded version (e.g. a rollback after a version that failed to load): healthy again.
+            if lastFailure.withLock({ $0 }) != nil {
+                lastFailure.withLock { $0 = nil }
+                failedAt.withLock { $0 = nil }
+                health?.set(healthKey, .serving)
+            }
             return false
         }
         let label = "\(version.name):\(version.version)"
@@ -138,7 +158,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             let folder = try await fetch(version)
             let fetched = clock.now
             let load = self.load
-            let loaded = try await Self.loadInBackground { try load(version, folder) }
+            let loaded = try await LowPriorityWorker.run(lane: .load) { try load(version, folder) }
             let ready = clock.now
             failedAt.withLock { $0 = nil }
             health?.set(healthKey, .serving)
@@ -167,12 +187,6 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
             }
             throw error
         }
-    }
-
-    /// Runs `work` (loading and warming a version) on the low-priority worker, one load at a time per
-    /// process: the request threads keep the CPU, the load takes what they leave.
-    static func loadInBackground<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await LowPriorityWorker.run(work)
     }
 
     public func run() async throws {

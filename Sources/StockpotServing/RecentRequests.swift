@@ -27,3 +27,8 @@ public final class RecentRequests: Sendable {
         state.withLock { s in s.items.count < capacity ? s.items : Array(s.items[s.next...] + s.items[..<s.next]) }
     }
 }
+
+extension Comparable {
+    /// The value limited to `range`.
+    func clamped(to range: ClosedRange<Self>) -> Self { min(max(self, range.lowerBound), range.upperBound) }
+}

@@ -20,8 +20,7 @@ public struct RegistryAccess: Sendable {
         self.refreshInterval = refreshInterval
     }
 
-    /// A client whose connections run on the low-priority `BackgroundEventLoop`: artifact downloads do not
-    /// compete with the requests the service is answering.
+    /// A client whose connections run on `BackgroundEventLoop`, apart from the event loops that carry requests.
     public func makeClient() throws -> ServiceClient { try ServiceClient(target: address, background: true) }
 
     /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
@@ -31,7 +30,8 @@ public struct RegistryAccess: Sendable {
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger, optional: Bool = false,
                                      health: HealthStatus? = nil,
                                      load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> T,
-                                     onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in }) -> ArtifactWatcher<T> {
+                                     onChange: @escaping @Sendable (ArtifactWatcher<T>.Current) -> Void = { _ in },
+                                     onUnload: @escaping @Sendable () -> Void = {}) -> ArtifactWatcher<T> {
         let registry = RegistryClient(wrapping: client.client, token: token)
         let cache = cacheDirectory
         var options = CallOptionsShim.timeout(.seconds(30))
@@ -42,7 +42,8 @@ public struct RegistryAccess: Sendable {
                                fetch: { version in
                                    // A deadline that grows with the artifact (at least 20 MB/s), not a fixed 30 s.
                                    var options = callOptions
-                                   let bytes = version.files.reduce(Int64(0)) { $0 + max(0, $1.size) }
+                                   let bytes = version.files.reduce(Int64(0)) { $0.addingReportingOverflow(max(0, $1.size)).partialValue }
+                                       .clamped(to: 0...(1 << 40))
                                    options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
                                    return try await registry.download(version, cache: cache, options: options)
                                },
@@ -67,7 +68,7 @@ public struct RegistryAccess: Sendable {
                                    }, metadata: registry.writeMetadata, options: options)
                                },
                                health: health,
-                               onChange: onChange)
+                               onChange: onChange, onUnload: onUnload)
     }
 }
 

@@ -130,6 +130,12 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
     /// sha256 (checked at each load, so a file damaged on disk is fetched again), otherwise downloaded, verified
     /// and published atomically.
     public func download(_ version: Stockpot_V1_ModelVersion, cache: URL, options: CallOptions = .defaults) async throws -> URL {
+        // The version comes from the registry's reply: its name and paths become paths here, so they are checked.
+        guard ModelReference.isValidName(version.name), version.version > 0,
+              version.files.allSatisfy({ Self.isSafePath($0.path) && $0.size >= 0 }),
+              Set(version.files.map(\.path)).count == version.files.count else {
+            throw Status.dataLoss("the registry described \(version.name):\(version.version) with an unsafe name or file paths")
+        }
         let folder = cache.appendingPathComponent("\(version.name)/\(version.version)")
         let marker = folder.appendingPathComponent(".sha256")
         if let existing = try? String(contentsOf: marker, encoding: .utf8), existing == version.artifactSha256 {
@@ -159,7 +165,8 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
                     guard meta?.files.contains(where: { $0.path == c.path }) == true else {
                         throw Status.dataLoss("download sent an unexpected file '\(c.path)'")
                     }
-                    try await LowPriorityWorker.run { try sink.write(path: c.path, data: c.data) }
+                    let declared = meta?.files.first { $0.path == c.path }?.size ?? 0
+                    try await LowPriorityWorker.run { try sink.write(path: c.path, data: c.data, limit: declared) }
                 case .none: break
                 }
             }
@@ -174,10 +181,11 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         return folder
     }
 
-    /// A relative path inside an artifact: no absolute paths, no `.` or `..` components, no empty ones.
+    /// A relative path inside an artifact: no absolute paths, no empty or hidden components (so no `.`, `..`,
+    /// nor the cache's own `.sha256` marker).
     static func isSafePath(_ p: String) -> Bool {
-        !p.isEmpty && !p.hasPrefix("/") && !p.split(separator: "/", omittingEmptySubsequences: false)
-            .contains(where: { $0.isEmpty || $0 == "." || $0 == ".." })
+        !p.isEmpty && !p.hasPrefix("/") && p.utf8.count <= 1024 && !p.split(separator: "/", omittingEmptySubsequences: false)
+            .contains(where: { $0.isEmpty || $0.hasPrefix(".") })
     }
 }
 
@@ -192,7 +200,14 @@ final class DownloadSink: @unchecked Sendable {
 
     deinit { for h in handles.values { try? h.close() } }
 
-    func write(path: String, data: Data) throws {
+    private var written: [String: Int64] = [:]
+
+    /// Appends `data` to `path`; more bytes than the file's declared `limit` is DATA_LOSS (a peer cannot fill
+    /// the disk before the hash check).
+    func write(path: String, data: Data, limit: Int64) throws {
+        let total = written[path, default: 0] + Int64(data.count)
+        guard total <= limit else { throw Status.dataLoss("download sent more than the \(limit) bytes of '\(path)'") }
+        written[path] = total
         if handles[path] == nil {
             let url = folder.appendingPathComponent(path)
             try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)

@@ -7,7 +7,7 @@ public struct RegistryOptions: ParsableArguments {
     @Option(help: "Registry address host:port.") public var registry: String?
     @Option(help: "Local folder for downloaded artifacts.") public var cache: String?
     @Option(help: "Seconds between alias checks (hot swap).") public var refreshSeconds: Double?
-    @Option(help: "File holding a registry token, used to report load outcomes (also STOCKPOT_REGISTRY_TOKEN; default data/admin.token if present).")
+    @Option(help: "File holding a registry token, used to report load outcomes (also STOCKPOT_REGISTRY_TOKEN; without one, outcomes are only logged).")
     public var registryTokenFile: String?
 
     public init() {}

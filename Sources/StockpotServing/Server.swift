@@ -94,9 +94,9 @@ public final class ServiceClient: Service, Sendable {
 
     /// - Parameter target: `host:port`; a DNS name resolves to every address behind it, with round-robin load
     ///   balancing across them (scale a layer by adding instances behind one name).
-    /// - Parameter background: run the connections on `BackgroundEventLoop` (one thread at the lowest CPU
-    ///   priority) instead of the shared event loops that carry requests: for bulk transfers such as artifact
-    ///   downloads, which must not delay the requests being served meanwhile.
+    /// - Parameter background: run the connections on `BackgroundEventLoop` instead of the shared event loops
+    ///   that carry requests: for bulk transfers such as artifact downloads, which must not queue with the
+    ///   requests being served meanwhile.
     public init(target: String, background: Bool = false) throws {
         self.target = target
         client = GRPCClient(transport: try Self.transport(target: target, eventLoopGroup: background ? BackgroundEventLoop.group : nil),

@@ -74,8 +74,15 @@ extension ServiceSettings {
         a.cacheDirectory = URL(fileURLWithPath: try await string("cache", default: "data/cache/\(service)"))
         if let s = try await double("refresh-seconds", in: 0.05...86_400) { a.refreshInterval = .milliseconds(Int64(s * 1000)) }
         a.replica = "\(service)@\(ProcessInfo.processInfo.hostName):\(ProcessInfo.processInfo.processIdentifier)"
-        // Load reports need a token: STOCKPOT_REGISTRY_TOKEN, `registry-token-file`, or data/admin.token.
-        a.token = try? RegistryToken.find(file: try await string("registry-token-file"))?.token
+        // Load reports need a token: `registry-token-file` or STOCKPOT_REGISTRY_TOKEN (never the suite's admin
+        // token by default: give replicas a token of their own). A named file that cannot be read is an error.
+        if let file = try await string("registry-token-file") {
+            do { a.token = try RegistryToken.find(file: file, environment: [:])?.token } catch {
+                throw SettingError(description: "setting 'registry-token-file' of \(service): \(error)")
+            }
+        } else if let t = Env.string("STOCKPOT_REGISTRY_TOKEN") {
+            a.token = t
+        }
         return a
     }
 

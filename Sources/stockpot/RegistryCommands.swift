@@ -250,7 +250,7 @@ struct RegistryCommand: AsyncParsableCommand {
             for m in moves { Console.out(RegistryCommand.describe(m, zone: connection.zone)) }
             if moves.isEmpty && atMs == 0 { Console.out("no alias of \(target) has ever been set") }
             for f in response.loadFailures {
-                let error = String(String.UnicodeScalarView(f.error.unicodeScalars.filter { $0.value >= 0x20 && $0.value != 0x7f }))
+                let error = RegistryService.printable(f.error)
                 Console.out("load failed  \(RegistryTime.format(f.atMs, zone: connection.zone))  \(f.name):\(f.version) on \(f.replica): \(error)")
             }
         }

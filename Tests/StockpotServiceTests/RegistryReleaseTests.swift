@@ -428,11 +428,8 @@ func artifact(_ content: String) -> URL {
             let running = Task { try await group.run() }
             try await waitFor { watcher.value?.value == "one" }
             try await Task.sleep(for: .milliseconds(300)) // the stream is connected
-            let clock = ContinuousClock()
-            let promoted = clock.now
             try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "push") }
             try await waitFor(timeout: .seconds(20)) { watcher.value?.value == "two" } // throws past 20 s
-            _ = clock.now - promoted
             await group.triggerGracefulShutdown()
             try await running.value
         }
@@ -468,11 +465,45 @@ func artifact(_ content: String) -> URL {
             let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
             #expect(failures.map { "\($0.name):\($0.version)@\($0.replica)" } == ["m:2@scorer@test"])
             #expect(failures.first?.error.contains("cannot parse") == true)
+            // Rolled back to the version still loaded: healthy again at once, nothing loaded.
+            try await withRegistryClient(address) { _ = try await $0.rollback(name: "m", alias: "production", reason: "bad build") }
+            try await waitFor { health.status(of: "model:m@production") == .serving }
+            #expect(watcher.failure == nil && watcher.value?.value == "one")
             // The next good version loads and clears the failure.
             try await withRegistryClient(address) { _ = try await $0.promote("m:3", alias: "production", reason: "fixed") }
             try await waitFor { watcher.value?.value == "three" }
             #expect(watcher.failure == nil)
             #expect(health.status(of: "model:m@production") == .serving)
+            await group.triggerGracefulShutdown()
+            try await running.value
+        }
+    }
+
+    @Test func aReplicaUnloadsAnAliasTheRegistryRemoved() async throws {
+        let root = temporaryDirectory("registry-unload")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root.appendingPathComponent("registry"), access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                _ = try await client.register(name: "legacy", kind: "legacy", folder: artifact("l1"))
+                _ = try await client.promote("legacy:1", alias: "production", reason: "first")
+                _ = try await client.register(name: "legacy", kind: "legacy", folder: artifact("l2"))
+                _ = try await client.register(name: "corrector-tail", kind: "corrector", lineage: .with { $0.trainedOn = "legacy:2" }, folder: artifact("c"))
+                _ = try await client.promote("legacy:2", alias: "production", reason: "with its corrector", together: ["corrector-tail:1"])
+            }
+            let serviceClient = try ServiceClient(target: address)
+            let access = RegistryAccess(address: address, cacheDirectory: root.appendingPathComponent("cache"), refreshInterval: .seconds(600))
+            let health = HealthStatus()
+            let unloaded = Locked(false)
+            let watcher = access.watcher(reference: "corrector-tail@production", client: serviceClient, logger: quietLogger, health: health,
+                                         load: { _, folder in try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8) },
+                                         onUnload: { unloaded { $0 = true } })
+            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
+            let running = Task { try await group.run() }
+            try await waitFor { watcher.value?.value == "c" }
+            try await Task.sleep(for: .milliseconds(300))
+            try await withRegistryClient(address) { _ = try await $0.rollback(name: "legacy", alias: "production", reason: "regressed") }
+            try await waitFor { watcher.value == nil }
+            #expect(unloaded.value && health.status(of: "model:corrector-tail@production") == .notServing)
             await group.triggerGracefulShutdown()
             try await running.value
         }
@@ -515,21 +546,32 @@ func artifact(_ content: String) -> URL {
     @Test func aDownloadReplyWithUnsafePathsWritesNothing() async throws {
         let root = temporaryDirectory("registry-hostile")
         defer { try? FileManager.default.removeItem(at: root) }
+        // From cache/x/.download-<id>/, three levels up is `root`.
         let victim = root.appendingPathComponent("victim.txt")
         try Data("precious".utf8).write(to: victim)
+        let hostile = "../../../victim.txt"
         let version = Stockpot_V1_ModelVersion.with {
             $0.name = "m"; $0.version = 1
-            $0.files = [.with { $0.path = "model.json"; $0.size = 0; $0.sha256 = SHA256.hex([UInt8]()) }]
+            $0.files = [.with { $0.path = hostile; $0.size = 0; $0.sha256 = SHA256.hex([UInt8]()) }]
         }
         let server = GRPCServer(transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
-                                services: [HostileRegistry(victim: "../../victim.txt")])
+                                services: [HostileRegistry(victim: hostile)])
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask { try await server.serve() }
             let port = try #require(try await server.listeningAddress?.ipv4?.port)
-            let refused = await expectStatus(.dataLoss, mentioning: "unsafe file paths") {
+            let refused = await expectStatus(.dataLoss, mentioning: "unsafe name or file paths") {
                 try await withRegistryClient("127.0.0.1:\(port)") { try await $0.download(version, cache: root.appendingPathComponent("cache/x")) }
             }
             #expect(refused)
+            // A version whose name would lead out of the cache is refused the same way.
+            let outside = Stockpot_V1_ModelVersion.with {
+                $0.name = "../../m"; $0.version = 1
+                $0.files = [.with { $0.path = "model.json"; $0.size = 0; $0.sha256 = SHA256.hex([UInt8]()) }]
+            }
+            let refusedName = await expectStatus(.dataLoss, mentioning: "unsafe name") {
+                try await withRegistryClient("127.0.0.1:\(port)") { try await $0.download(outside, cache: root.appendingPathComponent("cache/x")) }
+            }
+            #expect(refusedName)
             server.beginGracefulShutdown()
         }
         #expect(try String(contentsOf: victim, encoding: .utf8) == "precious")

@@ -463,7 +463,7 @@ public nonisolated struct Stockpot_V1_HistoryRequest: Sendable {
   /// 0 = every move; otherwise the moves in effect at that instant (Unix epoch ms), one per alias.
   public var atMs: Int64 = 0
 
-  /// newest N moves; 0 = all
+  /// newest N moves; 0 = all (at most 10,000 either way)
   public var limit: Int32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -479,7 +479,8 @@ public nonisolated struct Stockpot_V1_HistoryResponse: Sendable {
   /// oldest first
   public var moves: [Stockpot_V1_AliasMove] = []
 
-  /// Versions of the model that a serving replica could not load (it kept serving its previous version).
+  /// Versions of the model that a serving replica could not load (it kept serving its previous version); the
+  /// newest 1,000.
   public var loadFailures: [Stockpot_V1_LoadReport] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
