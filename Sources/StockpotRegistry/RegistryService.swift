@@ -323,6 +323,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         return StreamingServerResponse { [store] response in
             defer { signal.unsubscribe(id) }
             var last = r.resumeAfter
+            var lastRegistration = try await store.newestRegistration(name: name)
             if last == 0 {
                 let (current, newest) = try await store.currentMoves(name: name)
                 try await response.write(.with { $0.moves = current; $0.snapshot = true })
@@ -335,9 +336,11 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
                 repeat {
                     while true {
                         let moves = try await store.moves(after: last, name: name)
-                        guard let newest = moves.last else { break }
-                        try await response.write(.with { $0.moves = moves })
-                        last = newest.id
+                        let (registered, newestRegistration) = try await store.registrations(after: lastRegistration, name: name)
+                        guard !moves.isEmpty || !registered.isEmpty else { break }
+                        try await response.write(.with { $0.moves = moves; $0.registered = registered })
+                        if let newest = moves.last { last = newest.id }
+                        lastRegistration = newestRegistration
                     }
                 } while await iterator.next() != nil && !Task.isCancelled
             } onGracefulShutdown: {

@@ -110,6 +110,26 @@ public final class RegistryStore: Sendable {
 
     // MARK: Versions
 
+    /// The newest registration's row id (of `name`, or overall): where a watcher starts following registrations.
+    public func newestRegistration(name: String?) async throws -> Int64 {
+        try await db.read { db in
+            try Int64.fetchOne(db, sql: "SELECT MAX(rowid) FROM versions \(name == nil ? "" : "WHERE name = ?")",
+                               arguments: name == nil ? [] : [name!]) ?? 0
+        }
+    }
+
+    /// Versions registered after row id `after` (of `name`, or of every model), oldest first, at most `limit`,
+    /// with the newest row id.
+    public func registrations(after: Int64, name: String?, limit: Int = 100) async throws -> ([Stockpot_V1_ModelVersion], Int64) {
+        try await db.read { [self] db in
+            let rows = try Row.fetchAll(db, sql: """
+                SELECT rowid, name, version FROM versions WHERE rowid > ? \(name == nil ? "" : "AND name = ?") ORDER BY rowid LIMIT ?
+                """, arguments: name == nil ? [after, limit] : [after, name!, limit])
+            let versions = try rows.compactMap { try fetchVersion(db, name: $0["name"], version: $0["version"]) }
+            return (versions, rows.last.map { $0["rowid"] as Int64 } ?? after)
+        }
+    }
+
     /// Records a verified upload as the next version of `name` and moves its files into place.
     ///
     /// Lineage references given as `name@alias` are resolved to the version they point at now; every reference
@@ -124,6 +144,7 @@ public final class RegistryStore: Sendable {
         let now = Self.nowMs()
         // Files and the folder itself are on disk before anything refers to them.
         try Durability.syncTree(incoming)
+        defer { moveSignal.fire() } // watchers learn of the registration (a hint to fetch it early)
         return try await db.write { [self] db -> Stockpot_V1_ModelVersion in
             var lineage = header.lineage
             lineage.parent = try pin(db, lineage.parent, field: "lineage.parent")

@@ -41,7 +41,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     /// Subscribes to the registry's alias moves of one model: calls the handler with each batch of moves
     /// (resuming after the given history id) until the stream ends or fails.
     public typealias Watch = @Sendable (_ name: String, _ resumeAfter: Int64,
-                                        _ handle: @escaping @Sendable ([Stockpot_V1_AliasMove]) -> Void) async throws -> Void
+                                        _ handle: @escaping @Sendable (Stockpot_V1_WatchAliasesResponse) -> Void) async throws -> Void
 
     /// Tells the registry how loading a version went (`RegistryService.ReportLoad`); best effort.
     public typealias Report = @Sendable (_ version: Stockpot_V1_ModelVersion, _ error: (any Error)?) async -> Void
@@ -52,6 +52,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
     private let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded
     private let watch: Watch?
     private let report: Report?
+    private let prefetch: (@Sendable (Stockpot_V1_ModelVersion) async -> Void)?
     private let current = Mutex<Current?>(nil)
     private let lastFailure = Mutex<Failure?>(nil)
     private let lastReportedFailure = Mutex<String>("")
@@ -77,6 +78,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
                 load: @escaping @Sendable (Stockpot_V1_ModelVersion, URL) throws -> Loaded,
                 watch: Watch? = nil,
                 report: Report? = nil,
+                prefetch: (@Sendable (Stockpot_V1_ModelVersion) async -> Void)? = nil,
                 health: HealthStatus? = nil,
                 onChange: @escaping @Sendable (Current) -> Void = { _ in },
                 onUnload: @escaping @Sendable () -> Void = {}) {
@@ -86,6 +88,7 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         self.load = load
         self.watch = watch
         self.report = report
+        self.prefetch = prefetch
         self.interval = interval
         self.optional = optional
         self.logger = logger
@@ -229,10 +232,16 @@ public final class ArtifactWatcher<Loaded: Sendable>: Service, Sendable {
         var backoff = Duration.milliseconds(200)
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             do {
-                try await watch(name, last.load(ordering: .acquiring)) { [self] moves in
+                try await watch(name, last.load(ordering: .acquiring)) { [self] response in
+                    let moves = response.moves
                     if moves.contains(where: { $0.alias == alias }) { poke() }
                     if let newest = moves.map(\.id).max(), newest > last.load(ordering: .acquiring) {
                         last.store(newest, ordering: .releasing)
+                    }
+                    // A new version of this model: fetched (not loaded) in the background, so that promoting it
+                    // later costs only the load.
+                    if let prefetch, let newest = response.registered.filter({ $0.name == name }).max(by: { $0.version < $1.version }) {
+                        Task.detached(priority: .background) { await prefetch(newest) }
                     }
                 }
                 backoff = .milliseconds(200)

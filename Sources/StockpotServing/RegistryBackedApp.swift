@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import StockpotProto
+import Synchronization
 
 /// What services that load artifacts from the registry share: the registry address, a local cache folder and
 /// how often to check aliases.
@@ -53,7 +54,7 @@ public struct RegistryAccess: Sendable {
                                    streamOptions.waitForReady = true
                                    try await registry.stub.watchAliases(.with { $0.name = name; $0.resumeAfter = after },
                                                                         options: streamOptions) { response in
-                                       for try await message in response.messages { handle(message.moves) }
+                                       for try await message in response.messages { handle(message) }
                                    }
                                },
                                report: { [replica] version, error in
@@ -67,6 +68,15 @@ public struct RegistryAccess: Sendable {
                                        $0.error = error.map { "\($0)" } ?? ""
                                    }, metadata: registry.writeMetadata, options: options)
                                },
+                               prefetch: { version in
+                                   // Once per version and process, however many watchers follow the model.
+                                   guard Prefetched.claim("\(cache.path)|\(version.name):\(version.version)") else { return }
+                                   var options = callOptions
+                                   let bytes = version.files.reduce(Int64(0)) { $0.addingReportingOverflow(max(0, $1.size)).partialValue }
+                                       .clamped(to: 0...(1 << 40))
+                                   options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
+                                   _ = try? await registry.download(version, cache: cache, options: options)
+                               },
                                health: health,
                                onChange: onChange, onUnload: onUnload)
     }
@@ -79,5 +89,20 @@ enum CallOptionsShim {
         var o = CallOptions.defaults
         o.timeout = d
         return o
+    }
+}
+
+/// Versions already fetched ahead of a promotion in this process (bounded: the newest 1,000 keys).
+enum Prefetched {
+    private static let keys = Mutex<[String]>([])
+
+    /// True the first time `key` is claimed.
+    static func claim(_ key: String) -> Bool {
+        keys.withLock { k in
+            guard !k.contains(key) else { return false }
+            k.append(key)
+            if k.count > 1_000 { k.removeFirst(k.count - 1_000) }
+            return true
+        }
     }
 }

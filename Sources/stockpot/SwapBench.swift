@@ -33,6 +33,8 @@ struct SwapBench: AsyncParsableCommand {
     var registryNice: Int?
     @Flag(help: "Promote through a canary first (legacy:2 → canary, then production): the promotion reuses the canary's loaded model.")
     var viaCanary = false
+    @Flag(help: "Register legacy:2 while the replicas serve (during the warm-up), as a trainer would: they fetch it before it is promoted.")
+    var registerWhileServing = false
 
     func run() async throws {
         let work = URL(fileURLWithPath: data).standardizedFileURL
@@ -58,13 +60,20 @@ struct SwapBench: AsyncParsableCommand {
         options.log = { Console.info($0) }
         try await LocalSuite.bootstrap(registry: address(0), token: token, options: options)
         let next = try trainNext(work: work, kuaiRand: kuaiRand)
-        let registered = try await withGRPCClient(transport: try ServiceClient.transport(target: address(0))) { client in
-            try await RegistryClient(wrapping: client, token: token).register(
-                name: "legacy", kind: "legacy", metadata: next.spec.metadata,
-                lineage: .with { $0.parent = "legacy@production"; $0.trainingDays = (next.spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) } },
-                folder: work.appendingPathComponent("training/legacy-next-artifact"))
+        let registryAddress = address(0)
+        @Sendable func registerNext() async throws -> Int64 {
+            try await withGRPCClient(transport: try ServiceClient.transport(target: registryAddress)) { client in
+                try await RegistryClient(wrapping: client, token: token).register(
+                    name: "legacy", kind: "legacy", metadata: next.spec.metadata,
+                    lineage: .with { $0.parent = "legacy@production"; $0.trainingDays = (next.spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) } },
+                    folder: work.appendingPathComponent("training/legacy-next-artifact")).version
+            }
         }
-        Console.info("registered legacy:\(registered.version) (not promoted yet)")
+        let target: Int64 = 2
+        if !registerWhileServing {
+            let v = try await registerNext()
+            Console.info("registered legacy:\(v) (not promoted yet)")
+        }
 
         // 2. The serving processes: polling every 10 s, so a switch within a second is the push stream's doing.
         let registryFlags = ["--registry", address(0), "--refresh-seconds", "10"]
@@ -95,14 +104,14 @@ struct SwapBench: AsyncParsableCommand {
         let requests = try RankClient.demoRequests(kuaiRand: kuaiRand, count: 400)
         let load = Load(requests: requests, concurrency: concurrency, rate: rate, deadline: .milliseconds(deadlineMs))
         let switched = Shared<[Double]>([])
-        let target = registered.version
-        let registryAddress = address(0)
-        let viaCanary = self.viaCanary
+        let viaCanary = self.viaCanary, registerWhileServing = self.registerWhileServing
         let phases: [ChaosPhase] = [
             .init(name: viaCanary ? "warm-up (not counted); legacy:\(target) → canary" : "warm-up (not counted)", counted: false) {
-                guard viaCanary else { return }
+                guard viaCanary || registerWhileServing else { return }
                 Task {
                     do {
+                        if registerWhileServing { Console.info("registered legacy:\(try await registerNext()) while serving") }
+                        guard viaCanary else { return }
                         _ = try await withGRPCClient(transport: try ServiceClient.transport(target: registryAddress)) { client in
                             try await RegistryClient(wrapping: client, token: token).promote("legacy:\(target)", alias: "canary", reason: "bench-swap canary")
                         }
@@ -156,7 +165,9 @@ struct SwapBench: AsyncParsableCommand {
         lines.append("")
         lines.append("\(scorers) scorer replicas (1 forward-pass thread each), \(concurrency) requests in flight at \(Int(rate)) req/s, "
             + "\(Int(windowSeconds)) s windows, deadline \(deadlineMs) ms; alias polling every 10 s (the switch rides the WatchAliases push)"
-            + "; registry at nice \(registryNice ?? 10)" + (viaCanary ? "; promoted from the canary (loaded during warm-up)." : "; promoted cold (not loaded anywhere before)."))
+            + "; registry at nice \(registryNice ?? 10)" + (viaCanary ? "; promoted from the canary (loaded during warm-up)."
+               : registerWhileServing ? "; registered during warm-up (replicas fetch it then), promoted without having been loaded."
+               : "; promoted cold (registered before the replicas started: neither fetched nor loaded anywhere)."))
         let table = lines.joined(separator: "\n")
         Console.out(table)
         if let report { try Data((table + "\n").utf8).write(to: URL(fileURLWithPath: report)) }

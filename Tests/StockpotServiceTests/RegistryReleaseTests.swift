@@ -479,6 +479,36 @@ func artifact(_ content: String) -> URL {
         }
     }
 
+    @Test func aNewVersionIsFetchedBeforeItIsPromoted() async throws {
+        let root = temporaryDirectory("registry-prefetch")
+        defer { try? FileManager.default.removeItem(at: root) }
+        try await withRegistry(root: root.appendingPathComponent("registry"), access: .open) { address, _ in
+            try await withRegistryClient(address) { client in
+                _ = try await client.register(name: "m", kind: "legacy", folder: artifact("one"))
+                _ = try await client.promote("m:1", alias: "production", reason: "start")
+            }
+            let serviceClient = try ServiceClient(target: address)
+            let cache = root.appendingPathComponent("cache")
+            let access = RegistryAccess(address: address, cacheDirectory: cache, refreshInterval: .seconds(600))
+            let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger) { _, folder in
+                try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8)
+            }
+            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
+            let running = Task { try await group.run() }
+            try await waitFor { watcher.value?.value == "one" }
+            try await Task.sleep(for: .milliseconds(300)) // the stream is connected
+            let v2 = try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("two")) }
+            // In the replica's cache, verified, while production still serves m:1.
+            try await waitFor {
+                (try? String(contentsOf: cache.appendingPathComponent("m/2/.sha256"), encoding: .utf8)) == v2.artifactSha256
+            }
+            #expect(watcher.value?.value == "one")
+            #expect(try String(contentsOf: cache.appendingPathComponent("m/2/model.json"), encoding: .utf8) == "two")
+            await group.triggerGracefulShutdown()
+            try await running.value
+        }
+    }
+
     @Test func aReplicaUnloadsAnAliasTheRegistryRemoved() async throws {
         let root = temporaryDirectory("registry-unload")
         defer { try? FileManager.default.removeItem(at: root) }

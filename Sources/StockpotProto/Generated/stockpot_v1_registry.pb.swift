@@ -553,6 +553,10 @@ public nonisolated struct Stockpot_V1_WatchAliasesResponse: Sendable {
   /// these moves describe the current state, not new events
   public var snapshot: Bool = false
 
+  /// Versions registered since the stream started (of `name`, or of every model): a hint that lets replicas
+  /// fetch a version before it is promoted. Best effort: not replayed on resume.
+  public var registered: [Stockpot_V1_ModelVersion] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1580,7 +1584,7 @@ nonisolated extension Stockpot_V1_WatchAliasesRequest: SwiftProtobuf.Message, Sw
 
 nonisolated extension Stockpot_V1_WatchAliasesResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".WatchAliasesResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}moves\0\u{1}snapshot\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}moves\0\u{1}snapshot\0\u{1}registered\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1590,6 +1594,7 @@ nonisolated extension Stockpot_V1_WatchAliasesResponse: SwiftProtobuf.Message, S
       switch fieldNumber {
       case 1: try { try decoder.decodeRepeatedMessageField(value: &self.moves) }()
       case 2: try { try decoder.decodeSingularBoolField(value: &self.snapshot) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.registered) }()
       default: break
       }
     }
@@ -1602,12 +1607,16 @@ nonisolated extension Stockpot_V1_WatchAliasesResponse: SwiftProtobuf.Message, S
     if self.snapshot != false {
       try visitor.visitSingularBoolField(value: self.snapshot, fieldNumber: 2)
     }
+    if !self.registered.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.registered, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Stockpot_V1_WatchAliasesResponse, rhs: Stockpot_V1_WatchAliasesResponse) -> Bool {
     if lhs.moves != rhs.moves {return false}
     if lhs.snapshot != rhs.snapshot {return false}
+    if lhs.registered != rhs.registered {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
