@@ -10,7 +10,7 @@ import Synchronization
 /// - `admin`: everything, including protected aliases (default: `production`) and `--force`.
 ///
 /// Tokens live in a JSON file as sha256 digests (`{"tokens": [{"name": "ci-tail", "roles": ["register",
-/// "promote"], "sha256": "<hex>"}]}`), never in plain text; the file is re-read when it changes, so a token is
+/// "promote"], "sha256": "<hex>"}]}`), never in plain text; the file is read on every write call, so a token is
 /// revoked by deleting its entry. Secure by default: with no tokens configured every write is refused unless
 /// the registry was started with open writes (a local sandbox). Tokens are never logged or echoed.
 public final class AccessControl: Sendable {
