@@ -52,11 +52,12 @@ struct DataOptions: ParsableArguments {
 /// Writes progress to stderr (unbuffered) and results to stdout (flushed per line).
 enum Console {
     static func info(_ line: String) {
-        FileHandle.standardError.write(Data((line + "\n").utf8))
+        try? FileHandle.standardError.write(contentsOf: Data((line + "\n").utf8))
     }
 
+    /// A reader that went away (`stockpot registry list | head`) ends the command quietly, not with a crash.
     static func out(_ text: String) {
-        FileHandle.standardOutput.write(Data((text + "\n").utf8))
+        do { try FileHandle.standardOutput.write(contentsOf: Data((text + "\n").utf8)) } catch { exit(0) }
     }
 }
 
