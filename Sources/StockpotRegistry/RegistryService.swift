@@ -24,12 +24,6 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         self.maxWatchers = maxWatchers
     }
 
-    /// A relative artifact path: no absolute paths, no empty or hidden components (`.`, `..`, `.sha256`…).
-    static func isSafePath(_ p: String) -> Bool {
-        !p.isEmpty && !p.hasPrefix("/") && !p.split(separator: "/", omittingEmptySubsequences: false)
-            .contains(where: { $0.isEmpty || $0.hasPrefix(".") }) && p.count <= 255
-    }
-
     func validate(_ h: Stockpot_V1_RegisterHeader) throws {
         guard ModelReference.isValidName(h.name) else {
             throw Status.invalidArgument("header.name '\(h.name)' is invalid: 1–64 letters, digits, - _ ., starting with a letter or digit")
@@ -39,7 +33,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         var seen = Set<String>()
         var total: Int64 = 0
         for f in h.files {
-            guard Self.isSafePath(f.path) else { throw Status.invalidArgument("header.files: unsafe path '\(f.path)'") }
+            guard ArtifactPath.isSafe(f.path) else { throw Status.invalidArgument("header.files: unsafe path '\(f.path)'") }
             guard seen.insert(f.path).inserted else { throw Status.invalidArgument("header.files: duplicate path '\(f.path)'") }
             guard f.size >= 0 else { throw Status.invalidArgument("header.files[\(f.path)].size is negative") }
             guard f.size <= maxArtifactBytes - total else {

@@ -41,10 +41,7 @@ final class JobThread: Sendable {
 
     init(name: String, niceness: Int32?) {
         let thread = Thread { [self] in
-            #if os(Linux)
-            // who = 0 is the calling thread: on Linux the nice value is per thread.
-            if let niceness { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, niceness) }
-            #endif
+            if let niceness { ProcessPriority.lowerCurrentThread(to: niceness) }
             while true {
                 ready.wait()
                 let job = jobs.withLock { $0.isEmpty ? nil : $0.removeFirst() }

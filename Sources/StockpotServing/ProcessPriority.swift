@@ -6,6 +6,15 @@ public enum ProcessPriority {
     /// Sets every thread of this process to nice `value` (0 normal … 19 lowest). On Linux the nice value is per
     /// thread and a new thread inherits its creator's, so every current thread is set (from `/proc/self/task`);
     /// calling it again later catches a thread created meanwhile by one that was not yet lowered.
+    /// Sets the calling thread to nice `value` (on Linux the nice value is per thread; `who` = 0 is the caller).
+    public static func lowerCurrentThread(to value: Int32) {
+        #if os(Linux)
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, value)
+        #else
+        _ = setpriority(PRIO_PROCESS, 0, value)
+        #endif
+    }
+
     public static func lower(to value: Int32) {
         #if os(Linux)
         for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {

@@ -27,6 +27,14 @@ public struct RegistryAccess: Sendable {
     /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
     /// check at once; `refreshInterval` is the polling fallback.
     /// - Parameter optional: the reference may not exist (a canary alias): its absence is logged at debug level.
+    /// `base` with a deadline that grows with the artifact (30 s plus at least 20 MB/s), not a fixed one.
+    static func downloadOptions(_ base: CallOptions, for version: Stockpot_V1_ModelVersion) -> CallOptions {
+        var options = base
+        let bytes = version.files.reduce(Int64(0)) { $0.addingReportingOverflow(max(0, $1.size)).partialValue }.clamped(to: 0...(1 << 40))
+        options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
+        return options
+    }
+
     /// - Parameter health: where the reference's `model:<reference>` health entry goes.
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger, optional: Bool = false,
                                      health: HealthStatus? = nil,
@@ -41,12 +49,7 @@ public struct RegistryAccess: Sendable {
         return ArtifactWatcher(reference: reference, interval: refreshInterval, logger: logger, optional: optional,
                                resolve: { ref in try await registry.resolve(ref, options: callOptions) },
                                fetch: { version in
-                                   // A deadline that grows with the artifact (at least 20 MB/s), not a fixed 30 s.
-                                   var options = callOptions
-                                   let bytes = version.files.reduce(Int64(0)) { $0.addingReportingOverflow(max(0, $1.size)).partialValue }
-                                       .clamped(to: 0...(1 << 40))
-                                   options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
-                                   return try await registry.download(version, cache: cache, options: options)
+                                   try await registry.download(version, cache: cache, options: Self.downloadOptions(callOptions, for: version))
                                },
                                load: load,
                                watch: { name, after, handle in
@@ -71,11 +74,7 @@ public struct RegistryAccess: Sendable {
                                prefetch: { version in
                                    // Once per version and process, however many watchers follow the model.
                                    guard Prefetched.claim("\(cache.path)|\(version.name):\(version.version)") else { return }
-                                   var options = callOptions
-                                   let bytes = version.files.reduce(Int64(0)) { $0.addingReportingOverflow(max(0, $1.size)).partialValue }
-                                       .clamped(to: 0...(1 << 40))
-                                   options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
-                                   _ = try? await registry.download(version, cache: cache, options: options)
+                                   _ = try? await registry.download(version, cache: cache, options: Self.downloadOptions(callOptions, for: version))
                                },
                                health: health,
                                onChange: onChange, onUnload: onUnload)

@@ -132,7 +132,7 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
     public func download(_ version: Stockpot_V1_ModelVersion, cache: URL, options: CallOptions = .defaults) async throws -> URL {
         // The version comes from the registry's reply: its name and paths become paths here, so they are checked.
         guard ModelReference.isValidName(version.name), version.version > 0,
-              version.files.allSatisfy({ Self.isSafePath($0.path) && $0.size >= 0 }),
+              version.files.allSatisfy({ ArtifactPath.isSafe($0.path) && $0.size >= 0 }),
               Set(version.files.map(\.path)).count == version.files.count else {
             throw Status.dataLoss("the registry described \(version.name):\(version.version) with an unsafe name or file paths")
         }
@@ -157,7 +157,7 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
                     guard meta == nil else { throw Status.dataLoss("download sent a second version header") }
                     guard v.name == version.name, v.version == version.version, v.artifactSha256 == version.artifactSha256,
                           v.files == version.files, Set(v.files.map(\.path)).count == v.files.count,
-                          v.files.allSatisfy({ RegistryClient.isSafePath($0.path) }) else {
+                          v.files.allSatisfy({ ArtifactPath.isSafe($0.path) }) else {
                         throw Status.dataLoss("download of \(version.name):\(version.version) sent another version or unsafe file paths")
                     }
                     meta = v
@@ -180,16 +180,9 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         try await LowPriorityWorker.run { try AtomicFile.publishDirectory(tmp, at: folder) }
         return folder
     }
-
-    /// A relative path inside an artifact: no absolute paths, no empty or hidden components (so no `.`, `..`,
-    /// nor the cache's own `.sha256` marker).
-    static func isSafePath(_ p: String) -> Bool {
-        !p.isEmpty && !p.hasPrefix("/") && p.utf8.count <= 1024 && !p.split(separator: "/", omittingEmptySubsequences: false)
-            .contains(where: { $0.isEmpty || $0.hasPrefix(".") })
-    }
 }
 
-/// The files of one download being written and hashed. Used only on `LowPriorityWorker`'s single thread, one
+/// The files of one download being written and hashed. Used only on `LowPriorityWorker`'s I/O thread, one
 /// call after another, which is what makes the unchecked sendability sound.
 final class DownloadSink: @unchecked Sendable {
     let folder: URL
@@ -233,5 +226,16 @@ final class DownloadSink: @unchecked Sendable {
             let digest = h.finalizeHex()
             guard digest == f.sha256 else { throw Status.dataLoss("file '\(f.path)' arrived with sha256 \(digest), expected \(f.sha256)") }
         }
+    }
+}
+
+/// The one rule for file paths inside an artifact: the registry accepts only such paths, and replicas check the
+/// registry's replies against it before writing anything.
+public enum ArtifactPath {
+    /// Relative, at most 255 characters, no empty or hidden components (so no `.`, `..`, nor the cache's own
+    /// `.sha256` marker).
+    public static func isSafe(_ p: String) -> Bool {
+        !p.isEmpty && !p.hasPrefix("/") && p.count <= 255 && !p.split(separator: "/", omittingEmptySubsequences: false)
+            .contains(where: { $0.isEmpty || $0.hasPrefix(".") })
     }
 }

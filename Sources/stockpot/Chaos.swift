@@ -120,14 +120,7 @@ struct Chaos: AsyncParsableCommand {
     }
 
     func waitServing(_ target: String, _ name: String, fleet: Fleet, timeout: Duration = .seconds(180)) async throws {
-        let until = ContinuousClock.now + timeout
-        while !(await HealthProbe.isServing(target: target)) {
-            if let exit = fleet.exited(name) {
-                throw ValidationError("\(name) exited (\(exit)) before SERVING; see \(fleet.logURL(name).path)")
-            }
-            guard ContinuousClock.now < until else { throw ValidationError("\(name) at \(target) not SERVING after \(timeout)") }
-            try await Task.sleep(for: .milliseconds(200))
-        }
+        try await fleet.waitServing(name, at: target, timeout: timeout)
     }
 
     /// The gateway's corrector and fusion stage times from its /metrics: how many exceeded the layer timeout.
@@ -226,6 +219,18 @@ final class Fleet: @unchecked Sendable {
     func restart(_ name: String) throws {
         guard let (arguments, niceness) = lock.withLock({ processes[name].map { ($0.arguments, $0.niceness) } }) else { return }
         try start(name, arguments, niceness: niceness)
+    }
+
+    /// Waits until `name` at `target` reports SERVING; fails at once if the process exits first.
+    func waitServing(_ name: String, at target: String, timeout: Duration = .seconds(180)) async throws {
+        let until = ContinuousClock.now + timeout
+        while !(await HealthProbe.isServing(target: target)) {
+            if let exit = exited(name) {
+                throw ValidationError("\(name) exited (\(exit)) before SERVING; see \(logURL(name).path)")
+            }
+            guard ContinuousClock.now < until else { throw ValidationError("\(name) at \(target) not SERVING after \(timeout)") }
+            try await Task.sleep(for: .milliseconds(200))
+        }
     }
 
     func stopAll() {

@@ -90,14 +90,7 @@ struct SwapBench: AsyncParsableCommand {
         let scorerProcesses: [(String, String)] = scorerAddresses.enumerated().map { i, a in ("scorer-\(i)", a) }
         let processes: [(String, String)] = [("features", address(1))] + scorerProcesses
             + [("corrector", address(3)), ("fusion", address(4)), ("gateway", address(5))]
-        for (name, a) in processes {
-            let until = ContinuousClock.now + .seconds(300)
-            while !(await HealthProbe.isServing(target: a)) {
-                if let status = fleet.exited(name) { throw ValidationError("\(name) exited with status \(status); see \(fleet.logURL(name).path)") }
-                guard ContinuousClock.now < until else { throw ValidationError("\(name) is not SERVING after 300 s") }
-                try await Task.sleep(for: .milliseconds(200))
-            }
-        }
+        for (name, a) in processes { try await fleet.waitServing(name, at: a, timeout: .seconds(300)) }
         Console.info("all processes SERVING")
 
         // 3. Traffic; the promotion at the start of the "during" window, each replica polled for the new version.

@@ -33,17 +33,23 @@ func withRegistry<T: Sendable>(root: URL, access: AccessControl,
                                services: [RegistryService(store: store, access: access)],
                                serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService],
                                metrics: MetricsHub(), logger: quietLogger)
-    let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: quietLogger))
-    let task = Task { try await group.run() }
+    return try await whileRunning([server]) {
+        try await body("127.0.0.1:\(try await server.port())", store)
+    }
+}
+
+/// Runs `services` in a service group for the duration of `body`, then shuts them down gracefully.
+func whileRunning<T: Sendable>(_ services: [any Service], _ body: () async throws -> T) async throws -> T {
+    let group = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) }, logger: quietLogger))
+    let running = Task { try await group.run() }
     do {
-        let port = try await server.port()
-        let result = try await body("127.0.0.1:\(port)", store)
+        let result = try await body()
         await group.triggerGracefulShutdown()
-        try await task.value
+        try await running.value
         return result
     } catch {
         await group.triggerGracefulShutdown()
-        _ = await task.result
+        _ = await running.result
         throw error
     }
 }
@@ -424,14 +430,12 @@ func artifact(_ content: String) -> URL {
             let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger) { _, folder in
                 try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8)
             }
-            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
-            let running = Task { try await group.run() }
-            try await waitFor { watcher.value?.value == "one" }
-            try await Task.sleep(for: .milliseconds(300)) // the stream is connected
-            try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "push") }
-            try await waitFor(timeout: .seconds(20)) { watcher.value?.value == "two" } // throws past 20 s
-            await group.triggerGracefulShutdown()
-            try await running.value
+            try await whileRunning([serviceClient, watcher]) {
+                try await waitFor { watcher.value?.value == "one" }
+                try await Task.sleep(for: .milliseconds(300)) // the stream is connected
+                try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "push") }
+                try await waitFor(timeout: .seconds(20)) { watcher.value?.value == "two" } // throws past 20 s
+            }
         }
     }
 
@@ -452,30 +456,28 @@ func artifact(_ content: String) -> URL {
                 guard text != "broken" else { throw RPCError(code: .internalError, message: "cannot parse model.json") }
                 return text
             }
-            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
-            let running = Task { try await group.run() }
-            try await waitFor { watcher.value?.value == "one" }
-            #expect(health.status(of: "model:m@production") == .serving)
-            try await Task.sleep(for: .milliseconds(300))
-            try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "bad build") }
-            try await waitFor { watcher.failure != nil }
-            #expect(watcher.value?.value == "one")
-            #expect(health.status(of: "model:m@production") == .notServing) // stale: the newest version did not load
-            #expect(watcher.failure?.version == "m:2" && watcher.failure?.message.contains("cannot parse") == true)
-            let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
-            #expect(failures.map { "\($0.name):\($0.version)@\($0.replica)" } == ["m:2@scorer@test"])
-            #expect(failures.first?.error.contains("cannot parse") == true)
-            // Rolled back to the version still loaded: healthy again at once, nothing loaded.
-            try await withRegistryClient(address) { _ = try await $0.rollback(name: "m", alias: "production", reason: "bad build") }
-            try await waitFor { health.status(of: "model:m@production") == .serving }
-            #expect(watcher.failure == nil && watcher.value?.value == "one")
-            // The next good version loads and clears the failure.
-            try await withRegistryClient(address) { _ = try await $0.promote("m:3", alias: "production", reason: "fixed") }
-            try await waitFor { watcher.value?.value == "three" }
-            #expect(watcher.failure == nil)
-            #expect(health.status(of: "model:m@production") == .serving)
-            await group.triggerGracefulShutdown()
-            try await running.value
+            try await whileRunning([serviceClient, watcher]) {
+                try await waitFor { watcher.value?.value == "one" }
+                #expect(health.status(of: "model:m@production") == .serving)
+                try await Task.sleep(for: .milliseconds(300))
+                try await withRegistryClient(address) { _ = try await $0.promote("m:2", alias: "production", reason: "bad build") }
+                try await waitFor { watcher.failure != nil }
+                #expect(watcher.value?.value == "one")
+                #expect(health.status(of: "model:m@production") == .notServing) // stale: the newest version did not load
+                #expect(watcher.failure?.version == "m:2" && watcher.failure?.message.contains("cannot parse") == true)
+                let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
+                #expect(failures.map { "\($0.name):\($0.version)@\($0.replica)" } == ["m:2@scorer@test"])
+                #expect(failures.first?.error.contains("cannot parse") == true)
+                // Rolled back to the version still loaded: healthy again at once, nothing loaded.
+                try await withRegistryClient(address) { _ = try await $0.rollback(name: "m", alias: "production", reason: "bad build") }
+                try await waitFor { health.status(of: "model:m@production") == .serving }
+                #expect(watcher.failure == nil && watcher.value?.value == "one")
+                // The next good version loads and clears the failure.
+                try await withRegistryClient(address) { _ = try await $0.promote("m:3", alias: "production", reason: "fixed") }
+                try await waitFor { watcher.value?.value == "three" }
+                #expect(watcher.failure == nil)
+                #expect(health.status(of: "model:m@production") == .serving)
+            }
         }
     }
 
@@ -493,19 +495,17 @@ func artifact(_ content: String) -> URL {
             let watcher = access.watcher(reference: "m@production", client: serviceClient, logger: quietLogger) { _, folder in
                 try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8)
             }
-            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
-            let running = Task { try await group.run() }
-            try await waitFor { watcher.value?.value == "one" }
-            try await Task.sleep(for: .milliseconds(300)) // the stream is connected
-            let v2 = try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("two")) }
-            // In the replica's cache, verified, while production still serves m:1.
-            try await waitFor {
-                (try? String(contentsOf: cache.appendingPathComponent("m/2/.sha256"), encoding: .utf8)) == v2.artifactSha256
+            try await whileRunning([serviceClient, watcher]) {
+                try await waitFor { watcher.value?.value == "one" }
+                try await Task.sleep(for: .milliseconds(300)) // the stream is connected
+                let v2 = try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("two")) }
+                // In the replica's cache, verified, while production still serves m:1.
+                try await waitFor {
+                    (try? String(contentsOf: cache.appendingPathComponent("m/2/.sha256"), encoding: .utf8)) == v2.artifactSha256
+                }
+                #expect(watcher.value?.value == "one")
+                #expect(try String(contentsOf: cache.appendingPathComponent("m/2/model.json"), encoding: .utf8) == "two")
             }
-            #expect(watcher.value?.value == "one")
-            #expect(try String(contentsOf: cache.appendingPathComponent("m/2/model.json"), encoding: .utf8) == "two")
-            await group.triggerGracefulShutdown()
-            try await running.value
         }
     }
 
@@ -527,15 +527,13 @@ func artifact(_ content: String) -> URL {
             let watcher = access.watcher(reference: "corrector-tail@production", client: serviceClient, logger: quietLogger, health: health,
                                          load: { _, folder in try String(contentsOf: folder.appendingPathComponent("model.json"), encoding: .utf8) },
                                          onUnload: { unloaded { $0 = true } })
-            let group = ServiceGroup(configuration: .init(services: [.init(service: serviceClient), .init(service: watcher)], logger: quietLogger))
-            let running = Task { try await group.run() }
-            try await waitFor { watcher.value?.value == "c" }
-            try await Task.sleep(for: .milliseconds(300))
-            try await withRegistryClient(address) { _ = try await $0.rollback(name: "legacy", alias: "production", reason: "regressed") }
-            try await waitFor { watcher.value == nil }
-            #expect(unloaded.value && health.status(of: "model:corrector-tail@production") == .notServing)
-            await group.triggerGracefulShutdown()
-            try await running.value
+            try await whileRunning([serviceClient, watcher]) {
+                try await waitFor { watcher.value?.value == "c" }
+                try await Task.sleep(for: .milliseconds(300))
+                try await withRegistryClient(address) { _ = try await $0.rollback(name: "legacy", alias: "production", reason: "regressed") }
+                try await waitFor { watcher.value == nil }
+                #expect(unloaded.value && health.status(of: "model:corrector-tail@production") == .notServing)
+            }
         }
     }
 
