@@ -24,17 +24,18 @@ public struct RegistryAccess: Sendable {
     /// A client whose connections run on `BackgroundEventLoop`, apart from the event loops that carry requests.
     public func makeClient() throws -> ServiceClient { try ServiceClient(target: address, background: true) }
 
-    /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
-    /// check at once; `refreshInterval` is the polling fallback.
-    /// - Parameter optional: the reference may not exist (a canary alias): its absence is logged at debug level.
     /// `base` with a deadline that grows with the artifact (30 s plus at least 20 MB/s), not a fixed one.
     static func downloadOptions(_ base: CallOptions, for version: Stockpot_V1_ModelVersion) -> CallOptions {
         var options = base
-        let bytes = version.files.reduce(Int64(0)) { $0.addingReportingOverflow(max(0, $1.size)).partialValue }.clamped(to: 0...(1 << 40))
+        let cap: Int64 = 1 << 40 // saturates: a huge declared size gets the longest deadline, not the shortest
+        let bytes = version.files.reduce(Int64(0)) { min(cap, $0 + min(cap, max(0, $1.size))) }
         options.timeout = .seconds(30) + .milliseconds(bytes / 20_000)
         return options
     }
 
+    /// A watcher that keeps `reference` loaded through `client`: pushed alias moves (`WatchAliases`) trigger a
+    /// check at once; `refreshInterval` is the polling fallback.
+    /// - Parameter optional: the reference may not exist (a canary alias): its absence is logged at debug level.
     /// - Parameter health: where the reference's `model:<reference>` health entry goes.
     public func watcher<T: Sendable>(reference: String, client: ServiceClient, logger: Logger, optional: Bool = false,
                                      health: HealthStatus? = nil,
@@ -73,8 +74,15 @@ public struct RegistryAccess: Sendable {
                                },
                                prefetch: { version in
                                    // Once per version and process, however many watchers follow the model.
-                                   guard Prefetched.claim("\(cache.path)|\(version.name):\(version.version)") else { return }
-                                   _ = try? await registry.download(version, cache: cache, options: Self.downloadOptions(callOptions, for: version))
+                                   // One prefetch at a time per process, once per version (again after a failure).
+                                   let key = "\(cache.path)|\(version.name):\(version.version)"
+                                   guard Prefetched.claim(key) else { return }
+                                   do {
+                                       _ = try await registry.download(version, cache: cache, options: Self.downloadOptions(callOptions, for: version))
+                                       Prefetched.finish(key, ok: true)
+                                   } catch {
+                                       Prefetched.finish(key, ok: false)
+                                   }
                                },
                                health: health,
                                onChange: onChange, onUnload: onUnload)
@@ -91,17 +99,27 @@ enum CallOptionsShim {
     }
 }
 
-/// Versions already fetched ahead of a promotion in this process (bounded: the newest 1,000 keys).
+/// Versions fetched ahead of a promotion in this process: at most one prefetch at a time (a burst of
+/// registrations does not start a download each; later ones are fetched at their promotion), each version once
+/// (bounded: the newest 1,000), a failed one may be tried again.
 enum Prefetched {
-    private static let keys = Mutex<[String]>([])
+    private static let state = Mutex<(done: [String], busy: Bool)>(([], false))
 
-    /// True the first time `key` is claimed.
+    /// True when `key` may be fetched now.
     static func claim(_ key: String) -> Bool {
-        keys.withLock { k in
-            guard !k.contains(key) else { return false }
-            k.append(key)
-            if k.count > 1_000 { k.removeFirst(k.count - 1_000) }
+        state.withLock { s in
+            guard !s.busy, !s.done.contains(key) else { return false }
+            s.busy = true
             return true
+        }
+    }
+
+    static func finish(_ key: String, ok: Bool) {
+        state.withLock { s in
+            s.busy = false
+            guard ok else { return }
+            s.done.append(key)
+            if s.done.count > 1_000 { s.done.removeFirst(s.done.count - 1_000) }
         }
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import StockpotModel
 import StockpotProto
+import Synchronization
 
 /// Client-side registry operations: register a folder as a new version, promote and roll back, resolve a
 /// reference, download a version into a local cache (verified against its sha256). Writes send `token` as
@@ -137,6 +138,20 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
             throw Status.dataLoss("the registry described \(version.name):\(version.version) with an unsafe name or file paths")
         }
         let folder = cache.appendingPathComponent("\(version.name)/\(version.version)")
+        // One download per folder at a time: a promotion's fetch waits for a prefetch of the same version still
+        // in flight (and then finds it cached) instead of streaming the artifact a second time.
+        let key = folder.standardizedFileURL.path
+        let lock = downloadLocks.withLock { locks in
+            if let existing = locks[key] { return existing }
+            let created = DownloadLock()
+            locks[key] = created
+            return created
+        }
+        await lock.acquire()
+        defer {
+            lock.release()
+            downloadLocks.withLock { locks in if locks[key] === lock, !lock.isHeld { locks[key] = nil } }
+        }
         let marker = folder.appendingPathComponent(".sha256")
         if let existing = try? String(contentsOf: marker, encoding: .utf8), existing == version.artifactSha256 {
             if (try? await LowPriorityWorker.run({ Self.verify(version, in: folder) })) == true { return folder }
@@ -232,10 +247,43 @@ final class DownloadSink: @unchecked Sendable {
 /// The one rule for file paths inside an artifact: the registry accepts only such paths, and replicas check the
 /// registry's replies against it before writing anything.
 public enum ArtifactPath {
-    /// Relative, at most 255 characters, no empty or hidden components (so no `.`, `..`, nor the cache's own
-    /// `.sha256` marker).
+    /// Relative, at most 1,024 bytes (255 per component), no empty or hidden components (so no `.`, `..`, nor
+    /// the cache's own `.sha256` marker).
+    /// Checked on the UTF-8 bytes, not on characters: a combining mark cannot hide a `/` or a leading `.`.
     public static func isSafe(_ p: String) -> Bool {
-        !p.isEmpty && !p.hasPrefix("/") && p.count <= 255 && !p.split(separator: "/", omittingEmptySubsequences: false)
-            .contains(where: { $0.isEmpty || $0.hasPrefix(".") })
+        let bytes = Array(p.utf8)
+        guard !bytes.isEmpty, bytes.count <= 1024 else { return false }
+        return bytes.split(separator: 0x2f, omittingEmptySubsequences: false).allSatisfy { c in
+            !c.isEmpty && c.first != 0x2e && c.count <= 255 && !c.contains(0)
+        }
+    }
+}
+
+/// Downloads in progress in this process, by destination folder.
+private let downloadLocks = Mutex<[String: DownloadLock]>([:])
+
+/// An async lock: waiters park (no thread blocked) until the holder releases it.
+final class DownloadLock: Sendable {
+    private let state = Mutex<(held: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    var isHeld: Bool { state.withLock { $0.held || !$0.waiters.isEmpty } }
+
+    func acquire() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = state.withLock { s -> Bool in
+                if !s.held { s.held = true; return true }
+                s.waiters.append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    func release() {
+        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            if s.waiters.isEmpty { s.held = false; return nil }
+            return s.waiters.removeFirst() // stays held, handed over
+        }
+        next?.resume()
     }
 }

@@ -224,7 +224,8 @@ final class Fleet: @unchecked Sendable {
     /// Waits until `name` at `target` reports SERVING; fails at once if the process exits first.
     func waitServing(_ name: String, at target: String, timeout: Duration = .seconds(180)) async throws {
         let until = ContinuousClock.now + timeout
-        while !(await HealthProbe.isServing(target: target)) {
+        guard lock.withLock({ processes[name] }) != nil else { throw ValidationError("no process named \(name)") }
+        while !(await HealthProbe.isServing(target: target)) || exited(name) != nil {
             if let exit = exited(name) {
                 throw ValidationError("\(name) exited (\(exit)) before SERVING; see \(logURL(name).path)")
             }

@@ -417,14 +417,15 @@ struct RegistryCommand: AsyncParsableCommand {
                 parsed.append(role)
             }
             let token = AccessControl.newToken()
-            try AccessControl.addToken(name: name, roles: parsed, token: token, to: URL(fileURLWithPath: tokensFile))
+            // Delivered first, then made valid: a token nobody received never works.
             if let out {
                 try AccessControl.writePrivate(Data((token + "\n").utf8), to: URL(fileURLWithPath: out))
-                Console.out("token '\(name)' (\(parsed.map(\.rawValue).joined(separator: ","))) written to \(out)")
             } else {
                 Console.out(token)
-                Console.info("token '\(name)' (\(parsed.map(\.rawValue).joined(separator: ","))) added to \(tokensFile); it is shown only now")
             }
+            try AccessControl.addToken(name: name, roles: parsed, token: token, to: URL(fileURLWithPath: tokensFile))
+            Console.info("token '\(name)' (\(parsed.map(\.rawValue).joined(separator: ","))) added to \(tokensFile)"
+                         + (out.map { "; written to \($0)" } ?? "; it is shown only now"))
         }
     }
 }

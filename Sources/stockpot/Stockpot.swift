@@ -12,6 +12,7 @@ struct Stockpot: AsyncParsableCommand {
     )
 
     static func main() async {
+        signal(SIGPIPE, SIG_IGN) // a closed pipe is EPIPE from write(2), handled where it happens
         BLAS.reexecWithFasterKernelsIfNeeded()
         BLAS.useSingleThread()
         do {
@@ -55,9 +56,18 @@ enum Console {
         try? FileHandle.standardError.write(contentsOf: Data((line + "\n").utf8))
     }
 
-    /// A reader that went away (`stockpot registry list | head`) ends the command quietly, not with a crash.
+    /// A reader that went away (`stockpot registry list | head`: EPIPE) ends the command quietly instead of
+    /// crashing it; other write errors are ignored like a failed print.
     static func out(_ text: String) {
-        do { try FileHandle.standardOutput.write(contentsOf: Data((text + "\n").utf8)) } catch { exit(0) }
+        let bytes = Array((text + "\n").utf8)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+            if n > 0 { done += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && errno == EPIPE { exit(0) }
+            return
+        }
     }
 }
 

@@ -497,7 +497,7 @@ func artifact(_ content: String) -> URL {
             }
             try await whileRunning([serviceClient, watcher]) {
                 try await waitFor { watcher.value?.value == "one" }
-                try await Task.sleep(for: .milliseconds(300)) // the stream is connected
+                try await Task.sleep(for: .seconds(1)) // the stream is connected (registrations are not replayed)
                 let v2 = try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("two")) }
                 // In the replica's cache, verified, while production still serves m:1.
                 try await waitFor {
@@ -703,6 +703,17 @@ func artifact(_ content: String) -> URL {
         #expect((1...9).allSatisfy { !CanaryRouting.isCanary(userID: Int64($0), share: 0.1) })
         #expect(!CanaryRouting.isCanary(userID: 42, share: 0))
         #expect(CanaryRouting.isCanary(userID: 42, share: 1))
+    }
+}
+
+@Suite struct ArtifactPaths {
+    @Test func oneRuleOnBytesNotCharacters() {
+        for ok in ["model.json", "w/weights.bin", "a/b/c.txt"] { #expect(ArtifactPath.isSafe(ok), "\(ok)") }
+        // A combining or prepended mark must not hide a `/` or a leading `.` (grapheme clusters would).
+        for bad in ["", "/abs", "a//b", "../x", "./x", ".sha256", "a/.hidden", "a\u{0600}/../model.json", ".\u{301}x",
+                    String(repeating: "a", count: 256), String(repeating: "a/", count: 600) + "a"] {
+            #expect(!ArtifactPath.isSafe(bad), "\(bad.prefix(40))")
+        }
     }
 }
 
