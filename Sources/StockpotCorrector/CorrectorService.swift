@@ -92,13 +92,12 @@ public struct CorrectorService: Stockpot_V1_CorrectorService.SimpleServiceProtoc
         }
         let inputs = try RankingInputs(userId: 0, user: request.userFeatures, context: request.context, candidates: request.candidates)
         try inputs.validate(limits: limits)
-        let rows = inputs.rows(for: servable.model.spec, encoder: servable.model.encoder)
         var dense = [Float](repeating: 0, count: n * heads.count)
         for (j, h) in heads.enumerated() {
             let col = logits[h]!
             for i in 0..<n { dense[i * heads.count + j] = col[i] }
         }
-        let out = try await servable.logits(rows, dense: dense)
+        let out = try await servable.logits(inputs, dense: dense)
         let k = heads.count
         return .with { r in
             r.corrected = true

@@ -112,6 +112,143 @@ public final class BatchScorer {
         }
     }
 
+    /// Scores one request through the split first layer (`SplitFirstLayer`): the request-scope part once, each
+    /// item's part from `cache` when it holds it (computed and stored otherwise), the candidate-scope part per
+    /// candidate. Writes `count × heads` logits or probabilities into `output`, like `score(rows:…)`.
+    /// - Parameter dense: the model's dense inputs, `count × denseInputs.count` (required when it has any).
+    public func score<Inputs: SplitInputs>(
+        split: SplitFirstLayer, inputs: Inputs, cache: ItemContributionCache?,
+        into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false, dense: UnsafePointer<Float>? = nil
+    ) {
+        let buffers = splitBuffers(for: split)
+        let n = inputs.count
+        let k = model.headCount
+        let e = model.spec.denseInputs.count
+        precondition(e == 0 || dense != nil, "model has dense inputs \(model.spec.denseInputs); pass them")
+        let w = split.width
+        let rowScratch = buffers.rows
+        // Request scope: u = W_r·x_r + b, once.
+        inputs.requestRows(into: rowScratch)
+        model.gather(fields: split.requestFields, rows: rowScratch, into: buffers.requestX)
+        buffers.u.update(from: split.bias, count: w)
+        if split.requestWidth > 0 {
+            split.requestWeight.withUnsafeBufferPointer { wr in
+                BLAS.sgemm(transA: false, transB: true, m: 1, n: w, k: split.requestWidth, alpha: 1,
+                           a: buffers.requestX, lda: split.requestWidth, b: wr.baseAddress!, ldb: split.requestWidth,
+                           beta: 1, c: buffers.u, ldc: w)
+            }
+        }
+        let h = activations[0]
+        var start = 0
+        while start < n {
+            let m = min(chunk, n - start)
+            // Item scope: cached contributions, computed for the items the cache lacks.
+            for j in 0..<m { buffers.keys[j] = inputs.itemKey(start + j) }
+            let missing: [Int]
+            if let cache, cache.capacity > 0 {
+                missing = cache.lookup(UnsafeBufferPointer(start: buffers.keys, count: m), into: h)
+            } else {
+                missing = Array(0..<m)
+            }
+            if !missing.isEmpty {
+                if split.itemWidth > 0 {
+                    for (q, j) in missing.enumerated() {
+                        inputs.itemRows(start + j, into: rowScratch)
+                        model.gather(fields: split.itemFields, rows: rowScratch, into: buffers.itemX + q * split.itemWidth)
+                    }
+                    split.itemWeight.withUnsafeBufferPointer { wi in
+                        BLAS.sgemm(transA: false, transB: true, m: missing.count, n: w, k: split.itemWidth, alpha: 1,
+                                   a: buffers.itemX, lda: split.itemWidth, b: wi.baseAddress!, ldb: split.itemWidth,
+                                   beta: 0, c: buffers.missed, ldc: w)
+                    }
+                } else {
+                    buffers.missed.update(repeating: 0, count: missing.count * w)
+                }
+                for (q, j) in missing.enumerated() { (h + j * w).update(from: buffers.missed + q * w, count: w) }
+                cache?.insert(missing.map { buffers.keys[$0] }, rows: buffers.missed)
+            }
+            // Candidate scope (and dense inputs): a small product per candidate, added in.
+            if split.candidateWidth > 0 {
+                let cw = split.candidateWidth
+                let embeddingWidth = cw - e
+                for j in 0..<m {
+                    let x = buffers.candidateX + j * cw
+                    if embeddingWidth > 0 {
+                        inputs.candidateRows(start + j, into: rowScratch)
+                        model.gather(fields: split.candidateFields, rows: rowScratch, into: x)
+                    }
+                    if e > 0, let dense { (x + embeddingWidth).update(from: dense + (start + j) * e, count: e) }
+                }
+                split.candidateWeight.withUnsafeBufferPointer { wc in
+                    BLAS.sgemm(transA: false, transB: true, m: m, n: w, k: cw, alpha: 1,
+                               a: buffers.candidateX, lda: cw, b: wc.baseAddress!, ldb: cw,
+                               beta: 1, c: h, ldc: w)
+                }
+            }
+            for j in 0..<m {
+                let row = h + j * w
+                for o in 0..<w {
+                    let v = row[o] + buffers.u[o]
+                    row[o] = v < 0 ? 0 : v
+                }
+            }
+            if model.layers.count > 1 {
+                model.dense(input: h, count: m, activations: activations, logits: logits, fromLayer: 1)
+            } else {
+                LegacyModel.affine(model.heads, input: h, count: m, output: logits)
+            }
+            if model.spec.residual, let dense {
+                for s in 0..<m {
+                    for j in 0..<k { logits[s * k + j] += dense[(start + s) * e + j] }
+                }
+            }
+            let out = output + start * k
+            if logitsOnly {
+                out.update(from: logits, count: m * k)
+            } else {
+                for i in 0..<(m * k) { out[i] = sigmoid(logits[i]) }
+            }
+            start += m
+        }
+    }
+
+    /// Scratch space of the split pass, made on first use.
+    final class SplitBuffers {
+        let rows: UnsafeMutablePointer<Int32>
+        let requestX: UnsafeMutablePointer<Float>
+        let u: UnsafeMutablePointer<Float>
+        let keys: UnsafeMutablePointer<ItemKey>
+        let itemX: UnsafeMutablePointer<Float>
+        let missed: UnsafeMutablePointer<Float>
+        let candidateX: UnsafeMutablePointer<Float>
+
+        init(split: SplitFirstLayer, fields: Int, chunk: Int) {
+            rows = .allocate(capacity: max(1, fields))
+            rows.initialize(repeating: 0, count: max(1, fields))
+            requestX = .allocate(capacity: max(1, split.requestWidth))
+            u = .allocate(capacity: split.width)
+            keys = .allocate(capacity: chunk)
+            keys.initialize(repeating: ItemKey(id: 0, content: 0), count: chunk)
+            itemX = .allocate(capacity: max(1, chunk * split.itemWidth))
+            missed = .allocate(capacity: chunk * split.width)
+            candidateX = .allocate(capacity: max(1, chunk * split.candidateWidth))
+        }
+
+        deinit {
+            rows.deallocate(); requestX.deallocate(); u.deallocate(); keys.deallocate()
+            itemX.deallocate(); missed.deallocate(); candidateX.deallocate()
+        }
+    }
+
+    private var splitScratch: SplitBuffers?
+
+    private func splitBuffers(for split: SplitFirstLayer) -> SplitBuffers {
+        if let b = splitScratch { return b }
+        let b = SplitBuffers(split: split, fields: model.fieldCount, chunk: chunk)
+        splitScratch = b
+        return b
+    }
+
     /// Convenience: probabilities (or logits) as a new array (`count × heads`).
     public func score(_ rows: RowMatrix, logitsOnly: Bool = false, dense: [Float]? = nil) -> [Float] {
         var out = [Float](repeating: 0, count: rows.count * model.headCount)

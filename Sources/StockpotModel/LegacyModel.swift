@@ -191,8 +191,18 @@ extension LegacyModel {
         input x: UnsafePointer<Float>, count n: Int,
         activations: [UnsafeMutablePointer<Float>], logits: UnsafeMutablePointer<Float>
     ) {
+        dense(input: x, count: n, activations: activations, logits: logits, fromLayer: 0)
+    }
+
+    /// The MLP from hidden layer `start` on: `x` is the input of that layer (for `start > 0`, the activation of
+    /// the layer before it, already through ReLU).
+    public func dense(
+        input x: UnsafePointer<Float>, count n: Int,
+        activations: [UnsafeMutablePointer<Float>], logits: UnsafeMutablePointer<Float>, fromLayer start: Int
+    ) {
         var input = x
-        for (l, layer) in layers.enumerated() {
+        for l in start..<layers.count {
+            let layer = layers[l]
             let out = activations[l]
             Self.affine(layer, input: input, count: n, output: out)
             let total = n * layer.outDim

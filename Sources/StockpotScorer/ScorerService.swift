@@ -48,8 +48,7 @@ public struct ScorerService: Stockpot_V1_ScorerService.SimpleServiceProtocol {
         try inputs.validate(limits: limits)
         recent.record(inputs)
         let servable = current.value
-        let rows = inputs.rows(for: servable.model.spec, encoder: servable.model.encoder)
-        let logits = try await servable.logits(rows)
+        let logits = try await servable.logits(inputs)
         return Self.response(logits: logits, heads: servable.model.spec.heads, ref: current.ref(role: "scorer"))
     }
 

@@ -74,3 +74,79 @@ public struct RankingInputs: Sendable {
         return m
     }
 }
+
+/// One request's raw inputs read for the split forward pass (`SplitInputs`): request-scope fields encoded
+/// once, item-scope fields hashed for the item cache and encoded only for items it does not hold,
+/// candidate-scope fields (the item's age on the request's date) encoded per candidate. Encodes exactly as
+/// `RankingInputs.rows(for:encoder:)` does.
+public struct SplitRequestInputs: SplitInputs {
+    let inputs: RankingInputs
+    let encoder: FeatureEncoder
+    let ids: [Int64]
+    /// Per model field: its parsed source (nil when unparsable: always the missing row).
+    let sources: [FieldSource?]
+    /// Per model field reading an item column: that column's values (nil when the request lacks the column).
+    let itemColumns: [[String]?]
+    /// The fields of each scope, in model order.
+    let requestFields: [Int]
+    let itemFields: [Int]
+    let candidateFields: [Int]
+    /// `upload_dt` of every candidate, when the request carries it (for the item's age).
+    let uploadDates: [String]?
+
+    public init(_ inputs: RankingInputs, model: LegacyModel, split: SplitFirstLayer) {
+        self.inputs = inputs
+        encoder = model.encoder
+        ids = inputs.candidates.ids
+        var byName: [String: [String]] = [:]
+        for c in inputs.candidates.columns { byName[c.name] = c.values }
+        sources = model.spec.fields.map { try? FieldSource($0.source) }
+        itemColumns = sources.map { source in
+            if case .video(let name) = source { return byName[name] }
+            return nil
+        }
+        requestFields = split.requestFields
+        itemFields = split.itemFields
+        candidateFields = split.candidateFields
+        uploadDates = byName["upload_dt"]
+    }
+
+    public var count: Int { ids.count }
+
+    public func requestRows(into rows: UnsafeMutablePointer<Int32>) {
+        let raw = RawFeatures(userId: inputs.userId, user: inputs.user, context: inputs.context)
+        for fi in requestFields {
+            guard let source = sources[fi] else { rows[fi] = 0; continue }
+            rows[fi] = encoder.row(field: fi, raw: raw.value(source, itemId: 0) { _ in nil })
+        }
+    }
+
+    public func itemKey(_ s: Int) -> ItemKey {
+        var h = FeatureHash.offsetBasis
+        for fi in itemFields {
+            if let column = itemColumns[fi] {
+                h = (h ^ 0x01) &* FeatureHash.prime
+                for b in column[s].utf8 { h = (h ^ UInt64(b)) &* FeatureHash.prime }
+            }
+            h = (h ^ 0xFF) &* FeatureHash.prime  // field separator: ("ab", "") and ("a", "b") differ
+        }
+        return ItemKey(id: ids[s], content: h)
+    }
+
+    public func itemRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
+        for fi in itemFields {
+            switch sources[fi] {
+            case .log("video_id")?: rows[fi] = encoder.row(field: fi, raw: String(ids[s]))
+            case .video?: rows[fi] = encoder.row(field: fi, raw: itemColumns[fi]?[s] ?? "")
+            default: rows[fi] = 0
+            }
+        }
+    }
+
+    public func candidateRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
+        for fi in candidateFields where sources[fi] == .videoAgeDays {
+            rows[fi] = encoder.row(field: fi, raw: DerivedFeatures.videoAgeDays(date: inputs.context["date"] ?? "",
+                                                                               uploadDate: uploadDates?[s] ?? ""))
+        }
+    }
+}

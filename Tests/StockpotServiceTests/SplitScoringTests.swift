@@ -1,0 +1,93 @@
+import Foundation
+import Testing
+import StockpotModel
+import StockpotProto
+@testable import StockpotServing
+
+/// The scorer's serving path (raw request → split first layer + item cache) against the plain path (raw
+/// request → all rows → plain forward pass), on the sources the KuaiRand model reads.
+struct SplitScoringTests {
+    func model() throws -> LegacyModel {
+        let spec = ModelSpec(
+            name: "legacy", featureSetVersion: "test",
+            fields: [
+                FieldSpec(name: "user_id", source: "log:user_id", dim: 8, encoding: .hashed(buckets: 1000)),
+                FieldSpec(name: "video_id", source: "log:video_id", dim: 8, encoding: .hashed(buckets: 500)),
+                FieldSpec(name: "author_id", source: "video:author_id", dim: 4, encoding: .hashed(buckets: 300)),
+                FieldSpec(name: "tab", source: "log:tab", dim: 4, encoding: .vocabulary(["0", "1", "2"])),
+                FieldSpec(name: "hour", source: "derived:hour", dim: 4, encoding: .vocabulary((0..<24).map(String.init))),
+                FieldSpec(name: "video_type", source: "video:video_type", dim: 3, encoding: .vocabulary(["NORMAL", "AD"])),
+                FieldSpec(name: "video_duration", source: "video:video_duration", dim: 4, encoding: .buckets([1000, 10000, 60000]),
+                          missing: ["-124"]),
+                FieldSpec(name: "video_age_days", source: "derived:video_age_days", dim: 4, encoding: .buckets([1, 7, 30])),
+                FieldSpec(name: "degree", source: "user:user_active_degree", dim: 4, encoding: .vocabulary(["high_active", "low_active"])),
+            ],
+            hidden: [24, 12], heads: ["is_click", "long_view", "is_like"])
+        var m = try LegacyModel.initialized(spec: spec, seed: 17)
+        for i in m.embeddings.indices { m.embeddings[i].storage = .f32(m.embeddings[i].floatValues.map { $0 * 60 }) }
+        return m
+    }
+
+    func request(items: [Int64], durations: [String], user: Int64 = 7, date: String = "20220506") -> RankingInputs {
+        RankingInputs(
+            userId: user, user: ["user_active_degree": user % 2 == 0 ? "high_active" : "low_active"],
+            context: ["tab": "1", "hourmin": "1830", "date": date],
+            candidates: .with { b in
+                b.ids = items
+                b.columns = [
+                    .with { $0.name = "author_id"; $0.values = items.map { String($0 * 31 % 97) } },
+                    .with { $0.name = "video_type"; $0.values = items.map { $0 % 3 == 0 ? "AD" : "NORMAL" } },
+                    .with { $0.name = "video_duration"; $0.values = durations },
+                    .with { $0.name = "upload_dt"; $0.values = items.map { "2022-04-\(10 + $0 % 19)" } },
+                    .with { $0.name = "unused"; $0.values = items.map { _ in "x" } },
+                ]
+            })
+    }
+
+    func plain(_ model: LegacyModel, _ inputs: RankingInputs) -> [Float] {
+        BatchScorer(model: model).score(inputs.rows(for: model.spec, encoder: model.encoder), logitsOnly: true)
+    }
+
+    @Test func servingPathMatchesThePlainPassAndNoticesChangedFeatures() async throws {
+        let model = try model()
+        let servable = ServableModel(model: model, workers: 1, itemCacheEntries: 100)
+        let cache = try #require(servable.itemCache)
+        let items: [Int64] = Array(1...40)
+        let first = request(items: items, durations: items.map { String($0 * 997 % 70000) })
+        let a = try await servable.logits(first)
+        #expect(zip(a, plain(model, first)).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(cache.stats.misses == 40 && cache.stats.entries == 40)
+
+        // Same items, another user and date: all hits, scores still exact (age is per request).
+        let second = request(items: items.reversed(), durations: items.reversed().map { String($0 * 997 % 70000) }, user: 8,
+                             date: "20220507")
+        let b = try await servable.logits(second)
+        #expect(zip(b, plain(model, second)).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(cache.stats.hits == 40)
+
+        // One item's duration changes: that item misses and is scored from its new features.
+        var durations = items.map { String($0 * 997 % 70000) }
+        durations[5] = "-124"
+        let third = request(items: items, durations: durations)
+        let c = try await servable.logits(third)
+        let expected = plain(model, third)
+        #expect(zip(c, expected).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(cache.stats.misses == 41 && cache.stats.hits == 79)
+        #expect(abs(c[5 * 3] - a[5 * 3]) > 1e-4)   // the change is visible in the score
+
+        // A request without the item columns reads them as missing, exactly as the plain path does.
+        var bare = first
+        bare.candidates.columns = []
+        let d = try await servable.logits(bare)
+        #expect(zip(d, plain(model, bare)).allSatisfy { abs($0 - $1) < 1e-5 })
+    }
+
+    @Test func cacheOffGivesTheSameScores() async throws {
+        let model = try model()
+        let inputs = request(items: [3, 9, 3 + 500, 12], durations: ["5", "50000", "5", ""])
+        let off = try await ServableModel(model: model, workers: 1, itemCacheEntries: 0).logits(inputs)
+        let on = try await ServableModel(model: model, workers: 1, itemCacheEntries: 2).logits(inputs)
+        #expect(zip(off, plain(model, inputs)).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(zip(on, off).allSatisfy { abs($0 - $1) < 1e-5 })
+    }
+}
