@@ -167,7 +167,22 @@ public final class BatchScorer {
                 for (q, j) in missing.enumerated() { (h + j * w).update(from: buffers.missed + q * w, count: w) }
                 cache?.insert(missing.map { buffers.keys[$0] }, rows: buffers.missed)
             }
-            // Candidate scope (and dense inputs): a small product per candidate, added in.
+            // Candidate scope: precomputed rows added in for small fields; a small product per candidate for
+            // the others and the dense inputs.
+            if !split.candidateFields.isEmpty {
+                for j in 0..<m {
+                    inputs.candidateRows(start + j, into: rowScratch)
+                    let row = h + j * w
+                    for (t, f) in split.tabledFields.enumerated() {
+                        var r = Int(rowScratch[f])
+                        if r < 0 || r >= split.tableRows[t] { r = 0 }
+                        split.tables[t].withUnsafeBufferPointer { tb in
+                            let src = tb.baseAddress! + r * w
+                            for o in 0..<w { row[o] += src[o] }
+                        }
+                    }
+                }
+            }
             if split.candidateWidth > 0 {
                 let cw = split.candidateWidth
                 let embeddingWidth = cw - e
@@ -175,7 +190,7 @@ public final class BatchScorer {
                     let x = buffers.candidateX + j * cw
                     if embeddingWidth > 0 {
                         inputs.candidateRows(start + j, into: rowScratch)
-                        model.gather(fields: split.candidateFields, rows: rowScratch, into: x)
+                        model.gather(fields: split.multipliedFields, rows: rowScratch, into: x)
                     }
                     if e > 0, let dense { (x + embeddingWidth).update(from: dense + (start + j) * e, count: e) }
                 }
@@ -185,11 +200,11 @@ public final class BatchScorer {
                                beta: 1, c: h, ldc: w)
                 }
             }
+            let u = buffers.u
             for j in 0..<m {
                 let row = h + j * w
                 for o in 0..<w {
-                    let v = row[o] + buffers.u[o]
-                    row[o] = v < 0 ? 0 : v
+                    row[o] = max(row[o] + u[o], 0)
                 }
             }
             if model.layers.count > 1 {

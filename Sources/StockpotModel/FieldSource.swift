@@ -50,6 +50,28 @@ public enum DerivedFeatures {
         return daysFromCivil(y, m, d)
     }
 
+    /// `dayNumber(isoDate:)` without allocating for the common `yyyy-mm-dd` form; same results for every input.
+    @inlinable
+    public static func fastDayNumber(isoDate s: String) -> Int? {
+        let fast: Int?? = s.utf8.withContiguousStorageIfAvailable { b -> Int? in
+            guard b.count == 10, b[4] == UInt8(ascii: "-"), b[7] == UInt8(ascii: "-") else { return nil }
+            func number(_ range: Range<Int>) -> Int? {
+                var v = 0
+                for i in range {
+                    let c = b[i] &- UInt8(ascii: "0")
+                    guard c < 10 else { return nil }
+                    v = v * 10 + Int(c)
+                }
+                return v
+            }
+            guard let y = number(0..<4), let m = number(5..<7), let d = number(8..<10),
+                  (1...12).contains(m), (1...31).contains(d) else { return nil }
+            return daysFromCivil(y, m, d)
+        }
+        if let f = fast, let day = f { return day }
+        return dayNumber(isoDate: s)
+    }
+
     /// Whole days between a video's upload date (`yyyy-mm-dd`) and the impression date (`yyyymmdd`); "" if unknown.
     public static func videoAgeDays(date: String, uploadDate: String) -> String {
         guard let d = Int(date), let a = dayNumber(yyyymmdd: d), let b = dayNumber(isoDate: uploadDate) else { return "" }

@@ -206,7 +206,7 @@ extension LegacyModel {
             let out = activations[l]
             Self.affine(layer, input: input, count: n, output: out)
             let total = n * layer.outDim
-            for i in 0..<total where out[i] < 0 { out[i] = 0 }
+            for i in 0..<total { out[i] = max(out[i], 0) }   // branch-free, so it vectorises
             input = UnsafePointer(out)
         }
         Self.affine(heads, input: input, count: n, output: logits)

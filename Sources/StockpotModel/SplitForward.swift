@@ -46,10 +46,20 @@ public struct SplitFirstLayer: Sendable {
     public let requestFields: [Int]
     public let itemFields: [Int]
     public let candidateFields: [Int]
-    /// Input widths of each part (the candidate part includes the model's dense inputs).
+    /// Candidate-scope fields with few rows, whose contribution is precomputed for every row (`tables`), and the
+    /// rest, multiplied per candidate.
+    public let tabledFields: [Int]
+    public let multipliedFields: [Int]
+    /// Input widths of each part (the multiplied candidate part includes the model's dense inputs).
     public let requestWidth: Int
     public let itemWidth: Int
     public let candidateWidth: Int
+    /// Per tabled field, `rows × width`: row `r`'s contribution `W_f·e_f(r)`; and its row count.
+    let tables: [[Float]]
+    let tableRows: [Int]
+
+    /// Candidate-scope fields with at most this many rows get a precomputed contribution table.
+    public static let maxTabledRows = 4096
     /// Output width of the first layer.
     public let width: Int
     let requestWeight: [Float]
@@ -71,8 +81,10 @@ public struct SplitFirstLayer: Sendable {
         requestFields = scopes.indices.filter { scopes[$0] == .request }
         itemFields = scopes.indices.filter { scopes[$0] == .item }
         candidateFields = scopes.indices.filter { scopes[$0] == .candidate }
+        tabledFields = candidateFields.filter { model.embeddings[$0].rows <= Self.maxTabledRows }
+        multipliedFields = candidateFields.filter { model.embeddings[$0].rows > Self.maxTabledRows }
         let r = columns(requestFields), i = columns(itemFields)
-        let c = columns(candidateFields) + Array(model.spec.embeddingDim..<model.spec.inputDim)
+        let c = columns(multipliedFields) + Array(model.spec.embeddingDim..<model.spec.inputDim)
         requestWidth = r.count
         itemWidth = i.count
         candidateWidth = c.count
@@ -88,6 +100,21 @@ public struct SplitFirstLayer: Sendable {
         itemWeight = slice(i)
         candidateWeight = slice(c)
         bias = first.bias
+        tableRows = tabledFields.map { model.embeddings[$0].rows }
+        tables = tabledFields.map { f in
+            let table = model.embeddings[f]
+            let values = table.floatValues
+            let cols = columns([f])
+            var out = [Float](repeating: 0, count: table.rows * first.outDim)
+            for row in 0..<table.rows {
+                for o in 0..<first.outDim {
+                    var acc: Float = 0
+                    for (j, k) in cols.enumerated() { acc += first.weight[o * first.inDim + k] * values[row * table.dim + j] }
+                    out[row * first.outDim + o] = acc
+                }
+            }
+            return out
+        }
     }
 }
 

@@ -93,6 +93,11 @@ public struct SplitRequestInputs: SplitInputs {
     let candidateFields: [Int]
     /// `upload_dt` of every candidate, when the request carries it (for the item's age).
     let uploadDates: [String]?
+    /// The request's day number (from the context's `date`), for the item's age.
+    let requestDay: Int?
+    /// Per model field: the bucket boundaries of an item-age field encoded by buckets with no missing markers
+    /// (then encoded from the number directly, as the text would be).
+    let numericAge: [[Double]?]
 
     public init(_ inputs: RankingInputs, model: LegacyModel, split: SplitFirstLayer) {
         self.inputs = inputs
@@ -109,6 +114,11 @@ public struct SplitRequestInputs: SplitInputs {
         itemFields = split.itemFields
         candidateFields = split.candidateFields
         uploadDates = byName["upload_dt"]
+        requestDay = inputs.context["date"].flatMap { Int($0) }.flatMap { DerivedFeatures.dayNumber(yyyymmdd: $0) }
+        numericAge = model.spec.fields.map { field in
+            guard field.missing.isEmpty, case .buckets(let b) = field.encoding else { return nil }
+            return b
+        }
     }
 
     public var count: Int { ids.count }
@@ -126,7 +136,11 @@ public struct SplitRequestInputs: SplitInputs {
         for fi in itemFields {
             if let column = itemColumns[fi] {
                 h = (h ^ 0x01) &* FeatureHash.prime
-                for b in column[s].utf8 { h = (h ^ UInt64(b)) &* FeatureHash.prime }
+                let value = column[s]
+                let done: Void? = value.utf8.withContiguousStorageIfAvailable { bytes in
+                    for b in bytes { h = (h ^ UInt64(b)) &* FeatureHash.prime }
+                }
+                if done == nil { for b in value.utf8 { h = (h ^ UInt64(b)) &* FeatureHash.prime } }
             }
             h = (h ^ 0xFF) &* FeatureHash.prime  // field separator: ("ab", "") and ("a", "b") differ
         }
@@ -145,6 +159,14 @@ public struct SplitRequestInputs: SplitInputs {
 
     public func candidateRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
         for fi in candidateFields where sources[fi] == .videoAgeDays {
+            if let boundaries = numericAge[fi] {
+                guard let today = requestDay, let dates = uploadDates, let uploaded = DerivedFeatures.fastDayNumber(isoDate: dates[s]) else {
+                    rows[fi] = 0
+                    continue
+                }
+                rows[fi] = FeatureEncoder.bucketRow(Double(today - uploaded), boundaries: boundaries)
+                continue
+            }
             rows[fi] = encoder.row(field: fi, raw: DerivedFeatures.videoAgeDays(date: inputs.context["date"] ?? "",
                                                                                uploadDate: uploadDates?[s] ?? ""))
         }

@@ -22,6 +22,7 @@ struct ScorerBench: AsyncParsableCommand {
     @Option(help: "Items kept by the item cache.") var itemCacheEntries: Int = ServableModel.defaultItemCacheEntries
     @Option(help: "The ONNX Runtime peer script.") var peerScript: String = "scripts/peer-onnxruntime.py"
     @Flag(help: "Skip the ONNX Runtime peer.") var noPeer = false
+    @Option(help: "Paths to time, comma-separated: before, forward, split, cached (default: all).") var paths: String?
     @Option(help: "Also write the results as Markdown to this file.") var report: String?
 
     struct Row {
@@ -87,12 +88,13 @@ struct ScorerBench: AsyncParsableCommand {
             let splitWarm = { (i: Int) in _ = ServableModel.logits(reqs[i], dense: nil, scorer: scorer, split: split, cache: cache) }
             for i in reqs.indices { splitWarm(i) }   // steady state: every item seen once
             var rates: [String: [Double]] = [:]
+            let chosen = Set((self.paths ?? "before,forward,split,cached").split(separator: ",").map(String.init))
             let paths: [(String, (Int) -> Void)] = [
-                ("before: encode all rows + full forward pass", plainServing),
-                ("forward pass alone on encoded rows (no encoding)", forwardOnly),
-                ("split first layer, item cache off", splitCold),
-                ("split first layer + item cache (steady state)", splitWarm),
-            ]
+                ("before", "before: encode all rows + full forward pass", plainServing),
+                ("forward", "forward pass alone on encoded rows (no encoding)", forwardOnly),
+                ("split", "split first layer, item cache off", splitCold),
+                ("cached", "split first layer + item cache (steady state)", splitWarm),
+            ].filter { chosen.contains($0.0) }.map { ($0.1, $0.2) }
             func pass() {
                 for (name, body) in paths {
                     rates[name, default: []].append(time(body))

@@ -5,13 +5,16 @@ import Testing
 /// plain forward pass's scores.
 struct SplitForwardTests {
     /// Request, item and candidate fields interleaved, so the split has to pick columns out of the middle.
-    func model(dense: Bool = false, hidden: [Int] = [32, 16], seed: UInt64 = 5) throws -> LegacyModel {
+    /// - Parameter bigAge: the candidate-scope field gets more rows than `SplitFirstLayer.maxTabledRows`, so it
+    ///   is multiplied per candidate instead of read from a precomputed table.
+    func model(dense: Bool = false, hidden: [Int] = [32, 16], seed: UInt64 = 5, bigAge: Bool = false) throws -> LegacyModel {
         var spec = ModelSpec(
             name: "split", featureSetVersion: "test",
             fields: [
                 FieldSpec(name: "video_id", source: "log:video_id", dim: 6, encoding: .hashed(buckets: 50)),
                 FieldSpec(name: "user_id", source: "log:user_id", dim: 8, encoding: .hashed(buckets: 40)),
-                FieldSpec(name: "age", source: "derived:video_age_days", dim: 3, encoding: .buckets([0, 5, 20])),
+                FieldSpec(name: "age", source: "derived:video_age_days", dim: 3,
+                          encoding: bigAge ? .hashed(buckets: SplitFirstLayer.maxTabledRows + 10) : .buckets([0, 5, 20])),
                 FieldSpec(name: "tab", source: "log:tab", dim: 4, encoding: .vocabulary(["0", "1", "2"])),
                 FieldSpec(name: "author", source: "video:author_id", dim: 5, encoding: .hashed(buckets: 30)),
                 FieldSpec(name: "degree", source: "user:user_active_degree", dim: 2, encoding: .vocabulary(["a", "b"])),
@@ -37,7 +40,7 @@ struct SplitForwardTests {
             let item = Int(rng.next() % UInt64(items))
             m[s, 0] = Int32(1 + item * 3 % 50)
             m[s, 4] = Int32(1 + item % 30)
-            m[s, 2] = Int32(rng.next() % 5)
+            m[s, 2] = Int32(rng.next() % UInt64(model.embeddings[2].rows))
             m[s, 1] = user
             m[s, 3] = tab
             m[s, 5] = degree
@@ -48,6 +51,13 @@ struct SplitForwardTests {
     func maxDifference(_ a: [Float], _ b: [Float]) -> Float {
         #expect(a.count == b.count)
         return zip(a, b).map { abs($0 - $1) }.max() ?? 0
+    }
+
+    @Test func fastDayNumberAgreesWithTheTextParser() {
+        for s in ["2022-04-10", "1970-01-01", "2022-4-1", "2022-13-01", "2022-00-10", "2022-04-32", "20a2-04-10", "", "2022-04-1x",
+                  "+2022-04-10", "2022-04-10 ", "-001-04-10", "0000-01-01", "9999-12-31", "2022/04/10", "٢٠٢٢-04-10"] {
+            #expect(DerivedFeatures.fastDayNumber(isoDate: s) == DerivedFeatures.dayNumber(isoDate: s), "\(s)")
+        }
     }
 
     @Test func scopesFollowTheSources() {
@@ -61,11 +71,12 @@ struct SplitForwardTests {
         #expect(FieldScope(source: "nonsense") == .request)
     }
 
-    @Test(arguments: [false, true])
-    func matchesThePlainForwardPass(int8: Bool) throws {
-        let model = int8 ? try model().quantizedInt8() : try model()
+    @Test(arguments: [(false, false), (true, false), (false, true), (true, true)])
+    func matchesThePlainForwardPass(int8: Bool, bigAge: Bool) throws {
+        let model = int8 ? try model(bigAge: bigAge).quantizedInt8() : try model(bigAge: bigAge)
         let split = try #require(SplitFirstLayer(model: model))
-        #expect(split.requestWidth == 14 && split.itemWidth == 11 && split.candidateWidth == 3)
+        #expect(split.requestWidth == 14 && split.itemWidth == 11)
+        #expect(split.candidateWidth == (bigAge ? 3 : 0) && split.tabledFields == (bigAge ? [] : [2]))
         let cache = ItemContributionCache(capacity: 64, width: split.width)
         let plain = BatchScorer(model: model, chunk: 16)
         let fast = BatchScorer(model: model, chunk: 16)
@@ -95,7 +106,7 @@ struct SplitForwardTests {
     @Test func denseInputsAndResidualMatch() throws {
         let model = try model(dense: true)
         let split = try #require(SplitFirstLayer(model: model))
-        #expect(split.candidateWidth == 3 + 3)
+        #expect(split.candidateWidth == 3 && split.tabledFields == [2])
         let r = rows(model, n: 20, seed: 11)
         var rng = SplitMix64(seed: 3)
         let dense = (0..<(20 * 3)).map { _ in Float(rng.nextUniform(-3, 3)) }
