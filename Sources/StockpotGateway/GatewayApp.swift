@@ -96,7 +96,9 @@ public struct GatewayApp {
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
-        let clients = try [features, scorer, corrector, fusion].map { try ServiceClient(target: $0) }
+        let clients = try [features, scorer, corrector, fusion].map {
+            try ServiceClient(target: $0, loop: ServingLoop.named("stockpot-gateway"))
+        }
         let log = servingLog.map { ServingLog(options: $0, logger: logger) }
         let service = GatewayService(clients: GatewayClients(features: clients[0].client, scorer: clients[1].client,
                                                              corrector: clients[2].client, fusion: clients[3].client),

@@ -167,13 +167,13 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         var items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
         var started = clock.now
         do {
-            async let user = Self.retryingDroppedConnection(before: deadline) {
-                try await clients.features.getFeatures(.with { $0.userIds = [request.userID] }, options: Self.options(remaining()))
+            // One call for the user and the items: one hop fewer than two parallel calls, and the feature
+            // service looks both up at once.
+            let reply = try await Self.retryingDroppedConnection(before: deadline) {
+                try await clients.features.getFeatures(.with { $0.userIds = [request.userID]; $0.itemIds = ids },
+                                                       options: Self.options(remaining()))
             }
-            async let item = Self.retryingDroppedConnection(before: deadline) {
-                try await clients.features.getFeatures(.with { $0.itemIds = ids }, options: Self.options(remaining()))
-            }
-            let (u, i) = try await (user, item)
+            let (u, i) = (reply, reply)
             if let problem = ReplyValidation.entityBatch(u.users, ids: [request.userID], field: "users")
                 ?? ReplyValidation.entityBatch(i.items, ids: ids, field: "items") {
                 throw MalformedReply(service: "feature service", problem: problem)
@@ -222,9 +222,13 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                     try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
                 }
             }
-        } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
+        } catch let e as RPCError where e.code == .invalidArgument {
             // A fresh error: a downstream error's metadata (its trailers) must not become ours.
             throw RPCError(code: e.code, message: "scorer: \(e.message)")
+        } catch let e as RPCError where e.code == .resourceExhausted {
+            // The gateway checked the request against its own limits, so this is the scorer shedding load (its
+            // queue is full): an outage of the floor for this request, not the caller's fault.
+            throw Status.unavailable("legacy scorer overloaded: \(e.message)")
         } catch {
             throw Status.unavailable("legacy scorer failed: \(Self.reason(error))")
         }

@@ -33,7 +33,8 @@ public final class ServiceServer: Service, Sendable {
         self.ready = ready
         let label = name.hasPrefix("stockpot-") ? String(name.dropFirst("stockpot-".count)) : name
         server = GRPCServer(
-            transport: .http2NIOPosix(address: .ipv4(host: host, port: port), transportSecurity: .plaintext),
+            transport: .http2NIOPosix(address: .ipv4(host: host, port: port), transportSecurity: .plaintext,
+                                      eventLoopGroup: ServingLoop.named(name).group),
             services: services + [HealthService(status: health)],
             interceptors: [ServerTracingInterceptor(), RPCMetricsInterceptor(hub: metrics, service: label)])
         let serving = serviceNames
@@ -58,7 +59,7 @@ public final class ServiceServer: Service, Sendable {
     public func run() async throws {
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
-                group.addTask { try await self.server.serve() }
+                group.addTask(executorPreference: ServingLoop.named(self.name).executor) { try await self.server.serve() }
                 let port = try await self.port()
                 self.health.set("", .serving)
                 while !self.ready() && !Task.isShuttingDownGracefully && !Task.isCancelled {
@@ -91,15 +92,21 @@ public final class ServiceServer: Service, Sendable {
 public final class ServiceClient: Service, Sendable {
     public let client: GRPCClient<HTTP2ClientTransport.Posix>
     public let target: String
+    /// The loop of the service whose handlers make the calls (nil: NIO's shared loops).
+    let loop: ServingLoop?
 
     /// - Parameter target: `host:port`; a DNS name resolves to every address behind it, with round-robin load
     ///   balancing across them (scale a layer by adding instances behind one name).
     /// - Parameter background: run the connections on `BackgroundEventLoop` instead of the shared event loops
     ///   that carry requests: for bulk transfers such as artifact downloads, which must not queue with the
     ///   requests being served meanwhile.
-    public init(target: String, background: Bool = false) throws {
+    /// - Parameter loop: the `ServingLoop` of the service whose handlers call through this client: connections
+    ///   and calls then run on that service's thread.
+    public init(target: String, background: Bool = false, loop: ServingLoop? = nil) throws {
         self.target = target
-        client = GRPCClient(transport: try Self.transport(target: target, eventLoopGroup: background ? BackgroundEventLoop.group : nil),
+        self.loop = background ? nil : loop
+        client = GRPCClient(transport: try Self.transport(target: target,
+                                                          eventLoopGroup: background ? BackgroundEventLoop.group : loop?.group),
                             interceptors: [ClientTracingInterceptor()])
     }
 
@@ -133,7 +140,9 @@ public final class ServiceClient: Service, Sendable {
 
     public func run() async throws {
         try await withGracefulShutdownHandler {
-            try await client.runConnections()
+            try await withTaskExecutorPreference(loop?.executor) {
+                try await client.runConnections()
+            }
         } onGracefulShutdown: {
             self.client.beginGracefulShutdown()
         }

@@ -22,6 +22,8 @@ enum Fault: String, Sendable, CaseIterable, CustomTestStringConvertible {
     case duplicate
     /// UNAVAILABLE.
     case fail
+    /// RESOURCE_EXHAUSTED: the service's compute queue is full (load shedding).
+    case shed
     /// Answers late (`Faults.slowness`, 8 s unless a test sets more): past the gateway's layer timeouts, and, for
     /// a slow scorer, past the whole budget; a test of a slow feature service shortens the budget itself.
     case slow
@@ -53,6 +55,7 @@ final class Faults: Sendable {
     func act(_ fault: Fault) async throws {
         switch fault {
         case .fail: throw RPCError(code: .unavailable, message: "fake outage")
+        case .shed: throw RPCError(code: .resourceExhausted, message: "compute queue full (64 waiting); retry later")
         case .slow: try await Task.sleep(for: slowness.withLock { $0 })
         default: break
         }
@@ -263,9 +266,10 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             // The legacy scores are served, in the fused order.
             #expect(r.scores == r.legacyScores)
             #expect(r.itemIds == ids.reversed())
-            if fault != .fail && fault != .slow {
+            if fault != .fail && fault != .slow && fault != .shed {
                 #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
             }
+            if fault == .shed { #expect(r.degradedReasons.first?.contains("compute queue full") == true, "\(r.degradedReasons)") }
         }
     }
 
@@ -389,6 +393,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             } catch let e as RPCError {
                 switch fault {
                 case .fail, .slow: #expect(e.code == .unavailable && e.message.contains("legacy scorer failed"), "\(e)")
+                case .shed: #expect(e.code == .unavailable && e.message.contains("legacy scorer overloaded"), "\(e)")
                 default: #expect(e.code == .internalError && e.message.contains("malformed reply from the legacy scorer"), "\(e)")
                 }
             }

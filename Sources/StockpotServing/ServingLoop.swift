@@ -1,0 +1,48 @@
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A Swift concurrency task executor that runs jobs on one NIO event loop. Tasks that prefer it (and their child
+/// tasks) run on the loop's thread, beside the I/O of the channels that loop owns.
+public final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    public let loop: any EventLoop
+
+    public init(_ loop: any EventLoop) {
+        self.loop = loop
+    }
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
+}
+
+/// The event-loop thread that carries one service's RPCs: its server's connections, the connections of the
+/// clients its handlers call, and the async code of every handler (`ServiceServer` and `ServiceClient` run with
+/// it as their task executor). An RPC then goes from reading its request to writing its reply — and through the
+/// downstream calls it makes — without waking another thread: those wake-ups, between event loops and the
+/// concurrency pool, were most of a hop's cost. CPU-heavy work (encoding, forward passes) is not done here: it
+/// runs on a `ComputePool`, and database work on the database's own queue, so the loop stays free for I/O.
+///
+/// One loop per service name, so the services of one process (`stockpot suite`) still use every core.
+public final class ServingLoop: Sendable {
+    public let group: MultiThreadedEventLoopGroup
+    public let executor: EventLoopTaskExecutor
+
+    private init() {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        executor = EventLoopTaskExecutor(group.next())
+    }
+
+    private static let loops = Mutex<[String: ServingLoop]>([:])
+
+    /// The loop of the service `name` (made on first use, kept for the life of the process).
+    public static func named(_ name: String) -> ServingLoop {
+        loops.withLock { all in
+            if let loop = all[name] { return loop }
+            let loop = ServingLoop()
+            all[name] = loop
+            return loop
+        }
+    }
+}
