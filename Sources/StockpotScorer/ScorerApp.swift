@@ -15,6 +15,8 @@ public struct ScorerApp {
     public var limits = RequestLimits()
     /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
     public var maxQueued = 64
+    /// Items whose first-layer contribution each loaded version caches (`ItemContributionCache`; 0 = none).
+    public var itemCacheEntries = ServableModel.defaultItemCacheEntries
     /// References also kept loaded and served when a request names them; nil = the `canary` and `shadow`
     /// aliases of the model's name.
     public var alternates: [String]?
@@ -26,7 +28,7 @@ public struct ScorerApp {
     public init() {}
 
     /// The scorer's settings (`ServiceSettings`): host, port, max-candidates, registry access, `model`,
-    /// `workers`, `max-queued`.
+    /// `workers`, `max-queued`, `item-cache-entries`.
     public init(settings: ServiceSettings) async throws {
         self.init()
         (host, port, limits) = try await settings.endpoint(defaultPort: port)
@@ -34,6 +36,7 @@ public struct ScorerApp {
         model = try await settings.string("model", default: model)
         workers = try await settings.int("workers", in: 1...256) ?? workers
         maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
+        itemCacheEntries = try await settings.int("item-cache-entries", in: 0...10_000_000) ?? itemCacheEntries
         alternates = try await settings.list("also")
         keepPrevious = try await settings.int("keep-previous", in: 0...8) ?? keepPrevious
         for ref in alternates ?? [] {
@@ -52,7 +55,7 @@ public struct ScorerApp {
 
     public func build(logger: Logger) throws -> (server: ServiceServer, watcher: ArtifactWatcher<ServableModel>, services: [any Service]) {
         let client = try registry.makeClient()
-        let workers = self.workers, maxQueued = self.maxQueued
+        let workers = self.workers, maxQueued = self.maxQueued, itemCacheEntries = self.itemCacheEntries
         let recent = RecentRequests()
         let shelf = LoadedVersions<ServableModel>(capacity: 1 + servedAlternates.count + keepPrevious)
         // Loaded on a background thread and warmed with the last real requests before the swap; a version
@@ -60,7 +63,8 @@ public struct ScorerApp {
         // reused as it is.
         let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { version, folder in
             try shelf.value(for: version) {
-                try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued, warmUp: recent.snapshot)
+                try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued, warmUp: recent.snapshot,
+                                       itemCacheEntries: itemCacheEntries)
             }
         }
         let health = HealthStatus()

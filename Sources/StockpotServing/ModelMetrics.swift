@@ -1,5 +1,6 @@
 /// Metrics of a served model, read at each scrape: which version its reference serves, and its compute pool's
-/// queue (depth, running passes; completed, shed, expired and cancelled passes). Labelled by reference, not
+/// queue (depth, running passes; completed, shed, expired and cancelled passes) and its item cache (entries,
+/// hits, misses, evictions). Labelled by reference, not
 /// version, so that a hot swap continues the same series instead of leaving the old version's frozen.
 public enum ModelMetrics {
     public static func observe(_ watcher: ArtifactWatcher<ServableModel>, service: String, metrics: MetricsHub) {
@@ -22,6 +23,13 @@ public enum ModelMetrics {
             metrics.count("stockpot_compute_shed_total", ref, source: source, to: s.shed)
             metrics.count("stockpot_compute_expired_total", ref, source: source, to: s.expired)
             metrics.count("stockpot_compute_cancelled_total", ref, source: source, to: s.cancelled)
+            if let cache = current.value.itemCache {
+                let c = cache.stats
+                metrics.gauge("stockpot_item_cache_entries", ref).record(c.entries)
+                metrics.count("stockpot_item_cache_hits_total", ref, source: source, to: c.hits)
+                metrics.count("stockpot_item_cache_misses_total", ref, source: source, to: c.misses)
+                metrics.count("stockpot_item_cache_evictions_total", ref, source: source, to: c.evictions)
+            }
         }
     }
 }

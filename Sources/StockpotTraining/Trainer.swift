@@ -297,7 +297,7 @@ public final class Trainer {
         for l in stride(from: L - 1, through: 0, by: -1) {
             let layer = model.layers[l]
             let a = acts[l]
-            for i in 0..<(n * layer.outDim) where a[i] <= 0 { dOut[i] = 0 }
+            for i in 0..<(n * layer.outDim) { dOut[i] = a[i] <= 0 ? 0 : dOut[i] }   // branch-free, so it vectorises
             let input: UnsafePointer<Float> = l > 0 ? UnsafePointer(acts[l - 1]) : UnsafePointer(x)
             let dIn = l > 0 ? spare : dx
             backAffine(layer, input: input, dOut: dOut, count: n, gradIndex: 2 * l, dInput: dIn)

@@ -170,9 +170,11 @@ struct GatewayBench: AsyncParsableCommand {
         }
         let inputs = RankingInputs(userId: request.userID, user: user, context: ["tab": "1", "hourmin": "1800", "date": "20220505"], candidates: batch)
         var logits: [Float] = []
+        // The scorer's path: split first layer, item cache warm (as in serving, where items recur).
+        let split = SplitFirstLayer(model: model)
+        let cache = split.map { ItemContributionCache(capacity: ServableModel.defaultItemCacheEntries, width: $0.width) }
         let s = median {
-            let rows = inputs.rows(for: model.spec, encoder: model.encoder)
-            logits = scorer.score(rows, logitsOnly: true)
+            logits = ServableModel.logits(inputs, dense: nil, scorer: scorer, split: split, cache: cache)
         }
         let k = model.headCount
         var cols: [String: [Float]] = [:]

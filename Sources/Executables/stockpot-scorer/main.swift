@@ -17,6 +17,8 @@ struct ScorerCommand: AsyncParsableCommand {
     var keepPrevious: Int?
     @Option(help: "Forward-pass threads (env STOCKPOT_SCORER_WORKERS).") var workers: Int?
     @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_SCORER_MAX_QUEUED).") var maxQueued: Int?
+    @Option(help: "Items whose first-layer contribution is cached per loaded version, about 1 KiB each (default 16384; 0 = off; env STOCKPOT_SCORER_ITEM_CACHE_ENTRIES).")
+    var itemCacheEntries: Int?
 
     func run() async throws {
         var flags = common.flags()
@@ -26,6 +28,7 @@ struct ScorerCommand: AsyncParsableCommand {
         flags.set("keep-previous", keepPrevious)
         flags.set("workers", workers)
         flags.set("max-queued", maxQueued)
+        flags.set("item-cache-entries", itemCacheEntries)
         let settings = try await common.settings("scorer", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.scorer)
         BLAS.reexecWithFasterKernelsIfNeeded()
