@@ -162,7 +162,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         fillTime(&contextMap, nowMs: nowMs)
         var degraded: [(String, String)] = []
 
-        // 1. Features: user and items in parallel.
+        // 1. Features: the user and the items, in one call.
         var userFeatures: [String: String] = [:]
         var items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
         var started = clock.now
@@ -222,13 +222,14 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                     try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
                 }
             }
-        } catch let e as RPCError where e.code == .invalidArgument {
-            // A fresh error: a downstream error's metadata (its trailers) must not become ours.
+        } catch let e as RPCError where e.code == .resourceExhausted && e.message.hasPrefix("overloaded") {
+            // The scorer shed the request (its forward-pass queue is full): an outage of the floor for this
+            // request, not the caller's fault.
+            throw Status.unavailable("legacy scorer \(e.message)")
+        } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
+            // The caller's request broke a scorer limit. A fresh error: a downstream error's metadata (its
+            // trailers) must not become ours.
             throw RPCError(code: e.code, message: "scorer: \(e.message)")
-        } catch let e as RPCError where e.code == .resourceExhausted {
-            // The gateway checked the request against its own limits, so this is the scorer shedding load (its
-            // queue is full): an outage of the floor for this request, not the caller's fault.
-            throw Status.unavailable("legacy scorer overloaded: \(e.message)")
         } catch {
             throw Status.unavailable("legacy scorer failed: \(Self.reason(error))")
         }

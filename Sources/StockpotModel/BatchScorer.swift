@@ -120,6 +120,9 @@ public final class BatchScorer {
         split: SplitFirstLayer, inputs: Inputs, cache: ItemContributionCache?,
         into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false, dense: UnsafePointer<Float>? = nil
     ) {
+        precondition(split.fieldCount == model.fieldCount && split.width == model.layers.first?.outDim,
+                     "split first layer of another model")
+        precondition(cache == nil || cache!.width == split.width, "item cache width \(cache!.width), layer width \(split.width)")
         let buffers = splitBuffers(for: split)
         let n = inputs.count
         let k = model.headCount
@@ -169,7 +172,7 @@ public final class BatchScorer {
             }
             // Candidate scope: precomputed rows added in for small fields; a small product per candidate for
             // the others and the dense inputs.
-            if !split.candidateFields.isEmpty {
+            if !split.tabledFields.isEmpty {
                 for j in 0..<m {
                     inputs.candidateRows(start + j, into: rowScratch)
                     let row = h + j * w
@@ -189,7 +192,7 @@ public final class BatchScorer {
                 for j in 0..<m {
                     let x = buffers.candidateX + j * cw
                     if embeddingWidth > 0 {
-                        inputs.candidateRows(start + j, into: rowScratch)
+                        inputs.candidateRows(start + j, into: rowScratch)   // again: the loop above ran ahead
                         model.gather(fields: split.multipliedFields, rows: rowScratch, into: x)
                     }
                     if e > 0, let dense { (x + embeddingWidth).update(from: dense + (start + j) * e, count: e) }
@@ -237,7 +240,14 @@ public final class BatchScorer {
         let missed: UnsafeMutablePointer<Float>
         let candidateX: UnsafeMutablePointer<Float>
 
+        let widths: [Int]
+
+        func fits(_ split: SplitFirstLayer) -> Bool {
+            widths == [split.requestWidth, split.itemWidth, split.candidateWidth, split.width]
+        }
+
         init(split: SplitFirstLayer, fields: Int, chunk: Int) {
+            widths = [split.requestWidth, split.itemWidth, split.candidateWidth, split.width]
             rows = .allocate(capacity: max(1, fields))
             rows.initialize(repeating: 0, count: max(1, fields))
             requestX = .allocate(capacity: max(1, split.requestWidth))
@@ -258,7 +268,7 @@ public final class BatchScorer {
     private var splitScratch: SplitBuffers?
 
     private func splitBuffers(for split: SplitFirstLayer) -> SplitBuffers {
-        if let b = splitScratch { return b }
+        if let b = splitScratch, b.fits(split) { return b }
         let b = SplitBuffers(split: split, fields: model.fieldCount, chunk: chunk)
         splitScratch = b
         return b

@@ -62,6 +62,8 @@ public struct SplitFirstLayer: Sendable {
     public static let maxTabledRows = 4096
     /// Output width of the first layer.
     public let width: Int
+    /// Fields of the model it was made from.
+    public let fieldCount: Int
     let requestWeight: [Float]
     let itemWeight: [Float]
     let candidateWeight: [Float]
@@ -89,6 +91,7 @@ public struct SplitFirstLayer: Sendable {
         itemWidth = i.count
         candidateWidth = c.count
         width = first.outDim
+        fieldCount = model.fieldCount
         func slice(_ cols: [Int]) -> [Float] {
             var out = [Float](repeating: 0, count: first.outDim * cols.count)
             for o in 0..<first.outDim {

@@ -55,7 +55,7 @@ public struct RegistryApp {
         let server = ServiceServer(name: "stockpot-registry", host: host, port: port,
                                    services: [RegistryService(store: store, access: access)],
                                    serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger)
+                                   metrics: metrics, logger: logger, servingLoop: false)
         return (server, [server])
     }
 }

@@ -36,7 +36,7 @@ public struct ScorerApp {
         model = try await settings.string("model", default: model)
         workers = try await settings.int("workers", in: 1...256) ?? workers
         maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
-        itemCacheEntries = try await settings.int("item-cache-entries", in: 0...10_000_000) ?? itemCacheEntries
+        itemCacheEntries = try await settings.int("item-cache-entries", in: 0...1_000_000) ?? itemCacheEntries
         alternates = try await settings.list("also")
         keepPrevious = try await settings.int("keep-previous", in: 0...8) ?? keepPrevious
         for ref in alternates ?? [] {

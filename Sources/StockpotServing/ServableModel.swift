@@ -25,7 +25,8 @@ public struct ServableModel: Sendable {
         self.model = model
         let split = SplitFirstLayer(model: model)
         self.split = split
-        let cache = split.map { ItemContributionCache(capacity: itemCacheEntries, width: $0.width) }
+        // A model without item fields has nothing to cache.
+        let cache = split.flatMap { $0.itemWidth == 0 ? nil : ItemContributionCache(capacity: itemCacheEntries, width: $0.width) }
         itemCache = cache
         let denseCount = model.spec.denseInputs.count
         let warm = warmUp.filter { $0.candidates.ids.count > 0 }

@@ -16,6 +16,7 @@ public final class ServiceServer: Service, Sendable {
     private let logger: Logger
     private let serviceNames: [String]
     private let ready: @Sendable () -> Bool
+    private let loop: ServingLoop?
 
     /// - Parameters:
     ///   - serviceNames: fully qualified names reported SERVING by the health service once listening.
@@ -23,18 +24,22 @@ public final class ServiceServer: Service, Sendable {
     ///   - ready: the services report SERVING only once this holds (e.g. "a model is loaded"); polled after start.
     ///   - metrics: where the RPC counters and latency histograms go (label `service` = the name without its
     ///     `stockpot-` prefix).
+    ///   - servingLoop: run connections and handlers on the service's `ServingLoop` (off for services whose
+    ///     handlers block: the registry's hash and fsync artifacts).
     public init(name: String, host: String, port: Int, services: [any RegistrableRPCService], serviceNames: [String],
                 health: HealthStatus = HealthStatus(), metrics: MetricsHub = .process, logger: Logger,
-                ready: @escaping @Sendable () -> Bool = { true }) {
+                servingLoop: Bool = true, ready: @escaping @Sendable () -> Bool = { true }) {
         self.name = name
         self.health = health
         self.logger = logger
         self.serviceNames = serviceNames
         self.ready = ready
         let label = name.hasPrefix("stockpot-") ? String(name.dropFirst("stockpot-".count)) : name
+        let loop = servingLoop ? ServingLoop.named(name) : nil
+        self.loop = loop
         server = GRPCServer(
             transport: .http2NIOPosix(address: .ipv4(host: host, port: port), transportSecurity: .plaintext,
-                                      eventLoopGroup: ServingLoop.named(name).group),
+                                      eventLoopGroup: loop?.group ?? MultiThreadedEventLoopGroup.singleton),
             services: services + [HealthService(status: health)],
             interceptors: [ServerTracingInterceptor(), RPCMetricsInterceptor(hub: metrics, service: label)])
         let serving = serviceNames
@@ -59,7 +64,7 @@ public final class ServiceServer: Service, Sendable {
     public func run() async throws {
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
-                group.addTask(executorPreference: ServingLoop.named(self.name).executor) { try await self.server.serve() }
+                group.addTask(executorPreference: self.loop?.executor) { try await self.server.serve() }
                 let port = try await self.port()
                 self.health.set("", .serving)
                 while !self.ready() && !Task.isShuttingDownGracefully && !Task.isCancelled {

@@ -1,4 +1,5 @@
 import NIOCore
+import Foundation
 import NIOPosix
 import Synchronization
 
@@ -24,7 +25,10 @@ public final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
 /// concurrency pool, were most of a hop's cost. CPU-heavy work (encoding, forward passes) is not done here: it
 /// runs on a `ComputePool`, and database work on the database's own queue, so the loop stays free for I/O.
 ///
-/// One loop per service name, so the services of one process (`stockpot suite`) still use every core.
+/// One loop per service name, so the services of one process (`stockpot suite`) run on different threads. A
+/// service process thus spends one core on gRPC I/O and handler glue, beside its compute pool; scale a layer
+/// past that with replicas. `STOCKPOT_SERVING_LOOP=off` turns it off (NIO's shared loops and the concurrency
+/// pool, as before). The registry does not use it: its handlers hash and fsync artifacts.
 public final class ServingLoop: Sendable {
     public let group: MultiThreadedEventLoopGroup
     public let executor: EventLoopTaskExecutor
@@ -36,8 +40,17 @@ public final class ServingLoop: Sendable {
 
     private static let loops = Mutex<[String: ServingLoop]>([:])
 
-    /// The loop of the service `name` (made on first use, kept for the life of the process).
-    public static func named(_ name: String) -> ServingLoop {
+    /// False when `STOCKPOT_SERVING_LOOP=off`.
+    public static let enabled = ProcessInfo.processInfo.environment["STOCKPOT_SERVING_LOOP"] != "off"
+
+    /// The loop of the service `name` (made on first use, kept for the life of the process), or nil when
+    /// serving loops are off.
+    public static func named(_ name: String) -> ServingLoop? {
+        guard enabled else { return nil }
+        return namedLoop(name)
+    }
+
+    private static func namedLoop(_ name: String) -> ServingLoop {
         loops.withLock { all in
             if let loop = all[name] { return loop }
             let loop = ServingLoop()

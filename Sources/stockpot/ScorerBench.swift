@@ -71,7 +71,7 @@ struct ScorerBench: AsyncParsableCommand {
                 let start = clock.now
                 repeat {
                     body(i % reqs.count)
-                    done += n
+                    done += reqs[i % reqs.count].candidates.ids.count
                     i += 1
                 } while (clock.now - start).seconds < seconds
                 return Double(done) / (clock.now - start).seconds
@@ -80,7 +80,7 @@ struct ScorerBench: AsyncParsableCommand {
             let plainServing = { (i: Int) in _ = scorer.score(reqs[i].rows(for: m.spec, encoder: m.encoder), logitsOnly: true) }
             let forwardOnly = { (i: Int) in
                 out.withUnsafeMutableBufferPointer { o in
-                    encoded[i].storage.withUnsafeBufferPointer { scorer.score(rows: $0.baseAddress!, count: n, into: o.baseAddress!) }
+                    encoded[i].storage.withUnsafeBufferPointer { scorer.score(rows: $0.baseAddress!, count: encoded[i].count, into: o.baseAddress!) }
                 }
             }
             let cache = split.map { ItemContributionCache(capacity: itemCacheEntries, width: $0.width) }

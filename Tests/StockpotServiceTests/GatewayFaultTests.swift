@@ -55,7 +55,7 @@ final class Faults: Sendable {
     func act(_ fault: Fault) async throws {
         switch fault {
         case .fail: throw RPCError(code: .unavailable, message: "fake outage")
-        case .shed: throw RPCError(code: .resourceExhausted, message: "compute queue full (64 waiting); retry later")
+        case .shed: throw RPCError(code: .resourceExhausted, message: "overloaded: 64 forward passes already waiting for a worker")
         case .slow: try await Task.sleep(for: slowness.withLock { $0 })
         default: break
         }
@@ -269,7 +269,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             if fault != .fail && fault != .slow && fault != .shed {
                 #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
             }
-            if fault == .shed { #expect(r.degradedReasons.first?.contains("compute queue full") == true, "\(r.degradedReasons)") }
+            if fault == .shed { #expect(r.degradedReasons.first?.contains("overloaded") == true, "\(r.degradedReasons)") }
         }
     }
 

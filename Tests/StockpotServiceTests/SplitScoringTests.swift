@@ -7,8 +7,11 @@ import StockpotProto
 /// The scorer's serving path (raw request → split first layer + item cache) against the plain path (raw
 /// request → all rows → plain forward pass), on the sources the KuaiRand model reads.
 struct SplitScoringTests {
-    func model() throws -> LegacyModel {
-        let spec = ModelSpec(
+    /// - Parameters:
+    ///   - int8: row-wise INT8 tables.
+    ///   - corrector: dense inputs = heads, residual (the corrector's shape).
+    func model(int8: Bool = false, corrector: Bool = false) throws -> LegacyModel {
+        var spec = ModelSpec(
             name: "legacy", featureSetVersion: "test",
             fields: [
                 FieldSpec(name: "user_id", source: "log:user_id", dim: 8, encoding: .hashed(buckets: 1000)),
@@ -23,9 +26,18 @@ struct SplitScoringTests {
                 FieldSpec(name: "degree", source: "user:user_active_degree", dim: 4, encoding: .vocabulary(["high_active", "low_active"])),
             ],
             hidden: [24, 12], heads: ["is_click", "long_view", "is_like"])
+        if corrector {
+            spec.denseInputs = spec.heads
+            spec.residual = true
+        }
         var m = try LegacyModel.initialized(spec: spec, seed: 17)
         for i in m.embeddings.indices { m.embeddings[i].storage = .f32(m.embeddings[i].floatValues.map { $0 * 60 }) }
-        return m
+        return int8 ? try m.quantizedInt8() : m
+    }
+
+    /// Equal lengths, nothing unwritten (NaN), every pair within 1e-5.
+    func close(_ a: [Float], _ b: [Float]) -> Bool {
+        a.count == b.count && !a.isEmpty && zip(a, b).allSatisfy { abs($0 - $1) < 1e-5 }
     }
 
     func request(items: [Int64], durations: [String], user: Int64 = 7, date: String = "20220506") -> RankingInputs {
@@ -44,25 +56,26 @@ struct SplitScoringTests {
             })
     }
 
-    func plain(_ model: LegacyModel, _ inputs: RankingInputs) -> [Float] {
-        BatchScorer(model: model).score(inputs.rows(for: model.spec, encoder: model.encoder), logitsOnly: true)
+    func plain(_ model: LegacyModel, _ inputs: RankingInputs, dense: [Float]? = nil) -> [Float] {
+        BatchScorer(model: model).score(inputs.rows(for: model.spec, encoder: model.encoder), logitsOnly: true, dense: dense)
     }
 
-    @Test func servingPathMatchesThePlainPassAndNoticesChangedFeatures() async throws {
-        let model = try model()
+    @Test(arguments: [false, true])
+    func servingPathMatchesThePlainPassAndNoticesChangedFeatures(int8: Bool) async throws {
+        let model = try model(int8: int8)
         let servable = ServableModel(model: model, workers: 1, itemCacheEntries: 100)
         let cache = try #require(servable.itemCache)
         let items: [Int64] = Array(1...40)
         let first = request(items: items, durations: items.map { String($0 * 997 % 70000) })
         let a = try await servable.logits(first)
-        #expect(zip(a, plain(model, first)).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(close(a, plain(model, first)))
         #expect(cache.stats.misses == 40 && cache.stats.entries == 40)
 
         // Same items, another user and date: all hits, scores still exact (age is per request).
         let second = request(items: items.reversed(), durations: items.reversed().map { String($0 * 997 % 70000) }, user: 8,
                              date: "20220507")
         let b = try await servable.logits(second)
-        #expect(zip(b, plain(model, second)).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(close(b, plain(model, second)))
         #expect(cache.stats.hits == 40)
 
         // One item's duration changes: that item misses and is scored from its new features.
@@ -71,7 +84,7 @@ struct SplitScoringTests {
         let third = request(items: items, durations: durations)
         let c = try await servable.logits(third)
         let expected = plain(model, third)
-        #expect(zip(c, expected).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(close(c, expected))
         #expect(cache.stats.misses == 41 && cache.stats.hits == 79)
         #expect(abs(c[5 * 3] - a[5 * 3]) > 1e-4)   // the change is visible in the score
 
@@ -79,7 +92,21 @@ struct SplitScoringTests {
         var bare = first
         bare.candidates.columns = []
         let d = try await servable.logits(bare)
-        #expect(zip(d, plain(model, bare)).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(close(d, plain(model, bare)))
+    }
+
+    @Test func correctorShapeAndMissingContextMatch() async throws {
+        let model = try model(corrector: true)
+        let servable = ServableModel(model: model, workers: 1, itemCacheEntries: 50)
+        var inputs = request(items: [4, 8, 15, 16, 23, 42], durations: ["1", "20000", "-124", "", "x", "70000"])
+        let dense = (0..<(6 * 3)).map { Float($0 % 7) - 3 }
+        #expect(close(try await servable.logits(inputs, dense: dense), plain(model, inputs, dense: dense)))
+        // No date (the item's age is missing) and malformed upload dates.
+        inputs.context = ["tab": "9"]
+        inputs.candidates.columns[3].values = ["2022-4-1", "", "2022-02-30", "abc", "2022-04-10", "1999-12-31"]
+        #expect(close(try await servable.logits(inputs, dense: dense), plain(model, inputs, dense: dense)))
+        inputs.context = ["tab": "1", "date": "20220506"]
+        #expect(close(try await servable.logits(inputs, dense: dense), plain(model, inputs, dense: dense)))
     }
 
     @Test func cacheOffGivesTheSameScores() async throws {
@@ -87,7 +114,7 @@ struct SplitScoringTests {
         let inputs = request(items: [3, 9, 3 + 500, 12], durations: ["5", "50000", "5", ""])
         let off = try await ServableModel(model: model, workers: 1, itemCacheEntries: 0).logits(inputs)
         let on = try await ServableModel(model: model, workers: 1, itemCacheEntries: 2).logits(inputs)
-        #expect(zip(off, plain(model, inputs)).allSatisfy { abs($0 - $1) < 1e-5 })
-        #expect(zip(on, off).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(close(off, plain(model, inputs)))
+        #expect(close(on, off))
     }
 }
