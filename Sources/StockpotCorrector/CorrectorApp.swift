@@ -18,13 +18,15 @@ public struct CorrectorApp {
     public var limits = RequestLimits()
     /// Forward passes that may wait for a worker; more are refused with RESOURCE_EXHAUSTED (load shedding).
     public var maxQueued = 64
+    /// Items whose first-layer contribution each loaded corrector caches (`ItemContributionCache`; 0 = none).
+    public var itemCacheEntries = ServableModel.defaultItemCacheEntries
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
     public init() {}
 
     /// The corrector's settings (`ServiceSettings`): host, port, max-candidates, registry access, `crowds`,
-    /// `alias`, `workers`, `max-queued`.
+    /// `alias`, `workers`, `max-queued`, `item-cache-entries`.
     public init(settings: ServiceSettings) async throws {
         self.init()
         (host, port, limits) = try await settings.endpoint(defaultPort: port)
@@ -37,6 +39,7 @@ public struct CorrectorApp {
         }
         workers = try await settings.int("workers", in: 1...256) ?? workers
         maxQueued = try await settings.int("max-queued", in: 0...100_000) ?? maxQueued
+        itemCacheEntries = try await settings.int("item-cache-entries", in: 0...1_000_000) ?? itemCacheEntries
     }
 
     /// The health-check name that reports whether `crowd`'s corrector model is loaded.
@@ -44,7 +47,7 @@ public struct CorrectorApp {
 
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let client = try registry.makeClient()
-        let workers = self.workers, maxQueued = self.maxQueued
+        let workers = self.workers, maxQueued = self.maxQueued, itemCacheEntries = self.itemCacheEntries
         var watchers: [String: ArtifactWatcher<ServableModel>] = [:]
         var alternates: [String: [ArtifactWatcher<ServableModel>]] = [:]
         var shadows: [String: ArtifactWatcher<ServableModel>] = [:]
@@ -56,7 +59,8 @@ public struct CorrectorApp {
         let shelf = LoadedVersions<ServableModel>(capacity: crowds.count * (3 + alternateAliases.count))
         let load: @Sendable (Stockpot_V1_ModelVersion, URL) throws -> ServableModel = { version, folder in
             try shelf.value(for: version) {
-                let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued)
+                let servable = try ServableModel.load(folder: folder, workers: workers, maxQueued: maxQueued,
+                                                      itemCacheEntries: itemCacheEntries)
                 try CorrectorService.validateCorrector(servable.model)
                 return servable
             }

@@ -21,13 +21,15 @@ import Testing
         let path = try file(#"{"log-level": "debug", "scorer": {"port": 7000, "workers": 3, "model": "legacy@canary", "max-queued": 9}}"#)
         var flags = ServiceSettings.Flags()
         flags.set("port", 6001)
-        let env = ["STOCKPOT_SCORER_PORT": "6000", "STOCKPOT_SCORER_WORKERS": "5", "STOCKPOT_REGISTRY_ADDRESS": "reg:1"]
+        let env = ["STOCKPOT_SCORER_PORT": "6000", "STOCKPOT_SCORER_WORKERS": "5", "STOCKPOT_REGISTRY_ADDRESS": "reg:1",
+                   "STOCKPOT_SCORER_ITEM_CACHE_ENTRIES": "1000"]
         let s = try await ServiceSettings(service: "scorer", flags: flags, environment: env, file: path)
         let app = try await ScorerApp(settings: s)
         #expect(app.port == 6001)                      // flag
         #expect(app.workers == 5)                      // service environment over the file
         #expect(app.model == "legacy@canary")          // the file's service section
         #expect(app.maxQueued == 9)
+        #expect(app.itemCacheEntries == 1000)
         #expect(app.registry.address == "reg:1")       // shared environment
         #expect(app.host == "127.0.0.1")               // default
         #expect(try await s.string("log-level") == "debug") // the file's top level

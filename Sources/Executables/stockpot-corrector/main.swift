@@ -16,6 +16,8 @@ struct CorrectorCommand: AsyncParsableCommand {
     var alsoAliases: String?
     @Option(help: "Forward-pass threads (env STOCKPOT_CORRECTOR_WORKERS).") var workers: Int?
     @Option(help: "Forward passes that may wait for a thread; more are refused (env STOCKPOT_CORRECTOR_MAX_QUEUED).") var maxQueued: Int?
+    @Option(help: "Items whose first-layer contribution is cached per loaded corrector (default 16384; 0 = off; env STOCKPOT_CORRECTOR_ITEM_CACHE_ENTRIES).")
+    var itemCacheEntries: Int?
 
     func run() async throws {
         var flags = common.flags()
@@ -25,6 +27,7 @@ struct CorrectorCommand: AsyncParsableCommand {
         flags.set("also-aliases", alsoAliases)
         flags.set("workers", workers)
         flags.set("max-queued", maxQueued)
+        flags.set("item-cache-entries", itemCacheEntries)
         let settings = try await common.settings("corrector", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.corrector)
         BLAS.reexecWithFasterKernelsIfNeeded()
