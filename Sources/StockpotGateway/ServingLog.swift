@@ -346,6 +346,7 @@ final class SegmentWriter: @unchecked Sendable {
                 let n = e.items.ids.count
                 var versions = [UInt64](repeating: 0, count: n)
                 let columns = e.items.columns.filter { $0.values.count == n }.sorted { $0.name < $1.name }
+                    .map { (name: $0.name, values: $0.values) }
                 for i in 0..<n {
                     let features = columns.map { (name: $0.name, value: $0.values[i]) }
                     let version = ServingLogFormat.itemVersion(features)

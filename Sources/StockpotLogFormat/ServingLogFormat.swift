@@ -62,10 +62,15 @@ public enum ServingLogFormat {
     public static func itemVersion(_ features: [(name: String, value: String)]) -> UInt64 {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         @inline(__always) func mix(_ byte: UInt8) { h = (h ^ UInt64(byte)) &* 0x0000_0100_0000_01b3 }
-        for f in features.sorted(by: { $0.name < $1.name }) {
-            for b in f.name.utf8 { mix(b) }
+        @inline(__always) func mix(_ s: String) {
+            let done: Void? = s.utf8.withContiguousStorageIfAvailable { for b in $0 { mix(b) } }
+            if done == nil { for b in s.utf8 { mix(b) } }
+        }
+        let inOrder = zip(features, features.dropFirst()).allSatisfy { $0.name <= $1.name }
+        for f in inOrder ? features : features.sorted(by: { $0.name < $1.name }) {
+            mix(f.name)
             mix(0x1f)
-            for b in f.value.utf8 { mix(b) }
+            mix(f.value)
             mix(0x1e)
         }
         return h

@@ -4,7 +4,9 @@ import StockpotModel
 import StockpotTraining
 
 /// Training and inference throughput of the legacy model on real KuaiRand rows, one thread, plus the dense
-/// (GEMM) part's FLOP rate as a fraction of the core's FP32 peak. Run it from a release build.
+/// (GEMM) part's FLOP rate as a fraction of the core's FP32 peak, each beside a peer measured in the same run
+/// on the same samples: PyTorch training the same model from the same weights with the same optimiser, and
+/// ONNX Runtime running the same forward pass. Run it from a release build.
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure training and inference throughput (one thread) and GEMM efficiency. Use -c release.")
@@ -15,8 +17,9 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Inference batch (candidates per request).") var batch: Int = 512
     @Option(help: "Core clock in GHz for the peak (default: /proc/cpuinfo).") var ghz: Double?
     @Option(help: "FP32 FLOP per cycle per core for the peak (AVX2 + 2 FMA units: 32).") var flopsPerCycle: Double = 32
-    @Option(help: "Reference training samples/s to compare against.") var referenceTrain: Double = 33_000
-    @Option(help: "Reference inference samples/s to compare against.") var referenceInfer: Double = 110_000
+    @Option(help: "The PyTorch training peer.") var trainPeer: String = "scripts/peer-pytorch-train.py"
+    @Option(help: "The ONNX Runtime inference peer.") var inferPeer: String = "scripts/peer-onnxruntime.py"
+    @Flag(help: "Skip the peers.") var noPeer = false
 
     func run() async throws {
         let (data, config) = try dataOptions.load()
@@ -33,19 +36,49 @@ struct Bench: AsyncParsableCommand {
         Console.out("BLAS kernels: \(BLAS.kernelName)")
         Console.out(String(format: "peak: %.1f GFLOPS (%.2f GHz × %.0f FLOP/cycle); percentages below are of this peak", peak, peak / flopsPerCycle, flopsPerCycle))
 
-        // Training: one pass, shuffled, batch 512, Adam.
+        // Training: one pass, shuffled, batch 512, Adagrad (the default).
         let trainer = try Trainer(model: m, options: TrainingOptions())
         var order = Array(0..<ds.count)
         var rng = SplitMix64(seed: 7)
         order.shuffle(using: &rng)
+        // The peers start from the same weights and see the same samples in the same order.
+        let peerDir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-bench-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: peerDir) }
+        var peerRows: URL?, peerLabels: URL?
+        if !noPeer {
+            try m.save(to: peerDir.appendingPathComponent("model"))
+            let f = m.fieldCount, k = ds.objectives.count
+            var rows = [Int32](), labels = [Float]()
+            rows.reserveCapacity(order.count * f)
+            labels.reserveCapacity(order.count * k)
+            for i in order {
+                rows.append(contentsOf: ds.rows[(i * f)..<((i + 1) * f)])
+                labels.append(contentsOf: ds.labels[(i * k)..<((i + 1) * k)])
+            }
+            peerRows = try PythonPeer.temporaryFile(rows, name: "rows")
+            peerLabels = try PythonPeer.temporaryFile(labels, name: "labels")
+        }
+        defer { [peerRows, peerLabels].compactMap { $0 }.forEach { try? FileManager.default.removeItem(at: $0) } }
         let t0 = clock.now
-        try trainer.train(ds, order: order)
+        let trainLoss = try trainer.train(ds, order: order)
         let trainSecs = (clock.now - t0).seconds
         let trainRate = Double(ds.count) / trainSecs
         // Forward (1×) + weight gradients (1×) + input gradients (1×) of every dense layer.
         let trainGflops = trainRate * macs * 2 * 3 / 1e9
-        Console.out(String(format: "train:     %8.0f samples/s  (%.2f× the %.0f reference)  dense %.1f GFLOPS = %.0f%% of peak",
-                           trainRate, trainRate / referenceTrain, referenceTrain, trainGflops, 100 * trainGflops / peak))
+        Console.out(String(format: "train:     %8.0f samples/s  dense %.1f GFLOPS = %.0f%% of peak; mean loss %.4f",
+                           trainRate, trainGflops, 100 * trainGflops / peak, trainLoss))
+        if let peerRows, let peerLabels {
+            struct Reply: Decodable { let peer: String; let samples_per_s: Double; let mean_loss: Double }
+            do {
+                let r = try PythonPeer.run(trainPeer, [peerDir.appendingPathComponent("model").path, peerRows.path, peerLabels.path,
+                                                       String(trainer.options.batchSize), "1"],
+                                           as: Reply.self, install: "pip install numpy safetensors torch")
+                Console.out(String(format: "  peer:    %8.0f samples/s  %@, 1 thread, same samples, weights and optimiser (mean loss %.4f) → Stockpot %.2f×",
+                                   r.samples_per_s, r.peer, r.mean_loss, trainRate / r.samples_per_s))
+            } catch {
+                Console.out("  peer:    training peer skipped: \(error)")
+            }
+        }
 
         // Inference: batches of `batch` candidates through BatchScorer (gather + MLP + sigmoid).
         let scorer = BatchScorer(model: trainer.model, chunk: batch)
@@ -68,8 +101,20 @@ struct Bench: AsyncParsableCommand {
         let inferSecs = (clock.now - t1).seconds
         let inferRate = Double(n * reps) / inferSecs
         let inferGflops = inferRate * macs * 2 / 1e9
-        Console.out(String(format: "infer:     %8.0f samples/s  (%.2f× the %.0f reference)  dense %.1f GFLOPS = %.0f%% of peak (batch %d)",
-                           inferRate, inferRate / referenceInfer, referenceInfer, inferGflops, 100 * inferGflops / peak, batch))
+        Console.out(String(format: "infer:     %8.0f samples/s  dense %.1f GFLOPS = %.0f%% of peak (batch %d)",
+                           inferRate, inferGflops, 100 * inferGflops / peak, batch))
+        if let peerRows {
+            struct Reply: Decodable { let peer: String; let candidates_per_s: Double }
+            do {
+                let r = try PythonPeer.run(inferPeer, [peerDir.appendingPathComponent("model").path, peerRows.path,
+                                                       String(m.fieldCount), String(batch), "2"],
+                                           as: Reply.self, install: "pip install numpy safetensors onnx onnxruntime")
+                Console.out(String(format: "  peer:    %8.0f samples/s  %@, 1 thread, same rows → Stockpot %.2f×",
+                                   r.candidates_per_s, r.peer, inferRate / r.candidates_per_s))
+            } catch {
+                Console.out("  peer:    inference peer skipped: \(error)")
+            }
+        }
 
         // The MLP alone on a gathered batch: the GEMM efficiency ceiling.
         let x = UnsafeMutablePointer<Float>.allocate(capacity: batch * m.spec.inputDim)

@@ -136,34 +136,11 @@ struct ScorerBench: AsyncParsableCommand {
     /// Runs the ONNX Runtime peer on `rows` (one thread) and returns its candidates/s and its probabilities for
     /// the first batch.
     func runPeer(modelDir: URL, rows: [RowMatrix], fields: Int, batch: Int) throws -> (Double, [Float]) {
-        guard FileManager.default.fileExists(atPath: peerScript) else {
-            throw ValidationError("\(peerScript) not found (run from the project root, or pass --peer-script)")
-        }
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-rows-\(UUID().uuidString).bin")
+        let file = try PythonPeer.temporaryFile(rows.flatMap { $0.storage.prefix($0.count * $0.fields) }, name: "rows")
         defer { try? FileManager.default.removeItem(at: file) }
-        var bytes = Data()
-        for r in rows {
-            r.storage.prefix(r.count * r.fields).withUnsafeBytes { bytes.append(contentsOf: $0) }
-        }
-        try bytes.write(to: file)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", peerScript, modelDir.path, file.path, String(fields), String(batch), String(seconds)]
-        var env = ProcessInfo.processInfo.environment
-        env["OMP_NUM_THREADS"] = "1"
-        p.environment = env
-        let pipe = Pipe(), err = Pipe()
-        p.standardOutput = pipe
-        p.standardError = err
-        try p.run()
-        let out = pipe.fileHandleForReading.readDataToEndOfFile()
-        let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            throw ValidationError("peer exited with \(p.terminationStatus): \(errText.suffix(600)) (pip install numpy safetensors onnx onnxruntime)")
-        }
         struct Reply: Decodable { let candidates_per_s: Double; let first_batch: [Float] }
-        let reply = try JSONDecoder().decode(Reply.self, from: out)
+        let reply = try PythonPeer.run(peerScript, [modelDir.path, file.path, String(fields), String(batch), String(seconds)],
+                                       as: Reply.self, install: "pip install numpy safetensors onnx onnxruntime")
         return (reply.candidates_per_s, reply.first_batch)
     }
 

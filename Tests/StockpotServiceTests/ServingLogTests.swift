@@ -69,6 +69,14 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         try await task.value
     }
 
+    @Test func itemVersionIgnoresColumnOrderAndSeesEveryByte() {
+        let a = ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "39"), ("video_type", "NORMAL")])
+        #expect(ServingLogFormat.itemVersion([("video_type", "NORMAL"), ("author_id", "7"), ("tag", "39")]) == a)
+        #expect(ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "3"), ("video_type", "9NORMAL")]) != a)
+        #expect(ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "39"), ("video_type", "NORMAl")]) != a)
+        #expect(ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "39")]) != a)
+    }
+
     @Test func shadowScoresAreWrittenBesideTheRequestTheyShadow() async throws {
         let dir = temporaryDirectory("log-shadow")
         defer { try? FileManager.default.removeItem(at: dir) }
