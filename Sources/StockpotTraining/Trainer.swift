@@ -57,6 +57,9 @@ public struct TrainingProgress: Sendable {
 public final class Trainer {
     public private(set) var model: LegacyModel
     public let options: TrainingOptions
+    /// Threads a step uses: each batch's gathers, forward pass and backward matrix products are split between
+    /// them (the same sums, in blocks); the sparse scatter and the updates run on one.
+    public let threads: Int
     /// Optimizer steps taken so far (carried across warm starts).
     public private(set) var step: Int
 
@@ -84,7 +87,8 @@ public final class Trainer {
     private var embGrad: [[Float]]
 
     /// - Parameter optimizerState: moments from a checkpoint (warm start); `nil` starts them fresh.
-    public init(model: LegacyModel, options: TrainingOptions, optimizerState: OptimizerState? = nil) throws {
+    /// - Parameter threads: threads per step (1: this thread only).
+    public init(model: LegacyModel, options: TrainingOptions, optimizerState: OptimizerState? = nil, threads: Int = 1) throws {
         guard model.spec.dtype == .f32 else {
             throw TrainingError.config("cannot train an \(model.spec.dtype.rawValue) model; train the F32 model and quantise it")
         }
@@ -94,6 +98,7 @@ public final class Trainer {
         }
         self.model = model
         self.options = options
+        self.threads = max(1, threads)
         batch = options.batchSize
         lossWeights = options.lossWeights.isEmpty ? Array(repeating: 1, count: model.headCount) : options.lossWeights
         if let names = options.weightedObjectives {
@@ -255,12 +260,26 @@ public final class Trainer {
         let d = model.spec.inputDim
         let e = model.spec.denseInputs.count
         precondition(e == 0 || dense != nil, "model has dense inputs; pass them")
-        model.gather(rows: rows, count: n, into: x)
-        if let dense, e > 0 {
-            let offset = model.spec.embeddingDim
-            for s in 0..<n { (x + s * d + offset).update(from: dense + s * e, count: e) }
+        if threads > 1 && e == 0 {
+            // Each thread gathers and runs the MLP on its block of samples.
+            let f = model.fieldCount, widths = model.spec.hidden
+            let (x, acts, logits) = (x, acts, logits)
+            parallel { p in
+                let r = Self.part(n, p, threads)
+                guard !r.isEmpty else { return }
+                let s0 = r.lowerBound
+                model.gather(rows: rows + s0 * f, count: r.count, into: x + s0 * d)
+                model.dense(input: x + s0 * d, count: r.count, activations: zip(acts, widths).map { $0 + s0 * $1 },
+                            logits: logits + s0 * k)
+            }
+        } else {
+            model.gather(rows: rows, count: n, into: x)
+            if let dense, e > 0 {
+                let offset = model.spec.embeddingDim
+                for s in 0..<n { (x + s * d + offset).update(from: dense + s * e, count: e) }
+            }
+            model.dense(input: x, count: n, activations: acts, logits: logits)
         }
-        model.dense(input: x, count: n, activations: acts, logits: logits)
         if model.spec.residual, let dense {
             for s in 0..<n { for j in 0..<k { logits[s * k + j] += dense[s * e + j] } }
         }
@@ -359,21 +378,64 @@ public final class Trainer {
     private func backAffine(_ layer: DenseLayer, input: UnsafePointer<Float>, dOut: UnsafeMutablePointer<Float>,
                             count n: Int, gradIndex: Int, dInput: UnsafeMutablePointer<Float>) {
         let o = layer.outDim, i = layer.inDim
+        if threads > 1 {
+            // dW split by output rows, dInput by samples: no block needs another's result.
+            let parts = threads
+            denseGrad[gradIndex].withUnsafeMutableBufferPointer { dwb in
+                layer.weight.withUnsafeBufferPointer { wb in
+                    let dw = dwb.baseAddress!, w = wb.baseAddress!
+                    parallel { p in
+                        let rows = Self.part(o, p, parts)
+                        if !rows.isEmpty {
+                            BLAS.sgemm(transA: true, transB: false, m: rows.count, n: i, k: n, alpha: 1, a: dOut + rows.lowerBound, lda: o,
+                                       b: input, ldb: i, beta: 0, c: dw + rows.lowerBound * i, ldc: i)
+                        }
+                        let samples = Self.part(n, p, parts)
+                        if !samples.isEmpty {
+                            BLAS.sgemm(transA: false, transB: false, m: samples.count, n: i, k: o, alpha: 1,
+                                       a: dOut + samples.lowerBound * o, lda: o, b: w, ldb: i, beta: 0,
+                                       c: dInput + samples.lowerBound * i, ldc: i)
+                        }
+                    }
+                }
+            }
+            Self.biasGradient(dOut, count: n, width: o, into: &denseGrad[gradIndex + 1])
+            return
+        }
         denseGrad[gradIndex].withUnsafeMutableBufferPointer { dw in
             BLAS.sgemm(transA: true, transB: false, m: o, n: i, k: n, alpha: 1, a: dOut, lda: o,
                        b: input, ldb: i, beta: 0, c: dw.baseAddress!, ldc: i)
         }
-        denseGrad[gradIndex + 1].withUnsafeMutableBufferPointer { db in
-            let p = db.baseAddress!
+        Self.biasGradient(dOut, count: n, width: o, into: &denseGrad[gradIndex + 1])
+        layer.weight.withUnsafeBufferPointer { w in
+            BLAS.sgemm(transA: false, transB: false, m: n, n: i, k: o, alpha: 1, a: dOut, lda: o,
+                       b: w.baseAddress!, ldb: i, beta: 0, c: dInput, ldc: i)
+        }
+    }
+
+    /// db = Σ over samples of dOut.
+    private static func biasGradient(_ dOut: UnsafePointer<Float>, count n: Int, width o: Int, into db: inout [Float]) {
+        db.withUnsafeMutableBufferPointer { b in
+            let p = b.baseAddress!
             p.update(repeating: 0, count: o)
             for s in 0..<n {
                 let row = dOut + s * o
                 for j in 0..<o { p[j] += row[j] }
             }
         }
-        layer.weight.withUnsafeBufferPointer { w in
-            BLAS.sgemm(transA: false, transB: false, m: n, n: i, k: o, alpha: 1, a: dOut, lda: o,
-                       b: w.baseAddress!, ldb: i, beta: 0, c: dInput, ldc: i)
+    }
+
+    /// Block `p` of `parts` nearly equal blocks of `0..<n`.
+    static func part(_ n: Int, _ p: Int, _ parts: Int) -> Range<Int> {
+        (n * p / parts)..<(n * (p + 1) / parts)
+    }
+
+    /// Runs `body(p)` for `p` in `0..<threads`, concurrently, and returns when all have.
+    /// The blocks write disjoint memory through the pointers they capture, hence the unchecked sendability.
+    private func parallel(_ body: (Int) -> Void) {
+        withoutActuallyEscaping(body) { body in
+            nonisolated(unsafe) let work = body
+            DispatchQueue.concurrentPerform(iterations: threads) { work($0) }
         }
     }
 

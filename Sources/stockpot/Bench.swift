@@ -20,6 +20,7 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "The PyTorch training peer.") var trainPeer: String = "scripts/peer-pytorch-train.py"
     @Option(help: "The ONNX Runtime inference peer.") var inferPeer: String = "scripts/peer-onnxruntime.py"
     @Flag(help: "Skip the peers.") var noPeer = false
+    @Option(help: "Training threads for a second training pass (0 = skip).") var trainThreads: Int = 2
 
     func run() async throws {
         let (data, config) = try dataOptions.load()
@@ -67,6 +68,14 @@ struct Bench: AsyncParsableCommand {
         let trainGflops = trainRate * macs * 2 * 3 / 1e9
         Console.out(String(format: "train:     %8.0f samples/s  dense %.1f GFLOPS = %.0f%% of peak; mean loss %.4f",
                            trainRate, trainGflops, 100 * trainGflops / peak, trainLoss))
+        if trainThreads > 1 {
+            let multi = try Trainer(model: m, options: TrainingOptions(), threads: trainThreads)
+            let t = clock.now
+            let loss = try multi.train(ds, order: order)
+            let rate = Double(ds.count) / (clock.now - t).seconds
+            Console.out(String(format: "train ×%d: %8.0f samples/s  = %.2f× one thread; mean loss %.4f",
+                               trainThreads, rate, rate / trainRate, loss))
+        }
         if let peerRows, let peerLabels {
             struct Reply: Decodable { let peer: String; let samples_per_s: Double; let mean_loss: Double }
             do {

@@ -48,6 +48,37 @@ func dataset(spec: ModelSpec, rows: [Int32], labels: [Float]) -> EncodedDataset 
         #expect(a != fresh)
     }
 
+    /// Splitting each step between threads computes the same sums in blocks: the same model, to float rounding.
+    @Test(arguments: TrainingOptions.Optimizer.allCases)
+    func twoThreadsTrainTheSameModel(optimizer: TrainingOptions.Optimizer) throws {
+        let (spec, rows, labels) = syntheticData(count: 900, seed: 6)
+        let ds = dataset(spec: spec, rows: rows, labels: labels)
+        var options = TrainingOptions(optimizer: optimizer)
+        options.batchSize = 96
+        func run(threads: Int) throws -> (Trainer, Double) {
+            let t = try Trainer(model: try LegacyModel.initialized(spec: spec, seed: 31), options: options, threads: threads)
+            let loss = try t.train(ds, order: Array(0..<ds.count))   // 9 full batches and one of 36
+            return (t, loss)
+        }
+        let (one, lossOne) = try run(threads: 1)
+        let (two, lossTwo) = try run(threads: 2)
+        let (three, _) = try run(threads: 3)
+        #expect(abs(lossOne - lossTwo) < 1e-5)
+        let a = one.model.tensors()
+        for other in [two, three] {
+            let b = other.model.tensors()
+            #expect(a.keys.sorted() == b.keys.sorted())
+            for (name, t) in a {
+                let u = try #require(b[name])
+                let x = try t.floats(name), y = try u.floats(name)
+                let diff = zip(x, y).reduce(Float(0)) { m, p in Swift.max(m, abs(p.0 - p.1).isNaN ? .infinity : abs(p.0 - p.1)) }
+                #expect(x.count == y.count && diff < 1e-4, "\(name): \(diff)")
+            }
+        }
+        let fresh = try LegacyModel.initialized(spec: spec, seed: 31).tensors()
+        #expect(a != fresh)
+    }
+
     @Test(arguments: TrainingOptions.Optimizer.allCases)
     func warmStartFromCheckpointContinuesExactly(optimizer: TrainingOptions.Optimizer) throws {
         let (spec, rows, labels) = syntheticData(count: 256, seed: 8)
