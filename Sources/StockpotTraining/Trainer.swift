@@ -85,6 +85,10 @@ public final class Trainer {
     private var slotOfRow: [[Int32]]
     private var touched: [[Int32]]
     private var embGrad: [[Float]]
+    // Per field: embedding width, table rows, first column in the concatenated input.
+    private let fieldDims: [Int]
+    private let fieldRows: [Int]
+    private let fieldOffsets: [Int]
 
     /// - Parameter optimizerState: moments from a checkpoint (warm start); `nil` starts them fresh.
     /// - Parameter threads: threads per step (1: this thread only).
@@ -124,6 +128,15 @@ public final class Trainer {
         slotOfRow = model.embeddings.map { [Int32](repeating: -1, count: $0.rows) }
         touched = model.embeddings.map { _ in [] }
         embGrad = model.embeddings.map { _ in [] }
+        fieldDims = model.embeddings.map(\.dim)
+        fieldRows = model.embeddings.map(\.rows)
+        var offsets: [Int] = []
+        var col = 0
+        for t in model.embeddings {
+            offsets.append(col)
+            col += t.dim
+        }
+        fieldOffsets = offsets
         if let s = optimizerState {
             guard s.optimizer == options.optimizer else {
                 throw TrainingError.checkpoint("checkpoint optimizer is \(s.optimizer.rawValue), run asks for \(options.optimizer.rawValue)")
@@ -322,33 +335,48 @@ public final class Trainer {
             backAffine(layer, input: input, dOut: dOut, count: n, gradIndex: 2 * l, dInput: dIn)
             swap(&dOut, &spare)
         }
-        // Scatter dX into sparse per-table gradients (duplicate rows within the batch accumulate).
+        // Scatter dX into sparse per-table gradients (duplicate rows within the batch accumulate); the tables
+        // are independent, so the threads take a share of them each.
         let f = model.fieldCount
-        var col = 0
-        for fi in 0..<f {
-            let dim = model.embeddings[fi].dim
-            let limit = Int32(model.embeddings[fi].rows)
-            slotOfRow[fi].withUnsafeMutableBufferPointer { slots in
-                for s in 0..<n {
-                    var r = rows[s * f + fi]
-                    if r < 0 || r >= limit { r = 0 }
-                    var slot = slots[Int(r)]
-                    if slot < 0 {
-                        slot = Int32(touched[fi].count)
-                        slots[Int(r)] = slot
-                        touched[fi].append(r)
-                        embGrad[fi].append(contentsOf: repeatElement(0, count: dim))
-                    }
-                    let src = dx + s * d + col
-                    embGrad[fi].withUnsafeMutableBufferPointer { g in
-                        let dst = g.baseAddress! + Int(slot) * dim
-                        for j in 0..<dim { dst[j] += src[j] }
+        let (dims, tableRows, offsets, dx, parts) = (fieldDims, fieldRows, fieldOffsets, dx, threads)
+        slotOfRow.withUnsafeMutableBufferPointer { so in
+            touched.withUnsafeMutableBufferPointer { to in
+                embGrad.withUnsafeMutableBufferPointer { eo in
+                    parallel { p in
+                        for fi in Self.part(f, p, parts) {
+                            Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d, dim: dims[fi],
+                                         tableRows: tableRows[fi], slots: &so[fi], touched: &to[fi], grad: &eo[fi])
+                        }
                     }
                 }
             }
-            col += dim
         }
         return Float(loss)
+    }
+
+    /// Adds each sample's input gradient for field `field` to the sparse gradient of the row it read.
+    private static func scatter(field fi: Int, fields f: Int, rows: UnsafePointer<Int32>, count n: Int, dx: UnsafePointer<Float>,
+                                stride d: Int, dim: Int, tableRows: Int, slots: inout [Int32], touched: inout [Int32],
+                                grad: inout [Float]) {
+        let limit = Int32(tableRows)
+        slots.withUnsafeMutableBufferPointer { slots in
+            for s in 0..<n {
+                var r = rows[s * f + fi]
+                if r < 0 || r >= limit { r = 0 }
+                var slot = slots[Int(r)]
+                if slot < 0 {
+                    slot = Int32(touched.count)
+                    slots[Int(r)] = slot
+                    touched.append(r)
+                    grad.append(contentsOf: repeatElement(0, count: dim))
+                }
+                let src = dx + s * d
+                grad.withUnsafeMutableBufferPointer { g in
+                    let dst = g.baseAddress! + Int(slot) * dim
+                    for j in 0..<dim { dst[j] += src[j] }
+                }
+            }
+        }
     }
 
     /// The batch loss of `model` computed by a plain forward pass in double precision — the reference that
@@ -433,6 +461,7 @@ public final class Trainer {
     /// Runs `body(p)` for `p` in `0..<threads`, concurrently, and returns when all have.
     /// The blocks write disjoint memory through the pointers they capture, hence the unchecked sendability.
     private func parallel(_ body: (Int) -> Void) {
+        if threads == 1 { return body(0) }
         withoutActuallyEscaping(body) { body in
             nonisolated(unsafe) let work = body
             DispatchQueue.concurrentPerform(iterations: threads) { work($0) }
@@ -502,33 +531,56 @@ public final class Trainer {
                 }
             }
         }
-        // Embeddings: only rows touched by this batch.
-        for fi in 0..<model.fieldCount {
-            let dim = model.embeddings[fi].dim
-            guard case .f32(var table) = model.embeddings[fi].storage else { continue }
-            model.embeddings[fi].storage = .f32([]) // release the reference so `table` is uniquely owned
-            table.withUnsafeMutableBufferPointer { tb in
-                embGrad[fi].withUnsafeBufferPointer { g in
-                    embM[fi].withUnsafeMutableBufferPointer { m in
-                        embV[fi].withUnsafeMutableBufferPointer { v in
-                            for (slot, r) in touched[fi].enumerated() {
-                                let off = Int(r) * dim
-                                update(p: tb.baseAddress! + off, g: g.baseAddress! + slot * dim,
-                                       m: m.baseAddress.map { $0 + off }, v: v.baseAddress! + off, count: dim,
-                                       lr: o.embeddingLearningRate, t: t)
+        // Embeddings: only rows touched by this batch; the tables are independent, so the threads take a
+        // share of them each.
+        var tables = model.embeddings
+        model.embeddings = []   // `tables` is then the only reference to each table's storage
+        let f = tables.count, parts = threads
+        tables.withUnsafeMutableBufferPointer { tb in
+            embM.withUnsafeMutableBufferPointer { mo in
+                embV.withUnsafeMutableBufferPointer { vo in
+                    embGrad.withUnsafeBufferPointer { go in
+                        touched.withUnsafeBufferPointer { to in
+                            parallel { p in
+                                for fi in Self.part(f, p, parts) {
+                                    let dim = tb[fi].dim
+                                    guard case .f32(var table) = tb[fi].storage else { continue }
+                                    tb[fi].storage = .f32([])   // uniquely owned: updated in place
+                                    table.withUnsafeMutableBufferPointer { w in
+                                        go[fi].withUnsafeBufferPointer { g in
+                                            mo[fi].withUnsafeMutableBufferPointer { m in
+                                                vo[fi].withUnsafeMutableBufferPointer { v in
+                                                    for (slot, r) in to[fi].enumerated() {
+                                                        let off = Int(r) * dim
+                                                        Self.update(o, p: w.baseAddress! + off, g: g.baseAddress! + slot * dim,
+                                                                    m: m.baseAddress.map { $0 + off }, v: v.baseAddress! + off,
+                                                                    count: dim, lr: o.embeddingLearningRate, t: t)
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                    tb[fi].storage = .f32(table)
+                                }
                             }
                         }
                     }
                 }
             }
-            model.embeddings[fi].storage = .f32(table)
         }
+        model.embeddings = tables
         discardGradients()
     }
 
     @inline(__always)
     private func update(p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, m: UnsafeMutablePointer<Float>?,
                         v: UnsafeMutablePointer<Float>, count: Int, lr: Float, t: Float) {
+        Self.update(options, p: p, g: g, m: m, v: v, count: count, lr: lr, t: t)
+    }
+
+    @inline(__always)
+    private static func update(_ options: TrainingOptions, p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>,
+                               m: UnsafeMutablePointer<Float>?, v: UnsafeMutablePointer<Float>, count: Int, lr: Float, t: Float) {
         switch options.optimizer {
         case .adam:
             let m = m!
