@@ -57,9 +57,14 @@ public struct TrainingProgress: Sendable {
 public final class Trainer {
     public private(set) var model: LegacyModel
     public let options: TrainingOptions
-    /// Threads a step uses: each batch's gathers, forward pass and backward matrix products are split between
-    /// them (the same sums, in blocks); the sparse scatter and the updates run on one.
+    /// Threads a step uses (at most the active cores): each batch's gathers and forward pass (models without
+    /// dense inputs) and its backward matrix products are split between them by samples (dW by output rows),
+    /// the sparse scatter and the embedding updates by table — the same sums, in blocks, so the model matches
+    /// a one-thread run to float rounding, not bit for bit; the dense updates, the loss and the batch assembly
+    /// run on the calling thread. Deterministic for a seed and a thread count.
     public let threads: Int
+    /// The helper threads when `threads > 1`.
+    private let team: WorkerTeam?
     /// Optimizer steps taken so far (carried across warm starts).
     public private(set) var step: Int
 
@@ -102,7 +107,8 @@ public final class Trainer {
         }
         self.model = model
         self.options = options
-        self.threads = max(1, threads)
+        let threadCount = max(1, min(threads, ProcessInfo.processInfo.activeProcessorCount))
+        self.threads = threadCount
         batch = options.batchSize
         lossWeights = options.lossWeights.isEmpty ? Array(repeating: 1, count: model.headCount) : options.lossWeights
         if let names = options.weightedObjectives {
@@ -160,9 +166,12 @@ public final class Trainer {
             embV = model.embeddings.map { [Float](repeating: fill, count: $0.rows * $0.dim) }
             step = 0
         }
+        // Last, after every check that can throw: a failed init runs no deinit, which would leave threads behind.
+        team = threadCount > 1 ? WorkerTeam(size: threadCount) : nil
     }
 
     deinit {
+        team?.stop()
         x.deallocate()
         dx.deallocate()
         acts.forEach { $0.deallocate() }
@@ -276,9 +285,9 @@ public final class Trainer {
         if threads > 1 && e == 0 {
             // Each thread gathers and runs the MLP on its block of samples.
             let f = model.fieldCount, widths = model.spec.hidden
-            let (x, acts, logits) = (x, acts, logits)
+            let (x, acts, logits, model, parts) = (x, acts, logits, model, threads)
             parallel { p in
-                let r = Self.part(n, p, threads)
+                let r = Self.part(n, p, parts)
                 guard !r.isEmpty else { return }
                 let s0 = r.lowerBound
                 model.gather(rows: rows + s0 * f, count: r.count, into: x + s0 * d)
@@ -339,9 +348,10 @@ public final class Trainer {
         // are independent, so the threads take a share of them each.
         let f = model.fieldCount
         let (dims, tableRows, offsets, dx, parts) = (fieldDims, fieldRows, fieldOffsets, dx, threads)
-        slotOfRow.withUnsafeMutableBufferPointer { so in
-            touched.withUnsafeMutableBufferPointer { to in
-                embGrad.withUnsafeMutableBufferPointer { eo in
+        slotOfRow.withUnsafeMutableBufferPointer { soBuffer in
+            touched.withUnsafeMutableBufferPointer { toBuffer in
+                embGrad.withUnsafeMutableBufferPointer { eoBuffer in
+                    let (so, to, eo) = (soBuffer, toBuffer, eoBuffer)
                     parallel { p in
                         for fi in Self.part(f, p, parts) {
                             Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d, dim: dims[fi],
@@ -459,13 +469,10 @@ public final class Trainer {
     }
 
     /// Runs `body(p)` for `p` in `0..<threads`, concurrently, and returns when all have.
-    /// The blocks write disjoint memory through the pointers they capture, hence the unchecked sendability.
-    private func parallel(_ body: (Int) -> Void) {
-        if threads == 1 { return body(0) }
-        withoutActuallyEscaping(body) { body in
-            nonisolated(unsafe) let work = body
-            DispatchQueue.concurrentPerform(iterations: threads) { work($0) }
-        }
+    /// The blocks write disjoint memory through the pointers they capture.
+    private func parallel(_ body: @escaping (Int) -> Void) {
+        guard let team else { return body(0) }
+        team.run(body)
     }
 
     /// Gradient of the last `computeGradients` call for a dense tensor (`mlp.<l>.weight|bias`, `heads.weight|bias`).
@@ -536,9 +543,10 @@ public final class Trainer {
         var tables = model.embeddings
         model.embeddings = []   // `tables` is then the only reference to each table's storage
         let f = tables.count, parts = threads
-        tables.withUnsafeMutableBufferPointer { tb in
-            embM.withUnsafeMutableBufferPointer { mo in
-                embV.withUnsafeMutableBufferPointer { vo in
+        tables.withUnsafeMutableBufferPointer { tbBuffer in
+            embM.withUnsafeMutableBufferPointer { moBuffer in
+                embV.withUnsafeMutableBufferPointer { voBuffer in
+                    let (tb, mo, vo) = (tbBuffer, moBuffer, voBuffer)
                     embGrad.withUnsafeBufferPointer { go in
                         touched.withUnsafeBufferPointer { to in
                             parallel { p in

@@ -9,7 +9,7 @@ import StockpotTraining
 /// ONNX Runtime running the same forward pass. Run it from a release build.
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Measure training and inference throughput (one thread) and GEMM efficiency. Use -c release.")
+        abstract: "Training and inference throughput and GEMM efficiency, beside PyTorch and ONNX Runtime measured in the same run. Use -c release.")
 
     @OptionGroup var dataOptions: DataOptions
     @Option(help: "Model to benchmark (default: a fresh model fitted on --days).") var model: String?
@@ -20,7 +20,7 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "The PyTorch training peer.") var trainPeer: String = "scripts/peer-pytorch-train.py"
     @Option(help: "The ONNX Runtime inference peer.") var inferPeer: String = "scripts/peer-onnxruntime.py"
     @Flag(help: "Skip the peers.") var noPeer = false
-    @Option(help: "Training threads for a second training pass (0 = skip).") var trainThreads: Int = 2
+    @Option(help: "Threads of a second training pass (0 or 1 = none; at most the cores).") var trainThreads: Int = 2
 
     func run() async throws {
         let (data, config) = try dataOptions.load()
@@ -45,7 +45,7 @@ struct Bench: AsyncParsableCommand {
         // The peers start from the same weights and see the same samples in the same order.
         let peerDir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-bench-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: peerDir) }
-        var peerRows: URL?, peerLabels: URL?
+        var peerRows: URL?, peerLabels: URL?, peerInferRows: URL?
         if !noPeer {
             try m.save(to: peerDir.appendingPathComponent("model"))
             let f = m.fieldCount, k = ds.objectives.count
@@ -58,8 +58,10 @@ struct Bench: AsyncParsableCommand {
             }
             peerRows = try PythonPeer.temporaryFile(rows, name: "rows")
             peerLabels = try PythonPeer.temporaryFile(labels, name: "labels")
+            // Inference reads the rows in the order Stockpot scores them below (time order, not shuffled).
+            peerInferRows = try PythonPeer.temporaryFile(Array(ds.rows.prefix((ds.count / batch) * batch * f)), name: "infer-rows")
         }
-        defer { [peerRows, peerLabels].compactMap { $0 }.forEach { try? FileManager.default.removeItem(at: $0) } }
+        defer { [peerRows, peerLabels, peerInferRows].compactMap { $0 }.forEach { try? FileManager.default.removeItem(at: $0) } }
         let t0 = clock.now
         let trainLoss = try trainer.train(ds, order: order)
         let trainSecs = (clock.now - t0).seconds
@@ -112,10 +114,10 @@ struct Bench: AsyncParsableCommand {
         let inferGflops = inferRate * macs * 2 / 1e9
         Console.out(String(format: "infer:     %8.0f samples/s  dense %.1f GFLOPS = %.0f%% of peak (batch %d)",
                            inferRate, inferGflops, 100 * inferGflops / peak, batch))
-        if let peerRows {
+        if let peerInferRows {
             struct Reply: Decodable { let peer: String; let candidates_per_s: Double }
             do {
-                let r = try PythonPeer.run(inferPeer, [peerDir.appendingPathComponent("model").path, peerRows.path,
+                let r = try PythonPeer.run(inferPeer, [peerDir.appendingPathComponent("model").path, peerInferRows.path,
                                                        String(m.fieldCount), String(batch), "2"],
                                            as: Reply.self, install: "pip install numpy safetensors onnx onnxruntime")
                 Console.out(String(format: "  peer:    %8.0f samples/s  %@, 1 thread, same rows → Stockpot %.2f×",

@@ -14,7 +14,7 @@ enum PythonPeer {
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["python3", script] + args
         var env = ProcessInfo.processInfo.environment
-        env["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"] ?? "1"
+        env["OMP_NUM_THREADS"] = "1"
         p.environment = env
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
@@ -37,7 +37,11 @@ enum PythonPeer {
         guard let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last else {
             throw ValidationError("\(script) printed nothing")
         }
-        return try JSONDecoder().decode(Reply.self, from: Data(line.utf8))
+        do {
+            return try JSONDecoder().decode(Reply.self, from: Data(line.utf8))
+        } catch {
+            throw ValidationError("\(script) printed '\(line.prefix(300))', not the expected JSON: \(error)")
+        }
     }
 
     /// Writes `values`' bytes (little-endian on every platform Stockpot runs on) to a new temporary file.

@@ -71,6 +71,7 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
 
     @Test func itemVersionIgnoresColumnOrderAndSeesEveryByte() {
         let a = ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "39"), ("video_type", "NORMAL")])
+        #expect(a == 0xd849_3fe1_128f_1397)   // FNV-1a over name 0x1f value 0x1e…, computed independently
         #expect(ServingLogFormat.itemVersion([("video_type", "NORMAL"), ("author_id", "7"), ("tag", "39")]) == a)
         #expect(ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "3"), ("video_type", "9NORMAL")]) != a)
         #expect(ServingLogFormat.itemVersion([("author_id", "7"), ("tag", "39"), ("video_type", "NORMAl")]) != a)
