@@ -42,6 +42,7 @@ public struct GatewayApp {
         if let t = try await settings.milliseconds("corrector-timeout-ms") { config.correctorTimeout = t }
         if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
         if let t = try await settings.milliseconds("budget-ms") { config.budget = t }
+        config.maxInFlight = try await settings.int("max-in-flight", in: 0...1_000_000) ?? config.maxInFlight
         for (key, d) in [("corrector-timeout-ms", config.correctorTimeout), ("fusion-timeout-ms", config.fusionTimeout), ("budget-ms", config.budget)]
         where d <= .zero {
             throw ServiceSettings.SettingError(description: "setting '\(key)' must be positive")

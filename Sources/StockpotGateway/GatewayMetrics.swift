@@ -25,6 +25,11 @@ public struct GatewayMetrics: Sendable {
         return "error"
     }
 
+    /// `stockpot_gateway_shed_total`: Ranks refused because `maxInFlight` were in progress.
+    func shed() {
+        hub.counter("stockpot_gateway_shed_total", []).increment()
+    }
+
     /// `stockpot_gateway_degraded_total{layer, reason}`.
     func degraded(_ layer: String, reason: String) {
         hub.counter("stockpot_gateway_degraded_total", [("layer", layer), ("reason", Self.reasonKind(reason))]).increment()

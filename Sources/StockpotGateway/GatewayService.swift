@@ -32,6 +32,10 @@ public struct GatewayConfig: Sendable {
     /// Hours east of UTC of the logs' local time (KuaiRand: UTC+8), to fill `date` and `hourmin` from the clock.
     public var utcOffsetHours = 8
     public var limits = RequestLimits()
+    /// Ranks served at once; one more is refused at once with RESOURCE_EXHAUSTED (0: no limit). Past
+    /// saturation this keeps the latency of the requests it accepts bounded (about `maxInFlight` ÷ throughput)
+    /// instead of letting every request queue until its deadline.
+    public var maxInFlight = 64
 
     public init() {}
 }
@@ -65,6 +69,10 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     let canary = CanaryAvailability()
     /// Shadow calls and their running comparisons.
     public let shadow: ShadowTraffic
+    /// Ranks in progress (`GatewayConfig.maxInFlight`).
+    let inFlight = InFlight()
+    /// The number of Ranks in progress.
+    public var ranksInFlight: Int { inFlight.current }
     private let logger: Logger
 
     public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, metrics: MetricsHub = .process, logger: Logger) {
@@ -134,6 +142,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     }
 
     func rank(request: Stockpot_V1_RankRequest, context: ServerContext, budget: Duration) async throws -> Stockpot_V1_RankResponse {
+        guard inFlight.enter(limit: config.maxInFlight) else {
+            metrics.shed()
+            throw RPCError(code: .resourceExhausted,
+                           message: "gateway overloaded: \(config.maxInFlight) requests in flight; retry later with backoff")
+        }
+        defer { inFlight.leave() }
         // The request id travels in the task's service context: every log line on this request's path names it.
         let requestId = request.requestID.isEmpty ? UUID().uuidString.lowercased() : request.requestID
         var serviceContext = ServiceContext.current ?? .topLevel
@@ -391,4 +405,23 @@ final class CanaryAvailability: Sendable {
 
     func mayTry(nowMs: Int64) -> Bool { nowMs >= retryAfterMs.load(ordering: .relaxed) }
     func unavailable(nowMs: Int64) { retryAfterMs.store(nowMs + Self.backoffMs, ordering: .relaxed) }
+}
+
+/// The number of Ranks in progress, bounded by `GatewayConfig.maxInFlight`.
+final class InFlight: Sendable {
+    private let count = Atomic<Int>(0)
+
+    /// Takes a slot unless `limit` (> 0) are taken.
+    func enter(limit: Int) -> Bool {
+        let now = count.add(1, ordering: .relaxed).newValue
+        if limit > 0 && now > limit {
+            count.subtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    func leave() { count.subtract(1, ordering: .relaxed) }
+
+    var current: Int { count.load(ordering: .relaxed) }
 }

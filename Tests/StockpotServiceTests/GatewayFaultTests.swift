@@ -241,6 +241,33 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
 }
 
 @Suite struct GatewayWithFakeDownstream {
+    @Test func pastMaxInFlightRanksAreRefusedAtOnceAndSlotsComeBack() async throws {
+        let faults = Faults()
+        faults.scorer.withLock { $0 = .slow }
+        faults.slowness.withLock { $0 = .seconds(2) }
+        let metrics = MetricsHub()
+        try await withFakeDownstream(faults, metrics: metrics, configure: { $0.maxInFlight = 2; $0.budget = .seconds(1) }) { gateway in
+            try await withThrowingTaskGroup { group in
+                for _ in 0..<2 { group.addTask { _ = try? await rank(gateway) } }
+                try await waitFor { gateway.ranksInFlight == 2 }
+                let start = ContinuousClock.now
+                do {
+                    _ = try await rank(gateway)
+                    Issue.record("a third Rank was served beside two in flight with max-in-flight 2")
+                } catch let e as RPCError {
+                    #expect(e.code == .resourceExhausted && e.message.contains("gateway overloaded"), "\(e)")
+                }
+                #expect(ContinuousClock.now - start < .milliseconds(500))   // refused, not queued
+                try await group.waitForAll()
+            }
+            #expect(gateway.ranksInFlight == 0)
+            faults.scorer.withLock { $0 = .none }
+            let r = try await rank(gateway)   // the slots came back
+            #expect(r.itemIds.count == ids.count)
+        }
+        #expect(metrics.text().contains("stockpot_gateway_shed_total 1"))
+    }
+
     @Test func healthyPipeline() async throws {
         try await withFakeDownstream(Faults()) { gateway in
             let r = try await rank(gateway, topK: 4)
