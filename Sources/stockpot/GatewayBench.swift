@@ -24,6 +24,9 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "First port of the six services.") var basePort: Int = 50151
     @Flag(inversion: .prefixedNo, help: "Register a tail corrector and measure tail users too (the corrector hop).")
     var corrector = true
+    @Option(help: "After the table: offer twice the measured saturation throughput (the highest concurrency's req/s) at a fixed rate for this many seconds, per candidate count (0 = skip).")
+    var overloadSeconds: Double = 0
+    @Option(help: "The gateway's --max-in-flight for the run.") var maxInFlight: Int = 64
 
     func run() async throws {
         let counts = candidates.split(separator: ",").compactMap { Int($0) }
@@ -32,6 +35,7 @@ struct GatewayBench: AsyncParsableCommand {
         options.dataDirectory = URL(fileURLWithPath: data)
         options.ports = (0..<6).map { basePort + $0 }
         options.log = { _ in }
+        options.gateway.maxInFlight = maxInFlight
         let total = requests
         let fixed = options
         let suite = LocalSuite(options: fixed)
@@ -84,6 +88,7 @@ struct GatewayBench: AsyncParsableCommand {
                   let compute = try await stageCompute(suite: suite, options: fixed, request: request(n), data: data)
                   Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms (legacy path; the corrector adds its own forward pass)",
                                      n, compute.features, compute.score, compute.fusion, compute.sum))
+                  var unloadedP99 = Double.nan, saturation = 0.0
                   for tail in corrector ? [false, true] : [false] {
                     let prepared = (0..<total).map { _ in request(n, tail: tail) }
                     Console.out(tail ? "  tail users (scorer + corrector + fusion):" : "  head users (scorer + fusion):")
@@ -111,11 +116,68 @@ struct GatewayBench: AsyncParsableCommand {
                         let p50 = percentile(l, 0.5)
                         Console.out(String(format: "  concurrency %3d: p50 %7.2f ms  p99 %7.2f ms  %6.0f req/s  p50 / stage compute = %.2f",
                                            c, p50, percentile(l, 0.99), Double(total) / wall, p50 / compute.sum))
+                        if !tail && c == levels.min() { unloadedP99 = percentile(l, 0.99) }
+                        if !tail && c == levels.max() { saturation = Double(total) / wall }
                     }
+                  }
+                  if overloadSeconds > 0 && saturation > 0 {
+                      let prepared = (0..<total).map { _ in request(n) }
+                      try await overload(gateway: gateway, requests: prepared, rate: 2 * saturation, unloadedP99: unloadedP99)
                   }
                 }
             }
         }
+    }
+
+    /// Offers `rate` Ranks/s at fixed intervals (an open loop: arrivals do not wait for answers) for
+    /// `overloadSeconds`, and reports the accepted requests' latency against the unloaded p99, how fast the
+    /// refused ones were refused, and the process's resident memory before and after.
+    func overload(gateway: Stockpot_V1_GatewayService.Client<HTTP2ClientTransport.Posix>, requests: [Stockpot_V1_RankRequest],
+                  rate: Double, unloadedP99: Double) async throws {
+        struct Outcome: Sendable { var ms: Double; var code: RPCError.Code? }
+        let outcomes = Shared<[Outcome]>([])
+        let rssBefore = Self.residentBytes()
+        let interval = Duration.seconds(1 / rate)
+        let count = Int(rate * overloadSeconds)
+        let clock = ContinuousClock()
+        let start = clock.now
+        var peakRSS = rssBefore
+        await withTaskGroup(of: Void.self) { group in
+            for i in 0..<count {
+                let due = start + interval * i
+                if due > clock.now { try? await Task.sleep(until: due, clock: clock) }
+                if i % 200 == 0 { peakRSS = max(peakRSS, Self.residentBytes()) }
+                let r = requests[i % requests.count]
+                group.addTask {
+                    let t = ContinuousClock.now
+                    var code: RPCError.Code?
+                    do { _ = try await gateway.rank(r) } catch let e as RPCError { code = e.code } catch { code = .unknown }
+                    outcomes.value.withLock { $0.append(Outcome(ms: (ContinuousClock.now - t).ms, code: code)) }
+                }
+            }
+        }
+        let offered = (clock.now - start).seconds
+        let all = outcomes.value.withLock { $0 }
+        let ok = all.filter { $0.code == nil }.map(\.ms)
+        let shed = all.filter { $0.code == .resourceExhausted }.map(\.ms)
+        let other = all.filter { $0.code != nil && $0.code != .resourceExhausted }
+        let rssAfter = Self.residentBytes()
+        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %d", rate, offered, maxInFlight))
+        Console.out(String(format: "    accepted %d (%.0f/s): p50 %.2f ms  p99 %.2f ms = %.2f× the unloaded p99 (%.2f ms)",
+                           ok.count, Double(ok.count) / offered, percentile(ok, 0.5), percentile(ok, 0.99),
+                           percentile(ok, 0.99) / unloadedP99, unloadedP99))
+        Console.out(String(format: "    refused %d (RESOURCE_EXHAUSTED): p50 %.2f ms  p99 %.2f ms;  other errors %d%@",
+                           shed.count, percentile(shed, 0.5), percentile(shed, 0.99), other.count,
+                           other.isEmpty ? "" : " (\(Set(other.compactMap(\.code)).map { "\($0)" }.sorted().joined(separator: ", ")))"))
+        Console.out(String(format: "    resident memory: %.0f MB before, %.0f MB peak, %.0f MB after", Double(rssBefore) / 1e6,
+                           Double(max(peakRSS, rssAfter)) / 1e6, Double(rssAfter) / 1e6))
+    }
+
+    /// This process's resident set size (Linux `/proc/self/statm`), 0 where unknown.
+    static func residentBytes() -> Int {
+        guard let text = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8),
+              let pages = text.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return 0 }
+        return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
     }
 
     /// Registers an untrained tail corrector (identity at start; the same compute as a trained one).
