@@ -246,7 +246,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         faults.scorer.withLock { $0 = .slow }
         faults.slowness.withLock { $0 = .seconds(2) }
         let metrics = MetricsHub()
-        try await withFakeDownstream(faults, metrics: metrics, configure: { $0.maxInFlight = 2; $0.budget = .seconds(1) }) { gateway in
+        try await withFakeDownstream(faults, metrics: metrics, configure: { $0.maxInFlight = 2 }) { gateway in
             try await withThrowingTaskGroup { group in
                 for _ in 0..<2 { group.addTask { _ = try? await rank(gateway) } }
                 try await waitFor { gateway.ranksInFlight == 2 }
