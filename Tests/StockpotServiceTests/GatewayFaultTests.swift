@@ -250,14 +250,14 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             try await withThrowingTaskGroup { group in
                 for _ in 0..<2 { group.addTask { _ = try? await rank(gateway) } }
                 try await waitFor { gateway.ranksInFlight == 2 }
-                let start = ContinuousClock.now
+                // Refused, not queued: a queued Rank would be served once the slow ones finish.
                 do {
                     _ = try await rank(gateway)
                     Issue.record("a third Rank was served beside two in flight with max-in-flight 2")
                 } catch let e as RPCError {
                     #expect(e.code == .resourceExhausted && e.message.contains("gateway overloaded"), "\(e)")
                 }
-                #expect(ContinuousClock.now - start < .milliseconds(500))   // refused, not queued
+                #expect(gateway.ranksInFlight == 2)
                 try await group.waitForAll()
             }
             #expect(gateway.ranksInFlight == 0)
