@@ -27,6 +27,11 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "After the table: offer twice the measured saturation throughput (the highest concurrency's req/s) at a fixed rate for this many seconds, per candidate count (0 = skip).")
     var overloadSeconds: Double = 0
     @Option(help: "The gateway's --max-in-flight for the run.") var maxInFlight: Int = 64
+    @Option(help: "Offered loads for a latency curve, as fractions of the measured saturation, comma-separated (e.g. 0.25,0.5,1,1.5,2); each held for --sweep-seconds.")
+    var sweep: String?
+    @Option(help: "Seconds per offered load of --sweep.") var sweepSeconds: Double = 5
+    @Option(help: "Write the --sweep curve (p50 and p99 against offered load) as SVG to this file.") var plot: String?
+    @Option(help: "Label of this run's curve in the plot.") var plotLabel: String = "Stockpot"
 
     func run() async throws {
         let counts = candidates.split(separator: ",").compactMap { Int($0) }
@@ -124,6 +129,24 @@ struct GatewayBench: AsyncParsableCommand {
                       let prepared = (0..<total).map { _ in request(n) }
                       try await overload(gateway: gateway, requests: prepared, rate: 2 * saturation, unloadedP99: unloadedP99)
                   }
+                  if let sweep, saturation > 0 {
+                      let prepared = (0..<total).map { _ in request(n) }
+                      var points: [LoadPoint] = []
+                      Console.out("  latency against offered load (open loop, \(sweepSeconds) s each; saturation \(Int(saturation)) req/s):")
+                      for f in sweep.split(separator: ",").compactMap({ Double($0) }) where f > 0 {
+                          let r = await openLoop(gateway: gateway, requests: prepared, rate: f * saturation, seconds: sweepSeconds)
+                          let point = LoadPoint(offered: r.offered, p50: percentile(r.ok, 0.5), p99: percentile(r.ok, 0.99),
+                                                refused: Double(r.shed.count) / Double(max(1, r.total)))
+                          points.append(point)
+                          Console.out(String(format: "    %5.0f req/s offered (%.2f×): p50 %7.2f ms  p99 %7.2f ms  refused %4.1f %%  other errors %d",
+                                             point.offered, f, point.p50, point.p99, 100 * point.refused, r.other.count))
+                      }
+                      if let plot {
+                          try Data(LoadPoint.svg(points, title: "Rank, \(n) candidates: latency against offered load", label: plotLabel).utf8)
+                              .write(to: URL(fileURLWithPath: plot))
+                          Console.out("  plot written to \(plot)")
+                      }
+                  }
                 }
             }
         }
@@ -134,14 +157,42 @@ struct GatewayBench: AsyncParsableCommand {
     /// refused ones were refused, and the process's resident memory before and after.
     func overload(gateway: Stockpot_V1_GatewayService.Client<HTTP2ClientTransport.Posix>, requests: [Stockpot_V1_RankRequest],
                   rate: Double, unloadedP99: Double) async throws {
+        let rssBefore = Self.residentBytes()
+        let run = await openLoop(gateway: gateway, requests: requests, rate: rate, seconds: overloadSeconds)
+        let (offered, ok, shed, other, peakRSS) = (run.seconds, run.ok, run.shed, run.other, run.peakRSS)
+        let rssAfter = Self.residentBytes()
+        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %d", rate, offered, maxInFlight))
+        Console.out(String(format: "    accepted %d (%.0f/s): p50 %.2f ms  p99 %.2f ms = %.2f× the unloaded p99 (%.2f ms)",
+                           ok.count, Double(ok.count) / offered, percentile(ok, 0.5), percentile(ok, 0.99),
+                           percentile(ok, 0.99) / unloadedP99, unloadedP99))
+        Console.out(String(format: "    refused %d (RESOURCE_EXHAUSTED): p50 %.2f ms  p99 %.2f ms;  other errors %d%@",
+                           shed.count, percentile(shed, 0.5), percentile(shed, 0.99), other.count,
+                           other.isEmpty ? "" : " (\(Set(other).map { "\($0)" }.sorted().joined(separator: ", ")))"))
+        Console.out(String(format: "    resident memory: %.0f MB before, %.0f MB peak, %.0f MB after", Double(rssBefore) / 1e6,
+                           Double(max(peakRSS, rssAfter)) / 1e6, Double(rssAfter) / 1e6))
+    }
+
+    struct OpenLoopRun {
+        var seconds: Double
+        var offered: Double
+        var total: Int
+        var ok: [Double]
+        var shed: [Double]
+        var other: [RPCError.Code]
+        var peakRSS: Int
+    }
+
+    /// Starts a Rank every `1/rate` s for `seconds` (arrivals do not wait for answers) and collects each one's
+    /// latency and outcome.
+    func openLoop(gateway: Stockpot_V1_GatewayService.Client<HTTP2ClientTransport.Posix>, requests: [Stockpot_V1_RankRequest],
+                  rate: Double, seconds: Double) async -> OpenLoopRun {
         struct Outcome: Sendable { var ms: Double; var code: RPCError.Code? }
         let outcomes = Shared<[Outcome]>([])
-        let rssBefore = Self.residentBytes()
         let interval = Duration.seconds(1 / rate)
-        let count = Int(rate * overloadSeconds)
+        let count = Int(rate * seconds)
         let clock = ContinuousClock()
         let start = clock.now
-        var peakRSS = rssBefore
+        var peakRSS = Self.residentBytes()
         await withTaskGroup(of: Void.self) { group in
             for i in 0..<count {
                 let due = start + interval * i
@@ -156,21 +207,13 @@ struct GatewayBench: AsyncParsableCommand {
                 }
             }
         }
-        let offered = (clock.now - start).seconds
+        let elapsed = (clock.now - start).seconds
         let all = outcomes.value.withLock { $0 }
-        let ok = all.filter { $0.code == nil }.map(\.ms)
-        let shed = all.filter { $0.code == .resourceExhausted }.map(\.ms)
-        let other = all.filter { $0.code != nil && $0.code != .resourceExhausted }
-        let rssAfter = Self.residentBytes()
-        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %d", rate, offered, maxInFlight))
-        Console.out(String(format: "    accepted %d (%.0f/s): p50 %.2f ms  p99 %.2f ms = %.2f× the unloaded p99 (%.2f ms)",
-                           ok.count, Double(ok.count) / offered, percentile(ok, 0.5), percentile(ok, 0.99),
-                           percentile(ok, 0.99) / unloadedP99, unloadedP99))
-        Console.out(String(format: "    refused %d (RESOURCE_EXHAUSTED): p50 %.2f ms  p99 %.2f ms;  other errors %d%@",
-                           shed.count, percentile(shed, 0.5), percentile(shed, 0.99), other.count,
-                           other.isEmpty ? "" : " (\(Set(other.compactMap(\.code)).map { "\($0)" }.sorted().joined(separator: ", ")))"))
-        Console.out(String(format: "    resident memory: %.0f MB before, %.0f MB peak, %.0f MB after", Double(rssBefore) / 1e6,
-                           Double(max(peakRSS, rssAfter)) / 1e6, Double(rssAfter) / 1e6))
+        return OpenLoopRun(seconds: elapsed, offered: Double(count) / max(elapsed, 1e-9), total: all.count,
+                           ok: all.filter { $0.code == nil }.map(\.ms),
+                           shed: all.filter { $0.code == .resourceExhausted }.map(\.ms),
+                           other: all.compactMap { $0.code == .resourceExhausted ? nil : $0.code },
+                           peakRSS: max(peakRSS, Self.residentBytes()))
     }
 
     /// This process's resident set size (Linux `/proc/self/statm`), 0 where unknown.
@@ -263,4 +306,52 @@ extension Duration {
 final class Shared<T: Sendable>: Sendable {
     let value: Mutex<T>
     init(_ v: T) { value = Mutex(v) }
+}
+
+/// One point of a latency curve: offered load, accepted latency, share refused.
+struct LoadPoint {
+    var offered: Double
+    var p50: Double
+    var p99: Double
+    var refused: Double
+
+    /// A self-contained SVG: p50 and p99 (ms, log scale) against offered load (req/s).
+    static func svg(_ points: [LoadPoint], title: String, label: String) -> String {
+        let w = 640.0, h = 400.0, left = 70.0, right = 20.0, top = 40.0, bottom = 50.0
+        let xs = points.map(\.offered), ys = points.flatMap { [$0.p50, $0.p99] }.filter { $0.isFinite && $0 > 0 }
+        let xMax = (xs.max() ?? 1) * 1.05
+        let yMin = max(0.5, (ys.min() ?? 1) / 1.5), yMax = (ys.max() ?? 10) * 1.5
+        func x(_ v: Double) -> Double { left + (w - left - right) * v / xMax }
+        func y(_ v: Double) -> Double { top + (h - top - bottom) * (1 - (log10(v) - log10(yMin)) / (log10(yMax) - log10(yMin))) }
+        func path(_ values: [Double]) -> String {
+            zip(xs, values).filter { $0.1.isFinite && $0.1 > 0 }.enumerated()
+                .map { i, p in String(format: "%@%.1f,%.1f", i == 0 ? "M" : "L", x(p.0), y(p.1)) }.joined(separator: " ")
+        }
+        var out = [String(format: "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">", w, h),
+                   "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
+                   String(format: "<text x=\"%.0f\" y=\"22\" font-size=\"14\">%@</text>", left, title)]
+        var tick = pow(10, floor(log10(yMin)))
+        while tick <= yMax {
+            for m in [1.0, 2.0, 5.0] where tick * m >= yMin && tick * m <= yMax {
+                let v = tick * m
+                out.append(String(format: "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g ms</text>",
+                                  left, w - right, y(v), y(v), left - 6, y(v) + 4, v))
+            }
+            tick *= 10
+        }
+        for p in points {
+            out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%.0f</text>", x(p.offered), h - bottom + 18, p.offered))
+            if p.refused > 0.005 {
+                out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"#a33\">%.0f%% refused</text>",
+                                  x(p.offered), top + 14, 100 * p.refused))
+            }
+        }
+        out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">offered load (Rank/s)</text>", (left + w - right) / 2, h - 10))
+        out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>", path(points.map(\.p50))))
+        out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\"/>", path(points.map(\.p99))))
+        out.append(String(format: "<text x=\"%.0f\" y=\"%.0f\" fill=\"#1f77b4\">%@ p50</text><text x=\"%.0f\" y=\"%.0f\" fill=\"#d62728\">%@ p99</text>",
+                          left + 10, top + 34, label, left + 10, top + 50, label))
+        out.append("</svg>")
+        return out.joined(separator: "\n") + "\n"
+    }
 }
