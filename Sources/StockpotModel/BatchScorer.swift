@@ -81,7 +81,6 @@ public final class BatchScorer {
     /// - Parameter dense: the model's dense inputs, `count × denseInputs.count` (required when it has any).
     public func score(rows: UnsafePointer<Int32>, count n: Int, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false,
                       dense: UnsafePointer<Float>? = nil) {
-        let k = model.headCount
         let f = model.fieldCount
         let e = model.spec.denseInputs.count
         precondition(e == 0 || dense != nil, "model has dense inputs \(model.spec.denseInputs); pass them")
@@ -97,17 +96,7 @@ public final class BatchScorer {
                 }
             }
             model.dense(input: x, count: m, activations: activations, logits: logits)
-            if model.spec.residual, let dense {
-                for s in 0..<m {
-                    for j in 0..<k { logits[s * k + j] += dense[(start + s) * e + j] }
-                }
-            }
-            let out = output + start * k
-            if logitsOnly {
-                out.update(from: logits, count: m * k)
-            } else {
-                for i in 0..<(m * k) { out[i] = sigmoid(logits[i]) }
-            }
+            finishChunk(start: start, count: m, dense: dense, into: output, logitsOnly: logitsOnly)
             start += m
         }
     }
@@ -125,7 +114,6 @@ public final class BatchScorer {
         precondition(cache == nil || cache!.width == split.width, "item cache width \(cache!.width), layer width \(split.width)")
         let buffers = splitBuffers(for: split)
         let n = inputs.count
-        let k = model.headCount
         let e = model.spec.denseInputs.count
         precondition(e == 0 || dense != nil, "model has dense inputs \(model.spec.denseInputs); pass them")
         let w = split.width
@@ -210,23 +198,27 @@ public final class BatchScorer {
                     row[o] = max(row[o] + u[o], 0)
                 }
             }
-            if model.layers.count > 1 {
-                model.dense(input: h, count: m, activations: activations, logits: logits, fromLayer: 1)
-            } else {
-                LegacyModel.affine(model.heads, input: h, count: m, output: logits)
-            }
-            if model.spec.residual, let dense {
-                for s in 0..<m {
-                    for j in 0..<k { logits[s * k + j] += dense[(start + s) * e + j] }
-                }
-            }
-            let out = output + start * k
-            if logitsOnly {
-                out.update(from: logits, count: m * k)
-            } else {
-                for i in 0..<(m * k) { out[i] = sigmoid(logits[i]) }
-            }
+            model.dense(input: h, count: m, activations: activations, logits: logits, fromLayer: 1)
+            finishChunk(start: start, count: m, dense: dense, into: output, logitsOnly: logitsOnly)
             start += m
+        }
+    }
+
+    /// The end of a chunk's pass, shared by both paths: adds the residual (the dense inputs, for models that
+    /// correct them) to the chunk's logits and writes logits or probabilities to `output` from sample `start`.
+    private func finishChunk(start: Int, count m: Int, dense: UnsafePointer<Float>?, into output: UnsafeMutablePointer<Float>,
+                             logitsOnly: Bool) {
+        let k = model.headCount, e = model.spec.denseInputs.count
+        if model.spec.residual, let dense {
+            for s in 0..<m {
+                for j in 0..<k { logits[s * k + j] += dense[(start + s) * e + j] }
+            }
+        }
+        let out = output + start * k
+        if logitsOnly {
+            out.update(from: logits, count: m * k)
+        } else {
+            for i in 0..<(m * k) { out[i] = sigmoid(logits[i]) }
         }
     }
 
