@@ -41,7 +41,7 @@ public struct ItemKey: Hashable, Sendable {
 /// `W·x + b = (W_r·x_r + b) + W_i·x_i + W_c·x_c`, with `x_c` the candidate-scope embeddings plus any dense inputs.
 ///
 /// Scores equal the plain forward pass up to float rounding (the sums are taken in another order).
-public struct SplitFirstLayer: Sendable {
+public final class SplitFirstLayer: Sendable {
     /// Field indices (model order) of each scope.
     public let requestFields: [Int]
     public let itemFields: [Int]
@@ -64,6 +64,11 @@ public struct SplitFirstLayer: Sendable {
     public let width: Int
     /// Fields of the model it was made from.
     public let fieldCount: Int
+    /// Per model field: its parsed source (nil when unparsable: the field always reads the missing row).
+    public let sources: [FieldSource?]
+    /// Per model field: the bucket boundaries of a field encoded by buckets with no missing markers (so a number
+    /// can be encoded directly, as its text would be); nil otherwise.
+    public let numericBoundaries: [[Double]?]
     let requestWeight: [Float]
     let itemWeight: [Float]
     let candidateWeight: [Float]
@@ -92,6 +97,11 @@ public struct SplitFirstLayer: Sendable {
         candidateWidth = c.count
         width = first.outDim
         fieldCount = model.fieldCount
+        sources = model.spec.fields.map { try? FieldSource($0.source) }
+        numericBoundaries = model.spec.fields.map { field in
+            guard field.missing.isEmpty, case .buckets(let b) = field.encoding else { return nil }
+            return b
+        }
         func slice(_ cols: [Int]) -> [Float] {
             var out = [Float](repeating: 0, count: first.outDim * cols.count)
             for o in 0..<first.outDim {

@@ -105,7 +105,7 @@ public struct SplitRequestInputs: SplitInputs {
         ids = inputs.candidates.ids
         var byName: [String: [String]] = [:]
         for c in inputs.candidates.columns { byName[c.name] = c.values }
-        sources = model.spec.fields.map { try? FieldSource($0.source) }
+        sources = split.sources
         itemColumns = sources.map { source in
             if case .video(let name) = source { return byName[name] }
             return nil
@@ -115,10 +115,7 @@ public struct SplitRequestInputs: SplitInputs {
         candidateFields = split.candidateFields
         uploadDates = byName["upload_dt"]
         requestDay = inputs.context["date"].flatMap { Int($0) }.flatMap { DerivedFeatures.dayNumber(yyyymmdd: $0) }
-        numericAge = model.spec.fields.map { field in
-            guard field.missing.isEmpty, case .buckets(let b) = field.encoding else { return nil }
-            return b
-        }
+        numericAge = split.numericBoundaries
     }
 
     public var count: Int { ids.count }
