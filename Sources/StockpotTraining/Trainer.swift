@@ -57,11 +57,12 @@ public struct TrainingProgress: Sendable {
 public final class Trainer {
     public private(set) var model: LegacyModel
     public let options: TrainingOptions
-    /// Threads a step uses (at most the active cores): each batch's gathers and forward pass (models without
-    /// dense inputs) and its backward matrix products are split between them by samples (dW by output rows),
-    /// the sparse scatter and the embedding updates by table — the same sums, in blocks, so the model matches
-    /// a one-thread run to float rounding, not bit for bit; the dense updates, the loss and the batch assembly
-    /// run on the calling thread. Deterministic for a seed and a thread count.
+    /// Threads a step uses (at most the active cores). Each thread runs a block of the batch's samples through
+    /// gather, forward, loss and backward on its own (no synchronisation between layers), into its own dense
+    /// gradient; then, in one more pass, each sums a share of the dense gradient and scatters and updates a
+    /// share of the embedding tables. The same sums in blocks, so the model matches a one-thread run to float
+    /// rounding, not bit for bit; the dense updates and the batch assembly run on the calling thread.
+    /// Deterministic for a seed and a thread count.
     public let threads: Int
     /// The helper threads when `threads > 1`.
     private let team: WorkerTeam?
@@ -80,8 +81,17 @@ public final class Trainer {
     private let dLogits: UnsafeMutablePointer<Float>
     private let gradA: UnsafeMutablePointer<Float>
     private let gradB: UnsafeMutablePointer<Float>
-    // Dense gradients and optimizer moments: layers then heads, weight and bias each.
-    private var denseGrad: [[Float]]
+    /// Widest of the input and hidden layers: the per-sample stride of a block's backward scratch.
+    private let widest: Int
+    // Dense gradients, flat (layers then heads, weight and bias each, at `denseOffsets`): the batch's, and one
+    // buffer per extra thread for its block; then each thread's share of the batch loss.
+    private let denseSizes: [Int]
+    private let denseOffsets: [Int]
+    private let denseTotal: Int
+    private let gradFlat: UnsafeMutablePointer<Float>
+    private let partGrads: [UnsafeMutablePointer<Float>]
+    private let blockLoss: UnsafeMutablePointer<Double>
+    // Optimizer moments of the dense tensors, in the same order.
     private var denseM: [[Float]]
     private var denseV: [[Float]]
     // Embedding moments and sparse gradient bookkeeping per table.
@@ -94,6 +104,8 @@ public final class Trainer {
     private let fieldDims: [Int]
     private let fieldRows: [Int]
     private let fieldOffsets: [Int]
+    /// Per thread, the tables it scatters and updates: contiguous runs of fields of nearly equal total width.
+    private let tableParts: [[Int]]
 
     /// - Parameter optimizerState: moments from a checkpoint (warm start); `nil` starts them fresh.
     /// - Parameter threads: threads per step (1: this thread only).
@@ -119,8 +131,20 @@ public final class Trainer {
         } else {
             sampleWeighted = Array(repeating: true, count: model.headCount)
         }
+        let denseSizes = model.layers.flatMap { [$0.weight.count, $0.bias.count] } + [model.heads.weight.count, model.heads.bias.count]
+        if let s = optimizerState {
+            guard s.optimizer == options.optimizer else {
+                throw TrainingError.checkpoint("checkpoint optimizer is \(s.optimizer.rawValue), run asks for \(options.optimizer.rawValue)")
+            }
+            let tableSizes = model.embeddings.map { $0.rows * $0.dim }
+            let usesMoment = options.optimizer == .adam
+            guard s.denseV.map(\.count) == denseSizes, s.embV.map(\.count) == tableSizes,
+                  !usesMoment || (s.denseM.map(\.count) == denseSizes && s.embM.map(\.count) == tableSizes)
+            else { throw TrainingError.checkpoint("optimizer state does not match the model's shapes") }
+        }
+        // Every check that can throw is above: a failed init runs no deinit, so nothing is allocated before.
         let d = model.spec.inputDim
-        let widest = max(d, model.spec.hidden.max() ?? 0)
+        widest = max(d, model.spec.hidden.max() ?? 0)
         x = .allocate(capacity: batch * d)
         dx = .allocate(capacity: batch * d)
         acts = model.spec.hidden.map { UnsafeMutablePointer<Float>.allocate(capacity: options.batchSize * $0) }
@@ -128,8 +152,19 @@ public final class Trainer {
         dLogits = .allocate(capacity: batch * model.headCount)
         gradA = .allocate(capacity: batch * widest)
         gradB = .allocate(capacity: batch * widest)
-        let denseSizes = model.layers.flatMap { [$0.weight.count, $0.bias.count] } + [model.heads.weight.count, model.heads.bias.count]
-        denseGrad = denseSizes.map { [Float](repeating: 0, count: $0) }
+        self.denseSizes = denseSizes
+        denseOffsets = denseSizes.indices.map { denseSizes[..<$0].reduce(0, +) }
+        denseTotal = denseSizes.reduce(0, +)
+        gradFlat = .allocate(capacity: denseTotal)
+        gradFlat.initialize(repeating: 0, count: denseTotal)
+        partGrads = (1..<threadCount).map { _ in
+            let total = denseSizes.reduce(0, +)
+            let b = UnsafeMutablePointer<Float>.allocate(capacity: total)
+            b.initialize(repeating: 0, count: total)
+            return b
+        }
+        blockLoss = .allocate(capacity: threadCount)
+        blockLoss.initialize(repeating: 0, count: threadCount)
         let fill: Float = options.optimizer == .adagrad ? options.adagradInitialAccumulator : 0
         slotOfRow = model.embeddings.map { [Int32](repeating: -1, count: $0.rows) }
         touched = model.embeddings.map { _ in [] }
@@ -143,15 +178,8 @@ public final class Trainer {
             col += t.dim
         }
         fieldOffsets = offsets
+        tableParts = Self.balancedParts(model.embeddings.map(\.dim), parts: threadCount)
         if let s = optimizerState {
-            guard s.optimizer == options.optimizer else {
-                throw TrainingError.checkpoint("checkpoint optimizer is \(s.optimizer.rawValue), run asks for \(options.optimizer.rawValue)")
-            }
-            let tableSizes = model.embeddings.map { $0.rows * $0.dim }
-            let usesMoment = options.optimizer == .adam
-            guard s.denseV.map(\.count) == denseSizes, s.embV.map(\.count) == tableSizes,
-                  !usesMoment || (s.denseM.map(\.count) == denseSizes && s.embM.map(\.count) == tableSizes)
-            else { throw TrainingError.checkpoint("optimizer state does not match the model's shapes") }
             denseM = s.denseM
             denseV = s.denseV
             embM = s.embM
@@ -166,7 +194,6 @@ public final class Trainer {
             embV = model.embeddings.map { [Float](repeating: fill, count: $0.rows * $0.dim) }
             step = 0
         }
-        // Last, after every check that can throw: a failed init runs no deinit, which would leave threads behind.
         team = threadCount > 1 ? WorkerTeam(size: threadCount) : nil
     }
 
@@ -179,6 +206,9 @@ public final class Trainer {
         dLogits.deallocate()
         gradA.deallocate()
         gradB.deallocate()
+        gradFlat.deallocate()
+        partGrads.forEach { $0.deallocate() }
+        blockLoss.deallocate()
     }
 
     /// The optimizer moments, for a checkpoint.
@@ -201,11 +231,20 @@ public final class Trainer {
         guard data.denseWidth == e, data.dense.count == data.count * e else {
             throw TrainingError.data("model takes \(e) dense inputs per sample, data set has \(data.denseWidth)")
         }
+        guard order.allSatisfy({ $0 >= 0 && $0 < data.count }) else {
+            throw TrainingError.data("sample order names a sample outside the data set's \(data.count)")
+        }
         let f = model.fieldCount, k = model.headCount
-        var rows = [Int32](repeating: 0, count: batch * f)
-        var labels = [Float](repeating: 0, count: batch * k)
-        var weights = [Float](repeating: 0, count: batch)
-        var dense = [Float](repeating: 0, count: batch * max(e, 1))
+        let rows = UnsafeMutablePointer<Int32>.allocate(capacity: batch * f)
+        let labels = UnsafeMutablePointer<Float>.allocate(capacity: batch * k)
+        let weights = UnsafeMutablePointer<Float>.allocate(capacity: batch)
+        let dense = UnsafeMutablePointer<Float>.allocate(capacity: batch * max(e, 1))
+        defer {
+            rows.deallocate()
+            labels.deallocate()
+            weights.deallocate()
+            dense.deallocate()
+        }
         let clock = ContinuousClock()
         let start = clock.now
         var lastReport = start
@@ -213,21 +252,23 @@ public final class Trainer {
         var lossSum = 0.0
         var batches = 0
         var done = 0
+        // The data set's storage, read by the threads that copy their blocks of each batch.
+        let (dataRows, dataLabels, dataDense, picks) = (data.rows, data.labels, data.dense, order)
         while done < order.count {
             let n = min(batch, order.count - done)
-            for s in 0..<n {
-                let i = order[done + s]
-                for j in 0..<f { rows[s * f + j] = data.rows[i * f + j] }
-                for j in 0..<k { labels[s * k + j] = data.labels[i * k + j] }
-                for j in 0..<e { dense[s * e + j] = data.dense[i * e + j] }
-                weights[s] = data.weights[i]
-            }
-            let loss = rows.withUnsafeBufferPointer { r in
-                labels.withUnsafeBufferPointer { l in
-                    weights.withUnsafeBufferPointer { w in
-                        dense.withUnsafeBufferPointer { d in
-                            trainStep(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: n,
-                                      dense: e > 0 ? d.baseAddress! : nil)
+            for s in 0..<n { weights[s] = data.weights[order[done + s]] }
+            // The rest of the batch is copied by the thread that runs its block.
+            let first = done
+            let loss = runStep(rows: rows, labels: labels, weights: weights, count: n, dense: e > 0 ? dense : nil) { r in
+                dataRows.withUnsafeBufferPointer { dr in
+                    dataLabels.withUnsafeBufferPointer { dl in
+                        dataDense.withUnsafeBufferPointer { dd in
+                            for s in r {
+                                let i = picks[first + s]
+                                (rows + s * f).update(from: dr.baseAddress! + i * f, count: f)
+                                (labels + s * k).update(from: dl.baseAddress! + i * k, count: k)
+                                if e > 0 { (dense + s * e).update(from: dd.baseAddress! + i * e, count: e) }
+                            }
                         }
                     }
                 }
@@ -263,62 +304,94 @@ public final class Trainer {
     /// loss is returned for the caller to report.
     public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
                           dense: UnsafePointer<Float>? = nil) -> Float {
-        let loss = computeGradients(rows: rows, labels: labels, weights: weights, count: n, dense: dense)
+        runStep(rows: rows, labels: labels, weights: weights, count: n, dense: dense, assemble: nil)
+    }
+
+    /// `trainStep`, where `assemble(r)`, when given, first fills samples `r` of `rows`, `labels` and `dense`
+    /// (run by the thread that computes those samples).
+    private func runStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
+                      dense: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
+        let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, assemble: assemble)
         guard loss.isFinite else {
             discardGradients()
             return loss
         }
         step += 1
-        applyUpdates()
+        finishGradients(rows: rows, count: n, update: true)
         return loss
     }
 
     /// Forward and backward pass: fills the dense gradients and the sparse embedding gradients. Returns the loss.
     /// Exposed for gradient checks; `trainStep` is the normal entry point.
     /// - Parameter dense: `n × denseInputs.count` values for models with dense inputs (they get no gradient).
+    @discardableResult
     public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
                                  dense: UnsafePointer<Float>? = nil) -> Float {
-        let k = model.headCount
-        let d = model.spec.inputDim
-        let e = model.spec.denseInputs.count
-        precondition(e == 0 || dense != nil, "model has dense inputs; pass them")
-        if threads > 1 && e == 0 {
-            // Each thread gathers and runs the MLP on its block of samples.
-            let f = model.fieldCount, widths = model.spec.hidden
-            let (x, acts, logits, model, parts) = (x, acts, logits, model, threads)
-            parallel { p in
-                let r = Self.part(n, p, parts)
-                guard !r.isEmpty else { return }
-                let s0 = r.lowerBound
-                model.gather(rows: rows + s0 * f, count: r.count, into: x + s0 * d)
-                model.dense(input: x + s0 * d, count: r.count, activations: zip(acts, widths).map { $0 + s0 * $1 },
-                            logits: logits + s0 * k)
-            }
-        } else {
-            model.gather(rows: rows, count: n, into: x)
-            if let dense, e > 0 {
-                let offset = model.spec.embeddingDim
-                for s in 0..<n { (x + s * d + offset).update(from: dense + s * e, count: e) }
-            }
-            model.dense(input: x, count: n, activations: acts, logits: logits)
-        }
-        if model.spec.residual, let dense {
-            for s in 0..<n { for j in 0..<k { logits[s * k + j] += dense[s * e + j] } }
-        }
+        let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, assemble: nil)
+        finishGradients(rows: rows, count: n, update: false)
+        return loss
+    }
 
-        // Loss and dLoss/dLogit. Weighted objectives use the per-sample weights normalised within the batch;
-        // the others weigh every sample equally.
+    /// Forward and backward through the MLP, each thread on its own block of samples end to end with no
+    /// synchronisation between layers: block `p` writes its dense gradient into `denseGradients(p)` and its
+    /// input gradient into its rows of `dx`. Returns the batch loss.
+    private func forwardBackward(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>,
+                                 count n: Int, dense: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
+        precondition(model.spec.denseInputs.isEmpty || dense != nil, "model has dense inputs; pass them")
+        // Weighted objectives use the per-sample weights normalised within the batch; the others weigh every
+        // sample equally. Both over the whole batch, before it is split.
         var wsum: Float = 0
         for s in 0..<n { wsum += weights[s] }
         let norm: Float = wsum > 0 ? 1 / wsum : 0
         let uniform: Float = n > 0 ? 1 / Float(n) : 0
+        let parts = threads, losses = blockLoss
+        parallel { [self] p in
+            let r = Self.part(n, p, parts)
+            assemble?(r)
+            losses[p] = blockPass(r, part: p, rows: rows, labels: labels, weights: weights, dense: dense,
+                                  norm: norm, uniform: uniform)
+        }
+        var loss = 0.0
+        for p in 0..<parts { loss += losses[p] }
+        return Float(loss)
+    }
+
+    /// Where block `p` writes its dense gradients (all tensors, flat): block 0 into the batch's gradient, the
+    /// others into their own buffers, summed into it by `finishGradients`.
+    private func denseGradients(_ p: Int) -> UnsafeMutablePointer<Float> { p == 0 ? gradFlat : partGrads[p - 1] }
+
+    /// Forward, loss and backward of samples `r`. Returns their share of the batch loss.
+    private func blockPass(_ r: Range<Int>, part p: Int, rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>,
+                           weights: UnsafePointer<Float>, dense: UnsafePointer<Float>?, norm: Float, uniform: Float) -> Double {
+        let g = denseGradients(p)
+        guard !r.isEmpty else {
+            g.update(repeating: 0, count: denseTotal)
+            return 0
+        }
+        let k = model.headCount, d = model.spec.inputDim, e = model.spec.denseInputs.count, f = model.fieldCount
+        let s0 = r.lowerBound, m = r.count
+        let widths = model.spec.hidden
+        let x = self.x + s0 * d
+        let acts = zip(self.acts, widths).map { $0 + s0 * $1 }
+        let logits = self.logits + s0 * k, dLogits = self.dLogits + s0 * k
+        model.gather(rows: rows + s0 * f, count: m, into: x)
+        if let dense, e > 0 {
+            let offset = model.spec.embeddingDim
+            for s in 0..<m { (x + s * d + offset).update(from: dense + (s0 + s) * e, count: e) }
+        }
+        model.dense(input: x, count: m, activations: acts, logits: logits)
+        if model.spec.residual, let dense {
+            for s in 0..<m { for j in 0..<k { logits[s * k + j] += dense[(s0 + s) * e + j] } }
+        }
+
+        // Loss and dLoss/dLogit.
         var loss: Double = 0
-        for s in 0..<n {
-            let weighted = weights[s] * norm
+        for s in 0..<m {
+            let weighted = weights[s0 + s] * norm
             for j in 0..<k {
                 let w = sampleWeighted[j] ? weighted : uniform
                 let z = logits[s * k + j]
-                let y = labels[s * k + j]
+                let y = labels[(s0 + s) * k + j]
                 // BCE with logits, stable: max(z,0) - z·y + log(1 + e^{-|z|}).
                 let l = max(z, 0) - z * y + log1pf(expf(-abs(z)))
                 loss += Double(w * lossWeights[j] * l)
@@ -326,42 +399,131 @@ public final class Trainer {
             }
         }
 
-        // Heads.
+        // Heads, then the hidden layers last to first. This block's scratch starts at `s0 × widest`, so blocks
+        // at different layers never overlap.
         let L = model.layers.count
+        var dOut = gradA + s0 * widest
+        var spare = gradB + s0 * widest
         let lastIn: UnsafePointer<Float> = L > 0 ? UnsafePointer(acts[L - 1]) : UnsafePointer(x)
         let headsIdx = 2 * L
-        backAffine(model.heads, input: lastIn, dOut: dLogits, count: n, gradIndex: headsIdx,
-                   dInput: L > 0 ? gradA : dx)
-        // Hidden layers, last to first; gradA holds dL/dA_l on entry.
-        var dOut = gradA
-        var spare = gradB
+        Self.backAffine(model.heads, input: lastIn, dOut: dLogits, count: m, dW: g + denseOffsets[headsIdx],
+                        dB: g + denseOffsets[headsIdx + 1], dInput: L > 0 ? dOut : dx + s0 * d)
         for l in stride(from: L - 1, through: 0, by: -1) {
             let layer = model.layers[l]
             let a = acts[l]
-            for i in 0..<(n * layer.outDim) { dOut[i] = a[i] <= 0 ? 0 : dOut[i] }   // branch-free, so it vectorises
+            for i in 0..<(m * layer.outDim) { dOut[i] = a[i] <= 0 ? 0 : dOut[i] }   // branch-free, so it vectorises
             let input: UnsafePointer<Float> = l > 0 ? UnsafePointer(acts[l - 1]) : UnsafePointer(x)
-            let dIn = l > 0 ? spare : dx
-            backAffine(layer, input: input, dOut: dOut, count: n, gradIndex: 2 * l, dInput: dIn)
+            let dIn = l > 0 ? spare : dx + s0 * d
+            Self.backAffine(layer, input: input, dOut: dOut, count: m, dW: g + denseOffsets[2 * l],
+                            dB: g + denseOffsets[2 * l + 1], dInput: dIn)
             swap(&dOut, &spare)
         }
-        // Scatter dX into sparse per-table gradients (duplicate rows within the batch accumulate); the tables
-        // are independent, so the threads take a share of them each.
-        let f = model.fieldCount
-        let (dims, tableRows, offsets, dx, parts) = (fieldDims, fieldRows, fieldOffsets, dx, threads)
-        slotOfRow.withUnsafeMutableBufferPointer { soBuffer in
-            touched.withUnsafeMutableBufferPointer { toBuffer in
-                embGrad.withUnsafeMutableBufferPointer { eoBuffer in
-                    let (so, to, eo) = (soBuffer, toBuffer, eoBuffer)
-                    parallel { p in
-                        for fi in Self.part(f, p, parts) {
-                            Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d, dim: dims[fi],
-                                         tableRows: tableRows[fi], slots: &so[fi], touched: &to[fi], grad: &eo[fi])
+        return loss
+    }
+
+    /// After `forwardBackward`: sums the blocks' dense gradients and scatters `dx` into the per-table sparse
+    /// gradients, the threads taking a share of each (a range of the flat dense gradient, a set of tables).
+    /// With `update`, each thread then applies the optimizer to the same share (its range of the dense
+    /// parameters, the rows its tables touched) and clears its sparse gradients: one pass, no other barrier.
+    private func finishGradients(rows: UnsafePointer<Int32>, count n: Int, update: Bool) {
+        let f = model.fieldCount, d = model.spec.inputDim, parts = threads
+        let (dims, tableRows, offsets, dx, total, grad, partials) = (fieldDims, fieldRows, fieldOffsets, dx, denseTotal, gradFlat, partGrads)
+        let (sizes, starts, tableShares) = (denseSizes, denseOffsets, tableParts)
+        let (o, t) = (options, Float(step))
+        var tables: [EmbeddingTable] = [], layers: [DenseLayer] = []
+        var heads = model.heads
+        if update {
+            // Moved out, so that each array's storage has one owner and is updated in place.
+            tables = model.embeddings
+            layers = model.layers
+            model.embeddings = []
+            model.layers = []
+            model.heads.weight = []
+            model.heads.bias = []
+        }
+        layers.withUnsafeMutableBufferPointer { lb in
+            Self.withParameters(lb, heads: &heads, update: update) { params in
+                denseM.withUnsafeMutableBufferPointer { dmb in
+                    denseV.withUnsafeMutableBufferPointer { dvb in
+                        Self.withElements(dmb) { denseMoments in
+                            Self.withElements(dvb) { denseAccumulators in
+                                slotOfRow.withUnsafeMutableBufferPointer { soBuffer in
+                                    touched.withUnsafeMutableBufferPointer { toBuffer in
+                                        embGrad.withUnsafeMutableBufferPointer { eoBuffer in
+                                            tables.withUnsafeMutableBufferPointer { tbBuffer in
+                                                embM.withUnsafeMutableBufferPointer { moBuffer in
+                                                    embV.withUnsafeMutableBufferPointer { voBuffer in
+                                                        let (so, to, eo, tb, mo, vo) = (soBuffer, toBuffer, eoBuffer, tbBuffer, moBuffer, voBuffer)
+                                                        parallel { p in
+                                                            // This thread's range of the flat dense gradient: the blocks' sum, then the update.
+                                                            let range = Self.part(total, p, parts)
+                                                            if parts > 1 { for q in partials { for i in range { grad[i] += q[i] } } }
+                                                            if update {
+                                                                for idx in sizes.indices {
+                                                                    let lo = max(range.lowerBound, starts[idx]), hi = min(range.upperBound, starts[idx] + sizes[idx])
+                                                                    guard lo < hi else { continue }
+                                                                    let at = lo - starts[idx]
+                                                                    Self.update(o, p: params[idx] + at, g: grad + lo, m: denseMoments[idx].map { $0 + at },
+                                                                                v: denseAccumulators[idx]! + at, count: hi - lo, lr: o.learningRate, t: t)
+                                                                }
+                                                            }
+                                                            // This thread's tables.
+                                                            for fi in tableShares[p] {
+                                                                Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
+                                                                             dim: dims[fi], tableRows: tableRows[fi], slots: &so[fi], touched: &to[fi],
+                                                                             grad: &eo[fi])
+                                                                guard update else { continue }
+                                                                Self.updateTable(&tb[fi], grad: eo[fi], touched: to[fi], m: &mo[fi], v: &vo[fi], options: o, t: t)
+                                                                for r in to[fi] { so[fi][Int(r)] = -1 }
+                                                                to[fi].removeAll(keepingCapacity: true)
+                                                                eo[fi].removeAll(keepingCapacity: true)
+                                                            }
+                                                        }
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
             }
         }
-        return Float(loss)
+        if update {
+            model.embeddings = tables
+            model.layers = layers
+            model.heads = heads
+        }
+    }
+
+    /// Calls `body` with a pointer to every dense parameter tensor in gradient order (each layer's weight and
+    /// bias, then the heads'); an empty list unless `update`.
+    private static func withParameters(_ layers: UnsafeMutableBufferPointer<DenseLayer>, heads: inout DenseLayer, update: Bool,
+                                       _ body: ([UnsafeMutablePointer<Float>]) -> Void) {
+        guard update else { return body([]) }
+        func nest(_ l: Int, _ acc: [UnsafeMutablePointer<Float>]) {
+            guard l < layers.count else {
+                heads.weight.withUnsafeMutableBufferPointer { w in
+                    heads.bias.withUnsafeMutableBufferPointer { b in body(acc + [w.baseAddress!, b.baseAddress!]) }
+                }
+                return
+            }
+            layers[l].weight.withUnsafeMutableBufferPointer { w in
+                layers[l].bias.withUnsafeMutableBufferPointer { b in nest(l + 1, acc + [w.baseAddress!, b.baseAddress!]) }
+            }
+        }
+        nest(0, [])
+    }
+
+    /// Calls `body` with the base address of each array (nil for an empty one).
+    private static func withElements(_ arrays: UnsafeMutableBufferPointer<[Float]>, _ body: ([UnsafeMutablePointer<Float>?]) -> Void) {
+        func nest(_ i: Int, _ acc: [UnsafeMutablePointer<Float>?]) {
+            guard i < arrays.count else { return body(acc) }
+            arrays[i].withUnsafeMutableBufferPointer { nest(i + 1, acc + [$0.baseAddress]) }
+        }
+        nest(0, [])
     }
 
     /// Adds each sample's input gradient for field `field` to the sparse gradient of the row it read.
@@ -389,6 +551,28 @@ public final class Trainer {
         }
     }
 
+    /// The optimizer on the rows of one table a batch touched (lazy: the others keep their moments).
+    private static func updateTable(_ table: inout EmbeddingTable, grad: [Float], touched: [Int32], m: inout [Float],
+                                    v: inout [Float], options o: TrainingOptions, t: Float) {
+        let dim = table.dim
+        guard case .f32(var values) = table.storage else { return }
+        table.storage = .f32([])   // uniquely owned: updated in place
+        values.withUnsafeMutableBufferPointer { w in
+            grad.withUnsafeBufferPointer { g in
+                m.withUnsafeMutableBufferPointer { m in
+                    v.withUnsafeMutableBufferPointer { v in
+                        for (slot, r) in touched.enumerated() {
+                            let off = Int(r) * dim
+                            update(o, p: w.baseAddress! + off, g: g.baseAddress! + slot * dim, m: m.baseAddress.map { $0 + off },
+                                   v: v.baseAddress! + off, count: dim, lr: o.embeddingLearningRate, t: t)
+                        }
+                    }
+                }
+            }
+        }
+        table.storage = .f32(values)
+    }
+
     /// The batch loss of `model` computed by a plain forward pass in double precision — the reference that
     /// gradient checks differentiate numerically.
     public static func loss(model: LegacyModel, rows: [Int32], labels: [Float], weights: [Float], lossWeights: [Float]? = nil,
@@ -412,55 +596,36 @@ public final class Trainer {
         return total
     }
 
-    /// Backward of `out = input · Wᵀ + b`: stores dW, db at `gradIndex`, `gradIndex + 1`; writes dInput.
-    private func backAffine(_ layer: DenseLayer, input: UnsafePointer<Float>, dOut: UnsafeMutablePointer<Float>,
-                            count n: Int, gradIndex: Int, dInput: UnsafeMutablePointer<Float>) {
+    /// Backward of `out = input · Wᵀ + b` for `n` samples: writes dW, db and dInput.
+    private static func backAffine(_ layer: DenseLayer, input: UnsafePointer<Float>, dOut: UnsafePointer<Float>, count n: Int,
+                                   dW: UnsafeMutablePointer<Float>, dB: UnsafeMutablePointer<Float>,
+                                   dInput: UnsafeMutablePointer<Float>) {
         let o = layer.outDim, i = layer.inDim
-        if threads > 1 {
-            // dW split by output rows, dInput by samples: no block needs another's result.
-            let parts = threads
-            denseGrad[gradIndex].withUnsafeMutableBufferPointer { dwb in
-                layer.weight.withUnsafeBufferPointer { wb in
-                    let dw = dwb.baseAddress!, w = wb.baseAddress!
-                    parallel { p in
-                        let rows = Self.part(o, p, parts)
-                        if !rows.isEmpty {
-                            BLAS.sgemm(transA: true, transB: false, m: rows.count, n: i, k: n, alpha: 1, a: dOut + rows.lowerBound, lda: o,
-                                       b: input, ldb: i, beta: 0, c: dw + rows.lowerBound * i, ldc: i)
-                        }
-                        let samples = Self.part(n, p, parts)
-                        if !samples.isEmpty {
-                            BLAS.sgemm(transA: false, transB: false, m: samples.count, n: i, k: o, alpha: 1,
-                                       a: dOut + samples.lowerBound * o, lda: o, b: w, ldb: i, beta: 0,
-                                       c: dInput + samples.lowerBound * i, ldc: i)
-                        }
-                    }
-                }
-            }
-            Self.biasGradient(dOut, count: n, width: o, into: &denseGrad[gradIndex + 1])
-            return
+        BLAS.sgemm(transA: true, transB: false, m: o, n: i, k: n, alpha: 1, a: dOut, lda: o,
+                   b: input, ldb: i, beta: 0, c: dW, ldc: i)
+        dB.update(repeating: 0, count: o)
+        for s in 0..<n {
+            let row = dOut + s * o
+            for j in 0..<o { dB[j] += row[j] }
         }
-        denseGrad[gradIndex].withUnsafeMutableBufferPointer { dw in
-            BLAS.sgemm(transA: true, transB: false, m: o, n: i, k: n, alpha: 1, a: dOut, lda: o,
-                       b: input, ldb: i, beta: 0, c: dw.baseAddress!, ldc: i)
-        }
-        Self.biasGradient(dOut, count: n, width: o, into: &denseGrad[gradIndex + 1])
         layer.weight.withUnsafeBufferPointer { w in
             BLAS.sgemm(transA: false, transB: false, m: n, n: i, k: o, alpha: 1, a: dOut, lda: o,
                        b: w.baseAddress!, ldb: i, beta: 0, c: dInput, ldc: i)
         }
     }
 
-    /// db = Σ over samples of dOut.
-    private static func biasGradient(_ dOut: UnsafePointer<Float>, count n: Int, width o: Int, into db: inout [Float]) {
-        db.withUnsafeMutableBufferPointer { b in
-            let p = b.baseAddress!
-            p.update(repeating: 0, count: o)
-            for s in 0..<n {
-                let row = dOut + s * o
-                for j in 0..<o { p[j] += row[j] }
-            }
+    /// Items `0..<weights.count` in `parts` contiguous runs of nearly equal total weight (each item in the part
+    /// that holds its weight's midpoint).
+    static func balancedParts(_ weights: [Int], parts: Int) -> [[Int]] {
+        let total = weights.reduce(0, +)
+        var out = Array(repeating: [Int](), count: parts)
+        var before = 0
+        for (i, w) in weights.enumerated() {
+            let p = total > 0 ? min(parts - 1, (2 * before + w) * parts / (2 * total)) : i * parts / weights.count
+            out[p].append(i)
+            before += w
         }
+        return out
     }
 
     /// Block `p` of `parts` nearly equal blocks of `0..<n`.
@@ -478,7 +643,7 @@ public final class Trainer {
     /// Gradient of the last `computeGradients` call for a dense tensor (`mlp.<l>.weight|bias`, `heads.weight|bias`).
     public func denseGradient(_ name: String) -> [Float]? {
         guard let idx = denseIndex(name) else { return nil }
-        return denseGrad[idx]
+        return Array(UnsafeBufferPointer(start: gradFlat + denseOffsets[idx], count: denseSizes[idx]))
     }
 
     /// Sparse gradient of the last `computeGradients` call for one embedding row (zeros if untouched).
@@ -511,80 +676,6 @@ public final class Trainer {
     }
 
     // MARK: Updates
-
-    private func applyUpdates() {
-        let t = Float(step)
-        let o = options
-        let L = model.layers.count
-        // Dense parameters.
-        for idx in 0..<(2 * L + 2) {
-            let layerIndex = idx / 2
-            let isWeight = idx % 2 == 0
-            denseGrad[idx].withUnsafeBufferPointer { g in
-                denseM[idx].withUnsafeMutableBufferPointer { m in
-                    denseV[idx].withUnsafeMutableBufferPointer { v in
-                        func run(_ p: UnsafeMutablePointer<Float>) {
-                            update(p: p, g: g.baseAddress!, m: m.baseAddress, v: v.baseAddress!, count: g.count,
-                                   lr: o.learningRate, t: t)
-                        }
-                        if layerIndex < L {
-                            if isWeight { model.layers[layerIndex].weight.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
-                            else { model.layers[layerIndex].bias.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
-                        } else {
-                            if isWeight { model.heads.weight.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
-                            else { model.heads.bias.withUnsafeMutableBufferPointer { run($0.baseAddress!) } }
-                        }
-                    }
-                }
-            }
-        }
-        // Embeddings: only rows touched by this batch; the tables are independent, so the threads take a
-        // share of them each.
-        var tables = model.embeddings
-        model.embeddings = []   // `tables` is then the only reference to each table's storage
-        let f = tables.count, parts = threads
-        tables.withUnsafeMutableBufferPointer { tbBuffer in
-            embM.withUnsafeMutableBufferPointer { moBuffer in
-                embV.withUnsafeMutableBufferPointer { voBuffer in
-                    let (tb, mo, vo) = (tbBuffer, moBuffer, voBuffer)
-                    embGrad.withUnsafeBufferPointer { go in
-                        touched.withUnsafeBufferPointer { to in
-                            parallel { p in
-                                for fi in Self.part(f, p, parts) {
-                                    let dim = tb[fi].dim
-                                    guard case .f32(var table) = tb[fi].storage else { continue }
-                                    tb[fi].storage = .f32([])   // uniquely owned: updated in place
-                                    table.withUnsafeMutableBufferPointer { w in
-                                        go[fi].withUnsafeBufferPointer { g in
-                                            mo[fi].withUnsafeMutableBufferPointer { m in
-                                                vo[fi].withUnsafeMutableBufferPointer { v in
-                                                    for (slot, r) in to[fi].enumerated() {
-                                                        let off = Int(r) * dim
-                                                        Self.update(o, p: w.baseAddress! + off, g: g.baseAddress! + slot * dim,
-                                                                    m: m.baseAddress.map { $0 + off }, v: v.baseAddress! + off,
-                                                                    count: dim, lr: o.embeddingLearningRate, t: t)
-                                                    }
-                                                }
-                                            }
-                                        }
-                                    }
-                                    tb[fi].storage = .f32(table)
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        model.embeddings = tables
-        discardGradients()
-    }
-
-    @inline(__always)
-    private func update(p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, m: UnsafeMutablePointer<Float>?,
-                        v: UnsafeMutablePointer<Float>, count: Int, lr: Float, t: Float) {
-        Self.update(options, p: p, g: g, m: m, v: v, count: count, lr: lr, t: t)
-    }
 
     @inline(__always)
     private static func update(_ options: TrainingOptions, p: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>,

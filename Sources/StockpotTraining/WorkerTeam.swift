@@ -7,9 +7,9 @@ import Synchronization
 /// The helper threads of a multi-threaded `Trainer`: `run` executes block `p` of a step on thread `p` (the
 /// caller takes block 0) and returns when every block is done.
 ///
-/// A training step is a chain of short blocks (gather + forward, then one per layer backward, scatter, update),
-/// each a fraction of a millisecond, so a helper waits for the next block by spinning briefly before it sleeps:
-/// waking a sleeping thread costs about as much as a small block.
+/// A training step is two such passes of about a millisecond each (every thread's block of samples through
+/// forward and backward; then the dense sums, the sparse scatter and the updates), so a helper waits for the
+/// next pass by spinning briefly before it sleeps: waking a sleeping thread costs a good part of a pass.
 final class WorkerTeam: @unchecked Sendable {
     /// Threads in all, the caller included.
     let size: Int

@@ -153,4 +153,71 @@ import StockpotModel
             #expect(abs(gb[k] - expected / wsum) < 1e-5)
         }
     }
+
+    /// The batch split between two threads (each its own block through forward and backward, the blocks'
+    /// gradients then summed) gives the one-thread gradients, for every dense tensor and every embedding row,
+    /// with and without dense inputs, and when a block is empty (one sample).
+    @Test(.enabled(if: ProcessInfo.processInfo.activeProcessorCount >= 2, "needs two cores for a two-thread trainer"),
+          arguments: [(11, false), (11, true), (1, false)])
+    func twoThreadsGiveTheOneThreadGradients(count n: Int, denseInputs: Bool) throws {
+        var (spec, rows, labels) = syntheticData(count: n, seed: 21)
+        if denseInputs {
+            spec.denseInputs = spec.heads
+            spec.residual = true
+        }
+        let model = try LegacyModel.initialized(spec: spec, seed: 3)
+        var rng = SplitMix64(seed: 4)
+        let dense = (0..<(n * spec.heads.count)).map { _ in Float(rng.nextUniform(-2, 2)) }
+        let weights: [Float] = (0..<n).map { Float(1 + $0 % 3) }
+        func gradients(threads: Int) throws -> Trainer {
+            let t = try Trainer(model: model, options: TrainingOptions(), threads: threads)
+            #expect(t.threads == threads)
+            let loss = rows.withUnsafeBufferPointer { r in
+                labels.withUnsafeBufferPointer { l in
+                    weights.withUnsafeBufferPointer { w in
+                        dense.withUnsafeBufferPointer { d in
+                            t.computeGradients(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: n,
+                                               dense: denseInputs ? d.baseAddress! : nil)
+                        }
+                    }
+                }
+            }
+            #expect(loss.isFinite && loss > 0)
+            return t
+        }
+        let one = try gradients(threads: 1), two = try gradients(threads: 2)
+        var names = ["heads.weight", "heads.bias"]
+        for l in model.layers.indices { names += ["mlp.\(l).weight", "mlp.\(l).bias"] }
+        var nonzero = 0
+        for name in names {
+            let a = try #require(one.denseGradient(name)), b = try #require(two.denseGradient(name))
+            #expect(a.count == b.count)
+            for (x, y) in zip(a, b) {
+                #expect(abs(x - y) <= 1e-6 + 1e-4 * abs(x), "\(name): \(x) vs \(y)")
+                if x != 0 { nonzero += 1 }
+            }
+        }
+        for f in model.embeddings.indices {
+            for row in 0..<model.embeddings[f].rows {
+                let a = one.embeddingGradient(field: f, row: row), b = two.embeddingGradient(field: f, row: row)
+                #expect(a.count == b.count)
+                for (x, y) in zip(a, b) {
+                    #expect(abs(x - y) <= 1e-6 + 1e-4 * abs(x), "embedding \(f)[\(row)]: \(x) vs \(y)")
+                    if x != 0 { nonzero += 1 }
+                }
+            }
+        }
+        #expect(nonzero > 10)
+    }
+
+    @Test func tablesAreSharedByWidth() {
+        // Contiguous runs covering every table once, of nearly equal total width.
+        let dims = [32, 8, 8, 8, 8, 16, 4, 4, 4, 4]
+        let parts = Trainer.balancedParts(dims, parts: 2)
+        #expect(parts.flatMap { $0 } == Array(dims.indices))
+        #expect(parts.map { $0.reduce(0) { $0 + dims[$1] } } == [48, 48])
+        #expect(Trainer.balancedParts([5], parts: 2) == [[], [0]])
+        #expect(Trainer.balancedParts([], parts: 2) == [[], []])
+    }
 }
+
