@@ -32,6 +32,8 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "Seconds per offered load of --sweep.") var sweepSeconds: Double = 5
     @Option(help: "Write the --sweep curve (p50 and p99 against offered load) as SVG to this file.") var plot: String?
     @Option(help: "Label of this run's curve in the plot.") var plotLabel: String = "Stockpot"
+    @Flag(help: "Run the six services as separate processes (the stockpot-* executables beside this binary, on the same data folder and ports) instead of in this process.")
+    var processes = false
 
     func run() async throws {
         let counts = candidates.split(separator: ",").compactMap { Int($0) }
@@ -41,17 +43,72 @@ struct GatewayBench: AsyncParsableCommand {
         options.ports = (0..<6).map { basePort + $0 }
         options.log = { _ in }
         options.gateway.maxInFlight = maxInFlight
-        let total = requests
         let fixed = options
-        let suite = LocalSuite(options: fixed)
-        try await suite.run { suite in
-            try await suite.waitUntilServing()
+        if processes {
+            try await Self.withProcesses(options: fixed, maxInFlight: maxInFlight) { gateway, registry, token in
+                Console.out("the six services as separate processes (stockpot-* executables), gateway at \(gateway)")
+                try await measure(gateway: gateway, registry: registry, token: token, options: fixed, counts: counts, levels: levels)
+            }
+        } else {
+            let suite = LocalSuite(options: fixed)
+            try await suite.run { suite in
+                try await suite.waitUntilServing()
+                Console.out("the six services in this process (stockpot suite), gateway at \(suite.address("gateway"))")
+                try await measure(gateway: suite.address("gateway"), registry: suite.address("registry"), token: try suite.adminToken(),
+                                  options: fixed, counts: counts, levels: levels)
+            }
+        }
+    }
+
+    /// Runs the six executables beside this binary as separate processes on the suite's data folder and ports
+    /// (bootstrapping the registry as `stockpot suite` does), calls `body` with the gateway's and the registry's
+    /// addresses and the admin token, and stops them.
+    static func withProcesses(options: LocalSuite.Options, maxInFlight: Int,
+                              _ body: (String, String, String?) async throws -> Void) async throws {
+        let dir = options.dataDirectory.standardizedFileURL
+        let logs = dir.appendingPathComponent("logs")
+        try FileManager.default.createDirectory(at: logs, withIntermediateDirectories: true)
+        let bin = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        let fleet = Fleet(bin: bin, logs: logs)
+        defer { fleet.stopAll() }
+        let p = options.ports
+        func address(_ i: Int) -> String { "127.0.0.1:\(p[i])" }
+        let tokens = try LocalSuite.ensureAdminToken(dataDirectory: dir, log: { _ in })
+        let token = try RegistryToken.find(file: dir.appendingPathComponent(RegistryToken.suiteFile).path, environment: [:])?.token
+        try fleet.start("registry", ["--port", "\(p[0])", "--data", dir.appendingPathComponent("registry").path, "--tokens-file", tokens.path])
+        try await fleet.waitServing("registry", at: address(0), timeout: .seconds(60))
+        var o = options
+        o.dataDirectory = dir
+        try await LocalSuite.bootstrap(registry: address(0), token: token, options: o)
+        try fleet.start("features", ["--port", "\(p[1])", "--database", dir.appendingPathComponent("features.sqlite").path,
+                                     "--import-kuairand", options.kuaiRand.path])
+        let registry = ["--registry", address(0), "--cache", dir.appendingPathComponent("cache").path]
+        try fleet.start("scorer", ["--port", "\(p[2])", "--workers", "2"] + registry)
+        try fleet.start("corrector", ["--port", "\(p[3])", "--workers", "2", "--crowds", options.gateway.correctedCrowds.sorted().joined(separator: ",")] + registry)
+        try fleet.start("fusion", ["--port", "\(p[4])"] + registry)
+        // The gateway last, once its downstream services answer (it would otherwise start in connection backoff).
+        for (i, name) in ["features", "scorer", "corrector", "fusion"].enumerated() {
+            try await fleet.waitServing(name, at: address(i + 1), timeout: .seconds(180))
+        }
+        try fleet.start("gateway", ["--port", "\(p[5])", "--features", address(1), "--scorer", address(2), "--corrector", address(3),
+                                    "--fusion", address(4), "--serving-log", dir.appendingPathComponent("serving-log").path,
+                                    "--max-in-flight", "\(maxInFlight)",
+                                    "--quality-labels", options.kuaiRand.appendingPathComponent(KuaiRandData.logFile).path,
+                                    "--quality-interval-seconds", "30"])
+        try await fleet.waitServing("gateway", at: address(5), timeout: .seconds(60))
+        try await body(address(5), address(0), token)
+    }
+
+    /// The benchmark proper, against a running gateway.
+    func measure(gateway gatewayAddress: String, registry: String, token: String?, options fixed: LocalSuite.Options,
+                 counts: [Int], levels: [Int]) async throws {
+            let total = requests
             let data = try KuaiRandData.load(directory: fixed.kuaiRand)
             let users = try data.users.column("user_id").compactMap(Int64.init)
             let degrees = try data.users.column("user_active_degree")
             let headUsers = zip(users, degrees).filter { ["full_active", "high_active"].contains($0.1) }.map(\.0)
             let tailUsers = zip(users, degrees).filter { !["full_active", "high_active"].contains($0.1) }.map(\.0)
-            if corrector { try await Self.registerCorrector(suite: suite, data: data) }
+            if corrector { try await Self.registerCorrector(registry: registry, token: token, dataDirectory: fixed.dataDirectory, data: data) }
             let videos = try data.videos.column("video_id").compactMap(Int64.init)
             var rng = SplitMix64(seed: 11)
             func request(_ n: Int, tail: Bool = false) -> Stockpot_V1_RankRequest {
@@ -66,7 +123,7 @@ struct GatewayBench: AsyncParsableCommand {
                                   .with { $0.name = "date"; $0.value = "20220505" }]
                 }
             }
-            let gatewayTransport = try ServiceClient.transport(target: suite.address("gateway"))
+            let gatewayTransport = try ServiceClient.transport(target: gatewayAddress)
             try await withGRPCClient(transport: gatewayTransport) { client in
                 let gateway = Stockpot_V1_GatewayService.Client(wrapping: client)
                 let health = Grpc_Health_V1_Health.Client(wrapping: client)
@@ -90,7 +147,7 @@ struct GatewayBench: AsyncParsableCommand {
                     for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n, tail: true)) } }
                 }
                 for n in counts {
-                  let compute = try await stageCompute(suite: suite, options: fixed, request: request(n), data: data)
+                  let compute = try await stageCompute(options: fixed, request: request(n), data: data)
                   Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms (legacy path; the corrector adds its own forward pass)",
                                      n, compute.features, compute.score, compute.fusion, compute.sum))
                   var unloadedP99 = Double.nan, saturation = 0.0
@@ -149,7 +206,6 @@ struct GatewayBench: AsyncParsableCommand {
                   }
                 }
             }
-        }
     }
 
     /// Offers `rate` Ranks/s at fixed intervals (an open loop: arrivals do not wait for answers) for
@@ -224,14 +280,14 @@ struct GatewayBench: AsyncParsableCommand {
     }
 
     /// Registers an untrained tail corrector (identity at start; the same compute as a trained one).
-    static func registerCorrector(suite: LocalSuite, data: KuaiRandData) async throws {
+    static func registerCorrector(registry address: String, token: String?, dataDirectory: URL, data: KuaiRandData) async throws {
         let folder = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("stockpot-bench-corrector-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: folder) }
-        let legacy = try LegacyModel.load(from: suite.options.dataDirectory.appendingPathComponent("training/legacy-artifact"))
+        let legacy = try LegacyModel.load(from: dataDirectory.appendingPathComponent("training/legacy-artifact"))
         let job = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: { _ in })
         try job.initialCorrector(legacy: legacy, crowd: "tail", days: try DayRange("20220505")).save(to: folder)
-        try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
-            let registry = RegistryClient(wrapping: client, token: try suite.adminToken())
+        try await withGRPCClient(transport: try ServiceClient.transport(target: address)) { client in
+            let registry = RegistryClient(wrapping: client, token: token)
             let v = try await registry.register(name: "corrector-tail", kind: "corrector", metadata: ["purpose": "latency benchmark"],
                                                 lineage: .with { $0.trainedOn = "legacy@production" }, folder: folder)
             _ = try await registry.promote("corrector-tail:\(v.version)", alias: "production", reason: "latency benchmark")
@@ -242,7 +298,7 @@ struct GatewayBench: AsyncParsableCommand {
 
     /// The work each stage does for one request, without the network: feature lookups (cache warm), encoding
     /// and the forward pass, fusion. Median of 50 runs each.
-    func stageCompute(suite: LocalSuite, options: LocalSuite.Options, request: Stockpot_V1_RankRequest, data: KuaiRandData) async throws -> Compute {
+    func stageCompute(options: LocalSuite.Options, request: Stockpot_V1_RankRequest, data: KuaiRandData) async throws -> Compute {
         let store = try FeatureStore(path: options.dataDirectory.appendingPathComponent("features.sqlite").path)
         let features = FeatureService(store: store, cache: FeatureCache(capacity: 100_000, ttl: .seconds(600)))
         let cacheRoot = options.dataDirectory.appendingPathComponent("cache/legacy")
