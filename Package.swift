@@ -112,7 +112,7 @@ let package = Package(
         serviceLibrary("StockpotScorer", ["StockpotModel"]),
         serviceLibrary("StockpotCorrector", ["StockpotModel"]),
         serviceLibrary("StockpotFusion"),
-        serviceLibrary("StockpotGateway", ["StockpotLogFormat"]),
+        serviceLibrary("StockpotGateway", ["StockpotLogFormat", "StockpotFusion"]),
 
         serviceExecutable("stockpot-registry", "StockpotRegistry"),
         serviceExecutable("stockpot-features", "StockpotFeatures"),

@@ -26,8 +26,20 @@ public struct FusionApp {
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
-        let client = try registry.makeClient()
         let health = HealthStatus()
+        let layer = try self.layer(logger: logger, health: health)
+        let server = ServiceServer(name: "stockpot-fusion", host: host, port: port, services: [layer.service],
+                                   serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService],
+                                   health: health, metrics: metrics, logger: logger, ready: layer.ready)
+        return (server, layer.services + [server])
+    }
+
+    /// The fusion layer without a server, for a process that fuses in place (the gateway's `--fusion local`):
+    /// the service, what must run for it (the registry client and the config watchers, in that order) and
+    /// whether a config is loaded.
+    public func layer(logger: Logger, health: HealthStatus = HealthStatus()) throws
+        -> (service: FusionService, services: [any Service], ready: @Sendable () -> Bool) {
+        let client = try registry.makeClient()
         let watcher = registry.watcher(reference: config, client: client, logger: logger, health: health) { _, folder in
             try FusionService.load(folder: folder)
         }
@@ -43,10 +55,7 @@ public struct FusionApp {
             guard let v = watcher.value?.version else { return }
             metrics.gauge("stockpot_model_version", [("service", "fusion"), ("reference", watcher.reference)]).record(Int(v.version))
         }
-        let server = ServiceServer(name: "stockpot-fusion", host: host, port: port,
-                                   services: [FusionService(configs: watcher, alternates: alternates, limits: limits)],
-                                   serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService],
-                                   health: health, metrics: metrics, logger: logger, ready: { watcher.value != nil })
-        return (server, [client, watcher] + alternates + [server])
+        return (FusionService(configs: watcher, alternates: alternates, limits: limits), [client, watcher] + alternates,
+                { watcher.value != nil })
     }
 }

@@ -25,6 +25,11 @@ public struct FusionService: Stockpot_V1_FusionService.SimpleServiceProtocol {
     }
 
     public func fuse(request: Stockpot_V1_FuseRequest, context: ServerContext) async throws -> Stockpot_V1_FuseResponse {
+        try fuse(request)
+    }
+
+    /// What `Fuse` answers, for a caller in the same process (the gateway's `--fusion local`); the same errors.
+    public func fuse(_ request: Stockpot_V1_FuseRequest) throws -> Stockpot_V1_FuseResponse {
         let current: ArtifactWatcher<FusionConfig>.Current
         if request.config.isEmpty || request.config == configs.reference {
             guard let c = configs.value else { throw Status.unavailable("no fusion config loaded yet for \(configs.reference)") }

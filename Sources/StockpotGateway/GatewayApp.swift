@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import StockpotFusion
 import StockpotLogFormat
 import StockpotModel
 import ServiceLifecycle
@@ -13,7 +14,10 @@ public struct GatewayApp {
     public var features = "127.0.0.1:\(DefaultPorts.features)"
     public var scorer = "127.0.0.1:\(DefaultPorts.scorer)"
     public var corrector = "127.0.0.1:\(DefaultPorts.corrector)"
+    /// The fusion service's host:port; unused when `localFusion` is set.
     public var fusion = "127.0.0.1:\(DefaultPorts.fusion)"
+    /// Fusion in this process instead (`fusion` = `local`): its config reference and registry access.
+    public var localFusion: FusionApp?
     /// The serving log (nil: off).
     public var servingLog: ServingLog.Options? = ServingLog.Options(directory: URL(fileURLWithPath: "data/serving-log"))
     public var config = GatewayConfig()
@@ -25,7 +29,8 @@ public struct GatewayApp {
     public init() {}
 
     /// The gateway's settings (`ServiceSettings`): host, port, max-candidates; `features`, `scorer`,
-    /// `corrector`, `fusion` (host:port); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
+    /// `corrector`, `fusion` (host:port, or `local`: fusion in this process, with `fusion-config` (default
+    /// `fusion@production`) and the registry settings of a registry-backed service); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
     /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`; the serving log: `serving-log`
     /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
     /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others), `serving-log-instance`
@@ -38,6 +43,16 @@ public struct GatewayApp {
         scorer = try await settings.string("scorer", default: scorer)
         corrector = try await settings.string("corrector", default: corrector)
         fusion = try await settings.string("fusion", default: fusion)
+        if fusion == "local" {
+            var app = FusionApp()
+            app.registry = try await settings.registryAccess()
+            app.config = try await settings.string("fusion-config", default: app.config)
+            guard case .success = ModelReference.parse(app.config) else {
+                throw ServiceSettings.SettingError(description: "setting 'fusion-config': '\(app.config)' is not a model reference")
+            }
+            app.limits = config.limits
+            localFusion = app
+        }
         if let crowds = try await settings.list("corrected-crowds") { config.correctedCrowds = Set(crowds) }
         if let t = try await settings.milliseconds("corrector-timeout-ms") { config.correctorTimeout = t }
         if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
@@ -97,12 +112,16 @@ public struct GatewayApp {
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
-        let clients = try [features, scorer, corrector, fusion].map {
+        var fusionApp = localFusion
+        fusionApp?.metrics = metrics
+        let local = try fusionApp.map { try $0.layer(logger: logger) }
+        let clients = try ([features, scorer, corrector] + (local == nil ? [fusion] : [])).map {
             try ServiceClient(target: $0, loop: ServingLoop.named("stockpot-gateway"))
         }
         let log = servingLog.map { ServingLog(options: $0, logger: logger) }
+        let fusionLayer: GatewayClients.Fusion = local.map { .local($0.service) } ?? .remote(.init(wrapping: clients[3].client))
         let service = GatewayService(clients: GatewayClients(features: clients[0].client, scorer: clients[1].client,
-                                                             corrector: clients[2].client, fusion: clients[3].client),
+                                                             corrector: clients[2].client, fusion: fusionLayer),
                                      config: config, log: log, metrics: metrics, logger: logger)
         let metrics = self.metrics
         metrics.addCollector {
@@ -130,6 +149,6 @@ public struct GatewayApp {
             o.interval = live.interval
             quality = [LiveQuality(options: o, metrics: metrics, logger: logger)]
         }
-        return (server, log, clients + (log.map { [$0] } ?? []) + quality + [server])
+        return (server, log, clients + (local?.services ?? []) + (log.map { [$0] } ?? []) + quality + [server])
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Logging
+import StockpotFusion
 import StockpotModel
 import StockpotProto
 import StockpotServing
@@ -40,19 +41,41 @@ public struct GatewayConfig: Sendable {
     public init() {}
 }
 
-/// The downstream services the gateway calls.
+/// The downstream services the gateway calls. Fusion is either the fusion service (a client) or a fusion layer
+/// in the gateway's own process (`--fusion local`: one RPC fewer per Rank; the configs still come from the
+/// registry, released by the team that owns them).
 public struct GatewayClients: Sendable {
     public let features: Stockpot_V1_FeatureService.Client<HTTP2ClientTransport.Posix>
     public let scorer: Stockpot_V1_ScorerService.Client<HTTP2ClientTransport.Posix>
     public let corrector: Stockpot_V1_CorrectorService.Client<HTTP2ClientTransport.Posix>
-    public let fusion: Stockpot_V1_FusionService.Client<HTTP2ClientTransport.Posix>
+    /// Where fusion runs.
+    public let fusion: Fusion
+
+    /// Where fusion runs: another service, or this process.
+    public enum Fusion: Sendable {
+        case remote(Stockpot_V1_FusionService.Client<HTTP2ClientTransport.Posix>)
+        case local(FusionService)
+    }
 
     public init(features: GRPCClient<HTTP2ClientTransport.Posix>, scorer: GRPCClient<HTTP2ClientTransport.Posix>,
                 corrector: GRPCClient<HTTP2ClientTransport.Posix>, fusion: GRPCClient<HTTP2ClientTransport.Posix>) {
+        self.init(features: features, scorer: scorer, corrector: corrector, fusion: .remote(.init(wrapping: fusion)))
+    }
+
+    public init(features: GRPCClient<HTTP2ClientTransport.Posix>, scorer: GRPCClient<HTTP2ClientTransport.Posix>,
+                corrector: GRPCClient<HTTP2ClientTransport.Posix>, fusion: Fusion) {
         self.features = .init(wrapping: features)
         self.scorer = .init(wrapping: scorer)
         self.corrector = .init(wrapping: corrector)
-        self.fusion = .init(wrapping: fusion)
+        self.fusion = fusion
+    }
+
+    /// Fuses through the fusion service (within `options`' timeout) or in place.
+    public func fuse(_ request: Stockpot_V1_FuseRequest, options: CallOptions) async throws -> Stockpot_V1_FuseResponse {
+        switch fusion {
+        case .remote(let client): return try await client.fuse(request, options: options)
+        case .local(let service): return try service.fuse(request)
+        }
     }
 }
 
@@ -298,7 +321,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 $0.scores = scores
                 $0.topK = request.topK
             }
-            let fused = try await clients.fusion.fuse(fuseRequest, options: Self.options(min(config.fusionTimeout, remaining())))
+            let fused = try await clients.fuse(fuseRequest, options: Self.options(min(config.fusionTimeout, remaining())))
             if let problem = ReplyValidation.fusion(fused, count: n, topK: Int(request.topK)) {
                 throw MalformedReply(service: "fusion", problem: problem)
             }

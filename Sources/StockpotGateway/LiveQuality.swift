@@ -62,8 +62,8 @@ public final class LiveQuality: Service, Sendable {
     public let options: Options
     private let metrics: MetricsHub
     private let logger: Logger
-    /// Per segment file: its size when read and its sums.
-    private let perSegment = Mutex<[String: (size: Int, sums: [Key: Sums])]>([:])
+    /// Per segment file: its size when read, where its last complete entry ended, and its sums.
+    private let perSegment = Mutex<[String: (size: Int, end: Int, sums: [Key: Sums])]>([:])
     /// The labels, with the size and modification time of the file they were read from.
     private let labels = Mutex<(stamp: String, labels: [LabelKey: [String: Float]])?>(nil)
     /// Keys published at the last refresh (a key that disappears has its gauges reset).
@@ -102,9 +102,17 @@ public final class LiveQuality: Service, Sendable {
             let name = segment.url.lastPathComponent
             seen.insert(name)
             let size = ((try? FileManager.default.attributesOfItem(atPath: segment.url.path))?[.size] as? NSNumber)?.intValue ?? 0
-            if perSegment.withLock({ $0[name]?.size }) == size { continue }
+            let previous = perSegment.withLock { $0[name] }
+            if previous?.size == size { continue }
+            // A segment that only grew (the open one) is read from where the last read ended; one that shrank
+            // (cut back after a failed write) from its start.
             var sums: [Key: Sums] = [:]
-            _ = try? ServingLogFormat.read(segment.url) { entry in
+            var from = 0
+            if let previous, size > previous.size, previous.end <= size {
+                sums = previous.sums
+                from = previous.end
+            }
+            let read = try? ServingLogFormat.read(segment.url, from: from) { entry in
                 guard case .served(let r) = entry.entry, let day = Int(r.context.first { $0.name == "date" }?.value ?? "") else { return }
                 let model = Self.model(r.versions)
                 let scores = r.correctedScores.isEmpty
@@ -121,7 +129,9 @@ public final class LiveQuality: Service, Sendable {
                     }
                 }
             }
-            perSegment.withLock { $0[name] = (size, sums) }
+            // Unreadable now (e.g. removed meanwhile): left as it was, read again next time.
+            guard let read else { continue }
+            perSegment.withLock { $0[name] = (size, read.end, sums) }
         }
         perSegment.withLock { s in for name in Array(s.keys) where !seen.contains(name) { s.removeValue(forKey: name) } }
         let current = totals

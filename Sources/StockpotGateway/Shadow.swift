@@ -143,7 +143,7 @@ public final class ShadowTraffic: Sendable {
             if let fuse = job.fuse, availability.fusion.mayTry(nowMs: job.nowMs) {
                 var request = fuse.request
                 request.config = options.fusionConfig
-                let (reply, ms) = await call(availability.fusion, nowMs: job.nowMs) { try await clients.fusion.fuse(request, options: callOptions) }
+                let (reply, ms) = await call(availability.fusion, nowMs: job.nowMs) { try await clients.fuse(request, options: callOptions) }
                 if let reply, ReplyValidation.fusion(reply, count: n, topK: Int(request.topK)) == nil {
                     compare(job, layer: "fusion", primary: (fuse.reply.config, [.with { $0.objective = "final"; $0.values = fuse.reply.finalScores }], fuse.ms),
                             shadow: (reply.config, [.with { $0.objective = "final"; $0.values = reply.finalScores }], ms), log: log)

@@ -97,16 +97,29 @@ public enum ServingLogFormat {
         public var skippedBytes = 0
         /// Where an unreadable (not merely cut short) entry starts, if any; the rest of the segment is skipped.
         public var corruptAt: Int?
+        /// The byte offset just past the last complete entry read: where a later read of the same (growing)
+        /// segment resumes.
+        public var end = 0
 
         public init() {}
     }
 
-    /// Calls `body` with every complete entry of the segment at `url`, in order. A torn last entry is skipped
-    /// and reported, as is an undecodable one (and what follows it: framing cannot resynchronise).
-    public static func read(_ url: URL, _ body: (Stockpot_Log_V1_Entry) throws -> Void) throws -> ReadStats {
+    /// Calls `body` with every complete entry of the segment at `url`, in order, from byte `offset` (an entry
+    /// boundary: 0, or the `end` of an earlier read). A torn last entry is skipped and reported, as is an
+    /// undecodable one (and what follows it: framing cannot resynchronise). Offsets in the stats are absolute.
+    public static func read(_ url: URL, from offset: Int = 0, _ body: (Stockpot_Log_V1_Entry) throws -> Void) throws -> ReadStats {
         // Read, not mapped: the writer may cut the open segment back after a failed write.
-        let data = try Data(contentsOf: url)
+        let data: Data
+        if offset > 0 {
+            let handle = try FileHandle(forReadingFrom: url)
+            defer { try? handle.close() }
+            try handle.seek(toOffset: UInt64(offset))
+            data = try handle.readToEnd() ?? Data()
+        } else {
+            data = try Data(contentsOf: url)
+        }
         var stats = ReadStats()
+        stats.end = offset
         let base = data.startIndex, count = data.count
         var at = 0
         while at < count {
@@ -138,7 +151,9 @@ public enum ServingLogFormat {
             try body(entry)
             stats.entries += 1
             at = end
+            stats.end = offset + end
         }
+        if let c = stats.corruptAt { stats.corruptAt = c + offset }
         return stats
     }
 }

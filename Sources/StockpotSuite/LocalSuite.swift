@@ -30,6 +30,9 @@ public final class LocalSuite: Sendable {
         public var legacyTrainDays = "20220425..20220504"
         public var refreshInterval: Duration = .seconds(2)
         public var gateway = GatewayConfig()
+        /// The gateway fuses in its own process (`stockpot-gateway --fusion local`) instead of calling the fusion
+        /// service, which still runs for other callers.
+        public var localFusion = false
         public var log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }
 
         public init() {}
@@ -138,6 +141,12 @@ public final class LocalSuite: Sendable {
         // Live calibration of what the suite serves, against the KuaiRand labels of the same impressions.
         gatewayApp.liveQuality = (o.kuaiRand.appendingPathComponent(KuaiRandData.logFile), .seconds(30))
         gatewayApp.config = o.gateway
+        if o.localFusion {
+            var local = FusionApp()
+            local.registry = access
+            local.registry.cacheDirectory = dir.appendingPathComponent("cache-gateway")   // the fusion service has its own
+            gatewayApp.localFusion = local
+        }
         let gateway = try gatewayApp.build(logger: logger)
         try await launch("gateway", server: gateway.server, services: gateway.services)
     }

@@ -30,8 +30,14 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "Offered loads for a latency curve, as fractions of the measured saturation, comma-separated (e.g. 0.25,0.5,1,1.5,2); each held for --sweep-seconds.")
     var sweep: String?
     @Option(help: "Seconds per offered load of --sweep.") var sweepSeconds: Double = 5
-    @Option(help: "Write the --sweep curve (p50 and p99 against offered load) as SVG to this file.") var plot: String?
+    @Option(help: "Requests/s that --sweep's fractions multiply (default: the saturation this run measured); give the same value to runs whose curves share a plot.")
+    var sweepBase: Double?
+    @Option(help: "Write the --sweep curve (p50 and p99 against offered load) as SVG to this file. Its points are kept beside it (FILE.json, by label): a later run with another --plot-label draws its curve on the same plot.")
+    var plot: String?
     @Option(help: "Label of this run's curve in the plot.") var plotLabel: String = "Stockpot"
+    @Option(help: "Measure a gateway already running at this address (host:port; e.g. another build's `stockpot suite` on --data) instead of starting the services. Needs --no-corrector.")
+    var gateway: String?
+    @Flag(help: "The gateway fuses in its own process (`--fusion local`) instead of calling the fusion service.") var localFusion = false
     @Flag(help: "Run the six services as separate processes (the stockpot-* executables beside this binary, on the same data folder and ports) instead of in this process.")
     var processes = false
 
@@ -43,8 +49,14 @@ struct GatewayBench: AsyncParsableCommand {
         options.ports = (0..<6).map { basePort + $0 }
         options.log = { _ in }
         options.gateway.maxInFlight = maxInFlight
+        options.localFusion = localFusion
         let fixed = options
-        if processes {
+        if let gateway {
+            guard !corrector else { throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)") }
+            guard !processes else { throw ValidationError("--gateway and --processes exclude each other") }
+            Console.out("a running gateway at \(gateway)")
+            try await measure(gateway: gateway, registry: "", token: nil, options: fixed, counts: counts, levels: levels)
+        } else if processes {
             try await Self.withProcesses(options: fixed, maxInFlight: maxInFlight) { gateway, registry, token in
                 Console.out("the six services as separate processes (stockpot-* executables), gateway at \(gateway)")
                 try await measure(gateway: gateway, registry: registry, token: token, options: fixed, counts: counts, levels: levels)
@@ -91,10 +103,13 @@ struct GatewayBench: AsyncParsableCommand {
             try await fleet.waitServing(name, at: address(i + 1), timeout: .seconds(180))
         }
         try fleet.start("gateway", ["--port", "\(p[5])", "--features", address(1), "--scorer", address(2), "--corrector", address(3),
-                                    "--fusion", address(4), "--serving-log", dir.appendingPathComponent("serving-log").path,
+                                    "--serving-log", dir.appendingPathComponent("serving-log").path,
                                     "--max-in-flight", "\(maxInFlight)",
                                     "--quality-labels", options.kuaiRand.appendingPathComponent(KuaiRandData.logFile).path,
-                                    "--quality-interval-seconds", "30"])
+                                    "--quality-interval-seconds", "30"]
+                                    + (options.localFusion
+                                        ? ["--fusion", "local", "--registry", address(0), "--cache", dir.appendingPathComponent("cache-gateway").path]
+                                        : ["--fusion", address(4)]))
         try await fleet.waitServing("gateway", at: address(5), timeout: .seconds(60))
         try await body(address(5), address(0), token)
     }
@@ -189,19 +204,26 @@ struct GatewayBench: AsyncParsableCommand {
                   if let sweep, saturation > 0 {
                       let prepared = (0..<total).map { _ in request(n) }
                       var points: [LoadPoint] = []
-                      Console.out("  latency against offered load (open loop, \(sweepSeconds) s each; saturation \(Int(saturation)) req/s):")
+                      let base = sweepBase ?? saturation
+                      Console.out("  latency against offered load (open loop, \(sweepSeconds) s each; saturation \(Int(saturation)) req/s; fractions of \(Int(base)) req/s):")
                       for f in sweep.split(separator: ",").compactMap({ Double($0) }) where f > 0 {
-                          let r = await openLoop(gateway: gateway, requests: prepared, rate: f * saturation, seconds: sweepSeconds)
+                          let r = await openLoop(gateway: gateway, requests: prepared, rate: f * base, seconds: sweepSeconds)
                           let point = LoadPoint(offered: r.offered, p50: percentile(r.ok, 0.5), p99: percentile(r.ok, 0.99),
-                                                refused: Double(r.shed.count) / Double(max(1, r.total)))
+                                                refused: Double(r.shed.count + r.other.count) / Double(max(1, r.total)))
                           points.append(point)
                           Console.out(String(format: "    %5.0f req/s offered (%.2f×): p50 %7.2f ms  p99 %7.2f ms  refused %4.1f %%  other errors %d",
-                                             point.offered, f, point.p50, point.p99, 100 * point.refused, r.other.count))
+                                             point.offered, f, point.p50, point.p99, 100 * Double(r.shed.count) / Double(max(1, r.total)), r.other.count))
                       }
                       if let plot {
-                          try Data(LoadPoint.svg(points, title: "Rank, \(n) candidates: latency against offered load", label: plotLabel).utf8)
-                              .write(to: URL(fileURLWithPath: plot))
-                          Console.out("  plot written to \(plot)")
+                          // This run's curve replaces its label's in the kept points; the others stay.
+                          let kept = URL(fileURLWithPath: plot + ".json")
+                          var curves = (try? JSONDecoder().decode([LoadCurve].self, from: Data(contentsOf: kept))) ?? []
+                          curves.removeAll { $0.label == plotLabel }
+                          curves.append(LoadCurve(label: plotLabel, points: points))
+                          try JSONEncoder().encode(curves).write(to: kept, options: .atomic)
+                          try Data(LoadPoint.svg(curves, title: "Rank, \(n) candidates: latency against offered load").utf8)
+                              .write(to: URL(fileURLWithPath: plot), options: .atomic)
+                          Console.out("  plot written to \(plot) (\(curves.map(\.label).joined(separator: ", ")))")
                       }
                   }
                 }
@@ -365,22 +387,26 @@ final class Shared<T: Sendable>: Sendable {
 }
 
 /// One point of a latency curve: offered load, accepted latency, share refused.
-struct LoadPoint {
+/// One point of a latency curve: offered Ranks/s, the p50 and p99 of the answered ones (ms), the share refused.
+struct LoadPoint: Codable {
     var offered: Double
     var p50: Double
     var p99: Double
+    /// Share of the offered requests not served (refused at admission or failed).
     var refused: Double
 
-    /// A self-contained SVG: p50 and p99 (ms, log scale) against offered load (req/s).
-    static func svg(_ points: [LoadPoint], title: String, label: String) -> String {
+    /// A self-contained SVG: p50 and p99 (ms, log scale) against offered load (req/s), one pair of lines per
+    /// curve (the first solid, the others dashed).
+    static func svg(_ curves: [LoadCurve], title: String) -> String {
         let w = 640.0, h = 400.0, left = 70.0, right = 20.0, top = 40.0, bottom = 50.0
-        let xs = points.map(\.offered), ys = points.flatMap { [$0.p50, $0.p99] }.filter { $0.isFinite && $0 > 0 }
+        let all = curves.flatMap(\.points)
+        let xs = all.map(\.offered), ys = all.flatMap { [$0.p50, $0.p99] }.filter { $0.isFinite && $0 > 0 }
         let xMax = (xs.max() ?? 1) * 1.05
         let yMin = max(0.5, (ys.min() ?? 1) / 1.5), yMax = (ys.max() ?? 10) * 1.5
         func x(_ v: Double) -> Double { left + (w - left - right) * v / xMax }
         func y(_ v: Double) -> Double { top + (h - top - bottom) * (1 - (log10(v) - log10(yMin)) / (log10(yMax) - log10(yMin))) }
-        func path(_ values: [Double]) -> String {
-            zip(xs, values).filter { $0.1.isFinite && $0.1 > 0 }.enumerated()
+        func path(_ points: [LoadPoint], _ value: (LoadPoint) -> Double) -> String {
+            points.map { ($0.offered, value($0)) }.filter { $0.1.isFinite && $0.1 > 0 }.enumerated()
                 .map { i, p in String(format: "%@%.1f,%.1f", i == 0 ? "M" : "L", x(p.0), y(p.1)) }.joined(separator: " ")
         }
         var out = [String(format: "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">", w, h),
@@ -395,19 +421,29 @@ struct LoadPoint {
             }
             tick *= 10
         }
-        for p in points {
-            out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%.0f</text>", x(p.offered), h - bottom + 18, p.offered))
-            if p.refused > 0.005 {
-                out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"#a33\">%.0f%% refused</text>",
-                                  x(p.offered), top + 14, 100 * p.refused))
-            }
+        for offered in Set(xs).sorted() {
+            out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%.0f</text>", x(offered), h - bottom + 18, offered))
         }
         out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">offered load (Rank/s)</text>", (left + w - right) / 2, h - 10))
-        out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>", path(points.map(\.p50))))
-        out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\"/>", path(points.map(\.p99))))
-        out.append(String(format: "<text x=\"%.0f\" y=\"%.0f\" fill=\"#1f77b4\">%@ p50</text><text x=\"%.0f\" y=\"%.0f\" fill=\"#d62728\">%@ p99</text>",
-                          left + 10, top + 34, label, left + 10, top + 50, label))
+        for (c, curve) in curves.enumerated() {
+            let dash = c == 0 ? "" : " stroke-dasharray=\"6 4\""
+            out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"%@/>", path(curve.points, \.p50), dash))
+            out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\"%@/>", path(curve.points, \.p99), dash))
+            let ly = top + 34 + Double(c) * 36
+            out.append(String(format: "<text x=\"%.0f\" y=\"%.0f\" fill=\"#1f77b4\">%@ p50%@</text><text x=\"%.0f\" y=\"%.0f\" fill=\"#d62728\">%@ p99%@</text>",
+                              left + 10, ly, curve.label, c == 0 ? "" : " (dashed)", left + 10, ly + 16, curve.label, c == 0 ? "" : " (dashed)"))
+            for p in curve.points where p.refused > 0.005 {
+                out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"#a33\" font-size=\"10\">%@: %.0f%% not served</text>",
+                                  x(p.offered), h - bottom - 8 - Double(c) * 12, curve.label, 100 * p.refused))
+            }
+        }
         out.append("</svg>")
         return out.joined(separator: "\n") + "\n"
     }
+}
+
+/// A labelled latency curve, kept beside its plot so that runs of other builds can share it.
+struct LoadCurve: Codable {
+    var label: String
+    var points: [LoadPoint]
 }

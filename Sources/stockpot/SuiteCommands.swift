@@ -21,6 +21,7 @@ struct Suite: AsyncParsableCommand {
     @Option(help: "Demo Rank requests to send once every service is SERVING.") var demoRequests: Int = 3
     @Flag(help: "Exit after the demo requests instead of serving until Ctrl-C.") var exitAfterDemo = false
     @Option(help: "Port of the Prometheus /metrics endpoint for all six services (0 = any free port, -1 = off).") var metricsPort: Int = 9464
+    @Flag(help: "The gateway fuses in its own process (one RPC fewer per Rank) instead of calling the fusion service.") var localFusion = false
 
     func validate() throws {
         guard metricsPort == -1 || (0...65535).contains(metricsPort) else {
@@ -33,6 +34,7 @@ struct Suite: AsyncParsableCommand {
         options.dataDirectory = URL(fileURLWithPath: data)
         if let kuairand { options.kuaiRand = URL(fileURLWithPath: kuairand) }
         options.ports = (0..<6).map { basePort + $0 }
+        options.localFusion = localFusion
         let suite = LocalSuite(options: options)
         let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
         let logger = Logger(label: "stockpot.suite")

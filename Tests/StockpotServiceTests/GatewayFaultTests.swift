@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Logging
+import StockpotFusion
 import StockpotGateway
 import StockpotProto
 import StockpotServing
@@ -205,8 +206,9 @@ struct FakeFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
 }
 
 /// Runs `body` against a gateway whose four downstream services are fakes on one loopback server.
+/// - Parameter localFusion: fuse in the gateway with this service instead of calling the fake fusion service.
 func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics: MetricsHub = MetricsHub(),
-                        configure: (inout GatewayConfig) -> Void = { _ in },
+                        localFusion: FusionService? = nil, configure: (inout GatewayConfig) -> Void = { _ in },
                         _ body: @Sendable (GatewayService) async throws -> Void) async throws {
     var config = GatewayConfig()
     // Generous: a debug build runs these beside the whole suite (training included) on two cores. `slow` is
@@ -226,7 +228,8 @@ func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics:
         guard let port = try await server.listeningAddress?.ipv4?.port else { throw RPCError(code: .internalError, message: "no port") }
         try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext),
                                  interceptors: [ClientTracingInterceptor()]) { client in
-            let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: client),
+            let fusion: GatewayClients.Fusion = localFusion.map { .local($0) } ?? .remote(.init(wrapping: client))
+            let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: fusion),
                                          config: config, log: nil, metrics: metrics, logger: logger)
             try await body(gateway)
         }
@@ -241,6 +244,42 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
 }
 
 @Suite struct GatewayWithFakeDownstream {
+    /// Fusion in the gateway's process: the same fused order as the fusion service computes from the same
+    /// config, no fusion RPC, the config's version in the response; without a loaded config the legacy floor
+    /// with equal weights and `degraded: fusion`; an unknown scenario is the caller's error.
+    @Test func localFusionFusesInPlaceAndDegradesWithoutAConfig() async throws {
+        let folder = temporaryDirectory("local-fusion")
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let config = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "a", weight: 1), .init(objective: "b", weight: 3, alpha: 2, beta: 2)])])
+        try JSONEncoder().encode(config).write(to: folder.appendingPathComponent(FusionConfig.fileName))
+        let watcher = localWatcher(folder: folder, name: "fusion", version: 7, reference: "fusion@production") { _, f in
+            try FusionService.load(folder: f)
+        }
+        let local = FusionService(configs: watcher)
+        let faults = Faults()
+        try await withFakeDownstream(faults, localFusion: local) { gateway in
+            // Not loaded yet: served on the legacy floor with equal weights.
+            let before = try await rank(gateway)
+            #expect(before.degraded == ["fusion"] && before.degradedReasons.first?.contains("no fusion config loaded") == true, "\(before.degradedReasons)")
+            try await watcher.refresh()
+            let r = try await rank(gateway)
+            #expect(r.degraded.isEmpty, "\(r.degradedReasons)")
+            #expect(r.versions.contains { $0.role == "fusion" && $0.name == "fusion" && $0.version == 7 })
+            // The response's scores (in its order) are the ones fused: its final scores are their fusion under the
+            // config, best first.
+            var columns: [String: [Float]] = [:]
+            for s in r.scores { columns[s.objective] = s.values }
+            let expected = FusionConfig.fuse(terms: config.scenarios["default"]!.terms, scores: columns, count: r.itemIds.count)
+            #expect(Set(r.itemIds) == Set(ids) && r.finalScores.count == ids.count)
+            #expect(zip(r.finalScores, expected).allSatisfy { abs($0 - $1) < 1e-6 }, "\(r.finalScores) vs \(expected)")
+            #expect(r.finalScores == r.finalScores.sorted(by: >))
+            #expect(faults.calls.withLock { $0["fusion"] } == nil)
+            await #expect(throws: RPCError.self) {
+                try await withContext { try await gateway.rank(request: .with { $0.userID = 7; $0.candidateIds = ids; $0.scenario = "nope" }, context: $0) }
+            }
+        }
+    }
+
     @Test func pastMaxInFlightRanksAreRefusedAtOnceAndSlotsComeBack() async throws {
         let faults = Faults()
         faults.scorer.withLock { $0 = .slow }

@@ -437,9 +437,17 @@ struct ServingLogSamplesOnRealData {
         #expect(sample(text, #"stockpot_live_labelled{crowd="tail",objective="is_click",model="legacy:1"}"#) == 8)
         #expect(abs((sample(text, #"stockpot_live_calibration{crowd="tail",objective="is_click",model="legacy:1"}"#) ?? 0) - (p1 + p2)) < 1e-4)
         #expect(sample(text, #"stockpot_live_observed_rate{crowd="tail",objective="is_click",model="legacy:1"}"#) == 0.5)
-        // More traffic: only the changed segment is read again, and the totals grow.
+        // More traffic: only the changed segment is read again, from where the last read ended, and the
+        // totals grow by what was added (not counted twice).
+        let segment = try #require(try ServingLogFormat.segments(in: dir.appendingPathComponent("log")).first?.url)
+        let first = try ServingLogFormat.read(segment) { _ in }
+        let size = try FileManager.default.attributesOfItem(atPath: segment.path)[.size] as? Int
+        #expect(first.entries >= 4 && first.end == size)
         for n in 0..<4 { log.append(servedEntry(n, items: [1])) }
         await log.flush()
+        var added = 0
+        let rest = try ServingLogFormat.read(segment, from: first.end) { _ in added += 1 }
+        #expect(added == 4 && rest.entries == 4 && !rest.tornTail && rest.end > first.end)
         try quality.refreshNow()
         #expect(quality.totals[key]?.labelled == 12)
         // Labels that arrive later are joined too: the file changed, every segment is joined again.

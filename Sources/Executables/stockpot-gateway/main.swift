@@ -11,7 +11,11 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Feature service host:port (env STOCKPOT_GATEWAY_FEATURES).") var features: String?
     @Option(help: "Scorer host:port (env STOCKPOT_GATEWAY_SCORER).") var scorer: String?
     @Option(help: "Corrector host:port (env STOCKPOT_GATEWAY_CORRECTOR).") var corrector: String?
-    @Option(help: "Fusion host:port (env STOCKPOT_GATEWAY_FUSION).") var fusion: String?
+    @Option(help: "Fusion host:port, or 'local': fuse in this process with the config --fusion-config from the registry (--registry; one RPC fewer per Rank) (env STOCKPOT_GATEWAY_FUSION).")
+    var fusion: String?
+    @Option(help: "With --fusion local: the fusion config reference (default fusion@production; env STOCKPOT_GATEWAY_FUSION_CONFIG).")
+    var fusionConfig: String?
+    @OptionGroup var registry: RegistryOptions
     @Option(help: "Serving log folder, or 'off' (env STOCKPOT_GATEWAY_SERVING_LOG).") var servingLog: String?
     @Option(help: "Serving log segment size in MB (default 128; env STOCKPOT_GATEWAY_SERVING_LOG_SEGMENT_MB).") var servingLogSegmentMb: Double?
     @Option(help: "Serving log size budget in GB; oldest segments are deleted past it (default 8; env STOCKPOT_GATEWAY_SERVING_LOG_MAX_GB).") var servingLogMaxGb: Double?
@@ -46,6 +50,8 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("scorer", scorer)
         flags.set("corrector", corrector)
         flags.set("fusion", fusion)
+        flags.set("fusion-config", fusionConfig)
+        registry.add(to: &flags)
         flags.set("canary-percent", canaryPercent)
         flags.set("canary-model", canaryModel)
         flags.set("shadow-percent", shadowPercent)
