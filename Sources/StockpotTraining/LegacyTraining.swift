@@ -9,6 +9,9 @@ public struct LegacyTraining {
     public var options: TrainingOptions
     /// Receives human-readable progress lines.
     public var log: (String) -> Void
+    /// Threads per training step (`Trainer(threads:)`; at most the cores). The model matches a one-thread run to
+    /// float rounding, and is deterministic for a seed and a thread count.
+    public var threads = 1
 
     public init(data: KuaiRandData, config: FeatureConfig, options: TrainingOptions, log: @escaping (String) -> Void = { print($0) }) {
         self.data = data
@@ -62,7 +65,7 @@ public struct LegacyTraining {
         var checkpoint = out
         var trainOptions = options
         if let d = options.discriminator, trainOptions.weightedObjectives == nil { trainOptions.weightedObjectives = d.objectives }
-        let trainer = try Trainer(model: model, options: trainOptions, optimizerState: optimizer)
+        let trainer = try Trainer(model: model, options: trainOptions, optimizerState: optimizer, threads: threads)
         let firstStep = trainer.step
         var saved = model
         let discriminator = try options.discriminator.map {
@@ -114,7 +117,7 @@ public struct LegacyTraining {
         guard !rows.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
         let spec = try SpecFitter.fit(config: config, data: data, rows: rows)
         let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
-        let trainer = try Trainer(model: model, options: options)
+        let trainer = try Trainer(model: model, options: options, threads: threads)
         let ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source))
         // Every pass ends with a partial batch, so a step budget is counted in batches, not samples.
         let batchesPerEpoch = (ds.count + options.batchSize - 1) / options.batchSize

@@ -1,5 +1,6 @@
 import Foundation
 import StockpotModel
+import Synchronization
 
 /// Hyper-parameters of a training run. Defaults are the ones used for the KuaiRand legacy model.
 public struct TrainingOptions: Codable, Sendable, Equatable {
@@ -104,8 +105,11 @@ public final class Trainer {
     private let fieldDims: [Int]
     private let fieldRows: [Int]
     private let fieldOffsets: [Int]
-    /// Per thread, the tables it scatters and updates: contiguous runs of fields of nearly equal total width.
-    private let tableParts: [[Int]]
+    /// The tables in the order the threads take them (each the next one left): the costliest first (width ×
+    /// the rows a batch can touch), so that the last ones taken are short and the threads finish together.
+    private let tableOrder: [Int]
+    /// The next entry of `tableOrder` to take in the current pass.
+    private let tableCursor = Atomic<Int>(0)
 
     /// - Parameter optimizerState: moments from a checkpoint (warm start); `nil` starts them fresh.
     /// - Parameter threads: threads per step (1: this thread only).
@@ -178,7 +182,10 @@ public final class Trainer {
             col += t.dim
         }
         fieldOffsets = offsets
-        tableParts = Self.balancedParts(model.embeddings.map(\.dim), parts: threadCount)
+        tableOrder = model.embeddings.indices.sorted {
+            let (a, b) = (model.embeddings[$0], model.embeddings[$1])
+            return a.dim * min(a.rows, options.batchSize) > b.dim * min(b.rows, options.batchSize)
+        }
         if let s = optimizerState {
             denseM = s.denseM
             denseV = s.denseV
@@ -428,7 +435,8 @@ public final class Trainer {
     private func finishGradients(rows: UnsafePointer<Int32>, count n: Int, update: Bool) {
         let f = model.fieldCount, d = model.spec.inputDim, parts = threads
         let (dims, tableRows, offsets, dx, total, grad, partials) = (fieldDims, fieldRows, fieldOffsets, dx, denseTotal, gradFlat, partGrads)
-        let (sizes, starts, tableShares) = (denseSizes, denseOffsets, tableParts)
+        let (sizes, starts, order) = (denseSizes, denseOffsets, tableOrder)
+        tableCursor.store(0, ordering: .relaxed)
         let (o, t) = (options, Float(step))
         var tables: [EmbeddingTable] = [], layers: [DenseLayer] = []
         var heads = model.heads
@@ -467,8 +475,13 @@ public final class Trainer {
                                                                                 v: denseAccumulators[idx]! + at, count: hi - lo, lr: o.learningRate, t: t)
                                                                 }
                                                             }
-                                                            // This thread's tables.
-                                                            for fi in tableShares[p] {
+                                                            // Tables, each taken by the first thread free: one thread
+                                                            // scatters and updates a table whole, so which one does
+                                                            // changes nothing in the result.
+                                                            while true {
+                                                                let k = self.tableCursor.wrappingAdd(1, ordering: .relaxed).oldValue
+                                                                guard k < f else { break }
+                                                                let fi = order[k]
                                                                 Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
                                                                              dim: dims[fi], tableRows: tableRows[fi], slots: &so[fi], touched: &to[fi],
                                                                              grad: &eo[fi])
@@ -612,20 +625,6 @@ public final class Trainer {
             BLAS.sgemm(transA: false, transB: false, m: n, n: i, k: o, alpha: 1, a: dOut, lda: o,
                        b: w.baseAddress!, ldb: i, beta: 0, c: dInput, ldc: i)
         }
-    }
-
-    /// Items `0..<weights.count` in `parts` contiguous runs of nearly equal total weight (each item in the part
-    /// that holds its weight's midpoint).
-    static func balancedParts(_ weights: [Int], parts: Int) -> [[Int]] {
-        let total = weights.reduce(0, +)
-        var out = Array(repeating: [Int](), count: parts)
-        var before = 0
-        for (i, w) in weights.enumerated() {
-            let p = total > 0 ? min(parts - 1, (2 * before + w) * parts / (2 * total)) : i * parts / weights.count
-            out[p].append(i)
-            before += w
-        }
-        return out
     }
 
     /// Block `p` of `parts` nearly equal blocks of `0..<n`.

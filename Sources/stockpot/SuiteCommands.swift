@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import ServiceLifecycle
+import StockpotGateway
 import StockpotProto
 import StockpotServing
 import StockpotSuite
@@ -20,13 +21,25 @@ struct Suite: AsyncParsableCommand {
     @Option(help: "First port; the services take six consecutive ports (registry … gateway).") var basePort: Int = DefaultPorts.registry
     @Option(help: "Demo Rank requests to send once every service is SERVING.") var demoRequests: Int = 3
     @Flag(help: "Exit after the demo requests instead of serving until Ctrl-C.") var exitAfterDemo = false
-    @Option(help: "Port of the Prometheus /metrics endpoint for all six services (0 = any free port, -1 = off).") var metricsPort: Int = 9464
+    @Option(help: "Port of the Prometheus /metrics endpoint for all six services (0 = any free port, off = none).") var metricsPort: String = "9464"
     @Flag(help: "The gateway fuses in its own process (one RPC fewer per Rank) instead of calling the fusion service.") var localFusion = false
+    @Option(help: "Ranks the gateway serves at once; more are refused at once with RESOURCE_EXHAUSTED (0 = no limit).")
+    var maxInFlight: Int = GatewayConfig().maxInFlight
+
+    /// The metrics port, or nil for none.
+    var metricsPortNumber: Int? {
+        get throws {
+            if metricsPort == "off" || metricsPort == "-1" { return nil }
+            guard let port = Int(metricsPort), (0...65535).contains(port) else {
+                throw ValidationError("--metrics-port must be 'off' or a port 0...65535, not '\(metricsPort)'")
+            }
+            return port
+        }
+    }
 
     func validate() throws {
-        guard metricsPort == -1 || (0...65535).contains(metricsPort) else {
-            throw ValidationError("--metrics-port must be -1 (off) or a port 0...65535, not \(metricsPort)")
-        }
+        _ = try metricsPortNumber
+        guard maxInFlight >= 0 else { throw ValidationError("--max-in-flight must be 0 (no limit) or more, not \(maxInFlight)") }
     }
 
     func run() async throws {
@@ -35,11 +48,12 @@ struct Suite: AsyncParsableCommand {
         if let kuairand { options.kuaiRand = URL(fileURLWithPath: kuairand) }
         options.ports = (0..<6).map { basePort + $0 }
         options.localFusion = localFusion
+        options.gateway.maxInFlight = maxInFlight
         let suite = LocalSuite(options: options)
         let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
         let logger = Logger(label: "stockpot.suite")
         // One endpoint for the six services of this process (each series has a `service` label).
-        let metrics = metricsPort >= 0 ? MetricsEndpoint(hub: .process, host: "127.0.0.1", port: metricsPort, logger: logger) : nil
+        let metrics = try metricsPortNumber.map { MetricsEndpoint(hub: .process, host: "127.0.0.1", port: $0, logger: logger) }
         let service = SuiteService(suite: suite) { suite in
             try await suite.waitUntilServing()
             Console.out("all six services SERVING: " + LocalSuite.order.map { "\($0)=\(suite.address($0))" }.joined(separator: " "))

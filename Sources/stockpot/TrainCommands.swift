@@ -127,6 +127,8 @@ struct Train: AsyncParsableCommand {
         @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
         @Flag(help: "Keep time order within each pass.") var noShuffle = false
         @Option(help: "Keep only the newest N daily checkpoints (incremental; default: all).") var keep: Int?
+        @Option(help: "Threads per training step (at most the cores): each runs a block of the batch; the model matches a one-thread run to float rounding.")
+        var threads: Int = 1
         @Option(help: "Rule re-weighting, crowd=factor, comma-separated (e.g. tail=10 for 10:1), normalised per batch.")
         var crowdWeight: String?
         @Option(help: "Discriminator re-weighting, crowd=max-weight (e.g. tail=10): w = 1 + (k-1)·clip(p(crowd|x), 0.01, 0.99) on click and long-view (incremental only).")
@@ -138,6 +140,7 @@ struct Train: AsyncParsableCommand {
             if let steps, steps <= 0 { throw ValidationError("--steps must be positive") }
             if epochs <= 0 { throw ValidationError("--epochs must be positive") }
             if let keep, keep <= 0 { throw ValidationError("--keep must be positive") }
+            if threads < 1 { throw ValidationError("--threads must be at least 1") }
             if fromScratch && keep != nil { throw ValidationError("--keep applies to incremental training only") }
             if fromScratch && discriminatorWeight != nil { throw ValidationError("--discriminator-weight applies to incremental training only") }
             if crowdWeight != nil && discriminatorWeight != nil { throw ValidationError("use --crowd-weight or --discriminator-weight, not both") }
@@ -185,7 +188,8 @@ struct Train: AsyncParsableCommand {
             where !config.crowds.names.contains(crowd) {
                 throw ValidationError("--crowd-weight: unknown crowd '\(crowd)' (crowds: \(config.crowds.names.joined(separator: ", ")))")
             }
-            let job = LegacyTraining(data: data, config: config, options: trainingOptions, log: Console.info)
+            var job = LegacyTraining(data: data, config: config, options: trainingOptions, log: Console.info)
+            job.threads = threads
             let outURL = URL(fileURLWithPath: out)
             let result = fromScratch
                 ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)

@@ -209,15 +209,5 @@ import StockpotModel
         }
         #expect(nonzero > 10)
     }
-
-    @Test func tablesAreSharedByWidth() {
-        // Contiguous runs covering every table once, of nearly equal total width.
-        let dims = [32, 8, 8, 8, 8, 16, 4, 4, 4, 4]
-        let parts = Trainer.balancedParts(dims, parts: 2)
-        #expect(parts.flatMap { $0 } == Array(dims.indices))
-        #expect(parts.map { $0.reduce(0) { $0 + dims[$1] } } == [48, 48])
-        #expect(Trainer.balancedParts([5], parts: 2) == [[], [0]])
-        #expect(Trainer.balancedParts([], parts: 2) == [[], []])
-    }
 }
 
