@@ -12,7 +12,8 @@ import Synchronization
 ///
 /// `stockpot_live_mean_predicted`, `stockpot_live_observed_rate`, `stockpot_live_calibration`,
 /// `stockpot_live_labelled{crowd,objective,model}` (model: the corrector's version when one corrected the
-/// scores, else the scorer's). Reading runs on a dedicated thread, never on the request path.
+/// scores, else the scorer's). Reading runs on a thread of the lowest CPU priority (`LowPriorityWorker`), never on
+/// the request path.
 public final class LiveQuality: Service, Sendable {
     /// Where the labels and the log are, and how often to look.
     public struct Options: Sendable {
@@ -68,7 +69,6 @@ public final class LiveQuality: Service, Sendable {
     private let labels = Mutex<(stamp: String, labels: [LabelKey: [String: Float]])?>(nil)
     /// Keys published at the last refresh (a key that disappears has its gauges reset).
     private let published = Mutex<Set<Key>>([])
-    private let io = DispatchQueue(label: "stockpot.live-quality")
 
     public init(options: Options, metrics: MetricsHub, logger: Logger) {
         self.options = options
@@ -185,10 +185,13 @@ public final class LiveQuality: Service, Sendable {
     public func run() async throws {
         var lastError = ""
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
-            let error: String? = await withCheckedContinuation { c in
-                io.async { [self] in
-                    do { try refreshNow(); c.resume(returning: nil) } catch { c.resume(returning: "\(error)") }
-                }
+            // At the lowest CPU priority: a first pass over a large log (or new labels) takes seconds of CPU
+            // that requests being served must not lose.
+            var error: String?
+            do {
+                try await LowPriorityWorker.run(lane: .analysis) { [self] in try refreshNow() }
+            } catch let e {
+                error = "\(e)"
             }
             if let error, error != lastError { logger.warning("live quality: cannot refresh", metadata: ["error": "\(error)"]) }
             lastError = error ?? ""

@@ -9,17 +9,23 @@ import Synchronization
 /// itself, because on Linux a thread it caused to be created (a new worker of the Swift concurrency pool) would
 /// inherit its nice value, and unprivileged processes cannot raise it again.
 public enum LowPriorityWorker {
-    /// Two threads, so that a download's writes never wait behind a long load.
-    public enum Lane: Sendable { case load, io }
+    /// One thread per lane, so that a download's writes never wait behind a long load, nor either behind a long
+    /// analysis pass (live calibration reading the serving log).
+    public enum Lane: Sendable { case load, io, analysis }
 
     private static let loads = JobThread(name: "stockpot-low-load", niceness: 19)
     private static let io = JobThread(name: "stockpot-low-io", niceness: 19)
+    private static let analysis = JobThread(name: "stockpot-low-analysis", niceness: 19)
 
     /// Runs `work` on the lane's thread and returns its result (resumed from the normal-priority hand-off
     /// thread). Jobs never wait for one another, so no job may call `run` (nor does any).
     public static func run<T: Sendable>(lane: Lane = .io, _ work: @escaping @Sendable () throws -> T) async throws -> T {
         let handoff = Handoff.thread // created here, from a normal-priority thread, before the workers exist
-        let worker = lane == .load ? loads : io
+        let worker = switch lane {
+        case .load: loads
+        case .io: io
+        case .analysis: analysis
+        }
         return try await withCheckedThrowingContinuation { (c: CheckedContinuation<T, any Error>) in
             worker.submit {
                 let result = Result { try work() }
