@@ -37,7 +37,9 @@ public struct FusionApp {
     /// The fusion layer without a server, for a process that fuses in place (the gateway's `--fusion local`):
     /// the service, what must run for it (the registry client and the config watchers, in that order) and
     /// whether a config is loaded.
-    public func layer(logger: Logger, health: HealthStatus = HealthStatus()) throws
+    /// - Parameter metricsService: the `service` label of its `stockpot_model_version` gauge (the process it
+    ///   runs in).
+    public func layer(logger: Logger, health: HealthStatus = HealthStatus(), metricsService: String = "fusion") throws
         -> (service: FusionService, services: [any Service], ready: @Sendable () -> Bool) {
         let client = try registry.makeClient()
         let watcher = registry.watcher(reference: config, client: client, logger: logger, health: health) { _, folder in
@@ -53,7 +55,7 @@ public struct FusionApp {
         let metrics = self.metrics
         metrics.addCollector {
             guard let v = watcher.value?.version else { return }
-            metrics.gauge("stockpot_model_version", [("service", "fusion"), ("reference", watcher.reference)]).record(Int(v.version))
+            metrics.gauge("stockpot_model_version", [("service", metricsService), ("reference", watcher.reference)]).record(Int(v.version))
         }
         return (FusionService(configs: watcher, alternates: alternates, limits: limits), [client, watcher] + alternates,
                 { watcher.value != nil })

@@ -43,6 +43,9 @@ public struct GatewayApp {
         scorer = try await settings.string("scorer", default: scorer)
         corrector = try await settings.string("corrector", default: corrector)
         fusion = try await settings.string("fusion", default: fusion)
+        if fusion != "local", let given = try await settings.string("fusion-config") {
+            throw ServiceSettings.SettingError(description: "setting 'fusion-config' ('\(given)') needs 'fusion' = local (fusion in the gateway)")
+        }
         if fusion == "local" {
             var app = FusionApp()
             app.registry = try await settings.registryAccess()
@@ -114,7 +117,10 @@ public struct GatewayApp {
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
         var fusionApp = localFusion
         fusionApp?.metrics = metrics
-        let local = try fusionApp.map { try $0.layer(logger: logger) }
+        // With fusion in this process, the gateway reports SERVING once a fusion config is loaded (as the fusion
+        // service does), and its health lists the config watchers' entries.
+        let health = HealthStatus()
+        let local = try fusionApp.map { try $0.layer(logger: logger, health: health, metricsService: "gateway") }
         let clients = try ([features, scorer, corrector] + (local == nil ? [fusion] : [])).map {
             try ServiceClient(target: $0, loop: ServingLoop.named("stockpot-gateway"))
         }
@@ -140,9 +146,11 @@ public struct GatewayApp {
             metrics.gauge("stockpot_serving_log_queue_entries", l).record(s.queuedEntries)
             metrics.gauge("stockpot_serving_log_queue_bytes", l).record(s.queuedBytes)
         }
+        let ready: @Sendable () -> Bool
+        if let local { ready = local.ready } else { ready = { true } }
         let server = ServiceServer(name: "stockpot-gateway", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_GatewayService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger)
+                                   health: health, metrics: metrics, logger: logger, ready: ready)
         var quality: [any Service] = []
         if let log, let live = liveQuality {
             var o = LiveQuality.Options(servingLog: log.directory, labels: live.labels)

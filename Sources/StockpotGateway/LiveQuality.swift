@@ -93,6 +93,12 @@ public final class LiveQuality: Service, Sendable {
 
     /// Reads what changed in the log and updates the gauges (on the caller's thread).
     public func refreshNow() throws {
+        try readChanges()
+        publishTotals()
+    }
+
+    /// Reads what changed in the log (and the labels, when their file changed) into the per-segment sums.
+    func readChanges() throws {
         let (labels, reloaded) = try loadLabels()
         // New labels: every segment is joined again.
         if reloaded { perSegment.withLock { $0.removeAll() } }
@@ -134,6 +140,10 @@ public final class LiveQuality: Service, Sendable {
             perSegment.withLock { $0[name] = (size, read.end, sums) }
         }
         perSegment.withLock { s in for name in Array(s.keys) where !seen.contains(name) { s.removeValue(forKey: name) } }
+    }
+
+    /// Publishes the totals as gauges (their lock is the one request metrics take: never from the nice-19 lane).
+    func publishTotals() {
         let current = totals
         let gone = published.withLock { p -> Set<Key> in
             defer { p = Set(current.keys) }
@@ -189,10 +199,11 @@ public final class LiveQuality: Service, Sendable {
             // that requests being served must not lose.
             var error: String?
             do {
-                try await LowPriorityWorker.run(lane: .analysis) { [self] in try refreshNow() }
+                try await LowPriorityWorker.run(lane: .analysis) { [self] in try readChanges() }
             } catch let e {
                 error = "\(e)"
             }
+            publishTotals()
             if let error, error != lastError { logger.warning("live quality: cannot refresh", metadata: ["error": "\(error)"]) }
             lastError = error ?? ""
             let interval = options.interval

@@ -108,6 +108,7 @@ public enum ServingLogFormat {
     /// boundary: 0, or the `end` of an earlier read). A torn last entry is skipped and reported, as is an
     /// undecodable one (and what follows it: framing cannot resynchronise). Offsets in the stats are absolute.
     public static func read(_ url: URL, from offset: Int = 0, _ body: (Stockpot_Log_V1_Entry) throws -> Void) throws -> ReadStats {
+        precondition(offset >= 0, "negative segment offset \(offset)")
         // Read, not mapped: the writer may cut the open segment back after a failed write.
         let data: Data
         if offset > 0 {

@@ -62,8 +62,8 @@ public final class Trainer {
     /// gather, forward, loss and backward on its own (no synchronisation between layers), into its own dense
     /// gradient; then, in one more pass, each sums a share of the dense gradient and scatters and updates a
     /// share of the embedding tables. The same sums in blocks, so the model matches a one-thread run to float
-    /// rounding, not bit for bit; the dense updates and the batch assembly run on the calling thread.
-    /// Deterministic for a seed and a thread count.
+    /// rounding, not bit for bit. Only the batch's weight normalisation and the loss sum run on the calling
+    /// thread alone. Deterministic for a seed and a thread count.
     public let threads: Int
     /// The helper threads when `threads > 1`.
     private let team: WorkerTeam?
@@ -146,7 +146,8 @@ public final class Trainer {
                   !usesMoment || (s.denseM.map(\.count) == denseSizes && s.embM.map(\.count) == tableSizes)
             else { throw TrainingError.checkpoint("optimizer state does not match the model's shapes") }
         }
-        // Every check that can throw is above: a failed init runs no deinit, so nothing is allocated before.
+        // Every check that can throw is above, before any allocation and before the helper threads start: an
+        // init that throws part-way leaves nothing behind.
         let d = model.spec.inputDim
         widest = max(d, model.spec.hidden.max() ?? 0)
         x = .allocate(capacity: batch * d)
@@ -345,6 +346,7 @@ public final class Trainer {
     private func forwardBackward(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>,
                                  count n: Int, dense: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
         precondition(model.spec.denseInputs.isEmpty || dense != nil, "model has dense inputs; pass them")
+        precondition(n >= 0 && n <= batch, "\(n) samples in a step of a trainer made for batches of \(batch)")
         // Weighted objectives use the per-sample weights normalised within the batch; the others weigh every
         // sample equally. Both over the whole batch, before it is split.
         var wsum: Float = 0

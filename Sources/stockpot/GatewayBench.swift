@@ -38,8 +38,19 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "Measure a gateway already running at this address (host:port; e.g. another build's `stockpot suite` on --data) instead of starting the services. Needs --no-corrector.")
     var gateway: String?
     @Flag(help: "The gateway fuses in its own process (`--fusion local`) instead of calling the fusion service.") var localFusion = false
+    @Option(help: "With --processes: the folder holding the stockpot-* executables (default: this binary's folder).") var bin: String?
     @Flag(help: "Run the six services as separate processes (the stockpot-* executables beside this binary, on the same data folder and ports) instead of in this process.")
     var processes = false
+
+    func validate() throws {
+        if let sweepBase, !(sweepBase.isFinite && sweepBase > 0) { throw ValidationError("--sweep-base must be a positive rate, not \(sweepBase)") }
+        if gateway != nil && (localFusion || processes) {
+            throw ValidationError("--gateway measures a gateway as it runs: --local-fusion and --processes apply to services this command starts")
+        }
+        if plot != nil && candidates.split(separator: ",").count != 1 {
+            throw ValidationError("--plot draws one candidate count's curve: give a single --candidates value")
+        }
+    }
 
     func run() async throws {
         let counts = candidates.split(separator: ",").compactMap { Int($0) }
@@ -57,7 +68,9 @@ struct GatewayBench: AsyncParsableCommand {
             Console.out("a running gateway at \(gateway)")
             try await measure(gateway: gateway, registry: "", token: nil, options: fixed, counts: counts, levels: levels)
         } else if processes {
-            try await Self.withProcesses(options: fixed, maxInFlight: maxInFlight) { gateway, registry, token in
+            let binDir = bin.map { URL(fileURLWithPath: $0) }
+                ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+            try await Self.withProcesses(options: fixed, bin: binDir, maxInFlight: maxInFlight) { gateway, registry, token in
                 Console.out("the six services as separate processes (stockpot-* executables), gateway at \(gateway)")
                 try await measure(gateway: gateway, registry: registry, token: token, options: fixed, counts: counts, levels: levels)
             }
@@ -75,12 +88,11 @@ struct GatewayBench: AsyncParsableCommand {
     /// Runs the six executables beside this binary as separate processes on the suite's data folder and ports
     /// (bootstrapping the registry as `stockpot suite` does), calls `body` with the gateway's and the registry's
     /// addresses and the admin token, and stops them.
-    static func withProcesses(options: LocalSuite.Options, maxInFlight: Int,
+    static func withProcesses(options: LocalSuite.Options, bin: URL, maxInFlight: Int,
                               _ body: (String, String, String?) async throws -> Void) async throws {
         let dir = options.dataDirectory.standardizedFileURL
         let logs = dir.appendingPathComponent("logs")
         try FileManager.default.createDirectory(at: logs, withIntermediateDirectories: true)
-        let bin = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         let fleet = Fleet(bin: bin, logs: logs)
         defer { fleet.stopAll() }
         let p = options.ports
@@ -142,6 +154,13 @@ struct GatewayBench: AsyncParsableCommand {
             try await withGRPCClient(transport: gatewayTransport) { client in
                 let gateway = Stockpot_V1_GatewayService.Client(wrapping: client)
                 let health = Grpc_Health_V1_Health.Client(wrapping: client)
+                // Until fusion serves (its config loaded): otherwise the cheaper equal-weights path would be timed.
+                let clock = ContinuousClock()
+                let fusionBy = clock.now + .seconds(60)
+                while try await !gateway.rank(request(counts.first ?? 10)).versions.contains(where: { $0.role == "fusion" }) {
+                    guard clock.now < fusionBy else { throw ValidationError("fusion did not serve within 60 s (Ranks come back degraded)") }
+                    try await Task.sleep(for: .milliseconds(200))
+                }
                 // Warm-up: caches, connections, code paths.
                 for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n)) } }
                 var floor: [Double] = []
@@ -386,7 +405,6 @@ final class Shared<T: Sendable>: Sendable {
     init(_ v: T) { value = Mutex(v) }
 }
 
-/// One point of a latency curve: offered load, accepted latency, share refused.
 /// One point of a latency curve: offered Ranks/s, the p50 and p99 of the answered ones (ms), the share refused.
 struct LoadPoint: Codable {
     var offered: Double

@@ -274,9 +274,9 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             #expect(zip(r.finalScores, expected).allSatisfy { abs($0 - $1) < 1e-6 }, "\(r.finalScores) vs \(expected)")
             #expect(r.finalScores == r.finalScores.sorted(by: >))
             #expect(faults.calls.withLock { $0["fusion"] } == nil)
-            await #expect(throws: RPCError.self) {
+            #expect(await expectStatus(.notFound, mentioning: "unknown scenario") {
                 try await withContext { try await gateway.rank(request: .with { $0.userID = 7; $0.candidateIds = ids; $0.scenario = "nope" }, context: $0) }
-            }
+            })
         }
     }
 

@@ -43,6 +43,14 @@ import Testing
         await #expect { try await GatewayApp(settings: g) } throws: { "\($0)".contains("serving-log-sample") }
         let t = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_BUDGET_MS": "0"])
         await #expect { try await GatewayApp(settings: t) } throws: { "\($0)".contains("budget-ms") }
+        // A fusion config for the gateway only means something with fusion in the gateway.
+        let f = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_FUSION_CONFIG": "fusion@canary"])
+        await #expect { try await GatewayApp(settings: f) } throws: { "\($0)".contains("fusion-config") }
+        let local = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_FUSION": "local", "STOCKPOT_GATEWAY_FUSION_CONFIG": "fusion@canary", "STOCKPOT_GATEWAY_REGISTRY": "127.0.0.1:1"]))
+        #expect(local.localFusion?.config == "fusion@canary" && local.localFusion?.registry.address == "127.0.0.1:1")
+        let badLocal = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_FUSION": "local", "STOCKPOT_GATEWAY_FUSION_CONFIG": "no such ref"])
+        await #expect { try await GatewayApp(settings: badLocal) } throws: { "\($0)".contains("fusion-config") }
         let l = try await ServiceSettings(service: "fusion", environment: ["STOCKPOT_LOG_LEVEL": "loud"])
         await #expect { try await l.logger("x") } throws: { "\($0)".contains("log-level") }
         await #expect { try await ServiceSettings(service: "fusion", environment: [:], file: "/nonexistent/stockpot.json") } throws: {
