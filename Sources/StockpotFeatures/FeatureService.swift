@@ -36,15 +36,18 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         return out
     }
 
-    func batch(_ kind: FeatureStore.Kind, ids: [Int64], columns requested: [String], field: String) async throws -> Stockpot_V1_EntityBatch {
-        guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
+    /// The columns a batch of `kind` returns: those requested (each must exist) or every stored one.
+    func columns(_ kind: FeatureStore.Kind, requested: [String], field: String) async throws -> [String] {
         let known = try await store.columns(kind)
-        let columns = requested.isEmpty ? known : requested
         let knownSet = Set(known)
         for c in requested where !knownSet.contains(c) {
             throw Status.invalidArgument("\(field): unknown \(kind.name) column '\(c)'")
         }
-        let rows = try await lookup(kind, ids: ids)
+        return requested.isEmpty ? known : requested
+    }
+
+    static func batch(ids: [Int64], columns: [String], rows: [Int64: [String: String]]) -> Stockpot_V1_EntityBatch {
+        guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
         return .with { b in
             b.ids = ids
             b.found = ids.map { rows[$0] != nil }
@@ -60,12 +63,24 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         }
         try limits.checkCount(request.userIds.count, field: "user_ids", allowEmpty: true)
         try limits.checkCount(request.itemIds.count, field: "item_ids", allowEmpty: true)
-        async let users = batch(.user, ids: request.userIds, columns: request.userColumns, field: "user_columns")
-        async let items = batch(.item, ids: request.itemIds, columns: request.itemColumns, field: "item_columns")
-        let (u, i) = try await (users, items)
+        let userColumns = request.userIds.isEmpty ? [] : try await columns(.user, requested: request.userColumns, field: "user_columns")
+        let itemColumns = request.itemIds.isEmpty ? [] : try await columns(.item, requested: request.itemColumns, field: "item_columns")
+        // Cache first; what it lacks of both kinds in one read of the store.
+        var users: [Int64: [String: String]] = [:], items: [Int64: [String: String]] = [:]
+        for (k, v) in cache.get(request.userIds.map { Key(kind: .user, id: $0) }) { users[k.id] = v }
+        for (k, v) in cache.get(request.itemIds.map { Key(kind: .item, id: $0) }) { items[k.id] = v }
+        let missingUsers = request.userIds.filter { users[$0] == nil }, missingItems = request.itemIds.filter { items[$0] == nil }
+        if !missingUsers.isEmpty || !missingItems.isEmpty {
+            let token = cache.readToken()
+            let fetched = try await store.get(users: missingUsers, items: missingItems)
+            cache.put(fetched.users.map { (Key(kind: .user, id: $0.key), $0.value) }
+                      + fetched.items.map { (Key(kind: .item, id: $0.key), $0.value) }, readAt: token)
+            users.merge(fetched.users) { a, _ in a }
+            items.merge(fetched.items) { a, _ in a }
+        }
         return .with {
-            $0.users = u
-            $0.items = i
+            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users)
+            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items)
         }
     }
 

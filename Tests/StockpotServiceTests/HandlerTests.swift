@@ -28,6 +28,13 @@ import StockpotServing
         #expect(r.users.columns.map(\.name) == ["fans_user_num_range", "user_active_degree"])
         #expect(r.users.columns[1].values == ["low_active", "", "full_active"])
         #expect(r.items.columns.first { $0.name == "video_type" }?.values == ["AD"])
+        // Again, partly from the cache: the same answer, and the misses of both kinds read in one go.
+        let again = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1, 2]; $0.itemIds = [10, 11, 12] }, context: $0) }
+        #expect(again.users.found == [true, true] && again.users.columns[1].values == ["full_active", "low_active"])
+        #expect(again.items.found == [true, true, false] && again.items.columns.first { $0.name == "video_type" }?.values == ["NORMAL", "AD", ""])
+        let store = try #require(s.store as? FeatureStore)
+        let both = try await store.get(users: [1, 3], items: [11, 10])
+        #expect(both.users.keys.sorted() == [1] && both.items.keys.sorted() == [10, 11] && both.items[10]?["video_type"] == "NORMAL")
     }
 
     @Test func badRequests() async throws {
