@@ -22,9 +22,11 @@ public protocol FeatureBackend: Sendable {
 }
 
 extension FeatureBackend {
-    /// Two reads, for backends without a combined one.
+    /// Two reads at once, for backends without a combined one (none for an empty list).
     public func get(users: [Int64], items: [Int64]) async throws -> (users: [Int64: [String: String]], items: [Int64: [String: String]]) {
-        (try await get(.user, ids: users), try await get(.item, ids: items))
+        async let u = users.isEmpty ? [:] : get(.user, ids: users)
+        async let i = items.isEmpty ? [:] : get(.item, ids: items)
+        return try await (u, i)
     }
 }
 

@@ -117,8 +117,9 @@ public struct GatewayApp {
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
         var fusionApp = localFusion
         fusionApp?.metrics = metrics
-        // With fusion in this process, the gateway reports SERVING once a fusion config is loaded (as the fusion
-        // service does), and its health lists the config watchers' entries.
+        // With fusion in this process, the gateway's health lists the config watchers' entries (NOT_SERVING until
+        // a config is loaded). The gateway itself serves meanwhile, as it does while a fusion service is down:
+        // equal weights, `degraded: fusion` — a layer never keeps the floor from serving.
         let health = HealthStatus()
         let local = try fusionApp.map { try $0.layer(logger: logger, health: health, metricsService: "gateway") }
         let clients = try ([features, scorer, corrector] + (local == nil ? [fusion] : [])).map {
@@ -146,11 +147,9 @@ public struct GatewayApp {
             metrics.gauge("stockpot_serving_log_queue_entries", l).record(s.queuedEntries)
             metrics.gauge("stockpot_serving_log_queue_bytes", l).record(s.queuedBytes)
         }
-        let ready: @Sendable () -> Bool
-        if let local { ready = local.ready } else { ready = { true } }
         let server = ServiceServer(name: "stockpot-gateway", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_GatewayService.descriptor.fullyQualifiedService],
-                                   health: health, metrics: metrics, logger: logger, ready: ready)
+                                   health: health, metrics: metrics, logger: logger)
         var quality: [any Service] = []
         if let log, let live = liveQuality {
             var o = LiveQuality.Options(servingLog: log.directory, labels: live.labels)

@@ -157,7 +157,8 @@ struct GatewayBench: AsyncParsableCommand {
                 // Until fusion serves (its config loaded): otherwise the cheaper equal-weights path would be timed.
                 let clock = ContinuousClock()
                 let fusionBy = clock.now + .seconds(60)
-                while try await !gateway.rank(request(counts.first ?? 10)).versions.contains(where: { $0.role == "fusion" }) {
+                // A failed Rank (a service still loading) is tried again until the deadline too.
+                while await (try? gateway.rank(request(counts.first ?? 10)))?.versions.contains(where: { $0.role == "fusion" }) != true {
                     guard clock.now < fusionBy else { throw ValidationError("fusion did not serve within 60 s (Ranks come back degraded)") }
                     try await Task.sleep(for: .milliseconds(200))
                 }
@@ -174,7 +175,7 @@ struct GatewayBench: AsyncParsableCommand {
                     // Wait until the corrector serves (its alias was just set).
                     let clock = ContinuousClock()
                     let until = clock.now + .seconds(60)
-                    while try await !gateway.rank(request(10, tail: true)).versions.contains(where: { $0.role == "corrector" }) {
+                    while await (try? gateway.rank(request(10, tail: true)))?.versions.contains(where: { $0.role == "corrector" }) != true {
                         guard clock.now < until else { throw ValidationError("the corrector did not load within 60 s") }
                         try await Task.sleep(for: .milliseconds(200))
                     }

@@ -28,13 +28,33 @@ import StockpotServing
         #expect(r.users.columns.map(\.name) == ["fans_user_num_range", "user_active_degree"])
         #expect(r.users.columns[1].values == ["low_active", "", "full_active"])
         #expect(r.items.columns.first { $0.name == "video_type" }?.values == ["AD"])
-        // Again, partly from the cache: the same answer, and the misses of both kinds read in one go.
+        // Again, partly from the cache: the same answer.
         let again = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1, 2]; $0.itemIds = [10, 11, 12] }, context: $0) }
         #expect(again.users.found == [true, true] && again.users.columns[1].values == ["full_active", "low_active"])
         #expect(again.items.found == [true, true, false] && again.items.columns.first { $0.name == "video_type" }?.values == ["NORMAL", "AD", ""])
         let store = try #require(s.store as? FeatureStore)
         let both = try await store.get(users: [1, 3], items: [11, 10])
         #expect(both.users.keys.sorted() == [1] && both.items.keys.sorted() == [10, 11] && both.items[10]?["video_type"] == "NORMAL")
+    }
+
+    /// A Rank's misses of both kinds cost one read of the store; what the cache holds costs none.
+    @Test func missesOfBothKindsAreReadTogether() async throws {
+        let store = try FeatureStore(path: ":memory:")
+        try store.putNow(.user, rows: [(1, ["d": "a"]), (2, ["d": "b"])])
+        try store.putNow(.item, rows: [(10, ["t": "x"]), (11, ["t": "y"])])
+        let backend = CountingBackend(store)
+        let s = FeatureService(store: backend, cache: FeatureCache(capacity: 100, ttl: .seconds(60)))
+        func get(_ users: [Int64], _ items: [Int64]) async throws -> Stockpot_V1_GetFeaturesResponse {
+            try await withContext { try await s.getFeatures(request: .with { $0.userIds = users; $0.itemIds = items }, context: $0) }
+        }
+        let r = try await get([1, 2], [10])
+        #expect(r.users.found == [true, true] && r.items.columns.first?.values == ["x"])
+        #expect(backend.calls.withLock { $0 } == ["both 2 1"])
+        _ = try await get([1, 2], [10])
+        #expect(backend.calls.withLock { $0 } == ["both 2 1"])
+        let more = try await get([2], [11, 12])
+        #expect(more.items.found == [true, false] && more.items.columns.first?.values == ["y", ""])
+        #expect(backend.calls.withLock { $0 } == ["both 2 1", "both 0 2"])
     }
 
     @Test func badRequests() async throws {
@@ -556,4 +576,22 @@ import Synchronization
         #expect(GatewayService.parseTimeout("10u") == .microseconds(10))
         for bad in ["", "m", "12", "123456789m", "-1m", "5x"] { #expect(GatewayService.parseTimeout(bad) == nil, "\(bad)") }
     }
+}
+
+/// A feature backend that records how it is read.
+final class CountingBackend: FeatureBackend {
+    let inner: FeatureStore
+    let calls = Mutex<[String]>([])
+    init(_ inner: FeatureStore) { self.inner = inner }
+    func get(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
+        calls.withLock { $0.append("get \(kind) \(ids.count)") }
+        return try await inner.get(kind, ids: ids)
+    }
+    func get(users: [Int64], items: [Int64]) async throws -> (users: [Int64: [String: String]], items: [Int64: [String: String]]) {
+        calls.withLock { $0.append("both \(users.count) \(items.count)") }
+        return try await inner.get(users: users, items: items)
+    }
+    func columns(_ kind: FeatureStore.Kind) async throws -> [String] { try await inner.columns(kind) }
+    func put(_ kind: FeatureStore.Kind, rows: [(Int64, [String: String])]) async throws -> Int { try await inner.put(kind, rows: rows) }
+    func count(_ kind: FeatureStore.Kind) async throws -> Int { try await inner.count(kind) }
 }
