@@ -48,11 +48,12 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
 
     static func batch(ids: [Int64], columns: [String], rows: [Int64: [String: String]]) -> Stockpot_V1_EntityBatch {
         guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
+        let ordered = ids.map { rows[$0] }   // each id looked up once, not once per column
         return .with { b in
             b.ids = ids
-            b.found = ids.map { rows[$0] != nil }
+            b.found = ordered.map { $0 != nil }
             b.columns = columns.map { name in
-                .with { c in c.name = name; c.values = ids.map { rows[$0]?[name] ?? "" } }
+                .with { c in c.name = name; c.values = ordered.map { $0?[name] ?? "" } }
             }
         }
     }
