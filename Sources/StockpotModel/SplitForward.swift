@@ -13,7 +13,12 @@ public enum FieldScope: Sendable, Equatable {
     /// The scope of a field reading `source`. A source the model cannot parse is constant (always missing), which
     /// is request scope.
     public init(source: String) {
-        guard let parsed = try? FieldSource(source) else { self = .request; return }
+        self.init(parsed: try? FieldSource(source))
+    }
+
+    /// The scope of a field whose source parsed to `parsed` (nil: unparsable, so request scope).
+    public init(parsed: FieldSource?) {
+        guard let parsed else { self = .request; return }
         switch parsed {
         case .log("video_id"), .video: self = .item
         case .videoAgeDays: self = .candidate
@@ -77,7 +82,8 @@ public final class SplitFirstLayer: Sendable {
     /// Nil when the model has no hidden layer (its first layer is the heads; nothing to split).
     public init?(model: LegacyModel) {
         guard let first = model.layers.first else { return nil }
-        let scopes = model.spec.fields.map { FieldScope(source: $0.source) }
+        let sources = model.spec.fields.map { try? FieldSource($0.source) }
+        let scopes = sources.map { FieldScope(parsed: $0) }
         var offsets: [Int] = []
         var col = 0
         for f in model.spec.fields {
@@ -97,7 +103,7 @@ public final class SplitFirstLayer: Sendable {
         candidateWidth = c.count
         width = first.outDim
         fieldCount = model.fieldCount
-        sources = model.spec.fields.map { try? FieldSource($0.source) }
+        self.sources = sources
         numericBoundaries = model.spec.fields.map { field in
             guard field.missing.isEmpty, case .buckets(let b) = field.encoding else { return nil }
             return b

@@ -83,21 +83,14 @@ public struct SplitRequestInputs: SplitInputs {
     let inputs: RankingInputs
     let encoder: FeatureEncoder
     let ids: [Int64]
-    /// Per model field: its parsed source (nil when unparsable: always the missing row).
-    let sources: [FieldSource?]
+    /// The model's split first layer: each field's scope, parsed source and numeric bucket boundaries.
+    let split: SplitFirstLayer
     /// Per model field reading an item column: that column's values (nil when the request lacks the column).
     let itemColumns: [[String]?]
-    /// The fields of each scope, in model order.
-    let requestFields: [Int]
-    let itemFields: [Int]
-    let candidateFields: [Int]
     /// `upload_dt` of every candidate, when the request carries it (for the item's age).
     let uploadDates: [String]?
     /// The request's day number (from the context's `date`), for the item's age.
     let requestDay: Int?
-    /// Per model field: the bucket boundaries of an item-age field encoded by buckets with no missing markers
-    /// (then encoded from the number directly, as the text would be).
-    let numericAge: [[Double]?]
 
     public init(_ inputs: RankingInputs, model: LegacyModel, split: SplitFirstLayer) {
         self.inputs = inputs
@@ -105,32 +98,28 @@ public struct SplitRequestInputs: SplitInputs {
         ids = inputs.candidates.ids
         var byName: [String: [String]] = [:]
         for c in inputs.candidates.columns { byName[c.name] = c.values }
-        sources = split.sources
-        itemColumns = sources.map { source in
+        self.split = split
+        itemColumns = split.sources.map { source in
             if case .video(let name) = source { return byName[name] }
             return nil
         }
-        requestFields = split.requestFields
-        itemFields = split.itemFields
-        candidateFields = split.candidateFields
         uploadDates = byName["upload_dt"]
         requestDay = inputs.context["date"].flatMap { Int($0) }.flatMap { DerivedFeatures.dayNumber(yyyymmdd: $0) }
-        numericAge = split.numericBoundaries
     }
 
     public var count: Int { ids.count }
 
     public func requestRows(into rows: UnsafeMutablePointer<Int32>) {
         let raw = RawFeatures(userId: inputs.userId, user: inputs.user, context: inputs.context)
-        for fi in requestFields {
-            guard let source = sources[fi] else { rows[fi] = 0; continue }
+        for fi in split.requestFields {
+            guard let source = split.sources[fi] else { rows[fi] = 0; continue }
             rows[fi] = encoder.row(field: fi, raw: raw.value(source, itemId: 0) { _ in nil })
         }
     }
 
     public func itemKey(_ s: Int) -> ItemKey {
         var h = FeatureHash.offsetBasis
-        for fi in itemFields {
+        for fi in split.itemFields {
             if let column = itemColumns[fi] {
                 h = (h ^ 0x01) &* FeatureHash.prime
                 let value = column[s]
@@ -145,8 +134,8 @@ public struct SplitRequestInputs: SplitInputs {
     }
 
     public func itemRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
-        for fi in itemFields {
-            switch sources[fi] {
+        for fi in split.itemFields {
+            switch split.sources[fi] {
             case .log("video_id")?: rows[fi] = encoder.row(field: fi, raw: String(ids[s]))
             case .video?: rows[fi] = encoder.row(field: fi, raw: itemColumns[fi]?[s] ?? "")
             default: rows[fi] = 0
@@ -155,8 +144,8 @@ public struct SplitRequestInputs: SplitInputs {
     }
 
     public func candidateRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
-        for fi in candidateFields where sources[fi] == .videoAgeDays {
-            if let boundaries = numericAge[fi] {
+        for fi in split.candidateFields where split.sources[fi] == .videoAgeDays {
+            if let boundaries = split.numericBoundaries[fi] {
                 guard let today = requestDay, let dates = uploadDates, let uploaded = DerivedFeatures.fastDayNumber(isoDate: dates[s]) else {
                     rows[fi] = 0
                     continue
