@@ -22,18 +22,25 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     /// Rows for `ids` (cache first, then the store; found rows are cached unless a write touched them while
     /// they were being read).
     public func lookup(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
-        let keys = ids.map { Key(kind: kind, id: $0) }
-        let cached = cache.get(keys)
-        var out: [Int64: [String: String]] = [:]
-        for (k, v) in cached { out[k.id] = v }
-        let missing = ids.filter { out[$0] == nil }
-        if !missing.isEmpty {
-            let token = cache.readToken()
-            let fetched = try await store.get(kind, ids: missing)
-            cache.put(fetched.map { (Key(kind: kind, id: $0.key), $0.value) }, readAt: token)
-            out.merge(fetched) { a, _ in a }
-        }
-        return out
+        let rows = try await lookup(users: kind == .user ? ids : [], items: kind == .item ? ids : [])
+        return kind == .user ? rows.users : rows.items
+    }
+
+    /// Rows for `users` and `items`: cache first, then what it lacks of both kinds in one read of the store
+    /// (cached unless a write touched them while they were being read).
+    public func lookup(users: [Int64], items: [Int64]) async throws -> (users: [Int64: [String: String]], items: [Int64: [String: String]]) {
+        var found: (users: [Int64: [String: String]], items: [Int64: [String: String]]) = ([:], [:])
+        for (k, v) in cache.get(users.map { Key(kind: .user, id: $0) }) { found.users[k.id] = v }
+        for (k, v) in cache.get(items.map { Key(kind: .item, id: $0) }) { found.items[k.id] = v }
+        let missingUsers = users.filter { found.users[$0] == nil }, missingItems = items.filter { found.items[$0] == nil }
+        guard !missingUsers.isEmpty || !missingItems.isEmpty else { return found }
+        let token = cache.readToken()
+        let fetched = try await store.get(users: missingUsers, items: missingItems)
+        cache.put(fetched.users.map { (Key(kind: .user, id: $0.key), $0.value) }
+                  + fetched.items.map { (Key(kind: .item, id: $0.key), $0.value) }, readAt: token)
+        found.users.merge(fetched.users) { a, _ in a }
+        found.items.merge(fetched.items) { a, _ in a }
+        return found
     }
 
     /// The columns a batch of `kind` returns: those requested (each must exist) or every stored one.
@@ -66,19 +73,7 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         try limits.checkCount(request.itemIds.count, field: "item_ids", allowEmpty: true)
         let userColumns = request.userIds.isEmpty ? [] : try await columns(.user, requested: request.userColumns, field: "user_columns")
         let itemColumns = request.itemIds.isEmpty ? [] : try await columns(.item, requested: request.itemColumns, field: "item_columns")
-        // Cache first; what it lacks of both kinds in one read of the store.
-        var users: [Int64: [String: String]] = [:], items: [Int64: [String: String]] = [:]
-        for (k, v) in cache.get(request.userIds.map { Key(kind: .user, id: $0) }) { users[k.id] = v }
-        for (k, v) in cache.get(request.itemIds.map { Key(kind: .item, id: $0) }) { items[k.id] = v }
-        let missingUsers = request.userIds.filter { users[$0] == nil }, missingItems = request.itemIds.filter { items[$0] == nil }
-        if !missingUsers.isEmpty || !missingItems.isEmpty {
-            let token = cache.readToken()
-            let fetched = try await store.get(users: missingUsers, items: missingItems)
-            cache.put(fetched.users.map { (Key(kind: .user, id: $0.key), $0.value) }
-                      + fetched.items.map { (Key(kind: .item, id: $0.key), $0.value) }, readAt: token)
-            users.merge(fetched.users) { a, _ in a }
-            items.merge(fetched.items) { a, _ in a }
-        }
+        let (users, items) = try await lookup(users: request.userIds, items: request.itemIds)
         return .with {
             $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users)
             $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items)

@@ -39,7 +39,7 @@ public struct FusionApp {
     /// whether a config is loaded.
     /// - Parameter metricsService: the `service` label of its `stockpot_model_version` gauge (the process it
     ///   runs in).
-    public func layer(logger: Logger, health: HealthStatus = HealthStatus(), metricsService: String = "fusion") throws
+    public func layer(logger: Logger, health: HealthStatus, metricsService: String = "fusion") throws
         -> (service: FusionService, services: [any Service], ready: @Sendable () -> Bool) {
         let client = try registry.makeClient()
         let watcher = registry.watcher(reference: config, client: client, logger: logger, health: health) { _, folder in

@@ -53,7 +53,6 @@ public struct GatewayApp {
             guard case .success = ModelReference.parse(app.config) else {
                 throw ServiceSettings.SettingError(description: "setting 'fusion-config': '\(app.config)' is not a model reference")
             }
-            app.limits = config.limits
             localFusion = app
         }
         if let crowds = try await settings.list("corrected-crowds") { config.correctedCrowds = Set(crowds) }
@@ -117,6 +116,7 @@ public struct GatewayApp {
     public func build(logger: Logger) throws -> (server: ServiceServer, log: ServingLog?, services: [any Service]) {
         var fusionApp = localFusion
         fusionApp?.metrics = metrics
+        fusionApp?.limits = config.limits
         // With fusion in this process, the gateway's health lists the config watchers' entries (NOT_SERVING until
         // a config is loaded). The gateway itself serves meanwhile, as it does while a fusion service is down:
         // equal weights, `degraded: fusion` — a layer never keeps the floor from serving.
@@ -126,7 +126,8 @@ public struct GatewayApp {
             try ServiceClient(target: $0, loop: ServingLoop.named("stockpot-gateway"))
         }
         let log = servingLog.map { ServingLog(options: $0, logger: logger) }
-        let fusionLayer: GatewayClients.Fusion = local.map { .local($0.service) } ?? .remote(.init(wrapping: clients[3].client))
+        let fusionLayer: GatewayClients.Fusion
+        if let local { fusionLayer = .local(local.service) } else { fusionLayer = .remote(.init(wrapping: clients[3].client)) }
         let service = GatewayService(clients: GatewayClients(features: clients[0].client, scorer: clients[1].client,
                                                              corrector: clients[2].client, fusion: fusionLayer),
                                      config: config, log: log, metrics: metrics, logger: logger)

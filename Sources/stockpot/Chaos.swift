@@ -35,8 +35,7 @@ struct Chaos: AsyncParsableCommand {
         let work = URL(fileURLWithPath: data).standardizedFileURL
         try? FileManager.default.removeItem(at: work)
         try FileManager.default.createDirectory(at: work.appendingPathComponent("logs"), withIntermediateDirectories: true)
-        let binDir = bin.map { URL(fileURLWithPath: $0) }
-            ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        let binDir = Fleet.binFolder(bin)
         let kuaiRand = kuairand.map { URL(fileURLWithPath: $0) } ?? KuaiRandData.defaultDirectory()
         let ports = ChaosPorts(base: basePort)
         let fleet = Fleet(bin: binDir, logs: work.appendingPathComponent("logs"))
@@ -159,6 +158,12 @@ struct ChaosPorts {
 
 /// The harness's child processes, by name.
 final class Fleet: @unchecked Sendable {
+    /// The folder holding the `stockpot-*` executables: `given`, or this binary's folder.
+    static func binFolder(_ given: String?) -> URL {
+        given.map { URL(fileURLWithPath: $0) }
+            ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+    }
+
     private let bin: URL
     private let logs: URL
     private var processes: [String: (process: Process, arguments: [String], niceness: Int?)] = [:]

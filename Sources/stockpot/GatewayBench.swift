@@ -47,6 +47,9 @@ struct GatewayBench: AsyncParsableCommand {
         if gateway != nil && (localFusion || processes) {
             throw ValidationError("--gateway measures a gateway as it runs: --local-fusion and --processes apply to services this command starts")
         }
+        if gateway != nil && corrector {
+            throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)")
+        }
         if plot != nil && candidates.split(separator: ",").count != 1 {
             throw ValidationError("--plot draws one candidate count's curve: give a single --candidates value")
         }
@@ -63,14 +66,10 @@ struct GatewayBench: AsyncParsableCommand {
         options.localFusion = localFusion
         let fixed = options
         if let gateway {
-            guard !corrector else { throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)") }
-            guard !processes else { throw ValidationError("--gateway and --processes exclude each other") }
             Console.out("a running gateway at \(gateway)")
             try await measure(gateway: gateway, registry: "", token: nil, options: fixed, counts: counts, levels: levels)
         } else if processes {
-            let binDir = bin.map { URL(fileURLWithPath: $0) }
-                ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
-            try await Self.withProcesses(options: fixed, bin: binDir, maxInFlight: maxInFlight) { gateway, registry, token in
+            try await Self.withProcesses(options: fixed, bin: Fleet.binFolder(bin)) { gateway, registry, token in
                 Console.out("the six services as separate processes (stockpot-* executables), gateway at \(gateway)")
                 try await measure(gateway: gateway, registry: registry, token: token, options: fixed, counts: counts, levels: levels)
             }
@@ -88,7 +87,7 @@ struct GatewayBench: AsyncParsableCommand {
     /// Runs the six executables beside this binary as separate processes on the suite's data folder and ports
     /// (bootstrapping the registry as `stockpot suite` does), calls `body` with the gateway's and the registry's
     /// addresses and the admin token, and stops them.
-    static func withProcesses(options: LocalSuite.Options, bin: URL, maxInFlight: Int,
+    static func withProcesses(options: LocalSuite.Options, bin: URL,
                               _ body: (String, String, String?) async throws -> Void) async throws {
         let dir = options.dataDirectory.standardizedFileURL
         let logs = dir.appendingPathComponent("logs")
@@ -116,7 +115,7 @@ struct GatewayBench: AsyncParsableCommand {
         }
         try fleet.start("gateway", ["--port", "\(p[5])", "--features", address(1), "--scorer", address(2), "--corrector", address(3),
                                     "--serving-log", dir.appendingPathComponent("serving-log").path,
-                                    "--max-in-flight", "\(maxInFlight)",
+                                    "--max-in-flight", "\(options.gateway.maxInFlight)",
                                     "--quality-labels", options.kuaiRand.appendingPathComponent(KuaiRandData.logFile).path,
                                     "--quality-interval-seconds", "30"]
                                     + (options.localFusion
@@ -154,14 +153,18 @@ struct GatewayBench: AsyncParsableCommand {
             try await withGRPCClient(transport: gatewayTransport) { client in
                 let gateway = Stockpot_V1_GatewayService.Client(wrapping: client)
                 let health = Grpc_Health_V1_Health.Client(wrapping: client)
-                // Until fusion serves (its config loaded): otherwise the cheaper equal-weights path would be timed.
-                let clock = ContinuousClock()
-                let fusionBy = clock.now + .seconds(60)
-                // A failed Rank (a service still loading) is tried again until the deadline too.
-                while await (try? gateway.rank(request(counts.first ?? 10)))?.versions.contains(where: { $0.role == "fusion" }) != true {
-                    guard clock.now < fusionBy else { throw ValidationError("fusion did not serve within 60 s (Ranks come back degraded)") }
-                    try await Task.sleep(for: .milliseconds(200))
+                // Until a Rank comes back with a layer's version; a failed Rank (a service still loading) is tried
+                // again until the deadline too.
+                func waitFor(role: String, _ make: () -> Stockpot_V1_RankRequest) async throws {
+                    let clock = ContinuousClock()
+                    let until = clock.now + .seconds(60)
+                    while await (try? gateway.rank(make()))?.versions.contains(where: { $0.role == role }) != true {
+                        guard clock.now < until else { throw ValidationError("the \(role) layer did not serve within 60 s (Ranks come back degraded)") }
+                        try await Task.sleep(for: .milliseconds(200))
+                    }
                 }
+                // Until fusion serves (its config loaded): otherwise the cheaper equal-weights path would be timed.
+                try await waitFor(role: "fusion") { request(counts.first ?? 10) }
                 // Warm-up: caches, connections, code paths.
                 for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n)) } }
                 var floor: [Double] = []
@@ -173,12 +176,7 @@ struct GatewayBench: AsyncParsableCommand {
                 Console.out(String(format: "health Check (per-hop floor): p50 %.3f ms  p99 %.3f ms", percentile(floor, 0.5), percentile(floor, 0.99)))
                 if corrector {
                     // Wait until the corrector serves (its alias was just set).
-                    let clock = ContinuousClock()
-                    let until = clock.now + .seconds(60)
-                    while await (try? gateway.rank(request(10, tail: true)))?.versions.contains(where: { $0.role == "corrector" }) != true {
-                        guard clock.now < until else { throw ValidationError("the corrector did not load within 60 s") }
-                        try await Task.sleep(for: .milliseconds(200))
-                    }
+                    try await waitFor(role: "corrector") { request(10, tail: true) }
                     for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n, tail: true)) } }
                 }
                 for n in counts {
@@ -361,8 +359,9 @@ struct GatewayBench: AsyncParsableCommand {
         var ft: [Double] = []
         for _ in 0..<50 {
             let s = ContinuousClock.now
-            user = try await features.lookup(.user, ids: [request.userID])[request.userID] ?? [:]
-            items = try await features.lookup(.item, ids: request.candidateIds)
+            let rows = try await features.lookup(users: [request.userID], items: request.candidateIds)
+            user = rows.users[request.userID] ?? [:]
+            items = rows.items
             ft.append((ContinuousClock.now - s).ms)
         }
         let f = percentile(ft, 0.5)

@@ -40,8 +40,7 @@ struct SwapBench: AsyncParsableCommand {
         let work = URL(fileURLWithPath: data).standardizedFileURL
         try? FileManager.default.removeItem(at: work)
         try FileManager.default.createDirectory(at: work.appendingPathComponent("logs"), withIntermediateDirectories: true)
-        let binDir = bin.map { URL(fileURLWithPath: $0) }
-            ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        let binDir = Fleet.binFolder(bin)
         let kuaiRand = kuairand.map { URL(fileURLWithPath: $0) } ?? KuaiRandData.defaultDirectory()
         let fleet = Fleet(bin: binDir, logs: work.appendingPathComponent("logs"))
         defer { fleet.stopAll() }
