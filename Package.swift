@@ -9,6 +9,7 @@ let optimized: [SwiftSetting] = [.unsafeFlags(["-O"])]
 let grpc: [Target.Dependency] = [
     .product(name: "GRPCCore", package: "grpc-swift-2"),
     .product(name: "GRPCNIOTransportHTTP2Posix", package: "grpc-swift-nio-transport"),
+    .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
     .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
     .product(name: "SwiftProtobuf", package: "swift-protobuf"),
     .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -20,6 +20,8 @@ public struct CorrectorApp {
     public var maxQueued = 64
     /// Items whose first-layer contribution each loaded corrector caches (`ItemContributionCache`; 0 = none).
     public var itemCacheEntries = ServableModel.defaultItemCacheEntries
+    /// Also serve callers in this process over the in-process transport (`ServiceServer.inProcess`).
+    public var inProcess = false
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -84,7 +86,7 @@ public struct CorrectorApp {
         let server = ServiceServer(name: "stockpot-corrector", host: host, port: port,
                                    services: [CorrectorService(crowds: watchers, alternates: alternates, shadows: shadows, limits: limits)],
                                    serviceNames: [Stockpot_V1_CorrectorService.descriptor.fullyQualifiedService],
-                                   health: health, metrics: metrics, logger: logger)
+                                   health: health, metrics: metrics, logger: logger, inProcess: inProcess)
         let others = alternates.keys.sorted().flatMap { alternates[$0]! } + shadows.keys.sorted().map { shadows[$0]! }
         for w in others { ModelMetrics.observe(w, service: "corrector", metrics: metrics) }
         return (server, [client] + watchers.keys.sorted().map { watchers[$0]! } + others + [server])

@@ -14,6 +14,8 @@ public struct FeaturesApp {
     /// Loads KuaiRand's user and video feature files into an empty store at start.
     public var importKuaiRand: URL?
     public var limits = RequestLimits()
+    /// Also serve callers in this process over the in-process transport (`ServiceServer.inProcess`).
+    public var inProcess = false
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -48,7 +50,7 @@ public struct FeaturesApp {
         }
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger)
+                                   metrics: metrics, logger: logger, inProcess: inProcess)
         return (server, service, [server])
     }
 }

@@ -11,6 +11,8 @@ public struct FusionApp {
     public var config = "fusion@production"
     public var registry = RegistryAccess()
     public var limits = RequestLimits()
+    /// Also serve callers in this process over the in-process transport (`ServiceServer.inProcess`).
+    public var inProcess = false
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -30,7 +32,7 @@ public struct FusionApp {
         let layer = try self.layer(logger: logger, health: health)
         let server = ServiceServer(name: "stockpot-fusion", host: host, port: port, services: [layer.service],
                                    serviceNames: [Stockpot_V1_FusionService.descriptor.fullyQualifiedService],
-                                   health: health, metrics: metrics, logger: logger, ready: layer.ready)
+                                   health: health, metrics: metrics, logger: logger, inProcess: inProcess, ready: layer.ready)
         return (server, layer.services + [server])
     }
 

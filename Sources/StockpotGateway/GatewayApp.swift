@@ -1,4 +1,5 @@
 import Foundation
+import GRPCInProcessTransport
 import Logging
 import StockpotFusion
 import StockpotLogFormat
@@ -18,6 +19,9 @@ public struct GatewayApp {
     public var fusion = "127.0.0.1:\(DefaultPorts.fusion)"
     /// Fusion in this process instead (`fusion` = `local`): its config reference and registry access.
     public var localFusion: FusionApp?
+    /// Downstream services in this process, reached over the in-process transport instead of their address:
+    /// keys `features`, `scorer`, `corrector`, `fusion` (the one-process suite).
+    public var inProcess: [String: InProcessTransport] = [:]
     /// The serving log (nil: off).
     public var servingLog: ServingLog.Options? = ServingLog.Options(directory: URL(fileURLWithPath: "data/serving-log"))
     public var config = GatewayConfig()
@@ -122,15 +126,24 @@ public struct GatewayApp {
         // equal weights, `degraded: fusion` — a layer never keeps the floor from serving.
         let health = HealthStatus()
         let local = try fusionApp.map { try $0.layer(logger: logger, health: health, metricsService: "gateway") }
-        let clients = try ([features, scorer, corrector] + (local == nil ? [fusion] : [])).map {
-            try ServiceClient(target: $0, loop: ServingLoop.named("stockpot-gateway"))
+        var targets = [("features", features), ("scorer", scorer), ("corrector", corrector)]
+        if local == nil { targets.append(("fusion", fusion)) }
+        let links = try targets.map { name, target in
+            try ServiceLink(target: target, inProcess: inProcess[name], loop: ServingLoop.named("stockpot-gateway"))
         }
         let log = servingLog.map { ServingLog(options: $0, logger: logger) }
         let fusionLayer: GatewayClients.Fusion
-        if let local { fusionLayer = .local(local.service) } else { fusionLayer = .remote(.init(wrapping: clients[3].client)) }
-        let service = GatewayService(clients: GatewayClients(features: clients[0].client, scorer: clients[1].client,
-                                                             corrector: clients[2].client, fusion: fusionLayer),
-                                     config: config, log: log, metrics: metrics, logger: logger)
+        if let local {
+            fusionLayer = .local(local.service)
+        } else {
+            fusionLayer = .remote(links[3].wrapped({ Stockpot_V1_FusionService.Client(wrapping: $0) }, { Stockpot_V1_FusionService.Client(wrapping: $0) }))
+        }
+        let clients = GatewayClients(
+            features: links[0].wrapped({ Stockpot_V1_FeatureService.Client(wrapping: $0) }, { Stockpot_V1_FeatureService.Client(wrapping: $0) }),
+            scorer: links[1].wrapped({ Stockpot_V1_ScorerService.Client(wrapping: $0) }, { Stockpot_V1_ScorerService.Client(wrapping: $0) }),
+            corrector: links[2].wrapped({ Stockpot_V1_CorrectorService.Client(wrapping: $0) }, { Stockpot_V1_CorrectorService.Client(wrapping: $0) }),
+            fusion: fusionLayer)
+        let service = GatewayService(clients: clients, config: config, log: log, metrics: metrics, logger: logger)
         let metrics = self.metrics
         metrics.addCollector {
             for (layer, state) in service.layers.snapshot {
@@ -157,6 +170,6 @@ public struct GatewayApp {
             o.interval = live.interval
             quality = [LiveQuality(options: o, metrics: metrics, logger: logger)]
         }
-        return (server, log, clients + (local?.services ?? []) + (log.map { [$0] } ?? []) + quality + [server])
+        return (server, log, links.map(\.service) + (local?.services ?? []) + (log.map { [$0] } ?? []) + quality + [server])
     }
 }

@@ -45,28 +45,34 @@ public struct GatewayConfig: Sendable {
 /// in the gateway's own process (`--fusion local`: one RPC fewer per Rank; the configs still come from the
 /// registry, released by the team that owns them).
 public struct GatewayClients: Sendable {
-    public let features: Stockpot_V1_FeatureService.Client<HTTP2ClientTransport.Posix>
-    public let scorer: Stockpot_V1_ScorerService.Client<HTTP2ClientTransport.Posix>
-    public let corrector: Stockpot_V1_CorrectorService.Client<HTTP2ClientTransport.Posix>
+    /// Clients over HTTP/2 (`ServiceClient`) or, for services in the gateway's process, over the in-process
+    /// transport (`ServiceServer.inProcess`): the pipeline is the same either way.
+    public let features: any Stockpot_V1_FeatureService.ClientProtocol
+    public let scorer: any Stockpot_V1_ScorerService.ClientProtocol
+    public let corrector: any Stockpot_V1_CorrectorService.ClientProtocol
     /// Where fusion runs.
     public let fusion: Fusion
 
     /// Where fusion runs: another service, or this process.
     public enum Fusion: Sendable {
-        case remote(Stockpot_V1_FusionService.Client<HTTP2ClientTransport.Posix>)
+        case remote(any Stockpot_V1_FusionService.ClientProtocol)
         case local(FusionService)
     }
 
-    public init(features: GRPCClient<HTTP2ClientTransport.Posix>, scorer: GRPCClient<HTTP2ClientTransport.Posix>,
-                corrector: GRPCClient<HTTP2ClientTransport.Posix>, fusion: GRPCClient<HTTP2ClientTransport.Posix>) {
-        self.init(features: features, scorer: scorer, corrector: corrector, fusion: .remote(.init(wrapping: fusion)))
+    public init<T: ClientTransport>(features: GRPCClient<T>, scorer: GRPCClient<T>, corrector: GRPCClient<T>, fusion: GRPCClient<T>) {
+        self.init(features: features, scorer: scorer, corrector: corrector, fusion: .remote(Stockpot_V1_FusionService.Client(wrapping: fusion)))
     }
 
-    public init(features: GRPCClient<HTTP2ClientTransport.Posix>, scorer: GRPCClient<HTTP2ClientTransport.Posix>,
-                corrector: GRPCClient<HTTP2ClientTransport.Posix>, fusion: Fusion) {
-        self.features = .init(wrapping: features)
-        self.scorer = .init(wrapping: scorer)
-        self.corrector = .init(wrapping: corrector)
+    public init<T: ClientTransport>(features: GRPCClient<T>, scorer: GRPCClient<T>, corrector: GRPCClient<T>, fusion: Fusion) {
+        self.init(features: Stockpot_V1_FeatureService.Client(wrapping: features), scorer: Stockpot_V1_ScorerService.Client(wrapping: scorer),
+                  corrector: Stockpot_V1_CorrectorService.Client(wrapping: corrector), fusion: fusion)
+    }
+
+    public init(features: any Stockpot_V1_FeatureService.ClientProtocol, scorer: any Stockpot_V1_ScorerService.ClientProtocol,
+                corrector: any Stockpot_V1_CorrectorService.ClientProtocol, fusion: Fusion) {
+        self.features = features
+        self.scorer = scorer
+        self.corrector = corrector
         self.fusion = fusion
     }
 

@@ -22,6 +22,8 @@ public struct ScorerApp {
     public var alternates: [String]?
     /// Versions kept loaded beyond those served (the previous production version, for an instant rollback).
     public var keepPrevious = 1
+    /// Also serve callers in this process over the in-process transport (`ServiceServer.inProcess`).
+    public var inProcess = false
     /// Where the service's metrics go.
     public var metrics: MetricsHub = .process
 
@@ -78,7 +80,7 @@ public struct ScorerApp {
         let server = ServiceServer(name: "stockpot-scorer", host: host, port: port,
                                    services: [ScorerService(models: watcher, alternates: alternates, limits: limits, recent: recent)],
                                    serviceNames: [Stockpot_V1_ScorerService.descriptor.fullyQualifiedService],
-                                   health: health, metrics: metrics, logger: logger, ready: { watcher.value != nil })
+                                   health: health, metrics: metrics, logger: logger, inProcess: inProcess, ready: { watcher.value != nil })
         return (server, watcher, [client, watcher] + alternates + [server])
     }
 }

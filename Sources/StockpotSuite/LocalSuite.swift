@@ -16,7 +16,9 @@ import StockpotTraining
 import Synchronization
 
 /// The six services on loopback in one process, each a real gRPC server over HTTP/2 with its own service group,
-/// started in dependency order (registry, features, scorer, corrector, fusion, gateway). On first start an empty
+/// started in dependency order (registry, features, scorer, corrector, fusion, gateway). The gateway reaches
+/// the four services it calls over the in-process transport (`Options.inProcessHops`); every service still
+/// listens on its port for other callers. On first start an empty
 /// registry gets a legacy model trained on KuaiRand-Pure (`legacy@production`) and the default fusion config
 /// (`fusion@production`). Used by `stockpot suite` and by the integration tests (ports 0).
 public final class LocalSuite: Sendable {
@@ -33,6 +35,10 @@ public final class LocalSuite: Sendable {
         /// The gateway fuses in its own process (`stockpot-gateway --fusion local`) instead of calling the fusion
         /// service, which still runs for other callers.
         public var localFusion = false
+        /// The gateway calls the services of this process over grpc-swift's in-process transport (same RPCs,
+        /// deadlines and interceptors, no sockets or HTTP/2 framing); false: over HTTP/2 on loopback, as
+        /// separate processes do.
+        public var inProcessHops = true
         public var log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }
 
         public init() {}
@@ -102,6 +108,7 @@ public final class LocalSuite: Sendable {
         featuresApp.port = o.ports[1]
         featuresApp.databasePath = dir.appendingPathComponent("features.sqlite").path
         featuresApp.importKuaiRand = o.kuaiRand
+        featuresApp.inProcess = o.inProcessHops
         let features = try featuresApp.build(logger: logger)
         try await launch("features", server: features.server, services: features.services)
 
@@ -114,6 +121,7 @@ public final class LocalSuite: Sendable {
         scorerApp.port = o.ports[2]
         scorerApp.registry = access
         scorerApp.workers = 2
+        scorerApp.inProcess = o.inProcessHops
         let scorer = try scorerApp.build(logger: logger)
         try await launch("scorer", server: scorer.server, services: scorer.services)
 
@@ -122,12 +130,14 @@ public final class LocalSuite: Sendable {
         correctorApp.registry = access
         correctorApp.crowds = Array(o.gateway.correctedCrowds).sorted()
         correctorApp.workers = 2
+        correctorApp.inProcess = o.inProcessHops
         let corrector = try correctorApp.build(logger: logger)
         try await launch("corrector", server: corrector.server, services: corrector.services)
 
         var fusionApp = FusionApp()
         fusionApp.port = o.ports[4]
         fusionApp.registry = access
+        fusionApp.inProcess = o.inProcessHops
         let fusion = try fusionApp.build(logger: logger)
         try await launch("fusion", server: fusion.server, services: fusion.services)
 
@@ -137,6 +147,8 @@ public final class LocalSuite: Sendable {
         gatewayApp.scorer = address("scorer")
         gatewayApp.corrector = address("corrector")
         gatewayApp.fusion = address("fusion")
+        gatewayApp.inProcess = [("features", features.server), ("scorer", scorer.server), ("corrector", corrector.server),
+                                ("fusion", fusion.server)].reduce(into: [:]) { links, s in links[s.0] = s.1.inProcess }
         gatewayApp.servingLog = ServingLog.Options(directory: dir.appendingPathComponent("serving-log"))
         // Live calibration of what the suite serves, against the KuaiRand labels of the same impressions.
         gatewayApp.liveQuality = (o.kuaiRand.appendingPathComponent(KuaiRandData.logFile), .seconds(30))

@@ -38,15 +38,18 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "Measure a gateway already running at this address (host:port; e.g. another build's `stockpot suite` on --data) instead of starting the services. Needs --no-corrector.")
     var gateway: String?
     @Flag(help: "The gateway fuses in its own process (`--fusion local`) instead of calling the fusion service.") var localFusion = false
+    @Flag(help: "In this process: the gateway calls the other services over HTTP/2 on loopback instead of the in-process transport.")
+    var tcpHops = false
     @Option(help: "With --processes: the folder holding the stockpot-* executables (default: this binary's folder).") var bin: String?
     @Flag(help: "Run the six services as separate processes (the stockpot-* executables beside this binary, on the same data folder and ports) instead of in this process.")
     var processes = false
 
     func validate() throws {
         if let sweepBase, !(sweepBase.isFinite && sweepBase > 0) { throw ValidationError("--sweep-base must be a positive rate, not \(sweepBase)") }
-        if gateway != nil && (localFusion || processes) {
-            throw ValidationError("--gateway measures a gateway as it runs: --local-fusion and --processes apply to services this command starts")
+        if gateway != nil && (localFusion || processes || tcpHops) {
+            throw ValidationError("--gateway measures a gateway as it runs: --local-fusion, --processes and --tcp-hops apply to services this command starts")
         }
+        if processes && tcpHops { throw ValidationError("--tcp-hops applies to the services in this process; --processes always calls over TCP") }
         if gateway != nil && corrector {
             throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)")
         }
@@ -64,6 +67,7 @@ struct GatewayBench: AsyncParsableCommand {
         options.log = { _ in }
         options.gateway.maxInFlight = maxInFlight
         options.localFusion = localFusion
+        options.inProcessHops = !tcpHops
         let fixed = options
         if let gateway {
             Console.out("a running gateway at \(gateway)")
@@ -77,7 +81,8 @@ struct GatewayBench: AsyncParsableCommand {
             let suite = LocalSuite(options: fixed)
             try await suite.run { suite in
                 try await suite.waitUntilServing()
-                Console.out("the six services in this process (stockpot suite), gateway at \(suite.address("gateway"))")
+                Console.out("the six services in this process (stockpot suite; the gateway's calls "
+                            + (fixed.inProcessHops ? "in-process" : "over HTTP/2 on loopback") + "), gateway at \(suite.address("gateway"))")
                 try await measure(gateway: suite.address("gateway"), registry: suite.address("registry"), token: try suite.adminToken(),
                                   options: fixed, counts: counts, levels: levels)
             }

@@ -23,6 +23,8 @@ struct Suite: AsyncParsableCommand {
     @Flag(help: "Exit after the demo requests instead of serving until Ctrl-C.") var exitAfterDemo = false
     @Option(help: "Port of the Prometheus /metrics endpoint for all six services (0 = any free port, off = none).") var metricsPort: String = "9464"
     @Flag(help: "The gateway fuses in its own process (one RPC fewer per Rank) instead of calling the fusion service.") var localFusion = false
+    @Flag(help: "The gateway calls the other services of this process over HTTP/2 on loopback, as separate processes do, instead of the in-process transport.")
+    var tcpHops = false
     @Option(help: "Ranks the gateway serves at once; more are refused at once with RESOURCE_EXHAUSTED (0 = no limit).")
     var maxInFlight: Int = GatewayConfig().maxInFlight
 
@@ -48,6 +50,7 @@ struct Suite: AsyncParsableCommand {
         if let kuairand { options.kuaiRand = URL(fileURLWithPath: kuairand) }
         options.ports = (0..<6).map { basePort + $0 }
         options.localFusion = localFusion
+        options.inProcessHops = !tcpHops
         options.gateway.maxInFlight = maxInFlight
         let suite = LocalSuite(options: options)
         let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand

@@ -1,5 +1,6 @@
 import Foundation
 import GRPCCore
+import GRPCInProcessTransport
 import GRPCNIOTransportHTTP2Posix
 import Logging
 import StockpotFusion
@@ -207,8 +208,9 @@ struct FakeFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
 
 /// Runs `body` against a gateway whose four downstream services are fakes on one loopback server.
 /// - Parameter localFusion: fuse in the gateway with this service instead of calling the fake fusion service.
+/// - Parameter inProcess: the gateway reaches the fakes over the in-process transport instead of HTTP/2.
 func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics: MetricsHub = MetricsHub(),
-                        localFusion: FusionService? = nil, configure: (inout GatewayConfig) -> Void = { _ in },
+                        localFusion: FusionService? = nil, inProcess: Bool = false, configure: (inout GatewayConfig) -> Void = { _ in },
                         _ body: @Sendable (GatewayService) async throws -> Void) async throws {
     var config = GatewayConfig()
     // Generous: a debug build runs these beside the whole suite (training included) on two cores. `slow` is
@@ -219,20 +221,33 @@ func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics:
     // Shadow calls are random extra scorer calls: off unless a test turns them on.
     config.shadow.share = 0
     configure(&config)
+    let fakes: [any RegistrableRPCService] = [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults),
+                                              FakeFusion(faults: faults)]
+    let fixed = config
+    @Sendable func run<T: ClientTransport>(_ client: GRPCClient<T>) async throws {
+        let fusion: GatewayClients.Fusion = localFusion.map { .local($0) } ?? .remote(Stockpot_V1_FusionService.Client(wrapping: client))
+        let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: fusion),
+                                     config: fixed, log: nil, metrics: metrics, logger: logger)
+        try await body(gateway)
+    }
+    if inProcess {
+        let link = InProcessTransport()
+        let server = GRPCServer(transport: link.server, services: fakes, interceptors: [ServerTracingInterceptor()])
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await server.serve() }
+            try await withGRPCClient(transport: link.client, interceptors: [ClientTracingInterceptor()]) { try await run($0) }
+            server.beginGracefulShutdown()
+        }
+        return
+    }
     let server = GRPCServer(
         transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
-        services: [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults), FakeFusion(faults: faults)],
-        interceptors: [ServerTracingInterceptor()])
+        services: fakes, interceptors: [ServerTracingInterceptor()])
     try await withThrowingDiscardingTaskGroup { group in
         group.addTask { try await server.serve() }
         guard let port = try await server.listeningAddress?.ipv4?.port else { throw RPCError(code: .internalError, message: "no port") }
         try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext),
-                                 interceptors: [ClientTracingInterceptor()]) { client in
-            let fusion: GatewayClients.Fusion = localFusion.map { .local($0) } ?? .remote(.init(wrapping: client))
-            let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: fusion),
-                                         config: config, log: nil, metrics: metrics, logger: logger)
-            try await body(gateway)
-        }
+                                 interceptors: [ClientTracingInterceptor()]) { try await run($0) }
         server.beginGracefulShutdown()
     }
 }
@@ -336,6 +351,36 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
                 #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
             }
             if fault == .shed { #expect(r.degradedReasons.first?.contains("overloaded") == true, "\(r.degradedReasons)") }
+        }
+    }
+
+    /// The one-process suite's gateway calls over the in-process transport: deadlines, failures, shedding and
+    /// malformed replies come through it as they do over HTTP/2.
+    @Test(arguments: [Fault.slow, .fail, .shed, .short])
+    func theInProcessLinkDegradesAndFailsAsHTTP2Does(fault: Fault) async throws {
+        let faults = Faults()
+        faults.slowness.withLock { $0 = .seconds(2) }
+        faults.corrector.withLock { $0 = fault }
+        try await withFakeDownstream(faults, inProcess: true, configure: { $0.correctorTimeout = .milliseconds(300) }) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded == ["corrector"], "\(r.degradedReasons)")
+            #expect(r.scores == r.legacyScores)
+            #expect(r.itemIds == ids.reversed())
+            let expected = ["slow": "deadline", "fail": "fake outage", "shed": "overloaded", "short": "malformed reply from the corrector"]
+            #expect(r.degradedReasons.first?.contains(expected["\(fault)"]!) == true, "\(r.degradedReasons)")
+        }
+        faults.corrector.withLock { $0 = .none }
+        faults.calls.withLock { $0 = [:] }
+        faults.scorer.withLock { $0 = fault }
+        try await withFakeDownstream(faults, inProcess: true, configure: { $0.budget = .milliseconds(500) }) { gateway in
+            let error = await #expect(throws: RPCError.self) { _ = try await rank(gateway) }
+            let expected: (RPCError.Code, String) = switch fault {
+            case .shed: (.unavailable, "legacy scorer overloaded")
+            case .short: (.internalError, "malformed reply from the legacy scorer")
+            default: (.unavailable, "legacy scorer failed")
+            }
+            #expect(error?.code == expected.0 && error?.message.contains(expected.1) == true, "\(String(describing: error))")
+            #expect(faults.calls.withLock { $0["corrector"] ?? 0 } == 0)
         }
     }
 
