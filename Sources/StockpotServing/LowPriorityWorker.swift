@@ -13,9 +13,9 @@ public enum LowPriorityWorker {
     /// analysis pass (live calibration reading the serving log).
     public enum Lane: Sendable { case load, io, analysis }
 
-    private static let loads = JobThread(name: "stockpot-low-load", niceness: 19)
-    private static let io = JobThread(name: "stockpot-low-io", niceness: 19)
-    private static let analysis = JobThread(name: "stockpot-low-analysis", niceness: 19)
+    private static let loads = JobThread(name: "sp-low-load", niceness: 19)
+    private static let io = JobThread(name: "sp-low-io", niceness: 19)
+    private static let analysis = JobThread(name: "sp-low-analysis", niceness: 19)
 
     /// Runs `work` on the lane's thread and returns its result (resumed from the normal-priority hand-off
     /// thread). Jobs never wait for one another, so no job may call `run` (nor does any).
@@ -37,7 +37,7 @@ public enum LowPriorityWorker {
 
 /// The normal-priority thread that resumes tasks waiting on `LowPriorityWorker`.
 enum Handoff {
-    static let thread = JobThread(name: "stockpot-handoff", niceness: nil)
+    static let thread = JobThread(name: "sp-handoff", niceness: nil)
 }
 
 /// A thread that runs submitted closures in order, forever.
@@ -45,8 +45,14 @@ final class JobThread: Sendable {
     private let jobs = Mutex<[@Sendable () -> Void]>([])
     private let ready = DispatchSemaphore(value: 0)
 
+    /// - Parameter name: the thread's name in `top -H`, `perf` and `/proc` (at most 15 bytes on Linux).
     init(name: String, niceness: Int32?) {
         let thread = Thread { [self] in
+            #if os(Linux)
+            // Foundation does not name a thread it starts here; without this it keeps the name of the thread that
+            // created it (often a dispatch worker's).
+            try? Data(name.utf8.prefix(15)).write(to: URL(fileURLWithPath: "/proc/thread-self/comm"))
+            #endif
             if let niceness { ProcessPriority.lowerCurrentThread(to: niceness) }
             while true {
                 ready.wait()
