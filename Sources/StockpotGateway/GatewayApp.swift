@@ -64,6 +64,7 @@ public struct GatewayApp {
         if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
         if let t = try await settings.milliseconds("budget-ms") { config.budget = t }
         config.maxInFlight = try await settings.int("max-in-flight", in: 0...1_000_000) ?? config.maxInFlight
+        if try await settings.bool("adaptive-in-flight", default: false) { config.adaptiveInFlight = AdaptiveLimit.Options() }
         for (key, d) in [("corrector-timeout-ms", config.correctorTimeout), ("fusion-timeout-ms", config.fusionTimeout), ("budget-ms", config.budget)]
         where d <= .zero {
             throw ServiceSettings.SettingError(description: "setting '\(key)' must be positive")
@@ -146,6 +147,7 @@ public struct GatewayApp {
         let service = GatewayService(clients: clients, config: config, log: log, metrics: metrics, logger: logger)
         let metrics = self.metrics
         metrics.addCollector {
+            metrics.gauge("stockpot_gateway_in_flight_limit", []).record(service.inFlightLimit)
             for (layer, state) in service.layers.snapshot {
                 metrics.gauge("stockpot_gateway_layer_skipping", [("layer", layer)]).record(state.reason == nil ? 0 : 1)
             }

@@ -37,6 +37,9 @@ public struct GatewayConfig: Sendable {
     /// saturation this keeps the latency of the requests it accepts bounded (about `maxInFlight` ÷ throughput)
     /// instead of letting every request queue until its deadline.
     public var maxInFlight = 64
+    /// When set, the limit on Ranks in progress follows measured latency (`AdaptiveLimit`), up to `maxInFlight`
+    /// (when positive) instead of being `maxInFlight` itself.
+    public var adaptiveInFlight: AdaptiveLimit.Options?
 
     public init() {}
 }
@@ -100,8 +103,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     public let shadow: ShadowTraffic
     /// Ranks in progress (`GatewayConfig.maxInFlight`).
     let inFlight = InFlight()
+    /// The latency-driven limit instead (`GatewayConfig.adaptiveInFlight`).
+    public let adaptiveLimit: AdaptiveLimit?
     /// The number of Ranks in progress.
-    public var ranksInFlight: Int { inFlight.current }
+    public var ranksInFlight: Int { adaptiveLimit?.inFlight ?? inFlight.current }
+    /// The limit on Ranks in progress now (0: none).
+    public var inFlightLimit: Int { adaptiveLimit?.limit ?? config.maxInFlight }
     private let logger: Logger
 
     public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, metrics: MetricsHub = .process, logger: Logger) {
@@ -112,6 +119,11 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         self.metrics = GatewayMetrics(hub: metrics)
         layers = LayerStates(logger: logger)
         shadow = ShadowTraffic(options: config.shadow, metrics: metrics, logger: logger)
+        adaptiveLimit = config.adaptiveInFlight.map { options in
+            var o = options
+            if config.maxInFlight > 0 { o.maxLimit = config.maxInFlight }
+            return AdaptiveLimit(options: o)
+        }
     }
 
     static func options(_ timeout: Duration) -> CallOptions {
@@ -171,12 +183,26 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     }
 
     func rank(request: Stockpot_V1_RankRequest, context: ServerContext, budget: Duration) async throws -> Stockpot_V1_RankResponse {
-        guard inFlight.enter(limit: config.maxInFlight) else {
+        let admitted: AdaptiveLimit.Admission?
+        if let adaptiveLimit {
+            admitted = adaptiveLimit.enter()
+        } else {
+            admitted = inFlight.enter(limit: config.maxInFlight) ? AdaptiveLimit.Admission(phase: 0) : nil
+        }
+        guard let admitted else {
             metrics.shed()
             throw RPCError(code: .resourceExhausted,
-                           message: "gateway overloaded: \(config.maxInFlight) requests in flight; retry later with backoff")
+                           message: "gateway overloaded: \(inFlightLimit) requests in flight; retry later with backoff")
         }
-        defer { inFlight.leave() }
+        let started = ContinuousClock.now
+        defer {
+            if let adaptiveLimit {
+                let d = started.duration(to: .now).components
+                adaptiveLimit.leave(admitted, latency: Double(d.seconds) + Double(d.attoseconds) * 1e-18)
+            } else {
+                inFlight.leave()
+            }
+        }
         // The request id travels in the task's service context: every log line on this request's path names it.
         let requestId = request.requestID.isEmpty ? UUID().uuidString.lowercased() : request.requestID
         var serviceContext = ServiceContext.current ?? .topLevel

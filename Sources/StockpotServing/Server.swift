@@ -17,7 +17,8 @@ public final class ServiceServer: Service, Sendable {
     public let health: HealthStatus
     public let server: GRPCServer<HTTP2ServerTransport.Posix>
     /// The same services for callers in this process (nil: none), with the same interceptors, deadlines and
-    /// health; connect with `ServiceClient(inProcess:)`.
+    /// health; connect with `ServiceLink(target:inProcess:)`. On shutdown the transport cancels in-process calls
+    /// still running rather than draining them (the suite stops their caller, the gateway, first).
     public let inProcess: InProcessTransport?
     private let inProcessServer: GRPCServer<InProcessTransport.Server>?
     private let logger: Logger

@@ -3,6 +3,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import StockpotFeatures
+import StockpotGateway
 import StockpotModel
 import StockpotProto
 import StockpotServing
@@ -27,6 +28,7 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "After the table: offer twice the measured saturation throughput (the highest concurrency's req/s) at a fixed rate for this many seconds, per candidate count (0 = skip).")
     var overloadSeconds: Double = 0
     @Option(help: "The gateway's --max-in-flight for the run.") var maxInFlight: Int = 64
+    @Flag(help: "The gateway's --adaptive-in-flight for the run: the limit follows latency, up to --max-in-flight.") var adaptiveInFlight = false
     @Option(help: "Offered loads for a latency curve, as fractions of the measured saturation, comma-separated (e.g. 0.25,0.5,1,1.5,2); each held for --sweep-seconds.")
     var sweep: String?
     @Option(help: "Seconds per offered load of --sweep.") var sweepSeconds: Double = 5
@@ -66,6 +68,7 @@ struct GatewayBench: AsyncParsableCommand {
         options.ports = (0..<6).map { basePort + $0 }
         options.log = { _ in }
         options.gateway.maxInFlight = maxInFlight
+        if adaptiveInFlight { options.gateway.adaptiveInFlight = AdaptiveLimit.Options() }
         options.localFusion = localFusion
         options.inProcessHops = !tcpHops
         let fixed = options
@@ -123,6 +126,7 @@ struct GatewayBench: AsyncParsableCommand {
                                     "--max-in-flight", "\(options.gateway.maxInFlight)",
                                     "--quality-labels", options.kuaiRand.appendingPathComponent(KuaiRandData.logFile).path,
                                     "--quality-interval-seconds", "30"]
+                                    + (options.gateway.adaptiveInFlight == nil ? [] : ["--adaptive-in-flight"])
                                     + (options.localFusion
                                         ? ["--fusion", "local", "--registry", address(0), "--cache", dir.appendingPathComponent("cache-gateway").path]
                                         : ["--fusion", address(4)]))
@@ -262,7 +266,8 @@ struct GatewayBench: AsyncParsableCommand {
         let run = await openLoop(gateway: gateway, requests: requests, rate: rate, seconds: overloadSeconds)
         let (offered, ok, shed, other, peakRSS) = (run.seconds, run.ok, run.shed, run.other, run.peakRSS)
         let rssAfter = Self.residentBytes()
-        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %d", rate, offered, maxInFlight))
+        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %d%@", rate, offered, maxInFlight,
+                                 adaptiveInFlight ? " (adaptive)" : ""))
         Console.out(String(format: "    accepted %d (%.0f/s): p50 %.2f ms  p99 %.2f ms = %.2f× the unloaded p99 (%.2f ms)",
                            ok.count, Double(ok.count) / offered, percentile(ok, 0.5), percentile(ok, 0.99),
                            percentile(ok, 0.99) / unloadedP99, unloadedP99))

@@ -27,6 +27,7 @@ struct Suite: AsyncParsableCommand {
     var tcpHops = false
     @Option(help: "Ranks the gateway serves at once; more are refused at once with RESOURCE_EXHAUSTED (0 = no limit).")
     var maxInFlight: Int = GatewayConfig().maxInFlight
+    @Flag(help: "The gateway's limit on Ranks in progress follows measured latency, up to --max-in-flight.") var adaptiveInFlight = false
 
     /// The metrics port, or nil for none.
     var metricsPortNumber: Int? {
@@ -52,6 +53,7 @@ struct Suite: AsyncParsableCommand {
         options.localFusion = localFusion
         options.inProcessHops = !tcpHops
         options.gateway.maxInFlight = maxInFlight
+        if adaptiveInFlight { options.gateway.adaptiveInFlight = AdaptiveLimit.Options() }
         let suite = LocalSuite(options: options)
         let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
         let logger = Logger(label: "stockpot.suite")

@@ -295,12 +295,23 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         }
     }
 
-    @Test func pastMaxInFlightRanksAreRefusedAtOnceAndSlotsComeBack() async throws {
+    /// Fixed, and adaptive while it measures the minimum latency (pinned to its `minLimit`, here 2).
+    @Test(arguments: [false, true])
+    func pastMaxInFlightRanksAreRefusedAtOnceAndSlotsComeBack(adaptive: Bool) async throws {
         let faults = Faults()
         faults.scorer.withLock { $0 = .slow }
         faults.slowness.withLock { $0 = .seconds(2) }
         let metrics = MetricsHub()
-        try await withFakeDownstream(faults, metrics: metrics, configure: { $0.maxInFlight = 2 }) { gateway in
+        let configure = { (c: inout GatewayConfig) in
+            c.maxInFlight = adaptive ? 64 : 2
+            if adaptive {
+                var o = AdaptiveLimit.Options()
+                o.minLimit = 2
+                c.adaptiveInFlight = o
+            }
+        }
+        try await withFakeDownstream(faults, metrics: metrics, configure: configure) { gateway in
+            #expect(gateway.inFlightLimit == 2)
             try await withThrowingTaskGroup { group in
                 for _ in 0..<2 { group.addTask { _ = try? await rank(gateway) } }
                 try await waitFor { gateway.ranksInFlight == 2 }

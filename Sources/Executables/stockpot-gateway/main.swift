@@ -33,6 +33,8 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Request budget in ms (env STOCKPOT_GATEWAY_BUDGET_MS).") var budgetMs: Int?
     @Option(help: "Ranks served at once; more are refused at once with RESOURCE_EXHAUSTED (default 64; 0 = no limit; env STOCKPOT_GATEWAY_MAX_IN_FLIGHT).")
     var maxInFlight: Int?
+    @Flag(help: "The limit on Ranks in progress follows measured latency (a gradient controller), up to --max-in-flight (env STOCKPOT_GATEWAY_ADAPTIVE_IN_FLIGHT).")
+    var adaptiveInFlight = false
     @Option(help: "Percent of users (stable hash of the user id) scored by the canary model while one is loaded (default 10; 0 = off; env STOCKPOT_GATEWAY_CANARY_PERCENT).")
     var canaryPercent: Double?
     @Option(help: "The canary model reference (default legacy@canary; env STOCKPOT_GATEWAY_CANARY_MODEL).") var canaryModel: String?
@@ -70,6 +72,7 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("fusion-timeout-ms", fusionTimeoutMs)
         flags.set("budget-ms", budgetMs)
         flags.set("max-in-flight", maxInFlight)
+        flags.set("adaptive-in-flight", flag: adaptiveInFlight)
         flags.set("crowds", crowds)
         flags.set("feature-defaults", flag: featureDefaults)
         let settings = try await common.settings("gateway", flags)

@@ -1,0 +1,74 @@
+import StockpotGateway
+import Testing
+
+/// The latency-driven limit on Ranks in progress, against simulated servers (no clock, no threads).
+@Suite struct AdaptiveLimitTests {
+    /// One round: admit Ranks until refused, then finish them all, each taking `latency(n)` for `n` admitted.
+    /// Returns how many were admitted.
+    @discardableResult
+    static func round(_ limit: AdaptiveLimit, latency: (Int) -> Double) -> Int {
+        var admitted: [AdaptiveLimit.Admission] = []
+        while let a = limit.enter() { admitted.append(a) }
+        for a in admitted { limit.leave(a, latency: latency(admitted.count)) }
+        return admitted.count
+    }
+
+    @Test func theLimitStartsPinnedThenGrowsWhileLatencyStaysAtItsMinimum() {
+        let limit = AdaptiveLimit()
+        #expect(limit.limit == 3, "pinned to minLimit while the minimum latency is measured")
+        var seen: [Int] = []
+        for _ in 0..<400 { seen.append(Self.round(limit) { _ in 0.004 }) }
+        #expect(limit.minRTT == 0.004)
+        #expect(seen.first == 3)
+        #expect(zip(seen, seen.dropFirst()).allSatisfy { $0 <= $1 }, "never shrinks at constant latency")
+        #expect(limit.limit == 64, "reaches maxLimit: \(limit.limit)")
+        #expect(limit.inFlight == 0)
+    }
+
+    /// A server with 4 Ranks' worth of capacity: beyond that, Ranks queue and latency grows with their number.
+    /// The limit settles where latency is (1 + buffer) × the minimum (plus the √limit probe), far below the maximum.
+    @Test func theLimitSettlesWhereRanksStartToQueue() {
+        let limit = AdaptiveLimit()
+        let latency = { (n: Int) in 0.004 * max(1, Double(n) / 4) }
+        var last: [Int] = []
+        for i in 0..<3_000 {
+            let n = Self.round(limit, latency: latency)
+            if i >= 2_900 { last.append(n) }
+        }
+        #expect(last.allSatisfy { (5...10).contains($0) }, "\(last)")
+        #expect(last.allSatisfy { latency($0) <= 2 * 0.004 }, "accepted latency ≤ 2× the minimum: \(last)")
+    }
+
+    @Test func theMinimumIsMeasuredAgainOnlyFromRanksAdmittedAfterTheMeasurementBegan() {
+        var options = AdaptiveLimit.Options()
+        options.minRTTEvery = 1_000
+        options.window = 10
+        let limit = AdaptiveLimit(options: options)
+        for _ in 0..<20 { Self.round(limit) { _ in 0.004 } }
+        #expect(limit.limit > 16)
+        // Ranks admitted under the grown limit are still running when the next measurement begins: more than
+        // half of the measurement's 25, so that counting them would make it their latency.
+        var early: [AdaptiveLimit.Admission] = []
+        while early.count < 15, let a = limit.enter() { early.append(a) }
+        #expect(early.count == 15)
+        while limit.limit > 3 {   // run windows until the measurement starts
+            guard let a = limit.enter() else { break }
+            limit.leave(a, latency: 0.004)
+        }
+        #expect(limit.limit == 3, "pinned while measuring")
+        // Those early Ranks finish very late; the measurement must not take them as the minimum.
+        for a in early { limit.leave(a, latency: 1.0) }
+        for _ in 0..<20 where limit.limit == 3 { Self.round(limit) { _ in 0.002 } }   // until the measurement ends
+        #expect(limit.minRTT == 0.002)
+    }
+
+    @Test func aNonFiniteLatencyIsIgnored() {
+        let limit = AdaptiveLimit()
+        for _ in 0..<30 {
+            guard let a = limit.enter() else { Issue.record("refused with nothing in flight"); return }
+            limit.leave(a, latency: .nan)
+        }
+        #expect(limit.minRTT == nil)
+        #expect(limit.inFlight == 0)
+    }
+}
