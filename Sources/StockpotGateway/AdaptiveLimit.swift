@@ -9,7 +9,9 @@ import Synchronization
 /// - Otherwise, after every `window` Ranks, the limit moves by the gradient between the minimum latency (plus
 ///   `buffer` of it) and the window's median: `limit × clamp((1 + buffer) · minRTT / sampleRTT, 0.5, 2) + √limit`,
 ///   within `minLimit…maxLimit`. When latency climbs above the minimum because Ranks queue, the limit shrinks
-///   until it stops climbing; when it does not, the limit grows by its square root per window.
+///   until it stops climbing; when it does not, the limit grows by its square root per window — but only when
+///   the window used at least half of it: light traffic says nothing about a larger limit, and a limit inflated
+///   by it would let the next burst queue.
 ///
 /// A measurement counts only the Ranks admitted after it began (`Admission.phase`), so Ranks still running
 /// from before it, admitted under a higher limit, do not pollute it. A fixed `maxInFlight` suits closed-loop callers (a known number of
@@ -38,6 +40,8 @@ public final class AdaptiveLimit: Sendable {
     private struct State {
         var limit: Double
         var inFlight = 0
+        /// The most Ranks in progress at once in the current window.
+        var peak = 0
         var phase: UInt64 = 0
         /// True while the minimum latency is being measured (the limit pinned to `minLimit`).
         var measuring = true
@@ -75,6 +79,7 @@ public final class AdaptiveLimit: Sendable {
         state.withLock { s in
             guard s.inFlight < Self.effective(s, options) else { return nil }
             s.inFlight += 1
+            s.peak = max(s.peak, s.inFlight)
             return Admission(phase: s.phase)
         }
     }
@@ -100,9 +105,12 @@ public final class AdaptiveLimit: Sendable {
             if let minRTT = s.minRTT, sample > 0 {
                 let gradient = min(2, max(0.5, (1 + o.buffer) * minRTT / sample))
                 let grown = s.limit * gradient
-                s.limit = min(Double(o.maxLimit), max(Double(o.minLimit), grown + grown.squareRoot()))
+                var next = grown + grown.squareRoot()
+                if next > s.limit && Double(s.peak) * 2 < s.limit { next = s.limit }
+                s.limit = min(Double(o.maxLimit), max(Double(o.minLimit), next))
             }
             s.samples.removeAll(keepingCapacity: true)
+            s.peak = s.inFlight
             if s.sinceMeasured >= o.minRTTEvery {
                 s.measuring = true
                 s.phase &+= 1

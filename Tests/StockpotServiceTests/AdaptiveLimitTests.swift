@@ -62,6 +62,18 @@ import Testing
         #expect(limit.minRTT == 0.002)
     }
 
+    /// One Rank at a time at the minimum latency: nothing shows that more in flight would be as fast, so the
+    /// limit stays near what was used instead of drifting to the maximum.
+    @Test func lightTrafficDoesNotInflateTheLimit() {
+        let limit = AdaptiveLimit()
+        for _ in 0..<2_000 {
+            guard let a = limit.enter() else { Issue.record("refused with nothing in flight"); return }
+            limit.leave(a, latency: 0.004)
+        }
+        #expect(limit.minRTT == 0.004)
+        #expect(limit.limit <= 6, "\(limit.limit)")
+    }
+
     @Test func aNonFiniteLatencyIsIgnored() {
         let limit = AdaptiveLimit()
         for _ in 0..<30 {
