@@ -37,6 +37,7 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "Write the --sweep curve (p50 and p99 against offered load) as SVG to this file. Its points are kept beside it (FILE.json, by label): a later run with another --plot-label draws its curve on the same plot.")
     var plot: String?
     @Option(help: "Label of this run's curve in the plot.") var plotLabel: String = "Stockpot"
+    @Flag(help: "Redraw --plot from the curves kept beside it (FILE.json) and exit, without measuring.") var replot = false
     @Option(help: "Measure a gateway already running at this address (host:port; e.g. another build's `stockpot suite` on --data) instead of starting the services. Needs --no-corrector.")
     var gateway: String?
     @Flag(help: "The gateway fuses in its own process (`--fusion local`) instead of calling the fusion service.") var localFusion = false
@@ -55,6 +56,7 @@ struct GatewayBench: AsyncParsableCommand {
         if gateway != nil && corrector {
             throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)")
         }
+        if replot && plot == nil { throw ValidationError("--replot redraws the --plot file: give --plot") }
         if plot != nil && candidates.split(separator: ",").count != 1 {
             throw ValidationError("--plot draws one candidate count's curve: give a single --candidates value")
         }
@@ -62,6 +64,11 @@ struct GatewayBench: AsyncParsableCommand {
 
     func run() async throws {
         let counts = candidates.split(separator: ",").compactMap { Int($0) }
+        if replot, let plot, let n = counts.first {
+            let curves = try JSONDecoder().decode([LoadCurve].self, from: Data(contentsOf: URL(fileURLWithPath: plot + ".json")))
+            try Self.writePlot(curves, to: plot, candidates: n)
+            return
+        }
         let levels = concurrency.split(separator: ",").compactMap { Int($0) }
         var options = LocalSuite.Options()
         options.dataDirectory = URL(fileURLWithPath: data)
@@ -132,6 +139,12 @@ struct GatewayBench: AsyncParsableCommand {
                                         : ["--fusion", address(4)]))
         try await fleet.waitServing("gateway", at: address(5), timeout: .seconds(60))
         try await body(address(5), address(0), token)
+    }
+
+    static func writePlot(_ curves: [LoadCurve], to plot: String, candidates n: Int) throws {
+        try Data(LoadPoint.svg(curves, title: "Rank, \(n) candidates: latency against offered load").utf8)
+            .write(to: URL(fileURLWithPath: plot), options: .atomic)
+        Console.out("  plot written to \(plot) (\(curves.map(\.label).joined(separator: ", ")))")
     }
 
     /// The benchmark proper, against a running gateway.
@@ -248,9 +261,7 @@ struct GatewayBench: AsyncParsableCommand {
                           curves.removeAll { $0.label == plotLabel }
                           curves.append(LoadCurve(label: plotLabel, points: points))
                           try JSONEncoder().encode(curves).write(to: kept, options: .atomic)
-                          try Data(LoadPoint.svg(curves, title: "Rank, \(n) candidates: latency against offered load").utf8)
-                              .write(to: URL(fileURLWithPath: plot), options: .atomic)
-                          Console.out("  plot written to \(plot) (\(curves.map(\.label).joined(separator: ", ")))")
+                          try Self.writePlot(curves, to: plot, candidates: n)
                       }
                   }
                 }
@@ -423,10 +434,11 @@ struct LoadPoint: Codable {
     /// Share of the offered requests not served (refused at admission or failed).
     var refused: Double
 
-    /// A self-contained SVG: p50 and p99 (ms, log scale) against offered load (req/s), one pair of lines per
-    /// curve (the first solid, the others dashed).
+    /// A self-contained SVG: p50 (solid) and p99 (dashed), ms on a log scale, against offered load (req/s); one
+    /// colour per curve, and the share not served beside each point where some was refused.
     static func svg(_ curves: [LoadCurve], title: String) -> String {
-        let w = 640.0, h = 400.0, left = 70.0, right = 20.0, top = 40.0, bottom = 50.0
+        let w = 680.0, h = 420.0, left = 70.0, right = 20.0, top = 40.0, bottom = 50.0
+        let colours = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e"]
         let all = curves.flatMap(\.points)
         let xs = all.map(\.offered), ys = all.flatMap { [$0.p50, $0.p99] }.filter { $0.isFinite && $0 > 0 }
         let xMax = (xs.max() ?? 1) * 1.05
@@ -439,7 +451,7 @@ struct LoadPoint: Codable {
         }
         var out = [String(format: "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">", w, h),
                    "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
-                   String(format: "<text x=\"%.0f\" y=\"22\" font-size=\"14\">%@</text>", left, title)]
+                   String(format: "<text x=\"%.0f\" y=\"22\" font-size=\"14\">%@ (p50 solid, p99 dashed)</text>", left, title)]
         var tick = pow(10, floor(log10(yMin)))
         while tick <= yMax {
             for m in [1.0, 2.0, 5.0] where tick * m >= yMin && tick * m <= yMax {
@@ -449,22 +461,26 @@ struct LoadPoint: Codable {
             }
             tick *= 10
         }
-        for offered in Set(xs).sorted() {
+        // Offered loads of different runs differ by a few req/s: one label per 40 px.
+        var lastLabel = -Double.infinity
+        for offered in xs.sorted() where x(offered) - lastLabel >= 40 {
+            lastLabel = x(offered)
             out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%.0f</text>", x(offered), h - bottom + 18, offered))
         }
         out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">offered load (Rank/s)</text>", (left + w - right) / 2, h - 10))
         for (c, curve) in curves.enumerated() {
-            let dash = c == 0 ? "" : " stroke-dasharray=\"6 4\""
-            out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"%@/>", path(curve.points, \.p50), dash))
-            out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\"%@/>", path(curve.points, \.p99), dash))
-            let ly = top + 34 + Double(c) * 36
-            out.append(String(format: "<text x=\"%.0f\" y=\"%.0f\" fill=\"#1f77b4\">%@ p50%@</text><text x=\"%.0f\" y=\"%.0f\" fill=\"#d62728\">%@ p99%@</text>",
-                              left + 10, ly, curve.label, c == 0 ? "" : " (dashed)", left + 10, ly + 16, curve.label, c == 0 ? "" : " (dashed)"))
-            for p in curve.points where p.refused > 0.005 {
-                out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"#a33\" font-size=\"10\">%@: %.0f%% not served</text>",
-                                  x(p.offered), h - bottom - 8 - Double(c) * 12, curve.label, 100 * p.refused))
+            let colour = colours[c % colours.count]
+            out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"%@\" stroke-width=\"2\"/>", path(curve.points, \.p50), colour))
+            out.append(String(format: "<path d=\"%@\" fill=\"none\" stroke=\"%@\" stroke-width=\"2\" stroke-dasharray=\"6 4\"/>",
+                              path(curve.points, \.p99), colour))
+            out.append(String(format: "<text x=\"%.0f\" y=\"%.0f\" fill=\"%@\">%@</text>", left + 10, top + 20 + Double(c) * 16, colour, curve.label))
+            for p in curve.points where p.refused > 0.005 && p.p99.isFinite && p.p99 > 0 {
+                out.append(String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"%@\" font-size=\"10\">%.0f%%</text>",
+                                  x(p.offered), y(p.p99) - 6, colour, 100 * p.refused))
             }
         }
+        out.append(String(format: "<text x=\"%.0f\" y=\"%.0f\" font-size=\"10\" fill=\"#555\">n %% = share not served (refused)</text>",
+                          left + 10, top + 20 + Double(curves.count) * 16))
         out.append("</svg>")
         return out.joined(separator: "\n") + "\n"
     }
