@@ -1,24 +1,29 @@
 import Synchronization
 
-/// A limit on the Ranks in progress that follows measured latency instead of a fixed number (`--max-in-flight
-/// auto`): the gradient controller of Envoy's adaptive-concurrency filter, driven by request counts rather
-/// than timers.
+/// A limit on the Ranks in progress that follows measured latency instead of a fixed number
+/// (`--adaptive-in-flight`): the gradient controller of Envoy's adaptive-concurrency filter, driven by request
+/// counts rather than timers.
 ///
-/// - Every `minRTTEvery`, the limit is pinned to `minLimit` for `minRTTRequests` Ranks; the median latency of
-///   Ranks admitted in that phase is the minimum latency, what a Rank costs with the machine nearly idle.
+/// - Every `minRTTEvery` Ranks, the limit is pinned to `minLimit` for `minRTTRequests` Ranks; the median
+///   latency of Ranks admitted in that phase is the minimum latency, what a Rank costs with the machine nearly
+///   idle.
 /// - Otherwise, after every `window` Ranks, the limit moves by the gradient between the minimum latency (plus
-///   `buffer` of it) and the window's median: `limit × clamp((1 + buffer) · minRTT / sampleRTT, 0.5, 2) + √limit`,
-///   within `minLimit…maxLimit`. When latency climbs above the minimum because Ranks queue, the limit shrinks
-///   until it stops climbing; when it does not, the limit grows by its square root per window — but only when
-///   the window used at least half of it: light traffic says nothing about a larger limit, and a limit inflated
-///   by it would let the next burst queue.
+///   `buffer` of it) and the window's median: `g = clamp((1 + buffer) · minRTT / median, 0.5, 2)`, then
+///   `limit ← limit·g + √(limit·g)`, within `minLimit…maxLimit`. When latency climbs above the minimum because
+///   Ranks queue, the limit shrinks until it stops climbing; while it stays near the minimum, the limit grows —
+///   but only when the window used at least half of it: light traffic says nothing about a larger limit, and a
+///   limit inflated by it would let the next burst queue.
 ///
-/// A measurement counts only the Ranks admitted after it began (`Admission.phase`), so Ranks still running
-/// from before it, admitted under a higher limit, do not pollute it. A fixed `maxInFlight` suits closed-loop callers (a known number of
+/// Only Ranks that succeed give a latency (`leave(_:latency:)` with nil otherwise): a request refused for bad
+/// input or failing fast on a dead downstream is not what a Rank costs. A measurement counts only the Ranks
+/// admitted after it began (`Admission.phase`), so Ranks still running from before it, admitted under a
+/// higher limit, do not pollute it. A fixed `maxInFlight` suits closed-loop callers (a known number of
 /// clients); this suits open traffic whose rate can exceed what the machine serves.
 public final class AdaptiveLimit: Sendable {
     public struct Options: Sendable, Equatable {
+        /// The lowest limit, and the one held while the minimum latency is measured.
         public var minLimit = 3
+        /// The highest limit (the gateway sets it to `--max-in-flight`).
         public var maxLimit = 64
         /// Ranks per update of the limit.
         public var window = 50
@@ -53,12 +58,16 @@ public final class AdaptiveLimit: Sendable {
     public let options: Options
     private let state: Mutex<State>
 
+    /// Options out of range are brought into it: limits 1…1,000,000 with `maxLimit` ≥ `minLimit`, counts ≥ 1, a
+    /// `buffer` that is not a finite non-negative number is 0.25.
     public init(options: Options = Options()) {
         var o = options
-        o.minLimit = max(1, o.minLimit)
-        o.maxLimit = max(o.minLimit, o.maxLimit)
+        o.minLimit = min(1_000_000, max(1, o.minLimit))
+        o.maxLimit = min(1_000_000, max(o.minLimit, o.maxLimit))
         o.window = max(1, o.window)
+        o.minRTTEvery = max(1, o.minRTTEvery)
         o.minRTTRequests = max(1, o.minRTTRequests)
+        if !(o.buffer.isFinite && o.buffer >= 0) { o.buffer = 0.25 }
         self.options = o
         state = Mutex(State(limit: Double(o.minLimit)))
     }
@@ -84,11 +93,12 @@ public final class AdaptiveLimit: Sendable {
         }
     }
 
-    /// A Rank admitted by `enter()` is done after `latency` seconds.
-    public func leave(_ admission: Admission, latency: Double) {
+    /// A Rank admitted by `enter()` is done: it succeeded after `latency` seconds, or (nil) it failed and says
+    /// nothing about what a Rank costs.
+    public func leave(_ admission: Admission, latency: Double?) {
         state.withLock { s in
             s.inFlight -= 1
-            guard latency.isFinite, latency >= 0, !s.measuring || admission.phase == s.phase else { return }
+            guard let latency, latency.isFinite, latency >= 0, !s.measuring || admission.phase == s.phase else { return }
             s.samples.append(latency)
             let o = options
             if s.measuring {
@@ -97,15 +107,16 @@ public final class AdaptiveLimit: Sendable {
                 s.measuring = false
                 s.sinceMeasured = 0
                 s.samples.removeAll(keepingCapacity: true)
+                s.peak = s.inFlight
                 return
             }
             s.sinceMeasured += 1
             guard s.samples.count >= o.window else { return }
-            let sample = Self.median(&s.samples)
-            if let minRTT = s.minRTT, sample > 0 {
-                let gradient = min(2, max(0.5, (1 + o.buffer) * minRTT / sample))
-                let grown = s.limit * gradient
-                var next = grown + grown.squareRoot()
+            let median = Self.median(&s.samples)
+            if let minRTT = s.minRTT, median > 0 {
+                let gradient = min(2, max(0.5, (1 + o.buffer) * minRTT / median))
+                let scaled = s.limit * gradient
+                var next = scaled + scaled.squareRoot()
                 if next > s.limit && Double(s.peak) * 2 < s.limit { next = s.limit }
                 s.limit = min(Double(o.maxLimit), max(Double(o.minLimit), next))
             }

@@ -25,7 +25,7 @@ public struct GatewayMetrics: Sendable {
         return "error"
     }
 
-    /// `stockpot_gateway_shed_total`: Ranks refused because `maxInFlight` were in progress.
+    /// `stockpot_gateway_shed_total`: Ranks refused because the limit on Ranks in progress was reached.
     func shed() {
         hub.counter("stockpot_gateway_shed_total", []).increment()
     }

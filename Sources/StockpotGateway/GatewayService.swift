@@ -38,7 +38,7 @@ public struct GatewayConfig: Sendable {
     /// instead of letting every request queue until its deadline.
     public var maxInFlight = 64
     /// When set, the limit on Ranks in progress follows measured latency (`AdaptiveLimit`), up to `maxInFlight`
-    /// (when positive) instead of being `maxInFlight` itself.
+    /// instead of being `maxInFlight` itself (the settings refuse it with `maxInFlight` 0).
     public var adaptiveInFlight: AdaptiveLimit.Options?
 
     public init() {}
@@ -101,14 +101,12 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     let canary = CanaryAvailability()
     /// Shadow calls and their running comparisons.
     public let shadow: ShadowTraffic
-    /// Ranks in progress (`GatewayConfig.maxInFlight`).
-    let inFlight = InFlight()
-    /// The latency-driven limit instead (`GatewayConfig.adaptiveInFlight`).
-    public let adaptiveLimit: AdaptiveLimit?
+    /// Ranks in progress and their limit (`GatewayConfig.maxInFlight`, `adaptiveInFlight`).
+    let inFlight: InFlight
     /// The number of Ranks in progress.
-    public var ranksInFlight: Int { adaptiveLimit?.inFlight ?? inFlight.current }
+    public var ranksInFlight: Int { inFlight.current }
     /// The limit on Ranks in progress now (0: none).
-    public var inFlightLimit: Int { adaptiveLimit?.limit ?? config.maxInFlight }
+    public var inFlightLimit: Int { inFlight.limit }
     private let logger: Logger
 
     public init(clients: GatewayClients, config: GatewayConfig, log: ServingLog?, metrics: MetricsHub = .process, logger: Logger) {
@@ -119,11 +117,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         self.metrics = GatewayMetrics(hub: metrics)
         layers = LayerStates(logger: logger)
         shadow = ShadowTraffic(options: config.shadow, metrics: metrics, logger: logger)
-        adaptiveLimit = config.adaptiveInFlight.map { options in
-            var o = options
-            if config.maxInFlight > 0 { o.maxLimit = config.maxInFlight }
-            return AdaptiveLimit(options: o)
-        }
+        inFlight = InFlight(config: config)
     }
 
     static func options(_ timeout: Duration) -> CallOptions {
@@ -183,33 +177,22 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
     }
 
     func rank(request: Stockpot_V1_RankRequest, context: ServerContext, budget: Duration) async throws -> Stockpot_V1_RankResponse {
-        let admitted: AdaptiveLimit.Admission?
-        if let adaptiveLimit {
-            admitted = adaptiveLimit.enter()
-        } else {
-            admitted = inFlight.enter(limit: config.maxInFlight) ? AdaptiveLimit.Admission(phase: 0) : nil
-        }
-        guard let admitted else {
+        guard let ticket = inFlight.enter() else {
             metrics.shed()
             throw RPCError(code: .resourceExhausted,
-                           message: "gateway overloaded: \(inFlightLimit) requests in flight; retry later with backoff")
+                           message: "gateway overloaded: \(inFlight.limit) requests in flight; retry later with backoff")
         }
-        let started = ContinuousClock.now
-        defer {
-            if let adaptiveLimit {
-                let d = started.duration(to: .now).components
-                adaptiveLimit.leave(admitted, latency: Double(d.seconds) + Double(d.attoseconds) * 1e-18)
-            } else {
-                inFlight.leave()
-            }
-        }
+        var succeeded = false
+        defer { inFlight.leave(ticket, succeeded: succeeded) }
         // The request id travels in the task's service context: every log line on this request's path names it.
         let requestId = request.requestID.isEmpty ? UUID().uuidString.lowercased() : request.requestID
         var serviceContext = ServiceContext.current ?? .topLevel
         serviceContext.requestID = requestId
-        return try await ServiceContext.withValue(serviceContext) {
+        let response = try await ServiceContext.withValue(serviceContext) {
             try await rank(request: request, requestId: requestId, budget: budget)
         }
+        succeeded = true
+        return response
     }
 
     private func rank(request: Stockpot_V1_RankRequest, requestId: String, budget: Duration) async throws -> Stockpot_V1_RankResponse {
@@ -462,21 +445,52 @@ final class CanaryAvailability: Sendable {
     func unavailable(nowMs: Int64) { retryAfterMs.store(nowMs + Self.backoffMs, ordering: .relaxed) }
 }
 
-/// The number of Ranks in progress, bounded by `GatewayConfig.maxInFlight`.
+/// The Ranks in progress and their limit: `GatewayConfig.maxInFlight`, or with `adaptiveInFlight` the
+/// latency-driven `AdaptiveLimit` (between its `minLimit` and `maxInFlight`).
 final class InFlight: Sendable {
-    private let count = Atomic<Int>(0)
-
-    /// Takes a slot unless `limit` (> 0) are taken.
-    func enter(limit: Int) -> Bool {
-        let now = count.add(1, ordering: .relaxed).newValue
-        if limit > 0 && now > limit {
-            count.subtract(1, ordering: .relaxed)
-            return false
-        }
-        return true
+    /// A Rank admitted by `enter()`; hand it back to `leave(_:succeeded:)`.
+    struct Ticket {
+        let admission: AdaptiveLimit.Admission?
+        let started: ContinuousClock.Instant
     }
 
-    func leave() { count.subtract(1, ordering: .relaxed) }
+    private let count = Atomic<Int>(0)
+    private let fixed: Int
+    private let adaptive: AdaptiveLimit?
 
-    var current: Int { count.load(ordering: .relaxed) }
+    init(config: GatewayConfig) {
+        fixed = config.maxInFlight
+        adaptive = config.adaptiveInFlight.map { options in
+            var o = options
+            if config.maxInFlight > 0 {
+                o.maxLimit = config.maxInFlight
+                o.minLimit = min(o.minLimit, config.maxInFlight)
+            }
+            return AdaptiveLimit(options: o)
+        }
+    }
+
+    /// Takes a slot unless the limit's worth are taken.
+    func enter() -> Ticket? {
+        if let adaptive { return adaptive.enter().map { Ticket(admission: $0, started: .now) } }
+        let now = count.add(1, ordering: .relaxed).newValue
+        if fixed > 0 && now > fixed {
+            count.subtract(1, ordering: .relaxed)
+            return nil
+        }
+        return Ticket(admission: nil, started: .now)
+    }
+
+    /// Gives the slot back; a Rank that succeeded tells the adaptive limit how long it took.
+    func leave(_ ticket: Ticket, succeeded: Bool) {
+        if let adaptive, let admission = ticket.admission {
+            adaptive.leave(admission, latency: succeeded ? ticket.started.duration(to: .now).seconds : nil)
+        } else {
+            count.subtract(1, ordering: .relaxed)
+        }
+    }
+
+    var current: Int { adaptive?.inFlight ?? count.load(ordering: .relaxed) }
+    /// The limit now (0: none).
+    var limit: Int { adaptive?.limit ?? fixed }
 }

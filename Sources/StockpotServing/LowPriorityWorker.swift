@@ -50,7 +50,8 @@ final class JobThread: Sendable {
         let thread = Thread { [self] in
             #if os(Linux)
             // Foundation does not name a thread it starts here; without this it keeps the name of the thread that
-            // created it (often a dispatch worker's).
+            // created it (often a dispatch worker's). (`pthread_setname_np` is not visible from Swift's Glibc
+            // module; the kernel takes the name from this file. A failure only leaves the inherited name.)
             try? Data(name.utf8.prefix(15)).write(to: URL(fileURLWithPath: "/proc/thread-self/comm"))
             #endif
             if let niceness { ProcessPriority.lowerCurrentThread(to: niceness) }

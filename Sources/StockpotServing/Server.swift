@@ -17,8 +17,9 @@ public final class ServiceServer: Service, Sendable {
     public let health: HealthStatus
     public let server: GRPCServer<HTTP2ServerTransport.Posix>
     /// The same services for callers in this process (nil: none), with the same interceptors, deadlines and
-    /// health; connect with `ServiceLink(target:inProcess:)`. On shutdown the transport cancels in-process calls
-    /// still running rather than draining them (the suite stops their caller, the gateway, first).
+    /// health; connect with `ServiceLink(target:inProcess:)`. On shutdown the calls in progress run to the end
+    /// (the transport marks them cancelled, which no handler here acts on); later calls fail with UNAVAILABLE
+    /// (`InProcessLink`).
     public let inProcess: InProcessTransport?
     private let inProcessServer: GRPCServer<InProcessTransport.Server>?
     private let logger: Logger
@@ -178,10 +179,10 @@ public final class ServiceClient: Service, Sendable {
 /// A gRPC client to a service in this process (`ServiceServer.inProcess`), run as a ServiceLifecycle service:
 /// the same calls, deadlines and interceptors as over HTTP/2, without the sockets and framing.
 public final class InProcessClient: Service, Sendable {
-    public let client: GRPCClient<InProcessTransport.Client>
+    public let client: GRPCClient<InProcessLink>
 
     public init(_ transport: InProcessTransport) {
-        client = GRPCClient(transport: transport.client, interceptors: [ClientTracingInterceptor()])
+        client = GRPCClient(transport: InProcessLink(base: transport.client), interceptors: [ClientTracingInterceptor()])
     }
 
     public func run() async throws {
@@ -189,6 +190,28 @@ public final class InProcessClient: Service, Sendable {
             try await client.runConnections()
         } onGracefulShutdown: {
             self.client.beginGracefulShutdown()
+        }
+    }
+}
+
+/// The in-process transport's client side, except that a call to a service that has stopped fails with
+/// UNAVAILABLE, as a refused connection does over HTTP/2, instead of the transport's FAILED_PRECONDITION
+/// ("The server transport is closed."): callers treat a stopped service like a down one.
+public struct InProcessLink: ClientTransport {
+    public typealias Bytes = [UInt8]
+    let base: InProcessTransport.Client
+
+    public var retryThrottle: RetryThrottle? { base.retryThrottle }
+    public func connect() async throws { try await base.connect() }
+    public func beginGracefulShutdown() { base.beginGracefulShutdown() }
+    public func config(forMethod descriptor: MethodDescriptor) -> MethodConfig? { base.config(forMethod: descriptor) }
+
+    public func withStream<T: Sendable>(descriptor: MethodDescriptor, options: CallOptions,
+                                        _ closure: (RPCStream<Inbound, Outbound>, ClientContext) async throws -> T) async throws -> T {
+        do {
+            return try await base.withStream(descriptor: descriptor, options: options, closure)
+        } catch let error as RPCError where error.code == .failedPrecondition && error.message.hasSuffix("transport is closed.") {
+            throw RPCError(code: .unavailable, message: "\(descriptor.service) in this process has stopped (\(error.message))")
         }
     }
 }
@@ -213,7 +236,7 @@ public enum ServiceLink: Sendable {
     }
 
     /// A generated client wrapping this link's `GRPCClient`, whichever its transport.
-    public func wrapped<C>(_ http2: (GRPCClient<HTTP2ClientTransport.Posix>) -> C, _ inProcess: (GRPCClient<InProcessTransport.Client>) -> C) -> C {
+    public func wrapped<C>(_ http2: (GRPCClient<HTTP2ClientTransport.Posix>) -> C, _ inProcess: (GRPCClient<InProcessLink>) -> C) -> C {
         switch self {
         case .http2(let c): return http2(c.client)
         case .inProcess(let c): return inProcess(c.client)

@@ -19,8 +19,9 @@ public final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
 }
 
 /// The event-loop thread that carries one service's RPCs: its server's connections, the connections of the
-/// clients its handlers call, and the async code of every handler (`ServiceServer` and `ServiceClient` run with
-/// it as their task executor). An RPC then goes from reading its request to writing its reply — and through the
+/// clients its handlers call, and the async code of every handler called over HTTP/2 (`ServiceServer` and
+/// `ServiceClient` run with it as their task executor; handlers called over the in-process transport run on the
+/// concurrency pool). An RPC then goes from reading its request to writing its reply — and through the
 /// downstream calls it makes — without waking another thread: those wake-ups, between event loops and the
 /// concurrency pool, were most of a hop's cost. CPU-heavy work (encoding, forward passes) is not done here: it
 /// runs on a `ComputePool`, and database work on the database's own queue, so the loop stays free for I/O.

@@ -17,8 +17,8 @@ import Synchronization
 
 /// The six services on loopback in one process, each a real gRPC server over HTTP/2 with its own service group,
 /// started in dependency order (registry, features, scorer, corrector, fusion, gateway). The gateway reaches
-/// the four services it calls over the in-process transport (`Options.inProcessHops`); every service still
-/// listens on its port for other callers. On first start an empty
+/// the services it calls over the in-process transport (`Options.inProcessHops`); every service still listens
+/// on its port for other callers. On first start an empty
 /// registry gets a legacy model trained on KuaiRand-Pure (`legacy@production`) and the default fusion config
 /// (`fusion@production`). Used by `stockpot suite` and by the integration tests (ports 0).
 public final class LocalSuite: Sendable {
@@ -147,8 +147,8 @@ public final class LocalSuite: Sendable {
         gatewayApp.scorer = address("scorer")
         gatewayApp.corrector = address("corrector")
         gatewayApp.fusion = address("fusion")
-        gatewayApp.inProcess = [("features", features.server), ("scorer", scorer.server), ("corrector", corrector.server),
-                                ("fusion", fusion.server)].reduce(into: [:]) { links, s in links[s.0] = s.1.inProcess }
+        gatewayApp.inProcess = ["features": features.server.inProcess, "scorer": scorer.server.inProcess,
+                                "corrector": corrector.server.inProcess, "fusion": fusion.server.inProcess].compactMapValues { $0 }
         gatewayApp.servingLog = ServingLog.Options(directory: dir.appendingPathComponent("serving-log"))
         // Live calibration of what the suite serves, against the KuaiRand labels of the same impressions.
         gatewayApp.liveQuality = (o.kuaiRand.appendingPathComponent(KuaiRandData.logFile), .seconds(30))

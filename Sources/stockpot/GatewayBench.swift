@@ -27,7 +27,7 @@ struct GatewayBench: AsyncParsableCommand {
     var corrector = true
     @Option(help: "After the table: offer twice the measured saturation throughput (the highest concurrency's req/s) at a fixed rate for this many seconds, per candidate count (0 = skip).")
     var overloadSeconds: Double = 0
-    @Option(help: "The gateway's --max-in-flight for the run.") var maxInFlight: Int = 64
+    @Option(help: "The gateway's --max-in-flight for the run (default 64).") var maxInFlight: Int?
     @Flag(help: "The gateway's --adaptive-in-flight for the run: the limit follows latency, up to --max-in-flight.") var adaptiveInFlight = false
     @Option(help: "Offered loads for a latency curve, as fractions of the measured saturation, comma-separated (e.g. 0.25,0.5,1,1.5,2); each held for --sweep-seconds.")
     var sweep: String?
@@ -49,14 +49,20 @@ struct GatewayBench: AsyncParsableCommand {
 
     func validate() throws {
         if let sweepBase, !(sweepBase.isFinite && sweepBase > 0) { throw ValidationError("--sweep-base must be a positive rate, not \(sweepBase)") }
-        if gateway != nil && (localFusion || processes || tcpHops) {
-            throw ValidationError("--gateway measures a gateway as it runs: --local-fusion, --processes and --tcp-hops apply to services this command starts")
+        if gateway != nil && (localFusion || processes || tcpHops || maxInFlight != nil || adaptiveInFlight) {
+            throw ValidationError("--gateway measures a gateway as it runs: --local-fusion, --processes, --tcp-hops, --max-in-flight and "
+                                  + "--adaptive-in-flight apply to services this command starts")
         }
+        if let maxInFlight, maxInFlight < 0 { throw ValidationError("--max-in-flight must be 0 (no limit) or more, not \(maxInFlight)") }
+        if adaptiveInFlight && maxInFlight == 0 { throw ValidationError("--adaptive-in-flight needs a positive --max-in-flight (its highest limit)") }
         if processes && tcpHops { throw ValidationError("--tcp-hops applies to the services in this process; --processes always calls over TCP") }
         if gateway != nil && corrector {
             throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)")
         }
         if replot && plot == nil { throw ValidationError("--replot redraws the --plot file: give --plot") }
+        if candidates.split(separator: ",").contains(where: { Int($0).map { $0 <= 0 } ?? true }) {
+            throw ValidationError("--candidates must be positive counts separated by commas, not '\(candidates)'")
+        }
         if plot != nil && candidates.split(separator: ",").count != 1 {
             throw ValidationError("--plot draws one candidate count's curve: give a single --candidates value")
         }
@@ -74,7 +80,7 @@ struct GatewayBench: AsyncParsableCommand {
         options.dataDirectory = URL(fileURLWithPath: data)
         options.ports = (0..<6).map { basePort + $0 }
         options.log = { _ in }
-        options.gateway.maxInFlight = maxInFlight
+        options.gateway.maxInFlight = maxInFlight ?? 64
         if adaptiveInFlight { options.gateway.adaptiveInFlight = AdaptiveLimit.Options() }
         options.localFusion = localFusion
         options.inProcessHops = !tcpHops
@@ -277,8 +283,8 @@ struct GatewayBench: AsyncParsableCommand {
         let run = await openLoop(gateway: gateway, requests: requests, rate: rate, seconds: overloadSeconds)
         let (offered, ok, shed, other, peakRSS) = (run.seconds, run.ok, run.shed, run.other, run.peakRSS)
         let rssAfter = Self.residentBytes()
-        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %d%@", rate, offered, maxInFlight,
-                                 adaptiveInFlight ? " (adaptive)" : ""))
+        let limit = self.gateway != nil ? "the running gateway's own" : "\(maxInFlight ?? 64)" + (adaptiveInFlight ? " (adaptive)" : "")
+        Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %@", rate, offered, limit))
         Console.out(String(format: "    accepted %d (%.0f/s): p50 %.2f ms  p99 %.2f ms = %.2f× the unloaded p99 (%.2f ms)",
                            ok.count, Double(ok.count) / offered, percentile(ok, 0.5), percentile(ok, 0.99),
                            percentile(ok, 0.99) / unloadedP99, unloadedP99))

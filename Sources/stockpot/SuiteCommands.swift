@@ -43,6 +43,7 @@ struct Suite: AsyncParsableCommand {
     func validate() throws {
         _ = try metricsPortNumber
         guard maxInFlight >= 0 else { throw ValidationError("--max-in-flight must be 0 (no limit) or more, not \(maxInFlight)") }
+        if adaptiveInFlight && maxInFlight == 0 { throw ValidationError("--adaptive-in-flight needs a positive --max-in-flight (its highest limit)") }
     }
 
     func run() async throws {

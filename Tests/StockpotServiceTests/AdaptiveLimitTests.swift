@@ -74,11 +74,40 @@ import Testing
         #expect(limit.limit <= 6, "\(limit.limit)")
     }
 
-    @Test func aNonFiniteLatencyIsIgnored() {
+    /// Failed Ranks (bad input, a dead downstream) finish fast; they must not become the minimum latency.
+    @Test func failedRanksGiveNoLatency() {
+        let limit = AdaptiveLimit()
+        for i in 0..<90 {   // 30 successes: the measurement takes 25
+            guard let a = limit.enter() else { Issue.record("refused with nothing in flight"); return }
+            limit.leave(a, latency: i % 3 == 0 ? 0.004 : nil)
+        }
+        #expect(limit.minRTT == 0.004)
+        #expect(limit.inFlight == 0)
+    }
+
+    @Test func optionsOutOfRangeAreBroughtIntoIt() {
+        var o = AdaptiveLimit.Options()
+        o.minLimit = 0
+        o.maxLimit = -5
+        o.window = 0
+        o.minRTTRequests = 0
+        o.buffer = .nan
+        let limit = AdaptiveLimit(options: o)
+        #expect(limit.options.minLimit == 1 && limit.options.maxLimit == 1)
+        #expect(limit.options.window == 1 && limit.options.minRTTRequests == 1 && limit.options.buffer == 0.25)
+        o.maxLimit = .max
+        #expect(AdaptiveLimit(options: o).options.maxLimit == 1_000_000)
+        #expect(limit.enter() != nil)
+        #expect(limit.enter() == nil, "one in flight with a limit of 1")
+    }
+
+    @Test func aNonFiniteOrNegativeLatencyIsIgnored() {
         let limit = AdaptiveLimit()
         for _ in 0..<30 {
             guard let a = limit.enter() else { Issue.record("refused with nothing in flight"); return }
             limit.leave(a, latency: .nan)
+            guard let b = limit.enter() else { Issue.record("refused with nothing in flight"); return }
+            limit.leave(b, latency: -1)
         }
         #expect(limit.minRTT == nil)
         #expect(limit.inFlight == 0)

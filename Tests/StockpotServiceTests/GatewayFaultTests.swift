@@ -295,7 +295,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         }
     }
 
-    /// Fixed, and adaptive while it measures the minimum latency (pinned to its `minLimit`, here 2).
+    /// Fixed, and adaptive while it measures the minimum latency (pinned to its lowest limit).
     @Test(arguments: [false, true])
     func pastMaxInFlightRanksAreRefusedAtOnceAndSlotsComeBack(adaptive: Bool) async throws {
         let faults = Faults()
@@ -303,12 +303,9 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         faults.slowness.withLock { $0 = .seconds(2) }
         let metrics = MetricsHub()
         let configure = { (c: inout GatewayConfig) in
-            c.maxInFlight = adaptive ? 64 : 2
-            if adaptive {
-                var o = AdaptiveLimit.Options()
-                o.minLimit = 2
-                c.adaptiveInFlight = o
-            }
+            c.maxInFlight = 2
+            // Its lowest limit (3) is above --max-in-flight: it never admits more than the operator set.
+            if adaptive { c.adaptiveInFlight = AdaptiveLimit.Options() }
         }
         try await withFakeDownstream(faults, metrics: metrics, configure: configure) { gateway in
             #expect(gateway.inFlightLimit == 2)
@@ -362,6 +359,32 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
                 #expect(r.degradedReasons.first?.contains("malformed reply from the corrector") == true, "\(r.degradedReasons)")
             }
             if fault == .shed { #expect(r.degradedReasons.first?.contains("overloaded") == true, "\(r.degradedReasons)") }
+        }
+    }
+
+    /// A service of the process that has stopped answers UNAVAILABLE over the in-process link, as a refused
+    /// connection does over HTTP/2, and the gateway reports it as an outage.
+    @Test func aStoppedInProcessServiceIsUnavailable() async throws {
+        let faults = Faults()
+        let transport = InProcessTransport()
+        let server = GRPCServer(transport: transport.server, services: [FakeFeatures(faults: faults), FakeScorer(faults: faults),
+                                                                        FakeCorrector(faults: faults), FakeFusion(faults: faults)])
+        let link = InProcessClient(transport)
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await server.serve() }
+            group.addTask { try await link.client.runConnections() }
+            let gateway = GatewayService(clients: GatewayClients(features: link.client, scorer: link.client, corrector: link.client,
+                                                                 fusion: link.client),
+                                         config: GatewayConfig(), log: nil, metrics: MetricsHub(), logger: quietLogger)
+            #expect(try await rank(gateway).degraded.isEmpty)
+            server.beginGracefulShutdown()
+            do {
+                _ = try await rank(gateway)
+                Issue.record("a Rank was served with every service of the process stopped")
+            } catch let e as RPCError {
+                #expect(e.code == .unavailable && e.message.contains("has stopped"), "\(e)")
+            }
+            link.client.beginGracefulShutdown()
         }
     }
 

@@ -10,12 +10,15 @@ import StockpotServing
 import StockpotSuite
 import StockpotTraining
 
-/// All six services on ephemeral loopback ports, real KuaiRand users, then the corrector stopped.
+/// All six services on ephemeral loopback ports, real KuaiRand users, then the corrector stopped; the gateway
+/// calls the others over the in-process transport (the suite's default) and over HTTP/2 (`--tcp-hops`).
 @Suite(.enabled(if: kuaiRandPresent, Comment(rawValue: kuaiRandMissing)), .serialized)
 struct EndToEnd {
-    @Test func rankCorrectThenDegradeWhenTheCorrectorStops() async throws {
+    @Test(arguments: [true, false])
+    func rankCorrectThenDegradeWhenTheCorrectorStops(inProcessHops: Bool) async throws {
         BLAS.useSingleThread()
         var options = LocalSuite.Options()
+        options.inProcessHops = inProcessHops
         options.dataDirectory = temporaryDirectory("suite")
         options.kuaiRand = kuaiRandDirectory
         options.ports = Array(repeating: 0, count: 6)
@@ -90,6 +93,7 @@ struct EndToEnd {
             await suite.stop("corrector")
             let fallback = try await RankClient.rank(gateway: gateway, request: tail)
             #expect(fallback.degraded == ["corrector"])
+            #expect(fallback.degradedReasons.first?.hasPrefix("unavailable") == true, "\(fallback.degradedReasons)")
             #expect(fallback.versions.map(\.role) == ["scorer", "fusion"])
             #expect(fallback.scores.map(\.values) == fallback.legacyScores.map(\.values))
             #expect(fallback.finalScores == fallback.finalScores.sorted(by: >))

@@ -46,6 +46,12 @@ import Testing
         // A fusion config for the gateway only means something with fusion in the gateway.
         let f = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_FUSION_CONFIG": "fusion@canary"])
         await #expect { try await GatewayApp(settings: f) } throws: { "\($0)".contains("fusion-config") }
+        let adaptive = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_ADAPTIVE_IN_FLIGHT": "true", "STOCKPOT_GATEWAY_MAX_IN_FLIGHT": "16"]))
+        #expect(adaptive.config.adaptiveInFlight != nil && adaptive.config.maxInFlight == 16)
+        #expect(try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [:])).config.adaptiveInFlight == nil)
+        await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_ADAPTIVE_IN_FLIGHT": "true", "STOCKPOT_GATEWAY_MAX_IN_FLIGHT": "0"])) } throws: { "\($0)".contains("adaptive-in-flight") }
         let local = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
             "STOCKPOT_GATEWAY_FUSION": "local", "STOCKPOT_GATEWAY_FUSION_CONFIG": "fusion@canary", "STOCKPOT_GATEWAY_REGISTRY": "127.0.0.1:1"]))
         #expect(local.localFusion?.config == "fusion@canary" && local.localFusion?.registry.address == "127.0.0.1:1")
