@@ -206,20 +206,26 @@ struct FakeFusion: Stockpot_V1_FusionService.SimpleServiceProtocol {
     }
 }
 
+/// The gateway's settings against fake downstream services. Generous: a debug build runs these beside the
+/// whole suite (training included) on two cores. `slow` is far beyond all of them; a test of a slow scorer or
+/// feature service shortens the budget itself. Shadow calls are random extra scorer calls: off unless a test
+/// turns them on.
+func fakeDownstreamConfig() -> GatewayConfig {
+    var config = GatewayConfig()
+    config.correctorTimeout = .seconds(4)
+    config.fusionTimeout = .seconds(4)
+    config.budget = .seconds(20)
+    config.shadow.share = 0
+    return config
+}
+
 /// Runs `body` against a gateway whose four downstream services are fakes on one loopback server.
 /// - Parameter localFusion: fuse in the gateway with this service instead of calling the fake fusion service.
 /// - Parameter inProcess: the gateway reaches the fakes over the in-process transport instead of HTTP/2.
 func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics: MetricsHub = MetricsHub(),
                         localFusion: FusionService? = nil, inProcess: Bool = false, configure: (inout GatewayConfig) -> Void = { _ in },
                         _ body: @Sendable (GatewayService) async throws -> Void) async throws {
-    var config = GatewayConfig()
-    // Generous: a debug build runs these beside the whole suite (training included) on two cores. `slow` is
-    // far beyond all of them; a test of a slow scorer or feature service shortens the budget itself.
-    config.correctorTimeout = .seconds(4)
-    config.fusionTimeout = .seconds(4)
-    config.budget = .seconds(20)
-    // Shadow calls are random extra scorer calls: off unless a test turns them on.
-    config.shadow.share = 0
+    var config = fakeDownstreamConfig()
     configure(&config)
     let fakes: [any RegistrableRPCService] = [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults),
                                               FakeFusion(faults: faults)]
@@ -375,7 +381,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             group.addTask { try await link.client.runConnections() }
             let gateway = GatewayService(clients: GatewayClients(features: link.client, scorer: link.client, corrector: link.client,
                                                                  fusion: link.client),
-                                         config: GatewayConfig(), log: nil, metrics: MetricsHub(), logger: quietLogger)
+                                         config: fakeDownstreamConfig(), log: nil, metrics: MetricsHub(), logger: quietLogger)
             #expect(try await rank(gateway).degraded.isEmpty)
             server.beginGracefulShutdown()
             do {
@@ -395,7 +401,8 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         let faults = Faults()
         faults.slowness.withLock { $0 = .seconds(2) }
         faults.corrector.withLock { $0 = fault }
-        try await withFakeDownstream(faults, inProcess: true, configure: { $0.correctorTimeout = .milliseconds(300) }) { gateway in
+        // Only the slow case needs a short wait (its fake answers after 2 s); the others keep the generous one.
+        try await withFakeDownstream(faults, inProcess: true, configure: { if fault == .slow { $0.correctorTimeout = .milliseconds(300) } }) { gateway in
             let r = try await rank(gateway)
             #expect(r.degraded == ["corrector"], "\(r.degradedReasons)")
             #expect(r.scores == r.legacyScores)
@@ -406,7 +413,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         faults.corrector.withLock { $0 = .none }
         faults.calls.withLock { $0 = [:] }
         faults.scorer.withLock { $0 = fault }
-        try await withFakeDownstream(faults, inProcess: true, configure: { $0.budget = .milliseconds(500) }) { gateway in
+        try await withFakeDownstream(faults, inProcess: true, configure: { if fault == .slow { $0.budget = .milliseconds(500) } }) { gateway in
             let error = await #expect(throws: RPCError.self) { _ = try await rank(gateway) }
             let expected: (RPCError.Code, String) = switch fault {
             case .shed: (.unavailable, "legacy scorer overloaded")
