@@ -95,12 +95,25 @@ public final class Trainer {
     // Optimizer moments of the dense tensors, in the same order.
     private var denseM: [[Float]]
     private var denseV: [[Float]]
-    // Embedding moments and sparse gradient bookkeeping per table.
-    private var embM: [[Float]]
-    private var embV: [[Float]]
-    private var slotOfRow: [[Int32]]
-    private var touched: [[Int32]]
-    private var embGrad: [[Float]]
+    /// Per embedding table: its optimizer moments and the sparse gradient of the current batch.
+    private struct TableState {
+        /// Row → its slot in `grad`, or -1 when the batch did not touch it.
+        var slots: [Int32]
+        /// The rows the batch touched, in slot order.
+        var touched: [Int32] = []
+        /// `dim` gradient values per touched row.
+        var grad: [Float] = []
+        var m: [Float]
+        var v: [Float]
+
+        /// Forgets the batch's sparse gradient.
+        mutating func clearGradient() {
+            for r in touched { slots[Int(r)] = -1 }
+            touched.removeAll(keepingCapacity: true)
+            grad.removeAll(keepingCapacity: true)
+        }
+    }
+    private var tableStates: [TableState]
     // Per field: embedding width, table rows, first column in the concatenated input.
     private let fieldDims: [Int]
     private let fieldRows: [Int]
@@ -162,8 +175,8 @@ public final class Trainer {
         denseTotal = denseSizes.reduce(0, +)
         gradFlat = .allocate(capacity: denseTotal)
         gradFlat.initialize(repeating: 0, count: denseTotal)
+        let total = denseTotal
         partGrads = (1..<threadCount).map { _ in
-            let total = denseSizes.reduce(0, +)
             let b = UnsafeMutablePointer<Float>.allocate(capacity: total)
             b.initialize(repeating: 0, count: total)
             return b
@@ -171,9 +184,6 @@ public final class Trainer {
         blockLoss = .allocate(capacity: threadCount)
         blockLoss.initialize(repeating: 0, count: threadCount)
         let fill: Float = options.optimizer == .adagrad ? options.adagradInitialAccumulator : 0
-        slotOfRow = model.embeddings.map { [Int32](repeating: -1, count: $0.rows) }
-        touched = model.embeddings.map { _ in [] }
-        embGrad = model.embeddings.map { _ in [] }
         fieldDims = model.embeddings.map(\.dim)
         fieldRows = model.embeddings.map(\.rows)
         var offsets: [Int] = []
@@ -187,11 +197,11 @@ public final class Trainer {
             let (a, b) = (model.embeddings[$0], model.embeddings[$1])
             return a.dim * min(a.rows, options.batchSize) > b.dim * min(b.rows, options.batchSize)
         }
+        let embM: [[Float]], embV: [[Float]]
         if let s = optimizerState {
             denseM = s.denseM
             denseV = s.denseV
-            embM = s.embM
-            embV = s.embV
+            (embM, embV) = (s.embM, s.embV)
             step = s.step
         } else {
             // Adagrad keeps only the accumulator (in `v`); Adam also the first moment.
@@ -201,6 +211,9 @@ public final class Trainer {
             embM = model.embeddings.map { [Float](repeating: 0, count: $0.rows * $0.dim * momentSize) }
             embV = model.embeddings.map { [Float](repeating: fill, count: $0.rows * $0.dim) }
             step = 0
+        }
+        tableStates = model.embeddings.indices.map { i in
+            TableState(slots: [Int32](repeating: -1, count: model.embeddings[i].rows), m: embM[i], v: embV[i])
         }
         team = threadCount > 1 ? WorkerTeam(size: threadCount) : nil
     }
@@ -221,7 +234,8 @@ public final class Trainer {
 
     /// The optimizer moments, for a checkpoint.
     public var optimizerState: OptimizerState {
-        OptimizerState(optimizer: options.optimizer, step: step, denseM: denseM, denseV: denseV, embM: embM, embV: embV)
+        OptimizerState(optimizer: options.optimizer, step: step, denseM: denseM, denseV: denseV,
+                       embM: tableStates.map(\.m), embV: tableStates.map(\.v))
     }
 
     // MARK: Passes
@@ -453,51 +467,35 @@ public final class Trainer {
         }
         layers.withUnsafeMutableBufferPointer { lb in
             Self.withParameters(lb, heads: &heads, update: update) { params in
-                denseM.withUnsafeMutableBufferPointer { dmb in
-                    denseV.withUnsafeMutableBufferPointer { dvb in
-                        Self.withElements(dmb) { denseMoments in
-                            Self.withElements(dvb) { denseAccumulators in
-                                slotOfRow.withUnsafeMutableBufferPointer { soBuffer in
-                                    touched.withUnsafeMutableBufferPointer { toBuffer in
-                                        embGrad.withUnsafeMutableBufferPointer { eoBuffer in
-                                            tables.withUnsafeMutableBufferPointer { tbBuffer in
-                                                embM.withUnsafeMutableBufferPointer { moBuffer in
-                                                    embV.withUnsafeMutableBufferPointer { voBuffer in
-                                                        let (so, to, eo, tb, mo, vo) = (soBuffer, toBuffer, eoBuffer, tbBuffer, moBuffer, voBuffer)
-                                                        parallel { p in
-                                                            // This thread's range of the flat dense gradient: the blocks' sum, then the update.
-                                                            let range = Self.part(total, p, parts)
-                                                            if parts > 1 { for q in partials { for i in range { grad[i] += q[i] } } }
-                                                            if update {
-                                                                for idx in sizes.indices {
-                                                                    let lo = max(range.lowerBound, starts[idx]), hi = min(range.upperBound, starts[idx] + sizes[idx])
-                                                                    guard lo < hi else { continue }
-                                                                    let at = lo - starts[idx]
-                                                                    Self.update(o, p: params[idx] + at, g: grad + lo, m: denseMoments[idx].map { $0 + at },
-                                                                                v: denseAccumulators[idx]! + at, count: hi - lo, lr: o.learningRate, t: t)
-                                                                }
-                                                            }
-                                                            // Tables, each taken by the first thread free: one thread
-                                                            // scatters and updates a table whole, so which one does
-                                                            // changes nothing in the result.
-                                                            while true {
-                                                                let k = self.tableCursor.wrappingAdd(1, ordering: .relaxed).oldValue
-                                                                guard k < f else { break }
-                                                                let fi = order[k]
-                                                                Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
-                                                                             dim: dims[fi], tableRows: tableRows[fi], slots: &so[fi], touched: &to[fi],
-                                                                             grad: &eo[fi])
-                                                                guard update else { continue }
-                                                                Self.updateTable(&tb[fi], grad: eo[fi], touched: to[fi], m: &mo[fi], v: &vo[fi], options: o, t: t)
-                                                                for r in to[fi] { so[fi][Int(r)] = -1 }
-                                                                to[fi].removeAll(keepingCapacity: true)
-                                                                eo[fi].removeAll(keepingCapacity: true)
-                                                            }
-                                                        }
-                                                    }
-                                                }
-                                            }
+                Self.withElements(&denseM) { denseMoments in
+                    Self.withElements(&denseV) { denseAccumulators in
+                        tableStates.withUnsafeMutableBufferPointer { statesBuffer in
+                            tables.withUnsafeMutableBufferPointer { tablesBuffer in
+                                let (states, tb) = (statesBuffer, tablesBuffer)
+                                parallel { p in
+                                    // This thread's range of the flat dense gradient: the blocks' sum, then the update.
+                                    let range = Self.part(total, p, parts)
+                                    if parts > 1 { for q in partials { for i in range { grad[i] += q[i] } } }
+                                    if update {
+                                        for idx in sizes.indices {
+                                            let lo = max(range.lowerBound, starts[idx]), hi = min(range.upperBound, starts[idx] + sizes[idx])
+                                            guard lo < hi else { continue }
+                                            let at = lo - starts[idx]
+                                            Self.update(o, p: params[idx] + at, g: grad + lo, m: denseMoments[idx].map { $0 + at },
+                                                        v: denseAccumulators[idx]! + at, count: hi - lo, lr: o.learningRate, t: t)
                                         }
+                                    }
+                                    // Tables, each taken by the first thread free: one thread scatters and updates
+                                    // a table whole, so which one does changes nothing in the result.
+                                    while true {
+                                        let k = self.tableCursor.wrappingAdd(1, ordering: .relaxed).oldValue
+                                        guard k < f else { break }
+                                        let fi = order[k]
+                                        Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
+                                                     dim: dims[fi], tableRows: tableRows[fi], into: &states[fi])
+                                        guard update else { continue }
+                                        Self.updateTable(&tb[fi], state: &states[fi], options: o, t: t)
+                                        states[fi].clearGradient()
                                     }
                                 }
                             }
@@ -533,32 +531,33 @@ public final class Trainer {
     }
 
     /// Calls `body` with the base address of each array (nil for an empty one).
-    private static func withElements(_ arrays: UnsafeMutableBufferPointer<[Float]>, _ body: ([UnsafeMutablePointer<Float>?]) -> Void) {
-        func nest(_ i: Int, _ acc: [UnsafeMutablePointer<Float>?]) {
-            guard i < arrays.count else { return body(acc) }
-            arrays[i].withUnsafeMutableBufferPointer { nest(i + 1, acc + [$0.baseAddress]) }
+    private static func withElements(_ arrays: inout [[Float]], _ body: ([UnsafeMutablePointer<Float>?]) -> Void) {
+        arrays.withUnsafeMutableBufferPointer { arrays in
+            func nest(_ i: Int, _ acc: [UnsafeMutablePointer<Float>?]) {
+                guard i < arrays.count else { return body(acc) }
+                arrays[i].withUnsafeMutableBufferPointer { nest(i + 1, acc + [$0.baseAddress]) }
+            }
+            nest(0, [])
         }
-        nest(0, [])
     }
 
     /// Adds each sample's input gradient for field `field` to the sparse gradient of the row it read.
     private static func scatter(field fi: Int, fields f: Int, rows: UnsafePointer<Int32>, count n: Int, dx: UnsafePointer<Float>,
-                                stride d: Int, dim: Int, tableRows: Int, slots: inout [Int32], touched: inout [Int32],
-                                grad: inout [Float]) {
+                                stride d: Int, dim: Int, tableRows: Int, into state: inout TableState) {
         let limit = Int32(tableRows)
-        slots.withUnsafeMutableBufferPointer { slots in
+        state.slots.withUnsafeMutableBufferPointer { slots in
             for s in 0..<n {
                 var r = rows[s * f + fi]
                 if r < 0 || r >= limit { r = 0 }
                 var slot = slots[Int(r)]
                 if slot < 0 {
-                    slot = Int32(touched.count)
+                    slot = Int32(state.touched.count)
                     slots[Int(r)] = slot
-                    touched.append(r)
-                    grad.append(contentsOf: repeatElement(0, count: dim))
+                    state.touched.append(r)
+                    state.grad.append(contentsOf: repeatElement(0, count: dim))
                 }
                 let src = dx + s * d
-                grad.withUnsafeMutableBufferPointer { g in
+                state.grad.withUnsafeMutableBufferPointer { g in
                     let dst = g.baseAddress! + Int(slot) * dim
                     for j in 0..<dim { dst[j] += src[j] }
                 }
@@ -567,15 +566,15 @@ public final class Trainer {
     }
 
     /// The optimizer on the rows of one table a batch touched (lazy: the others keep their moments).
-    private static func updateTable(_ table: inout EmbeddingTable, grad: [Float], touched: [Int32], m: inout [Float],
-                                    v: inout [Float], options o: TrainingOptions, t: Float) {
+    private static func updateTable(_ table: inout EmbeddingTable, state: inout TableState, options o: TrainingOptions, t: Float) {
         let dim = table.dim
         guard case .f32(var values) = table.storage else { return }
         table.storage = .f32([])   // uniquely owned: updated in place
+        let (grad, touched) = (state.grad, state.touched)
         values.withUnsafeMutableBufferPointer { w in
             grad.withUnsafeBufferPointer { g in
-                m.withUnsafeMutableBufferPointer { m in
-                    v.withUnsafeMutableBufferPointer { v in
+                state.m.withUnsafeMutableBufferPointer { m in
+                    state.v.withUnsafeMutableBufferPointer { v in
                         for (slot, r) in touched.enumerated() {
                             let off = Int(r) * dim
                             update(o, p: w.baseAddress! + off, g: g.baseAddress! + slot * dim, m: m.baseAddress.map { $0 + off },
@@ -650,18 +649,15 @@ public final class Trainer {
     /// Sparse gradient of the last `computeGradients` call for one embedding row (zeros if untouched).
     public func embeddingGradient(field: Int, row: Int) -> [Float] {
         let dim = model.embeddings[field].dim
-        let slot = slotOfRow[field][row]
+        let state = tableStates[field]
+        let slot = state.slots[row]
         guard slot >= 0 else { return [Float](repeating: 0, count: dim) }
-        return Array(embGrad[field][Int(slot) * dim..<(Int(slot) + 1) * dim])
+        return Array(state.grad[Int(slot) * dim..<(Int(slot) + 1) * dim])
     }
 
     /// Clears the sparse gradient bookkeeping without updating (used by gradient checks).
     public func discardGradients() {
-        for fi in 0..<touched.count {
-            for r in touched[fi] { slotOfRow[fi][Int(r)] = -1 }
-            touched[fi].removeAll(keepingCapacity: true)
-            embGrad[fi].removeAll(keepingCapacity: true)
-        }
+        for fi in tableStates.indices { tableStates[fi].clearGradient() }
     }
 
     private func denseIndex(_ name: String) -> Int? {
