@@ -63,12 +63,11 @@ public struct GatewayApp {
         if let t = try await settings.milliseconds("corrector-timeout-ms") { config.correctorTimeout = t }
         if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
         if let t = try await settings.milliseconds("budget-ms") { config.budget = t }
-        config.maxInFlight = try await settings.int("max-in-flight", in: 0...1_000_000) ?? config.maxInFlight
-        if try await settings.bool("adaptive-in-flight", default: false) {
-            guard config.maxInFlight > 0 else {
-                throw ServiceSettings.SettingError(description: "setting 'adaptive-in-flight' needs a positive 'max-in-flight' (its highest limit), not 0")
-            }
-            config.adaptiveInFlight = AdaptiveLimit.Options()
+        do {
+            try config.limitInFlight(max: try await settings.int("max-in-flight", in: 0...1_000_000) ?? config.maxInFlight,
+                                     adaptive: try await settings.bool("adaptive-in-flight", default: false))
+        } catch let e as InFlightSettingError {
+            throw ServiceSettings.SettingError(description: "settings: \(e)")
         }
         for (key, d) in [("corrector-timeout-ms", config.correctorTimeout), ("fusion-timeout-ms", config.fusionTimeout), ("budget-ms", config.budget)]
         where d <= .zero {

@@ -42,6 +42,22 @@ public struct GatewayConfig: Sendable {
     public var adaptiveInFlight: AdaptiveLimit.Options?
 
     public init() {}
+
+    /// Sets the limit on Ranks in progress: at most `max` (0: none), following latency when `adaptive`.
+    /// Throws, naming the settings, when they do not go together.
+    public mutating func limitInFlight(max: Int, adaptive: Bool) throws(InFlightSettingError) {
+        guard max >= 0 else { throw InFlightSettingError(description: "max-in-flight must be 0 (no limit) or more, not \(max)") }
+        guard !adaptive || max > 0 else {
+            throw InFlightSettingError(description: "adaptive-in-flight needs a positive max-in-flight (its highest limit), not 0")
+        }
+        maxInFlight = max
+        adaptiveInFlight = adaptive ? AdaptiveLimit.Options() : nil
+    }
+}
+
+/// `max-in-flight` and `adaptive-in-flight` that do not go together.
+public struct InFlightSettingError: Error, CustomStringConvertible {
+    public let description: String
 }
 
 /// The downstream services the gateway calls. Fusion is either the fusion service (a client) or a fusion layer
@@ -450,8 +466,8 @@ final class CanaryAvailability: Sendable {
 final class InFlight: Sendable {
     /// A Rank admitted by `enter()`; hand it back to `leave(_:succeeded:)`.
     struct Ticket {
-        let admission: AdaptiveLimit.Admission?
-        let started: ContinuousClock.Instant
+        /// With the adaptive limit: its admission, and when the Rank started.
+        let adaptive: (admission: AdaptiveLimit.Admission, started: ContinuousClock.Instant)?
     }
 
     private let count = Atomic<Int>(0)
@@ -472,19 +488,19 @@ final class InFlight: Sendable {
 
     /// Takes a slot unless the limit's worth are taken.
     func enter() -> Ticket? {
-        if let adaptive { return adaptive.enter().map { Ticket(admission: $0, started: .now) } }
+        if let adaptive { return adaptive.enter().map { Ticket(adaptive: ($0, .now)) } }
         let now = count.add(1, ordering: .relaxed).newValue
         if fixed > 0 && now > fixed {
             count.subtract(1, ordering: .relaxed)
             return nil
         }
-        return Ticket(admission: nil, started: .now)
+        return Ticket(adaptive: nil)
     }
 
     /// Gives the slot back; a Rank that succeeded tells the adaptive limit how long it took.
     func leave(_ ticket: Ticket, succeeded: Bool) {
-        if let adaptive, let admission = ticket.admission {
-            adaptive.leave(admission, latency: succeeded ? ticket.started.duration(to: .now).seconds : nil)
+        if let adaptive, let (admission, started) = ticket.adaptive {
+            adaptive.leave(admission, latency: succeeded ? started.duration(to: .now).seconds : nil)
         } else {
             count.subtract(1, ordering: .relaxed)
         }

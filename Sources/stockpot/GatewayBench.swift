@@ -53,8 +53,8 @@ struct GatewayBench: AsyncParsableCommand {
             throw ValidationError("--gateway measures a gateway as it runs: --local-fusion, --processes, --tcp-hops, --max-in-flight and "
                                   + "--adaptive-in-flight apply to services this command starts")
         }
-        if let maxInFlight, maxInFlight < 0 { throw ValidationError("--max-in-flight must be 0 (no limit) or more, not \(maxInFlight)") }
-        if adaptiveInFlight && maxInFlight == 0 { throw ValidationError("--adaptive-in-flight needs a positive --max-in-flight (its highest limit)") }
+        var limits = GatewayConfig()
+        do { try limits.limitInFlight(max: maxInFlight ?? limits.maxInFlight, adaptive: adaptiveInFlight) } catch { throw ValidationError("--\(error)") }
         if processes && tcpHops { throw ValidationError("--tcp-hops applies to the services in this process; --processes always calls over TCP") }
         if gateway != nil && corrector {
             throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)")
@@ -80,8 +80,7 @@ struct GatewayBench: AsyncParsableCommand {
         options.dataDirectory = URL(fileURLWithPath: data)
         options.ports = (0..<6).map { basePort + $0 }
         options.log = { _ in }
-        options.gateway.maxInFlight = maxInFlight ?? 64
-        if adaptiveInFlight { options.gateway.adaptiveInFlight = AdaptiveLimit.Options() }
+        try options.gateway.limitInFlight(max: maxInFlight ?? options.gateway.maxInFlight, adaptive: adaptiveInFlight)
         options.localFusion = localFusion
         options.inProcessHops = !tcpHops
         let fixed = options
@@ -156,122 +155,122 @@ struct GatewayBench: AsyncParsableCommand {
     /// The benchmark proper, against a running gateway.
     func measure(gateway gatewayAddress: String, registry: String, token: String?, options fixed: LocalSuite.Options,
                  counts: [Int], levels: [Int]) async throws {
-            let total = requests
-            let data = try KuaiRandData.load(directory: fixed.kuaiRand)
-            let users = try data.users.column("user_id").compactMap(Int64.init)
-            let degrees = try data.users.column("user_active_degree")
-            let headUsers = zip(users, degrees).filter { ["full_active", "high_active"].contains($0.1) }.map(\.0)
-            let tailUsers = zip(users, degrees).filter { !["full_active", "high_active"].contains($0.1) }.map(\.0)
-            if corrector { try await Self.registerCorrector(registry: registry, token: token, dataDirectory: fixed.dataDirectory, data: data) }
-            let videos = try data.videos.column("video_id").compactMap(Int64.init)
-            var rng = SplitMix64(seed: 11)
-            func request(_ n: Int, tail: Bool = false) -> Stockpot_V1_RankRequest {
-                var ids = Set<Int64>()
-                while ids.count < n { ids.insert(videos[Int(rng.next() % UInt64(videos.count))]) }
-                let pool = tail ? tailUsers : headUsers
-                return .with {
-                    $0.userID = pool[Int(rng.next() % UInt64(pool.count))]
-                    $0.candidateIds = Array(ids)
-                    $0.topK = 50
-                    $0.context = [.with { $0.name = "tab"; $0.value = "1" }, .with { $0.name = "hourmin"; $0.value = "1800" },
-                                  .with { $0.name = "date"; $0.value = "20220505" }]
+        let total = requests
+        let data = try KuaiRandData.load(directory: fixed.kuaiRand)
+        let users = try data.users.column("user_id").compactMap(Int64.init)
+        let degrees = try data.users.column("user_active_degree")
+        let headUsers = zip(users, degrees).filter { ["full_active", "high_active"].contains($0.1) }.map(\.0)
+        let tailUsers = zip(users, degrees).filter { !["full_active", "high_active"].contains($0.1) }.map(\.0)
+        if corrector { try await Self.registerCorrector(registry: registry, token: token, dataDirectory: fixed.dataDirectory, data: data) }
+        let videos = try data.videos.column("video_id").compactMap(Int64.init)
+        var rng = SplitMix64(seed: 11)
+        func request(_ n: Int, tail: Bool = false) -> Stockpot_V1_RankRequest {
+            var ids = Set<Int64>()
+            while ids.count < n { ids.insert(videos[Int(rng.next() % UInt64(videos.count))]) }
+            let pool = tail ? tailUsers : headUsers
+            return .with {
+                $0.userID = pool[Int(rng.next() % UInt64(pool.count))]
+                $0.candidateIds = Array(ids)
+                $0.topK = 50
+                $0.context = [.with { $0.name = "tab"; $0.value = "1" }, .with { $0.name = "hourmin"; $0.value = "1800" },
+                              .with { $0.name = "date"; $0.value = "20220505" }]
+            }
+        }
+        let gatewayTransport = try ServiceClient.transport(target: gatewayAddress)
+        try await withGRPCClient(transport: gatewayTransport) { client in
+            let gateway = Stockpot_V1_GatewayService.Client(wrapping: client)
+            let health = Grpc_Health_V1_Health.Client(wrapping: client)
+            // Until a Rank comes back with a layer's version; a failed Rank (a service still loading) is tried
+            // again until the deadline too.
+            func waitFor(role: String, _ make: () -> Stockpot_V1_RankRequest) async throws {
+                let clock = ContinuousClock()
+                let until = clock.now + .seconds(60)
+                while await (try? gateway.rank(make()))?.versions.contains(where: { $0.role == role }) != true {
+                    guard clock.now < until else { throw ValidationError("the \(role) layer did not serve within 60 s (Ranks come back degraded)") }
+                    try await Task.sleep(for: .milliseconds(200))
                 }
             }
-            let gatewayTransport = try ServiceClient.transport(target: gatewayAddress)
-            try await withGRPCClient(transport: gatewayTransport) { client in
-                let gateway = Stockpot_V1_GatewayService.Client(wrapping: client)
-                let health = Grpc_Health_V1_Health.Client(wrapping: client)
-                // Until a Rank comes back with a layer's version; a failed Rank (a service still loading) is tried
-                // again until the deadline too.
-                func waitFor(role: String, _ make: () -> Stockpot_V1_RankRequest) async throws {
-                    let clock = ContinuousClock()
-                    let until = clock.now + .seconds(60)
-                    while await (try? gateway.rank(make()))?.versions.contains(where: { $0.role == role }) != true {
-                        guard clock.now < until else { throw ValidationError("the \(role) layer did not serve within 60 s (Ranks come back degraded)") }
-                        try await Task.sleep(for: .milliseconds(200))
-                    }
-                }
-                // Until fusion serves (its config loaded): otherwise the cheaper equal-weights path would be timed.
-                try await waitFor(role: "fusion") { request(counts.first ?? 10) }
-                // Warm-up: caches, connections, code paths.
-                for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n)) } }
-                var floor: [Double] = []
-                for _ in 0..<total {
-                    let t = ContinuousClock.now
-                    _ = try await health.check(.init())
-                    floor.append((ContinuousClock.now - t).ms)
-                }
-                Console.out(String(format: "health Check (per-hop floor): p50 %.3f ms  p99 %.3f ms", percentile(floor, 0.5), percentile(floor, 0.99)))
-                if corrector {
-                    // Wait until the corrector serves (its alias was just set).
-                    try await waitFor(role: "corrector") { request(10, tail: true) }
-                    for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n, tail: true)) } }
-                }
-                for n in counts {
-                  let compute = try await stageCompute(options: fixed, request: request(n), data: data)
-                  Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms (legacy path; the corrector adds its own forward pass)",
-                                     n, compute.features, compute.score, compute.fusion, compute.sum))
-                  var unloadedP99 = Double.nan, saturation = 0.0
-                  for tail in corrector ? [false, true] : [false] {
-                    let prepared = (0..<total).map { _ in request(n, tail: tail) }
-                    Console.out(tail ? "  tail users (scorer + corrector + fusion):" : "  head users (scorer + fusion):")
-                    for c in levels {
-                        let latencies = Shared<[Double]>([])
-                        let next = Shared(0)
-                        let start = ContinuousClock.now
-                        try await withThrowingTaskGroup(of: Void.self) { group in
-                            for _ in 0..<c {
-                                group.addTask {
-                                    while true {
-                                        let i = next.value.withLock { v -> Int in v += 1; return v - 1 }
-                                        guard i < total else { return }
-                                        let t = ContinuousClock.now
-                                        let r = try await gateway.rank(prepared[i])
-                                        precondition(r.itemIds.count == min(50, n))
-                                        latencies.value.withLock { $0.append((ContinuousClock.now - t).ms) }
-                                    }
+            // Until fusion serves (its config loaded): otherwise the cheaper equal-weights path would be timed.
+            try await waitFor(role: "fusion") { request(counts.first ?? 10) }
+            // Warm-up: caches, connections, code paths.
+            for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n)) } }
+            var floor: [Double] = []
+            for _ in 0..<total {
+                let t = ContinuousClock.now
+                _ = try await health.check(.init())
+                floor.append((ContinuousClock.now - t).ms)
+            }
+            Console.out(String(format: "health Check (per-hop floor): p50 %.3f ms  p99 %.3f ms", percentile(floor, 0.5), percentile(floor, 0.99)))
+            if corrector {
+                // Wait until the corrector serves (its alias was just set).
+                try await waitFor(role: "corrector") { request(10, tail: true) }
+                for n in counts { for _ in 0..<20 { _ = try await gateway.rank(request(n, tail: true)) } }
+            }
+            for n in counts {
+              let compute = try await stageCompute(options: fixed, request: request(n), data: data)
+              Console.out(String(format: "\n%d candidates — stages' own compute (in-process, one request): features %.3f ms, encode+score %.3f ms, fusion %.3f ms; sum %.3f ms (legacy path; the corrector adds its own forward pass)",
+                                 n, compute.features, compute.score, compute.fusion, compute.sum))
+              var unloadedP99 = Double.nan, saturation = 0.0
+              for tail in corrector ? [false, true] : [false] {
+                let prepared = (0..<total).map { _ in request(n, tail: tail) }
+                Console.out(tail ? "  tail users (scorer + corrector + fusion):" : "  head users (scorer + fusion):")
+                for c in levels {
+                    let latencies = Shared<[Double]>([])
+                    let next = Shared(0)
+                    let start = ContinuousClock.now
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        for _ in 0..<c {
+                            group.addTask {
+                                while true {
+                                    let i = next.value.withLock { v -> Int in v += 1; return v - 1 }
+                                    guard i < total else { return }
+                                    let t = ContinuousClock.now
+                                    let r = try await gateway.rank(prepared[i])
+                                    precondition(r.itemIds.count == min(50, n))
+                                    latencies.value.withLock { $0.append((ContinuousClock.now - t).ms) }
                                 }
                             }
-                            try await group.waitForAll()
                         }
-                        let wall = (ContinuousClock.now - start).ms / 1000
-                        let l = latencies.value.withLock { $0 }
-                        let p50 = percentile(l, 0.5)
-                        Console.out(String(format: "  concurrency %3d: p50 %7.2f ms  p99 %7.2f ms  %6.0f req/s  p50 / stage compute = %.2f",
-                                           c, p50, percentile(l, 0.99), Double(total) / wall, p50 / compute.sum))
-                        if !tail && c == levels.min() { unloadedP99 = percentile(l, 0.99) }
-                        if !tail && c == levels.max() { saturation = Double(total) / wall }
+                        try await group.waitForAll()
                     }
-                  }
-                  if overloadSeconds > 0 && saturation > 0 {
-                      let prepared = (0..<total).map { _ in request(n) }
-                      try await overload(gateway: gateway, requests: prepared, rate: 2 * saturation, unloadedP99: unloadedP99)
-                  }
-                  if let sweep, saturation > 0 {
-                      let prepared = (0..<total).map { _ in request(n) }
-                      var points: [LoadPoint] = []
-                      let base = sweepBase ?? saturation
-                      Console.out("  latency against offered load (open loop, \(sweepSeconds) s each; saturation \(Int(saturation)) req/s; fractions of \(Int(base)) req/s):")
-                      for f in sweep.split(separator: ",").compactMap({ Double($0) }) where f > 0 {
-                          let r = await openLoop(gateway: gateway, requests: prepared, rate: f * base, seconds: sweepSeconds)
-                          let point = LoadPoint(offered: r.offered, p50: percentile(r.ok, 0.5), p99: percentile(r.ok, 0.99),
-                                                refused: Double(r.shed.count + r.other.count) / Double(max(1, r.total)))
-                          points.append(point)
-                          Console.out(String(format: "    %5.0f req/s offered (%.2f×): p50 %7.2f ms  p99 %7.2f ms  refused %4.1f %%  other errors %d",
-                                             point.offered, f, point.p50, point.p99, 100 * Double(r.shed.count) / Double(max(1, r.total)), r.other.count))
-                      }
-                      if let plot {
-                          // This run's curve replaces its label's in the kept points; the others stay.
-                          let kept = URL(fileURLWithPath: plot + ".json")
-                          var curves = (try? JSONDecoder().decode([LoadCurve].self, from: Data(contentsOf: kept))) ?? []
-                          curves.removeAll { $0.label == plotLabel }
-                          curves.append(LoadCurve(label: plotLabel, points: points))
-                          try JSONEncoder().encode(curves).write(to: kept, options: .atomic)
-                          try Self.writePlot(curves, to: plot, candidates: n)
-                      }
-                  }
+                    let wall = (ContinuousClock.now - start).ms / 1000
+                    let l = latencies.value.withLock { $0 }
+                    let p50 = percentile(l, 0.5)
+                    Console.out(String(format: "  concurrency %3d: p50 %7.2f ms  p99 %7.2f ms  %6.0f req/s  p50 / stage compute = %.2f",
+                                       c, p50, percentile(l, 0.99), Double(total) / wall, p50 / compute.sum))
+                    if !tail && c == levels.min() { unloadedP99 = percentile(l, 0.99) }
+                    if !tail && c == levels.max() { saturation = Double(total) / wall }
                 }
+              }
+              if overloadSeconds > 0 && saturation > 0 {
+                  let prepared = (0..<total).map { _ in request(n) }
+                  try await overload(gateway: gateway, requests: prepared, rate: 2 * saturation, unloadedP99: unloadedP99)
+              }
+              if let sweep, saturation > 0 {
+                  let prepared = (0..<total).map { _ in request(n) }
+                  var points: [LoadPoint] = []
+                  let base = sweepBase ?? saturation
+                  Console.out("  latency against offered load (open loop, \(sweepSeconds) s each; saturation \(Int(saturation)) req/s; fractions of \(Int(base)) req/s):")
+                  for f in sweep.split(separator: ",").compactMap({ Double($0) }) where f > 0 {
+                      let r = await openLoop(gateway: gateway, requests: prepared, rate: f * base, seconds: sweepSeconds)
+                      let point = LoadPoint(offered: r.offered, p50: percentile(r.ok, 0.5), p99: percentile(r.ok, 0.99),
+                                            refused: Double(r.shed.count + r.other.count) / Double(max(1, r.total)))
+                      points.append(point)
+                      Console.out(String(format: "    %5.0f req/s offered (%.2f×): p50 %7.2f ms  p99 %7.2f ms  refused %4.1f %%  other errors %d",
+                                         point.offered, f, point.p50, point.p99, 100 * Double(r.shed.count) / Double(max(1, r.total)), r.other.count))
+                  }
+                  if let plot {
+                      // This run's curve replaces its label's in the kept points; the others stay.
+                      let kept = URL(fileURLWithPath: plot + ".json")
+                      var curves = (try? JSONDecoder().decode([LoadCurve].self, from: Data(contentsOf: kept))) ?? []
+                      curves.removeAll { $0.label == plotLabel }
+                      curves.append(LoadCurve(label: plotLabel, points: points))
+                      try JSONEncoder().encode(curves).write(to: kept, options: .atomic)
+                      try Self.writePlot(curves, to: plot, candidates: n)
+                  }
+              }
             }
+        }
     }
 
     /// Offers `rate` Ranks/s at fixed intervals (an open loop: arrivals do not wait for answers) for
@@ -283,7 +282,8 @@ struct GatewayBench: AsyncParsableCommand {
         let run = await openLoop(gateway: gateway, requests: requests, rate: rate, seconds: overloadSeconds)
         let (offered, ok, shed, other, peakRSS) = (run.seconds, run.ok, run.shed, run.other, run.peakRSS)
         let rssAfter = Self.residentBytes()
-        let limit = self.gateway != nil ? "the running gateway's own" : "\(maxInFlight ?? 64)" + (adaptiveInFlight ? " (adaptive)" : "")
+        let limit = self.gateway != nil ? "the running gateway's own"
+            : "\(maxInFlight ?? GatewayConfig().maxInFlight)" + (adaptiveInFlight ? " (adaptive)" : "")
         Console.out(String(format: "  overload: %.0f Rank/s offered for %.1f s (2× saturation), gateway max-in-flight %@", rate, offered, limit))
         Console.out(String(format: "    accepted %d (%.0f/s): p50 %.2f ms  p99 %.2f ms = %.2f× the unloaded p99 (%.2f ms)",
                            ok.count, Double(ok.count) / offered, percentile(ok, 0.5), percentile(ok, 0.99),

@@ -42,8 +42,8 @@ struct Suite: AsyncParsableCommand {
 
     func validate() throws {
         _ = try metricsPortNumber
-        guard maxInFlight >= 0 else { throw ValidationError("--max-in-flight must be 0 (no limit) or more, not \(maxInFlight)") }
-        if adaptiveInFlight && maxInFlight == 0 { throw ValidationError("--adaptive-in-flight needs a positive --max-in-flight (its highest limit)") }
+        var gateway = GatewayConfig()
+        do { try gateway.limitInFlight(max: maxInFlight, adaptive: adaptiveInFlight) } catch { throw ValidationError("--\(error)") }
     }
 
     func run() async throws {
@@ -53,8 +53,7 @@ struct Suite: AsyncParsableCommand {
         options.ports = (0..<6).map { basePort + $0 }
         options.localFusion = localFusion
         options.inProcessHops = !tcpHops
-        options.gateway.maxInFlight = maxInFlight
-        if adaptiveInFlight { options.gateway.adaptiveInFlight = AdaptiveLimit.Options() }
+        try options.gateway.limitInFlight(max: maxInFlight, adaptive: adaptiveInFlight)
         let suite = LocalSuite(options: options)
         let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
         let logger = Logger(label: "stockpot.suite")
