@@ -166,12 +166,18 @@ public final class ServiceClient: Service, Sendable {
     }
 
     public func run() async throws {
+        try await Self.runConnections(of: client, on: loop?.executor)
+    }
+
+    /// Runs `client`'s connections (preferring `executor`) until the service group shuts down, then closes them
+    /// gracefully: what a client of a process's service group does, whatever its transport.
+    static func runConnections<T: ClientTransport>(of client: GRPCClient<T>, on executor: (any TaskExecutor)? = nil) async throws {
         try await withGracefulShutdownHandler {
-            try await withTaskExecutorPreference(loop?.executor) {
+            try await withTaskExecutorPreference(executor) {
                 try await client.runConnections()
             }
         } onGracefulShutdown: {
-            self.client.beginGracefulShutdown()
+            client.beginGracefulShutdown()
         }
     }
 }
@@ -186,11 +192,7 @@ public final class InProcessClient: Service, Sendable {
     }
 
     public func run() async throws {
-        try await withGracefulShutdownHandler {
-            try await client.runConnections()
-        } onGracefulShutdown: {
-            self.client.beginGracefulShutdown()
-        }
+        try await ServiceClient.runConnections(of: client)
     }
 }
 
