@@ -1,6 +1,19 @@
 import GRPCCore
+import StockpotModel
 import StockpotProto
 import StockpotServing
+
+/// One stored row as the feature service caches and serves it: each column's value parsed once into its
+/// narrowest exact form (`FeatureValue.parse`), so a request sends integers and numbers without parsing text.
+public typealias FeatureRow = [String: FeatureValue]
+
+extension FeatureRow {
+    /// The row of a stored text row.
+    public init(parsing row: [String: String]) {
+        self.init(minimumCapacity: row.count)
+        for (k, v) in row { self[k] = FeatureValue.parse(v) }
+    }
+}
 
 /// The feature service: batched lookups through the cache, upserts that invalidate it, cache counters.
 public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
@@ -10,10 +23,10 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     }
 
     public let store: any FeatureBackend
-    public let cache: FeatureCache<Key, [String: String]>
+    public let cache: FeatureCache<Key, FeatureRow>
     public let limits: RequestLimits
 
-    public init(store: any FeatureBackend, cache: FeatureCache<Key, [String: String]>, limits: RequestLimits = RequestLimits()) {
+    public init(store: any FeatureBackend, cache: FeatureCache<Key, FeatureRow>, limits: RequestLimits = RequestLimits()) {
         self.store = store
         self.cache = cache
         self.limits = limits
@@ -21,21 +34,22 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
 
     /// Rows for `ids` (cache first, then the store; found rows are cached unless a write touched them while
     /// they were being read).
-    public func lookup(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
+    public func lookup(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: FeatureRow] {
         let rows = try await lookup(users: kind == .user ? ids : [], items: kind == .item ? ids : [])
         return kind == .user ? rows.users : rows.items
     }
 
     /// Rows for `users` and `items`: cache first, then what it lacks of both kinds in one read of the store
     /// (cached unless a write touched them while they were being read).
-    public func lookup(users: [Int64], items: [Int64]) async throws -> (users: [Int64: [String: String]], items: [Int64: [String: String]]) {
-        var found: (users: [Int64: [String: String]], items: [Int64: [String: String]]) = ([:], [:])
+    public func lookup(users: [Int64], items: [Int64]) async throws -> (users: [Int64: FeatureRow], items: [Int64: FeatureRow]) {
+        var found: (users: [Int64: FeatureRow], items: [Int64: FeatureRow]) = ([:], [:])
         for (k, v) in cache.get(users.map { Key(kind: .user, id: $0) }) { found.users[k.id] = v }
         for (k, v) in cache.get(items.map { Key(kind: .item, id: $0) }) { found.items[k.id] = v }
         let missingUsers = users.filter { found.users[$0] == nil }, missingItems = items.filter { found.items[$0] == nil }
         guard !missingUsers.isEmpty || !missingItems.isEmpty else { return found }
         let token = cache.readToken()
-        let fetched = try await store.get(users: missingUsers, items: missingItems)
+        let stored = try await store.get(users: missingUsers, items: missingItems)
+        let fetched = (users: stored.users.mapValues(FeatureRow.init(parsing:)), items: stored.items.mapValues(FeatureRow.init(parsing:)))
         cache.put(fetched.users.map { (Key(kind: .user, id: $0.key), $0.value) }
                   + fetched.items.map { (Key(kind: .item, id: $0.key), $0.value) }, readAt: token)
         found.users.merge(fetched.users) { a, _ in a }
@@ -53,14 +67,15 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         return requested.isEmpty ? known : requested
     }
 
-    static func batch(ids: [Int64], columns: [String], rows: [Int64: [String: String]]) -> Stockpot_V1_EntityBatch {
+    /// The rows of `ids` as columns, each typed when all its values allow (`FeatureColumn(name:values:textOnly:)`).
+    static func batch(ids: [Int64], columns: [String], rows: [Int64: FeatureRow], textOnly: Bool = false) -> Stockpot_V1_EntityBatch {
         guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
         let ordered = ids.map { rows[$0] }   // each id looked up once, not once per column
         return .with { b in
             b.ids = ids
             b.found = ordered.map { $0 != nil }
             b.columns = columns.map { name in
-                .with { c in c.name = name; c.values = ordered.map { $0?[name] ?? "" } }
+                Stockpot_V1_FeatureColumn(name: name, values: ordered.map { $0?[name] ?? .missing }, textOnly: textOnly)
             }
         }
     }
@@ -75,8 +90,8 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         let itemColumns = request.itemIds.isEmpty ? [] : try await columns(.item, requested: request.itemColumns, field: "item_columns")
         let (users, items) = try await lookup(users: request.userIds, items: request.itemIds)
         return .with {
-            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users)
-            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items)
+            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users, textOnly: request.textOnly)
+            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items, textOnly: request.textOnly)
         }
     }
 
@@ -90,14 +105,11 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         let rows = request.rows
         try limits.checkCount(rows.ids.count, field: "rows.ids")
         guard Set(rows.ids).count == rows.ids.count else { throw Status.invalidArgument("rows.ids has duplicates") }
-        for c in rows.columns {
-            guard !c.name.isEmpty else { throw Status.invalidArgument("rows.columns: a column has an empty name") }
-            guard c.values.count == rows.ids.count else {
-                throw Status.invalidArgument("rows.columns['\(c.name)'] has \(c.values.count) values for \(rows.ids.count) ids")
-            }
-        }
+        if let problem = rows.columnProblem(field: "rows") { throw Status.invalidArgument(problem) }
+        // Stored as text: a typed value is stored as the text it stands for.
+        let readers = rows.columns.map(FeatureColumnReader.init)
         let upserts = rows.ids.enumerated().map { i, id in
-            (id, Dictionary(rows.columns.map { ($0.name, $0.values[i]) }, uniquingKeysWith: { _, b in b }))
+            (id, Dictionary(uniqueKeysWithValues: readers.map { ($0.name, $0.text(i)) }))
         }
         // Invalidate before and after the write: a concurrent reader cannot re-cache the old row.
         let keys = rows.ids.map { Key(kind: kind, id: $0) }

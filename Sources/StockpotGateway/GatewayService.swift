@@ -247,7 +247,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 throw MalformedReply(service: "feature service", problem: problem)
             }
             if u.users.found.first == true {
-                for c in u.users.columns { userFeatures[c.name] = c.values.first ?? "" }
+                for c in u.users.columns { userFeatures[c.name] = FeatureColumnReader(c).text(0) }
             }
             items = i.items
         } catch {

@@ -1,4 +1,5 @@
 import StockpotProto
+import StockpotServing
 
 /// Checks of what the downstream services answer, before the gateway indexes anything in it. Another team's
 /// corrector, a fusion build with a bug or a hostile peer can reply with the wrong shape; a malformed reply
@@ -6,8 +7,8 @@ import StockpotProto
 ///
 /// Each check returns nil when the reply is usable, or a short reason naming the offending field.
 public enum ReplyValidation {
-    /// A feature batch for `ids`: the same ids in the same order, one found flag and one value per id in every
-    /// column, no empty or repeated column name.
+    /// A feature batch for `ids`: the same ids in the same order, one found flag per id, and well-formed columns
+    /// of one value per id (`FeatureColumn.problem(rows:)`), no repeated column name.
     public static func entityBatch(_ batch: Stockpot_V1_EntityBatch, ids: [Int64], field: String) -> String? {
         guard batch.ids == ids else {
             return "\(field).ids has \(batch.ids.count) ids that differ from the \(ids.count) requested"
@@ -15,15 +16,7 @@ public enum ReplyValidation {
         guard batch.found.count == ids.count else {
             return "\(field).found has \(batch.found.count) flags for \(ids.count) ids"
         }
-        var names = Set<String>()
-        for c in batch.columns {
-            guard !c.name.isEmpty else { return "\(field).columns: a column has an empty name" }
-            guard names.insert(c.name).inserted else { return "\(field).columns: '\(c.name)' appears twice" }
-            guard c.values.count == ids.count else {
-                return "\(field).columns['\(c.name)'] has \(c.values.count) values for \(ids.count) ids"
-            }
-        }
-        return nil
+        return batch.columnProblem(field: field)
     }
 
     /// Per-objective columns of `count` values each: at least one objective, none repeated, every value finite

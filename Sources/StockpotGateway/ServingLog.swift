@@ -4,6 +4,7 @@ import ServiceLifecycle
 import StockpotLogFormat
 import StockpotModel
 import StockpotProto
+import StockpotServing
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -116,7 +117,7 @@ public final class ServingLog: Service, Sendable {
             for (k, v) in userFeatures { n += k.utf8.count + v.utf8.count + 32 }
             n += items.ids.count * 9
             for c in items.columns {
-                n += c.name.utf8.count + 16 * c.values.count
+                n += c.name.utf8.count + 16 * c.values.count + 8 * (c.integers.count + c.numbers.count) + 4 * c.missing.count
                 for v in c.values { n += v.utf8.count }
             }
             for s in legacyLogits { n += 4 * s.values.count + 32 }
@@ -311,6 +312,14 @@ final class SegmentWriter: @unchecked Sendable {
     private var nextSequence: [Int: Int] = [:]
     /// Items whose features the current segment already holds.
     private var itemsInSegment = Set<ItemKey>()
+    /// The version of each item content seen in the current segment, keyed by item id and a hash of its columns
+    /// in the form they came (`FeatureColumnReader.feed`): a repeated item costs no text formatting or version hash.
+    private var versionsInSegment: [ContentKey: UInt64] = [:]
+
+    private struct ContentKey: Hashable {
+        var id: Int64
+        var content: UInt64
+    }
     /// Set after a failed open or write: until then requests are dropped without touching the disk.
     private var retryAt: ContinuousClock.Instant?
     private var buffer: [UInt8] = []
@@ -339,18 +348,32 @@ final class SegmentWriter: @unchecked Sendable {
         }
         buffer.removeAll(keepingCapacity: true)
         var newItems = Set<ItemKey>()
+        var newVersions: [ContentKey: UInt64] = [:]
         do {
             if let shadow = e.shadow {
                 try ServingLogFormat.appendDelimited(.with { $0.shadow = shadow }, to: &buffer)
             } else {
                 let n = e.items.ids.count
                 var versions = [UInt64](repeating: 0, count: n)
-                let columns = e.items.columns.filter { $0.values.count == n }.sorted { $0.name < $1.name }
-                    .map { (name: $0.name, values: $0.values) }
+                let readers: [FeatureColumnReader] = e.items.columns.map { FeatureColumnReader($0) }
+                let columns = readers.filter { $0.count == n }.sorted { $0.name < $1.name }
+                var names = FeatureHash.offsetBasis
+                for c in columns {
+                    for byte in c.name.utf8 { names = (names ^ UInt64(byte)) &* FeatureHash.prime }
+                    names = (names ^ 0xFF) &* FeatureHash.prime
+                }
                 for i in 0..<n {
-                    let features = columns.map { (name: $0.name, value: $0.values[i]) }
+                    var content = names
+                    for c in columns { c.feed(i, into: &content) }
+                    let contentKey = ContentKey(id: e.items.ids[i], content: content)
+                    if let known = versionsInSegment[contentKey] {
+                        versions[i] = known
+                        if itemsInSegment.contains(ItemKey(id: contentKey.id, version: known)) { continue }
+                    }
+                    let features = columns.map { (name: $0.name, value: $0.text(i)) }
                     let version = ServingLogFormat.itemVersion(features)
                     versions[i] = version
+                    newVersions[contentKey] = version
                     let key = ItemKey(id: e.items.ids[i], version: version)
                     guard !itemsInSegment.contains(key), newItems.insert(key).inserted else { continue }
                     try ServingLogFormat.appendDelimited(.with {
@@ -384,6 +407,7 @@ final class SegmentWriter: @unchecked Sendable {
         }
         offset += buffer.count
         itemsInSegment.formUnion(newItems)
+        versionsInSegment.merge(newVersions) { _, new in new }
         counters.withLock {
             $0.written += 1
             $0.bytesWritten += Int64(buffer.count)
@@ -467,6 +491,7 @@ final class SegmentWriter: @unchecked Sendable {
                 self.day = day
                 offset = 0
                 itemsInSegment.removeAll(keepingCapacity: true)
+                versionsInSegment.removeAll(keepingCapacity: true)
                 counters.withLock { $0.segmentsOpened += 1 }
                 syncDirectory() // the new file's name survives a power loss
                 enforceRetention()

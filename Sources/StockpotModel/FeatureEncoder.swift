@@ -6,6 +6,12 @@ public struct FeatureEncoder: Sendable {
     public let fields: [FieldSpec]
     private let vocabularies: [[String: Int32]?]
     private let missing: [Set<String>]
+    /// The same vocabularies and missing markers keyed by the typed values their texts stand for
+    /// (`FeatureValue.parse`), so a typed value finds the row its text would.
+    private let integerVocabularies: [[Int64: Int32]]
+    private let numberVocabularies: [[Double: Int32]]
+    private let missingIntegers: [Set<Int64>]
+    private let missingNumbers: [Set<Double>]
 
     public init(fields: [FieldSpec]) {
         self.fields = fields
@@ -16,6 +22,51 @@ public struct FeatureEncoder: Sendable {
             return map
         }
         missing = fields.map { Set($0.missing) }
+        var integerVocabularies: [[Int64: Int32]] = [], numberVocabularies: [[Double: Int32]] = []
+        for field in fields {
+            var ints: [Int64: Int32] = [:], numbers: [Double: Int32] = [:]
+            if case .vocabulary(let values) = field.encoding {
+                // First occurrence wins, as in the text map: one canonical text per typed value.
+                for (i, v) in values.enumerated() {
+                    switch FeatureValue.parse(v) {
+                    case .integer(let k) where ints[k] == nil: ints[k] = Int32(i + 1)
+                    case .number(let x) where numbers[x] == nil: numbers[x] = Int32(i + 1)
+                    default: break
+                    }
+                }
+            }
+            integerVocabularies.append(ints)
+            numberVocabularies.append(numbers)
+        }
+        self.integerVocabularies = integerVocabularies
+        self.numberVocabularies = numberVocabularies
+        missingIntegers = fields.map { Set($0.missing.compactMap(FeatureValue.canonicalInteger)) }
+        missingNumbers = fields.map { Set($0.missing.compactMap(FeatureValue.canonicalNumber)) }
+    }
+
+    /// Row for a value in any form: the row its text (`FeatureValue.text`) gets from `row(field:raw:)`, found
+    /// without making the text for integers, and for numbers in vocabulary and bucketised fields.
+    public func row(field index: Int, value: FeatureValue) -> Int32 {
+        switch value {
+        case .missing:
+            return 0
+        case .text(let s):
+            return rowImpl(field: index, raw: Substring(s))
+        case .integer(let v):
+            if !missingIntegers[index].isEmpty && missingIntegers[index].contains(v) { return 0 }
+            switch fields[index].encoding {
+            case .vocabulary: return integerVocabularies[index][v] ?? 0
+            case .hashed(let buckets): return Int32(1 + Int(FeatureHash.fnv1a64(integer: v) % UInt64(buckets)))
+            case .buckets(let boundaries): return Self.bucketRow(Double(v), boundaries: boundaries)
+            }
+        case .number(let x):
+            if !missingNumbers[index].isEmpty && missingNumbers[index].contains(x) { return 0 }
+            switch fields[index].encoding {
+            case .vocabulary: return numberVocabularies[index][x] ?? 0
+            case .hashed: return rowImpl(field: index, raw: Substring(String(x)))
+            case .buckets(let boundaries): return Self.bucketRow(x, boundaries: boundaries)
+            }
+        }
     }
 
     /// Row for a raw value given as text (the form every source provides).

@@ -39,14 +39,7 @@ public struct RankingInputs: Sendable {
     public func validate(limits: RequestLimits) throws {
         let n = candidates.ids.count
         try limits.checkCount(n, field: "candidates.ids")
-        var names = Set<String>()
-        for c in candidates.columns {
-            guard !c.name.isEmpty else { throw Status.invalidArgument("candidates.columns: a column has an empty name") }
-            guard names.insert(c.name).inserted else { throw Status.invalidArgument("candidates.columns: '\(c.name)' given twice") }
-            guard c.values.count == n else {
-                throw Status.invalidArgument("candidates.columns['\(c.name)'] has \(c.values.count) values for \(n) candidates")
-            }
-        }
+        if let problem = candidates.columnProblem(field: "candidates") { throw Status.invalidArgument(problem) }
     }
 
     /// Embedding rows (`candidates × fields`) for `spec`. Fields whose source the request does not carry get the
@@ -55,8 +48,8 @@ public struct RankingInputs: Sendable {
         let n = candidates.ids.count
         var m = RowMatrix(fields: spec.fields.count, capacity: n)
         m.reset(count: n)
-        var columnIndex: [String: Int] = [:]
-        for (i, c) in candidates.columns.enumerated() { columnIndex[c.name] = i }
+        var columns: [String: FeatureColumnReader] = [:]
+        for c in candidates.columns { columns[c.name] = FeatureColumnReader(c) }
         let raw = RawFeatures(userId: userId, user: user, context: context)
         for (fi, field) in spec.fields.enumerated() {
             guard let source = try? FieldSource(field.source) else { continue }
@@ -65,9 +58,7 @@ public struct RankingInputs: Sendable {
                 continue
             }
             for s in 0..<n {
-                let value = raw.value(source, itemId: candidates.ids[s]) { name in
-                    columnIndex[name].map { candidates.columns[$0].values[s] }
-                }
+                let value = raw.value(source, itemId: candidates.ids[s]) { name in columns[name]?.text(s) }
                 m[s, fi] = encoder.row(field: fi, raw: value)
             }
         }
@@ -85,10 +76,10 @@ public struct SplitRequestInputs: SplitInputs {
     let ids: [Int64]
     /// The model's split first layer: each field's scope, parsed source and numeric bucket boundaries.
     let split: SplitFirstLayer
-    /// Per model field reading an item column: that column's values (nil when the request lacks the column).
-    let itemColumns: [[String]?]
+    /// Per model field reading an item column: that column (nil when the request lacks the column).
+    let itemColumns: [FeatureColumnReader?]
     /// `upload_dt` of every candidate, when the request carries it (for the item's age).
-    let uploadDates: [String]?
+    let uploadDates: FeatureColumnReader?
     /// The request's day number (from the context's `date`), for the item's age.
     let requestDay: Int?
 
@@ -96,8 +87,8 @@ public struct SplitRequestInputs: SplitInputs {
         self.inputs = inputs
         encoder = model.encoder
         ids = inputs.candidates.ids
-        var byName: [String: [String]] = [:]
-        for c in inputs.candidates.columns { byName[c.name] = c.values }
+        var byName: [String: FeatureColumnReader] = [:]
+        for c in inputs.candidates.columns { byName[c.name] = FeatureColumnReader(c) }
         self.split = split
         itemColumns = split.sources.map { source in
             if case .video(let name) = source { return byName[name] }
@@ -122,11 +113,7 @@ public struct SplitRequestInputs: SplitInputs {
         for fi in split.itemFields {
             if let column = itemColumns[fi] {
                 h = (h ^ 0x01) &* FeatureHash.prime
-                let value = column[s]
-                let done: Void? = value.utf8.withContiguousStorageIfAvailable { bytes in
-                    for b in bytes { h = (h ^ UInt64(b)) &* FeatureHash.prime }
-                }
-                if done == nil { for b in value.utf8 { h = (h ^ UInt64(b)) &* FeatureHash.prime } }
+                column.feed(s, into: &h)
             }
             h = (h ^ 0xFF) &* FeatureHash.prime  // field separator: ("ab", "") and ("a", "b") differ
         }
@@ -136,8 +123,8 @@ public struct SplitRequestInputs: SplitInputs {
     public func itemRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
         for fi in split.itemFields {
             switch split.sources[fi] {
-            case .log("video_id")?: rows[fi] = encoder.row(field: fi, raw: String(ids[s]))
-            case .video?: rows[fi] = encoder.row(field: fi, raw: itemColumns[fi]?[s] ?? "")
+            case .log("video_id")?: rows[fi] = encoder.row(field: fi, value: .integer(ids[s]))
+            case .video?: rows[fi] = itemColumns[fi].map { encoder.row(field: fi, value: $0[s]) } ?? 0
             default: rows[fi] = 0
             }
         }
@@ -146,7 +133,7 @@ public struct SplitRequestInputs: SplitInputs {
     public func candidateRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {
         for fi in split.candidateFields where split.sources[fi] == .videoAgeDays {
             if let boundaries = split.numericBoundaries[fi] {
-                guard let today = requestDay, let dates = uploadDates, let uploaded = DerivedFeatures.fastDayNumber(isoDate: dates[s]) else {
+                guard let today = requestDay, let dates = uploadDates, let uploaded = DerivedFeatures.fastDayNumber(isoDate: dates.text(s)) else {
                     rows[fi] = 0
                     continue
                 }
@@ -154,7 +141,7 @@ public struct SplitRequestInputs: SplitInputs {
                 continue
             }
             rows[fi] = encoder.row(field: fi, raw: DerivedFeatures.videoAgeDays(date: inputs.context["date"] ?? "",
-                                                                               uploadDate: uploadDates?[s] ?? ""))
+                                                                               uploadDate: uploadDates?.text(s) ?? ""))
         }
     }
 }

@@ -381,13 +381,13 @@ struct GatewayBench: AsyncParsableCommand {
             }
             return percentile(t, 0.5)
         }
-        var items: [Int64: [String: String]] = [:]
+        var items: [Int64: FeatureRow] = [:]
         var user: [String: String] = [:]
         var ft: [Double] = []
         for _ in 0..<50 {
             let s = ContinuousClock.now
             let rows = try await features.lookup(users: [request.userID], items: request.candidateIds)
-            user = rows.users[request.userID] ?? [:]
+            user = (rows.users[request.userID] ?? [:]).mapValues(\.text)
             items = rows.items
             ft.append((ContinuousClock.now - s).ms)
         }
@@ -395,7 +395,7 @@ struct GatewayBench: AsyncParsableCommand {
         let columns = Set(items.values.flatMap(\.keys)).sorted()
         let batch = Stockpot_V1_EntityBatch.with { b in
             b.ids = request.candidateIds
-            b.columns = columns.map { name in .with { $0.name = name; $0.values = request.candidateIds.map { items[$0]?[name] ?? "" } } }
+            b.columns = columns.map { name in Stockpot_V1_FeatureColumn(name: name, values: request.candidateIds.map { items[$0]?[name] ?? .missing }) }
         }
         let inputs = RankingInputs(userId: request.userID, user: user, context: ["tab": "1", "hourmin": "1800", "date": "20220505"], candidates: batch)
         var logits: [Float] = []

@@ -168,7 +168,10 @@ struct ScorerBench: AsyncParsableCommand {
             }
             let batch = Stockpot_V1_EntityBatch.with { b in
                 b.ids = ids
-                b.columns = itemColumn.map { c, name in .with { $0.name = name; $0.values = videoRows.map { data.videos.columns[c][$0] } } }
+                // Typed where the values allow, as the feature service sends them.
+                b.columns = itemColumn.map { c, name in
+                    Stockpot_V1_FeatureColumn(name: name, values: videoRows.map { FeatureValue.parse(data.videos.columns[c][$0]) })
+                }
             }
             return RankingInputs(userId: Int64(data.userIds[i]), user: user,
                                  context: ["tab": data.log.columns[tab][i], "hourmin": data.log.columns[hourmin][i],

@@ -142,6 +142,41 @@ func tinyModel() throws -> LegacyModel {
         #expect(enc.row(field: 0, raw: "7") == 0)
     }
 
+    /// A typed value finds the row its text finds, in every encoding: in and out of the vocabulary, missing
+    /// markers, values the vocabulary holds in another form ("1" against "1.0"), extremes.
+    @Test func typedValuesEncodeAsTheirText() {
+        let vocabulary = ["0", "1", "7", "-3", "9.0", "0.5", "1e-05", "NORMAL", "007", "1.0", "12345678901", "7"]
+        let fields = [
+            FieldSpec(name: "v", source: "video:v", dim: 1, encoding: .vocabulary(vocabulary), missing: ["-124", "-1.5"]),
+            FieldSpec(name: "h", source: "video:h", dim: 1, encoding: .hashed(buckets: 997), missing: ["-124"]),
+            FieldSpec(name: "b", source: "video:b", dim: 1, encoding: .buckets([-10, 0, 0.5, 3, 1e6]), missing: ["-1.5"]),
+        ]
+        let enc = FeatureEncoder(fields: fields)
+        let texts = vocabulary + ["-124", "-1.5", "", "2", "3", "3.0", "-0.0", "0.0", "1e+20", "9223372036854775807",
+                                  "-9223372036854775808", "nan", "inf", "x", "+5", "05", "1e5", "0.1", "-7", "-124.0"]
+        var typed = 0
+        for t in texts {
+            let v = FeatureValue.parse(t)
+            #expect(v.text == t, "lossless: \(t)")
+            switch v {
+            case .integer, .number: typed += 1
+            case .text, .missing: break
+            }
+            for f in fields.indices {
+                #expect(enc.row(field: f, value: v) == enc.row(field: f, raw: t), "\(t) in field \(fields[f].name)")
+            }
+        }
+        #expect(typed == 22)
+        #expect(enc.row(field: 0, value: .integer(1)) == 2 && enc.row(field: 0, value: .number(1)) == 10)
+        #expect(enc.row(field: 0, value: .integer(-124)) == 0 && enc.row(field: 0, value: .number(-1.5)) == 0)
+        #expect(FeatureValue.parse("42") == .integer(42) && FeatureValue.parse("9.0") == .number(9))
+        #expect(FeatureValue.parse("007") == .text("007") && FeatureValue.parse("-0.0") == .text("-0.0"))
+        #expect(FeatureValue.parse("nan") == .text("nan") && FeatureValue.parse("") == .missing)
+        for v: Int64 in [0, 7, -7, 10, 99, 100, 9_155_697_141, .max, .min] {
+            #expect(FeatureHash.fnv1a64(integer: v) == FeatureHash.fnv1a64(String(v).utf8), "\(v)")
+        }
+    }
+
     @Test func specValidationNamesTheProblem() {
         var spec = ModelSpec(name: "m", featureSetVersion: "v", fields: [
             FieldSpec(name: "a", source: "log:a", dim: 2, encoding: .buckets([3, 1])),

@@ -77,8 +77,24 @@ struct Chaotic {
         .with { b in
             b.ids = (0..<n).map { _ in id() }
             b.found = (0..<(chance(0.8) ? n : count())).map { _ in chance(0.5) }
-            b.columns = (0..<int(0...3)).map { _ in .with { $0.name = string(); $0.values = (0..<(chance(0.8) ? n : count())).map { _ in string() } } }
+            b.columns = (0..<int(0...3)).map { _ in column(n: n) }
         }
+    }
+
+    /// A column of about `n` rows in any of the three forms, sometimes with two forms filled, missing rows out of
+    /// range or out of order, NaN or -0.0 numbers, extreme integers.
+    mutating func column(n: Int) -> Stockpot_V1_FeatureColumn {
+        var c = Stockpot_V1_FeatureColumn()
+        c.name = string()
+        let rows = chance(0.8) ? n : count()
+        switch int(0...2) {
+        case 0: c.values = (0..<rows).map { _ in string() }
+        case 1: c.integers = (0..<rows).map { _ in id() }
+        default: c.numbers = (0..<rows).map { _ in Double(float()) }
+        }
+        if chance(0.1) { c.values = (0..<rows).map { _ in string() } }
+        if chance(0.3) { c.missing = (0..<int(0...3)).map { _ in UInt32(int(0...(n + 1))) } }
+        return c
     }
 
     /// The message as bytes, sometimes damaged: bytes flipped, cut short, or junk appended.

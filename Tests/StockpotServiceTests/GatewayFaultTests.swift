@@ -64,7 +64,8 @@ final class Faults: Sendable {
     }
 }
 
-/// The user is "low_active" (tail crowd); each item has a `video_type` column.
+/// The user is "low_active" (tail crowd); each item has a `video_type` column (text) and a `video_duration` column
+/// (numbers, the last item's missing).
 struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     let faults: Faults
     func getFeatures(request: Stockpot_V1_GetFeaturesRequest, context: ServerContext) async throws -> Stockpot_V1_GetFeaturesResponse {
@@ -85,7 +86,11 @@ struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
                     $0.found = request.itemIds.map { _ in true }
                     var values = request.itemIds.map { _ in "NORMAL" }
                     if fault == .short { values.removeLast() }
-                    $0.columns = [.with { $0.name = "video_type"; $0.values = values }]
+                    let n = request.itemIds.count
+                    var durations = Stockpot_V1_FeatureColumn(name: "video_duration",
+                                                              values: (0..<n).map { $0 == n - 1 ? .missing : .number(Double($0) * 1000 + 0.5) })
+                    if fault == .nan { durations.numbers[0] = .nan }
+                    $0.columns = [.with { $0.name = "video_type"; $0.values = values }, durations]
                     if fault == .duplicate { $0.columns.append($0.columns[0]) }
                     if fault == .outOfRange { $0.ids = $0.ids.map { $0 + 1 } }
                     if fault == .missingObjective { $0.found.removeLast() }
@@ -555,7 +560,7 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         }
     }
 
-    @Test(arguments: Fault.allCases.filter { $0 != .none && $0 != .nan })
+    @Test(arguments: Fault.allCases.filter { $0 != .none })
     func badFeaturesFailOrDegradeAsConfigured(fault: Fault) async throws {
         let faults = Faults()
         faults.features.withLock { $0 = fault }

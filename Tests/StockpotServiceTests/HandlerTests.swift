@@ -71,18 +71,91 @@ import StockpotServing
         #expect(await expectStatus(.invalidArgument, mentioning: "kind") {
             try await withContext { try await s.putFeatures(request: .with { $0.rows.ids = [1] }, context: $0) }
         })
-        #expect(await expectStatus(.invalidArgument, mentioning: "rows.columns['a'] has 1 values for 2 ids") {
+        // Malformed columns, text or typed: refused whole, nothing written.
+        let malformed: [(Stockpot_V1_FeatureColumn, String)] = [
+            (.with { $0.name = "a"; $0.values = ["x"] }, "rows.columns: 'a' has 1 values for 2 rows"),
+            (.with { $0.name = "a"; $0.values = ["x", "y"]; $0.integers = [1, 2] }, "'a' fills more than one of values, integers and numbers"),
+            (.with { $0.name = "a"; $0.integers = [1, 2]; $0.missing = [2] }, "'a'.missing must be increasing rows below 2"),
+            (.with { $0.name = "a"; $0.integers = [1, 2]; $0.missing = [1, 0] }, "'a'.missing must be increasing"),
+            (.with { $0.name = "a"; $0.values = ["x", ""]; $0.missing = [1] }, "missing rows in a text column"),
+            (.with { $0.name = "a"; $0.numbers = [1, .nan] }, "'a'.numbers[1] is nan"),
+            (.with { $0.name = "a"; $0.numbers = [-0.0, 1] }, "'a'.numbers[0] is -0.0"),
+            (.with { $0.name = ""; $0.numbers = [1, 2] }, "empty name"),
+        ]
+        for (column, message) in malformed {
+            #expect(await expectStatus(.invalidArgument, mentioning: message) {
+                try await withContext {
+                    try await s.putFeatures(request: .with {
+                        $0.kind = .user
+                        $0.rows.ids = [1, 2]
+                        $0.rows.columns = [.with { $0.name = "ok"; $0.values = ["p", "q"] }, column]
+                    }, context: $0)
+                }
+            })
+        }
+        #expect(await expectStatus(.invalidArgument, mentioning: "'ok' given twice") {
             try await withContext {
                 try await s.putFeatures(request: .with {
                     $0.kind = .user
-                    $0.rows.ids = [1, 2]
-                    $0.rows.columns = [.with { $0.name = "a"; $0.values = ["x"] }]
+                    $0.rows.ids = [1]
+                    $0.rows.columns = [.with { $0.name = "ok"; $0.values = ["p"] }, .with { $0.name = "ok"; $0.integers = [3] }]
                 }, context: $0)
             }
         })
+        let unchanged = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1, 2]; $0.textOnly = true }, context: $0) }
+        #expect(unchanged.users.columns.map(\.name) == ["fans_user_num_range", "user_active_degree"])
         #expect(await expectStatus(.invalidArgument, mentioning: "duplicates") {
             try await withContext { try await s.putFeatures(request: .with { $0.kind = .item; $0.rows.ids = [1, 1] }, context: $0) }
         })
+    }
+
+    /// Integer and numeric columns travel typed; a column with any other value, and every column when the
+    /// caller asks for text, travels as text; the text each typed value stands for is the stored text.
+    @Test func columnsTravelTypedWhenEveryValueAllows() async throws {
+        let store = try FeatureStore(path: ":memory:")
+        try store.putNow(.item, rows: [
+            (10, ["author": "7349781", "duration": "87433.0", "ratio": "1e-05", "mixed": "3", "padded": "007", "type": "NORMAL"]),
+            (11, ["author": "-12", "duration": "0.5", "ratio": "2.5", "mixed": "3.5", "padded": "7", "type": "AD"]),
+            (12, ["author": "", "type": ""]),
+        ])
+        let s = FeatureService(store: store, cache: FeatureCache(capacity: 100, ttl: .seconds(60)))
+        let ids: [Int64] = [10, 99, 11, 12]
+        for textOnly in [false, true] {
+            // Twice each: from the store, then from the cache.
+            for _ in 0..<2 {
+                let r = try await withContext { try await s.getFeatures(request: .with { $0.itemIds = ids; $0.textOnly = textOnly }, context: $0) }
+                #expect(r.items.columnProblem(field: "items") == nil)
+                let byName = Dictionary(uniqueKeysWithValues: r.items.columns.map { ($0.name, $0) })
+                let author = try #require(byName["author"]), duration = try #require(byName["duration"])
+                if textOnly {
+                    #expect(r.items.columns.allSatisfy { $0.integers.isEmpty && $0.numbers.isEmpty && $0.missing.isEmpty })
+                } else {
+                    #expect(author.integers == [7_349_781, 0, -12, 0] && author.missing == [1, 3] && author.values.isEmpty)
+                    #expect(duration.numbers == [87_433, 0, 0.5, 0] && duration.missing == [1, 3])
+                    #expect(byName["ratio"]?.numbers == [1e-5, 0, 2.5, 0])
+                    #expect(byName["mixed"]?.values == ["3", "", "3.5", ""])    // an integer beside a number: text
+                    #expect(byName["padded"]?.values == ["007", "", "7", ""])   // "007" is not an integer's text
+                    #expect(byName["type"]?.values == ["NORMAL", "", "AD", ""])
+                }
+                // Whatever the form, each row reads back as the stored text.
+                let stored = try await store.get(.item, ids: ids)
+                for c in r.items.columns {
+                    let reader = FeatureColumnReader(c)
+                    #expect((0..<ids.count).map { reader.text($0) } == ids.map { stored[$0]?[c.name] ?? "" }, "\(c.name)")
+                }
+            }
+        }
+        // A typed write is stored as the text it stands for.
+        _ = try await withContext {
+            try await s.putFeatures(request: .with {
+                $0.kind = .item
+                $0.rows.ids = [20, 21]
+                $0.rows.columns = [.with { $0.name = "author"; $0.integers = [5, 0]; $0.missing = [1] },
+                                   .with { $0.name = "duration"; $0.numbers = [2.0, 1e20] }]
+            }, context: $0)
+        }
+        let written = try await store.get(.item, ids: [20, 21])
+        #expect(written[20] == ["author": "5", "duration": "2.0"] && written[21] == ["author": "", "duration": "1e+20"])
     }
 
     @Test func writesInvalidateTheCache() async throws {
@@ -223,8 +296,16 @@ import Synchronization
         #expect(await expectStatus(.resourceExhausted, mentioning: "limit is 4") {
             try await withContext { try await service.score(request: request([1, 2, 3, 4, 5]), context: $0) }
         })
-        #expect(await expectStatus(.invalidArgument, mentioning: "candidates.columns['video_type'] has 1 values for 2") {
+        #expect(await expectStatus(.invalidArgument, mentioning: "candidates.columns: 'video_type' has 1 values for 2 rows") {
             try await withContext { try await service.score(request: request([1, 2], types: ["AD"]), context: $0) }
+        })
+        // A typed column with a value no typed form may hold.
+        #expect(await expectStatus(.invalidArgument, mentioning: "candidates.columns: 'video_duration'.numbers[1] is inf") {
+            try await withContext {
+                var r = request([1, 2], types: ["AD", "AD"])
+                r.candidates.columns.append(.with { $0.name = "video_duration"; $0.numbers = [5, .infinity] })
+                return try await service.score(request: r, context: $0)
+            }
         })
         #expect(await expectStatus(.notFound, mentioning: "not served here") {
             try await withContext { try await service.score(request: .with { $0.model = "other@x"; $0.candidates.ids = [1] }, context: $0) }

@@ -129,6 +129,39 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         #expect(served[0].returned == [3, 2, 1, 0] && served[0].sampleRate == 1)
     }
 
+    /// Items whose columns come typed are logged as the text they stand for, under the version their text gives:
+    /// the same item sent as text and typed is one item; a changed value is a new version.
+    @Test func typedColumnsAreLoggedAsTheirText() async throws {
+        let dir = temporaryDirectory("log")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func entry(_ n: Int, typed: Bool, duration: Double = 87_433) -> ServingLog.Entry {
+            var e = servedEntry(n, items: [1, 2])
+            let texts: [(String, [String])] = [("author_id", ["7349781", ""]), ("duration", [String(duration), "0.5"])]
+            e.items.columns = texts.map { name, values in
+                typed ? Stockpot_V1_FeatureColumn(name: name, values: values.map(FeatureValue.parse))
+                      : .with { $0.name = name; $0.values = values }
+            }
+            return e
+        }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            log.append(entry(1, typed: false))
+            log.append(entry(2, typed: true))
+            log.append(entry(3, typed: true))
+            log.append(entry(4, typed: true, duration: 1000))
+            await log.flush()
+            #expect(log.stats.written == 4 && log.stats.itemFeatureEntries == 3)
+        }
+        let (served, segments, _) = try readLog(dir)
+        #expect(served[1].itemVersions == served[0].itemVersions && served[2].itemVersions == served[0].itemVersions)
+        #expect(served[3].itemVersions[0] != served[0].itemVersions[0] && served[3].itemVersions[1] == served[0].itemVersions[1])
+        let items = segments[0].compactMap { e -> Stockpot_Log_V1_ItemFeatures? in if case .item(let i) = e.entry { return i } else { return nil } }
+        #expect(items.map(\.itemID) == [1, 2, 1])
+        #expect(items[0].features.map { "\($0.name)=\($0.value)" } == ["author_id=7349781", "duration=87433.0"])
+        #expect(items[1].features.map { "\($0.name)=\($0.value)" } == ["duration=0.5"])   // a missing value is left out
+        #expect(items[2].features.map(\.value) == ["7349781", "1000.0"])
+        #expect(everyItemResolvesInItsSegment(segments))
+    }
+
     @Test func aTornLastEntryIsSkippedAndCounted() async throws {
         let dir = temporaryDirectory("log-torn")
         defer { try? FileManager.default.removeItem(at: dir) }

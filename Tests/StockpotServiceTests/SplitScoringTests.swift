@@ -95,6 +95,31 @@ struct SplitScoringTests {
         #expect(close(d, plain(model, bare)))
     }
 
+    /// The same candidates with their columns typed (integers, numbers, missing rows) score exactly as with text,
+    /// on the serving path and on the plain one.
+    @Test(arguments: [false, true])
+    func typedColumnsScoreAsTheirText(int8: Bool) async throws {
+        let model = try model(int8: int8)
+        let items: [Int64] = Array(1...30)
+        let integerDurations = items.map { $0 % 7 == 0 ? "" : $0 % 5 == 0 ? "-124" : String($0 * 997 % 70000) }
+        let numberDurations = items.map { $0 % 7 == 0 ? "" : $0 % 5 == 0 ? "1e-05" : String(Double($0 * 997 % 70000) + 0.5) }
+        let servable = ServableModel(model: model, workers: 1, itemCacheEntries: 100)
+        for (durations, form) in [(integerDurations, FeatureColumnReader.Form.integers), (numberDurations, .numbers)] {
+            let text = request(items: items, durations: durations)
+            var typed = text
+            typed.candidates.columns = text.candidates.columns.map { c in
+                Stockpot_V1_FeatureColumn(name: c.name, values: c.values.map(FeatureValue.parse))
+            }
+            #expect(typed.candidates.columns.map { FeatureColumnReader($0).form } == [.integers, .text, form, .text, .text])
+            #expect(typed.candidates.columns[2].missing == [6, 13, 20, 27])
+            #expect(typed.candidates.columnProblem(field: "candidates") == nil)
+            let expected = plain(model, text)
+            #expect(close(try await servable.logits(text), expected))
+            #expect(close(try await servable.logits(typed), expected))
+            #expect(close(plain(model, typed), expected))
+        }
+    }
+
     @Test func correctorShapeAndMissingContextMatch() async throws {
         let model = try model(corrector: true)
         let servable = ServableModel(model: model, workers: 1, itemCacheEntries: 50)

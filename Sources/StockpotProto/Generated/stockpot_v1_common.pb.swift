@@ -24,6 +24,18 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
 
 /// One feature column of a batch: the value of one feature for every row, in row order. Batches travel as
 /// columns, not as a map per row, so that encoding hundreds of candidates costs one repeated field per feature.
+///
+/// A column has one of three forms: exactly one of `values`, `integers` and `numbers` holds one entry per row
+/// (for a batch of zero rows, all three are empty). Every form stands for the same text a feature file holds, so
+/// models see identical inputs whichever form a column travels in:
+/// - `values`: the raw text ("" = missing). Any column may travel as text, and every sender may use it.
+/// - `integers`: each value is the text of a decimal integer in canonical form ("42", "-7": no sign "+", no
+///   leading zeros, no "-0"); the entry is that integer.
+/// - `numbers`: each value is the text of a finite double as Swift prints it (`String(x)`: the shortest digits
+///   that read back as the same double, "87433.0", "0.5", "1e-05"); the entry is that double (never NaN,
+///   infinite or -0.0). A sender that cannot print doubles that way sends such columns as text.
+/// In the typed forms, `missing` lists the rows whose value is missing (their entries hold 0 and are ignored).
+/// The feature service sends a column typed when every value it holds is of that form, and as text otherwise.
 public nonisolated struct Stockpot_V1_FeatureColumn: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -33,6 +45,15 @@ public nonisolated struct Stockpot_V1_FeatureColumn: Sendable {
 
   /// Raw text values exactly as the feature files hold them ("" = missing).
   public var values: [String] = []
+
+  /// Integer values (ids, counts, codes), for a column whose every present value is a canonical integer.
+  public var integers: [Int64] = []
+
+  /// Numeric values, for a column whose every present value is a finite double in shortest form.
+  public var numbers: [Double] = []
+
+  /// Rows (0-based, increasing) whose value is missing, for the typed forms.
+  public var missing: [UInt32] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -116,7 +137,7 @@ fileprivate nonisolated let _protobuf_package = "stockpot.v1"
 
 nonisolated extension Stockpot_V1_FeatureColumn: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".FeatureColumn"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}values\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}values\0\u{1}integers\0\u{1}numbers\0\u{1}missing\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -126,6 +147,9 @@ nonisolated extension Stockpot_V1_FeatureColumn: SwiftProtobuf.Message, SwiftPro
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 2: try { try decoder.decodeRepeatedStringField(value: &self.values) }()
+      case 3: try { try decoder.decodeRepeatedSInt64Field(value: &self.integers) }()
+      case 4: try { try decoder.decodeRepeatedDoubleField(value: &self.numbers) }()
+      case 5: try { try decoder.decodeRepeatedUInt32Field(value: &self.missing) }()
       default: break
       }
     }
@@ -138,12 +162,24 @@ nonisolated extension Stockpot_V1_FeatureColumn: SwiftProtobuf.Message, SwiftPro
     if !self.values.isEmpty {
       try visitor.visitRepeatedStringField(value: self.values, fieldNumber: 2)
     }
+    if !self.integers.isEmpty {
+      try visitor.visitPackedSInt64Field(value: self.integers, fieldNumber: 3)
+    }
+    if !self.numbers.isEmpty {
+      try visitor.visitPackedDoubleField(value: self.numbers, fieldNumber: 4)
+    }
+    if !self.missing.isEmpty {
+      try visitor.visitPackedUInt32Field(value: self.missing, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Stockpot_V1_FeatureColumn, rhs: Stockpot_V1_FeatureColumn) -> Bool {
     if lhs.name != rhs.name {return false}
     if lhs.values != rhs.values {return false}
+    if lhs.integers != rhs.integers {return false}
+    if lhs.numbers != rhs.numbers {return false}
+    if lhs.missing != rhs.missing {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
