@@ -3,8 +3,9 @@ import StockpotModel
 import StockpotProto
 import StockpotServing
 
-/// One stored row as the feature service caches and serves it: each column's value parsed once into its
-/// narrowest exact form (`FeatureValue.parse`), so a request sends integers and numbers without parsing text.
+/// One stored row as the feature service caches and serves it: each column's value parsed into its narrowest
+/// exact form (`FeatureValue.parse`) when read from the store, so requests served from the cache send integers
+/// and numbers without parsing text.
 public typealias FeatureRow = [String: FeatureValue]
 
 extension FeatureRow {
@@ -67,15 +68,16 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         return requested.isEmpty ? known : requested
     }
 
-    /// The rows of `ids` as columns, each typed when all its values allow (`FeatureColumn(name:values:textOnly:)`).
-    static func batch(ids: [Int64], columns: [String], rows: [Int64: FeatureRow], textOnly: Bool = false) -> Stockpot_V1_EntityBatch {
+    /// The rows of `ids` as columns; with `typed`, each typed when all its values allow
+    /// (`FeatureColumn(name:featureValues:typed:)`).
+    static func batch(ids: [Int64], columns: [String], rows: [Int64: FeatureRow], typed: Bool) -> Stockpot_V1_EntityBatch {
         guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
         let ordered = ids.map { rows[$0] }   // each id looked up once, not once per column
         return .with { b in
             b.ids = ids
             b.found = ordered.map { $0 != nil }
             b.columns = columns.map { name in
-                Stockpot_V1_FeatureColumn(name: name, values: ordered.map { $0?[name] ?? .missing }, textOnly: textOnly)
+                Stockpot_V1_FeatureColumn(name: name, featureValues: ordered.map { $0?[name] ?? .missing }, typed: typed)
             }
         }
     }
@@ -90,8 +92,8 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         let itemColumns = request.itemIds.isEmpty ? [] : try await columns(.item, requested: request.itemColumns, field: "item_columns")
         let (users, items) = try await lookup(users: request.userIds, items: request.itemIds)
         return .with {
-            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users, textOnly: request.textOnly)
-            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items, textOnly: request.textOnly)
+            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users, typed: request.typed)
+            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items, typed: request.typed)
         }
     }
 

@@ -35,7 +35,7 @@ public struct GatewayApp {
     /// The gateway's settings (`ServiceSettings`): host, port, max-candidates; `features`, `scorer`,
     /// `corrector`, `fusion` (host:port, or `local`: fusion in this process, with `fusion-config` (default
     /// `fusion@production`) and the registry settings of a registry-backed service); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
-    /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`; the serving log: `serving-log`
+    /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`, `text-features`; the serving log: `serving-log`
     /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
     /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others), `serving-log-instance`
     /// (this gateway's name in its segment files; default the host name); live calibration:
@@ -81,6 +81,7 @@ public struct GatewayApp {
             }
         }
         config.featureDefaultsOnFailure = try await settings.bool("feature-defaults", default: false)
+        config.typedFeatures = !(try await settings.bool("text-features", default: false))
         if let share = try await settings.double("canary-percent", in: 0...100) { config.canaryShare = share / 100 }
         config.canaryModel = try await settings.string("canary-model", default: config.canaryModel)
         if let share = try await settings.double("shadow-percent", in: 0...100) { config.shadow.share = share / 100 }

@@ -312,8 +312,9 @@ final class SegmentWriter: @unchecked Sendable {
     private var nextSequence: [Int: Int] = [:]
     /// Items whose features the current segment already holds.
     private var itemsInSegment = Set<ItemKey>()
-    /// The version of each item content seen in the current segment, keyed by item id and a hash of its columns
-    /// in the form they came (`FeatureColumnReader.feed`): a repeated item costs no text formatting or version hash.
+    /// The version of each item content written to the current segment, keyed by item id and a hash of its
+    /// columns (`FeatureColumnReader.feed`, which reads typed values without making their text): a repeated item
+    /// costs no text formatting or version hash. Merged and cleared with `itemsInSegment`.
     private var versionsInSegment: [ContentKey: UInt64] = [:]
 
     private struct ContentKey: Hashable {
@@ -367,8 +368,8 @@ final class SegmentWriter: @unchecked Sendable {
                     for c in columns { c.feed(i, into: &content) }
                     let contentKey = ContentKey(id: e.items.ids[i], content: content)
                     if let known = versionsInSegment[contentKey] {
-                        versions[i] = known
-                        if itemsInSegment.contains(ItemKey(id: contentKey.id, version: known)) { continue }
+                        versions[i] = known   // written to this segment when it was first seen
+                        continue
                     }
                     let features = columns.map { (name: $0.name, value: $0.text(i)) }
                     let version = ServingLogFormat.itemVersion(features)

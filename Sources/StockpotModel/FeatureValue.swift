@@ -5,10 +5,14 @@
 /// when the text is that canonical text, so converting text → value → text is lossless and a model encodes a
 /// typed value to the same row as its text (`FeatureEncoder.row(field:value:)`).
 public enum FeatureValue: Sendable, Hashable {
+    /// No value (the text "").
     case missing
+    /// Any other text, as the feature files hold it.
     case text(String)
+    /// An integer: stands for its canonical decimal text.
     case integer(Int64)
-    /// Finite, never -0.0 (whose text would be "-0.0" but which compares equal to 0.0).
+    /// A finite number, never -0.0 (whose text would be "-0.0" but which compares equal to 0.0): stands for
+    /// `String(x)`.
     case number(Double)
 
     /// The narrowest exact form of `text`: missing for "", an integer for canonical integer text, a number for
@@ -28,7 +32,7 @@ public enum FeatureValue: Sendable, Hashable {
 
     /// The finite double (not -0.0) whose `String(x)` is `text`, or nil.
     public static func canonicalNumber(_ text: String) -> Double? {
-        guard let x = Double(text), x.isFinite, !(x == 0 && x.sign == .minus), String(x) == text else { return nil }
+        guard let x = Double(text), isRepresentable(x), String(x) == text else { return nil }
         return x
     }
 
@@ -46,14 +50,6 @@ public enum FeatureValue: Sendable, Hashable {
         case .number(let x): return String(x)
         }
     }
-
-    public var isMissing: Bool {
-        switch self {
-        case .missing: return true
-        case .text(let s): return s.isEmpty
-        default: return false
-        }
-    }
 }
 
 extension FeatureHash {
@@ -65,20 +61,23 @@ extension FeatureHash {
         return h
     }
 
-    /// Feeds the canonical decimal text of `v` into a running FNV-1a hash.
+    /// Feeds the canonical decimal text of `v` into a running FNV-1a hash (the bytes of `String(v).utf8`).
     @inlinable
     public static func feed(integer v: Int64, into h: inout UInt64) {
         if v < 0 { h = (h ^ UInt64(UInt8(ascii: "-"))) &* prime }
+        // Digits least significant first into a buffer (at most 20 for a UInt64), then fed in text order.
+        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)   // 24 bytes
+        var count = 0
         var magnitude = v.magnitude
-        // Digits, most significant first: at most 20 for a UInt64.
-        var divisor: UInt64 = 1
-        while magnitude / divisor >= 10 { divisor &*= 10 }
-        while true {
-            let digit = magnitude / divisor
-            h = (h ^ UInt64(UInt8(ascii: "0") &+ UInt8(digit))) &* prime
-            magnitude -= digit &* divisor
-            if divisor == 1 { break }
-            divisor /= 10
+        withUnsafeMutableBytes(of: &digits) { buffer in
+            repeat {
+                buffer[count] = UInt8(ascii: "0") &+ UInt8(magnitude % 10)
+                magnitude /= 10
+                count += 1
+            } while magnitude > 0
+            for i in stride(from: count - 1, through: 0, by: -1) {
+                h = (h ^ UInt64(buffer[i])) &* prime
+            }
         }
     }
 }

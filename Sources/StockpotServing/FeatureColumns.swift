@@ -3,12 +3,17 @@ import StockpotProto
 
 /// A feature column's rows as `FeatureValue`s, read without copying the column: the form it travelled in (text,
 /// integers or numbers, `Stockpot_V1_FeatureColumn`) and which rows are missing. Made once per column and
-/// request from a column that passed `Stockpot_V1_FeatureColumn.problem(rows:)`.
+/// request from a column that passed `Stockpot_V1_FeatureColumn.problem(rows:)`; reading a row past `count`
+/// traps.
 public struct FeatureColumnReader: Sendable {
+    /// Which field of the column holds its rows.
     public enum Form: Sendable, Equatable { case text, integers, numbers }
 
+    /// The column's name (a feature name, e.g. `video_duration`).
     public let name: String
+    /// The form the column travelled in.
     public let form: Form
+    /// Rows in the column.
     public let count: Int
     private let texts: [String]
     private let integers: [Int64]
@@ -41,13 +46,7 @@ public struct FeatureColumnReader: Sendable {
     }
 
     /// The value of row `i`.
-    @inlinable
     public subscript(i: Int) -> FeatureValue {
-        value(i)
-    }
-
-    @usableFromInline
-    func value(_ i: Int) -> FeatureValue {
         if !missingRows.isEmpty && missingRows[i] { return .missing }
         switch form {
         case .text: return texts[i].isEmpty ? .missing : .text(texts[i])
@@ -58,18 +57,15 @@ public struct FeatureColumnReader: Sendable {
 
     /// The text of row `i` ("" when missing), as the feature files hold it.
     public func text(_ i: Int) -> String {
-        form == .text ? texts[i] : value(i).text
+        form == .text ? texts[i] : self[i].text
     }
 
-    /// Feeds row `i` into a running FNV-1a hash, tagged with its form: equal values in one form hash alike (a
-    /// content key, e.g. for a cache of encoded items; the same item sent in another form gets another key).
-    @inlinable
+    /// Feeds row `i` into a running FNV-1a hash as one self-delimited value: a content key (for a cache of
+    /// encoded items, the serving log's item versions). Text and integers are fed as their text, so an integer
+    /// hashes alike whether its column travelled as text or as integers (the form is chosen per reply, and a
+    /// column such as KuaiRand's `tag`, with "39" beside "39,12", travels either way); a number is fed as its
+    /// bits (the same number as text feeds its text: a cache miss at worst, never a wrong hit).
     public func feed(_ i: Int, into h: inout UInt64) {
-        feedValue(i, into: &h)
-    }
-
-    @usableFromInline
-    func feedValue(_ i: Int, into h: inout UInt64) {
         let p = FeatureHash.prime
         if !missingRows.isEmpty && missingRows[i] {
             h = (h ^ 0x10) &* p
@@ -84,67 +80,68 @@ public struct FeatureColumnReader: Sendable {
             }
             if done == nil { for b in value.utf8 { h = (h ^ UInt64(b)) &* p } }
         case .integers:
-            h = (h ^ 0x12) &* p
-            Self.feed(bits: UInt64(bitPattern: integers[i]), into: &h)
+            h = (h ^ 0x11) &* p
+            FeatureHash.feed(integer: integers[i], into: &h)
         case .numbers:
             h = (h ^ 0x13) &* p
-            Self.feed(bits: numbers[i].bitPattern, into: &h)
+            var bits = numbers[i].bitPattern
+            for _ in 0..<8 {
+                h = (h ^ (bits & 0xFF)) &* p
+                bits >>= 8
+            }
         }
-    }
-
-    @usableFromInline
-    static func feed(bits: UInt64, into h: inout UInt64) {
-        var b = bits
-        for _ in 0..<8 {
-            h = (h ^ (b & 0xFF)) &* FeatureHash.prime
-            b >>= 8
-        }
+        h = (h ^ 0xFF) &* p   // end of the value: 0xFF is never a byte of UTF-8 text
     }
 }
 
 extension Stockpot_V1_FeatureColumn {
-    /// A column holding `values` in the narrowest form that keeps every value exact: integers when every present
-    /// value is an integer, numbers when every present value is a number, text otherwise (and when `textOnly`).
-    public init(name: String, values: [FeatureValue], textOnly: Bool = false) {
+    /// A column holding `featureValues`: when `typed`, as integers if every present value is an integer and as
+    /// numbers if every present value is a number; as text otherwise. `.text("")` counts as missing, and a number
+    /// no typed column may hold (NaN, infinite, -0.0) makes the column text.
+    public init(name: String, featureValues values: [FeatureValue], typed: Bool) {
         self.init()
         self.name = name
-        var integers = !textOnly, numbers = !textOnly, present = 0
-        if !textOnly {
+        var integers = typed, numbers = typed, present = 0
+        if typed {
             for v in values {
                 switch v {
                 case .missing: continue
-                case .text: integers = false; numbers = false
+                case .text(let s):
+                    if s.isEmpty { continue }
+                    integers = false; numbers = false
                 case .integer: numbers = false
-                case .number: integers = false
+                case .number(let x):
+                    integers = false
+                    if !FeatureValue.isRepresentable(x) { numbers = false }
                 }
                 present += 1
                 if !integers && !numbers { break }
             }
         }
-        if present > 0 && (integers || numbers) {
-            var missing: [UInt32] = []
-            if integers {
-                self.integers = values.enumerated().map { i, v in
-                    if case .integer(let x) = v { return x }
-                    missing.append(UInt32(i))
-                    return 0
-                }
-            } else {
-                self.numbers = values.enumerated().map { i, v in
-                    if case .number(let x) = v { return x }
-                    missing.append(UInt32(i))
-                    return 0
-                }
-            }
-            self.missing = missing
-        } else {
+        guard present > 0 && (integers || numbers) else {
             self.values = values.map(\.text)
+            return
         }
+        var missing: [UInt32] = []
+        if integers {
+            self.integers = values.enumerated().map { i, v in
+                if case .integer(let x) = v { return x }
+                missing.append(UInt32(i))
+                return 0
+            }
+        } else {
+            self.numbers = values.enumerated().map { i, v in
+                if case .number(let x) = v { return x }
+                missing.append(UInt32(i))
+                return 0
+            }
+        }
+        self.missing = missing
     }
 
     /// What is wrong with this column as a column of `rows` rows, or nil: an empty name, more than one form
-    /// filled, a length other than `rows`, a missing row out of range or out of order, a number that is not
-    /// finite or is -0.0.
+    /// filled, a length other than `rows`, missing rows in a text column or out of range or order, a number that
+    /// is not finite or is -0.0 (outside the missing rows, whose entries are ignored).
     public func problem(rows: Int) -> String? {
         guard !name.isEmpty else { return "a column has an empty name" }
         let filled = [values.isEmpty, integers.isEmpty, numbers.isEmpty].filter { !$0 }.count
@@ -161,7 +158,6 @@ extension Stockpot_V1_FeatureColumn {
             }
             previous = Int64(r)
         }
-        // Entries of missing rows are ignored, whatever they hold.
         var next = 0
         for (i, x) in numbers.enumerated() {
             if next < missing.count && Int(missing[next]) == i { next += 1; continue }

@@ -395,7 +395,7 @@ struct GatewayBench: AsyncParsableCommand {
         let columns = Set(items.values.flatMap(\.keys)).sorted()
         let batch = Stockpot_V1_EntityBatch.with { b in
             b.ids = request.candidateIds
-            b.columns = columns.map { name in Stockpot_V1_FeatureColumn(name: name, values: request.candidateIds.map { items[$0]?[name] ?? .missing }) }
+            b.columns = columns.map { name in Stockpot_V1_FeatureColumn(name: name, featureValues: request.candidateIds.map { items[$0]?[name] ?? .missing }, typed: true) }
         }
         let inputs = RankingInputs(userId: request.userID, user: user, context: ["tab": "1", "hourmin": "1800", "date": "20220505"], candidates: batch)
         var logits: [Float] = []

@@ -170,7 +170,7 @@ struct ScorerBench: AsyncParsableCommand {
                 b.ids = ids
                 // Typed where the values allow, as the feature service sends them.
                 b.columns = itemColumn.map { c, name in
-                    Stockpot_V1_FeatureColumn(name: name, values: videoRows.map { FeatureValue.parse(data.videos.columns[c][$0]) })
+                    Stockpot_V1_FeatureColumn(name: name, featureValues: videoRows.map { FeatureValue.parse(data.videos.columns[c][$0]) }, typed: true)
                 }
             }
             return RankingInputs(userId: Int64(data.userIds[i]), user: user,

@@ -93,7 +93,10 @@ struct Chaotic {
         default: c.numbers = (0..<rows).map { _ in Double(float()) }
         }
         if chance(0.1) { c.values = (0..<rows).map { _ in string() } }
-        if chance(0.3) { c.missing = (0..<int(0...3)).map { _ in UInt32(int(0...(n + 1))) } }
+        if chance(0.3) {
+            c.missing = (0..<int(0...3)).map { _ in UInt32(int(0...(n + 1))) }
+            if chance(0.5) { c.missing = Array(Set(c.missing)).sorted() }   // often valid
+        }
         return c
     }
 

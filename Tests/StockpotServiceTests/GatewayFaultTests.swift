@@ -51,6 +51,8 @@ final class Faults: Sendable {
     let shadowVersion = Mutex<Int64?>(nil)
     /// While set, shadow calls wait until it is cleared.
     let holdShadow = Mutex(false)
+    /// The last request the fake scorer received for its default model.
+    let lastScore = Mutex<Stockpot_V1_ScoreRequest?>(nil)
 
     func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
 
@@ -64,8 +66,8 @@ final class Faults: Sendable {
     }
 }
 
-/// The user is "low_active" (tail crowd); each item has a `video_type` column (text) and a `video_duration` column
-/// (numbers, the last item's missing).
+/// The user is "low_active" (tail crowd) with 12 `fans` (an integer column); each item has a `video_type` column
+/// (text) and a `video_duration` column (numbers, the last item's missing). Typed columns when asked for.
 struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     let faults: Faults
     func getFeatures(request: Stockpot_V1_GetFeaturesRequest, context: ServerContext) async throws -> Stockpot_V1_GetFeaturesResponse {
@@ -77,7 +79,9 @@ struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
                 r.users = .with {
                     $0.ids = request.userIds
                     $0.found = request.userIds.map { _ in true }
-                    $0.columns = [.with { $0.name = "user_active_degree"; $0.values = request.userIds.map { _ in "low_active" } }]
+                    $0.columns = [.with { $0.name = "user_active_degree"; $0.values = request.userIds.map { _ in "low_active" } },
+                                  Stockpot_V1_FeatureColumn(name: "fans", featureValues: request.userIds.map { _ in .integer(12) },
+                                                            typed: request.typed)]
                 }
             }
             if !request.itemIds.isEmpty {
@@ -87,9 +91,10 @@ struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
                     var values = request.itemIds.map { _ in "NORMAL" }
                     if fault == .short { values.removeLast() }
                     let n = request.itemIds.count
-                    var durations = Stockpot_V1_FeatureColumn(name: "video_duration",
-                                                              values: (0..<n).map { $0 == n - 1 ? .missing : .number(Double($0) * 1000 + 0.5) })
-                    if fault == .nan { durations.numbers[0] = .nan }
+                    var durations = Stockpot_V1_FeatureColumn(
+                        name: "video_duration", featureValues: (0..<n).map { $0 == n - 1 ? .missing : .number(Double($0) * 1000 + 0.5) },
+                        typed: request.typed)
+                    if fault == .nan && !durations.numbers.isEmpty { durations.numbers[0] = .nan }
                     $0.columns = [.with { $0.name = "video_type"; $0.values = values }, durations]
                     if fault == .duplicate { $0.columns.append($0.columns[0]) }
                     if fault == .outOfRange { $0.ids = $0.ids.map { $0 + 1 } }
@@ -128,6 +133,7 @@ struct FakeScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
             model.version = v
             model.alias = "canary"
         }
+        if request.model.isEmpty || request.model == "legacy@production" { faults.lastScore.withLock { $0 = request } }
         let values = shadowed ? ["a": Array(s["a"]!.reversed()), "b": s["b"]!] : s
         return .with { r in
             r.model = model
@@ -339,6 +345,26 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             #expect(r.itemIds.count == ids.count)
         }
         #expect(metrics.text().contains("stockpot_gateway_shed_total 1"))
+    }
+
+    /// Typed columns (the default) and text columns (`--text-features`) reach the scorer as the feature service
+    /// sent them; the user's typed value reaches it as its text.
+    @Test(arguments: [true, false])
+    func featureColumnsReachTheScorerInTheFormAskedFor(typed: Bool) async throws {
+        let faults = Faults()
+        try await withFakeDownstream(faults, configure: { $0.typedFeatures = typed }) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded.isEmpty, "\(r.degradedReasons)")
+        }
+        let sent = try #require(faults.lastScore.withLock { $0 })
+        #expect(sent.userFeatures.map { "\($0.name)=\($0.value)" } == ["fans=12", "user_active_degree=low_active"])
+        let durations = try #require(sent.candidates.columns.first { $0.name == "video_duration" })
+        let n = ids.count
+        if typed {
+            #expect(durations.numbers == (0..<n).map { $0 == n - 1 ? 0 : Double($0) * 1000 + 0.5 } && durations.missing == [UInt32(n - 1)])
+        } else {
+            #expect(durations.values == (0..<n).map { $0 == n - 1 ? "" : String(Double($0) * 1000 + 0.5) } && durations.numbers.isEmpty)
+        }
     }
 
     @Test func healthyPipeline() async throws {

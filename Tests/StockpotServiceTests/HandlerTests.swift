@@ -102,15 +102,15 @@ import StockpotServing
                 }, context: $0)
             }
         })
-        let unchanged = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1, 2]; $0.textOnly = true }, context: $0) }
+        let unchanged = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1, 2] }, context: $0) }
         #expect(unchanged.users.columns.map(\.name) == ["fans_user_num_range", "user_active_degree"])
         #expect(await expectStatus(.invalidArgument, mentioning: "duplicates") {
             try await withContext { try await s.putFeatures(request: .with { $0.kind = .item; $0.rows.ids = [1, 1] }, context: $0) }
         })
     }
 
-    /// Integer and numeric columns travel typed; a column with any other value, and every column when the
-    /// caller asks for text, travels as text; the text each typed value stands for is the stored text.
+    /// Asked for typed columns, integer and numeric columns travel typed and a column with any other value as
+    /// text; by default every column is text; the text each typed value stands for is the stored text.
     @Test func columnsTravelTypedWhenEveryValueAllows() async throws {
         let store = try FeatureStore(path: ":memory:")
         try store.putNow(.item, rows: [
@@ -120,14 +120,14 @@ import StockpotServing
         ])
         let s = FeatureService(store: store, cache: FeatureCache(capacity: 100, ttl: .seconds(60)))
         let ids: [Int64] = [10, 99, 11, 12]
-        for textOnly in [false, true] {
+        for typed in [true, false] {
             // Twice each: from the store, then from the cache.
             for _ in 0..<2 {
-                let r = try await withContext { try await s.getFeatures(request: .with { $0.itemIds = ids; $0.textOnly = textOnly }, context: $0) }
+                let r = try await withContext { try await s.getFeatures(request: .with { $0.itemIds = ids; $0.typed = typed }, context: $0) }
                 #expect(r.items.columnProblem(field: "items") == nil)
                 let byName = Dictionary(uniqueKeysWithValues: r.items.columns.map { ($0.name, $0) })
                 let author = try #require(byName["author"]), duration = try #require(byName["duration"])
-                if textOnly {
+                if !typed {
                     #expect(r.items.columns.allSatisfy { $0.integers.isEmpty && $0.numbers.isEmpty && $0.missing.isEmpty })
                 } else {
                     #expect(author.integers == [7_349_781, 0, -12, 0] && author.missing == [1, 3] && author.values.isEmpty)
@@ -145,17 +145,17 @@ import StockpotServing
                 }
             }
         }
-        // A typed write is stored as the text it stands for.
+        // A typed write is stored as the text it stands for; the entries of missing rows are ignored, NaN included.
         _ = try await withContext {
             try await s.putFeatures(request: .with {
                 $0.kind = .item
                 $0.rows.ids = [20, 21]
-                $0.rows.columns = [.with { $0.name = "author"; $0.integers = [5, 0]; $0.missing = [1] },
-                                   .with { $0.name = "duration"; $0.numbers = [2.0, 1e20] }]
+                $0.rows.columns = [.with { $0.name = "author"; $0.integers = [5, 77]; $0.missing = [1] },
+                                   .with { $0.name = "duration"; $0.numbers = [.nan, 1e20]; $0.missing = [0] }]
             }, context: $0)
         }
         let written = try await store.get(.item, ids: [20, 21])
-        #expect(written[20] == ["author": "5", "duration": "2.0"] && written[21] == ["author": "", "duration": "1e+20"])
+        #expect(written[20] == ["author": "5", "duration": ""] && written[21] == ["author": "", "duration": "1e+20"])
     }
 
     @Test func writesInvalidateTheCache() async throws {

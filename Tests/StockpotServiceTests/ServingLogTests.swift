@@ -138,7 +138,7 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
             var e = servedEntry(n, items: [1, 2])
             let texts: [(String, [String])] = [("author_id", ["7349781", ""]), ("duration", [String(duration), "0.5"])]
             e.items.columns = texts.map { name, values in
-                typed ? Stockpot_V1_FeatureColumn(name: name, values: values.map(FeatureValue.parse))
+                typed ? Stockpot_V1_FeatureColumn(name: name, featureValues: values.map(FeatureValue.parse), typed: true)
                       : .with { $0.name = name; $0.values = values }
             }
             return e
@@ -159,6 +159,29 @@ func everyItemResolvesInItsSegment(_ segments: [[Stockpot_Log_V1_Entry]]) -> Boo
         #expect(items[0].features.map { "\($0.name)=\($0.value)" } == ["author_id=7349781", "duration=87433.0"])
         #expect(items[1].features.map { "\($0.name)=\($0.value)" } == ["duration=0.5"])   // a missing value is left out
         #expect(items[2].features.map(\.value) == ["7349781", "1000.0"])
+        #expect(everyItemResolvesInItsSegment(segments))
+    }
+
+    /// Two contents whose column texts concatenate alike are two versions of the item: each column's value is
+    /// delimited in the content key, so the second is not taken for the first.
+    @Test func contentsThatConcatenateAlikeAreTwoVersions() async throws {
+        let dir = temporaryDirectory("log")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func entry(_ n: Int, _ a: String, _ b: String) -> ServingLog.Entry {
+            var e = servedEntry(n, items: [1])
+            e.items.columns = [.with { $0.name = "a"; $0.values = [a] }, .with { $0.name = "b"; $0.values = [b] }]
+            return e
+        }
+        try await withLog(ServingLog.Options(directory: dir)) { log in
+            log.append(entry(1, "x\u{11}", "y"))
+            log.append(entry(2, "x", "\u{11}y"))
+            log.append(entry(3, "x\u{11}", "y"))
+            await log.flush()
+        }
+        let (served, segments, _) = try readLog(dir)
+        #expect(served[0].itemVersions != served[1].itemVersions && served[2].itemVersions == served[0].itemVersions)
+        let items = segments[0].compactMap { e -> Stockpot_Log_V1_ItemFeatures? in if case .item(let i) = e.entry { return i } else { return nil } }
+        #expect(items.map { $0.features.map(\.value) } == [["x\u{11}", "y"], ["x", "\u{11}y"]])
         #expect(everyItemResolvesInItsSegment(segments))
     }
 

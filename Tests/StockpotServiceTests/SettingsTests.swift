@@ -101,8 +101,10 @@ import Testing
         let log = try #require(app.servingLog)
         #expect(log.directory.path == "/tmp/log" && log.retention == nil && log.maxSegmentBytes == 2 << 20)
         #expect(log.sampleRates == ["head": 0.1] && log.defaultSampleRate == 0.5)
-        let off = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_SERVING_LOG": "off"]))
-        #expect(off.servingLog == nil)
+        #expect(app.config.typedFeatures)
+        let off = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_SERVING_LOG": "off",
+                                                                                                  "STOCKPOT_GATEWAY_TEXT_FEATURES": "true"]))
+        #expect(off.servingLog == nil && !off.config.typedFeatures)
     }
 
     /// Every deployment env file builds its service's App with the values it states.

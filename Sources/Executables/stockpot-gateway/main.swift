@@ -45,6 +45,8 @@ struct GatewayCommand: AsyncParsableCommand {
     var crowds: String?
     @Flag(help: "Serve with missing features when the feature service fails (env STOCKPOT_GATEWAY_FEATURE_DEFAULTS).")
     var featureDefaults = false
+    @Flag(help: "Ask the feature service for text columns only and pass them on so, for a scorer or corrector that predates typed columns (env STOCKPOT_GATEWAY_TEXT_FEATURES).")
+    var textFeatures = false
 
     func run() async throws {
         var flags = common.flags()
@@ -75,6 +77,7 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("adaptive-in-flight", flag: adaptiveInFlight)
         flags.set("crowds", crowds)
         flags.set("feature-defaults", flag: featureDefaults)
+        flags.set("text-features", flag: textFeatures)
         let settings = try await common.settings("gateway", flags)
         try await common.probeIfAsked(settings, defaultPort: DefaultPorts.gateway)
         let app = try await GatewayApp(settings: settings)
