@@ -2,17 +2,64 @@ import GRPCCore
 import StockpotModel
 import StockpotProto
 import StockpotServing
+import Synchronization
+
+/// The column names of stored rows, in order, with each name's position: shared by every row with the same
+/// names (`FeatureRowLayouts`), so that building a batch finds a column's position once per layout instead of
+/// hashing the column name once per row.
+public final class FeatureRowLayout: Sendable {
+    /// Column names, sorted.
+    public let names: [String]
+    /// Each name's index in `names`.
+    public let positions: [String: Int]
+
+    init(names: [String]) {
+        self.names = names
+        positions = Dictionary(uniqueKeysWithValues: names.enumerated().map { ($1, $0) })
+    }
+}
 
 /// One stored row as the feature service caches and serves it: each column's value parsed into its narrowest
 /// exact form (`FeatureValue.parse`) when read from the store, so requests served from the cache send integers
 /// and numbers without parsing text.
-public typealias FeatureRow = [String: FeatureValue]
+public struct FeatureRow: Sendable {
+    /// The row's column names.
+    public let layout: FeatureRowLayout
+    /// In the order of `layout.names`.
+    public let values: [FeatureValue]
 
-extension FeatureRow {
+    /// The value of column `name`, nil when the row has no such column.
+    public subscript(name: String) -> FeatureValue? {
+        layout.positions[name].map { values[$0] }
+    }
+
+    /// The row as the text the store holds.
+    public var texts: [String: String] {
+        Dictionary(uniqueKeysWithValues: zip(layout.names, values.map(\.text)))
+    }
+}
+
+/// Interns row layouts: rows with the same column names share one (at most `capacity` distinct layouts are
+/// kept; rows past that get a layout of their own, correct but not shared).
+public final class FeatureRowLayouts: Sendable {
+    private let shared = Mutex<[[String]: FeatureRowLayout]>([:])
+    /// Most distinct layouts shared.
+    public let capacity: Int
+
+    public init(capacity: Int = 1024) {
+        self.capacity = capacity
+    }
+
     /// The row of a stored text row.
-    public init(parsing row: [String: String]) {
-        self.init(minimumCapacity: row.count)
-        for (k, v) in row { self[k] = FeatureValue.parse(v) }
+    public func row(parsing stored: [String: String]) -> FeatureRow {
+        let names = stored.keys.sorted()
+        let layout = shared.withLock { all -> FeatureRowLayout in
+            if let l = all[names] { return l }
+            let l = FeatureRowLayout(names: names)
+            if all.count < capacity { all[names] = l }
+            return l
+        }
+        return FeatureRow(layout: layout, values: names.map { FeatureValue.parse(stored[$0]!) })
     }
 }
 
@@ -26,6 +73,8 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     public let store: any FeatureBackend
     public let cache: FeatureCache<Key, FeatureRow>
     public let limits: RequestLimits
+    /// The layouts of the rows in the cache.
+    let layouts = FeatureRowLayouts()
 
     public init(store: any FeatureBackend, cache: FeatureCache<Key, FeatureRow>, limits: RequestLimits = RequestLimits()) {
         self.store = store
@@ -50,7 +99,7 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         guard !missingUsers.isEmpty || !missingItems.isEmpty else { return found }
         let token = cache.readToken()
         let stored = try await store.get(users: missingUsers, items: missingItems)
-        let fetched = (users: stored.users.mapValues(FeatureRow.init(parsing:)), items: stored.items.mapValues(FeatureRow.init(parsing:)))
+        let fetched = (users: stored.users.mapValues(layouts.row(parsing:)), items: stored.items.mapValues(layouts.row(parsing:)))
         cache.put(fetched.users.map { (Key(kind: .user, id: $0.key), $0.value) }
                   + fetched.items.map { (Key(kind: .item, id: $0.key), $0.value) }, readAt: token)
         found.users.merge(fetched.users) { a, _ in a }
@@ -72,13 +121,30 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     /// (`FeatureColumn(name:featureValues:typed:)`).
     static func batch(ids: [Int64], columns: [String], rows: [Int64: FeatureRow], typed: Bool) -> Stockpot_V1_EntityBatch {
         guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
-        let ordered = ids.map { rows[$0] }   // each id looked up once, not once per column
+        // Row by row, each row's layout mapped to the requested columns once per layout (rows usually share one).
+        var values = [[FeatureValue]](repeating: [], count: columns.count)
+        for j in values.indices { values[j].reserveCapacity(ids.count) }
+        var found: [Bool] = []
+        found.reserveCapacity(ids.count)
+        var layout: FeatureRowLayout?
+        var positions: [Int?] = []
+        for id in ids {
+            guard let row = rows[id] else {
+                found.append(false)
+                for j in values.indices { values[j].append(.missing) }
+                continue
+            }
+            found.append(true)
+            if row.layout !== layout {
+                layout = row.layout
+                positions = columns.map { row.layout.positions[$0] }
+            }
+            for (j, p) in positions.enumerated() { values[j].append(p.map { row.values[$0] } ?? .missing) }
+        }
         return .with { b in
             b.ids = ids
-            b.found = ordered.map { $0 != nil }
-            b.columns = columns.map { name in
-                Stockpot_V1_FeatureColumn(name: name, featureValues: ordered.map { $0?[name] ?? .missing }, typed: typed)
-            }
+            b.found = found
+            b.columns = zip(columns, values).map { Stockpot_V1_FeatureColumn(name: $0, featureValues: $1, typed: typed) }
         }
     }
 

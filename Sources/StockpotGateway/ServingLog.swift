@@ -363,10 +363,12 @@ final class SegmentWriter: @unchecked Sendable {
                     for byte in c.name.utf8 { names = (names ^ UInt64(byte)) &* FeatureHash.prime }
                     names = (names ^ 0xFF) &* FeatureHash.prime
                 }
+                var contents = [UInt64](repeating: names, count: n)
+                for c in columns {
+                    contents.withUnsafeMutableBufferPointer { h in for i in h.indices { c.feed(i, into: &h[i]) } }
+                }
                 for i in 0..<n {
-                    var content = names
-                    for c in columns { c.feed(i, into: &content) }
-                    let contentKey = ContentKey(id: e.items.ids[i], content: content)
+                    let contentKey = ContentKey(id: e.items.ids[i], content: contents[i])
                     if let known = versionsInSegment[contentKey] {
                         versions[i] = known   // written to this segment when it was first seen
                         continue

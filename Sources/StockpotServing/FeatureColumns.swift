@@ -4,8 +4,8 @@ import StockpotProto
 /// A feature column's rows as `FeatureValue`s, read without copying the column: the form it travelled in (text,
 /// integers or numbers, `Stockpot_V1_FeatureColumn`) and which rows are missing. Made once per column and
 /// request from a column that passed `Stockpot_V1_FeatureColumn.problem(rows:)`; reading a row past `count`
-/// traps.
-public struct FeatureColumnReader: Sendable {
+/// traps. A class, so that handing it around per row costs one reference, not one per array it holds.
+public final class FeatureColumnReader: Sendable {
     /// Which field of the column holds its rows.
     public enum Form: Sendable, Equatable { case text, integers, numbers }
 

@@ -82,6 +82,8 @@ public struct SplitRequestInputs: SplitInputs {
     let uploadDates: FeatureColumnReader?
     /// The request's day number (from the context's `date`), for the item's age.
     let requestDay: Int?
+    /// Every candidate's item-cache key, hashed column by column once per request.
+    let keys: [ItemKey]
 
     public init(_ inputs: RankingInputs, model: LegacyModel, split: SplitFirstLayer) {
         self.inputs = inputs
@@ -96,6 +98,22 @@ public struct SplitRequestInputs: SplitInputs {
         }
         uploadDates = byName["upload_dt"]
         requestDay = inputs.context["date"].flatMap { Int($0) }.flatMap { DerivedFeatures.dayNumber(yyyymmdd: $0) }
+        // The key of an item: its id and a hash of the item fields' values, field by field (a field whose column
+        // the request lacks hashes as absent, apart from a missing value).
+        var hashes = [UInt64](repeating: FeatureHash.offsetBasis, count: ids.count)
+        for fi in split.itemFields {
+            let column = itemColumns[fi]
+            hashes.withUnsafeMutableBufferPointer { h in
+                for s in h.indices {
+                    if let column {
+                        h[s] = (h[s] ^ 0x01) &* FeatureHash.prime
+                        column.feed(s, into: &h[s])
+                    }
+                    h[s] = (h[s] ^ 0xFF) &* FeatureHash.prime  // field separator
+                }
+            }
+        }
+        keys = zip(ids, hashes).map { ItemKey(id: $0, content: $1) }
     }
 
     public var count: Int { ids.count }
@@ -109,15 +127,7 @@ public struct SplitRequestInputs: SplitInputs {
     }
 
     public func itemKey(_ s: Int) -> ItemKey {
-        var h = FeatureHash.offsetBasis
-        for fi in split.itemFields {
-            if let column = itemColumns[fi] {
-                h = (h ^ 0x01) &* FeatureHash.prime
-                column.feed(s, into: &h)
-            }
-            h = (h ^ 0xFF) &* FeatureHash.prime  // field separator: ("ab", "") and ("a", "b") differ
-        }
-        return ItemKey(id: ids[s], content: h)
+        keys[s]
     }
 
     public func itemRows(_ s: Int, into rows: UnsafeMutablePointer<Int32>) {

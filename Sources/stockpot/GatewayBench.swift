@@ -387,12 +387,12 @@ struct GatewayBench: AsyncParsableCommand {
         for _ in 0..<50 {
             let s = ContinuousClock.now
             let rows = try await features.lookup(users: [request.userID], items: request.candidateIds)
-            user = (rows.users[request.userID] ?? [:]).mapValues(\.text)
+            user = rows.users[request.userID]?.texts ?? [:]
             items = rows.items
             ft.append((ContinuousClock.now - s).ms)
         }
         let f = percentile(ft, 0.5)
-        let columns = Set(items.values.flatMap(\.keys)).sorted()
+        let columns = Set(items.values.flatMap(\.layout.names)).sorted()
         let batch = Stockpot_V1_EntityBatch.with { b in
             b.ids = request.candidateIds
             b.columns = columns.map { name in Stockpot_V1_FeatureColumn(name: name, featureValues: request.candidateIds.map { items[$0]?[name] ?? .missing }, typed: true) }

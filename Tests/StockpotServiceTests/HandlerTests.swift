@@ -158,6 +158,18 @@ import StockpotServing
         #expect(written[20] == ["author": "5", "duration": ""] && written[21] == ["author": "", "duration": "1e+20"])
     }
 
+    /// Rows with the same column names share one layout; past the bound a row gets its own, with the same values.
+    @Test func rowLayoutsAreSharedWithinTheirBound() {
+        let layouts = FeatureRowLayouts(capacity: 2)
+        let a = layouts.row(parsing: ["x": "1", "y": "NORMAL"]), b = layouts.row(parsing: ["y": "AD", "x": "2.5"])
+        #expect(a.layout === b.layout && a.layout.names == ["x", "y"])
+        #expect(a["x"] == .integer(1) && b["x"] == .number(2.5) && b["y"] == .text("AD") && b["z"] == nil)
+        _ = layouts.row(parsing: ["z": "1"])
+        let c = layouts.row(parsing: ["w": ""]), d = layouts.row(parsing: ["w": "7"])
+        #expect(c.layout !== d.layout && c["w"] == .missing && d["w"] == .integer(7))
+        #expect(d.texts == ["w": "7"] && layouts.row(parsing: ["x": "3", "y": ""]).layout === a.layout)
+    }
+
     @Test func writesInvalidateTheCache() async throws {
         let s = try service()
         _ = try await withContext { try await s.getFeatures(request: .with { $0.userIds = [1] }, context: $0) }
