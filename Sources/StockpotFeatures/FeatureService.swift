@@ -27,6 +27,8 @@ public struct FeatureRow: Sendable {
     public let layout: FeatureRowLayout
     /// In the order of `layout.names`.
     public let values: [FeatureValue]
+    /// The stored text of each value, in the same order (for text columns, without formatting typed values back).
+    public let texts: [String]
 
     /// The value of column `name`, nil when the row has no such column.
     public subscript(name: String) -> FeatureValue? {
@@ -34,8 +36,8 @@ public struct FeatureRow: Sendable {
     }
 
     /// The row as the text the store holds.
-    public var texts: [String: String] {
-        Dictionary(uniqueKeysWithValues: zip(layout.names, values.map(\.text)))
+    public var textDictionary: [String: String] {
+        Dictionary(uniqueKeysWithValues: zip(layout.names, texts))
     }
 }
 
@@ -59,7 +61,8 @@ public final class FeatureRowLayouts: Sendable {
             if all.count < capacity { all[names] = l }
             return l
         }
-        return FeatureRow(layout: layout, values: names.map { FeatureValue.parse(stored[$0]!) })
+        let texts = names.map { stored[$0]! }
+        return FeatureRow(layout: layout, values: texts.map(FeatureValue.parse), texts: texts)
     }
 }
 
@@ -110,19 +113,23 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
     /// The columns a batch of `kind` returns: those requested (each must exist) or every stored one.
     func columns(_ kind: FeatureStore.Kind, requested: [String], field: String) async throws -> [String] {
         let known = try await store.columns(kind)
+        guard !requested.isEmpty else { return known }
         let knownSet = Set(known)
         for c in requested where !knownSet.contains(c) {
             throw Status.invalidArgument("\(field): unknown \(kind.name) column '\(c)'")
         }
-        return requested.isEmpty ? known : requested
+        return requested
     }
 
-    /// The rows of `ids` as columns; with `typed`, each typed when all its values allow
-    /// (`FeatureColumn(name:featureValues:typed:)`).
+    /// The rows of `ids` as columns; with `typed`, each typed when all its values allow (integers when every
+    /// present value is an integer, numbers when every one is a number), text otherwise.
     static func batch(ids: [Int64], columns: [String], rows: [Int64: FeatureRow], typed: Bool) -> Stockpot_V1_EntityBatch {
         guard !ids.isEmpty else { return Stockpot_V1_EntityBatch() }
-        // Row by row, each row's layout mapped to the requested columns once per layout (rows usually share one).
-        var values = [[FeatureValue]](repeating: [], count: columns.count)
+        // Row by row (each row read once), into one accumulator per column; each row's layout mapped to the
+        // requested columns once per layout (rows usually share one).
+        var texts = [[String]](repeating: [], count: columns.count)
+        var values = [[FeatureValue]](repeating: [], count: typed ? columns.count : 0)
+        for j in texts.indices { texts[j].reserveCapacity(ids.count) }
         for j in values.indices { values[j].reserveCapacity(ids.count) }
         var found: [Bool] = []
         found.reserveCapacity(ids.count)
@@ -131,6 +138,7 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         for id in ids {
             guard let row = rows[id] else {
                 found.append(false)
+                for j in texts.indices { texts[j].append("") }
                 for j in values.indices { values[j].append(.missing) }
                 continue
             }
@@ -139,12 +147,24 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
                 layout = row.layout
                 positions = columns.map { row.layout.positions[$0] }
             }
-            for (j, p) in positions.enumerated() { values[j].append(p.map { row.values[$0] } ?? .missing) }
+            for (j, p) in positions.enumerated() {
+                texts[j].append(p.map { row.texts[$0] } ?? "")
+                if typed { values[j].append(p.map { row.values[$0] } ?? .missing) }
+            }
         }
         return .with { b in
             b.ids = ids
             b.found = found
-            b.columns = zip(columns, values).map { Stockpot_V1_FeatureColumn(name: $0, featureValues: $1, typed: typed) }
+            b.columns = columns.indices.map { j in
+                var column = Stockpot_V1_FeatureColumn()
+                column.name = columns[j]
+                if typed, let form = Stockpot_V1_FeatureColumn.typedForm(of: values[j]) {
+                    column.setTyped(values[j], as: form)
+                } else {
+                    column.values = texts[j]   // the stored text as is
+                }
+                return column
+            }
         }
     }
 
@@ -158,8 +178,8 @@ public struct FeatureService: Stockpot_V1_FeatureService.SimpleServiceProtocol {
         let itemColumns = request.itemIds.isEmpty ? [] : try await columns(.item, requested: request.itemColumns, field: "item_columns")
         let (users, items) = try await lookup(users: request.userIds, items: request.itemIds)
         return .with {
-            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users, typed: request.typed)
-            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items, typed: request.typed)
+            $0.users = Self.batch(ids: request.userIds, columns: userColumns, rows: users, typed: request.typedUsers)
+            $0.items = Self.batch(ids: request.itemIds, columns: itemColumns, rows: items, typed: request.typedItems)
         }
     }
 

@@ -30,9 +30,10 @@ public struct GatewayConfig: Sendable {
     public var fusionTimeout: Duration = .milliseconds(40)
     /// When the feature service fails: serve with missing features (true) or fail with UNAVAILABLE (false).
     public var featureDefaultsOnFailure = false
-    /// Ask the feature service for typed columns (ids and numbers as `integers` / `numbers`, `GetFeaturesRequest.typed`)
-    /// and pass them on to the scorer and the corrector, which must then understand them (every build with typed
-    /// columns does); false asks for text only, for a scorer or corrector that predates them.
+    /// Ask the feature service for typed item columns (ids and numbers as `integers` / `numbers`,
+    /// `GetFeaturesRequest.typed_items`) and pass them on to the scorer and the corrector, which must then
+    /// understand them (every build with typed columns does); false asks for text only, for a scorer or corrector
+    /// that predates them. The user's features are asked as text: they travel on as text.
     public var typedFeatures = true
     /// Hours east of UTC of the logs' local time (KuaiRand: UTC+8), to fill `date` and `hourmin` from the clock.
     public var utcOffsetHours = 8
@@ -242,7 +243,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             // One call for the user and the items: one hop fewer than two parallel calls, and the feature
             // service looks both up at once.
             let reply = try await Self.retryingDroppedConnection(before: deadline) {
-                try await clients.features.getFeatures(.with { $0.userIds = [request.userID]; $0.itemIds = ids; $0.typed = config.typedFeatures },
+                try await clients.features.getFeatures(.with { $0.userIds = [request.userID]; $0.itemIds = ids; $0.typedItems = config.typedFeatures },
                                                        options: Self.options(remaining()))
             }
             let (u, i) = (reply, reply)
@@ -251,7 +252,8 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 throw MalformedReply(service: "feature service", problem: problem)
             }
             if u.users.found.first == true {
-                for c in u.users.columns { userFeatures[c.name] = FeatureColumnReader(c).text(0) }
+                let columns = u.users.columns
+                for j in columns.indices { userFeatures[columns[j].name] = columns[j].text(0) }
             }
             items = i.items
         } catch {

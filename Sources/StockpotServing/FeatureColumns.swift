@@ -101,42 +101,63 @@ extension Stockpot_V1_FeatureColumn {
     public init(name: String, featureValues values: [FeatureValue], typed: Bool) {
         self.init()
         self.name = name
-        var integers = typed, numbers = typed, present = 0
-        if typed {
-            for v in values {
-                switch v {
-                case .missing: continue
-                case .text(let s):
-                    if s.isEmpty { continue }
-                    integers = false; numbers = false
-                case .integer: numbers = false
-                case .number(let x):
-                    integers = false
-                    if !FeatureValue.isRepresentable(x) { numbers = false }
-                }
-                present += 1
-                if !integers && !numbers { break }
-            }
-        }
-        guard present > 0 && (integers || numbers) else {
+        if typed, let form = Self.typedForm(of: values) {
+            setTyped(values, as: form)
+        } else {
             self.values = values.map(\.text)
-            return
         }
+    }
+
+    /// The typed form `values` can travel in: integers when every present value is an integer, numbers when
+    /// every one is a representable number; nil when none is present or any is text.
+    public static func typedForm(of values: [FeatureValue]) -> FeatureColumnReader.Form? {
+        var integers = true, numbers = true, present = false
+        for v in values {
+            switch v {
+            case .missing: continue
+            case .text(let s):
+                if s.isEmpty { continue }
+                return nil
+            case .integer: numbers = false
+            case .number(let x):
+                integers = false
+                if !FeatureValue.isRepresentable(x) { return nil }
+            }
+            present = true
+            if !integers && !numbers { return nil }
+        }
+        guard present else { return nil }
+        return integers ? .integers : .numbers
+    }
+
+    /// Fills `integers` or `numbers` (by `form`, from `typedForm(of:)`) and `missing` from `values`.
+    public mutating func setTyped(_ values: [FeatureValue], as form: FeatureColumnReader.Form) {
         var missing: [UInt32] = []
-        if integers {
-            self.integers = values.enumerated().map { i, v in
+        switch form {
+        case .integers:
+            integers = values.enumerated().map { i, v in
                 if case .integer(let x) = v { return x }
                 missing.append(UInt32(i))
                 return 0
             }
-        } else {
-            self.numbers = values.enumerated().map { i, v in
+        case .numbers:
+            numbers = values.enumerated().map { i, v in
                 if case .number(let x) = v { return x }
                 missing.append(UInt32(i))
                 return 0
             }
+        case .text:
+            self.values = values.map(\.text)
         }
         self.missing = missing
+    }
+
+    /// The text of row `i` of a column that passed `problem(rows:)` ("" when missing), without a reader: for
+    /// reading a row or two (a user's features).
+    public func text(_ i: Int) -> String {
+        if !integers.isEmpty { return missing.contains(UInt32(i)) ? "" : String(integers[i]) }
+        if !numbers.isEmpty { return missing.contains(UInt32(i)) ? "" : String(numbers[i]) }
+        return values[i]
     }
 
     /// What is wrong with this column as a column of `rows` rows, or nil: an empty name, more than one form
@@ -144,7 +165,7 @@ extension Stockpot_V1_FeatureColumn {
     /// is not finite or is -0.0 (outside the missing rows, whose entries are ignored).
     public func problem(rows: Int) -> String? {
         guard !name.isEmpty else { return "a column has an empty name" }
-        let filled = [values.isEmpty, integers.isEmpty, numbers.isEmpty].filter { !$0 }.count
+        let filled = (values.isEmpty ? 0 : 1) + (integers.isEmpty ? 0 : 1) + (numbers.isEmpty ? 0 : 1)
         guard filled <= 1 else { return "'\(name)' fills more than one of values, integers and numbers" }
         let count = max(values.count, integers.count, numbers.count)
         guard count == rows else { return "'\(name)' has \(count) values for \(rows) rows" }
@@ -158,11 +179,12 @@ extension Stockpot_V1_FeatureColumn {
             }
             previous = Int64(r)
         }
+        guard !numbers.isEmpty else { return nil }
         var next = 0
-        for (i, x) in numbers.enumerated() {
+        for i in numbers.indices {
             if next < missing.count && Int(missing[next]) == i { next += 1; continue }
-            guard FeatureValue.isRepresentable(x) else {
-                return "'\(name)'.numbers[\(i)] is \(x) (numbers must be finite and not -0.0)"
+            guard FeatureValue.isRepresentable(numbers[i]) else {
+                return "'\(name)'.numbers[\(i)] is \(numbers[i]) (numbers must be finite and not -0.0)"
             }
         }
         return nil
@@ -173,10 +195,10 @@ extension Stockpot_V1_EntityBatch {
     /// What is wrong with the batch's columns as columns of `ids.count` rows (each `FeatureColumn.problem`, and
     /// no name twice), prefixed with `field`; nil when none.
     public func columnProblem(field: String) -> String? {
-        var names = Set<String>()
-        for c in columns {
-            if let problem = c.problem(rows: ids.count) { return "\(field).columns: \(problem)" }
-            guard names.insert(c.name).inserted else { return "\(field).columns: '\(c.name)' given twice" }
+        var names = Set<String>(minimumCapacity: columns.count)
+        for i in columns.indices {   // by index: no copy of each column
+            if let problem = columns[i].problem(rows: ids.count) { return "\(field).columns: \(problem)" }
+            guard names.insert(columns[i].name).inserted else { return "\(field).columns: '\(columns[i].name)' given twice" }
         }
         return nil
     }

@@ -89,14 +89,24 @@ public struct SplitRequestInputs: SplitInputs {
         self.inputs = inputs
         encoder = model.encoder
         ids = inputs.candidates.ids
-        var byName: [String: FeatureColumnReader] = [:]
-        for c in inputs.candidates.columns { byName[c.name] = FeatureColumnReader(c) }
+        // Readers for the columns the model reads, one per column.
+        let columns = inputs.candidates.columns
+        var index: [String: Int] = [:]
+        for (i, c) in columns.enumerated() { index[c.name] = i }
+        var readers = [FeatureColumnReader?](repeating: nil, count: columns.count)
+        func reader(_ name: String) -> FeatureColumnReader? {
+            guard let i = index[name] else { return nil }
+            if let r = readers[i] { return r }
+            let r = FeatureColumnReader(columns[i])
+            readers[i] = r
+            return r
+        }
         self.split = split
         itemColumns = split.sources.map { source in
-            if case .video(let name) = source { return byName[name] }
+            if case .video(let name) = source { return reader(name) }
             return nil
         }
-        uploadDates = byName["upload_dt"]
+        uploadDates = split.sources.contains(FieldSource.videoAgeDays) ? reader("upload_dt") : nil
         requestDay = inputs.context["date"].flatMap { Int($0) }.flatMap { DerivedFeatures.dayNumber(yyyymmdd: $0) }
         // The key of an item: its id and a hash of the item fields' values, field by field (a field whose column
         // the request lacks hashes as absent, apart from a missing value).

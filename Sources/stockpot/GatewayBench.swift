@@ -387,7 +387,7 @@ struct GatewayBench: AsyncParsableCommand {
         for _ in 0..<50 {
             let s = ContinuousClock.now
             let rows = try await features.lookup(users: [request.userID], items: request.candidateIds)
-            user = rows.users[request.userID]?.texts ?? [:]
+            user = rows.users[request.userID]?.textDictionary ?? [:]
             items = rows.items
             ft.append((ContinuousClock.now - s).ms)
         }

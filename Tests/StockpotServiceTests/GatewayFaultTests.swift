@@ -80,8 +80,9 @@ struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
                     $0.ids = request.userIds
                     $0.found = request.userIds.map { _ in true }
                     $0.columns = [.with { $0.name = "user_active_degree"; $0.values = request.userIds.map { _ in "low_active" } },
+                                  // Typed even unasked: a receiver accepts every form.
                                   Stockpot_V1_FeatureColumn(name: "fans", featureValues: request.userIds.map { _ in .integer(12) },
-                                                            typed: request.typed)]
+                                                            typed: true)]
                 }
             }
             if !request.itemIds.isEmpty {
@@ -93,7 +94,7 @@ struct FakeFeatures: Stockpot_V1_FeatureService.SimpleServiceProtocol {
                     let n = request.itemIds.count
                     var durations = Stockpot_V1_FeatureColumn(
                         name: "video_duration", featureValues: (0..<n).map { $0 == n - 1 ? .missing : .number(Double($0) * 1000 + 0.5) },
-                        typed: request.typed)
+                        typed: request.typedItems)
                     if fault == .nan && !durations.numbers.isEmpty { durations.numbers[0] = .nan }
                     $0.columns = [.with { $0.name = "video_type"; $0.values = values }, durations]
                     if fault == .duplicate { $0.columns.append($0.columns[0]) }

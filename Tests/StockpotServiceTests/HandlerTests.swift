@@ -123,7 +123,7 @@ import StockpotServing
         for typed in [true, false] {
             // Twice each: from the store, then from the cache.
             for _ in 0..<2 {
-                let r = try await withContext { try await s.getFeatures(request: .with { $0.itemIds = ids; $0.typed = typed }, context: $0) }
+                let r = try await withContext { try await s.getFeatures(request: .with { $0.itemIds = ids; $0.typedItems = typed }, context: $0) }
                 #expect(r.items.columnProblem(field: "items") == nil)
                 let byName = Dictionary(uniqueKeysWithValues: r.items.columns.map { ($0.name, $0) })
                 let author = try #require(byName["author"]), duration = try #require(byName["duration"])
@@ -142,9 +142,22 @@ import StockpotServing
                 for c in r.items.columns {
                     let reader = FeatureColumnReader(c)
                     #expect((0..<ids.count).map { reader.text($0) } == ids.map { stored[$0]?[c.name] ?? "" }, "\(c.name)")
+                    #expect((0..<ids.count).map { c.text($0) } == ids.map { stored[$0]?[c.name] ?? "" }, "\(c.name)")
                 }
             }
         }
+        // Users and items are typed each when asked.
+        try store.putNow(.user, rows: [(1, ["age": "30", "degree": "high"])])
+        for (users, items) in [(false, true), (true, false)] {
+            let r = try await withContext {
+                try await s.getFeatures(request: .with { $0.userIds = [1]; $0.itemIds = [10]; $0.typedUsers = users; $0.typedItems = items }, context: $0)
+            }
+            let age = try #require(r.users.columns.first { $0.name == "age" })
+            let author = try #require(r.items.columns.first { $0.name == "author" })
+            #expect(users ? age.integers == [30] && age.values.isEmpty : age.values == ["30"] && age.integers.isEmpty)
+            #expect(items ? author.integers == [7_349_781] : author.values == ["7349781"])
+        }
+
         // A typed write is stored as the text it stands for; the entries of missing rows are ignored, NaN included.
         _ = try await withContext {
             try await s.putFeatures(request: .with {
@@ -167,7 +180,7 @@ import StockpotServing
         _ = layouts.row(parsing: ["z": "1"])
         let c = layouts.row(parsing: ["w": ""]), d = layouts.row(parsing: ["w": "7"])
         #expect(c.layout !== d.layout && c["w"] == .missing && d["w"] == .integer(7))
-        #expect(d.texts == ["w": "7"] && layouts.row(parsing: ["x": "3", "y": ""]).layout === a.layout)
+        #expect(d.textDictionary == ["w": "7"] && layouts.row(parsing: ["x": "3", "y": ""]).layout === a.layout)
     }
 
     @Test func writesInvalidateTheCache() async throws {

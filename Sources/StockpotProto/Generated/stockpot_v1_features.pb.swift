@@ -74,9 +74,12 @@ public nonisolated struct Stockpot_V1_GetFeaturesRequest: Sendable {
 
   public var itemColumns: [String] = []
 
-  /// Send integer and numeric columns typed (`FeatureColumn.integers` / `numbers`) where every value of the column
-  /// in this reply allows. Off by default: every column is text, the one form every reader understands.
-  public var typed: Bool = false
+  /// Send integer and numeric item (user) columns typed (`FeatureColumn.integers` / `numbers`) where every value
+  /// of the column in this reply allows. Off by default: every column is text, the one form every reader
+  /// understands.
+  public var typedItems: Bool = false
+
+  public var typedUsers: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -196,7 +199,7 @@ nonisolated extension Stockpot_V1_EntityKind: SwiftProtobuf._ProtoNameProviding 
 
 nonisolated extension Stockpot_V1_GetFeaturesRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".GetFeaturesRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}user_ids\0\u{3}item_ids\0\u{3}user_columns\0\u{3}item_columns\0\u{1}typed\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}user_ids\0\u{3}item_ids\0\u{3}user_columns\0\u{3}item_columns\0\u{3}typed_items\0\u{3}typed_users\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -208,7 +211,8 @@ nonisolated extension Stockpot_V1_GetFeaturesRequest: SwiftProtobuf.Message, Swi
       case 2: try { try decoder.decodeRepeatedInt64Field(value: &self.itemIds) }()
       case 3: try { try decoder.decodeRepeatedStringField(value: &self.userColumns) }()
       case 4: try { try decoder.decodeRepeatedStringField(value: &self.itemColumns) }()
-      case 5: try { try decoder.decodeSingularBoolField(value: &self.typed) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.typedItems) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.typedUsers) }()
       default: break
       }
     }
@@ -227,8 +231,11 @@ nonisolated extension Stockpot_V1_GetFeaturesRequest: SwiftProtobuf.Message, Swi
     if !self.itemColumns.isEmpty {
       try visitor.visitRepeatedStringField(value: self.itemColumns, fieldNumber: 4)
     }
-    if self.typed != false {
-      try visitor.visitSingularBoolField(value: self.typed, fieldNumber: 5)
+    if self.typedItems != false {
+      try visitor.visitSingularBoolField(value: self.typedItems, fieldNumber: 5)
+    }
+    if self.typedUsers != false {
+      try visitor.visitSingularBoolField(value: self.typedUsers, fieldNumber: 6)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -238,7 +245,8 @@ nonisolated extension Stockpot_V1_GetFeaturesRequest: SwiftProtobuf.Message, Swi
     if lhs.itemIds != rhs.itemIds {return false}
     if lhs.userColumns != rhs.userColumns {return false}
     if lhs.itemColumns != rhs.itemColumns {return false}
-    if lhs.typed != rhs.typed {return false}
+    if lhs.typedItems != rhs.typedItems {return false}
+    if lhs.typedUsers != rhs.typedUsers {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
