@@ -41,13 +41,15 @@ public struct FeatureRow: Sendable {
     }
 }
 
-/// Interns row layouts: rows with the same column names share one (at most `capacity` distinct layouts are
-/// kept; rows past that get a layout of their own, correct but not shared).
+/// Interns row layouts: rows with the same column names share one. At most `capacity` distinct layouts are
+/// kept; one more empties the set (layouts in use stay valid, later rows share new ones), so that column sets
+/// that came and went cannot keep new rows from sharing.
 public final class FeatureRowLayouts: Sendable {
     private let shared = Mutex<[[String]: FeatureRowLayout]>([:])
-    /// Most distinct layouts shared.
+    /// Most distinct layouts kept at once.
     public let capacity: Int
 
+    /// - Parameter capacity: most distinct layouts kept at once (at least 1).
     public init(capacity: Int = 1024) {
         self.capacity = capacity
     }
@@ -58,7 +60,8 @@ public final class FeatureRowLayouts: Sendable {
         let layout = shared.withLock { all -> FeatureRowLayout in
             if let l = all[names] { return l }
             let l = FeatureRowLayout(names: names)
-            if all.count < capacity { all[names] = l }
+            if all.count >= max(1, capacity) { all.removeAll(keepingCapacity: true) }
+            all[names] = l
             return l
         }
         let texts = names.map { stored[$0]! }

@@ -60,6 +60,8 @@ public struct FeatureEncoder: Sendable {
             case .buckets(let boundaries): return Self.bucketRow(Double(v), boundaries: boundaries)
             }
         case .number(let x):
+            // A number no typed column may hold (NaN, infinite, -0.0) stands for no canonical text: read its text.
+            guard FeatureValue.isRepresentable(x) else { return rowImpl(field: index, raw: Substring(String(x))) }
             if !missingNumbers[index].isEmpty && missingNumbers[index].contains(x) { return 0 }
             switch fields[index].encoding {
             case .vocabulary: return numberVocabularies[index][x] ?? 0

@@ -61,29 +61,33 @@ public final class FeatureColumnReader: Sendable {
     }
 
     /// Feeds row `i` into a running FNV-1a hash as one self-delimited value: a content key (for a cache of
-    /// encoded items, the serving log's item versions). Text and integers are fed as their text, so an integer
-    /// hashes alike whether its column travelled as text or as integers (the form is chosen per reply, and a
+    /// encoded items, the serving log's item versions). Text and integers are fed as their text, and a missing
+    /// value alike in every form, so an integer hashes alike whether its column travelled as text or as integers (the form is chosen per reply, and a
     /// column such as KuaiRand's `tag`, with "39" beside "39,12", travels either way); a number is fed as its
     /// bits (the same number as text feeds its text: a cache miss at worst, never a wrong hit).
     public func feed(_ i: Int, into h: inout UInt64) {
         let p = FeatureHash.prime
         if !missingRows.isEmpty && missingRows[i] {
-            h = (h ^ 0x10) &* p
+            h = (h ^ Self.missingTag) &* p
             return
         }
         switch form {
         case .text:
-            h = (h ^ 0x11) &* p
             let value = texts[i]
+            if value.isEmpty {   // missing, as in a typed column
+                h = (h ^ Self.missingTag) &* p
+                return
+            }
+            h = (h ^ Self.textTag) &* p
             let done: Void? = value.utf8.withContiguousStorageIfAvailable { bytes in
                 for b in bytes { h = (h ^ UInt64(b)) &* p }
             }
             if done == nil { for b in value.utf8 { h = (h ^ UInt64(b)) &* p } }
         case .integers:
-            h = (h ^ 0x11) &* p
+            h = (h ^ Self.textTag) &* p   // an integer as its text
             FeatureHash.feed(integer: integers[i], into: &h)
         case .numbers:
-            h = (h ^ 0x13) &* p
+            h = (h ^ Self.numberTag) &* p
             var bits = numbers[i].bitPattern
             for _ in 0..<8 {
                 h = (h ^ (bits & 0xFF)) &* p
@@ -92,6 +96,10 @@ public final class FeatureColumnReader: Sendable {
         }
         h = (h ^ 0xFF) &* p   // end of the value: 0xFF is never a byte of UTF-8 text
     }
+
+    /// What `feed` starts a value with: a missing row (of a typed column), text (and integers, as their text),
+    /// a number's bits.
+    static let missingTag: UInt64 = 0x10, textTag: UInt64 = 0x11, numberTag: UInt64 = 0x13
 }
 
 extension Stockpot_V1_FeatureColumn {
@@ -108,9 +116,12 @@ extension Stockpot_V1_FeatureColumn {
         }
     }
 
+    /// The two typed forms of a column.
+    public enum TypedForm: Sendable { case integers, numbers }
+
     /// The typed form `values` can travel in: integers when every present value is an integer, numbers when
     /// every one is a representable number; nil when none is present or any is text.
-    public static func typedForm(of values: [FeatureValue]) -> FeatureColumnReader.Form? {
+    public static func typedForm(of values: [FeatureValue]) -> TypedForm? {
         var integers = true, numbers = true, present = false
         for v in values {
             switch v {
@@ -130,8 +141,12 @@ extension Stockpot_V1_FeatureColumn {
         return integers ? .integers : .numbers
     }
 
-    /// Fills `integers` or `numbers` (by `form`, from `typedForm(of:)`) and `missing` from `values`.
-    public mutating func setTyped(_ values: [FeatureValue], as form: FeatureColumnReader.Form) {
+    /// Sets the column's rows to `values` in `form` (from `typedForm(of:)`): `integers` or `numbers`, and
+    /// `missing`; the other forms emptied.
+    public mutating func setTyped(_ values: [FeatureValue], as form: TypedForm) {
+        self.values = []
+        integers = []
+        numbers = []
         var missing: [UInt32] = []
         switch form {
         case .integers:
@@ -146,18 +161,21 @@ extension Stockpot_V1_FeatureColumn {
                 missing.append(UInt32(i))
                 return 0
             }
-        case .text:
-            self.values = values.map(\.text)
         }
         self.missing = missing
     }
 
-    /// The text of row `i` of a column that passed `problem(rows:)` ("" when missing), without a reader: for
-    /// reading a row or two (a user's features).
+    /// The text of row `i` ("" when missing, and for a row the column does not have), without a reader: for
+    /// reading a row or two (a user's features) of a column that passed `problem(rows:)`.
     public func text(_ i: Int) -> String {
-        if !integers.isEmpty { return missing.contains(UInt32(i)) ? "" : String(integers[i]) }
-        if !numbers.isEmpty { return missing.contains(UInt32(i)) ? "" : String(numbers[i]) }
-        return values[i]
+        guard i >= 0 else { return "" }
+        if !integers.isEmpty {
+            return i < integers.count && !missing.contains(UInt32(i)) ? String(integers[i]) : ""
+        }
+        if !numbers.isEmpty {
+            return i < numbers.count && !missing.contains(UInt32(i)) ? String(numbers[i]) : ""
+        }
+        return i < values.count ? values[i] : ""
     }
 
     /// What is wrong with this column as a column of `rows` rows, or nil: an empty name, more than one form

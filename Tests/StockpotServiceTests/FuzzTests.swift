@@ -143,19 +143,32 @@ func fuzz<Request: SwiftProtobuf.Message, Response: Sendable>(
     return tally
 }
 
+/// A feature service reply that fails its own column checks.
+struct MalformedFeatures: Error { var problem: String }
+
 @Suite struct FuzzEveryRequestType {
     @Test func featureRequests() async throws {
         let store = try FeatureStore(path: ":memory:")
-        try store.putNow(.user, rows: [(1, ["user_active_degree": "full_active"])])
+        try store.putNow(.user, rows: [(1, ["user_active_degree": "full_active", "age": "30"]), (2, ["age": "31.5"])])
+        try store.putNow(.item, rows: [(1, ["author": "7", "duration": "1.5"]), (2, ["author": "x"]), (3, ["duration": "2.0", "tag": "39"])])
         let s = FeatureService(store: store, cache: FeatureCache(capacity: 16, ttl: .seconds(60)), limits: RequestLimits(maxCandidates: 8))
         let get = await fuzz("GetFeatures", seed: Fuzz.seed, build: { g in
             Stockpot_V1_GetFeaturesRequest.with {
                 $0.userIds = (0..<g.count()).map { _ in g.id() }
                 $0.itemIds = (0..<g.count()).map { _ in g.id() }
+                $0.typedItems = g.chance(0.5)
+                $0.typedUsers = g.chance(0.5)
                 if g.chance(0.3) { $0.userColumns = (0..<g.count()).map { _ in g.string() } }
                 if g.chance(0.3) { $0.itemColumns = (0..<g.count()).map { _ in g.string() } }
             }
-        }, handle: { r in try await withContext { try await s.getFeatures(request: r, context: $0) } })
+        }, handle: { r in
+            let reply = try await withContext { try await s.getFeatures(request: r, context: $0) }
+            // Every reply is well-formed, typed or not (a malformed one is a finding).
+            if let problem = reply.users.columnProblem(field: "users") ?? reply.items.columnProblem(field: "items") {
+                throw MalformedFeatures(problem: problem)
+            }
+            return reply
+        })
         let put = await fuzz("PutFeatures", seed: Fuzz.seed + 1, build: { g in
             Stockpot_V1_PutFeaturesRequest.with {
                 $0.kind = Stockpot_V1_EntityKind(rawValue: g.int(0...3)) ?? .user

@@ -171,16 +171,33 @@ import StockpotServing
         #expect(written[20] == ["author": "5", "duration": ""] && written[21] == ["author": "", "duration": "1e+20"])
     }
 
-    /// Rows with the same column names share one layout; past the bound a row gets its own, with the same values.
+    /// Rows with the same column names share one layout; one layout past the bound empties the set, and later
+    /// rows share new ones while earlier rows keep theirs.
     @Test func rowLayoutsAreSharedWithinTheirBound() {
         let layouts = FeatureRowLayouts(capacity: 2)
         let a = layouts.row(parsing: ["x": "1", "y": "NORMAL"]), b = layouts.row(parsing: ["y": "AD", "x": "2.5"])
         #expect(a.layout === b.layout && a.layout.names == ["x", "y"])
         #expect(a["x"] == .integer(1) && b["x"] == .number(2.5) && b["y"] == .text("AD") && b["z"] == nil)
-        _ = layouts.row(parsing: ["z": "1"])
-        let c = layouts.row(parsing: ["w": ""]), d = layouts.row(parsing: ["w": "7"])
-        #expect(c.layout !== d.layout && c["w"] == .missing && d["w"] == .integer(7))
-        #expect(d.textDictionary == ["w": "7"] && layouts.row(parsing: ["x": "3", "y": ""]).layout === a.layout)
+        #expect(layouts.row(parsing: ["z": "1"]).layout !== a.layout)   // two layouts: the bound
+        let c = layouts.row(parsing: ["w": ""]), d = layouts.row(parsing: ["w": "7"])   // a third empties the set
+        #expect(c.layout === d.layout && c["w"] == .missing && d["w"] == .integer(7))
+        let e = layouts.row(parsing: ["x": "3", "y": ""])
+        #expect(e.layout !== a.layout && e.layout.names == a.layout.names && a["y"] == .text("NORMAL"))
+        #expect(d.textDictionary == ["w": "7"] && e.textDictionary == ["x": "3", "y": ""])
+    }
+
+    /// A batch of rows whose layouts alternate (and a missing id between them) reads each row through its own.
+    @Test func batchesReadRowsOfAlternatingLayouts() async throws {
+        let store = try FeatureStore(path: ":memory:")
+        try store.putNow(.item, rows: [(1, ["a": "1", "b": "x"]), (2, ["b": "y"]), (3, ["a": "3", "b": "z", "c": "2.5"])])
+        let s = FeatureService(store: store, cache: FeatureCache(capacity: 100, ttl: .seconds(60)))
+        for typed in [true, false] {
+            let r = try await withContext { try await s.getFeatures(request: .with { $0.itemIds = [1, 2, 9, 3, 1, 2]; $0.typedItems = typed }, context: $0) }
+            #expect(r.items.found == [true, true, false, true, true, true])
+            let text = Dictionary(uniqueKeysWithValues: r.items.columns.map { c in (c.name, (0..<6).map { c.text($0) }) })
+            #expect(text == ["a": ["1", "", "", "3", "1", ""], "b": ["x", "y", "", "z", "x", "y"], "c": ["", "", "", "2.5", "", ""]])
+            #expect(r.items.columns.first { $0.name == "a" }?.integers == (typed ? [1, 0, 0, 3, 1, 0] : []))
+        }
     }
 
     @Test func writesInvalidateTheCache() async throws {

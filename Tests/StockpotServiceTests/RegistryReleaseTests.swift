@@ -465,7 +465,13 @@ func artifact(_ content: String) -> URL {
                 #expect(watcher.value?.value == "one")
                 #expect(health.status(of: "model:m@production") == .notServing) // stale: the newest version did not load
                 #expect(watcher.failure?.version == "m:2" && watcher.failure?.message.contains("cannot parse") == true)
-                let failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
+                // The watcher reports the failure to the registry after recording it: wait for the report.
+                var failures: [Stockpot_V1_LoadReport] = []
+                let until = ContinuousClock.now + .seconds(30)
+                repeat {
+                    failures = try await withRegistryClient(address) { try await $0.stub.history(.with { $0.name = "m" }).loadFailures }
+                    if failures.isEmpty { try await Task.sleep(for: .milliseconds(20)) }
+                } while failures.isEmpty && ContinuousClock.now < until
                 #expect(failures.map { "\($0.name):\($0.version)@\($0.replica)" } == ["m:2@scorer@test"])
                 #expect(failures.first?.error.contains("cannot parse") == true)
                 // Rolled back to the version still loaded: healthy again at once, nothing loaded.

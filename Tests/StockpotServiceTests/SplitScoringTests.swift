@@ -113,6 +113,11 @@ struct SplitScoringTests {
             #expect(typed.candidates.columns.map { FeatureColumnReader($0).form } == [.integers, .text, form, .text, .text])
             #expect(typed.candidates.columns[2].missing == [6, 13, 20, 27])
             #expect(typed.candidates.columnProblem(field: "candidates") == nil)
+            // Integers and text key the item cache alike in either form; numbers by their bits.
+            let split = try #require(SplitFirstLayer(model: model))
+            let textKeys = SplitRequestInputs(text, model: model, split: split), typedKeys = SplitRequestInputs(typed, model: model, split: split)
+            let sameKeys = (0..<items.count).allSatisfy { textKeys.itemKey($0) == typedKeys.itemKey($0) }
+            #expect(sameKeys == (form == .integers))
             // Typed and text encode to the same rows: the same logits, bit for bit (the typed request misses the
             // item cache the text one filled when a number's key differs, and is computed again, identically).
             let expected = plain(model, text)

@@ -45,7 +45,7 @@ struct GatewayCommand: AsyncParsableCommand {
     var crowds: String?
     @Flag(help: "Serve with missing features when the feature service fails (env STOCKPOT_GATEWAY_FEATURE_DEFAULTS).")
     var featureDefaults = false
-    @Flag(help: "Ask the feature service for text columns only and pass them on so, for a scorer or corrector that predates typed columns (env STOCKPOT_GATEWAY_TEXT_FEATURES).")
+    @Flag(help: "Ask the feature service for text item columns only (not typed ids and numbers), for scorers and correctors built before typed columns (env STOCKPOT_GATEWAY_TEXT_FEATURES).")
     var textFeatures = false
 
     func run() async throws {

@@ -35,8 +35,8 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
 ///   that read back as the same double, "87433.0", "0.5", "1e-05"); the entry is that double (never NaN,
 ///   infinite or -0.0). A sender that cannot print doubles that way sends such columns as text.
 /// In the typed forms, `missing` lists the rows whose value is missing (their entries are ignored, whatever they
-/// hold; senders put 0). The feature service sends a column typed only when asked (`GetFeaturesRequest.typed_items`,
-/// `typed_users`),
+/// hold; senders put 0). The feature service sends a column typed only when asked
+/// (`GetFeaturesRequest.typed_items`, `typed_users`),
 /// and then per reply: integers when every present value of the column in that reply is integer text, numbers
 /// when every one is number text, text otherwise (so the same column may travel typed in one reply and as text in
 /// the next). Receivers accept every form; a reader that only knows text asks for text.

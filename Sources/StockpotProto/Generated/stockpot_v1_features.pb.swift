@@ -74,11 +74,11 @@ public nonisolated struct Stockpot_V1_GetFeaturesRequest: Sendable {
 
   public var itemColumns: [String] = []
 
-  /// Send integer and numeric item (user) columns typed (`FeatureColumn.integers` / `numbers`) where every value
-  /// of the column in this reply allows. Off by default: every column is text, the one form every reader
-  /// understands.
+  /// Send integer and numeric item columns typed (`FeatureColumn.integers` / `numbers`) where every value of the
+  /// column in this reply allows. Off by default: every column is text, the one form every reader understands.
   public var typedItems: Bool = false
 
+  /// The same for the user columns.
   public var typedUsers: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
