@@ -62,9 +62,10 @@ public final class FeatureColumnReader: Sendable {
 
     /// Feeds row `i` into a running FNV-1a hash as one self-delimited value: a content key (for a cache of
     /// encoded items, the serving log's item versions). Text and integers are fed as their text, and a missing
-    /// value alike in every form, so an integer hashes alike whether its column travelled as text or as integers (the form is chosen per reply, and a
-    /// column such as KuaiRand's `tag`, with "39" beside "39,12", travels either way); a number is fed as its
-    /// bits (the same number as text feeds its text: a cache miss at worst, never a wrong hit).
+    /// value alike in every form, so an integer hashes alike whether its column travelled as text or as
+    /// integers (the form is chosen per reply, and a column such as KuaiRand's `tag`, with "39" beside
+    /// "39,12", travels either way); a number is fed as its bits (the same number as text feeds its text: a
+    /// cache miss at worst, never a wrong hit).
     public func feed(_ i: Int, into h: inout UInt64) {
         let p = FeatureHash.prime
         if !missingRows.isEmpty && missingRows[i] {
