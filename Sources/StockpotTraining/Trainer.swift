@@ -29,6 +29,8 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
     public var weightedObjectives: [String]?
     /// Discriminator re-weighting (see `DiscriminatorWeighting`); nil = off.
     public var discriminator: DiscriminatorWeighting?
+    /// Distillation from a teacher's logits (`Distillation`); nil = labels only.
+    public var distillation: Distillation?
 
     /// Defaults for `optimizer`: Adagrad 0.01 / 0.05 (dense / embeddings), Adam 0.001 / 0.01 — the best of a
     /// small sweep on KuaiRand (`docs/performance.md`).
@@ -54,7 +56,8 @@ public struct TrainingProgress: Sendable {
 /// and embeddings, Adam or Adagrad with sparse (lazy) embedding updates. Deterministic for a seed.
 ///
 /// The loss of a batch is `Σᵢ wᵢ Σₖ λₖ BCE(pᵢₖ, yᵢₖ) / Σᵢ wᵢ`: per-sample weights are normalised within the
-/// batch, so re-weighting changes the balance between samples, not the loss scale.
+/// batch, so re-weighting changes the balance between samples, not the loss scale. With `distillation`, each
+/// term is `β·BCE(pᵢₖ, yᵢₖ) + α·T²·KL(qᵢₖ ‖ pᵢₖᵀ)` instead (`Distillation`).
 public final class Trainer {
     public private(set) var model: LegacyModel
     public let options: TrainingOptions
@@ -256,16 +259,23 @@ public final class Trainer {
         guard order.allSatisfy({ $0 >= 0 && $0 < data.count }) else {
             throw TrainingError.data("sample order names a sample outside the data set's \(data.count)")
         }
+        let distil = options.distillation != nil
+        guard !distil || data.teacherLogits.count == data.count * model.headCount else {
+            throw TrainingError.data("distillation needs the teacher's logits for every sample and head: the data set has "
+                + "\(data.teacherLogits.count) for \(data.count) samples × \(model.headCount) heads")
+        }
         let f = model.fieldCount, k = model.headCount
         let rows = UnsafeMutablePointer<Int32>.allocate(capacity: batch * f)
         let labels = UnsafeMutablePointer<Float>.allocate(capacity: batch * k)
         let weights = UnsafeMutablePointer<Float>.allocate(capacity: batch)
         let dense = UnsafeMutablePointer<Float>.allocate(capacity: batch * max(e, 1))
+        let teacher = UnsafeMutablePointer<Float>.allocate(capacity: distil ? batch * k : 1)
         defer {
             rows.deallocate()
             labels.deallocate()
             weights.deallocate()
             dense.deallocate()
+            teacher.deallocate()
         }
         let clock = ContinuousClock()
         let start = clock.now
@@ -275,21 +285,25 @@ public final class Trainer {
         var batches = 0
         var done = 0
         // The data set's storage, read by the threads that copy their blocks of each batch.
-        let (dataRows, dataLabels, dataDense, picks) = (data.rows, data.labels, data.dense, order)
+        let (dataRows, dataLabels, dataDense, dataTeacher, picks) = (data.rows, data.labels, data.dense, data.teacherLogits, order)
         while done < order.count {
             let n = min(batch, order.count - done)
             for s in 0..<n { weights[s] = data.weights[order[done + s]] }
             // The rest of the batch is copied by the thread that runs its block.
             let first = done
-            let loss = runStep(rows: rows, labels: labels, weights: weights, count: n, dense: e > 0 ? dense : nil) { r in
+            let loss = runStep(rows: rows, labels: labels, weights: weights, count: n, dense: e > 0 ? dense : nil,
+                               teacher: distil ? teacher : nil) { r in
                 dataRows.withUnsafeBufferPointer { dr in
                     dataLabels.withUnsafeBufferPointer { dl in
                         dataDense.withUnsafeBufferPointer { dd in
-                            for s in r {
-                                let i = picks[first + s]
-                                (rows + s * f).update(from: dr.baseAddress! + i * f, count: f)
-                                (labels + s * k).update(from: dl.baseAddress! + i * k, count: k)
-                                if e > 0 { (dense + s * e).update(from: dd.baseAddress! + i * e, count: e) }
+                            dataTeacher.withUnsafeBufferPointer { dt in
+                                for s in r {
+                                    let i = picks[first + s]
+                                    (rows + s * f).update(from: dr.baseAddress! + i * f, count: f)
+                                    (labels + s * k).update(from: dl.baseAddress! + i * k, count: k)
+                                    if e > 0 { (dense + s * e).update(from: dd.baseAddress! + i * e, count: e) }
+                                    if distil { (teacher + s * k).update(from: dt.baseAddress! + i * k, count: k) }
+                                }
                             }
                         }
                     }
@@ -324,16 +338,18 @@ public final class Trainer {
     /// A batch whose loss is not finite (a NaN or infinite label, weight or dense input, or a diverged model) is
     /// not applied: the weights, the optimizer state and the step count stay as they were, and the non-finite
     /// loss is returned for the caller to report.
+    /// - Parameter teacher: `n × heads` teacher logits, required when the options distil.
     public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
-                          dense: UnsafePointer<Float>? = nil) -> Float {
-        runStep(rows: rows, labels: labels, weights: weights, count: n, dense: dense, assemble: nil)
+                          dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil) -> Float {
+        runStep(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher, assemble: nil)
     }
 
     /// `trainStep`, where `assemble(r)`, when given, first fills samples `r` of `rows`, `labels` and `dense`
     /// (run by the thread that computes those samples).
     private func runStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
-                      dense: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
-        let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, assemble: assemble)
+                      dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
+        let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher,
+                                   assemble: assemble)
         guard loss.isFinite else {
             discardGradients()
             return loss
@@ -348,8 +364,9 @@ public final class Trainer {
     /// - Parameter dense: `n × denseInputs.count` values for models with dense inputs (they get no gradient).
     @discardableResult
     public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
-                                 dense: UnsafePointer<Float>? = nil) -> Float {
-        let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, assemble: nil)
+                                 dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil) -> Float {
+        let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher,
+                                   assemble: nil)
         finishGradients(rows: rows, count: n, update: false)
         return loss
     }
@@ -358,8 +375,10 @@ public final class Trainer {
     /// synchronisation between layers: block `p` writes its dense gradient into `denseGradients(p)` and its
     /// input gradient into its rows of `dx`. Returns the batch loss.
     private func forwardBackward(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>,
-                                 count n: Int, dense: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
+                                 count n: Int, dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?,
+                                 assemble: ((Range<Int>) -> Void)?) -> Float {
         precondition(model.spec.denseInputs.isEmpty || dense != nil, "model has dense inputs; pass them")
+        precondition(options.distillation == nil || teacher != nil, "the options distil from a teacher; pass its logits")
         precondition(n >= 0 && n <= batch, "\(n) samples in a step of a trainer made for batches of \(batch)")
         // Weighted objectives use the per-sample weights normalised within the batch; the others weigh every
         // sample equally. Both over the whole batch, before it is split.
@@ -372,7 +391,7 @@ public final class Trainer {
             let r = Self.part(n, p, parts)
             assemble?(r)
             losses[p] = blockPass(r, part: p, rows: rows, labels: labels, weights: weights, dense: dense,
-                                  norm: norm, uniform: uniform)
+                                  teacher: teacher, norm: norm, uniform: uniform)
         }
         var loss = 0.0
         for p in 0..<parts { loss += losses[p] }
@@ -385,7 +404,8 @@ public final class Trainer {
 
     /// Forward, loss and backward of samples `r`. Returns their share of the batch loss.
     private func blockPass(_ r: Range<Int>, part p: Int, rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>,
-                           weights: UnsafePointer<Float>, dense: UnsafePointer<Float>?, norm: Float, uniform: Float) -> Double {
+                           weights: UnsafePointer<Float>, dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?,
+                           norm: Float, uniform: Float) -> Double {
         let g = denseGradients(p)
         guard !r.isEmpty else {
             g.update(repeating: 0, count: denseTotal)
@@ -409,6 +429,7 @@ public final class Trainer {
 
         // Loss and dLoss/dLogit.
         var loss: Double = 0
+        let distil = options.distillation.flatMap { d in teacher.map { (d, $0) } }
         for s in 0..<m {
             let weighted = weights[s0 + s] * norm
             for j in 0..<k {
@@ -416,9 +437,15 @@ public final class Trainer {
                 let z = logits[s * k + j]
                 let y = labels[(s0 + s) * k + j]
                 // BCE with logits, stable: max(z,0) - z·y + log(1 + e^{-|z|}).
-                let l = max(z, 0) - z * y + log1pf(expf(-abs(z)))
+                var l = Distillation.bce(logit: z, target: y)
+                var dl = sigmoid(z) - y
+                if let (d, t) = distil {
+                    let (kl, dkl) = d.softTerm(student: z, teacher: t[(s0 + s) * k + j])
+                    l = d.beta * l + kl
+                    dl = d.beta * dl + dkl
+                }
                 loss += Double(w * lossWeights[j] * l)
-                dLogits[s * k + j] = w * lossWeights[j] * (sigmoid(z) - y)
+                dLogits[s * k + j] = w * lossWeights[j] * dl
             }
         }
 
@@ -589,8 +616,11 @@ public final class Trainer {
 
     /// The batch loss of `model` computed by a plain forward pass in double precision — the reference that
     /// gradient checks differentiate numerically.
+    /// - Parameters:
+    ///   - distillation: with `teacher` (`n × heads` logits), the distillation loss instead of BCE alone.
     public static func loss(model: LegacyModel, rows: [Int32], labels: [Float], weights: [Float], lossWeights: [Float]? = nil,
-                            dense: [Float]? = nil, weightedHeads: [Bool]? = nil) -> Double {
+                            dense: [Float]? = nil, weightedHeads: [Bool]? = nil, distillation: Distillation? = nil,
+                            teacher: [Float]? = nil) -> Double {
         let n = weights.count
         let k = model.headCount
         let scorer = BatchScorer(model: model, chunk: max(n, 1))
@@ -604,7 +634,11 @@ public final class Trainer {
                 let p = 1 / (1 + exp(-Double(logits[s * k + j])))
                 let y = Double(labels[s * k + j])
                 let w = weightedHeads?[j] == false ? 1 / Double(n) : Double(weights[s]) / wsum
-                total += w * Double(lw[j]) * -(y * log(p) + (1 - y) * log(1 - p))
+                var term = -(y * log(p) + (1 - y) * log(1 - p))
+                if let d = distillation, let teacher {
+                    term = Double(d.beta) * term + d.referenceSoftTerm(student: Double(logits[s * k + j]), teacher: Double(teacher[s * k + j]))
+                }
+                total += w * Double(lw[j]) * term
             }
         }
         return total

@@ -211,3 +211,123 @@ import StockpotModel
     }
 }
 
+
+/// The distillation loss: known values, the stable form against the definition, the trainer's loss and gradients
+/// against the double-precision forward pass and finite differences.
+@Suite struct DistillationLoss {
+    @Test func knownValues() throws {
+        let d1 = try Distillation(alpha: 1, beta: 0, temperature: 1)
+        // q = σ(ln 3) = 0.75 against p = σ(0) = 0.5: KL = 0.75·ln 1.5 + 0.25·ln 0.5.
+        let (l1, g1) = d1.softTerm(student: 0, teacher: log(3))
+        #expect(abs(l1 - 0.130812) < 1e-5 && abs(g1 + 0.25) < 1e-6)
+        // T = 2, α = 0.5: q = σ(ln 3 / 2) = √3 / (1 + √3); loss α·T²·KL, gradient α·T·(p − q).
+        let d2 = try Distillation(alpha: 0.5, beta: 0.5, temperature: 2)
+        let (l2, g2) = d2.softTerm(student: 0, teacher: log(3))
+        #expect(abs(l2 - 0.072684) < 1e-5 && abs(g2 + 0.133975) < 1e-5)
+        // Agreeing logits cost nothing; the stable form matches the definition everywhere on a grid.
+        for z: Float in [-30, -4, -0.5, 0, 0.7, 3, 25] {
+            #expect(abs(d2.softTerm(student: z, teacher: z).loss) < 1e-5 && d2.softTerm(student: z, teacher: z).dLogit == 0)
+            for t: Float in [-20, -2, 0, 1.5, 12] {
+                let stable = d2.softTerm(student: z, teacher: t).loss, reference = d2.referenceSoftTerm(student: Double(z), teacher: Double(t))
+                #expect(abs(Double(stable) - reference) < 1e-4 * max(1, reference), "z \(z) t \(t): \(stable) vs \(reference)")
+                #expect(stable >= -1e-5)
+            }
+        }
+        #expect(abs(Distillation.bce(logit: 0, target: 1) - 0.693147) < 1e-6)
+    }
+
+    @Test func settingsAreChecked() throws {
+        #expect(throws: TrainingError.self) { try Distillation(alpha: -1, beta: 1, temperature: 1) }
+        #expect(throws: TrainingError.self) { try Distillation(alpha: 0, beta: 0, temperature: 1) }
+        #expect(throws: TrainingError.self) { try Distillation(alpha: 1, beta: 0, temperature: 0) }
+        #expect(throws: (any Error).self) {
+            try JSONDecoder().decode(Distillation.self, from: Data(#"{"alpha": 1, "beta": 0, "temperature": -2}"#.utf8))
+        }
+        let d = try JSONDecoder().decode(Distillation.self, from: Data(#"{"alpha": 0.7, "beta": 0.3, "temperature": 2}"#.utf8))
+        #expect(d == (try Distillation(alpha: 0.7, beta: 0.3, temperature: 2)))
+    }
+
+    /// The trainer's distillation loss equals the reference forward pass, and its gradients the central
+    /// differences of that reference, for the heads, a hidden layer and an embedding row.
+    @Test(arguments: [Float(1), 3])
+    func trainerGradientsMatchFiniteDifferences(temperature: Float) throws {
+        let (spec, rows, labels) = syntheticData(count: 12, seed: 5)
+        var model = try LegacyModel.initialized(spec: spec, seed: 9)
+        for i in model.embeddings.indices { model.embeddings[i].storage = .f32(model.embeddings[i].floatValues.map { $0 * 50 }) }
+        let weights: [Float] = (0..<12).map { Float(1 + $0 % 3) }
+        let k = model.headCount
+        let teacher: [Float] = (0..<(12 * k)).map { Float(($0 * 37) % 11) / 2 - 2.5 }
+        var options = TrainingOptions()
+        let distillation = try Distillation(alpha: 0.7, beta: 0.3, temperature: temperature)
+        options.distillation = distillation
+        let trainer = try Trainer(model: model, options: options)
+        let loss = rows.withUnsafeBufferPointer { r in
+            labels.withUnsafeBufferPointer { l in
+                weights.withUnsafeBufferPointer { w in
+                    teacher.withUnsafeBufferPointer { t in
+                        trainer.computeGradients(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: 12,
+                                                 teacher: t.baseAddress!)
+                    }
+                }
+            }
+        }
+        func reference(_ m: LegacyModel) -> Double {
+            Trainer.loss(model: m, rows: rows, labels: labels, weights: weights, distillation: distillation, teacher: teacher)
+        }
+        let plain = Trainer.loss(model: model, rows: rows, labels: labels, weights: weights)
+        #expect(abs(Double(loss) - reference(model)) < 1e-4 * max(1, reference(model)))
+        #expect(abs(reference(model) - plain) > 1e-3)   // the soft term is in the loss
+        // Central differences; a coordinate whose one-sided differences disagree sits on a ReLU kink, where the
+        // derivative is not defined: counted, not compared (as in GradientChecks).
+        let h: Float = 1e-4
+        var skipped = 0
+        func numeric(_ edit: (inout LegacyModel, Float) -> Void) -> Double {
+            var plus = model, minus = model
+            edit(&plus, h)
+            edit(&minus, -h)
+            let f0 = reference(model), fp = reference(plus), fm = reference(minus)
+            let right = (fp - f0) / Double(h), left = (f0 - fm) / Double(h)
+            if abs(right - left) > 1e-3 + 0.05 * abs(right + left) {
+                skipped += 1
+                return .nan
+            }
+            return (fp - fm) / Double(2 * h)
+        }
+        func agrees(_ g: Float, _ n: Double) -> Bool { n.isNaN || abs(Double(g) - n) <= 5e-4 + 1e-2 * abs(n) }
+        var checked = 0
+        let gHeadsB = try #require(trainer.denseGradient("heads.bias"))
+        for j in 0..<k {
+            let n = numeric { m, d in m.heads.bias[j] += d }
+            #expect(agrees(gHeadsB[j], n), "heads.bias[\(j)]: \(gHeadsB[j]) vs \(n)")
+            checked += 1
+        }
+        let gHeadsW = try #require(trainer.denseGradient("heads.weight"))
+        for i in stride(from: 0, to: model.heads.weight.count, by: max(1, model.heads.weight.count / 8)) {
+            let n = numeric { m, d in m.heads.weight[i] += d }
+            #expect(agrees(gHeadsW[i], n), "heads.weight[\(i)]: \(gHeadsW[i]) vs \(n)")
+            checked += 1
+        }
+        let gB0 = try #require(trainer.denseGradient("mlp.0.bias"))
+        for i in 0..<min(6, model.layers[0].bias.count) {
+            let n = numeric { m, d in m.layers[0].bias[i] += d }
+            #expect(agrees(gB0[i], n), "mlp.0.bias[\(i)]: \(gB0[i]) vs \(n)")
+            checked += 1
+        }
+        #expect(checked >= 10 && skipped <= 2, "\(skipped) of \(checked) coordinates sat on a ReLU kink")
+    }
+
+    @Test func trainingWithoutTeacherLogitsIsRefused() throws {
+        let (spec, rows, labels) = syntheticData(count: 8, seed: 2)
+        var options = TrainingOptions()
+        options.distillation = try Distillation()
+        let trainer = try Trainer(model: try LegacyModel.initialized(spec: spec, seed: 1), options: options)
+        let data = EncodedDataset(fieldCount: spec.fields.count, objectives: spec.heads, rows: rows, labels: labels,
+                                  weights: Array(repeating: 1, count: 8), userIds: Array(0..<8), videoIds: Array(0..<8),
+                                  timeMs: Array(repeating: 0, count: 8), dates: Array(repeating: 20220425, count: 8),
+                                  crowdValues: Array(repeating: "high_active", count: 8))
+        #expect(throws: TrainingError.self) { try trainer.train(data, order: Array(0..<8)) }
+        var withTeacher = data
+        withTeacher.teacherLogits = Array(repeating: 0.5, count: 8 * spec.heads.count)
+        #expect(try trainer.train(withTeacher, order: Array(0..<8)).isFinite)
+    }
+}

@@ -1,0 +1,67 @@
+import Foundation
+import StockpotModel
+
+/// Distillation of a teacher model into a student, per objective head: the student's loss on a sample is
+/// `β·BCE(σ(z), y) + α·T²·KL(q ‖ p)`, where `z` is the student's logit, `y` the label, `q = σ(t/T)` the teacher's
+/// probability softened by the temperature `T` (from its logit `t`), and `p = σ(z/T)` the student's, softened
+/// alike. `T²` keeps the soft term's gradient, `α·T·(p − q)` per logit, on the scale of the label term's as `T`
+/// grows. Heads are binary, so the KL is between two Bernoulli distributions.
+public struct Distillation: Codable, Sendable, Equatable {
+    /// Weight of the soft term (KL to the teacher).
+    public var alpha: Float
+    /// Weight of the label term (BCE).
+    public var beta: Float
+    /// Softening temperature, positive.
+    public var temperature: Float
+
+    /// - Throws: `TrainingError.data` for a negative weight, both weights zero, or a temperature that is not
+    ///   positive and finite.
+    public init(alpha: Float = 0.5, beta: Float = 0.5, temperature: Float = 1) throws {
+        guard alpha >= 0, beta >= 0, alpha + beta > 0, alpha.isFinite, beta.isFinite else {
+            throw TrainingError.data("distillation weights must be non-negative and not both zero (alpha \(alpha), beta \(beta))")
+        }
+        guard temperature > 0, temperature.isFinite else {
+            throw TrainingError.data("distillation temperature must be positive (got \(temperature))")
+        }
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+    }
+
+    private enum CodingKeys: String, CodingKey { case alpha, beta, temperature }
+
+    /// Decodes and checks the values as `init(alpha:beta:temperature:)` does.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        try self.init(alpha: c.decode(Float.self, forKey: .alpha), beta: c.decode(Float.self, forKey: .beta),
+                      temperature: c.decode(Float.self, forKey: .temperature))
+    }
+
+    /// Binary cross-entropy of a logit against a target in [0, 1], stable for any logit:
+    /// `max(z, 0) − z·y + log(1 + e^{−|z|})`.
+    @inlinable
+    public static func bce(logit z: Float, target y: Float) -> Float {
+        max(z, 0) - z * y + log1pf(expf(-abs(z)))
+    }
+
+    /// The soft term `α·T²·KL(σ(t/T) ‖ σ(z/T))` and its derivative with respect to the student's logit `z`.
+    /// Computed as `α·T²·(BCE(z/T, q) − BCE(t/T, q))`: the KL is the cross-entropy minus the teacher's entropy,
+    /// both in the stable form, so it is 0 when the logits agree and never negative beyond rounding.
+    @inlinable
+    public func softTerm(student z: Float, teacher t: Float) -> (loss: Float, dLogit: Float) {
+        let T = temperature
+        let q = sigmoid(t / T)
+        let kl = Self.bce(logit: z / T, target: q) - Self.bce(logit: t / T, target: q)
+        return (alpha * T * T * kl, alpha * T * (sigmoid(z / T) - q))
+    }
+
+    /// `softTerm`'s loss in double precision, from the definition of the KL divergence (the reference for tests).
+    public func referenceSoftTerm(student z: Double, teacher t: Double) -> Double {
+        let T = Double(temperature)
+        let q = 1 / (1 + exp(-t / T)), p = 1 / (1 + exp(-z / T))
+        var kl = 0.0
+        if q > 0 { kl += q * log(q / p) }
+        if q < 1 { kl += (1 - q) * log((1 - q) / (1 - p)) }
+        return Double(alpha) * T * T * kl
+    }
+}
