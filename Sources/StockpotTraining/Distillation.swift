@@ -65,3 +65,32 @@ public struct Distillation: Codable, Sendable, Equatable {
         return Double(alpha) * T * T * kl
     }
 }
+
+extension Distillation {
+    /// A teacher's logits for log rows `logRows`, in the order of the student's `heads`: the same rows encoded
+    /// with the teacher's own spec (its fields may differ from the student's) and scored by the teacher. Put them
+    /// in `EncodedDataset.teacherLogits` of a data set encoded from the same rows in the same order.
+    /// - Throws: `TrainingError.data` when the teacher lacks one of `heads`, or when it takes dense inputs (a
+    ///   corrector is no teacher here).
+    public static func teacherLogits(teacher: LegacyModel, data: KuaiRandData, rows logRows: [Int], heads: [String],
+                                     crowdSource: String) throws -> [Float] {
+        guard teacher.spec.denseInputs.isEmpty else {
+            throw TrainingError.data("teacher \(teacher.spec.name) takes dense inputs (\(teacher.spec.denseInputs)): only a model "
+                + "that scores from features can teach")
+        }
+        let columns = try heads.map { head -> Int in
+            guard let j = teacher.spec.heads.firstIndex(of: head) else {
+                throw TrainingError.data("teacher \(teacher.spec.name) has no head '\(head)' (it has \(teacher.spec.heads))")
+            }
+            return j
+        }
+        let encoded = try EncodedDataset(data: data, rows: logRows, spec: teacher.spec, crowdSource: crowdSource)
+        let logits = BatchScorer(model: teacher).score(RowMatrix(fields: teacher.fieldCount, rows: encoded.rows), logitsOnly: true)
+        let k = teacher.headCount
+        var out = [Float](repeating: 0, count: logRows.count * heads.count)
+        for s in 0..<logRows.count {
+            for (h, j) in columns.enumerated() { out[s * heads.count + h] = logits[s * k + j] }
+        }
+        return out
+    }
+}
