@@ -23,7 +23,8 @@ public struct EncodedDataset: Sendable {
     /// logits); empty otherwise.
     public var dense: [Float] = []
     public var denseWidth: Int = 0
-    /// A teacher model's logits per sample (`count × objectives.count`), for distillation; empty otherwise.
+    /// A teacher model's logits per sample (`count × objectives.count`, in `objectives` order), for distillation;
+    /// empty otherwise.
     public var teacherLogits: [Float] = []
 
     public var count: Int { userIds.count }

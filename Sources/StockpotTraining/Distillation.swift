@@ -8,20 +8,20 @@ import StockpotModel
 /// grows. Heads are binary, so the KL is between two Bernoulli distributions.
 public struct Distillation: Codable, Sendable, Equatable {
     /// Weight of the soft term (KL to the teacher).
-    public var alpha: Float
+    public private(set) var alpha: Float
     /// Weight of the label term (BCE).
-    public var beta: Float
+    public private(set) var beta: Float
     /// Softening temperature, positive.
-    public var temperature: Float
+    public private(set) var temperature: Float
 
-    /// - Throws: `TrainingError.data` for a negative weight, both weights zero, or a temperature that is not
-    ///   positive and finite.
+    /// - Throws: `TrainingError.config` for a weight that is negative or not finite, both weights zero, or a
+    ///   temperature that is not positive and finite.
     public init(alpha: Float = 0.5, beta: Float = 0.5, temperature: Float = 1) throws {
         guard alpha >= 0, beta >= 0, alpha + beta > 0, alpha.isFinite, beta.isFinite else {
-            throw TrainingError.data("distillation weights must be non-negative and not both zero (alpha \(alpha), beta \(beta))")
+            throw TrainingError.config("distillation weights must be finite, non-negative and not both zero (alpha \(alpha), beta \(beta))")
         }
         guard temperature > 0, temperature.isFinite else {
-            throw TrainingError.data("distillation temperature must be positive (got \(temperature))")
+            throw TrainingError.config("distillation temperature must be positive and finite (got \(temperature))")
         }
         self.alpha = alpha
         self.beta = beta
@@ -55,13 +55,17 @@ public struct Distillation: Codable, Sendable, Equatable {
         return (alpha * T * T * kl, alpha * T * (sigmoid(z / T) - q))
     }
 
-    /// `softTerm`'s loss in double precision, from the definition of the KL divergence (the reference for tests).
+    /// `softTerm`'s loss in double precision, from the definition of the KL divergence (the reference for
+    /// tests), in logs so that it holds for logits of any size: `q·(log q − log p) + (1 − q)·(log(1 − q) − log(1 − p))`
+    /// with `log σ(u) = −softplus(−u)` and `log(1 − σ(u)) = −softplus(u)`.
     public func referenceSoftTerm(student z: Double, teacher t: Double) -> Double {
+        func softplus(_ u: Double) -> Double { max(u, 0) + log1p(exp(-abs(u))) }
         let T = Double(temperature)
-        let q = 1 / (1 + exp(-t / T)), p = 1 / (1 + exp(-z / T))
+        let q = 1 / (1 + exp(-t / T))
+        let logQ = -softplus(-t / T), log1mQ = -softplus(t / T), logP = -softplus(-z / T), log1mP = -softplus(z / T)
         var kl = 0.0
-        if q > 0 { kl += q * log(q / p) }
-        if q < 1 { kl += (1 - q) * log((1 - q) / (1 - p)) }
+        if q > 0 { kl += q * (logQ - logP) }
+        if q < 1 { kl += (1 - q) * (log1mQ - log1mP) }
         return Double(alpha) * T * T * kl
     }
 }
@@ -72,8 +76,7 @@ extension Distillation {
     /// in `EncodedDataset.teacherLogits` of a data set encoded from the same rows in the same order.
     /// - Throws: `TrainingError.data` when the teacher lacks one of `heads`, or when it takes dense inputs (a
     ///   corrector is no teacher here).
-    public static func teacherLogits(teacher: LegacyModel, data: KuaiRandData, rows logRows: [Int], heads: [String],
-                                     crowdSource: String) throws -> [Float] {
+    public static func teacherLogits(teacher: LegacyModel, data: KuaiRandData, rows logRows: [Int], heads: [String]) throws -> [Float] {
         guard teacher.spec.denseInputs.isEmpty else {
             throw TrainingError.data("teacher \(teacher.spec.name) takes dense inputs (\(teacher.spec.denseInputs)): only a model "
                 + "that scores from features can teach")
@@ -84,8 +87,15 @@ extension Distillation {
             }
             return j
         }
-        let encoded = try EncodedDataset(data: data, rows: logRows, spec: teacher.spec, crowdSource: crowdSource)
-        let logits = BatchScorer(model: teacher).score(RowMatrix(fields: teacher.fieldCount, rows: encoded.rows), logitsOnly: true)
+        // The teacher's fields only: its labels and crowd are not needed.
+        let encoder = FeatureEncoder(fields: teacher.spec.fields)
+        let accessors = try teacher.spec.fields.map { try data.accessor(for: $0.source) }
+        let f = teacher.fieldCount
+        var rows = [Int32](repeating: 0, count: logRows.count * f)
+        for (s, r) in logRows.enumerated() {
+            for (fi, a) in accessors.enumerated() { rows[s * f + fi] = encoder.row(field: fi, raw: data.value(a, row: r)) }
+        }
+        let logits = BatchScorer(model: teacher).score(RowMatrix(fields: f, rows: rows), logitsOnly: true)
         let k = teacher.headCount
         var out = [Float](repeating: 0, count: logRows.count * heads.count)
         for s in 0..<logRows.count {

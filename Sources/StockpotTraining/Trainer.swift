@@ -57,7 +57,8 @@ public struct TrainingProgress: Sendable {
 ///
 /// The loss of a batch is `Σᵢ wᵢ Σₖ λₖ BCE(pᵢₖ, yᵢₖ) / Σᵢ wᵢ`: per-sample weights are normalised within the
 /// batch, so re-weighting changes the balance between samples, not the loss scale. With `distillation`, each
-/// term is `β·BCE(pᵢₖ, yᵢₖ) + α·T²·KL(qᵢₖ ‖ pᵢₖᵀ)` instead (`Distillation`).
+/// term is `β·BCE(pᵢₖ, yᵢₖ) + α·T²·KL(qᵢₖ ‖ pᵢₖᵀ)` instead, with `q` the teacher's probability and `pᵀ` the
+/// student's, both softened by the temperature `T` (`Distillation`).
 public final class Trainer {
     public private(set) var model: LegacyModel
     public let options: TrainingOptions
@@ -264,6 +265,10 @@ public final class Trainer {
             throw TrainingError.data("distillation needs the teacher's logits for every sample and head: the data set has "
                 + "\(data.teacherLogits.count) for \(data.count) samples × \(model.headCount) heads")
         }
+        if distil, let bad = data.teacherLogits.firstIndex(where: { !$0.isFinite }) {
+            throw TrainingError.data("teacher logit \(data.teacherLogits[bad]) for sample \(bad / model.headCount), head "
+                + "\(model.spec.heads[bad % model.headCount]): teacher logits must be finite")
+        }
         let f = model.fieldCount, k = model.headCount
         let rows = UnsafeMutablePointer<Int32>.allocate(capacity: batch * f)
         let labels = UnsafeMutablePointer<Float>.allocate(capacity: batch * k)
@@ -344,8 +349,8 @@ public final class Trainer {
         runStep(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher, assemble: nil)
     }
 
-    /// `trainStep`, where `assemble(r)`, when given, first fills samples `r` of `rows`, `labels` and `dense`
-    /// (run by the thread that computes those samples).
+    /// `trainStep`, where `assemble(r)`, when given, first fills samples `r` of `rows`, `labels`, `dense` and
+    /// `teacher` (run by the thread that computes those samples).
     private func runStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
                       dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
         let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher,
@@ -361,7 +366,9 @@ public final class Trainer {
 
     /// Forward and backward pass: fills the dense gradients and the sparse embedding gradients. Returns the loss.
     /// Exposed for gradient checks; `trainStep` is the normal entry point.
-    /// - Parameter dense: `n × denseInputs.count` values for models with dense inputs (they get no gradient).
+    /// - Parameters:
+    ///   - dense: `n × denseInputs.count` values for models with dense inputs (they get no gradient).
+    ///   - teacher: `n × heads` teacher logits, required when the options distil.
     @discardableResult
     public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
                                  dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil) -> Float {
@@ -625,6 +632,8 @@ public final class Trainer {
         let k = model.headCount
         let scorer = BatchScorer(model: model, chunk: max(n, 1))
         let logits = scorer.score(RowMatrix(fields: model.fieldCount, rows: rows), logitsOnly: true, dense: dense)
+        precondition((distillation == nil) == (teacher == nil) && (teacher == nil || teacher!.count == n * k),
+                      "distillation and teacher logits (n × heads) go together")
         let lw = lossWeights ?? Array(repeating: 1, count: k)
         let wsum = weights.reduce(0.0) { $0 + Double($1) }
         guard wsum > 0 else { return 0 }
