@@ -14,6 +14,18 @@ let kuaiRandMissing = "KuaiRand-Pure not found at \(kuaiRandDirectory.path): ski
 /// The real data, loaded once for all tests that need it.
 let kuaiRand: Result<KuaiRandData, any Error> = Result { try KuaiRandData.load(directory: kuaiRandDirectory) }
 
+/// A tiny KuaiRand-shaped data set: two users, two videos (one without upload date, with the missing marker
+/// as duration), impressions on 2022-04-25 and 26; with `repeatFirst`, the first impression logged twice (its
+/// labels differ: they merge).
+func tinyKuaiRand(repeatFirst: Bool = false) throws -> KuaiRandData {
+    let first = "1,10,20220425,1800,100,0,1,0,500,1\n" + (repeatFirst ? "1,10,20220425,1800,100,1,0,0,900,1\n" : "")
+    let log = try CSVTable.parse(Data(("user_id,video_id,date,hourmin,time_ms,is_click,long_view,is_like,play_time_ms,tab\n"
+        + first + "1,11,20220425,1800,100,0,0,0,10,1\n2,10,20220426,900,200,0,0,1,20,4\n").utf8))
+    let users = try CSVTable.parse(Data("user_id,user_active_degree\n1,full_active\n2,low_active\n".utf8))
+    let videos = try CSVTable.parse(Data("video_id,upload_dt,video_duration\n10,2022-04-20,1000\n11,,-124\n".utf8))
+    return try KuaiRandData(log: log, users: users, videos: videos)
+}
+
 /// A synthetic data set with a learnable signal: field 0 (8 values) drives `click`, field 1 (5 values) drives
 /// `like`, field 2 is noise.
 func syntheticData(count: Int, seed: UInt64) -> (spec: ModelSpec, rows: [Int32], labels: [Float]) {

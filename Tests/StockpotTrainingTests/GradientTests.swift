@@ -321,16 +321,7 @@ import StockpotModel
     /// A teacher with other fields and another head order gives, for the student's heads in the student's order,
     /// exactly the logits its own forward pass gives for the same log rows; a missing head is an error.
     @Test func teacherLogitsFollowTheStudentsHeads() throws {
-        let log = try CSVTable.parse(Data("""
-        user_id,video_id,date,hourmin,time_ms,is_click,long_view,is_like,play_time_ms,tab
-        1,10,20220425,1800,100,0,1,0,500,1
-        1,11,20220425,1800,100,0,0,0,10,1
-        2,10,20220426,900,200,0,0,1,20,4
-
-        """.utf8))
-        let users = try CSVTable.parse(Data("user_id,user_active_degree\n1,full_active\n2,low_active\n".utf8))
-        let videos = try CSVTable.parse(Data("video_id,upload_dt,video_duration\n10,2022-04-20,1000\n11,,-124\n".utf8))
-        let data = try KuaiRandData(log: log, users: users, videos: videos)
+        let data = try tinyKuaiRand()
         let teacherSpec = ModelSpec(
             name: "teacher", featureSetVersion: "t",
             fields: [FieldSpec(name: "user_id", source: "log:user_id", dim: 4, encoding: .hashed(buckets: 50)),
