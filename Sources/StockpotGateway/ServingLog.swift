@@ -360,8 +360,8 @@ final class SegmentWriter: @unchecked Sendable {
                 let columns = readers.filter { $0.count == n }.sorted { $0.name < $1.name }
                 var names = FeatureHash.offsetBasis
                 for c in columns {
-                    for byte in c.name.utf8 { names = (names ^ UInt64(byte)) &* FeatureHash.prime }
-                    names = (names ^ 0xFF) &* FeatureHash.prime
+                    FeatureHash.feed(c.name.utf8, into: &names)
+                    FeatureHash.feed(byte: 0xFF, into: &names)
                 }
                 var contents = [UInt64](repeating: names, count: n)
                 for c in columns {

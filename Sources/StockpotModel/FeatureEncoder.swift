@@ -127,10 +127,29 @@ public enum FeatureHash {
     @inlinable
     public static func fnv1a64<S: Sequence>(_ bytes: S) -> UInt64 where S.Element == UInt8 {
         var h = offsetBasis
-        for b in bytes {
-            h ^= UInt64(b)
-            h = h &* prime
-        }
+        feed(bytes, into: &h)
         return h
+    }
+
+    /// Feeds one byte (or tag) into a running hash.
+    @inlinable
+    public static func feed(byte b: UInt64, into h: inout UInt64) {
+        h = (h ^ b) &* prime
+    }
+
+    /// Feeds `bytes` into a running hash.
+    @inlinable
+    public static func feed<S: Sequence>(_ bytes: S, into h: inout UInt64) where S.Element == UInt8 {
+        for b in bytes { h = (h ^ UInt64(b)) &* prime }
+    }
+
+    /// Feeds the 8 bytes of `bits`, least significant first, into a running hash.
+    @inlinable
+    public static func feed(bits: UInt64, into h: inout UInt64) {
+        var b = bits
+        for _ in 0..<8 {
+            h = (h ^ (b & 0xFF)) &* prime
+            b >>= 8
+        }
     }
 }

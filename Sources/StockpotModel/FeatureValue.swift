@@ -64,7 +64,7 @@ extension FeatureHash {
     /// Feeds the canonical decimal text of `v` into a running FNV-1a hash (the bytes of `String(v).utf8`).
     @inlinable
     public static func feed(integer v: Int64, into h: inout UInt64) {
-        if v < 0 { h = (h ^ UInt64(UInt8(ascii: "-"))) &* prime }
+        if v < 0 { feed(byte: UInt64(UInt8(ascii: "-")), into: &h) }
         // Digits least significant first into a buffer (at most 20 for a UInt64), then fed in text order.
         var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)   // 24 bytes
         var count = 0
@@ -76,7 +76,7 @@ extension FeatureHash {
                 count += 1
             } while magnitude > 0
             for i in stride(from: count - 1, through: 0, by: -1) {
-                h = (h ^ UInt64(buffer[i])) &* prime
+                feed(byte: UInt64(buffer[i]), into: &h)
             }
         }
     }

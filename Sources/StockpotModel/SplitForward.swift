@@ -285,7 +285,7 @@ public struct RowMatrixInputs: SplitInputs {
         var h = FeatureHash.offsetBasis
         for f in itemFields {
             var v = UInt32(bitPattern: rows[s, f]).littleEndian
-            withUnsafeBytes(of: &v) { for b in $0 { h = (h ^ UInt64(b)) &* FeatureHash.prime } }
+            withUnsafeBytes(of: &v) { FeatureHash.feed($0, into: &h) }
         }
         return ItemKey(id: 0, content: h)
     }

@@ -67,35 +67,22 @@ public final class FeatureColumnReader: Sendable {
     /// "39,12", travels either way); a number is fed as its bits (the same number as text feeds its text: a
     /// cache miss at worst, never a wrong hit).
     public func feed(_ i: Int, into h: inout UInt64) {
-        let p = FeatureHash.prime
-        if !missingRows.isEmpty && missingRows[i] {
-            h = (h ^ Self.missingTag) &* p
+        if (!missingRows.isEmpty && missingRows[i]) || (form == .text && texts[i].isEmpty) {
+            FeatureHash.feed(byte: Self.missingTag, into: &h)   // missing, alike in every form
             return
         }
         switch form {
         case .text:
-            let value = texts[i]
-            if value.isEmpty {   // missing, as in a typed column
-                h = (h ^ Self.missingTag) &* p
-                return
-            }
-            h = (h ^ Self.textTag) &* p
-            let done: Void? = value.utf8.withContiguousStorageIfAvailable { bytes in
-                for b in bytes { h = (h ^ UInt64(b)) &* p }
-            }
-            if done == nil { for b in value.utf8 { h = (h ^ UInt64(b)) &* p } }
+            FeatureHash.feed(byte: Self.textTag, into: &h)
+            FeatureHash.feed(texts[i].utf8, into: &h)
         case .integers:
-            h = (h ^ Self.textTag) &* p   // an integer as its text
+            FeatureHash.feed(byte: Self.textTag, into: &h)   // an integer as its text
             FeatureHash.feed(integer: integers[i], into: &h)
         case .numbers:
-            h = (h ^ Self.numberTag) &* p
-            var bits = numbers[i].bitPattern
-            for _ in 0..<8 {
-                h = (h ^ (bits & 0xFF)) &* p
-                bits >>= 8
-            }
+            FeatureHash.feed(byte: Self.numberTag, into: &h)
+            FeatureHash.feed(bits: numbers[i].bitPattern, into: &h)
         }
-        h = (h ^ 0xFF) &* p   // end of the value: 0xFF is never a byte of UTF-8 text
+        FeatureHash.feed(byte: 0xFF, into: &h)   // end of the value: 0xFF is never a byte of UTF-8 text
     }
 
     /// What `feed` starts a value with: a missing row (of a typed column), text (and integers, as their text),

@@ -116,10 +116,10 @@ public struct SplitRequestInputs: SplitInputs {
             hashes.withUnsafeMutableBufferPointer { h in
                 for s in h.indices {
                     if let column {
-                        h[s] = (h[s] ^ 0x01) &* FeatureHash.prime
+                        FeatureHash.feed(byte: 0x01, into: &h[s])
                         column.feed(s, into: &h[s])
                     }
-                    h[s] = (h[s] ^ 0xFF) &* FeatureHash.prime  // field separator
+                    FeatureHash.feed(byte: 0xFF, into: &h[s])  // field separator
                 }
             }
         }
