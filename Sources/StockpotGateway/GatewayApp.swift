@@ -15,6 +15,9 @@ public struct GatewayApp {
     public var features = "127.0.0.1:\(DefaultPorts.features)"
     public var scorer = "127.0.0.1:\(DefaultPorts.scorer)"
     public var corrector = "127.0.0.1:\(DefaultPorts.corrector)"
+    /// A second scorer's host:port, serving a smaller model, asked when the main scorer fails or is late
+    /// (`config.fallback`); nil: none.
+    public var fallbackScorer: String?
     /// The fusion service's host:port; unused when `localFusion` is set.
     public var fusion = "127.0.0.1:\(DefaultPorts.fusion)"
     /// Fusion in this process instead (`fusion` = `local`): its config reference and registry access.
@@ -35,7 +38,9 @@ public struct GatewayApp {
     /// The gateway's settings (`ServiceSettings`): host, port, max-candidates; `features`, `scorer`,
     /// `corrector`, `fusion` (host:port, or `local`: fusion in this process, with `fusion-config` (default
     /// `fusion@production`) and the registry settings of a registry-backed service); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
-    /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`, `text-features`; the serving log: `serving-log`
+    /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`, `text-features`; a fallback scorer:
+    /// `fallback-scorer` (host:port), `fallback-model` (default: what it serves), `scorer-timeout-ms` (the main
+    /// scorer's share of the budget, default 150); the serving log: `serving-log`
     /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
     /// `serving-log-queue-mb`, `serving-log-sample` (`crowd=rate,…`; `*=rate` for the others), `serving-log-instance`
     /// (this gateway's name in its segment files; default the host name); live calibration:
@@ -63,6 +68,26 @@ public struct GatewayApp {
         if let t = try await settings.milliseconds("corrector-timeout-ms") { config.correctorTimeout = t }
         if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
         if let t = try await settings.milliseconds("budget-ms") { config.budget = t }
+        fallbackScorer = try await settings.string("fallback-scorer")
+        let fallbackModel = try await settings.string("fallback-model")
+        let scorerTimeout = try await settings.milliseconds("scorer-timeout-ms")
+        if fallbackScorer == nil, fallbackModel != nil || scorerTimeout != nil {
+            throw ServiceSettings.SettingError(description: "settings 'fallback-model' and 'scorer-timeout-ms' need 'fallback-scorer' (host:port)")
+        }
+        if fallbackScorer != nil {
+            var fallback = ScorerFallback()
+            if let fallbackModel {
+                guard case .success = ModelReference.parse(fallbackModel) else {
+                    throw ServiceSettings.SettingError(description: "setting 'fallback-model': '\(fallbackModel)' is not a model reference")
+                }
+                fallback.model = fallbackModel
+            }
+            if let scorerTimeout {
+                guard scorerTimeout > .zero else { throw ServiceSettings.SettingError(description: "setting 'scorer-timeout-ms' must be positive") }
+                fallback.mainTimeout = scorerTimeout
+            }
+            config.fallback = fallback
+        }
         do {
             try config.limitInFlight(max: try await settings.int("max-in-flight", in: 0...1_000_000) ?? config.maxInFlight,
                                      adaptive: try await settings.bool("adaptive-in-flight", default: false))
@@ -134,6 +159,7 @@ public struct GatewayApp {
         let local = try fusionApp.map { try $0.layer(logger: logger, health: health, metricsService: "gateway") }
         var targets = [("features", features), ("scorer", scorer), ("corrector", corrector)]
         if local == nil { targets.append(("fusion", fusion)) }
+        if let fallbackScorer { targets.append(("fallback-scorer", fallbackScorer)) }
         let links = try targets.map { name, target in
             try ServiceLink(target: target, inProcess: inProcess[name], loop: ServingLoop.named("stockpot-gateway"))
         }
@@ -144,11 +170,14 @@ public struct GatewayApp {
         } else {
             fusionLayer = .remote(links[3].wrapped({ Stockpot_V1_FusionService.Client(wrapping: $0) }, { Stockpot_V1_FusionService.Client(wrapping: $0) }))
         }
-        let clients = GatewayClients(
+        var clients = GatewayClients(
             features: links[0].wrapped({ Stockpot_V1_FeatureService.Client(wrapping: $0) }, { Stockpot_V1_FeatureService.Client(wrapping: $0) }),
             scorer: links[1].wrapped({ Stockpot_V1_ScorerService.Client(wrapping: $0) }, { Stockpot_V1_ScorerService.Client(wrapping: $0) }),
             corrector: links[2].wrapped({ Stockpot_V1_CorrectorService.Client(wrapping: $0) }, { Stockpot_V1_CorrectorService.Client(wrapping: $0) }),
             fusion: fusionLayer)
+        if fallbackScorer != nil, let link = links.last {
+            clients.fallbackScorer = link.wrapped({ Stockpot_V1_ScorerService.Client(wrapping: $0) }, { Stockpot_V1_ScorerService.Client(wrapping: $0) })
+        }
         let service = GatewayService(clients: clients, config: config, log: log, metrics: metrics, logger: logger)
         let metrics = self.metrics
         metrics.addCollector {

@@ -25,6 +25,10 @@ public struct GatewayConfig: Sendable {
     public var shadow = ShadowTraffic.Options()
     /// Whole-request budget when the client sets no deadline.
     public var budget: Duration = .milliseconds(500)
+    /// A second scorer, serving a smaller model (a distilled student), asked when the main scorer fails, sheds
+    /// the request or is late (nil: none, and a failed main scorer fails the Rank with UNAVAILABLE). Needs
+    /// `GatewayClients.fallbackScorer`.
+    public var fallback: ScorerFallback?
     /// Longest wait for the corrector and for fusion; past it the layer is skipped.
     public var correctorTimeout: Duration = .milliseconds(60)
     public var fusionTimeout: Duration = .milliseconds(40)
@@ -60,6 +64,20 @@ public struct GatewayConfig: Sendable {
     }
 }
 
+/// The fallback scorer's settings (`GatewayConfig.fallback`).
+public struct ScorerFallback: Sendable, Equatable {
+    /// The model to ask the fallback scorer for ("" = what it serves), e.g. `student@production`.
+    public var model = ""
+    /// How long the main scorer gets before the fallback is asked (never more than the budget leaves). The
+    /// fallback then gets what remains.
+    public var mainTimeout: Duration = .milliseconds(150)
+
+    public init(model: String = "", mainTimeout: Duration = .milliseconds(150)) {
+        self.model = model
+        self.mainTimeout = mainTimeout
+    }
+}
+
 /// `max-in-flight` and `adaptive-in-flight` that do not go together.
 public struct InFlightSettingError: Error, CustomStringConvertible {
     public let description: String
@@ -76,6 +94,8 @@ public struct GatewayClients: Sendable {
     public let corrector: any Stockpot_V1_CorrectorService.ClientProtocol
     /// Where fusion runs.
     public let fusion: Fusion
+    /// The scorer asked when the main one fails or is late (`GatewayConfig.fallback`); nil: none.
+    public var fallbackScorer: (any Stockpot_V1_ScorerService.ClientProtocol)?
 
     /// Where fusion runs: another service, or this process.
     public enum Fusion: Sendable {
@@ -161,6 +181,55 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             && e.message == "Stream unexpectedly closed." && ContinuousClock.now < deadline {
             return try await call()
         }
+    }
+
+    /// Why the main scorer gave no usable scores: what the caller sees when nothing replaces them, and whether a
+    /// fallback scorer may (a request the scorer refused as malformed or too large would fail there too).
+    struct ScorerFailure: Error {
+        var status: RPCError
+        var reason: String
+        var mayFallBack: Bool
+    }
+
+    /// The main scorer's scores for `request` (the default model when the canary is not loaded), checked. With a
+    /// fallback configured the scorer gets `ScorerFallback.mainTimeout` at most, leaving the rest to the fallback.
+    /// - Throws: `ScorerFailure`.
+    func mainScores(_ request: Stockpot_V1_ScoreRequest, inCanary: Bool, nowMs: Int64,
+                    deadline: ContinuousClock.Instant) async throws -> Stockpot_V1_ScoreResponse {
+        let own = config.fallback.map { min(deadline, ContinuousClock.now + $0.mainTimeout) } ?? deadline
+        func remaining() -> Duration { own - ContinuousClock.now }
+        let reply: Stockpot_V1_ScoreResponse
+        do {
+            do {
+                reply = try await Self.retryingDroppedConnection(before: own) {
+                    try await clients.scorer.score(request, options: Self.options(remaining()))
+                }
+            } catch let e as RPCError where inCanary && e.code == .notFound {
+                // No canary loaded (none promoted, or not yet): this user gets the default model.
+                canary.unavailable(nowMs: nowMs)
+                var plain = request
+                plain.model = config.scorerModel
+                reply = try await Self.retryingDroppedConnection(before: own) { [plain] in
+                    try await clients.scorer.score(plain, options: Self.options(remaining()))
+                }
+            }
+        } catch let e as RPCError where e.code == .resourceExhausted && e.message.hasPrefix("overloaded") {
+            // The scorer shed the request (its forward-pass queue is full): an outage of the floor for this
+            // request, not the caller's fault.
+            throw ScorerFailure(status: Status.unavailable("legacy scorer \(e.message)"), reason: "legacy scorer \(e.message)", mayFallBack: true)
+        } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
+            // The caller's request broke a scorer limit. A fresh error: a downstream error's metadata (its
+            // trailers) must not become ours.
+            throw ScorerFailure(status: RPCError(code: e.code, message: "scorer: \(e.message)"), reason: "scorer: \(e.message)", mayFallBack: false)
+        } catch {
+            throw ScorerFailure(status: Status.unavailable("legacy scorer failed: \(Self.reason(error))"),
+                                reason: "legacy scorer failed: \(Self.reason(error))", mayFallBack: true)
+        }
+        if let problem = ReplyValidation.score(reply, count: request.candidates.ids.count) {
+            let malformed = MalformedReply(service: "legacy scorer", problem: problem)
+            throw ScorerFailure(status: malformed.status, reason: malformed.description, mayFallBack: true)
+        }
+        return reply
     }
 
     /// A downstream reply that failed `ReplyValidation`.
@@ -274,6 +343,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         started = clock.now
         let legacy: Stockpot_V1_ScoreResponse
         var scoreRequest = Stockpot_V1_ScoreRequest()
+        var fellBack = false
         do {
             let inCanary = config.canaryShare > 0 && CanaryRouting.isCanary(userID: request.userID, share: config.canaryShare)
                 && canary.mayTry(nowMs: nowMs)
@@ -284,31 +354,23 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 $0.context = contextList
                 $0.candidates = items
             }
+            legacy = try await mainScores(scoreRequest, inCanary: inCanary, nowMs: nowMs, deadline: deadline)
+        } catch let failure as ScorerFailure {
+            guard failure.mayFallBack, let fallback = config.fallback, let client = clients.fallbackScorer else { throw failure.status }
+            scoreRequest.model = fallback.model
             do {
-                legacy = try await Self.retryingDroppedConnection(before: deadline) { [scoreRequest] in
-                    try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
+                let reply = try await Self.retryingDroppedConnection(before: deadline) { [scoreRequest] in
+                    try await client.score(scoreRequest, options: Self.options(remaining()))
                 }
-            } catch let e as RPCError where inCanary && e.code == .notFound {
-                // No canary loaded (none promoted, or not yet): this user gets the default model.
-                canary.unavailable(nowMs: nowMs)
-                scoreRequest.model = config.scorerModel
-                legacy = try await Self.retryingDroppedConnection(before: deadline) { [scoreRequest] in
-                    try await clients.scorer.score(scoreRequest, options: Self.options(remaining()))
+                if let problem = ReplyValidation.score(reply, count: ids.count) {
+                    throw MalformedReply(service: "fallback scorer", problem: problem)
                 }
+                legacy = reply
+                fellBack = true
+                degraded.append(("scorer", "\(failure.reason); served by the fallback \(reply.model.name):\(reply.model.version)"))
+            } catch {
+                throw Status.unavailable("\(failure.reason), and the fallback scorer failed too: \(Self.reason(error))")
             }
-        } catch let e as RPCError where e.code == .resourceExhausted && e.message.hasPrefix("overloaded") {
-            // The scorer shed the request (its forward-pass queue is full): an outage of the floor for this
-            // request, not the caller's fault.
-            throw Status.unavailable("legacy scorer \(e.message)")
-        } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
-            // The caller's request broke a scorer limit. A fresh error: a downstream error's metadata (its
-            // trailers) must not become ours.
-            throw RPCError(code: e.code, message: "scorer: \(e.message)")
-        } catch {
-            throw Status.unavailable("legacy scorer failed: \(Self.reason(error))")
-        }
-        if let problem = ReplyValidation.score(legacy, count: ids.count) {
-            throw MalformedReply(service: "legacy scorer", problem: problem).status
         }
         metrics.stage("scorer", since: started)
         let scorerMs = (clock.now - started).seconds * 1000
@@ -395,7 +457,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             metrics.degraded(layer, reason: reason)
         }
         metrics.served(crowd: crowd, versions: versions, scores: scores, returned: order)
-        for layer in ["features", "fusion"] where !skipped.contains(layer) { layers.served(layer) }
+        for layer in ["features", "scorer", "fusion"] where !skipped.contains(layer) { layers.served(layer) }
         if versions.contains(where: { $0.role == "corrector" }) { layers.served("corrector/\(crowd)") }
         if !degraded.isEmpty {
             logger.debug("degraded", metadata: ["request_id": "\(requestId)", "skipped": "\(degraded.map(\.0))"])
@@ -416,8 +478,9 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 log.append(entry)
             }
         }
-        // After everything the response needs: the shadow never delays or changes it.
-        if shadow.admit(nowMs: nowMs) {
+        // After everything the response needs: the shadow never delays or changes it. Not while the fallback
+        // serves: its scores are not the primary's, and the main scorer is struggling.
+        if !fellBack && shadow.admit(nowMs: nowMs) {
             shadow.launch(.init(crowd: crowd, requestId: requestId, nowMs: nowMs, score: (scoreRequest, legacy, scorerMs),
                                 correct: correctedStage, fuse: fusedStage), clients: clients, log: log)
         }

@@ -141,6 +141,11 @@ public struct LegacyModel: Sendable {
     }
 
     public var embeddingBytes: Int { embeddings.reduce(0) { $0 + $1.byteCount } }
+
+    /// Bytes of every parameter as stored: embeddings (F32 or INT8 with their scales) plus the F32 MLP and heads.
+    public var parameterBytes: Int {
+        embeddingBytes + 4 * (layers.reduce(0) { $0 + $1.weight.count + $1.bias.count } + heads.weight.count + heads.bias.count)
+    }
 }
 
 // MARK: - Forward pass

@@ -12,6 +12,10 @@ public struct LegacyTraining {
     /// Threads per training step (`Trainer(threads:)`; at most the cores). The model matches a one-thread run to
     /// float rounding, and is deterministic for a seed and a thread count.
     public var threads = 1
+    /// The teacher whose logits a distilled student learns from (`options.distillation` set); nil otherwise.
+    public var teacher: TeacherSource?
+    /// The name written into a new model's spec (`legacy`; a student's may differ).
+    public var modelName = "legacy"
 
     public init(data: KuaiRandData, config: FeatureConfig, options: TrainingOptions, log: @escaping (String) -> Void = { print($0) }) {
         self.data = data
@@ -54,14 +58,16 @@ public struct LegacyTraining {
             log("warm start from \(warmStart.path) (step \(optimizer?.step ?? 0), days \(info.daysTrained.first.map(String.init) ?? "-")…\(info.daysTrained.last.map(String.init) ?? "-"))")
         } else {
             let rows = try data.rows(in: days)
-            let spec = try SpecFitter.fit(config: config, data: data, rows: rows)
+            let spec = try SpecFitter.fit(config: config, data: data, rows: rows, name: modelName)
             model = try LegacyModel.initialized(spec: spec, seed: options.seed)
             info = CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "incremental")
             log("new model: \(spec.fields.count) fields, input \(spec.inputDim), MLP \(spec.hidden), heads \(spec.heads)")
         }
+        try checkDistillation()
         let clock = ContinuousClock()
         let start = clock.now
         var totalSamples = 0
+        var teachers: [String] = []
         var checkpoint = out
         var trainOptions = options
         if let d = options.discriminator, trainOptions.weightedObjectives == nil { trainOptions.weightedObjectives = d.objectives }
@@ -81,6 +87,12 @@ public struct LegacyTraining {
                            zip(ds.weights, ds.crowdValues).filter { config.crowds.crowd(of: $0.1) == options.discriminator!.crowd }.map(\.0).reduce(0, +)
                            / Float(max(1, ds.crowdValues.filter { config.crowds.crowd(of: $0) == options.discriminator!.crowd }.count))))
             }
+            if let teacher, options.distillation != nil {
+                let (t, label) = try teacher.model(for: day)
+                ds.teacherLogits = try Distillation.teacherLogits(teacher: t, data: data, rows: rows, heads: trainer.model.spec.heads)
+                teachers.append(label)
+                if teacher.isDaily { log("  \(day): teacher \(label)") }
+            }
             var order = Array(0..<ds.count)
             if options.shuffle {
                 var rng = SplitMix64(seed: options.seed ^ UInt64(day))
@@ -96,7 +108,7 @@ public struct LegacyTraining {
             info.samplesSeen += ds.count
             info.step = trainer.step
             var m = trainer.model
-            m.spec.metadata = metadata(info: info)
+            m.spec.metadata = metadata(info: info, teachers: teachers)
             checkpoint = out.appendingPathComponent(String(day))
             try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: checkpoint)
             saved = m
@@ -115,10 +127,26 @@ public struct LegacyTraining {
     public func fromScratch(days: DayRange, epochs: Int = 1, steps: Int? = nil, out: URL) throws -> Outcome {
         let rows = try data.rows(in: days)
         guard !rows.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
-        let spec = try SpecFitter.fit(config: config, data: data, rows: rows)
+        try checkDistillation()
+        let spec = try SpecFitter.fit(config: config, data: data, rows: rows, name: modelName)
         let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
         let trainer = try Trainer(model: model, options: options, threads: threads)
-        let ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source))
+        var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source))
+        var teachers: [String] = []
+        if let teacher, options.distillation != nil {
+            // Pooled days: each sample learns from the teacher of its own day.
+            var byDay: [Int: [Int]] = [:]
+            for (s, r) in rows.enumerated() { byDay[data.dates[r], default: []].append(s) }
+            let k = spec.heads.count
+            ds.teacherLogits = [Float](repeating: 0, count: rows.count * k)
+            for day in byDay.keys.sorted() {
+                let samples = byDay[day]!
+                let (t, label) = try teacher.model(for: day)
+                let logits = try Distillation.teacherLogits(teacher: t, data: data, rows: samples.map { rows[$0] }, heads: spec.heads)
+                for (i, s) in samples.enumerated() { ds.teacherLogits.replaceSubrange(s * k..<(s + 1) * k, with: logits[i * k..<(i + 1) * k]) }
+                if teachers.last != label { teachers.append(label) }
+            }
+        }
         // Every pass ends with a partial batch, so a step budget is counted in batches, not samples.
         let batchesPerEpoch = (ds.count + options.batchSize - 1) / options.batchSize
         let targetSteps = steps ?? epochs * batchesPerEpoch
@@ -145,7 +173,7 @@ public struct LegacyTraining {
         info.daysTrained = data.daysPresent(in: days)
         info.step = trainer.step
         var m = trainer.model
-        m.spec.metadata = metadata(info: info)
+        m.spec.metadata = metadata(info: info, teachers: teachers)
         try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: out)
         return Outcome(model: m, checkpoint: out, steps: trainer.step, samples: done, seconds: (clock.now - start).seconds)
     }
@@ -160,7 +188,16 @@ public struct LegacyTraining {
         return out
     }
 
-    func metadata(info: CheckpointInfo) -> [String: String] {
+    /// Distillation needs a teacher, and a teacher needs distillation settings.
+    func checkDistillation() throws {
+        if options.distillation != nil && teacher == nil { throw TrainingError.config("distillation needs a teacher") }
+        if options.distillation == nil && teacher != nil { throw TrainingError.config("a teacher was given without distillation settings") }
+    }
+
+    /// The model's provenance: mode, steps, days, seed, optimizer, re-weighting, parent and, for a student, its
+    /// distillation settings and the teacher it learned from (`teacher`: the last; `teachers`: each in order, when
+    /// the teacher moved on while the student trained).
+    func metadata(info: CheckpointInfo, teachers: [String] = []) -> [String: String] {
         var m = [
             "mode": info.mode, "step": String(info.step), "samples_seen": String(info.samplesSeen),
             "days": info.daysTrained.map(String.init).joined(separator: ","), "seed": String(options.seed),
@@ -173,6 +210,11 @@ public struct LegacyTraining {
             m["crowd_weights"] = options.crowdWeights.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
         }
         if let p = info.parent { m["parent"] = p }
+        if let d = options.distillation {
+            m["distillation"] = "alpha=\(d.alpha) beta=\(d.beta) temperature=\(d.temperature)"
+            if let last = teachers.last { m["teacher"] = last }
+            if Set(teachers).count > 1 { m["teachers"] = teachers.joined(separator: ",") }
+        }
         return m
     }
 

@@ -155,6 +155,23 @@ public struct EvaluationReport: Sendable {
         return String(decoding: try enc.encode(metrics), as: UTF8.self)
     }
 
+    /// The metrics as the registry records them, for promotion guards (`promote --require`): `metric.objective.crowd`
+    /// → value for AUC, GAUC, logloss and calibration, the ones that are defined.
+    /// - Parameter crowds: the crowds to include (default: every crowd of the report).
+    public func registryMetrics(crowds only: [String]? = nil) -> [String: Double] {
+        var out: [String: Double] = [:]
+        for o in objectives {
+            for c in only ?? crowds {
+                guard let m = metrics[o]?[c] else { continue }
+                if let auc = m.auc, auc.isFinite { out["auc.\(o).\(c)"] = auc }
+                if let gauc = m.gauc, gauc.isFinite { out["gauc.\(o).\(c)"] = gauc }
+                if m.logloss.isFinite { out["logloss.\(o).\(c)"] = m.logloss }
+                if let cal = m.calibration, cal.isFinite { out["calibration.\(o).\(c)"] = cal }
+            }
+        }
+        return out
+    }
+
     /// A fixed-width table, one row per objective × crowd.
     public func table() -> String {
         func f(_ x: Double?, _ digits: Int = 4) -> String {

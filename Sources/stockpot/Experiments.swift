@@ -1,11 +1,12 @@
 import ArgumentParser
 import Foundation
 import StockpotModel
+import StockpotServing
 import StockpotTraining
 
 /// `stockpot experiment correctors`: the crowd-corrector study on KuaiRand, for both legacy feature sets.
 struct Experiment: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Reproducible studies.", subcommands: [Correctors.self])
+    static let configuration = CommandConfiguration(abstract: "Reproducible studies.", subcommands: [Correctors.self, Distill.self])
 
     struct Correctors: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -124,6 +125,225 @@ struct Experiment: AsyncParsableCommand {
                 s += "<line x1=\"\(left)\" y1=\"\(y(c.reference))\" x2=\"\(w - right)\" y2=\"\(y(c.reference))\" stroke=\"\(color)\" stroke-dasharray=\"5,4\"/>\n"
                 s += "<text x=\"\(w - right + 10)\" y=\"\(top + 20 + Double(i) * 36)\" fill=\"\(color)\">\(c.label)</text>\n"
                 s += "<text x=\"\(w - right + 10)\" y=\"\(top + 34 + Double(i) * 36)\" fill=\"\(color)\" font-size=\"10\">dashed: legacy on all days</text>\n"
+            }
+            return s + "</svg>\n"
+        }
+    }
+}
+
+extension Experiment {
+    /// `stockpot experiment distill`: students of several sizes, distilled from the legacy model and trained on
+    /// labels alone, against the teacher: quality per crowd, parameter bytes and scoring cost.
+    struct Distill: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Teacher vs distilled student vs the same student on labels alone, per crowd, at several student sizes; quality against scoring cost.",
+            discussion: """
+            The teacher is the legacy model trained day by day on --train-days (its daily checkpoints kept). Each \
+            student size (--presets) is trained day by day on the same days twice, with the same seed: once \
+            distilled, following the teacher's checkpoint of each day, and once on the labels alone. All are \
+            evaluated on --test-days. Scoring cost is the scorer's own path (split first layer and item cache, \
+            one thread, in process) on requests built from test impressions. Writes report.md and quality.svg \
+            under --out. Use -c release.
+            """)
+
+        @OptionGroup var dataOptions: DataOptions
+        @Option(help: "Training days of the teacher (and of the students, unless --student-days).") var trainDays: String = "20220425..20220504"
+        @Option(help: "Training days of the students, within --train-days (e.g. the last few: a new model that cannot replay the teacher's history).")
+        var studentDays: String?
+        @Option(help: "Random seed of every model (initialisation and shuffling).") var seed: UInt64 = 20_220_425
+        @Option(help: "Test days.") var testDays: String = "20220505..20220508"
+        @Option(help: "Student sizes, comma-separated (\(StudentPreset.allCases.map(\.rawValue).joined(separator: ", "))).")
+        var presets: String = "full,medium,small,tiny"
+        @Option(help: "Weight of the soft term.") var alpha: Float = 0.5
+        @Option(help: "Weight of the label term.") var beta: Float = 0.5
+        @Option(help: "Temperature.") var temperature: Float = 1
+        @Option(help: "Candidates per timed request, comma-separated.") var candidates: String = "200,1000"
+        @Option(help: "Seconds each model is timed per candidate count (two passes).") var seconds: Double = 2
+        @Option(help: "Output folder.") var out: String = "runs/distill"
+
+        struct Entry {
+            var label: String
+            var preset: String
+            var distilled: Bool?   // nil: the teacher
+            var model: LegacyModel
+            var report: EvaluationReport
+            var microsPerRequest: [Int: [Double]] = [:]
+        }
+
+        func run() async throws {
+            let presetList = try presets.split(separator: ",").map { s -> StudentPreset in
+                guard let p = StudentPreset(rawValue: s.trimmingCharacters(in: .whitespaces)) else {
+                    throw ValidationError("--presets: unknown size '\(s)' (sizes: \(StudentPreset.allCases.map(\.rawValue).joined(separator: ", ")))")
+                }
+                return p
+            }
+            let counts = try candidates.split(separator: ",").map { s -> Int in
+                guard let v = Int(s.trimmingCharacters(in: .whitespaces)), v > 0 else { throw ValidationError("--candidates: '\(s)' is not a positive count") }
+                return v
+            }
+            let settings: Distillation
+            do { settings = try Distillation(alpha: alpha, beta: beta, temperature: temperature) } catch { throw ValidationError("\(error)") }
+            guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+            let (data, config) = try dataOptions.load()
+            let train = try parseDays(trainDays), test = try parseDays(testDays)
+            let studentTrain = try studentDays.map { try parseDays($0) } ?? train
+            guard studentTrain.first >= train.first, studentTrain.last <= train.last else {
+                throw ValidationError("--student-days \(studentTrain) must lie within --train-days \(train)")
+            }
+            var baseOptions = TrainingOptions()
+            baseOptions.seed = seed
+            let outURL = URL(fileURLWithPath: out)
+            try FileManager.default.createDirectory(at: outURL, withIntermediateDirectories: true)
+            let clock = ContinuousClock()
+            let started = clock.now
+            let eval = LegacyTraining(data: data, config: config, options: TrainingOptions(), log: { _ in })
+
+            Console.info("[distill] teacher: legacy on \(train), day by day")
+            let teacherDir = outURL.appendingPathComponent("teacher")
+            try? FileManager.default.removeItem(at: teacherDir)
+            let teacher = try LegacyTraining(data: data, config: config, options: baseOptions, log: { _ in })
+                .incremental(days: train, warmStart: nil, out: teacherDir).model
+            var entries = [Entry(label: "teacher", preset: "full", distilled: nil, model: teacher, report: try eval.evaluate(teacher, days: test).0)]
+            let source = try TeacherSource(url: teacherDir, label: "teacher")
+            for preset in presetList {
+                // A full-size student on labels alone is the teacher itself (same config, days and seed).
+                for distilled in preset == .full && studentTrain == train ? [true] : [true, false] {
+                    let label = "\(preset.rawValue) \(distilled ? "distilled" : "labels only")"
+                    Console.info("[distill] \(label)")
+                    var options = baseOptions
+                    if distilled { options.distillation = settings }
+                    var job = LegacyTraining(data: data, config: preset.apply(to: config), options: options, log: { _ in })
+                    job.modelName = "student-\(preset.rawValue)"
+                    if distilled { job.teacher = source }
+                    let dir = outURL.appendingPathComponent("\(preset.rawValue)-\(distilled ? "distilled" : "labels")")
+                    try? FileManager.default.removeItem(at: dir)
+                    let model = try job.incremental(days: studentTrain, warmStart: nil, out: dir, keep: 1).model
+                    let report = try eval.evaluate(model, days: test).0
+                    Console.info(String(format: "[distill] %@: click AUC all %.4f tail %.4f, %.1f MB", label,
+                                        report.metrics["is_click"]?["all"]?.auc ?? .nan, report.metrics["is_click"]?["tail"]?.auc ?? .nan,
+                                        Double(model.parameterBytes) / 1e6))
+                    entries.append(Entry(label: label, preset: preset.rawValue, distilled: distilled, model: model, report: report))
+                }
+            }
+
+            // Scoring cost: the scorer's path per request, two passes in alternating model order.
+            for n in counts {
+                let requests = try ScorerBench.requests(data: data, count: 64, candidates: n, seed: UInt64(n))
+                for pass in 0..<2 {
+                    for i in (pass == 0 ? Array(entries.indices) : entries.indices.reversed()) {
+                        let micros = Self.time(entries[i].model, requests: requests, seconds: seconds)
+                        entries[i].microsPerRequest[n, default: []].append(micros)
+                        Console.info(String(format: "[distill] %5d candidates  %-22@ %8.0f µs/request", n, entries[i].label, micros))
+                    }
+                }
+            }
+            let report = Self.report(entries: entries, objectives: config.objectives, counts: counts, settings: settings,
+                                     train: train, studentTrain: studentTrain, seed: seed, test: test, minutes: (clock.now - started).seconds / 60)
+            try report.write(to: outURL.appendingPathComponent("report.md"), atomically: true, encoding: .utf8)
+            try Self.svg(entries: entries, count: counts.last!).write(to: outURL.appendingPathComponent("quality.svg"), atomically: true, encoding: .utf8)
+            Console.out(report)
+            Console.out("wrote \(outURL.path)/report.md and quality.svg")
+        }
+
+        /// Mean µs per request of `model` on the scorer's path (split first layer, item cache warm), one thread.
+        static func time(_ model: LegacyModel, requests: [RankingInputs], seconds: Double) -> Double {
+            let scorer = BatchScorer(model: model, chunk: 256)
+            let split = SplitFirstLayer(model: model)
+            let cache = split.map { ItemContributionCache(capacity: ServableModel.defaultItemCacheEntries, width: $0.width) }
+            for r in requests { _ = ServableModel.logits(r, dense: nil, scorer: scorer, split: split, cache: cache) }
+            let clock = ContinuousClock()
+            var done = 0
+            let start = clock.now
+            repeat {
+                _ = ServableModel.logits(requests[done % requests.count], dense: nil, scorer: scorer, split: split, cache: cache)
+                done += 1
+            } while (clock.now - start).seconds < seconds
+            return (clock.now - start).seconds * 1e6 / Double(done)
+        }
+
+        static func report(entries: [Entry], objectives: [String], counts: [Int], settings: Distillation, train: DayRange,
+                           studentTrain: DayRange, seed: UInt64, test: DayRange, minutes: Double) -> String {
+            func f(_ x: Double?, _ d: Int = 4) -> String { x.flatMap { $0.isFinite ? String(format: "%.\(d)f", $0) : nil } ?? "-" }
+            let teacher = entries[0]
+            var s = "# Distillation into smaller students on KuaiRand-Pure\n\n"
+            s += "Teacher: the legacy model (`builtin:legacy-kuairand`) trained day by day on \(train). Students: the same features at "
+            s += "smaller sizes, trained day by day on \(studentTrain == train ? "the same days" : "\(studentTrain) only") with the same seed (\(seed)), distilled (α = \(settings.alpha), β = \(settings.beta), "
+            s += "T = \(settings.temperature); each day from the teacher's checkpoint of that day) or on the labels alone. Test: \(test). "
+            s += "Head = full/high active users, tail = the rest. Run time \(String(format: "%.1f", minutes)) min.\n\n"
+            s += "## Size and scoring cost\n\nµs per request on the scorer's path (split first layer, warm item cache, one thread, in process), two passes.\n\n"
+            s += "| model | MLP | parameters | vs teacher | " + counts.map { "\($0) candidates µs" }.joined(separator: " | ") + " | vs teacher at \(counts.last!) |\n"
+            s += "| --- | --- | ---: | ---: | " + counts.map { _ in "---:" }.joined(separator: " | ") + " | ---: |\n"
+            let teacherLast = (teacher.microsPerRequest[counts.last!] ?? []).min() ?? .nan
+            for e in entries where e.distilled != false {
+                let name = e.distilled == nil ? "teacher" : e.preset
+                let times = counts.map { n in (e.microsPerRequest[n] ?? []).map { String(format: "%.0f", $0) }.joined(separator: " / ") }
+                let best = (e.microsPerRequest[counts.last!] ?? []).min() ?? .nan
+                s += "| \(name) | \(e.model.spec.hidden) | \(String(format: "%.1f MB", Double(e.model.parameterBytes) / 1e6)) | "
+                s += String(format: "%.3f×", Double(e.model.parameterBytes) / Double(teacher.model.parameterBytes)) + " | "
+                s += times.joined(separator: " | ") + " | " + String(format: "%.2f×", best / teacherLast) + " |\n"
+            }
+            s += "\n(A distilled student and its labels-only twin have the same size and cost; the table lists each size once."
+            if studentTrain == train { s += " A full-size student on labels alone would be the teacher itself: same config, days and seed." }
+            s += ")\n"
+            for o in objectives {
+                s += "\n## \(o)\n\nAUC / GAUC / logloss / calibration (predicted ÷ observed rate).\n\n| model | all | head | tail |\n| --- | --- | --- | --- |\n"
+                for e in entries {
+                    let cells = ["all", "head", "tail"].map { c -> String in
+                        guard let m = e.report.metrics[o]?[c] else { return "-" }
+                        return "\(f(m.auc)) / \(f(m.gauc)) / \(f(m.logloss)) / \(f(m.calibration, 3))"
+                    }
+                    s += "| \(e.label) | " + cells.joined(separator: " | ") + " |\n"
+                }
+            }
+            s += "\n## Distillation's effect (distilled − labels only, AUC\(studentTrain == train ? "; for the full size, distilled − teacher" : ""))\n\n| size | " + objectives.flatMap { o in ["all", "tail"].map { "\(o) \($0)" } }.joined(separator: " | ") + " |\n"
+            s += "| --- | " + objectives.flatMap { _ in ["---:", "---:"] }.joined(separator: " | ") + " |\n"
+            for e in entries where e.distilled == true {
+                guard let twin = entries.first(where: { $0.preset == e.preset && $0.distilled == false })
+                    ?? (e.preset == StudentPreset.full.rawValue && studentTrain == train ? teacher : nil) else { continue }
+                let cells = objectives.flatMap { o in ["all", "tail"].map { c -> String in
+                    guard let a = e.report.metrics[o]?[c]?.auc, let b = twin.report.metrics[o]?[c]?.auc else { return "-" }
+                    return String(format: "%+.4f", a - b)
+                } }
+                s += "| \(e.preset) | " + cells.joined(separator: " | ") + " |\n"
+            }
+            return s
+        }
+
+        /// Click AUC (all users) against µs per request at `count` candidates: distilled and labels-only students
+        /// as two lines, the teacher as a point.
+        static func svg(entries: [Entry], count: Int) -> String {
+            func cost(_ e: Entry) -> Double { (e.microsPerRequest[count] ?? []).min() ?? .nan }
+            func auc(_ e: Entry) -> Double { e.report.metrics["is_click"]?["all"]?.auc ?? .nan }
+            let w = 680.0, h = 420.0, left = 70.0, right = 170.0, top = 40.0, bottom = 50.0
+            let xs = entries.map(cost).filter(\.isFinite), ys = entries.map(auc).filter(\.isFinite)
+            let loX = 0.0, hiX = (xs.max() ?? 1) * 1.1
+            let loY = (ys.min() ?? 0.6) - 0.003, hiY = (ys.max() ?? 0.8) + 0.003
+            func x(_ v: Double) -> Double { left + (v - loX) / (hiX - loX) * (w - left - right) }
+            func y(_ v: Double) -> Double { top + (hiY - v) / (hiY - loY) * (h - top - bottom) }
+            var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" font-family=\"sans-serif\" font-size=\"12\">\n"
+            s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+            s += "<text x=\"\(left)\" y=\"20\" font-size=\"14\">Click AUC (all users) against scoring cost, \(count) candidates per request</text>\n"
+            s += "<line x1=\"\(left)\" y1=\"\(h - bottom)\" x2=\"\(w - right)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
+            s += "<line x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
+            for i in 0...4 {
+                let v = loY + (hiY - loY) * Double(i) / 4
+                s += "<text x=\"\(left - 8)\" y=\"\(y(v) + 4)\" text-anchor=\"end\">\(String(format: "%.3f", v))</text>\n"
+                let u = loX + (hiX - loX) * Double(i) / 4
+                s += "<text x=\"\(x(u))\" y=\"\(h - bottom + 18)\" text-anchor=\"middle\">\(String(format: "%.0f", u))</text>\n"
+            }
+            s += "<text x=\"\((left + w - right) / 2)\" y=\"\(h - 10)\" text-anchor=\"middle\">µs per request on the scorer's path (one thread)</text>\n"
+            for (i, (distilled, color, name)) in [(true, "#d62728", "distilled"), (false, "#1f77b4", "labels only")].enumerated() {
+                let points = entries.filter { $0.distilled == distilled && cost($0).isFinite && auc($0).isFinite }.sorted { cost($0) < cost($1) }
+                s += "<polyline points=\"\(points.map { "\(x(cost($0))),\(y(auc($0)))" }.joined(separator: " "))\" fill=\"none\" stroke=\"\(color)\" stroke-width=\"2\"/>\n"
+                for p in points {
+                    s += "<circle cx=\"\(x(cost(p)))\" cy=\"\(y(auc(p)))\" r=\"4\" fill=\"\(color)\"/>\n"
+                    if distilled { s += "<text x=\"\(x(cost(p)) + 6)\" y=\"\(y(auc(p)) - 6)\" font-size=\"10\">\(p.preset)</text>\n" }
+                }
+                s += "<text x=\"\(w - right + 12)\" y=\"\(top + 20 + Double(i) * 20)\" fill=\"\(color)\">— \(name)</text>\n"
+            }
+            if let t = entries.first(where: { $0.distilled == nil }), cost(t).isFinite, auc(t).isFinite {
+                s += "<rect x=\"\(x(cost(t)) - 5)\" y=\"\(y(auc(t)) - 5)\" width=\"10\" height=\"10\" fill=\"black\"/>\n"
+                s += "<text x=\"\(w - right + 12)\" y=\"\(top + 60)\">■ teacher</text>\n"
             }
             return s + "</svg>\n"
         }

@@ -289,7 +289,7 @@ struct RegistryCommand: AsyncParsableCommand {
         @Option(help: "Model name.") var name: String
         @Option(help: "Kind: legacy, corrector, fusion-config…") var kind: String
         @Option(help: "Warm-start parent (name:version or name@alias, resolved now).") var parent: String?
-        @Option(help: "Distillation teacher.") var teacher: String?
+        @Option(help: "Distillation teacher (default: the folder's metadata `teacher`, when it is a registry reference).") var teacher: String?
         @Option(help: "For a corrector (required): the legacy version whose logits it was trained on.") var trainedOn: String?
         @Option(help: "Training days, yyyymmdd..yyyymmdd or comma-separated.") var trainingDays: String?
         @Option(help: "Feature-set version.") var featureSet: String?
@@ -345,7 +345,10 @@ struct RegistryCommand: AsyncParsableCommand {
             }
             let lineage = Stockpot_V1_Lineage.with {
                 $0.parent = parent ?? ""
-                $0.teacher = teacher ?? ""
+                // A student's folder names its teacher; a registry reference there becomes the lineage's teacher.
+                $0.teacher = teacher ?? spec?.metadata["teacher"].flatMap { t in
+                    if case .success = ModelReference.parse(t) { return t } else { return nil }
+                } ?? ""
                 $0.trainedOn = trainedOn ?? ""
                 $0.trainingDays = days
                 $0.featureSetVersion = featureSet ?? spec?.featureSetVersion ?? ""

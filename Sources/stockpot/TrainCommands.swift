@@ -8,7 +8,7 @@ import StockpotModel
 import StockpotTraining
 
 struct Train: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Train models.", subcommands: [Legacy.self, Corrector.self])
+    static let configuration = CommandConfiguration(abstract: "Train models.", subcommands: [Legacy.self, Distill.self, Corrector.self])
 
     struct Corrector: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -113,91 +113,227 @@ struct Train: AsyncParsableCommand {
             """)
 
         @OptionGroup var dataOptions: DataOptions
-        @Option(help: "Training days, yyyymmdd..yyyymmdd.") var days: String
-        @Option(help: "Checkpoint to continue from (weights and optimizer state).") var warmStart: String?
-        @Flag(help: "Train a fresh model on all the days pooled instead of day by day.") var fromScratch = false
-        @Option(help: "Passes over the pooled days (with --from-scratch).") var epochs: Int = 1
-        @Option(help: "Exact number of mini-batches (with --from-scratch); overrides --epochs.") var steps: Int?
-        @Option(help: "Output folder.") var out: String
-        @Option(help: "adagrad or adam.") var optimizer: String = "adagrad"
-        @Option(help: "Mini-batch size.") var batchSize: Int = 512
-        @Option(help: "Dense learning rate (default 0.01 with adagrad, 0.001 with adam).") var lr: Float?
-        @Option(help: "Embedding learning rate (default 0.01 with adam, 0.05 with adagrad).") var embeddingLr: Float?
-        @Option(help: "Per-objective loss weights, comma-separated in head order.") var lossWeights: String?
-        @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
-        @Flag(help: "Keep time order within each pass.") var noShuffle = false
-        @Option(help: "Keep only the newest N daily checkpoints (incremental; default: all).") var keep: Int?
-        @Option(help: "Threads per training step (at most the cores): each runs a block of the batch; the model matches a one-thread run to float rounding.")
-        var threads: Int = 1
-        @Option(help: "Rule re-weighting, crowd=factor, comma-separated (e.g. tail=10 for 10:1), normalised per batch.")
-        var crowdWeight: String?
-        @Option(help: "Discriminator re-weighting, crowd=max-weight (e.g. tail=10): w = 1 + (k-1)·clip(p(crowd|x), 0.01, 0.99) on click and long-view (incremental only).")
-        var discriminatorWeight: String?
+        @OptionGroup var training: TrainingFlags
+
+        func validate() throws { try training.check() }
+
+        func run() async throws {
+            let (data, config) = try dataOptions.load()
+            let job = try training.job(data: data, config: config)
+            try training.run(job)
+        }
+    }
+
+    struct Distill: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Train a smaller student from a teacher's soft targets and the labels: β·BCE(label) + α·T²·KL(teacher ‖ student) per objective.",
+            discussion: """
+            The teacher is a model folder, a folder of its daily checkpoints (the student, trained day by day, then \
+            learns each day from the teacher's checkpoint of that day or the newest before it), or a registry \
+            reference (legacy@production, legacy:7), downloaded and verified. The student's size is a preset \
+            derived from --config (full, medium, small, tiny) or a feature config of its own (--student-spec). \
+            Training runs like `train legacy`: day by day with warm start (--warm-start a previous student), or \
+            --from-scratch. The teacher and the settings go into the student's metadata; --register puts the \
+            teacher's registry version in the student's lineage.
+            """)
+
+        @OptionGroup var dataOptions: DataOptions
+        @OptionGroup var training: TrainingFlags
+        @Option(help: "Teacher: a model folder, a folder of daily checkpoints, or a registry reference (name@alias, name:version).")
+        var teacher: String
+        @Option(help: "Student size derived from --config: \(StudentPreset.allCases.map(\.rawValue).joined(separator: ", ")).")
+        var preset: String?
+        @Option(help: "Student feature config JSON (instead of --preset).") var studentSpec: String?
+        @Option(help: "Weight of the soft term, KL(teacher ‖ student).") var alpha: Float = 0.5
+        @Option(help: "Weight of the label term, BCE.") var beta: Float = 0.5
+        @Option(help: "Temperature softening both distributions.") var temperature: Float = 1
+        @Option(help: "Name of the student model (its spec name, and its registry name with --register).") var name: String = "student"
+        @Option(help: "Where a registry teacher is downloaded (verified by sha256; reused when intact).") var teacherCache: String = "runs/teachers"
+        @Option(help: "Days to evaluate teacher and student on after training, yyyymmdd..yyyymmdd (metrics go into the registry with --register).")
+        var evalDays: String?
+        @Flag(help: "Register the student (kind legacy, the teacher's version in its lineage) and point --alias at it.") var register = false
+        @Option(help: "Alias to set with --register.") var alias: String = "candidate"
+        @OptionGroup var connection: RegistryCommand.Connection
 
         func validate() throws {
-            if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
-            if !fromScratch && steps != nil { throw ValidationError("--steps needs --from-scratch") }
-            if let steps, steps <= 0 { throw ValidationError("--steps must be positive") }
-            if epochs <= 0 { throw ValidationError("--epochs must be positive") }
-            if let keep, keep <= 0 { throw ValidationError("--keep must be positive") }
-            if threads < 1 { throw ValidationError("--threads must be at least 1") }
-            if fromScratch && keep != nil { throw ValidationError("--keep applies to incremental training only") }
-            if fromScratch && discriminatorWeight != nil { throw ValidationError("--discriminator-weight applies to incremental training only") }
-            if crowdWeight != nil && discriminatorWeight != nil { throw ValidationError("use --crowd-weight or --discriminator-weight, not both") }
-            if batchSize <= 0 { throw ValidationError("--batch-size must be positive") }
-            guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
-                throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
+            try training.check()
+            if (preset == nil) == (studentSpec == nil) { throw ValidationError("give exactly one of --preset and --student-spec") }
+            if let preset, StudentPreset(rawValue: preset) == nil {
+                throw ValidationError("--preset must be one of \(StudentPreset.allCases.map(\.rawValue).joined(separator: ", "))")
             }
-            guard (lr ?? 1) > 0, (embeddingLr ?? 1) > 0 else { throw ValidationError("learning rates must be positive") }
+            guard ModelReference.isValidName(name) else { throw ValidationError("--name '\(name)' is not a valid model name") }
+            guard ModelReference.isValidName(alias) else { throw ValidationError("--alias '\(alias)' is not a valid alias") }
+            do { _ = try Distillation(alpha: alpha, beta: beta, temperature: temperature) } catch { throw ValidationError("\(error)") }
+            if training.crowdWeight != nil || training.discriminatorWeight != nil {
+                throw ValidationError("re-weighting applies to the teacher; a student learns from it with the sample weights of the labels alone")
+            }
         }
 
-        func options() throws -> TrainingOptions {
-            var o = TrainingOptions(optimizer: TrainingOptions.Optimizer(rawValue: optimizer)!)
-            o.batchSize = batchSize
-            if let lr { o.learningRate = lr }
-            if let embeddingLr { o.embeddingLearningRate = embeddingLr }
-            o.seed = seed
-            o.shuffle = !noShuffle
-            if let crowdWeight {
-                for pair in crowdWeight.split(separator: ",") {
-                    let kv = pair.split(separator: "=").map { $0.trimmingCharacters(in: .whitespaces) }
-                    guard kv.count == 2, let w = Float(kv[1]), w > 0, w.isFinite else { throw ValidationError("bad --crowd-weight '\(pair)': expected crowd=factor") }
-                    o.crowdWeights[kv[0]] = w
-                }
+        /// The teacher: a local folder, or a registry version downloaded into --teacher-cache.
+        func loadTeacher() async throws -> (source: TeacherSource, version: String?) {
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: teacher, isDirectory: &isDirectory), isDirectory.boolValue {
+                return (try TeacherSource(url: URL(fileURLWithPath: teacher)), nil)
             }
-            if let discriminatorWeight {
-                let kv = discriminatorWeight.split(separator: "=").map { $0.trimmingCharacters(in: .whitespaces) }
-                guard kv.count == 2, let k = Float(kv[1]), k >= 1, k.isFinite else {
-                    throw ValidationError("bad --discriminator-weight '\(discriminatorWeight)': expected crowd=max-weight (≥ 1)")
-                }
-                o.discriminator = DiscriminatorWeighting(crowd: kv[0], maxWeight: k)
+            guard case .success = ModelReference.parse(teacher) else {
+                throw ValidationError("--teacher '\(teacher)' is neither a folder nor a registry reference (name@alias, name:version)")
             }
-            if let lossWeights {
-                let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }
-                guard w.allSatisfy({ $0 != nil && $0! >= 0 }) else { throw ValidationError("bad --loss-weights '\(lossWeights)'") }
-                o.lossWeights = w.map { $0! }
+            let (ref, cache) = (teacher, URL(fileURLWithPath: teacherCache))
+            let (version, folder) = try await connection.run { try await $0.fetch(ref, cache: cache) }
+            guard version.kind == "legacy" else {
+                throw ValidationError("\(version.name):\(version.version) is a \(version.kind), not a legacy model: it cannot teach")
             }
-            return o
+            let label = "\(version.name):\(version.version)"
+            Console.info("teacher \(ref) = \(label), in \(folder.path)")
+            return (try TeacherSource(url: folder, label: label), label)
         }
 
         func run() async throws {
-            let dayRange = try parseDays(days)
-            let (data, config) = try dataOptions.load()
-            let trainingOptions = try options()
-            for crowd in Array(trainingOptions.crowdWeights.keys) + (trainingOptions.discriminator.map { [$0.crowd] } ?? [])
-            where !config.crowds.names.contains(crowd) {
-                throw ValidationError("--crowd-weight: unknown crowd '\(crowd)' (crowds: \(config.crowds.names.joined(separator: ", ")))")
+            let (data, baseConfig) = try dataOptions.load()
+            let config: FeatureConfig
+            if let studentSpec { config = try FeatureConfig.load(URL(fileURLWithPath: studentSpec)) }
+            else { config = StudentPreset(rawValue: preset!)!.apply(to: baseConfig) }
+            let (source, teacherVersion) = try await loadTeacher()
+            var job = try training.job(data: data, config: config)
+            job.options.distillation = try Distillation(alpha: alpha, beta: beta, temperature: temperature)
+            job.teacher = source
+            job.modelName = name
+            let (teacherModel, _) = try source.model(for: nil)
+            Console.info(String(format: "student %@ (MLP %@, default embedding %d) from teacher %@ (%.1f MB of parameters); alpha %g, beta %g, T %g",
+                                name, "\(config.hidden)", config.defaultDim, source.label, Double(teacherModel.parameterBytes) / 1e6,
+                                alpha, beta, temperature))
+            let outcome = try training.run(job)
+            Console.out(String(format: "student: %.1f MB of parameters, %.2f× the teacher's", Double(outcome.model.parameterBytes) / 1e6,
+                               Double(outcome.model.parameterBytes) / Double(max(teacherModel.parameterBytes, 1))))
+            var metrics: [String: Double] = [:]
+            if let evalDays {
+                let test = try parseDays(evalDays)
+                let eval = LegacyTraining(data: data, config: baseConfig, options: TrainingOptions(), log: Console.info)
+                let (teacherReport, _, _) = try eval.evaluate(try source.model(for: test.last).model, days: test)
+                let (studentReport, _, _) = try eval.evaluate(outcome.model, days: test)
+                metrics = studentReport.registryMetrics()
+                for o in outcome.model.spec.heads {
+                    for crowd in ["all"] + baseConfig.crowds.names {
+                        guard let t = teacherReport.metrics[o]?[crowd], let s = studentReport.metrics[o]?[crowd] else { continue }
+                        Console.out(String(format: "%@ %@ on %@: teacher AUC %.4f logloss %.4f  |  student AUC %.4f logloss %.4f calibration %.3f",
+                                           o, crowd, "\(test)", t.auc ?? .nan, t.logloss, s.auc ?? .nan, s.logloss, s.calibration ?? .nan))
+                    }
+                }
             }
-            var job = LegacyTraining(data: data, config: config, options: trainingOptions, log: Console.info)
-            job.threads = threads
-            let outURL = URL(fileURLWithPath: out)
-            let result = fromScratch
-                ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
-                : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL, keep: keep)
-            Console.out(String(format: "trained %d samples in %d steps, %.1fs (%.0f samples/s); model: %@",
-                               result.samples, result.steps, result.seconds, Double(result.samples) / max(result.seconds, 1e-9),
-                               result.checkpoint.path))
+            guard register else { return }
+            let lineage = Stockpot_V1_Lineage.with {
+                $0.teacher = teacherVersion ?? outcome.model.spec.metadata["teacher"] ?? ""
+                $0.trainingDays = (outcome.model.spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) }
+                $0.featureSetVersion = outcome.model.spec.featureSetVersion
+            }
+            let (name, alias, folder, metadata, measured) = (self.name, self.alias, outcome.checkpoint, outcome.model.spec.metadata, metrics)
+            let reason = "distilled from \(lineage.teacher) by stockpot train distill on \(training.days)"
+            let version = try await connection.run(write: true) { registry in
+                let v = try await registry.register(name: name, kind: "legacy", metadata: metadata, lineage: lineage, metrics: measured,
+                                                    folder: folder, only: ["model.json", "weights.safetensors"])
+                _ = try await registry.promote("\(name):\(v.version)", alias: alias, reason: reason)
+                return v.version
+            }
+            Console.out("registered \(name):\(version) (teacher \(lineage.teacher)) as \(name)@\(alias)")
         }
+    }
+}
+
+/// The options of a legacy-model training run, shared by `train legacy` and `train distill`.
+struct TrainingFlags: ParsableArguments {
+    @Option(help: "Training days, yyyymmdd..yyyymmdd.") var days: String
+    @Option(help: "Checkpoint to continue from (weights and optimizer state).") var warmStart: String?
+    @Flag(help: "Train a fresh model on all the days pooled instead of day by day.") var fromScratch = false
+    @Option(help: "Passes over the pooled days (with --from-scratch).") var epochs: Int = 1
+    @Option(help: "Exact number of mini-batches (with --from-scratch); overrides --epochs.") var steps: Int?
+    @Option(help: "Output folder.") var out: String
+    @Option(help: "adagrad or adam.") var optimizer: String = "adagrad"
+    @Option(help: "Mini-batch size.") var batchSize: Int = 512
+    @Option(help: "Dense learning rate (default 0.01 with adagrad, 0.001 with adam).") var lr: Float?
+    @Option(help: "Embedding learning rate (default 0.01 with adam, 0.05 with adagrad).") var embeddingLr: Float?
+    @Option(help: "Per-objective loss weights, comma-separated in head order.") var lossWeights: String?
+    @Option(help: "Random seed (initialisation and shuffling).") var seed: UInt64 = 20_220_425
+    @Flag(help: "Keep time order within each pass.") var noShuffle = false
+    @Option(help: "Keep only the newest N daily checkpoints (incremental; default: all).") var keep: Int?
+    @Option(help: "Threads per training step (at most the cores): each runs a block of the batch; the model matches a one-thread run to float rounding.")
+    var threads: Int = 1
+    @Option(help: "Rule re-weighting, crowd=factor, comma-separated (e.g. tail=10 for 10:1), normalised per batch.")
+    var crowdWeight: String?
+    @Option(help: "Discriminator re-weighting, crowd=max-weight (e.g. tail=10): w = 1 + (k-1)·clip(p(crowd|x), 0.01, 0.99) on click and long-view (incremental only).")
+    var discriminatorWeight: String?
+
+    /// The checks `validate()` makes; commands that add their own checks call it from theirs.
+    func check() throws {
+        if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
+        if !fromScratch && steps != nil { throw ValidationError("--steps needs --from-scratch") }
+        if let steps, steps <= 0 { throw ValidationError("--steps must be positive") }
+        if epochs <= 0 { throw ValidationError("--epochs must be positive") }
+        if let keep, keep <= 0 { throw ValidationError("--keep must be positive") }
+        if threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if fromScratch && keep != nil { throw ValidationError("--keep applies to incremental training only") }
+        if fromScratch && discriminatorWeight != nil { throw ValidationError("--discriminator-weight applies to incremental training only") }
+        if crowdWeight != nil && discriminatorWeight != nil { throw ValidationError("use --crowd-weight or --discriminator-weight, not both") }
+        if batchSize <= 0 { throw ValidationError("--batch-size must be positive") }
+        guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
+            throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
+        }
+        guard (lr ?? 1) > 0, (embeddingLr ?? 1) > 0 else { throw ValidationError("learning rates must be positive") }
+        _ = try parseDays(days)
+    }
+
+    func options() throws -> TrainingOptions {
+        var o = TrainingOptions(optimizer: TrainingOptions.Optimizer(rawValue: optimizer)!)
+        o.batchSize = batchSize
+        if let lr { o.learningRate = lr }
+        if let embeddingLr { o.embeddingLearningRate = embeddingLr }
+        o.seed = seed
+        o.shuffle = !noShuffle
+        if let crowdWeight {
+            for pair in crowdWeight.split(separator: ",") {
+                let kv = pair.split(separator: "=").map { $0.trimmingCharacters(in: .whitespaces) }
+                guard kv.count == 2, let w = Float(kv[1]), w > 0, w.isFinite else { throw ValidationError("bad --crowd-weight '\(pair)': expected crowd=factor") }
+                o.crowdWeights[kv[0]] = w
+            }
+        }
+        if let discriminatorWeight {
+            let kv = discriminatorWeight.split(separator: "=").map { $0.trimmingCharacters(in: .whitespaces) }
+            guard kv.count == 2, let k = Float(kv[1]), k >= 1, k.isFinite else {
+                throw ValidationError("bad --discriminator-weight '\(discriminatorWeight)': expected crowd=max-weight (≥ 1)")
+            }
+            o.discriminator = DiscriminatorWeighting(crowd: kv[0], maxWeight: k)
+        }
+        if let lossWeights {
+            let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }
+            guard w.allSatisfy({ $0 != nil && $0! >= 0 }) else { throw ValidationError("bad --loss-weights '\(lossWeights)'") }
+            o.lossWeights = w.map { $0! }
+        }
+        return o
+    }
+
+    /// A training job on `data` with `config` and these options, its crowds checked against the config.
+    func job(data: KuaiRandData, config: FeatureConfig) throws -> LegacyTraining {
+        let trainingOptions = try options()
+        for crowd in Array(trainingOptions.crowdWeights.keys) + (trainingOptions.discriminator.map { [$0.crowd] } ?? [])
+        where !config.crowds.names.contains(crowd) {
+            throw ValidationError("--crowd-weight: unknown crowd '\(crowd)' (crowds: \(config.crowds.names.joined(separator: ", ")))")
+        }
+        var job = LegacyTraining(data: data, config: config, options: trainingOptions, log: Console.info)
+        job.threads = threads
+        return job
+    }
+
+    /// Runs `job` incrementally or from scratch, as the flags say, and prints what it trained.
+    @discardableResult
+    func run(_ job: LegacyTraining) throws -> LegacyTraining.Outcome {
+        let dayRange = try parseDays(days)
+        let outURL = URL(fileURLWithPath: out)
+        let result = fromScratch
+            ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
+            : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL, keep: keep)
+        Console.out(String(format: "trained %d samples in %d steps, %.1fs (%.0f samples/s); model: %@",
+                           result.samples, result.steps, result.seconds, Double(result.samples) / max(result.seconds, 1e-9),
+                           result.checkpoint.path))
+        return result
     }
 }
 

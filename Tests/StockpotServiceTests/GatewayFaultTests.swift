@@ -53,6 +53,12 @@ final class Faults: Sendable {
     let holdShadow = Mutex(false)
     /// The last request the fake scorer received for its default model.
     let lastScore = Mutex<Stockpot_V1_ScoreRequest?>(nil)
+    /// When set, the fake scorer refuses every request with this code (a request it finds malformed or too large).
+    let scorerRefuses = Mutex<RPCError.Code?>(nil)
+    /// How the fallback scorer (`FakeStudentScorer`) answers.
+    let fallbackScorer = Mutex(Fault.none)
+    /// The model references the fallback scorer was asked for.
+    let fallbackAsked = Mutex([String]())
 
     func count(_ name: String) { calls.withLock { $0[name, default: 0] += 1 } }
 
@@ -116,6 +122,7 @@ struct FakeScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
     }
     func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
         faults.count("scorer")
+        if let code = faults.scorerRefuses.withLock({ $0 }) { throw RPCError(code: code, message: "candidates: too many for this scorer") }
         let fault = faults.scorer.withLock { $0 }
         try await faults.act(fault)
         let n = request.candidates.ids.count
@@ -231,12 +238,56 @@ func fakeDownstreamConfig() -> GatewayConfig {
     return config
 }
 
+/// A student scorer, the gateway's fallback: serves `student:1`, objective `a` reversed (earlier candidates
+/// better, the legacy order upside down), so that a response shows which scorer it came from.
+struct FakeStudentScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
+    let faults: Faults
+    func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
+        faults.count("fallback")
+        faults.fallbackAsked.withLock { $0.append(request.model) }
+        let fault = faults.fallbackScorer.withLock { $0 }
+        try await faults.act(fault)
+        let s = FakeScorer.scores(request.candidates.ids.count)
+        let values = ["a": Array(s["a"]!.reversed()), "b": s["b"]!]
+        return .with { r in
+            r.model = .with { $0.name = "student"; $0.version = 1; $0.role = "scorer"; $0.alias = "production" }
+            r.scores = ["a", "b"].map { o in .with { $0.objective = o; $0.values = values[o]! } }
+            r.logits = ["a", "b"].map { o in .with { $0.objective = o; $0.values = values[o]!.map { log($0 / (1 - $0)) } } }
+            if fault == .short { r.scores[0].values.removeLast() }
+        }
+    }
+}
+
 /// Runs `body` against a gateway whose four downstream services are fakes on one loopback server.
 /// - Parameter localFusion: fuse in the gateway with this service instead of calling the fake fusion service.
 /// - Parameter inProcess: the gateway reaches the fakes over the in-process transport instead of HTTP/2.
+/// - Parameter fallback: a fallback scorer (`FakeStudentScorer`, on a server of its own) with these settings.
 func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics: MetricsHub = MetricsHub(),
-                        localFusion: FusionService? = nil, inProcess: Bool = false, configure: (inout GatewayConfig) -> Void = { _ in },
+                        localFusion: FusionService? = nil, inProcess: Bool = false, fallback: ScorerFallback? = nil,
+                        configure: (inout GatewayConfig) -> Void = { _ in },
                         _ body: @Sendable (GatewayService) async throws -> Void) async throws {
+    if let fallback {
+        // The student scorer on its own in-process server: another service of the same kind.
+        let link = InProcessTransport()
+        let server = GRPCServer(transport: link.server, services: [FakeStudentScorer(faults: faults)])
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await server.serve() }
+            try await withGRPCClient(transport: link.client) { student in
+                try await withFakeDownstream(faults, logger: logger, metrics: metrics, localFusion: localFusion, inProcess: inProcess,
+                                             fallbackClient: Stockpot_V1_ScorerService.Client(wrapping: student),
+                                             configure: { configure(&$0); $0.fallback = fallback }, body)
+            }
+            server.beginGracefulShutdown()
+        }
+        return
+    }
+    try await withFakeDownstream(faults, logger: logger, metrics: metrics, localFusion: localFusion, inProcess: inProcess,
+                                 fallbackClient: nil, configure: configure, body)
+}
+
+private func withFakeDownstream(_ faults: Faults, logger: Logger, metrics: MetricsHub, localFusion: FusionService?, inProcess: Bool,
+                                fallbackClient: (any Stockpot_V1_ScorerService.ClientProtocol)?,
+                                configure: (inout GatewayConfig) -> Void, _ body: @Sendable (GatewayService) async throws -> Void) async throws {
     var config = fakeDownstreamConfig()
     configure(&config)
     let fakes: [any RegistrableRPCService] = [FakeFeatures(faults: faults), FakeScorer(faults: faults), FakeCorrector(faults: faults),
@@ -244,8 +295,9 @@ func withFakeDownstream(_ faults: Faults, logger: Logger = quietLogger, metrics:
     let fixed = config
     @Sendable func run<T: ClientTransport>(_ client: GRPCClient<T>) async throws {
         let fusion: GatewayClients.Fusion = localFusion.map { .local($0) } ?? .remote(Stockpot_V1_FusionService.Client(wrapping: client))
-        let gateway = GatewayService(clients: GatewayClients(features: client, scorer: client, corrector: client, fusion: fusion),
-                                     config: fixed, log: nil, metrics: metrics, logger: logger)
+        var clients = GatewayClients(features: client, scorer: client, corrector: client, fusion: fusion)
+        clients.fallbackScorer = fallbackClient
+        let gateway = GatewayService(clients: clients, config: fixed, log: nil, metrics: metrics, logger: logger)
         try await body(gateway)
     }
     if inProcess {
@@ -584,6 +636,66 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             // Nothing downstream of the scorer was called with a bad reply.
             #expect(faults.calls.withLock { $0["corrector"] ?? 0 } == 0)
             #expect(faults.calls.withLock { $0["fusion"] ?? 0 } == 0)
+        }
+    }
+
+    /// With a fallback scorer, a main scorer that fails, sheds, is late or answers malformed costs the request
+    /// its main model, not the request: the student's scores are served, `degraded` says `scorer` and why.
+    @Test(arguments: Fault.allCases.filter { $0 != .none })
+    func aBadScorerFallsBackToTheStudent(fault: Fault) async throws {
+        let faults = Faults()
+        faults.scorer.withLock { $0 = fault }
+        // The tail corrector was trained on the main model's logits: it must not correct the student's.
+        faults.correctorTrainedOn.withLock { $0 = "legacy:3" }
+        let fallback = ScorerFallback(model: "student@production", mainTimeout: .seconds(2))
+        try await withFakeDownstream(faults, fallback: fallback) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded == ["scorer", "corrector"], "\(r.degradedReasons)")
+            #expect(r.degradedReasons.first?.contains("served by the fallback student:1") == true, "\(r.degradedReasons)")
+            #expect(r.versions.first?.name == "student" && r.versions.first?.version == 1)
+            // The student's order (objective `a` reversed), scores and legacy scores.
+            #expect(r.itemIds == ids, "\(r.itemIds)")
+            #expect(r.legacyScores.first { $0.objective == "a" }?.values == Array(FakeScorer.scores(ids.count)["a"]!.reversed()))
+            #expect(faults.fallbackAsked.withLock { $0 } == ["student@production"])
+        }
+    }
+
+    @Test func aHealthyScorerNeverCallsTheFallback() async throws {
+        let faults = Faults()
+        // A generous share for the main scorer: a loaded debug run must not make it late.
+        try await withFakeDownstream(faults, fallback: ScorerFallback(model: "student@production", mainTimeout: .seconds(10))) { gateway in
+            for _ in 0..<3 {
+                let r = try await rank(gateway)
+                #expect(!r.degraded.contains("scorer"))
+                #expect(r.versions.first?.name == "legacy")
+            }
+            #expect(faults.calls.withLock { $0["fallback"] ?? 0 } == 0)
+        }
+    }
+
+    @Test(arguments: [RPCError.Code.invalidArgument, .resourceExhausted])
+    func theCallersOwnErrorIsNotRetriedOnTheFallback(code: RPCError.Code) async throws {
+        let faults = Faults()
+        faults.scorerRefuses.withLock { $0 = code }
+        try await withFakeDownstream(faults, fallback: ScorerFallback(mainTimeout: .seconds(10))) { gateway in
+            await #expect { _ = try await rank(gateway) } throws: { e in
+                (e as? RPCError)?.code == code && "\(e)".contains("scorer: candidates: too many")
+            }
+            #expect(faults.calls.withLock { $0["fallback"] ?? 0 } == 0)
+        }
+    }
+
+    @Test(arguments: [Fault.fail, .short, .slow])
+    func bothScorersDownIsUnavailableNamingBoth(fallbackFault: Fault) async throws {
+        let faults = Faults()
+        faults.scorer.withLock { $0 = .fail }
+        faults.fallbackScorer.withLock { $0 = fallbackFault }
+        try await withFakeDownstream(faults, fallback: ScorerFallback(), configure: { if fallbackFault == .slow { $0.budget = .seconds(6) } }) { gateway in
+            await #expect { _ = try await rank(gateway) } throws: { e in
+                let m = "\(e)"
+                return (e as? RPCError)?.code == .unavailable && m.contains("legacy scorer failed") && m.contains("fallback scorer failed too")
+            }
+            #expect(faults.calls.withLock { $0["corrector"] ?? 0 } == 0)
         }
     }
 

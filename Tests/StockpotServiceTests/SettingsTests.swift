@@ -57,6 +57,20 @@ import Testing
         #expect(local.localFusion?.config == "fusion@canary" && local.localFusion?.registry.address == "127.0.0.1:1")
         let badLocal = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_FUSION": "local", "STOCKPOT_GATEWAY_FUSION_CONFIG": "no such ref"])
         await #expect { try await GatewayApp(settings: badLocal) } throws: { "\($0)".contains("fusion-config") }
+        // A fallback scorer: its model and the main scorer's share of the budget only mean something with it.
+        for orphan in [["STOCKPOT_GATEWAY_FALLBACK_MODEL": "student@production"], ["STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS": "100"]] {
+            await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: orphan)) } throws: { "\($0)".contains("fallback-scorer") }
+        }
+        await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_FALLBACK_MODEL": "student"])) } throws: { "\($0)".contains("fallback-model") }
+        await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS": "0"])) } throws: { "\($0)".contains("scorer-timeout-ms") }
+        let fallback = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_FALLBACK_MODEL": "student@production",
+            "STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS": "90"]))
+        #expect(fallback.fallbackScorer == "127.0.0.1:1")
+        #expect(fallback.config.fallback == ScorerFallback(model: "student@production", mainTimeout: .milliseconds(90)))
+        #expect(try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [:])).config.fallback == nil)
         let l = try await ServiceSettings(service: "fusion", environment: ["STOCKPOT_LOG_LEVEL": "loud"])
         await #expect { try await l.logger("x") } throws: { "\($0)".contains("log-level") }
         await #expect { try await ServiceSettings(service: "fusion", environment: [:], file: "/nonexistent/stockpot.json") } throws: {

@@ -31,6 +31,12 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Corrector timeout in ms (env STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS).") var correctorTimeoutMs: Int?
     @Option(help: "Fusion timeout in ms (env STOCKPOT_GATEWAY_FUSION_TIMEOUT_MS).") var fusionTimeoutMs: Int?
     @Option(help: "Request budget in ms (env STOCKPOT_GATEWAY_BUDGET_MS).") var budgetMs: Int?
+    @Option(help: "A second scorer's host:port, serving a smaller model (a distilled student), asked when the main scorer fails, sheds or is late; the response lists `scorer` in degraded (default: none; env STOCKPOT_GATEWAY_FALLBACK_SCORER).")
+    var fallbackScorer: String?
+    @Option(help: "With --fallback-scorer: the model to ask it for, e.g. student@production (default: what it serves; env STOCKPOT_GATEWAY_FALLBACK_MODEL).")
+    var fallbackModel: String?
+    @Option(help: "With --fallback-scorer: how long the main scorer gets before the fallback is asked, in ms (default 150; env STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS).")
+    var scorerTimeoutMs: Int?
     @Option(help: "Ranks served at once; more are refused at once with RESOURCE_EXHAUSTED (default 64; 0 = no limit; env STOCKPOT_GATEWAY_MAX_IN_FLIGHT).")
     var maxInFlight: Int?
     @Flag(help: "The limit on Ranks in progress follows measured latency (a gradient controller), up to --max-in-flight (env STOCKPOT_GATEWAY_ADAPTIVE_IN_FLIGHT).")
@@ -53,6 +59,9 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("features", features)
         flags.set("scorer", scorer)
         flags.set("corrector", corrector)
+        flags.set("fallback-scorer", fallbackScorer)
+        flags.set("fallback-model", fallbackModel)
+        flags.set("scorer-timeout-ms", scorerTimeoutMs)
         flags.set("fusion", fusion)
         flags.set("fusion-config", fusionConfig)
         registry.add(to: &flags)
