@@ -211,7 +211,7 @@ struct Train: AsyncParsableCommand {
                 let eval = LegacyTraining(data: data, config: baseConfig, options: TrainingOptions(), log: Console.info)
                 let (teacherReport, _, _) = try eval.evaluate(try source.model(for: test.last).model, days: test)
                 let (studentReport, _, _) = try eval.evaluate(outcome.model, days: test)
-                metrics = studentReport.registryMetrics()
+                metrics = studentReport.registryMetrics(crowds: ["all"] + baseConfig.crowds.names)
                 for o in outcome.model.spec.heads {
                     for crowd in ["all"] + baseConfig.crowds.names {
                         guard let t = teacherReport.metrics[o]?[crowd], let s = studentReport.metrics[o]?[crowd] else { continue }
