@@ -92,9 +92,18 @@ public struct EncodedDataset: Sendable {
 /// The spec is fitted once, on the rows given to the command that creates a model; a warm start keeps its
 /// parent's spec unchanged, so row indices mean the same thing across the whole incremental chain.
 public enum SpecFitter {
-    public static func fit(config: FeatureConfig, data: KuaiRandData, rows: [Int], name: String = "legacy") throws -> ModelSpec {
+    /// - Parameter reusing: an older model's spec (a structure change warm-started from it): a field it has with
+    ///   the same name, source, encoding kind (and hash buckets), width and missing markers keeps its fitted
+    ///   vocabulary or boundaries, so that its rows keep their meaning and its embedding can be copied.
+    public static func fit(config: FeatureConfig, data: KuaiRandData, rows: [Int], name: String = "legacy",
+                           reusing: ModelSpec? = nil) throws -> ModelSpec {
         var fields: [FieldSpec] = []
         for fc in config.fields {
+            if let old = reusing?.fields.first(where: { $0.name == fc.name }), old.source == fc.source,
+               old.dim == fc.dim ?? config.defaultDim, old.missing == (fc.missing ?? []).sorted(), Self.sameKind(old.encoding, fc) {
+                fields.append(old)
+                continue
+            }
             let a = try data.accessor(for: fc.source)
             let missing = Set(fc.missing ?? []).union([""])
             let encoding: FieldEncoding
@@ -128,6 +137,16 @@ public enum SpecFitter {
                              hidden: config.hidden, heads: config.objectives)
         try spec.validate()
         return spec
+    }
+
+    /// Whether a fitted encoding is of the kind a config field asks for (hashed with the same buckets, a
+    /// vocabulary, or buckets).
+    static func sameKind(_ encoding: FieldEncoding, _ fc: FeatureConfig.FieldConfig) -> Bool {
+        switch (encoding, fc.encoding) {
+        case (.hashed(let b), "hashed"): return b == fc.buckets
+        case (.vocabulary, "vocabulary"), (.buckets, "buckets"): return true
+        default: return false
+        }
     }
 
     /// Distinct interior quantiles (`i / count` for i in 1..<count) of `values`.

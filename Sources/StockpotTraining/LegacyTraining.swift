@@ -24,6 +24,22 @@ public struct LegacyTraining {
         self.log = log
     }
 
+    /// A warm start into a new structure (`StructureTransfer`): the old model the new one inherits from, and how
+    /// its copied tensors train at first.
+    public struct Transfer: Sendable {
+        /// A model or checkpoint folder of the old structure.
+        public var from: URL
+        /// The copied tensors' learning-rate factor for the first `copiedSteps` steps (0: frozen).
+        public var copiedScale: Float
+        public var copiedSteps: Int
+
+        public init(from: URL, copiedScale: Float = 0, copiedSteps: Int = 0) {
+            self.from = from
+            self.copiedScale = copiedScale
+            self.copiedSteps = copiedSteps
+        }
+    }
+
     /// Result of a training command.
     public struct Outcome {
         public var model: LegacyModel
@@ -38,12 +54,20 @@ public struct LegacyTraining {
     /// One pass per day in date order; each day starts from the previous day's weights and optimizer state and
     /// ends with a checkpoint `out/<yyyymmdd>`; `out/latest` points at the newest one.
     /// - Parameter keep: how many of the newest daily checkpoints in `out` to keep (nil: all of them).
-    public func incremental(days: DayRange, warmStart: URL?, out: URL, keep: Int? = nil) throws -> Outcome {
+    /// - Parameter transfer: start a new structure (this job's config) from an old model instead of from scratch
+    ///   (not with `warmStart`, which continues the same structure).
+    public func incremental(days: DayRange, warmStart: URL?, out: URL, keep: Int? = nil, transfer: Transfer? = nil) throws -> Outcome {
         let dayList = data.daysPresent(in: days)
         guard !dayList.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
+        guard warmStart == nil || transfer == nil else {
+            throw TrainingError.config("a warm start continues a structure and a transfer starts a new one: give one of them")
+        }
         var model: LegacyModel
         var optimizer: OptimizerState?
         var info: CheckpointInfo
+        var trainOptions = options
+        if let d = options.discriminator, trainOptions.weightedObjectives == nil { trainOptions.weightedObjectives = d.objectives }
+        var transferNote: String?
         if let warmStart {
             let loaded = try Checkpoint.load(from: warmStart)
             model = loaded.model
@@ -56,6 +80,24 @@ public struct LegacyTraining {
                 log("warning: \(warmStart.path) was already trained on \(overlap); training on it again")
             }
             log("warm start from \(warmStart.path) (step \(optimizer?.step ?? 0), days \(info.daysTrained.first.map(String.init) ?? "-")…\(info.daysTrained.last.map(String.init) ?? "-"))")
+            // A structure change still in its slow start carries its schedule on (the steps are counted across runs).
+            if trainOptions.copiedParameters == nil, let c = loaded.info?.options.copiedParameters, c.untilStep > (optimizer?.step ?? 0) {
+                trainOptions.copiedParameters = c
+                log("copied tensors still at \(c.scale)× the learning rate until step \(c.untilStep)")
+            }
+        } else if let transfer {
+            let old = try LegacyModel.load(from: transfer.from)
+            guard old.spec.dtype == .f32 else { throw TrainingError.checkpoint("\(transfer.from.path) is quantised; transfer from the F32 checkpoint") }
+            let spec = try SpecFitter.fit(config: config, data: data, rows: try data.rows(in: days), name: modelName, reusing: old.spec)
+            model = try LegacyModel.initialized(spec: spec, seed: options.seed)
+            let report = StructureTransfer.apply(from: old, to: &model)
+            if transfer.copiedSteps > 0 {
+                trainOptions.copiedParameters = CopiedParameterSchedule(names: report.copied, scale: transfer.copiedScale, untilStep: transfer.copiedSteps)
+            }
+            info = CheckpointInfo(options: trainOptions, step: 0, daysTrained: [], samplesSeen: 0,
+                                  parent: transfer.from.resolvingSymlinksInPath().path, mode: "incremental")
+            transferNote = report.summary + (transfer.copiedSteps > 0 ? "; copied at \(transfer.copiedScale)× the learning rate for \(transfer.copiedSteps) steps" : "")
+            log("new structure from \(transfer.from.path): \(spec.fields.count) fields, input \(spec.inputDim), MLP \(spec.hidden); \(transferNote!)")
         } else {
             let rows = try data.rows(in: days)
             let spec = try SpecFitter.fit(config: config, data: data, rows: rows, name: modelName)
@@ -69,8 +111,6 @@ public struct LegacyTraining {
         var totalSamples = 0
         var teachers: [String] = []
         var checkpoint = out
-        var trainOptions = options
-        if let d = options.discriminator, trainOptions.weightedObjectives == nil { trainOptions.weightedObjectives = d.objectives }
         let trainer = try Trainer(model: model, options: trainOptions, optimizerState: optimizer, threads: threads)
         let firstStep = trainer.step
         var saved = model
@@ -109,6 +149,7 @@ public struct LegacyTraining {
             info.step = trainer.step
             var m = trainer.model
             m.spec.metadata = metadata(info: info, teachers: teachers)
+            if let transferNote { m.spec.metadata["transfer"] = transferNote }
             checkpoint = out.appendingPathComponent(String(day))
             try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: checkpoint)
             saved = m

@@ -31,6 +31,9 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
     public var discriminator: DiscriminatorWeighting?
     /// Distillation from a teacher's logits (`Distillation`); nil = labels only.
     public var distillation: Distillation?
+    /// After a warm start into a new structure (`StructureTransfer`): the copied tensors learn more slowly, or not
+    /// at all, for a while; nil = every tensor at the full rate.
+    public var copiedParameters: CopiedParameterSchedule?
 
     /// Defaults for `optimizer`: Adagrad 0.01 / 0.05 (dense / embeddings), Adam 0.001 / 0.01 — the best of a
     /// small sweep on KuaiRand (`docs/performance.md`).
@@ -40,6 +43,27 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
         case .adagrad: (learningRate, embeddingLearningRate) = (0.01, 0.05)
         case .adam: (learningRate, embeddingLearningRate) = (0.001, 0.01)
         }
+    }
+}
+
+/// How the tensors a new structure copied from an old model train at first: at `scale` × the learning rate (0:
+/// frozen, their optimizer moments untouched) for every step up to and including `untilStep` (the trainer's
+/// step count, which a warm start continues), then at the full rate like everything else.
+public struct CopiedParameterSchedule: Codable, Sendable, Equatable {
+    /// Tensor names (`embedding.<field>`, `mlp.<i>.weight`, `heads.bias`…).
+    public var names: [String]
+    public var scale: Float
+    public var untilStep: Int
+
+    public init(names: [String], scale: Float, untilStep: Int) {
+        self.names = names
+        self.scale = scale
+        self.untilStep = untilStep
+    }
+
+    /// The learning-rate factor of tensor `name` at `step`.
+    public func factor(_ name: String, step: Int) -> Float {
+        step <= untilStep && names.contains(name) ? scale : 1
     }
 }
 
@@ -91,6 +115,8 @@ public final class Trainer {
     // Dense gradients, flat (layers then heads, weight and bias each, at `denseOffsets`): the batch's, and one
     // buffer per extra thread for its block; then each thread's share of the batch loss.
     private let denseSizes: [Int]
+    /// Checkpoint names of the dense tensors, in gradient order.
+    private let denseNames: [String]
     private let denseOffsets: [Int]
     private let denseTotal: Int
     private let gradFlat: UnsafeMutablePointer<Float>
@@ -175,6 +201,7 @@ public final class Trainer {
         gradA = .allocate(capacity: batch * widest)
         gradB = .allocate(capacity: batch * widest)
         self.denseSizes = denseSizes
+        denseNames = Checkpoint.denseNames(model)
         denseOffsets = denseSizes.indices.map { denseSizes[..<$0].reduce(0, +) }
         denseTotal = denseSizes.reduce(0, +)
         gradFlat = .allocate(capacity: denseTotal)
@@ -488,6 +515,9 @@ public final class Trainer {
         let (sizes, starts, order) = (denseSizes, denseOffsets, tableOrder)
         tableCursor.store(0, ordering: .relaxed)
         let (o, t) = (options, Float(step))
+        // Learning rates per dense tensor and per table: the copied tensors' factor while it lasts.
+        let denseRates = denseNames.map { o.learningRate * (o.copiedParameters?.factor($0, step: step) ?? 1) }
+        let tableRates = model.spec.fields.map { o.embeddingLearningRate * (o.copiedParameters?.factor("embedding.\($0.name)", step: step) ?? 1) }
         var tables: [EmbeddingTable] = [], layers: [DenseLayer] = []
         var heads = model.heads
         if update {
@@ -511,12 +541,12 @@ public final class Trainer {
                                     let range = Self.part(total, p, parts)
                                     if parts > 1 { for q in partials { for i in range { grad[i] += q[i] } } }
                                     if update {
-                                        for idx in sizes.indices {
+                                        for idx in sizes.indices where denseRates[idx] > 0 {
                                             let lo = max(range.lowerBound, starts[idx]), hi = min(range.upperBound, starts[idx] + sizes[idx])
                                             guard lo < hi else { continue }
                                             let at = lo - starts[idx]
                                             Self.update(o, p: params[idx] + at, g: grad + lo, m: denseMoments[idx].map { $0 + at },
-                                                        v: denseAccumulators[idx]! + at, count: hi - lo, lr: o.learningRate, t: t)
+                                                        v: denseAccumulators[idx]! + at, count: hi - lo, lr: denseRates[idx], t: t)
                                         }
                                     }
                                     // Tables, each taken by the first thread free: one thread scatters and updates
@@ -528,7 +558,7 @@ public final class Trainer {
                                         Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
                                                      dim: dims[fi], tableRows: tableRows[fi], into: &states[fi])
                                         guard update else { continue }
-                                        Self.updateTable(&tb[fi], state: &states[fi], options: o, t: t)
+                                        if tableRates[fi] > 0 { Self.updateTable(&tb[fi], state: &states[fi], options: o, lr: tableRates[fi], t: t) }
                                         states[fi].clearGradient()
                                     }
                                 }
@@ -600,7 +630,7 @@ public final class Trainer {
     }
 
     /// The optimizer on the rows of one table a batch touched (lazy: the others keep their moments).
-    private static func updateTable(_ table: inout EmbeddingTable, state: inout TableState, options o: TrainingOptions, t: Float) {
+    private static func updateTable(_ table: inout EmbeddingTable, state: inout TableState, options o: TrainingOptions, lr: Float, t: Float) {
         let dim = table.dim
         guard case .f32(var values) = table.storage else { return }
         table.storage = .f32([])   // uniquely owned: updated in place
@@ -612,7 +642,7 @@ public final class Trainer {
                         for (slot, r) in touched.enumerated() {
                             let off = Int(r) * dim
                             update(o, p: w.baseAddress! + off, g: g.baseAddress! + slot * dim, m: m.baseAddress.map { $0 + off },
-                                   v: v.baseAddress! + off, count: dim, lr: o.embeddingLearningRate, t: t)
+                                   v: v.baseAddress! + off, count: dim, lr: lr, t: t)
                         }
                     }
                 }

@@ -243,6 +243,12 @@ struct Train: AsyncParsableCommand {
 struct TrainingFlags: ParsableArguments {
     @Option(help: "Training days, yyyymmdd..yyyymmdd.") var days: String
     @Option(help: "Checkpoint to continue from (weights and optimizer state).") var warmStart: String?
+    @Option(help: "Start a new structure (--config) from this older model: tensors of the same name and shape (and field definition) are copied, a first layer whose inputs grew keeps the old columns (new ones zero), the rest starts fresh.")
+    var transferFrom: String?
+    @Option(help: "With --transfer-from: the copied tensors' learning-rate factor for the first --copied-steps steps (0 = frozen).")
+    var copiedLrScale: Float = 0
+    @Option(help: "With --transfer-from: steps during which the copied tensors train at --copied-lr-scale (0 = everything at the full rate from the start).")
+    var copiedSteps: Int = 0
     @Flag(help: "Train a fresh model on all the days pooled instead of day by day.") var fromScratch = false
     @Option(help: "Passes over the pooled days (with --from-scratch).") var epochs: Int = 1
     @Option(help: "Exact number of mini-batches (with --from-scratch); overrides --epochs.") var steps: Int?
@@ -265,6 +271,13 @@ struct TrainingFlags: ParsableArguments {
     /// The checks `validate()` makes; commands that add their own checks call it from theirs.
     func check() throws {
         if fromScratch && warmStart != nil { throw ValidationError("--from-scratch and --warm-start exclude each other") }
+        if transferFrom != nil && (fromScratch || warmStart != nil) {
+            throw ValidationError("--transfer-from starts a new structure day by day: not with --from-scratch or --warm-start")
+        }
+        if transferFrom == nil && copiedSteps != 0 { throw ValidationError("--copied-steps needs --transfer-from") }
+        guard copiedSteps >= 0, copiedLrScale >= 0, copiedLrScale.isFinite else {
+            throw ValidationError("--copied-steps and --copied-lr-scale must be 0 or more")
+        }
         if !fromScratch && steps != nil { throw ValidationError("--steps needs --from-scratch") }
         if let steps, steps <= 0 { throw ValidationError("--steps must be positive") }
         if epochs <= 0 { throw ValidationError("--epochs must be positive") }
@@ -329,7 +342,9 @@ struct TrainingFlags: ParsableArguments {
         let outURL = URL(fileURLWithPath: out)
         let result = fromScratch
             ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
-            : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL, keep: keep)
+            : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL, keep: keep,
+                                  transfer: transferFrom.map { LegacyTraining.Transfer(from: URL(fileURLWithPath: $0), copiedScale: copiedLrScale,
+                                                                                        copiedSteps: copiedSteps) })
         Console.out(String(format: "trained %d samples in %d steps, %.1fs (%.0f samples/s); model: %@",
                            result.samples, result.steps, result.seconds, Double(result.samples) / max(result.seconds, 1e-9),
                            result.checkpoint.path))
