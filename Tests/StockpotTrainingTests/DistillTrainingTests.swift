@@ -151,3 +151,55 @@ import Testing
         #expect(throws: TrainingError.self) { try TeacherSource(url: dir.appendingPathComponent("nothing-here")) }
     }
 }
+
+/// The user's history before each impression, built from the log.
+@Suite struct InteractionHistoryTests {
+    /// User 1 clicks at 50, 100 (one of two impressions), 200 (both); user 2 clicks once at 100.
+    static func data() throws -> KuaiRandData {
+        let rows = [
+            "1,10,20220425,1800,100,1,0,0,1,1", "1,11,20220425,1800,100,0,0,0,1,1", "1,12,20220425,1800,200,1,0,0,1,1",
+            "1,13,20220425,1800,200,1,0,0,1,1", "1,14,20220426,1800,300,0,0,0,1,1", "1,15,20220425,1800,50,1,0,0,1,1",
+            "2,10,20220425,1800,100,1,0,0,1,1", "2,12,20220426,1800,400,0,0,0,1,1",
+        ]
+        let log = try CSVTable.parse(Data(("user_id,video_id,date,hourmin,time_ms,is_click,long_view,is_like,play_time_ms,tab\n"
+            + rows.joined(separator: "\n") + "\n").utf8))
+        let users = try CSVTable.parse(Data("user_id,user_active_degree\n1,full_active\n2,low_active\n".utf8))
+        let videos = try CSVTable.parse(Data("video_id,upload_dt,video_duration\n10,2022-04-20,1000\n".utf8))
+        return try KuaiRandData(log: log, users: users, videos: videos)
+    }
+
+    @Test func onlyStrictlyEarlierInteractionsMostRecentLast() throws {
+        let data = try Self.data()
+        let h = try InteractionHistory(data: data, length: 3)
+        #expect(h.items(row: 5).isEmpty)                 // t = 50: nothing before
+        #expect(h.items(row: 0) == [15] && h.items(row: 1) == [15])   // t = 100: not each other
+        #expect(h.items(row: 2) == [15, 10] && h.items(row: 3) == [15, 10])   // t = 200: not each other
+        #expect(h.items(row: 4) == [10, 12, 13])         // t = 300: the last three of 15, 10, 12, 13
+        #expect(h.text(row: 4) == "10,12,13")
+        #expect(h.items(row: 6).isEmpty && h.items(row: 7) == [10])   // user 2: its own clicks only
+        #expect(throws: TrainingError.self) { try InteractionHistory(data: data, length: 0) }
+        #expect(throws: (any Error).self) { try InteractionHistory(data: data, label: "no_such_label") }
+    }
+
+    /// Against a brute-force scan, on the real log when present, else on the small one: every history holds
+    /// only the user's interactions strictly before the impression, the most recent ones, in time order.
+    @Test func noImpressionSeesItsOwnTimeOrLater() throws {
+        let data = kuaiRandPresent ? try kuaiRand.get() : try Self.data()
+        let length = 20
+        let h = try InteractionHistory(data: data, length: length)
+        let clicks = try data.log.column("is_click")
+        var byUser: [Int: [Int]] = [:]
+        for r in 0..<data.log.rowCount where clicks[r] == "1" { byUser[data.userIds[r], default: []].append(r) }
+        var rng = SplitMix64(seed: 5)
+        let sample = data.log.rowCount > 2_000 ? (0..<2_000).map { _ in Int(rng.next() % UInt64(data.log.rowCount)) } : Array(0..<data.log.rowCount)
+        var nonEmpty = 0
+        for r in sample {
+            let earlier = (byUser[data.userIds[r]] ?? []).filter { data.timeMs[$0] < data.timeMs[r] }
+                .sorted { (data.timeMs[$0], $0) < (data.timeMs[$1], $1) }
+            let expected = earlier.suffix(length).map { data.videoIds[$0] }
+            #expect(h.items(row: r) == Array(expected), "row \(r)")
+            if !expected.isEmpty { nonEmpty += 1 }
+        }
+        #expect(nonEmpty > 0)
+    }
+}
