@@ -87,6 +87,9 @@ public struct GatewayApp {
                 fallback.mainTimeout = scorerTimeout
             }
             config.fallback = fallback
+            guard fallback.mainTimeout < config.budget else {
+                throw ServiceSettings.SettingError(description: "setting 'scorer-timeout-ms' must be below 'budget-ms': the fallback is asked when the main scorer has not answered by then")
+            }
         }
         do {
             try config.limitInFlight(max: try await settings.int("max-in-flight", in: 0...1_000_000) ?? config.maxInFlight,

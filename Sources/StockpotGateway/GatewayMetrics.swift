@@ -22,6 +22,7 @@ public struct GatewayMetrics: Sendable {
         if reason.hasPrefix("deadlineExceeded") { return "timeout" }
         if reason.hasPrefix("unavailable") { return "unavailable" }
         if reason.hasPrefix("resourceExhausted") { return "overloaded" }
+        if reason.hasPrefix("fallback") { return "fallback" }
         return "error"
     }
 

@@ -68,8 +68,8 @@ public struct GatewayConfig: Sendable {
 public struct ScorerFallback: Sendable, Equatable {
     /// The model to ask the fallback scorer for ("" = what it serves), e.g. `student@production`.
     public var model = ""
-    /// How long the main scorer gets before the fallback is asked (never more than the budget leaves). The
-    /// fallback then gets what remains.
+    /// How long the main scorer has to answer before the fallback is asked too (hedging: the main call goes on,
+    /// and the first valid reply within the request's deadline is served).
     public var mainTimeout: Duration = .milliseconds(150)
 
     public init(model: String = "", mainTimeout: Duration = .milliseconds(150)) {
@@ -183,25 +183,108 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         }
     }
 
-    /// Why the main scorer gave no usable scores: what the caller sees when nothing replaces them, and whether a
-    /// fallback scorer may (a request the scorer refused as malformed or too large would fail there too).
+    /// Why the main scorer gave no usable scores: what the caller sees when nothing replaces them, the reason a
+    /// fallback's response gives (starting with the status code, as degraded reasons do), and whether a fallback
+    /// scorer may be asked (a request the scorer refused as malformed or too large would fail there too).
     struct ScorerFailure: Error {
         var status: RPCError
         var reason: String
         var mayFallBack: Bool
     }
 
-    /// The main scorer's scores for `request` (the default model when the canary is not loaded), checked. With a
-    /// fallback configured the scorer gets `ScorerFallback.mainTimeout` at most, leaving the rest to the fallback.
+    /// The legacy scores and, when a fallback scorer served them, why. Without a fallback, the main scorer's
+    /// (failures as before). With one, hedged: the fallback is asked as soon as the main scorer fails in a way
+    /// another scorer can help with, or when it has not answered within `ScorerFallback.mainTimeout`; both then
+    /// run within the request's deadline and the first valid reply is served — the main scorer's whenever it
+    /// comes first. Both failing is UNAVAILABLE naming both.
+    func legacyScores(_ request: Stockpot_V1_ScoreRequest, inCanary: Bool, nowMs: Int64,
+                      deadline: ContinuousClock.Instant) async throws -> (Stockpot_V1_ScoreResponse, String?) {
+        guard let fallback = config.fallback, let client = clients.fallbackScorer else {
+            do { return (try await mainScores(request, inCanary: inCanary, nowMs: nowMs, deadline: deadline), nil) } catch let f as ScorerFailure {
+                throw f.status
+            }
+        }
+        enum Outcome: Sendable {
+            case main(Result<Stockpot_V1_ScoreResponse, ScorerFailure>)
+            case hedge
+            case fallback(Result<Stockpot_V1_ScoreResponse, any Error>)
+        }
+        let fallbackRequest = { var r = request; r.model = fallback.model; return r }()
+        let count = request.candidates.ids.count
+        return try await withThrowingTaskGroup(of: Outcome.self) { group in
+            group.addTask {
+                do { return .main(.success(try await self.mainScores(request, inCanary: inCanary, nowMs: nowMs, deadline: deadline))) } catch let f as ScorerFailure {
+                    return .main(.failure(f))
+                }
+            }
+            group.addTask {
+                try? await Task.sleep(for: fallback.mainTimeout)
+                return .hedge
+            }
+            var fallbackStarted = false
+            func startFallback(_ group: inout ThrowingTaskGroup<Outcome, any Error>) {
+                guard !fallbackStarted else { return }
+                fallbackStarted = true
+                group.addTask { [fallbackRequest, client, count] in
+                    do {
+                        let reply = try await Self.retryingDroppedConnection(before: deadline) {
+                            try await client.score(fallbackRequest, options: Self.options(deadline - ContinuousClock.now))
+                        }
+                        if let problem = ReplyValidation.score(reply, count: count) {
+                            throw MalformedReply(service: "fallback scorer", problem: problem)
+                        }
+                        return .fallback(.success(reply))
+                    } catch {
+                        return .fallback(.failure(error))
+                    }
+                }
+            }
+            var mainFailure: ScorerFailure?
+            var fallbackError: (any Error)?
+            while let outcome = try await group.next() {
+                switch outcome {
+                case .main(.success(let reply)):
+                    group.cancelAll()
+                    return (reply, nil)
+                case .main(.failure(let failure)):
+                    guard failure.mayFallBack else {
+                        group.cancelAll()
+                        throw failure.status
+                    }
+                    if let fallbackError {
+                        group.cancelAll()
+                        throw Status.unavailable("\(failure.reason), and the fallback scorer failed too: \(Self.reason(fallbackError))")
+                    }
+                    mainFailure = failure
+                    startFallback(&group)
+                case .hedge:
+                    if mainFailure == nil { startFallback(&group) }
+                case .fallback(.success(let reply)):
+                    group.cancelAll()
+                    let why = mainFailure?.reason
+                        ?? "deadlineExceeded: legacy scorer had not answered within \(Int((fallback.mainTimeout / .milliseconds(1)).rounded())) ms"
+                    return (reply, "\(why); served by the fallback \(reply.model.name):\(reply.model.version)")
+                case .fallback(.failure(let error)):
+                    if let mainFailure {
+                        group.cancelAll()
+                        throw Status.unavailable("\(mainFailure.reason), and the fallback scorer failed too: \(Self.reason(error))")
+                    }
+                    fallbackError = error   // the main scorer may still answer in time
+                }
+            }
+            throw Status.unavailable("legacy scorer failed: no reply")
+        }
+    }
+
+    /// The main scorer's scores for `request` (the default model when the canary is not loaded), checked.
     /// - Throws: `ScorerFailure`.
     func mainScores(_ request: Stockpot_V1_ScoreRequest, inCanary: Bool, nowMs: Int64,
                     deadline: ContinuousClock.Instant) async throws -> Stockpot_V1_ScoreResponse {
-        let own = config.fallback.map { min(deadline, ContinuousClock.now + $0.mainTimeout) } ?? deadline
-        func remaining() -> Duration { own - ContinuousClock.now }
+        func remaining() -> Duration { deadline - ContinuousClock.now }
         let reply: Stockpot_V1_ScoreResponse
         do {
             do {
-                reply = try await Self.retryingDroppedConnection(before: own) {
+                reply = try await Self.retryingDroppedConnection(before: deadline) {
                     try await clients.scorer.score(request, options: Self.options(remaining()))
                 }
             } catch let e as RPCError where inCanary && e.code == .notFound {
@@ -209,21 +292,26 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
                 canary.unavailable(nowMs: nowMs)
                 var plain = request
                 plain.model = config.scorerModel
-                reply = try await Self.retryingDroppedConnection(before: own) { [plain] in
+                reply = try await Self.retryingDroppedConnection(before: deadline) { [plain] in
                     try await clients.scorer.score(plain, options: Self.options(remaining()))
                 }
             }
         } catch let e as RPCError where e.code == .resourceExhausted && e.message.hasPrefix("overloaded") {
             // The scorer shed the request (its forward-pass queue is full): an outage of the floor for this
             // request, not the caller's fault.
-            throw ScorerFailure(status: Status.unavailable("legacy scorer \(e.message)"), reason: "legacy scorer \(e.message)", mayFallBack: true)
+            throw ScorerFailure(status: Status.unavailable("legacy scorer \(e.message)"),
+                                reason: "resourceExhausted: legacy scorer \(e.message)", mayFallBack: true)
         } catch let e as RPCError where e.code == .invalidArgument || e.code == .resourceExhausted {
             // The caller's request broke a scorer limit. A fresh error: a downstream error's metadata (its
             // trailers) must not become ours.
-            throw ScorerFailure(status: RPCError(code: e.code, message: "scorer: \(e.message)"), reason: "scorer: \(e.message)", mayFallBack: false)
+            throw ScorerFailure(status: RPCError(code: e.code, message: "scorer: \(e.message)"), reason: "\(e.code): scorer: \(e.message)",
+                                mayFallBack: false)
+        } catch let e as RPCError {
+            throw ScorerFailure(status: Status.unavailable("legacy scorer failed: \(Self.reason(e))"),
+                                reason: "\(e.code): legacy scorer failed: \(e.message)", mayFallBack: true)
         } catch {
             throw ScorerFailure(status: Status.unavailable("legacy scorer failed: \(Self.reason(error))"),
-                                reason: "legacy scorer failed: \(Self.reason(error))", mayFallBack: true)
+                                reason: "unavailable: legacy scorer failed: \(Self.reason(error))", mayFallBack: true)
         }
         if let problem = ReplyValidation.score(reply, count: request.candidates.ids.count) {
             let malformed = MalformedReply(service: "legacy scorer", problem: problem)
@@ -341,37 +429,18 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
         // 2. Legacy scores: the floor. Without them there is nothing to serve.
         metrics.stage("features", since: started)
         started = clock.now
-        let legacy: Stockpot_V1_ScoreResponse
-        var scoreRequest = Stockpot_V1_ScoreRequest()
-        var fellBack = false
-        do {
-            let inCanary = config.canaryShare > 0 && CanaryRouting.isCanary(userID: request.userID, share: config.canaryShare)
-                && canary.mayTry(nowMs: nowMs)
-            scoreRequest = Stockpot_V1_ScoreRequest.with {
-                $0.model = inCanary ? config.canaryModel : config.scorerModel
-                $0.userID = request.userID
-                $0.userFeatures = userList
-                $0.context = contextList
-                $0.candidates = items
-            }
-            legacy = try await mainScores(scoreRequest, inCanary: inCanary, nowMs: nowMs, deadline: deadline)
-        } catch let failure as ScorerFailure {
-            guard failure.mayFallBack, let fallback = config.fallback, let client = clients.fallbackScorer else { throw failure.status }
-            scoreRequest.model = fallback.model
-            do {
-                let reply = try await Self.retryingDroppedConnection(before: deadline) { [scoreRequest] in
-                    try await client.score(scoreRequest, options: Self.options(remaining()))
-                }
-                if let problem = ReplyValidation.score(reply, count: ids.count) {
-                    throw MalformedReply(service: "fallback scorer", problem: problem)
-                }
-                legacy = reply
-                fellBack = true
-                degraded.append(("scorer", "\(failure.reason); served by the fallback \(reply.model.name):\(reply.model.version)"))
-            } catch {
-                throw Status.unavailable("\(failure.reason), and the fallback scorer failed too: \(Self.reason(error))")
-            }
+        let inCanary = config.canaryShare > 0 && CanaryRouting.isCanary(userID: request.userID, share: config.canaryShare)
+            && canary.mayTry(nowMs: nowMs)
+        let scoreRequest = Stockpot_V1_ScoreRequest.with {
+            $0.model = inCanary ? config.canaryModel : config.scorerModel
+            $0.userID = request.userID
+            $0.userFeatures = userList
+            $0.context = contextList
+            $0.candidates = items
         }
+        let (legacy, fallbackReason) = try await legacyScores(scoreRequest, inCanary: inCanary, nowMs: nowMs, deadline: deadline)
+        let fellBack = fallbackReason != nil
+        if let fallbackReason { degraded.append(("scorer", fallbackReason)) }
         metrics.stage("scorer", since: started)
         let scorerMs = (clock.now - started).seconds * 1000
         var versions = [legacy.model]
@@ -379,7 +448,10 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
 
         // 3. Crowd correction, within its own timeout.
         var correctedStage: ShadowTraffic.Job.Correct?
-        if config.correctedCrowds.contains(crowd) {
+        if config.correctedCrowds.contains(crowd) && fellBack {
+            // A corrector is bound to the main model's logits: it has nothing to correct in a fallback's.
+            degraded.append(("corrector", "fallback: the fallback scorer served, and correctors correct the main scorer's logits only"))
+        } else if config.correctedCrowds.contains(crowd) {
             started = clock.now
             defer { metrics.stage("corrector", since: started) }
             do {

@@ -83,6 +83,12 @@ public struct CorrectorTraining {
     /// Trains the corrector of `crowd` on `days` for `epochs` passes (shuffled) and saves it to `out`. With
     /// `servingLog`, the samples are the gateway's logged impressions (features and legacy logits as served)
     /// joined with their labels, instead of the data set re-scored offline.
+    /// Whether `text` names one registry version (`name:version`), not an alias or a folder.
+    static func isRegistryVersion(_ text: String) -> Bool {
+        guard let colon = text.lastIndex(of: ":"), let v = Int64(text[text.index(after: colon)...]), v > 0 else { return false }
+        return !text[..<colon].isEmpty && !text[..<colon].contains("/")
+    }
+
     public func train(legacy: LegacyModel, legacyVersion: String, crowd: String, days: DayRange, epochs: Int, out: URL,
                       servingLog: URL? = nil) throws -> Outcome {
         try Self.checkOutOfSample(legacy: legacy, days: days)
@@ -90,8 +96,11 @@ public struct CorrectorTraining {
         let ds: EncodedDataset
         if let servingLog {
             let (logged, stats) = try ServingLogSamples.load(directory: servingLog, data: data, spec: initial.spec, crowd: crowd,
-                                                             legacyLastDay: Self.legacyDays(legacy).max())
+                                                             legacyLastDay: Self.legacyDays(legacy).max(),
+                                                             legacyVersion: Self.isRegistryVersion(legacyVersion) ? legacyVersion : nil)
             log("serving log \(servingLog.path): \(stats.segments) segments, \(stats.lines) requests, \(stats.candidates) candidates, \(stats.labelled) labelled \(crowd) samples"
+                + (stats.fallbackServed + stats.otherScorer > 0
+                   ? "; skipped \(stats.fallbackServed) requests served by a fallback scorer and \(stats.otherScorer) scored by another version" : "")
                 + (stats.tornTails + stats.corruptSegments + stats.unresolvedItems > 0
                    ? "; skipped \(stats.tornTails) torn tails, \(stats.corruptSegments) corrupt segments (\(stats.skippedBytes) bytes), \(stats.unresolvedItems) candidates without features" : ""))
             ds = logged

@@ -130,7 +130,7 @@ public struct LegacyTraining {
             if let teacher, options.distillation != nil {
                 let (t, label) = try teacher.model(for: day)
                 ds.teacherLogits = try Distillation.teacherLogits(teacher: t, data: data, rows: rows, heads: trainer.model.spec.heads)
-                teachers.append(label)
+                if teachers.last != label { teachers.append(label) }
                 if teacher.isDaily { log("  \(day): teacher \(label)") }
             }
             var order = Array(0..<ds.count)
@@ -175,18 +175,7 @@ public struct LegacyTraining {
         var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source))
         var teachers: [String] = []
         if let teacher, options.distillation != nil {
-            // Pooled days: each sample learns from the teacher of its own day.
-            var byDay: [Int: [Int]] = [:]
-            for (s, r) in rows.enumerated() { byDay[data.dates[r], default: []].append(s) }
-            let k = spec.heads.count
-            ds.teacherLogits = [Float](repeating: 0, count: rows.count * k)
-            for day in byDay.keys.sorted() {
-                let samples = byDay[day]!
-                let (t, label) = try teacher.model(for: day)
-                let logits = try Distillation.teacherLogits(teacher: t, data: data, rows: samples.map { rows[$0] }, heads: spec.heads)
-                for (i, s) in samples.enumerated() { ds.teacherLogits.replaceSubrange(s * k..<(s + 1) * k, with: logits[i * k..<(i + 1) * k]) }
-                if teachers.last != label { teachers.append(label) }
-            }
+            (ds.teacherLogits, teachers) = try Self.pooledTeacherLogits(teacher: teacher, data: data, rows: rows, heads: spec.heads)
         }
         // Every pass ends with a partial batch, so a step budget is counted in batches, not samples.
         let batchesPerEpoch = (ds.count + options.batchSize - 1) / options.batchSize
@@ -227,6 +216,24 @@ public struct LegacyTraining {
         var out = ds
         out.weights = ds.crowdValues.map { options.crowdWeights[config.crowds.crowd(of: $0)] ?? 1 }
         return out
+    }
+
+    /// Teacher logits for log rows pooled across days (`rows × heads`, in `heads` order): each row's from the
+    /// teacher of its own day. Also the teachers used, in day order.
+    static func pooledTeacherLogits(teacher: TeacherSource, data: KuaiRandData, rows: [Int], heads: [String]) throws -> ([Float], [String]) {
+        var byDay: [Int: [Int]] = [:]
+        for (s, r) in rows.enumerated() { byDay[data.dates[r], default: []].append(s) }
+        let k = heads.count
+        var out = [Float](repeating: 0, count: rows.count * k)
+        var teachers: [String] = []
+        for day in byDay.keys.sorted() {
+            let samples = byDay[day]!
+            let (t, label) = try teacher.model(for: day)
+            let logits = try Distillation.teacherLogits(teacher: t, data: data, rows: samples.map { rows[$0] }, heads: heads)
+            for (i, s) in samples.enumerated() { out.replaceSubrange(s * k..<(s + 1) * k, with: logits[i * k..<(i + 1) * k]) }
+            if teachers.last != label { teachers.append(label) }
+        }
+        return (out, teachers)
     }
 
     /// Distillation needs a teacher, and a teacher needs distillation settings.

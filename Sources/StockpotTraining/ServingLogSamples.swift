@@ -37,6 +37,11 @@ public struct ServingLogSamples {
         public var skippedBytes = 0
         /// Candidates whose features were not in their segment (skipped).
         public var unresolvedItems = 0
+        /// Requests a fallback scorer served (`degraded` lists `scorer`): their logits are not the legacy
+        /// model's (skipped).
+        public var fallbackServed = 0
+        /// Requests scored by another version than the legacy model's (a canary; skipped).
+        public var otherScorer = 0
     }
 
     /// One served request, whichever file format it came from.
@@ -51,14 +56,21 @@ public struct ServingLogSamples {
         /// The value of an item column for candidate i; nil when the candidate's features are unknown.
         var itemFeatures: (Int) -> [String: String]?
         var legacyLogits: [String: [Float]]
+        /// The layers the request was served without.
+        var degraded: [String] = []
+        /// The scorer version that served it (`name:version`), when the entry says.
+        var scorer: String?
     }
 
     /// Reads every serving-log segment (and older JSON-lines file) in `directory` and builds the labelled
     /// samples of `crowd` for `spec`
     /// (a corrector spec: its heads are the objectives, its dense inputs the legacy logits).
     /// Impressions served on or before `legacyLastDay` are refused when it is given (the out-of-sample rule).
+    /// - Parameter legacyVersion: the legacy model's registry version (`name:version`); entries another version
+    ///   scored are skipped. Entries a fallback scorer served are always skipped: a corrector learns on the
+    ///   legacy model's logits only.
     public static func load(directory: URL, data: KuaiRandData, spec: ModelSpec, crowd: String,
-                            legacyLastDay: Int?) throws -> (EncodedDataset, Stats) {
+                            legacyLastDay: Int?, legacyVersion: String? = nil) throws -> (EncodedDataset, Stats) {
         let fm = FileManager.default
         let names = try fm.contentsOfDirectory(atPath: directory.path)
         let jsonFiles = names.filter { $0.hasPrefix("serving-") && $0.hasSuffix(".jsonl") }.sorted()
@@ -82,6 +94,14 @@ public struct ServingLogSamples {
         func add(_ line: Served) throws {
             stats.lines += 1
             guard line.crowd == crowd else { return }
+            if line.degraded.contains("scorer") {
+                stats.fallbackServed += 1
+                return
+            }
+            if let legacyVersion, let scorer = line.scorer, scorer != legacyVersion {
+                stats.otherScorer += 1
+                return
+            }
             guard let date = Int(line.context["date"] ?? "") else { return }
             if let last = legacyLastDay, date <= last {
                 throw TrainingError.config("\(line.file) entry \(line.position) was served on \(date), not after the legacy model's last training day \(last): in-sample scores")
@@ -135,7 +155,9 @@ public struct ServingLogSamples {
                         userFeatures: Dictionary(r.userFeatures.map { ($0.name, $0.value) }, uniquingKeysWith: { a, _ in a }),
                         itemIds: r.itemIds,
                         itemFeatures: { i in items[ItemKey(id: r.itemIds[i], version: r.itemVersions[i])] },
-                        legacyLogits: Dictionary(r.legacyLogits.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a })))
+                        legacyLogits: Dictionary(r.legacyLogits.map { ($0.objective, $0.values) }, uniquingKeysWith: { a, _ in a }),
+                        degraded: r.degraded,
+                        scorer: r.versions.first { $0.role == "scorer" }.map { "\($0.name):\($0.version)" }))
                 case .shadow, .none:
                     break // a shadow version's scores are not training samples
                 }
@@ -163,7 +185,7 @@ public struct ServingLogSamples {
                 try add(Served(file: file, position: n + 1, userId: line.userId, crowd: line.crowd, context: line.context,
                                userFeatures: line.userFeatures, itemIds: line.itemIds,
                                itemFeatures: { i in line.itemFeatures.compactMapValues { i < $0.count ? $0[i] : nil } },
-                               legacyLogits: line.legacyLogits))
+                               legacyLogits: line.legacyLogits, degraded: line.degraded))
             }
         }
         guard stats.labelled > 0 else {

@@ -49,8 +49,9 @@ public enum StructureTransfer {
             }
         }
 
-        // The MLP, bottom up, while the input is the old model's representation.
-        var inputKept = true
+        // The MLP, bottom up, while the input is the old model's representation. Without hidden layers the
+        // heads read the inputs themselves: they are kept only when the inputs are the same.
+        var inputKept = new.layers.isEmpty ? old.layers.isEmpty && sameInputs(old, new) : true
         for l in new.layers.indices {
             let (w, b) = ("mlp.\(l).weight", "mlp.\(l).bias")
             guard inputKept, l < old.layers.count, old.layers[l].outDim == new.layers[l].outDim else {

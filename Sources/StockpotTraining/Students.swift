@@ -1,5 +1,6 @@
 import Foundation
 import StockpotModel
+import Synchronization
 
 /// Built-in student sizes for distillation, each derived from a legacy feature config (the teacher's): the same
 /// fields read from the same sources, with narrower embeddings, a narrower or shallower MLP and, for the smaller
@@ -41,14 +42,14 @@ public enum StudentPreset: String, CaseIterable, Sendable {
 /// checkpoints (`<yyyymmdd>/` folders, as `LegacyTraining.incremental` writes them), so that a student trained day
 /// by day follows the teacher as it moves on — each day learns from the teacher's checkpoint of that day, or the
 /// newest one before it.
-public final class TeacherSource: @unchecked Sendable {
+public final class TeacherSource: Sendable {
     /// How the teacher is named in the student's metadata and lineage (a registry `name:version`, or a folder).
     public let label: String
     private let fixed: LegacyModel?
     private let folder: URL?
     private let days: [Int]
-    // Only the training loop (one thread) asks for models.
-    private var loaded: (day: Int, model: LegacyModel)?
+    /// The daily checkpoint loaded last.
+    private let loaded = Mutex<(day: Int, model: LegacyModel)?>(nil)
 
     /// One teacher for every day.
     public init(model: LegacyModel, label: String) {
@@ -97,9 +98,9 @@ public final class TeacherSource: @unchecked Sendable {
         } else {
             chosen = days[days.count - 1]
         }
-        if let loaded, loaded.day == chosen { return (loaded.model, "\(label)/\(chosen)") }
+        if let cached = loaded.withLock({ $0 }), cached.day == chosen { return (cached.model, "\(label)/\(chosen)") }
         let model = try LegacyModel.load(from: folder!.appendingPathComponent(String(chosen)))
-        loaded = (chosen, model)
+        loaded.withLock { $0 = (chosen, model) }
         return (model, "\(label)/\(chosen)")
     }
 }

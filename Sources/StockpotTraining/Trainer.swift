@@ -47,8 +47,10 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
 }
 
 /// How the tensors a new structure copied from an old model train at first: at `scale` × the learning rate (0:
-/// frozen, their optimizer moments untouched) for every step up to and including `untilStep` (the trainer's
-/// step count, which a warm start continues), then at the full rate like everything else.
+/// frozen) for every step up to and including `untilStep` (the trainer's step count, which a warm start
+/// continues), then at the full rate like everything else. Their optimizer moments follow the gradients all
+/// along, so that Adam's bias correction and Adagrad's accumulator are where they would be when the full rate
+/// starts, and the first full steps are no larger than any other.
 public struct CopiedParameterSchedule: Codable, Sendable, Equatable {
     /// Tensor names (`embedding.<field>`, `mlp.<i>.weight`, `heads.bias`…).
     public var names: [String]
@@ -541,7 +543,7 @@ public final class Trainer {
                                     let range = Self.part(total, p, parts)
                                     if parts > 1 { for q in partials { for i in range { grad[i] += q[i] } } }
                                     if update {
-                                        for idx in sizes.indices where denseRates[idx] > 0 {
+                                        for idx in sizes.indices {
                                             let lo = max(range.lowerBound, starts[idx]), hi = min(range.upperBound, starts[idx] + sizes[idx])
                                             guard lo < hi else { continue }
                                             let at = lo - starts[idx]
@@ -558,7 +560,7 @@ public final class Trainer {
                                         Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
                                                      dim: dims[fi], tableRows: tableRows[fi], into: &states[fi])
                                         guard update else { continue }
-                                        if tableRates[fi] > 0 { Self.updateTable(&tb[fi], state: &states[fi], options: o, lr: tableRates[fi], t: t) }
+                                        Self.updateTable(&tb[fi], state: &states[fi], options: o, lr: tableRates[fi], t: t)
                                         states[fi].clearGradient()
                                     }
                                 }

@@ -181,12 +181,14 @@ extension Experiment {
                 guard let v = Int(s.trimmingCharacters(in: .whitespaces)), v > 0 else { throw ValidationError("--candidates: '\(s)' is not a positive count") }
                 return v
             }
+            guard !counts.isEmpty else { throw ValidationError("--candidates names no candidate count") }
             let settings: Distillation
             do { settings = try Distillation(alpha: alpha, beta: beta, temperature: temperature) } catch { throw ValidationError("\(error)") }
             guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
             let (data, config) = try dataOptions.load()
             let train = try parseDays(trainDays), test = try parseDays(testDays)
             let studentTrain = try studentDays.map { try parseDays($0) } ?? train
+            guard test.first > train.last else { throw ValidationError("--test-days \(test) must come after --train-days \(train)") }
             guard studentTrain.first >= train.first, studentTrain.last <= train.last else {
                 throw ValidationError("--student-days \(studentTrain) must lie within --train-days \(train)")
             }
@@ -237,7 +239,8 @@ extension Experiment {
                     }
                 }
             }
-            let report = Self.report(entries: entries, objectives: config.objectives, counts: counts, settings: settings,
+            let report = Self.report(entries: entries, configName: dataOptions.config ?? "builtin:legacy-kuairand", objectives: config.objectives,
+                                     counts: counts, settings: settings,
                                      train: train, studentTrain: studentTrain, seed: seed, test: test, minutes: (clock.now - started).seconds / 60)
             try report.write(to: outURL.appendingPathComponent("report.md"), atomically: true, encoding: .utf8)
             try Self.svg(entries: entries, count: counts.last!).write(to: outURL.appendingPathComponent("quality.svg"), atomically: true, encoding: .utf8)
@@ -261,12 +264,12 @@ extension Experiment {
             return (clock.now - start).seconds * 1e6 / Double(done)
         }
 
-        static func report(entries: [Entry], objectives: [String], counts: [Int], settings: Distillation, train: DayRange,
+        static func report(entries: [Entry], configName: String, objectives: [String], counts: [Int], settings: Distillation, train: DayRange,
                            studentTrain: DayRange, seed: UInt64, test: DayRange, minutes: Double) -> String {
             func f(_ x: Double?, _ d: Int = 4) -> String { x.flatMap { $0.isFinite ? String(format: "%.\(d)f", $0) : nil } ?? "-" }
             let teacher = entries[0]
             var s = "# Distillation into smaller students on KuaiRand-Pure\n\n"
-            s += "Teacher: the legacy model (`builtin:legacy-kuairand`) trained day by day on \(train). Students: the same features at "
+            s += "Teacher: the legacy model (`\(configName)`) trained day by day on \(train). Students: the same features at "
             s += "smaller sizes, trained day by day on \(studentTrain == train ? "the same days" : "\(studentTrain) only") with the same seed (\(seed)), distilled (α = \(settings.alpha), β = \(settings.beta), "
             s += "T = \(settings.temperature); each day from the teacher's checkpoint of that day) or on the labels alone. Test: \(test). "
             s += "Head = full/high active users, tail = the rest. Run time \(String(format: "%.1f", minutes)) min.\n\n"

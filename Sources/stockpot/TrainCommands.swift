@@ -194,6 +194,24 @@ struct Train: AsyncParsableCommand {
             if let studentSpec { config = try FeatureConfig.load(URL(fileURLWithPath: studentSpec)) }
             else { config = StudentPreset(rawValue: preset!)!.apply(to: baseConfig) }
             let (source, teacherVersion) = try await loadTeacher()
+            if register && teacherVersion == nil {
+                throw ValidationError("--register records the teacher's registry version in the student's lineage: give --teacher as a "
+                    + "registry reference (name@alias or name:version), or register the student later with `stockpot registry register --teacher`")
+            }
+            let trainRange = try parseDays(training.days)
+            let evalRange = try evalDays.map { try parseDays($0) }
+            if let evalRange, evalRange.first <= trainRange.last {
+                throw ValidationError("--eval-days \(evalRange) must come after the training days \(trainRange)")
+            }
+            if let warmStart = training.warmStart {
+                // A warm start keeps the checkpoint's structure: it must be the student this run asks for.
+                let spec = try LegacyModel.load(from: URL(fileURLWithPath: warmStart)).spec
+                let wanted = config.fields.map { "\($0.name) \($0.dim ?? config.defaultDim)" }, have = spec.fields.map { "\($0.name) \($0.dim)" }
+                guard spec.hidden == config.hidden, wanted == have else {
+                    throw ValidationError("--warm-start \(warmStart) is a model with MLP \(spec.hidden) and fields \(have.count), not the student asked for "
+                        + "(MLP \(config.hidden), fields \(wanted.count)): warm-start a student from its own previous checkpoint")
+                }
+            }
             var job = try training.job(data: data, config: config)
             job.options.distillation = try Distillation(alpha: alpha, beta: beta, temperature: temperature)
             job.teacher = source
@@ -209,7 +227,8 @@ struct Train: AsyncParsableCommand {
             if let evalDays {
                 let test = try parseDays(evalDays)
                 let eval = LegacyTraining(data: data, config: baseConfig, options: TrainingOptions(), log: Console.info)
-                let (teacherReport, _, _) = try eval.evaluate(try source.model(for: test.last).model, days: test)
+                // The teacher as of the student's last training day: the checkpoint it learned from last.
+                let (teacherReport, _, _) = try eval.evaluate(try source.model(for: trainRange.last).model, days: test)
                 let (studentReport, _, _) = try eval.evaluate(outcome.model, days: test)
                 metrics = studentReport.registryMetrics(crowds: ["all"] + baseConfig.crowds.names)
                 for o in outcome.model.spec.heads {
@@ -245,8 +264,8 @@ struct TrainingFlags: ParsableArguments {
     @Option(help: "Checkpoint to continue from (weights and optimizer state).") var warmStart: String?
     @Option(help: "Start a new structure (--config) from this older model: tensors of the same name and shape (and field definition) are copied, a first layer whose inputs grew keeps the old columns (new ones zero), the rest starts fresh.")
     var transferFrom: String?
-    @Option(help: "With --transfer-from: the copied tensors' learning-rate factor for the first --copied-steps steps (0 = frozen).")
-    var copiedLrScale: Float = 0
+    @Option(help: "With --transfer-from and --copied-steps: the copied tensors' learning-rate factor for those steps (default 0: frozen).")
+    var copiedLrScale: Float?
     @Option(help: "With --transfer-from: steps during which the copied tensors train at --copied-lr-scale (0 = everything at the full rate from the start).")
     var copiedSteps: Int = 0
     @Flag(help: "Train a fresh model on all the days pooled instead of day by day.") var fromScratch = false
@@ -275,7 +294,8 @@ struct TrainingFlags: ParsableArguments {
             throw ValidationError("--transfer-from starts a new structure day by day: not with --from-scratch or --warm-start")
         }
         if transferFrom == nil && copiedSteps != 0 { throw ValidationError("--copied-steps needs --transfer-from") }
-        guard copiedSteps >= 0, copiedLrScale >= 0, copiedLrScale.isFinite else {
+        if copiedLrScale != nil && copiedSteps == 0 { throw ValidationError("--copied-lr-scale needs --transfer-from and --copied-steps N (N > 0)") }
+        guard copiedSteps >= 0, (copiedLrScale ?? 0) >= 0, (copiedLrScale ?? 0).isFinite else {
             throw ValidationError("--copied-steps and --copied-lr-scale must be 0 or more")
         }
         if !fromScratch && steps != nil { throw ValidationError("--steps needs --from-scratch") }
@@ -343,7 +363,7 @@ struct TrainingFlags: ParsableArguments {
         let result = fromScratch
             ? try job.fromScratch(days: dayRange, epochs: epochs, steps: steps, out: outURL)
             : try job.incremental(days: dayRange, warmStart: warmStart.map { URL(fileURLWithPath: $0) }, out: outURL, keep: keep,
-                                  transfer: transferFrom.map { LegacyTraining.Transfer(from: URL(fileURLWithPath: $0), copiedScale: copiedLrScale,
+                                  transfer: transferFrom.map { LegacyTraining.Transfer(from: URL(fileURLWithPath: $0), copiedScale: copiedLrScale ?? 0,
                                                                                         copiedSteps: copiedSteps) })
         Console.out(String(format: "trained %d samples in %d steps, %.1fs (%.0f samples/s); model: %@",
                            result.samples, result.steps, result.seconds, Double(result.samples) / max(result.seconds, 1e-9),

@@ -53,6 +53,8 @@ final class Faults: Sendable {
     let holdShadow = Mutex(false)
     /// The last request the fake scorer received for its default model.
     let lastScore = Mutex<Stockpot_V1_ScoreRequest?>(nil)
+    /// When set, the fake scorer answers every request this much later (whatever its fault).
+    let scorerDelay = Mutex<Duration?>(nil)
     /// When set, the fake scorer refuses every request with this code (a request it finds malformed or too large).
     let scorerRefuses = Mutex<RPCError.Code?>(nil)
     /// How the fallback scorer (`FakeStudentScorer`) answers.
@@ -123,6 +125,7 @@ struct FakeScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
     func score(request: Stockpot_V1_ScoreRequest, context: ServerContext) async throws -> Stockpot_V1_ScoreResponse {
         faults.count("scorer")
         if let code = faults.scorerRefuses.withLock({ $0 }) { throw RPCError(code: code, message: "candidates: too many for this scorer") }
+        if let delay = faults.scorerDelay.withLock({ $0 }) { try await Task.sleep(for: delay) }
         let fault = faults.scorer.withLock { $0 }
         try await faults.act(fault)
         let n = request.candidates.ids.count
@@ -657,6 +660,43 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
             #expect(r.itemIds == ids, "\(r.itemIds)")
             #expect(r.legacyScores.first { $0.objective == "a" }?.values == Array(FakeScorer.scores(ids.count)["a"]!.reversed()))
             #expect(faults.fallbackAsked.withLock { $0 } == ["student@production"])
+            #expect(faults.calls.withLock { $0["corrector"] ?? 0 } == 0)
+            #expect(r.degradedReasons.last?.hasPrefix("fallback:") == true, "\(r.degradedReasons)")
+            switch fault {
+            case .slow: #expect(r.degradedReasons[0].hasPrefix("deadlineExceeded: legacy scorer had not answered within 2000 ms"), "\(r.degradedReasons)")
+            case .fail: #expect(r.degradedReasons[0].hasPrefix("unavailable: legacy scorer failed"), "\(r.degradedReasons)")
+            case .shed: #expect(r.degradedReasons[0].hasPrefix("resourceExhausted: legacy scorer overloaded"), "\(r.degradedReasons)")
+            default: #expect(r.degradedReasons[0].hasPrefix("malformed reply from the legacy scorer"), "\(r.degradedReasons)")
+            }
+        }
+    }
+
+    /// Hedging: a main scorer late past its share is not cut off; when it answers before the fallback does,
+    /// its reply is served as if nothing happened.
+    @Test func aLateMainScorerStillWinsOverASlowerFallback() async throws {
+        let faults = Faults()
+        faults.scorerDelay.withLock { $0 = .milliseconds(1500) }
+        faults.fallbackScorer.withLock { $0 = .slow }
+        try await withFakeDownstream(faults, fallback: ScorerFallback(model: "student@production", mainTimeout: .milliseconds(300))) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded.isEmpty, "\(r.degradedReasons)")
+            #expect(r.versions.first?.name == "legacy")
+            // The fallback was asked (at 300 ms), and its answer was not waited for.
+            #expect(faults.fallbackAsked.withLock { $0 } == ["student@production"])
+        }
+    }
+
+    @Test func noShadowScoringWhileTheFallbackServes() async throws {
+        let faults = Faults()
+        faults.scorer.withLock { $0 = .fail }
+        faults.shadowVersion.withLock { $0 = 4 }
+        try await withFakeDownstream(faults, fallback: ScorerFallback(model: "student@production"),
+                                     configure: { $0.shadow.share = 1 }) { gateway in
+            let r = try await rank(gateway)
+            #expect(r.degraded.first == "scorer")
+            try await Task.sleep(for: .seconds(1))
+            // One call to the main scorer (the failed one): no shadow call followed.
+            #expect(faults.calls.withLock { $0["scorer"] ?? 0 } == 1)
         }
     }
 

@@ -65,6 +65,8 @@ import Testing
             "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_FALLBACK_MODEL": "student"])) } throws: { "\($0)".contains("fallback-model") }
         await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
             "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS": "0"])) } throws: { "\($0)".contains("scorer-timeout-ms") }
+        await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS": "600"])) } throws: { "\($0)".contains("budget-ms") }
         let fallback = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
             "STOCKPOT_GATEWAY_FALLBACK_SCORER": "127.0.0.1:1", "STOCKPOT_GATEWAY_FALLBACK_MODEL": "student@production",
             "STOCKPOT_GATEWAY_SCORER_TIMEOUT_MS": "90"]))

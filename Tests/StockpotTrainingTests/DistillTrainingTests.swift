@@ -118,6 +118,22 @@ import Testing
         job.teacher = try TeacherSource(url: teacherDir, label: "t")
         let outcome = try job.fromScratch(days: DayRange(first: 20220425, last: 20220426), out: dir.appendingPathComponent("student"))
         #expect(outcome.model.spec.metadata["teachers"] == "t/20220425,t/20220426")
+        // Each pooled row's logits come from its own day's teacher: row by row against each teacher by hand.
+        let rows = try data.rows(in: DayRange(first: 20220425, last: 20220426))
+        let heads = outcome.model.spec.heads
+        let (pooled, _) = try LegacyTraining.pooledTeacherLogits(teacher: job.teacher!, data: data, rows: rows, heads: heads)
+        var sawBothDays = Set<Int>()
+        for (s, r) in rows.enumerated() {
+            let own = try LegacyModel.load(from: teacherDir.appendingPathComponent(String(data.dates[r])))
+            let other = try LegacyModel.load(from: teacherDir.appendingPathComponent(data.dates[r] == 20220425 ? "20220426" : "20220425"))
+            let expected = try Distillation.teacherLogits(teacher: own, data: data, rows: [r], heads: heads)
+            let wrong = try Distillation.teacherLogits(teacher: other, data: data, rows: [r], heads: heads)
+            let got = Array(pooled[s * heads.count..<(s + 1) * heads.count])
+            #expect(zip(got, expected).allSatisfy { abs($0 - $1) <= 1e-6 }, "row \(r): \(got) vs \(expected)")
+            #expect(zip(got, wrong).contains { abs($0 - $1) > 1e-6 }, "row \(r): the other day's teacher gives the same logits")
+            sawBothDays.insert(data.dates[r])
+        }
+        #expect(sawBothDays.count == 2)
         #expect(outcome.model.spec.hidden.count == 1)
 
         // One fixed teacher: named once, no per-day list.

@@ -120,8 +120,14 @@ struct RealKuaiRand {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-log-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        try JSONSerialization.data(withJSONObject: line).write(to: dir.appendingPathComponent("serving-20220505.jsonl"))
+        // The same request once more, served by a fallback scorer: its logits are not the legacy model's.
+        var fallback = line
+        fallback["degraded"] = ["scorer"]
+        fallback["legacyLogits"] = Dictionary(uniqueKeysWithValues: config.objectives.map { ($0, items.map { _ in 0.75 }) })
+        try (JSONSerialization.data(withJSONObject: line) + Data("\n".utf8) + JSONSerialization.data(withJSONObject: fallback) + Data("\n".utf8))
+            .write(to: dir.appendingPathComponent("serving-20220505.jsonl"))
         let (ds, stats) = try ServingLogSamples.load(directory: dir, data: data, spec: spec, crowd: "tail", legacyLastDay: 20_220_504)
+        #expect(stats.fallbackServed == 1)
         #expect(stats.candidates == items.count && stats.labelled == Set(shown).count)
         #expect(ds.dense.allSatisfy { $0 == 0.25 } && ds.denseWidth == 3)
         // Labels are the impression log's; features encode as the data-set path encodes them.

@@ -166,6 +166,12 @@ import Testing
         _ = try next.incremental(days: DayRange(first: 20220426, last: 20220426), warmStart: dir.appendingPathComponent("new/latest"),
                                  out: dir.appendingPathComponent("new"))
         #expect(lines.contains { $0.contains("until step 5") }, "\(lines)")
+        // Day two (step 2, within the 5): the copied tensors did not move, the widened first layer did.
+        let day1 = try LegacyModel.load(from: dir.appendingPathComponent("new/20220425"))
+        let day2 = try LegacyModel.load(from: dir.appendingPathComponent("new/20220426"))
+        let frozen = day2.embeddings[0] == day1.embeddings[0] && day2.layers[1] == day1.layers[1]
+        #expect(frozen, "a copied tensor moved within its frozen steps")
+        #expect(day2.layers[0].weight != day1.layers[0].weight)
         #expect(throws: TrainingError.self) {
             try job.incremental(days: DayRange(first: 20220425, last: 20220425), warmStart: dir.appendingPathComponent("new/latest"),
                                 out: dir.appendingPathComponent("x"), transfer: transfer)
