@@ -67,7 +67,7 @@ public final class BatchScorer {
     /// Writes per-objective probabilities (`count × heads`, head order of the spec) into `output`.
     /// - Parameter logitsOnly: write logits instead of probabilities.
     public func score(_ rows: RowMatrix, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false, dense: [Float]? = nil) {
-        precondition(rows.fields == model.fieldCount, "row matrix has \(rows.fields) fields, model \(model.fieldCount)")
+        precondition(rows.fields == model.spec.rowWidth, "row matrix has \(rows.fields) fields, model \(model.spec.rowWidth)")
         rows.storage.withUnsafeBufferPointer { buf in
             if let dense {
                 precondition(dense.count == rows.count * model.spec.denseInputs.count, "dense inputs have the wrong size")
@@ -81,11 +81,11 @@ public final class BatchScorer {
     /// - Parameter dense: the model's dense inputs, `count × denseInputs.count` (required when it has any).
     public func score(rows: UnsafePointer<Int32>, count n: Int, into output: UnsafeMutablePointer<Float>, logitsOnly: Bool = false,
                       dense: UnsafePointer<Float>? = nil) {
-        let f = model.fieldCount
+        let f = model.spec.rowWidth
         let e = model.spec.denseInputs.count
         precondition(e == 0 || dense != nil, "model has dense inputs \(model.spec.denseInputs); pass them")
         let d = model.spec.inputDim
-        let embeddingDim = model.spec.embeddingDim
+        let embeddingDim = model.spec.denseOffset
         var start = 0
         while start < n {
             let m = min(chunk, n - start)

@@ -74,9 +74,22 @@ public struct LegacyModel: Sendable {
     public var layers: [DenseLayer]
     /// All heads packed as one `[heads, lastHidden]` layer; head `k` is row `k`.
     public var heads: DenseLayer
+    /// Target attention over the user's history, when the spec has one.
+    public var attention: TargetAttention?
 
-    public init(spec: ModelSpec, embeddings: [EmbeddingTable], layers: [DenseLayer], heads: DenseLayer) throws {
+    public init(spec: ModelSpec, embeddings: [EmbeddingTable], layers: [DenseLayer], heads: DenseLayer,
+                attention: TargetAttention? = nil) throws {
         try spec.validate()
+        switch (spec.attention, attention) {
+        case (nil, nil): break
+        case (let a?, let t?):
+            guard t.dim == spec.attentionDim, t.hidden.outDim == a.hidden else {
+                throw ModelError.invalidWeights("attention is \(t.hidden.outDim) wide over \(t.dim)-wide items; spec needs \(a.hidden) over \(spec.attentionDim)")
+            }
+        default:
+            throw ModelError.invalidWeights(spec.attention == nil ? "attention weights for a spec without attention" : "the spec has attention but no attention weights")
+        }
+        self.attention = attention
         guard embeddings.count == spec.fields.count else {
             throw ModelError.invalidWeights("\(embeddings.count) embedding tables for \(spec.fields.count) fields")
         }
@@ -128,7 +141,8 @@ public struct LegacyModel: Sendable {
         for i in 0..<hw.count { hw[i] = Float(rng.nextUniform(-bound, bound)) }
         let heads = DenseLayer(inDim: width, outDim: spec.heads.count, weight: hw,
                                bias: [Float](repeating: 0, count: spec.heads.count))
-        return try LegacyModel(spec: spec, embeddings: tables, layers: layers, heads: heads)
+        let attention = spec.attention.map { TargetAttention.initialized(dim: spec.attentionDim, hiddenWidth: $0.hidden, rng: &rng) }
+        return try LegacyModel(spec: spec, embeddings: tables, layers: layers, heads: heads, attention: attention)
     }
 
     public var lastHidden: Int { spec.hidden.last ?? spec.inputDim }
@@ -144,7 +158,8 @@ public struct LegacyModel: Sendable {
 
     /// Bytes of every parameter as stored: embeddings (F32 or INT8 with their scales) plus the F32 MLP and heads.
     public var parameterBytes: Int {
-        embeddingBytes + 4 * (layers.reduce(0) { $0 + $1.weight.count + $1.bias.count } + heads.weight.count + heads.bias.count)
+        embeddingBytes + 4 * (layers.reduce(0) { $0 + $1.weight.count + $1.bias.count } + heads.weight.count + heads.bias.count
+            + (attention.map { $0.hidden.weight.count + $0.hidden.bias.count + $0.output.weight.count + $0.output.bias.count } ?? 0))
     }
 }
 
@@ -152,10 +167,18 @@ public struct LegacyModel: Sendable {
 
 extension LegacyModel {
     /// Gathers the embedding rows of `n` samples into `x` (`n × inputDim`; dense-input columns, if any, are left
-    /// for the caller). `rows` is `n × fields`, row-major. Out-of-range row indices read the missing row 0.
+    /// for the caller) and, with attention, pools each sample's history into its columns. `rows` is
+    /// `n × spec.rowWidth`, row-major. Out-of-range row indices read the missing row 0.
     @inlinable
     public func gather(rows: UnsafePointer<Int32>, count n: Int, into x: UnsafeMutablePointer<Float>) {
-        let f = fieldCount
+        gatherFields(rows: rows, count: n, into: x)
+        if attention != nil { attend(rows: rows, count: n, into: x) }
+    }
+
+    /// The field embeddings alone of `gather`.
+    @inlinable
+    public func gatherFields(rows: UnsafePointer<Int32>, count n: Int, into x: UnsafeMutablePointer<Float>) {
+        let f = fieldCount, stride = spec.rowWidth
         let d = spec.inputDim
         var col = 0
         for fi in 0..<f {
@@ -167,7 +190,7 @@ extension LegacyModel {
                 values.withUnsafeBufferPointer { src in
                     let base = src.baseAddress!
                     for s in 0..<n {
-                        var r = rows[s * f + fi]
+                        var r = rows[s * stride + fi]
                         if r < 0 || r >= limit { r = 0 }
                         (x + s * d + col).update(from: base + Int(r) * dim, count: dim)
                     }
@@ -175,7 +198,7 @@ extension LegacyModel {
             case .int8(let q, let scale, let offset):
                 q.withUnsafeBufferPointer { qb in
                     for s in 0..<n {
-                        var r = rows[s * f + fi]
+                        var r = rows[s * stride + fi]
                         if r < 0 || r >= limit { r = 0 }
                         let ri = Int(r)
                         let sc = scale[ri]
@@ -187,6 +210,45 @@ extension LegacyModel {
                 }
             }
             col += dim
+        }
+    }
+
+    /// The embeddings of sample `s`'s history (its slots after the fields, up to the first empty one) into
+    /// `out` (`length × dim`). Returns how many there are.
+    public func historyEmbeddings(rows: UnsafePointer<Int32>, sample s: Int, into out: UnsafeMutablePointer<Float>) -> Int {
+        guard let a = spec.attention, let fi = spec.attentionItemField else { return 0 }
+        let table = embeddings[fi], dim = table.dim, base = s * spec.rowWidth + fieldCount
+        var count = 0
+        for j in 0..<a.length {
+            let r = rows[base + j]
+            guard r >= 0 else { break }
+            let ri = r < Int32(table.rows) ? Int(r) : 0
+            let dst = out + count * dim
+            switch table.storage {
+            case .f32(let values): values.withUnsafeBufferPointer { (dst).update(from: $0.baseAddress! + ri * dim, count: dim) }
+            case .int8(let q, let scale, let offset):
+                for c in 0..<dim { dst[c] = Float(q[ri * dim + c]) * scale[ri] + offset[ri] }
+            }
+            count += 1
+        }
+        return count
+    }
+
+    /// Pools each sample's history against its candidate (the item field's embedding, already gathered in `x`)
+    /// into the attention's columns of `x`. With `saved`, keeps what the backward pass needs, per sample.
+    public func attend(rows: UnsafePointer<Int32>, count n: Int, into x: UnsafeMutablePointer<Float>,
+                       saved: UnsafeMutablePointer<TargetAttention.Saved>? = nil, histories: UnsafeMutablePointer<[Float]>? = nil) {
+        guard let attention, let a = spec.attention, let fi = spec.attentionItemField else { return }
+        let d = spec.inputDim, dim = attention.dim
+        let itemOffset = spec.fields[..<fi].reduce(0) { $0 + $1.dim }
+        var history = [Float](repeating: 0, count: a.length * dim)
+        history.withUnsafeMutableBufferPointer { h in
+            for s in 0..<n {
+                let count = historyEmbeddings(rows: rows, sample: s, into: h.baseAddress!)
+                attention.pool(history: h.baseAddress!, count: count, candidate: x + s * d + itemOffset, into: x + s * d + spec.embeddingDim,
+                               saved: saved.map { $0 + s })
+                histories?[s] = Array(h[0..<count * dim])
+            }
         }
     }
 

@@ -26,6 +26,12 @@ extension LegacyModel {
             out["head.\(name).weight"] = Tensor(shape: [1, heads.inDim], f32: w)
             out["head.\(name).bias"] = Tensor(shape: [1], f32: [heads.bias[k]])
         }
+        if let attention {
+            out["attention.hidden.weight"] = Tensor(shape: [attention.hidden.outDim, attention.hidden.inDim], f32: attention.hidden.weight)
+            out["attention.hidden.bias"] = Tensor(shape: [attention.hidden.outDim], f32: attention.hidden.bias)
+            out["attention.output.weight"] = Tensor(shape: [1, attention.output.inDim], f32: attention.output.weight)
+            out["attention.output.bias"] = Tensor(shape: [1], f32: attention.output.bias)
+        }
         return out
     }
 
@@ -68,7 +74,17 @@ extension LegacyModel {
             hb += try need("head.\(name).bias", [1]).floats("head.\(name).bias")
         }
         let heads = DenseLayer(inDim: width, outDim: spec.heads.count, weight: hw, bias: hb)
-        try self.init(spec: spec, embeddings: tables, layers: layers, heads: heads)
+        var attention: TargetAttention?
+        if let a = spec.attention {
+            let (dim, h) = (spec.attentionDim, a.hidden)
+            attention = try TargetAttention(
+                dim: dim,
+                hidden: DenseLayer(inDim: 4 * dim, outDim: h, weight: try need("attention.hidden.weight", [h, 4 * dim]).floats("attention.hidden.weight"),
+                                   bias: try need("attention.hidden.bias", [h]).floats("attention.hidden.bias")),
+                output: DenseLayer(inDim: h, outDim: 1, weight: try need("attention.output.weight", [1, h]).floats("attention.output.weight"),
+                                   bias: try need("attention.output.bias", [1]).floats("attention.output.bias")))
+        }
+        try self.init(spec: spec, embeddings: tables, layers: layers, heads: heads, attention: attention)
     }
 
     /// Loads `model.json` and `weights.safetensors` from a model folder.

@@ -25,6 +25,9 @@ public struct ModelSpec: Codable, Sendable, Equatable {
     /// When true, head `k`'s logit is the network's output plus dense input `k` (`denseInputs` must equal
     /// `heads`): the model learns a correction on top of the given logits and starts from them.
     public var residual: Bool
+    /// Target attention over the user's recent history (`TargetAttention`); nil: none. Its pooled vector enters
+    /// the MLP after the field embeddings, before the dense inputs.
+    public var attention: AttentionSpec?
 
     public static let currentFormat = "stockpot.legacy/1"
 
@@ -42,10 +45,11 @@ public struct ModelSpec: Codable, Sendable, Equatable {
         self.metadata = metadata
         self.denseInputs = []
         self.residual = false
+        self.attention = nil
     }
 
     private enum CodingKeys: String, CodingKey {
-        case format, name, featureSetVersion, dtype, fields, hidden, heads, metadata, denseInputs, residual
+        case format, name, featureSetVersion, dtype, fields, hidden, heads, metadata, denseInputs, residual, attention
     }
 
     public init(from decoder: any Decoder) throws {
@@ -60,6 +64,7 @@ public struct ModelSpec: Codable, Sendable, Equatable {
         metadata = try c.decodeIfPresent([String: String].self, forKey: .metadata) ?? [:]
         denseInputs = try c.decodeIfPresent([String].self, forKey: .denseInputs) ?? []
         residual = try c.decodeIfPresent(Bool.self, forKey: .residual) ?? false
+        attention = try c.decodeIfPresent(AttentionSpec.self, forKey: .attention)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -74,13 +79,31 @@ public struct ModelSpec: Codable, Sendable, Equatable {
         try c.encode(metadata, forKey: .metadata)
         if !denseInputs.isEmpty { try c.encode(denseInputs, forKey: .denseInputs) }
         if residual { try c.encode(residual, forKey: .residual) }
+        if let attention { try c.encode(attention, forKey: .attention) }
     }
 
     /// Width of the embedding part of the MLP input.
     public var embeddingDim: Int { fields.reduce(0) { $0 + $1.dim } }
 
-    /// Width of the vector that enters the MLP: the concatenated embeddings, then the dense inputs.
-    public var inputDim: Int { embeddingDim + denseInputs.count }
+    /// Width of the vector that enters the MLP: the concatenated embeddings, the attention's pooled history (as
+    /// wide as its item field), then the dense inputs.
+    public var inputDim: Int { denseOffset + denseInputs.count }
+
+    /// Width of the attention's pooled vector (0 without attention).
+    public var attentionDim: Int {
+        guard let a = attention else { return 0 }
+        return fields.first { $0.name == a.item }?.dim ?? 0
+    }
+
+    /// Where the dense inputs start in the MLP input.
+    public var denseOffset: Int { embeddingDim + attentionDim }
+
+    /// Row indices per sample: one per field, then `attention.length` history slots (rows of the item field's
+    /// table, the items present first, -1 for an empty slot).
+    public var rowWidth: Int { fields.count + (attention?.length ?? 0) }
+
+    /// The attention's item field's position in `fields`.
+    public var attentionItemField: Int? { attention.flatMap { a in fields.firstIndex { $0.name == a.item } } }
 
     /// Checks internal consistency; throws `ModelError.invalidSpec` naming the problem.
     public func validate() throws {
@@ -102,9 +125,37 @@ public struct ModelSpec: Codable, Sendable, Equatable {
             }
         }
         guard Set(heads).count == heads.count else { throw ModelError.invalidSpec("duplicate head names") }
+        if let a = attention {
+            guard attentionItemField != nil else { throw ModelError.invalidSpec("attention item '\(a.item)' is not a field") }
+            guard (1...1024).contains(a.length) else { throw ModelError.invalidSpec("attention length must be 1...1024, not \(a.length)") }
+            guard a.hidden > 0 else { throw ModelError.invalidSpec("attention hidden width must be positive") }
+        }
         if residual && denseInputs != heads {
             throw ModelError.invalidSpec("a residual model needs denseInputs equal to heads (\(heads)), got \(denseInputs)")
         }
+    }
+}
+
+/// Target attention over the user's recent history (`TargetAttention`): which field embeds the items, how many
+/// of the most recent are attended, the activation unit's width, and where the history comes from.
+public struct AttentionSpec: Codable, Sendable, Equatable {
+    /// The field whose table embeds the candidate and the history items alike (e.g. `video_id`).
+    public var item: String
+    /// History items attended: the most recent ones.
+    public var length: Int
+    /// Hidden width of the activation unit.
+    public var hidden: Int
+    /// The label that makes an impression an interaction in the history (training reads it from the log).
+    public var interaction: String
+    /// The user feature that holds the history when serving: item ids joined by commas, most recent last.
+    public var userColumn: String
+
+    public init(item: String, length: Int, hidden: Int, interaction: String = "is_click", userColumn: String = "recent_clicks") {
+        self.item = item
+        self.length = length
+        self.hidden = hidden
+        self.interaction = interaction
+        self.userColumn = userColumn
     }
 }
 

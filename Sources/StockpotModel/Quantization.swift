@@ -40,6 +40,6 @@ extension LegacyModel {
             let (q, s, o) = RowWiseInt8.quantize(t.floatValues, rows: t.rows, dim: t.dim)
             return EmbeddingTable(rows: t.rows, dim: t.dim, storage: .int8(q: q, scale: s, offset: o))
         }
-        return try LegacyModel(spec: spec, embeddings: tables, layers: layers, heads: heads)
+        return try LegacyModel(spec: spec, embeddings: tables, layers: layers, heads: heads, attention: attention)
     }
 }

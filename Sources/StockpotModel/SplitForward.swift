@@ -81,7 +81,8 @@ public final class SplitFirstLayer: Sendable {
 
     /// Nil when the model has no hidden layer (its first layer is the heads; nothing to split).
     public init?(model: LegacyModel) {
-        guard let first = model.layers.first else { return nil }
+        // The attention's pooled history depends on the user and the candidate together: no split for it (yet).
+        guard model.spec.attention == nil, let first = model.layers.first else { return nil }
         let sources = model.spec.fields.map { try? FieldSource($0.source) }
         let scopes = sources.map { FieldScope(parsed: $0) }
         var offsets: [Int] = []

@@ -45,8 +45,12 @@ public struct ServableModel: Sendable {
 
     public static func load(folder: URL, workers: Int, maxQueued: Int = 64, warmUp: [RankingInputs] = [],
                             itemCacheEntries: Int = ServableModel.defaultItemCacheEntries) throws -> ServableModel {
-        ServableModel(model: try LegacyModel.load(from: folder), workers: workers, maxQueued: maxQueued, warmUp: warmUp,
-                      itemCacheEntries: itemCacheEntries)
+        let model = try LegacyModel.load(from: folder)
+        guard model.spec.attention == nil else {
+            throw ModelError.invalidSpec("\(folder.lastPathComponent): models with target attention over the user's history are not served yet "
+                + "(training and offline evaluation only)")
+        }
+        return ServableModel(model: model, workers: workers, maxQueued: maxQueued, warmUp: warmUp, itemCacheEntries: itemCacheEntries)
     }
 
     /// Logits (`count × heads`) for the encoded rows (and dense inputs, for models that take them), by the

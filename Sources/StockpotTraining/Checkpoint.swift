@@ -21,6 +21,7 @@ public enum Checkpoint {
 
     static func denseNames(_ model: LegacyModel) -> [String] {
         (0..<model.layers.count).flatMap { ["mlp.\($0).weight", "mlp.\($0).bias"] } + ["heads.weight", "heads.bias"]
+            + (model.attention == nil ? [] : ["attention.hidden.weight", "attention.hidden.bias", "attention.output.weight", "attention.output.bias"])
     }
 
     /// Writes the checkpoint folder atomically (complete or absent, never half-written).

@@ -3,8 +3,9 @@ import StockpotModel
 
 /// Samples encoded for one model: embedding rows, labels, weights and the keys evaluation groups by.
 public struct EncodedDataset: Sendable {
-    /// Fields per sample (the model's field count).
-    public let fieldCount: Int
+    /// Row indices per sample: the model's `spec.rowWidth` (its field count, plus the history slots of a model
+    /// with attention).
+    public private(set) var fieldCount: Int
     /// Objectives per sample, in the model's head order.
     public let objectives: [String]
     /// `count × fieldCount` row indices.
@@ -45,9 +46,26 @@ public struct EncodedDataset: Sendable {
         self.crowdValues = crowdValues
     }
 
-    /// Encodes KuaiRand log rows with a model's spec.
-    public init(data: KuaiRandData, rows logRows: [Int], spec: ModelSpec, crowdSource: String) throws {
+    /// Encodes KuaiRand log rows with a model's spec: its fields and, with attention, each row's history
+    /// (`InteractionHistory`, computed from the log unless given) in the slots after the fields.
+    public init(data: KuaiRandData, rows logRows: [Int], spec: ModelSpec, crowdSource: String, history: InteractionHistory? = nil) throws {
         try self.init(data: data, rows: logRows, fields: spec.fields, objectives: spec.heads, crowdSource: crowdSource)
+        guard let a = spec.attention, let itemField = spec.attentionItemField else { return }
+        let h = try history ?? InteractionHistory(data: data, label: a.interaction, length: a.length)
+        guard h.label == a.interaction, h.length >= a.length else {
+            throw TrainingError.config("history of '\(h.label)' × \(h.length) given for attention over '\(a.interaction)' × \(a.length)")
+        }
+        let encoder = FeatureEncoder(fields: spec.fields)
+        let (f, w) = (spec.fields.count, spec.rowWidth)
+        var widened = [Int32](repeating: -1, count: logRows.count * w)
+        for (s, r) in logRows.enumerated() {
+            for fi in 0..<f { widened[s * w + fi] = rows[s * f + fi] }
+            for (j, item) in h.items(row: r).suffix(a.length).enumerated() {
+                widened[s * w + f + j] = encoder.row(field: itemField, raw: String(item))
+            }
+        }
+        rows = widened
+        fieldCount = w
     }
 
     /// Encodes `fields` (possibly none, for label-only uses such as baselines) and the `objectives` labels.

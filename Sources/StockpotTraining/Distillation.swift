@@ -77,6 +77,9 @@ extension Distillation {
     /// - Throws: `TrainingError.data` when the teacher lacks one of `heads`, or when it takes dense inputs (a
     ///   corrector is no teacher here).
     public static func teacherLogits(teacher: LegacyModel, data: KuaiRandData, rows logRows: [Int], heads: [String]) throws -> [Float] {
+        guard teacher.spec.attention == nil else {
+            throw TrainingError.data("teacher \(teacher.spec.name) attends over the user's history: distilling from such a teacher is not supported yet")
+        }
         guard teacher.spec.denseInputs.isEmpty else {
             throw TrainingError.data("teacher \(teacher.spec.name) takes dense inputs (\(teacher.spec.denseInputs)): only a model "
                 + "that scores from features can teach")

@@ -114,6 +114,11 @@ public final class Trainer {
     private let gradB: UnsafeMutablePointer<Float>
     /// Widest of the input and hidden layers: the per-sample stride of a block's backward scratch.
     private let widest: Int
+    // Target attention (models that have it): per sample, what its forward pass kept, its history's
+    // embeddings, and their gradient (`length × dim` per sample).
+    private let attentionSaved: UnsafeMutablePointer<TargetAttention.Saved>
+    private let attentionHistories: UnsafeMutablePointer<[Float]>
+    private let dHistory: UnsafeMutablePointer<Float>
     // Dense gradients, flat (layers then heads, weight and bias each, at `denseOffsets`): the batch's, and one
     // buffer per extra thread for its block; then each thread's share of the batch loss.
     private let denseSizes: [Int]
@@ -181,6 +186,7 @@ public final class Trainer {
             sampleWeighted = Array(repeating: true, count: model.headCount)
         }
         let denseSizes = model.layers.flatMap { [$0.weight.count, $0.bias.count] } + [model.heads.weight.count, model.heads.bias.count]
+            + (model.attention.map { [$0.hidden.weight.count, $0.hidden.bias.count, $0.output.weight.count, $0.output.bias.count] } ?? [])
         if let s = optimizerState {
             guard s.optimizer == options.optimizer else {
                 throw TrainingError.checkpoint("checkpoint optimizer is \(s.optimizer.rawValue), run asks for \(options.optimizer.rawValue)")
@@ -202,6 +208,12 @@ public final class Trainer {
         dLogits = .allocate(capacity: batch * model.headCount)
         gradA = .allocate(capacity: batch * widest)
         gradB = .allocate(capacity: batch * widest)
+        let attentionSamples = model.attention == nil ? 0 : batch
+        attentionSaved = .allocate(capacity: max(attentionSamples, 1))
+        attentionSaved.initialize(repeating: TargetAttention.Saved(), count: attentionSamples)
+        attentionHistories = .allocate(capacity: max(attentionSamples, 1))
+        attentionHistories.initialize(repeating: [], count: attentionSamples)
+        dHistory = .allocate(capacity: max(attentionSamples * (model.spec.attention?.length ?? 0) * model.spec.attentionDim, 1))
         self.denseSizes = denseSizes
         denseNames = Checkpoint.denseNames(model)
         denseOffsets = denseSizes.indices.map { denseSizes[..<$0].reduce(0, +) }
@@ -260,6 +272,12 @@ public final class Trainer {
         dLogits.deallocate()
         gradA.deallocate()
         gradB.deallocate()
+        let attentionSamples = model.attention == nil ? 0 : batch
+        attentionSaved.deinitialize(count: attentionSamples)
+        attentionSaved.deallocate()
+        attentionHistories.deinitialize(count: attentionSamples)
+        attentionHistories.deallocate()
+        dHistory.deallocate()
         gradFlat.deallocate()
         partGrads.forEach { $0.deallocate() }
         blockLoss.deallocate()
@@ -279,7 +297,7 @@ public final class Trainer {
         _ data: EncodedDataset, order: [Int], progressEvery: Duration = .seconds(5),
         progress: ((TrainingProgress) -> Void)? = nil
     ) throws -> Double {
-        guard data.fieldCount == model.fieldCount, data.objectives == model.spec.heads else {
+        guard data.fieldCount == model.spec.rowWidth, data.objectives == model.spec.heads else {
             throw TrainingError.data("data set encoded for another model (fields or heads differ)")
         }
         let e = model.spec.denseInputs.count
@@ -298,7 +316,7 @@ public final class Trainer {
             throw TrainingError.data("teacher logit \(data.teacherLogits[bad]) for sample \(bad / model.headCount), head "
                 + "\(model.spec.heads[bad % model.headCount]): teacher logits must be finite")
         }
-        let f = model.fieldCount, k = model.headCount
+        let f = model.spec.rowWidth, k = model.headCount
         let rows = UnsafeMutablePointer<Int32>.allocate(capacity: batch * f)
         let labels = UnsafeMutablePointer<Float>.allocate(capacity: batch * k)
         let weights = UnsafeMutablePointer<Float>.allocate(capacity: batch)
@@ -447,15 +465,18 @@ public final class Trainer {
             g.update(repeating: 0, count: denseTotal)
             return 0
         }
-        let k = model.headCount, d = model.spec.inputDim, e = model.spec.denseInputs.count, f = model.fieldCount
+        let k = model.headCount, d = model.spec.inputDim, e = model.spec.denseInputs.count, f = model.spec.rowWidth
         let s0 = r.lowerBound, m = r.count
         let widths = model.spec.hidden
         let x = self.x + s0 * d
         let acts = zip(self.acts, widths).map { $0 + s0 * $1 }
         let logits = self.logits + s0 * k, dLogits = self.dLogits + s0 * k
-        model.gather(rows: rows + s0 * f, count: m, into: x)
+        model.gatherFields(rows: rows + s0 * f, count: m, into: x)
+        if model.attention != nil {
+            model.attend(rows: rows + s0 * f, count: m, into: x, saved: attentionSaved + s0, histories: attentionHistories + s0)
+        }
         if let dense, e > 0 {
-            let offset = model.spec.embeddingDim
+            let offset = model.spec.denseOffset
             for s in 0..<m { (x + s * d + offset).update(from: dense + (s0 + s) * e, count: e) }
         }
         model.dense(input: x, count: m, activations: acts, logits: logits)
@@ -504,6 +525,25 @@ public final class Trainer {
                             dB: g + denseOffsets[2 * l + 1], dInput: dIn)
             swap(&dOut, &spare)
         }
+        if let attention = model.attention, let a = model.spec.attention, let itemField = model.spec.attentionItemField {
+            // Through the pooled history: the unit's parameters, the history items and the candidate's item.
+            let base = 2 * L + 2
+            let (dim, H) = (attention.dim, attention.hidden.outDim)
+            let dHidden = g + denseOffsets[base], dOutput = g + denseOffsets[base + 2]
+            dHidden.update(repeating: 0, count: H * 4 * dim + H)
+            dOutput.update(repeating: 0, count: H + 1)
+            let itemOffset = model.spec.fields[..<itemField].reduce(0) { $0 + $1.dim }
+            let pooledAt = model.spec.embeddingDim
+            for s in 0..<m {
+                let dxs = dx + (s0 + s) * d
+                let history = attentionHistories[s0 + s]
+                history.withUnsafeBufferPointer { h in
+                    attention.backward(history: h.baseAddress ?? UnsafePointer(dxs), count: h.count / dim, candidate: x + s * d + itemOffset,
+                                       saved: attentionSaved[s0 + s], dPooled: dxs + pooledAt, dHidden: dHidden, dOutput: dOutput,
+                                       dHistory: dHistory + (s0 + s) * a.length * dim, dCandidate: dxs + itemOffset)
+                }
+            }
+        }
         return loss
     }
 
@@ -512,7 +552,9 @@ public final class Trainer {
     /// With `update`, each thread then applies the optimizer to the same share (its range of the dense
     /// parameters, the rows its tables touched) and clears its sparse gradients: one pass, no other barrier.
     private func finishGradients(rows: UnsafePointer<Int32>, count n: Int, update: Bool) {
-        let f = model.fieldCount, d = model.spec.inputDim, parts = threads
+        let f = model.fieldCount, stride = model.spec.rowWidth, d = model.spec.inputDim, parts = threads
+        let attentionField = model.attention == nil ? nil : model.spec.attentionItemField
+        let historyLength = model.spec.attention?.length ?? 0, dHist = dHistory
         let (dims, tableRows, offsets, dx, total, grad, partials) = (fieldDims, fieldRows, fieldOffsets, dx, denseTotal, gradFlat, partGrads)
         let (sizes, starts, order) = (denseSizes, denseOffsets, tableOrder)
         tableCursor.store(0, ordering: .relaxed)
@@ -522,6 +564,7 @@ public final class Trainer {
         let tableRates = model.spec.fields.map { o.embeddingLearningRate * (o.copiedParameters?.factor("embedding.\($0.name)", step: step) ?? 1) }
         var tables: [EmbeddingTable] = [], layers: [DenseLayer] = []
         var heads = model.heads
+        var attention = model.attention
         if update {
             // Moved out, so that each array's storage has one owner and is updated in place.
             tables = model.embeddings
@@ -530,9 +573,10 @@ public final class Trainer {
             model.layers = []
             model.heads.weight = []
             model.heads.bias = []
+            model.attention = nil
         }
         layers.withUnsafeMutableBufferPointer { lb in
-            Self.withParameters(lb, heads: &heads, update: update) { params in
+            Self.withParameters(lb, heads: &heads, attention: &attention, update: update) { params in
                 Self.withElements(&denseM) { denseMoments in
                     Self.withElements(&denseV) { denseAccumulators in
                         tableStates.withUnsafeMutableBufferPointer { statesBuffer in
@@ -557,8 +601,12 @@ public final class Trainer {
                                         let k = self.tableCursor.wrappingAdd(1, ordering: .relaxed).oldValue
                                         guard k < f else { break }
                                         let fi = order[k]
-                                        Self.scatter(field: fi, fields: f, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
+                                        Self.scatter(field: fi, fields: stride, rows: rows, count: n, dx: dx + offsets[fi], stride: d,
                                                      dim: dims[fi], tableRows: tableRows[fi], into: &states[fi])
+                                        if fi == attentionField {
+                                            Self.scatterHistory(firstSlot: f, length: historyLength, rowWidth: stride, rows: rows, count: n,
+                                                                dHistory: dHist, dim: dims[fi], tableRows: tableRows[fi], into: &states[fi])
+                                        }
                                         guard update else { continue }
                                         Self.updateTable(&tb[fi], state: &states[fi], options: o, lr: tableRates[fi], t: t)
                                         states[fi].clearGradient()
@@ -574,18 +622,36 @@ public final class Trainer {
             model.embeddings = tables
             model.layers = layers
             model.heads = heads
+            model.attention = attention
         }
     }
 
     /// Calls `body` with a pointer to every dense parameter tensor in gradient order (each layer's weight and
-    /// bias, then the heads'); an empty list unless `update`.
-    private static func withParameters(_ layers: UnsafeMutableBufferPointer<DenseLayer>, heads: inout DenseLayer, update: Bool,
-                                       _ body: ([UnsafeMutablePointer<Float>]) -> Void) {
+    /// bias, then the heads', then the attention's); an empty list unless `update`.
+    private static func withParameters(_ layers: UnsafeMutableBufferPointer<DenseLayer>, heads: inout DenseLayer,
+                                       attention: inout TargetAttention?, update: Bool, _ body: ([UnsafeMutablePointer<Float>]) -> Void) {
         guard update else { return body([]) }
+        func withAttention(_ acc: [UnsafeMutablePointer<Float>]) {
+            guard var a = attention else { return body(acc) }
+            // Moved out, so that each array has one owner and is updated in place, then put back.
+            var (hw, hb, ow, ob) = (a.hidden.weight, a.hidden.bias, a.output.weight, a.output.bias)
+            (a.hidden.weight, a.hidden.bias, a.output.weight, a.output.bias) = ([], [], [], [])
+            hw.withUnsafeMutableBufferPointer { hw in
+                hb.withUnsafeMutableBufferPointer { hb in
+                    ow.withUnsafeMutableBufferPointer { ow in
+                        ob.withUnsafeMutableBufferPointer { ob in
+                            body(acc + [hw.baseAddress!, hb.baseAddress!, ow.baseAddress!, ob.baseAddress!])
+                        }
+                    }
+                }
+            }
+            (a.hidden.weight, a.hidden.bias, a.output.weight, a.output.bias) = (hw, hb, ow, ob)
+            attention = a
+        }
         func nest(_ l: Int, _ acc: [UnsafeMutablePointer<Float>]) {
             guard l < layers.count else {
                 heads.weight.withUnsafeMutableBufferPointer { w in
-                    heads.bias.withUnsafeMutableBufferPointer { b in body(acc + [w.baseAddress!, b.baseAddress!]) }
+                    heads.bias.withUnsafeMutableBufferPointer { b in withAttention(acc + [w.baseAddress!, b.baseAddress!]) }
                 }
                 return
             }
@@ -631,6 +697,34 @@ public final class Trainer {
         }
     }
 
+    /// Adds each sample's history gradients (`length × dim` per sample in `dHistory`, for the items present:
+    /// the slots after the fields up to the first empty one) to the sparse gradient of the rows they read.
+    private static func scatterHistory(firstSlot f: Int, length: Int, rowWidth: Int, rows: UnsafePointer<Int32>, count n: Int,
+                                       dHistory: UnsafePointer<Float>, dim: Int, tableRows: Int, into state: inout TableState) {
+        let limit = Int32(tableRows)
+        state.slots.withUnsafeMutableBufferPointer { slots in
+            for s in 0..<n {
+                for j in 0..<length {
+                    var r = rows[s * rowWidth + f + j]
+                    guard r >= 0 else { break }
+                    if r >= limit { r = 0 }
+                    var slot = slots[Int(r)]
+                    if slot < 0 {
+                        slot = Int32(state.touched.count)
+                        slots[Int(r)] = slot
+                        state.touched.append(r)
+                        state.grad.append(contentsOf: repeatElement(0, count: dim))
+                    }
+                    let src = dHistory + (s * length + j) * dim
+                    state.grad.withUnsafeMutableBufferPointer { g in
+                        let dst = g.baseAddress! + Int(slot) * dim
+                        for c in 0..<dim { dst[c] += src[c] }
+                    }
+                }
+            }
+        }
+    }
+
     /// The optimizer on the rows of one table a batch touched (lazy: the others keep their moments).
     private static func updateTable(_ table: inout EmbeddingTable, state: inout TableState, options o: TrainingOptions, lr: Float, t: Float) {
         let dim = table.dim
@@ -663,7 +757,7 @@ public final class Trainer {
         let n = weights.count
         let k = model.headCount
         let scorer = BatchScorer(model: model, chunk: max(n, 1))
-        let logits = scorer.score(RowMatrix(fields: model.fieldCount, rows: rows), logitsOnly: true, dense: dense)
+        let logits = scorer.score(RowMatrix(fields: model.spec.rowWidth, rows: rows), logitsOnly: true, dense: dense)
         precondition((distillation == nil) == (teacher == nil) && (teacher == nil || teacher!.count == n * k),
                       "distillation and teacher logits (n × heads) go together")
         let lw = lossWeights ?? Array(repeating: 1, count: k)
@@ -736,6 +830,7 @@ public final class Trainer {
     }
 
     private func denseIndex(_ name: String) -> Int? {
+        if let i = denseNames.firstIndex(of: name) { return i }
         let L = model.layers.count
         switch name {
         case "heads.weight": return 2 * L
