@@ -151,8 +151,9 @@ public enum SpecFitter {
             fields.append(FieldSpec(name: fc.name, source: fc.source, dim: fc.dim ?? config.defaultDim,
                                     encoding: encoding, missing: (fc.missing ?? []).sorted()))
         }
-        let spec = ModelSpec(name: name, featureSetVersion: config.featureSetVersion, fields: fields,
+        var spec = ModelSpec(name: name, featureSetVersion: config.featureSetVersion, fields: fields,
                              hidden: config.hidden, heads: config.objectives)
+        spec.attention = config.attention
         try spec.validate()
         return spec
     }

@@ -17,6 +17,9 @@ public struct FeatureConfig: Codable, Sendable {
     /// Who belongs to which crowd. Absent from the file: `CrowdDefinition.activity`, the definition the gateway
     /// routes with by default, so trainer and gateway share one source of truth.
     public var crowds: CrowdDefinition
+    /// Target attention over the user's history (`AttentionSpec`: the item field, length, unit width); nil:
+    /// none.
+    public var attention: AttentionSpec?
 
     /// One field: source and how to encode it.
     public struct FieldConfig: Codable, Sendable {
@@ -34,7 +37,7 @@ public struct FeatureConfig: Codable, Sendable {
         public var missing: [String]?
     }
 
-    private enum CodingKeys: String, CodingKey { case featureSetVersion, objectives, hidden, defaultDim, fields, crowds }
+    private enum CodingKeys: String, CodingKey { case featureSetVersion, objectives, hidden, defaultDim, fields, crowds, attention }
 
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -44,6 +47,7 @@ public struct FeatureConfig: Codable, Sendable {
         defaultDim = try c.decode(Int.self, forKey: .defaultDim)
         fields = try c.decode([FieldConfig].self, forKey: .fields)
         crowds = try c.decodeIfPresent(CrowdDefinition.self, forKey: .crowds) ?? .activity
+        attention = try c.decodeIfPresent(AttentionSpec.self, forKey: .attention)
     }
 
     public static func load(_ url: URL) throws -> FeatureConfig {
@@ -72,6 +76,15 @@ public struct FeatureConfig: Codable, Sendable {
             case "vocabulary", "buckets": break
             default: throw TrainingError.config("field '\(f.name)': unknown encoding '\(f.encoding)'")
             }
+        }
+        if let a = attention {
+            guard let item = fields.first(where: { $0.name == a.item }) else {
+                throw TrainingError.config("attention item '\(a.item)' is not a field")
+            }
+            guard item.encoding == "hashed" else {
+                throw TrainingError.config("attention item '\(a.item)' must be hashed: history items outside the training vocabulary must still get rows")
+            }
+            guard (1...1024).contains(a.length), a.hidden > 0 else { throw TrainingError.config("attention length must be 1...1024 and hidden positive") }
         }
     }
 }

@@ -98,19 +98,31 @@ public enum StructureTransfer {
         } else {
             report.fresh += ["heads.weight", "heads.bias"]
         }
+        // The attention unit, when both attend alike over the same (copied) item embedding.
+        if let a = new.attention, let item = new.spec.attentionItemField {
+            let names = ["attention.hidden.weight", "attention.hidden.bias", "attention.output.weight", "attention.output.bias"]
+            if let o = old.attention, let oa = old.spec.attention, let na = new.spec.attention, oa.item == na.item, oa.hidden == na.hidden,
+               o.dim == a.dim, report.copied.contains("embedding.\(new.spec.fields[item].name)") {
+                new.attention = o
+                report.copied += names
+            } else {
+                report.fresh += names
+            }
+        }
         return report
     }
 
     /// Whether the two models' first-layer inputs are the same vector: the same fields, in the same order, with
     /// the same definitions, and the same dense inputs.
     static func sameInputs(_ old: LegacyModel, _ new: LegacyModel) -> Bool {
-        old.spec.fields == new.spec.fields && old.spec.denseInputs == new.spec.denseInputs
+        old.spec.fields == new.spec.fields && old.spec.denseInputs == new.spec.denseInputs && old.spec.attention == new.spec.attention
     }
 
     /// For a first layer whose inputs grew: each old input column's position in the new input vector, or nil
     /// when an old field is gone or changed, or the dense inputs differ (the old function cannot be kept).
     static func widenedColumns(_ old: LegacyModel, _ new: LegacyModel, sameField: [Bool]) -> [(from: Int, to: Int)]? {
-        guard old.spec.denseInputs.isEmpty, new.spec.denseInputs.isEmpty else { return nil }
+        // An old pooled history would have to be the same pooling to keep its columns: not widened from.
+        guard old.spec.denseInputs.isEmpty, new.spec.denseInputs.isEmpty, old.spec.attention == nil else { return nil }
         var newOffset: [String: Int] = [:]
         var offset = 0
         for (i, f) in new.spec.fields.enumerated() {

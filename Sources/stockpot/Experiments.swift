@@ -6,7 +6,7 @@ import StockpotTraining
 
 /// `stockpot experiment correctors`: the crowd-corrector study on KuaiRand, for both legacy feature sets.
 struct Experiment: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Reproducible studies.", subcommands: [Correctors.self, Distill.self])
+    static let configuration = CommandConfiguration(abstract: "Reproducible studies.", subcommands: [Correctors.self, Distill.self, Structure.self])
 
     struct Correctors: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -349,6 +349,148 @@ extension Experiment {
                 s += "<text x=\"\(w - right + 12)\" y=\"\(top + 60)\">■ teacher</text>\n"
             }
             return s + "</svg>\n"
+        }
+    }
+}
+
+extension Experiment {
+    /// `stockpot experiment structure`: the legacy model against a new structure with target attention over the
+    /// user's history, trained from scratch or started from the legacy model.
+    struct Structure: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Legacy (incremental) vs a new structure with history attention, from scratch or warm-started from the legacy model; per crowd, with the attention's scoring cost.",
+            discussion: """
+            The legacy model is trained day by day on --base-days, then continued on --new-days. On the same \
+            --new-days (same data, same steps), the new structure (the legacy config plus target attention over \
+            each impression's earlier clicks) is trained from scratch, and started from the legacy model's \
+            checkpoint of the last base day (copied where name, shape and field match; the first layer widened), \
+            with everything at the full rate and with the copied tensors frozen for the first day. For reference, \
+            the new structure is also trained from scratch on all the days. All are evaluated on --test-days. \
+            Writes report.md under --out. Use -c release.
+            """)
+
+        @OptionGroup var dataOptions: DataOptions
+        @Option(help: "Days the legacy model is trained on first.") var baseDays: String = "20220425..20220501"
+        @Option(help: "Days every arm trains on last (the legacy model continues, the new structure starts).") var newDays: String = "20220502..20220504"
+        @Option(help: "Test days.") var testDays: String = "20220505..20220508"
+        @Option(help: "History items attended (the most recent clicks).") var historyLength: Int = 20
+        @Option(help: "Hidden width of the attention unit.") var attentionHidden: Int = 32
+        @Option(help: "Random seed of every model.") var seed: UInt64 = 20_220_425
+        @Option(help: "Candidates per timed forward pass, comma-separated.") var candidates: String = "200,1000"
+        @Option(help: "Seconds each model is timed per candidate count.") var seconds: Double = 2
+        @Option(help: "Output folder.") var out: String = "runs/structure"
+
+        func run() async throws {
+            let counts = try candidates.split(separator: ",").map { s -> Int in
+                guard let v = Int(s.trimmingCharacters(in: .whitespaces)), v > 0 else { throw ValidationError("--candidates: '\(s)' is not a positive count") }
+                return v
+            }
+            guard !counts.isEmpty, seconds > 0 else { throw ValidationError("--candidates must name a count and --seconds be positive") }
+            let (data, config) = try dataOptions.load()
+            let base = try parseDays(baseDays), new = try parseDays(newDays), test = try parseDays(testDays)
+            guard base.last < new.first, new.last < test.first else {
+                throw ValidationError("--base-days, --new-days and --test-days must follow one another")
+            }
+            var attentionConfig = config
+            attentionConfig.attention = AttentionSpec(item: "video_id", length: historyLength, hidden: attentionHidden)
+            do { try attentionConfig.validate() } catch { throw ValidationError("\(error)") }
+            let outURL = URL(fileURLWithPath: out)
+            try? FileManager.default.removeItem(at: outURL)
+            try FileManager.default.createDirectory(at: outURL, withIntermediateDirectories: true)
+            let clock = ContinuousClock()
+            let started = clock.now
+            var options = TrainingOptions()
+            options.seed = seed
+            func job(_ c: FeatureConfig) -> LegacyTraining { LegacyTraining(data: data, config: c, options: options, log: { _ in }) }
+            let history = try InteractionHistory(data: data, label: "is_click", length: historyLength)
+            var arms: [(label: String, model: LegacyModel, steps: Int)] = []
+
+            Console.info("[structure] legacy on \(base), then continued on \(new)")
+            let legacyBase = try job(config).incremental(days: base, warmStart: nil, out: outURL.appendingPathComponent("legacy"))
+            let legacyLast = outURL.appendingPathComponent("legacy/\(base.last)")
+            let continued = try job(config).incremental(days: new, warmStart: legacyLast, out: outURL.appendingPathComponent("legacy"))
+            arms.append(("legacy, day by day \(base.first)..\(new.last)", continued.model, continued.steps))
+            _ = legacyBase
+
+            Console.info("[structure] new structure from scratch on \(new)")
+            let scratch = try job(attentionConfig).incremental(days: new, warmStart: nil, out: outURL.appendingPathComponent("new-scratch"))
+            arms.append(("new, from scratch on \(new)", scratch.model, scratch.steps))
+
+            Console.info("[structure] new structure started from the legacy model, on \(new)")
+            let warm = try job(attentionConfig).incremental(days: new, warmStart: nil, out: outURL.appendingPathComponent("new-warm"),
+                                                             transfer: .init(from: legacyLast))
+            arms.append(("new, from legacy \(base.last), all at full rate", warm.model, warm.steps))
+            let firstDay = try data.rows(in: DayRange(first: new.first, last: new.first)).count
+            let frozenSteps = (firstDay + options.batchSize - 1) / options.batchSize
+            let frozen = try job(attentionConfig).incremental(days: new, warmStart: nil, out: outURL.appendingPathComponent("new-warm-frozen"),
+                                                               transfer: .init(from: legacyLast, copiedScale: 0, copiedSteps: frozenSteps))
+            arms.append(("new, from legacy \(base.last), copied frozen \(frozenSteps) steps", frozen.model, frozen.steps))
+
+            Console.info("[structure] new structure from scratch on all of \(base.first)..\(new.last)")
+            let replay = try job(attentionConfig).incremental(days: DayRange(first: base.first, last: new.last), warmStart: nil,
+                                                               out: outURL.appendingPathComponent("new-scratch-all"))
+            arms.append(("new, from scratch on \(base.first)..\(new.last)", replay.model, replay.steps))
+
+            // Evaluation and scoring cost on the test days' impressions.
+            let testRows = try data.rows(in: test)
+            var reports: [EvaluationReport] = []
+            var micros: [[Int: [Double]]] = []
+            for arm in arms {
+                let ds = try EncodedDataset(data: data, rows: testRows, spec: arm.model.spec, crowdSource: config.crowds.source, history: history)
+                reports.append(EvaluationReport(predictions: LegacyTraining.predict(arm.model, on: ds), dataset: ds, crowds: config.crowds))
+                var perCount: [Int: [Double]] = [:]
+                for n in counts { perCount[n] = [Self.time(arm.model, ds: ds, candidates: n, seconds: seconds)] }
+                micros.append(perCount)
+                Console.info(String(format: "[structure] %@: click AUC all %.4f tail %.4f", arm.label,
+                                    reports.last!.metrics["is_click"]?["all"]?.auc ?? .nan, reports.last!.metrics["is_click"]?["tail"]?.auc ?? .nan))
+            }
+            func f(_ x: Double?, _ d: Int = 4) -> String { x.flatMap { $0.isFinite ? String(format: "%.\(d)f", $0) : nil } ?? "-" }
+            var r = "# A new structure with history attention against the legacy model (KuaiRand-Pure)\n\n"
+            r += "Legacy: `\(dataOptions.config ?? "builtin:legacy-kuairand")` day by day on \(base), continued on \(new). New structure: the same "
+            r += "fields plus target attention over each impression's last \(historyLength) clicks (strictly earlier), attended by the candidate's "
+            r += "`video_id` embedding (unit width \(attentionHidden)). Test \(test); head = full/high active, tail = the rest. Seed \(seed). "
+            r += "Run time \(String(format: "%.1f", (clock.now - started).seconds / 60)) min.\n\n"
+            r += "## Scoring cost\n\nµs per request on the plain forward pass (encoded rows, one thread; the legacy model's split first "
+            r += "layer and item cache, which attention models do not use yet, would make the legacy model faster still).\n\n"
+            r += "| model | steps on the last days | parameters | " + counts.map { "\($0) candidates µs" }.joined(separator: " | ") + " |\n"
+            r += "| --- | ---: | ---: | " + counts.map { _ in "---:" }.joined(separator: " | ") + " |\n"
+            for (i, arm) in arms.enumerated() {
+                r += "| \(arm.label) | \(arm.steps) | \(String(format: "%.1f MB", Double(arm.model.parameterBytes) / 1e6)) | "
+                r += counts.map { String(format: "%.0f", micros[i][$0]?.first ?? .nan) }.joined(separator: " | ") + " |\n"
+            }
+            for o in config.objectives {
+                r += "\n## \(o)\n\nAUC / GAUC / logloss / calibration.\n\n| model | all | head | tail |\n| --- | --- | --- | --- |\n"
+                for (i, arm) in arms.enumerated() {
+                    let cells = ["all", "head", "tail"].map { c -> String in
+                        guard let m = reports[i].metrics[o]?[c] else { return "-" }
+                        return "\(f(m.auc)) / \(f(m.gauc)) / \(f(m.logloss)) / \(f(m.calibration, 3))"
+                    }
+                    r += "| \(arm.label) | " + cells.joined(separator: " | ") + " |\n"
+                }
+            }
+            try r.write(to: outURL.appendingPathComponent("report.md"), atomically: true, encoding: .utf8)
+            Console.out(r)
+            Console.out("wrote \(outURL.path)/report.md")
+        }
+
+        /// Mean µs per request of `candidates` encoded test rows through the plain forward pass, one thread.
+        static func time(_ model: LegacyModel, ds: EncodedDataset, candidates n: Int, seconds: Double) -> Double {
+            let scorer = BatchScorer(model: model, chunk: 256)
+            let w = ds.fieldCount, requests = max(1, ds.count / n)
+            var out = [Float](repeating: 0, count: n * model.headCount)
+            let clock = ContinuousClock()
+            var done = 0
+            let start = clock.now
+            ds.rows.withUnsafeBufferPointer { rows in
+                out.withUnsafeMutableBufferPointer { o in
+                    repeat {
+                        let at = (done % requests) * n
+                        scorer.score(rows: rows.baseAddress! + at * w, count: min(n, ds.count - at), into: o.baseAddress!, logitsOnly: true)
+                        done += 1
+                    } while (clock.now - start).seconds < seconds
+                }
+            }
+            return (clock.now - start).seconds * 1e6 / Double(done)
         }
     }
 }

@@ -78,6 +78,29 @@ import Testing
         #expect(Set(before).count > n / 2)
     }
 
+    /// Adding target attention: the pooled history's columns start at zero, so the new model scores as the old one
+    /// whatever the history, and the unit itself starts fresh.
+    @Test func addingAttentionStartsOutAsTheOldModel() throws {
+        let old = try Self.oldModel()
+        var spec = ModelSpec(name: "new", featureSetVersion: "t", fields: [Self.a, Self.b], hidden: [6, 5], heads: ["click", "like"])
+        spec.attention = AttentionSpec(item: "a", length: 2, hidden: 3)
+        let fresh = try LegacyModel.initialized(spec: spec, seed: 5)
+        var new = fresh
+        let report = StructureTransfer.apply(from: old, to: &new)
+        #expect(report.widened == ["mlp.0.weight"])
+        #expect(Set(report.fresh) == ["attention.hidden.weight", "attention.hidden.bias", "attention.output.weight", "attention.output.bias"])
+        #expect(new.attention == fresh.attention)
+        let n = 32
+        let oldRows = Self.rows(fields: 2, count: n, seed: 4, limits: [17, 4])
+        var newRows: [Int32] = []
+        var rng = SplitMix64(seed: 6)
+        for i in 0..<n { newRows += [oldRows[2 * i], oldRows[2 * i + 1], Int32(rng.next() % 16), i % 2 == 0 ? Int32(rng.next() % 16) : -1] }
+        let before = BatchScorer(model: old).score(RowMatrix(fields: 2, rows: oldRows), logitsOnly: true)
+        let after = BatchScorer(model: new).score(RowMatrix(fields: 4, rows: newRows), logitsOnly: true)
+        let worst = zip(before, after).map { abs($0 - $1) }.max() ?? .infinity
+        #expect(worst < 1e-5, "largest logit difference \(worst)")
+    }
+
     @Test func aChangedFieldIsNotCopiedAndNothingAboveIt() throws {
         let old = try Self.oldModel()
         var changedB = Self.b
