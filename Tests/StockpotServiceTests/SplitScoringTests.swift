@@ -151,3 +151,17 @@ struct SplitScoringTests {
         #expect(close(on, off))
     }
 }
+
+/// Models with target attention are trained and evaluated offline only for now: the scorer refuses to load one,
+/// saying why, instead of serving it without its history.
+@Test func theScorerRefusesAModelWithAttention() throws {
+    var spec = ModelSpec(name: "din", featureSetVersion: "t",
+                         fields: [FieldSpec(name: "video_id", source: "video:video_id", dim: 4, encoding: .hashed(buckets: 8))],
+                         hidden: [4], heads: ["click"])
+    spec.attention = AttentionSpec(item: "video_id", length: 3, hidden: 2)
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-din-\(UUID().uuidString)")
+    defer { try? FileManager.default.removeItem(at: dir) }
+    try LegacyModel.initialized(spec: spec, seed: 1).save(to: dir)
+    #expect { _ = try ServableModel.load(folder: dir, workers: 1) } throws: { "\($0)".contains("target attention") }
+    #expect(SplitFirstLayer(model: try LegacyModel.load(from: dir)) == nil)
+}
