@@ -126,7 +126,10 @@ public struct ModelSpec: Codable, Sendable, Equatable {
         }
         guard Set(heads).count == heads.count else { throw ModelError.invalidSpec("duplicate head names") }
         if let a = attention {
-            guard attentionItemField != nil else { throw ModelError.invalidSpec("attention item '\(a.item)' is not a field") }
+            guard let fi = attentionItemField else { throw ModelError.invalidSpec("attention item '\(a.item)' is not a field") }
+            guard case .hashed = fields[fi].encoding else {
+                throw ModelError.invalidSpec("attention item '\(a.item)' must be hashed: history items outside the training vocabulary must still get rows")
+            }
             guard (1...1024).contains(a.length) else { throw ModelError.invalidSpec("attention length must be 1...1024, not \(a.length)") }
             guard a.hidden > 0 else { throw ModelError.invalidSpec("attention hidden width must be positive") }
         }
@@ -156,6 +159,22 @@ public struct AttentionSpec: Codable, Sendable, Equatable {
         self.hidden = hidden
         self.interaction = interaction
         self.userColumn = userColumn
+    }
+
+    private enum CodingKeys: String, CodingKey { case item, length, hidden, interaction, userColumn }
+
+    /// `interaction` and `userColumn` may be left out (`is_click`, `recent_clicks`).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        try self.init(item: c.decode(String.self, forKey: .item), length: c.decode(Int.self, forKey: .length),
+                      hidden: c.decode(Int.self, forKey: .hidden),
+                      interaction: c.decodeIfPresent(String.self, forKey: .interaction) ?? "is_click",
+                      userColumn: c.decodeIfPresent(String.self, forKey: .userColumn) ?? "recent_clicks")
+    }
+
+    /// Whether two attentions pool the same history the same way (`userColumn`, where serving reads it, aside).
+    public func poolsAlike(_ other: AttentionSpec) -> Bool {
+        item == other.item && length == other.length && hidden == other.hidden && interaction == other.interaction
     }
 }
 

@@ -98,7 +98,7 @@ public struct TargetAttention: Sendable, Equatable {
     }
 
     /// Gradients of one sample's pooled vector, from `dPooled` (`d`): accumulates into `dHidden` / `dOutput`
-    /// (each the layer's weight then bias, flat: `H·4d + H` and `H + 1` values) and writes `dHistory`
+    /// (each the layer's weight then bias, flat: `H·4d + H` and `H + 1` values; the output bias's is always 0) and writes `dHistory`
     /// (`count × d`, overwritten) and `dCandidate` (`d`, accumulated).
     public func backward(history: UnsafePointer<Float>, count: Int, candidate: UnsafePointer<Float>, saved: Saved,
                          dPooled: UnsafePointer<Float>, dHidden: UnsafeMutablePointer<Float>, dOutput: UnsafeMutablePointer<Float>,
@@ -128,7 +128,8 @@ public struct TargetAttention: Sendable, Equatable {
                 dOutput[k] += ds * a
                 dAct[k] = a > 0 ? ds * w2[k] : 0
             }
-            dOutput[H] += ds
+            // The output bias shifts every item's score alike and the softmax cancels it: its gradient is
+            // zero, and left at exactly zero (rounding noise would otherwise make an optimizer drift it).
             // The hidden layer: dW1 += dAct ⊗ u_j, db1 += dAct, du = W1ᵀ · dAct.
             for i in 0..<U { du[i] = 0 }
             hidden.weight.withUnsafeBufferPointer { w1 in

@@ -22,6 +22,8 @@ public struct ServableModel: Sendable {
     ///   - itemCacheEntries: items whose first-layer contribution is kept (0: none).
     public init(model: LegacyModel, workers: Int, maxQueued: Int = 64, warmUp: [RankingInputs] = [],
                 itemCacheEntries: Int = ServableModel.defaultItemCacheEntries) {
+        // `load` refuses such a model with an error; a caller building one from a model in memory must check too.
+        precondition(model.spec.attention == nil, "models with target attention are not served yet")
         self.model = model
         let split = SplitFirstLayer(model: model)
         self.split = split

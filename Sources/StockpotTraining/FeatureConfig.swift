@@ -81,6 +81,10 @@ public struct FeatureConfig: Codable, Sendable {
             guard let item = fields.first(where: { $0.name == a.item }) else {
                 throw TrainingError.config("attention item '\(a.item)' is not a field")
             }
+            // The history holds the log's video ids: the item field must read them.
+            guard item.source == "log:video_id" || item.source == "video:video_id" else {
+                throw TrainingError.config("attention item '\(a.item)' reads \(item.source); the history holds video ids (log:video_id)")
+            }
             guard item.encoding == "hashed" else {
                 throw TrainingError.config("attention item '\(a.item)' must be hashed: history items outside the training vocabulary must still get rows")
             }

@@ -1,9 +1,11 @@
 import Foundation
+import StockpotModel
+import Synchronization
 
 /// Each impression's recent user history, from the log itself: the videos the impression's user interacted with
 /// (a log row of that user with `label` = 1, a click by default) strictly earlier in time — at a smaller
 /// `time_ms`, never the same or a later one — most recent last, at most `length`. This is what target attention
-/// over the user's history attends to; the feature service serves the same sequence online.
+/// over the user's history attends to in training and evaluation (serving it online is not built yet).
 ///
 /// Impressions of one user at the same `time_ms` never see each other: they are one moment, and none of them
 /// happened before the others.
@@ -56,9 +58,27 @@ public struct InteractionHistory: Sendable {
         return Array(items[row * length..<row * length + c])
     }
 
-    /// The history of log row `row` as the feature service stores it: ids joined by commas, most recent last
-    /// ("" when the user had no interaction before).
+    /// The history of log row `row` as text: ids joined by commas, most recent last ("" when the user had no
+    /// interaction before) — the form `AttentionSpec.userColumn` is to hold online.
     public func text(row: Int) -> String {
         items(row: row).map(String.init).joined(separator: ",")
+    }
+}
+
+/// Histories built once per (interaction label, length) and shared by every data set a training job encodes:
+/// building one sorts the whole log.
+public final class HistoryCache: Sendable {
+    private let built = Mutex<[String: InteractionHistory]>([:])
+
+    public init() {}
+
+    /// The history `spec`'s attention needs (nil without attention), built on first use.
+    public func history(data: KuaiRandData, spec: ModelSpec) throws -> InteractionHistory? {
+        guard let a = spec.attention else { return nil }
+        let key = "\(a.interaction)#\(a.length)"
+        if let h = built.withLock({ $0[key] }) { return h }
+        let h = try InteractionHistory(data: data, label: a.interaction, length: a.length)
+        built.withLock { $0[key] = h }
+        return h
     }
 }

@@ -16,6 +16,8 @@ public struct LegacyTraining {
     public var teacher: TeacherSource?
     /// The name written into a new model's spec (`legacy`; a student's may differ).
     public var modelName = "legacy"
+    /// Histories for models with attention, built once for the job's data sets.
+    public let histories = HistoryCache()
 
     public init(data: KuaiRandData, config: FeatureConfig, options: TrainingOptions, log: @escaping (String) -> Void = { print($0) }) {
         self.data = data
@@ -119,7 +121,8 @@ public struct LegacyTraining {
         }
         for day in dayList {
             let rows = try data.rows(in: DayRange(first: day, last: day))
-            var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source))
+            var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source,
+                                                 history: histories.history(data: data, spec: trainer.model.spec)))
             if let discriminator {
                 ds.weights = try discriminator.fitAndWeigh(data: data, rows: rows, seed: options.seed ^ UInt64(day) ^ 0xD15C)
                 let mean = ds.weights.reduce(0, +) / Float(max(ds.count, 1))
@@ -172,7 +175,8 @@ public struct LegacyTraining {
         let spec = try SpecFitter.fit(config: config, data: data, rows: rows, name: modelName)
         let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
         let trainer = try Trainer(model: model, options: options, threads: threads)
-        var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source))
+        var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source,
+                                             history: histories.history(data: data, spec: spec)))
         var teachers: [String] = []
         if let teacher, options.distillation != nil {
             (ds.teacherLogits, teachers) = try Self.pooledTeacherLogits(teacher: teacher, data: data, rows: rows, heads: spec.heads)
@@ -292,7 +296,8 @@ public struct LegacyTraining {
     public func dataset(days: DayRange, for model: LegacyModel) throws -> EncodedDataset {
         let rows = try data.rows(in: days)
         guard !rows.isEmpty else { throw TrainingError.data("no impressions in \(days)") }
-        return try EncodedDataset(data: data, rows: rows, spec: model.spec, crowdSource: config.crowds.source)
+        return try EncodedDataset(data: data, rows: rows, spec: model.spec, crowdSource: config.crowds.source,
+                                  history: histories.history(data: data, spec: model.spec))
     }
 
     /// Probabilities (or logits) (`count × heads`) of `model` on `ds` (with its dense inputs, if the model has any).

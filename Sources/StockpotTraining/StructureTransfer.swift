@@ -102,6 +102,7 @@ public enum StructureTransfer {
         if let a = new.attention, let item = new.spec.attentionItemField {
             let names = ["attention.hidden.weight", "attention.hidden.bias", "attention.output.weight", "attention.output.bias"]
             if let o = old.attention, let oa = old.spec.attention, let na = new.spec.attention, oa.item == na.item, oa.hidden == na.hidden,
+               oa.interaction == na.interaction,
                o.dim == a.dim, report.copied.contains("embedding.\(new.spec.fields[item].name)") {
                 new.attention = o
                 report.copied += names
@@ -115,7 +116,12 @@ public enum StructureTransfer {
     /// Whether the two models' first-layer inputs are the same vector: the same fields, in the same order, with
     /// the same definitions, and the same dense inputs.
     static func sameInputs(_ old: LegacyModel, _ new: LegacyModel) -> Bool {
-        old.spec.fields == new.spec.fields && old.spec.denseInputs == new.spec.denseInputs && old.spec.attention == new.spec.attention
+        guard old.spec.fields == new.spec.fields, old.spec.denseInputs == new.spec.denseInputs else { return false }
+        switch (old.spec.attention, new.spec.attention) {
+        case (nil, nil): return true
+        case (let a?, let b?): return a.poolsAlike(b)
+        default: return false
+        }
     }
 
     /// For a first layer whose inputs grew: each old input column's position in the new input vector, or nil

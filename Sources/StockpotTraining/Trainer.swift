@@ -238,9 +238,11 @@ public final class Trainer {
             col += t.dim
         }
         fieldOffsets = offsets
+        // The attention's item table also takes each sample's history rows.
+        let touches = model.embeddings.indices.map { $0 == model.spec.attentionItemField && model.attention != nil ? 1 + (model.spec.attention?.length ?? 0) : 1 }
         tableOrder = model.embeddings.indices.sorted {
             let (a, b) = (model.embeddings[$0], model.embeddings[$1])
-            return a.dim * min(a.rows, options.batchSize) > b.dim * min(b.rows, options.batchSize)
+            return a.dim * min(a.rows, options.batchSize * touches[$0]) > b.dim * min(b.rows, options.batchSize * touches[$1])
         }
         let embM: [[Float]], embV: [[Float]]
         if let s = optimizerState {
@@ -636,6 +638,7 @@ public final class Trainer {
             // Moved out, so that each array has one owner and is updated in place, then put back.
             var (hw, hb, ow, ob) = (a.hidden.weight, a.hidden.bias, a.output.weight, a.output.bias)
             (a.hidden.weight, a.hidden.bias, a.output.weight, a.output.bias) = ([], [], [], [])
+            attention = nil
             hw.withUnsafeMutableBufferPointer { hw in
                 hb.withUnsafeMutableBufferPointer { hb in
                     ow.withUnsafeMutableBufferPointer { ow in

@@ -28,6 +28,9 @@ struct Bench: AsyncParsableCommand {
         let rows = try data.rows(in: range)
         let m = try model.map { try LegacyModel.load(from: URL(fileURLWithPath: $0)) }
             ?? LegacyModel.initialized(spec: try SpecFitter.fit(config: config, data: data, rows: rows), seed: 1)
+        guard m.spec.attention == nil else {
+            throw ValidationError("stockpot bench and its peers measure models without history attention (this one has it)")
+        }
         let ds = try EncodedDataset(data: data, rows: rows, spec: m.spec, crowdSource: config.crowds.source)
         let clock = ContinuousClock()
         let macs = Double(m.denseMACsPerSample)

@@ -186,6 +186,7 @@ extension Experiment {
             do { settings = try Distillation(alpha: alpha, beta: beta, temperature: temperature) } catch { throw ValidationError("\(error)") }
             guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
             let (data, config) = try dataOptions.load()
+            guard config.attention == nil else { throw ValidationError("experiment distill times served models: give a config without `attention`") }
             let train = try parseDays(trainDays), test = try parseDays(testDays)
             let studentTrain = try studentDays.map { try parseDays($0) } ?? train
             guard test.first > train.last else { throw ValidationError("--test-days \(test) must come after --train-days \(train)") }

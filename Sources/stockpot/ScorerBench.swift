@@ -54,6 +54,7 @@ struct ScorerBench: AsyncParsableCommand {
         }
         defer { if let cleanup { try? FileManager.default.removeItem(at: cleanup) } }
         guard m.spec.denseInputs.isEmpty else { throw ValidationError("bench-scorer measures legacy models (this one has dense inputs)") }
+        guard m.spec.attention == nil else { throw ValidationError("bench-scorer measures servable models; the scorer does not serve history attention yet") }
         let split = SplitFirstLayer(model: m)
         Console.out("model: \(m.fieldCount) fields, input \(m.spec.inputDim), MLP \(m.spec.hidden), \(m.headCount) heads; BLAS \(BLAS.kernelName)")
         if let split {

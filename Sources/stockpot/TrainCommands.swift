@@ -193,6 +193,9 @@ struct Train: AsyncParsableCommand {
             let config: FeatureConfig
             if let studentSpec { config = try FeatureConfig.load(URL(fileURLWithPath: studentSpec)) }
             else { config = StudentPreset(rawValue: preset!)!.apply(to: baseConfig) }
+            guard config.attention == nil else {
+                throw ValidationError("a student with history attention cannot be served yet: distil into a student without `attention`")
+            }
             let (source, teacherVersion) = try await loadTeacher()
             if register && teacherVersion == nil {
                 throw ValidationError("--register records the teacher's registry version in the student's lineage: give --teacher as a "

@@ -105,8 +105,11 @@ import StockpotModel
         var noHistory = rows
         for s in 0..<weights.count { for j in 0..<3 { noHistory[s * 5 + 2 + j] = -1 } }
         #expect(BatchScorer(model: model).score(RowMatrix(fields: 5, rows: noHistory)) != before)
-        // INT8 keeps the attention.
-        #expect(try model.quantizedInt8().attention == model.attention)
+        // INT8 keeps the attention, and scores the history through the quantised item table.
+        let int8 = try model.quantizedInt8()
+        #expect(int8.attention == model.attention)
+        let quantised = BatchScorer(model: int8).score(RowMatrix(fields: 5, rows: rows))
+        #expect(zip(quantised, before).allSatisfy { abs($0 - $1) < 0.02 } && quantised != before)
         // A few steps move the attention unit, and a checkpoint keeps its optimizer state.
         let trainer = try Trainer(model: model, options: TrainingOptions(optimizer: .adam))
         for _ in 0..<3 {
@@ -121,6 +124,12 @@ import StockpotModel
         #expect(back.model.attention == trainer.model.attention)
         let resumed = try Trainer(model: back.model, options: trainer.options, optimizerState: back.optimizer)
         #expect(resumed.step == 3)
+        // The attention tensors' moments came back too (the last four dense tensors).
+        let saved = trainer.optimizerState, restored = try #require(back.optimizer)
+        #expect(restored.denseV.suffix(4) == saved.denseV.suffix(4) && restored.denseM.suffix(4) == saved.denseM.suffix(4))
+        // The unit's tensors learn; its output bias never does (the softmax cancels it: zero gradient, no drift).
+        #expect(saved.denseV.suffix(4).dropLast().allSatisfy { $0.contains { $0 > 0 } })
+        #expect(trainer.model.attention!.output.bias == model.attention!.output.bias)
     }
 
     @Test(.enabled(if: ProcessInfo.processInfo.activeProcessorCount >= 2, "needs two cores for a two-thread trainer"))

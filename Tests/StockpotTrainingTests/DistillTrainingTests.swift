@@ -197,6 +197,27 @@ import Testing
         #expect(throws: (any Error).self) { try InteractionHistory(data: data, label: "no_such_label") }
     }
 
+    /// A data set for an attention model: each sample's history items, encoded with the item field, fill the slots
+    /// after the fields (the most recent `length`), then -1.
+    @Test func dataSetsFillTheHistorySlots() throws {
+        let data = try Self.data()
+        var spec = ModelSpec(name: "din", featureSetVersion: "t",
+                             fields: [FieldSpec(name: "video_id", source: "log:video_id", dim: 2, encoding: .hashed(buckets: 64))],
+                             hidden: [2], heads: ["is_click"])
+        spec.attention = AttentionSpec(item: "video_id", length: 2, hidden: 2)
+        let rows = Array(0..<data.log.rowCount)
+        let ds = try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: "user:user_active_degree")
+        #expect(ds.fieldCount == 3 && ds.rows.count == rows.count * 3)
+        let encoder = FeatureEncoder(fields: spec.fields)
+        func row(_ id: Int) -> Int32 { encoder.row(field: 0, raw: String(id)) }
+        #expect(Array(ds.rows[4 * 3..<5 * 3]) == [row(14), row(12), row(13)])   // history 10, 12, 13: the last two
+        #expect(Array(ds.rows[0..<3]) == [row(10), row(15), -1])
+        #expect(Array(ds.rows[5 * 3..<6 * 3]) == [row(15), -1, -1])
+        // A model reads them: the rows' width is the spec's.
+        let model = try LegacyModel.initialized(spec: spec, seed: 1)
+        #expect(LegacyTraining.predict(model, on: ds).allSatisfy { $0.isFinite })
+    }
+
     /// Against a brute-force scan, on the real log when present, else on the small one: every history holds
     /// only the user's interactions strictly before the impression, the most recent ones, in time order.
     @Test func noImpressionSeesItsOwnTimeOrLater() throws {

@@ -101,6 +101,25 @@ import Testing
         #expect(worst < 1e-5, "largest logit difference \(worst)")
     }
 
+    @Test func theAttentionUnitIsCopiedBetweenModelsThatPoolAlike() throws {
+        var oldSpec = ModelSpec(name: "old", featureSetVersion: "t", fields: [Self.a, Self.b], hidden: [6, 5], heads: ["click", "like"])
+        oldSpec.attention = AttentionSpec(item: "a", length: 2, hidden: 3)
+        var old = try LegacyModel.initialized(spec: oldSpec, seed: 2)
+        old.attention!.output.bias = [0.4]
+        var newSpec = ModelSpec(name: "new", featureSetVersion: "t", fields: [Self.a, Self.b, Self.c], hidden: [6, 5], heads: ["click", "like"])
+        newSpec.attention = oldSpec.attention
+        var new = try LegacyModel.initialized(spec: newSpec, seed: 5)
+        let report = StructureTransfer.apply(from: old, to: &new)
+        #expect(report.copied.contains("attention.hidden.weight") && new.attention == old.attention)
+        // An old pooled history is not widened from: the first layer starts fresh.
+        #expect(report.fresh.contains("mlp.0.weight"))
+        // Another interaction (likes, not clicks): the unit is not reused.
+        newSpec.attention = AttentionSpec(item: "a", length: 2, hidden: 3, interaction: "is_like")
+        var other = try LegacyModel.initialized(spec: newSpec, seed: 5)
+        let fresh = other.attention
+        #expect(StructureTransfer.apply(from: old, to: &other).fresh.contains("attention.hidden.weight") && other.attention == fresh)
+    }
+
     @Test func aChangedFieldIsNotCopiedAndNothingAboveIt() throws {
         let old = try Self.oldModel()
         var changedB = Self.b
