@@ -684,18 +684,7 @@ public final class Trainer {
             for s in 0..<n {
                 var r = rows[s * f + fi]
                 if r < 0 || r >= limit { r = 0 }
-                var slot = slots[Int(r)]
-                if slot < 0 {
-                    slot = Int32(state.touched.count)
-                    slots[Int(r)] = slot
-                    state.touched.append(r)
-                    state.grad.append(contentsOf: repeatElement(0, count: dim))
-                }
-                let src = dx + s * d
-                state.grad.withUnsafeMutableBufferPointer { g in
-                    let dst = g.baseAddress! + Int(slot) * dim
-                    for j in 0..<dim { dst[j] += src[j] }
-                }
+                accumulate(row: r, gradient: dx + s * d, dim: dim, slots: slots, touched: &state.touched, grad: &state.grad)
             }
         }
     }
@@ -711,20 +700,28 @@ public final class Trainer {
                     var r = rows[s * rowWidth + f + j]
                     guard r >= 0 else { break }
                     if r >= limit { r = 0 }
-                    var slot = slots[Int(r)]
-                    if slot < 0 {
-                        slot = Int32(state.touched.count)
-                        slots[Int(r)] = slot
-                        state.touched.append(r)
-                        state.grad.append(contentsOf: repeatElement(0, count: dim))
-                    }
-                    let src = dHistory + (s * length + j) * dim
-                    state.grad.withUnsafeMutableBufferPointer { g in
-                        let dst = g.baseAddress! + Int(slot) * dim
-                        for c in 0..<dim { dst[c] += src[c] }
-                    }
+                    accumulate(row: r, gradient: dHistory + (s * length + j) * dim, dim: dim, slots: slots,
+                               touched: &state.touched, grad: &state.grad)
                 }
             }
+        }
+    }
+
+    /// Adds `dim` gradient values to row `r`'s slot of a table's sparse gradient, giving the row a slot first
+    /// when the batch had not touched it yet.
+    @inline(__always)
+    private static func accumulate(row r: Int32, gradient src: UnsafePointer<Float>, dim: Int, slots: UnsafeMutableBufferPointer<Int32>,
+                                   touched: inout [Int32], grad: inout [Float]) {
+        var slot = slots[Int(r)]
+        if slot < 0 {
+            slot = Int32(touched.count)
+            slots[Int(r)] = slot
+            touched.append(r)
+            grad.append(contentsOf: repeatElement(0, count: dim))
+        }
+        grad.withUnsafeMutableBufferPointer { g in
+            let dst = g.baseAddress! + Int(slot) * dim
+            for j in 0..<dim { dst[j] += src[j] }
         }
     }
 

@@ -24,6 +24,17 @@ import Testing
         return dir
     }
 
+    /// The tiny data, its config, a scratch folder, and a teacher trained day by day on both days in `teacher/`.
+    static func dailyTeacher() throws -> (KuaiRandData, FeatureConfig, URL, URL) {
+        let data = try tinyKuaiRand()
+        let config = try tinyConfig()
+        let dir = try scratch()
+        let teacherDir = dir.appendingPathComponent("teacher")
+        _ = try LegacyTraining(data: data, config: config, options: TrainingOptions(), log: { _ in })
+            .incremental(days: DayRange(first: 20220425, last: 20220426), warmStart: nil, out: teacherDir)
+        return (data, config, dir, teacherDir)
+    }
+
     @Test func presetsShrinkTheConfigAndKeepItsFeatures() throws {
         let base = try FeatureConfig.builtIn()
         #expect(StudentPreset.full.apply(to: base).hidden == base.hidden)
@@ -53,13 +64,8 @@ import Testing
     }
 
     @Test func aDailyTeacherIsFollowedDayByDay() throws {
-        let data = try tinyKuaiRand()
-        let config = try Self.tinyConfig()
-        let dir = try Self.scratch()
+        let (data, config, dir, teacherDir) = try Self.dailyTeacher()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let teacherDir = dir.appendingPathComponent("teacher")
-        _ = try LegacyTraining(data: data, config: config, options: TrainingOptions(), log: { _ in })
-            .incremental(days: DayRange(first: 20220425, last: 20220426), warmStart: nil, out: teacherDir)
 
         let source = try TeacherSource(url: teacherDir, label: "teacher")
         #expect(source.isDaily)
@@ -105,13 +111,8 @@ import Testing
     }
 
     @Test func pooledDaysLearnFromEachDaysTeacher() throws {
-        let data = try tinyKuaiRand()
-        let config = try Self.tinyConfig()
-        let dir = try Self.scratch()
+        let (data, config, dir, teacherDir) = try Self.dailyTeacher()
         defer { try? FileManager.default.removeItem(at: dir) }
-        let teacherDir = dir.appendingPathComponent("teacher")
-        _ = try LegacyTraining(data: data, config: config, options: TrainingOptions(), log: { _ in })
-            .incremental(days: DayRange(first: 20220425, last: 20220426), warmStart: nil, out: teacherDir)
         var options = TrainingOptions()
         options.distillation = try Distillation()
         var job = LegacyTraining(data: data, config: StudentPreset.tiny.apply(to: config), options: options, log: { _ in })
