@@ -46,8 +46,16 @@ public struct RankingInputs: Sendable {
     /// missing row, as a missing value would in training.
     public func rows(for spec: ModelSpec, encoder: FeatureEncoder) -> RowMatrix {
         let n = candidates.ids.count
-        var m = RowMatrix(fields: spec.fields.count, capacity: n)
+        var m = RowMatrix(fields: spec.rowWidth, capacity: n)
         m.reset(count: n)
+        // The user's history, the same for every candidate: the most recent items of `userColumn`, encoded with
+        // the item field; empty slots -1.
+        if let a = spec.attention, let itemField = spec.attentionItemField {
+            let history = Self.history(user[a.userColumn] ?? "", length: a.length)
+            for j in 0..<a.length {
+                m.setColumn(spec.fields.count + j, to: j < history.count ? encoder.row(field: itemField, raw: history[j]) : -1)
+            }
+        }
         var columns: [String: FeatureColumnReader] = [:]
         for c in candidates.columns { columns[c.name] = FeatureColumnReader(c) }
         let raw = RawFeatures(userId: userId, user: user, context: context)
@@ -63,6 +71,12 @@ public struct RankingInputs: Sendable {
             }
         }
         return m
+    }
+
+    /// The last `length` item ids of a history text (ids joined by commas, most recent last; blanks skipped).
+    public static func history(_ text: String, length: Int) -> [String] {
+        let ids = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        return ids.suffix(length).map { String($0) }
     }
 }
 

@@ -22,8 +22,6 @@ public struct ServableModel: Sendable {
     ///   - itemCacheEntries: items whose first-layer contribution is kept (0: none).
     public init(model: LegacyModel, workers: Int, maxQueued: Int = 64, warmUp: [RankingInputs] = [],
                 itemCacheEntries: Int = ServableModel.defaultItemCacheEntries) {
-        // `load` refuses such a model with an error; a caller building one from a model in memory must check too.
-        precondition(model.spec.attention == nil, "models with target attention are not served yet")
         self.model = model
         let split = SplitFirstLayer(model: model)
         self.split = split
@@ -32,8 +30,9 @@ public struct ServableModel: Sendable {
         itemCache = cache
         let denseCount = model.spec.denseInputs.count
         let warm = warmUp.filter { $0.candidates.ids.count > 0 }
-        var zeros = RowMatrix(fields: model.fieldCount, capacity: 8)
+        var zeros = RowMatrix(fields: model.spec.rowWidth, capacity: 8)
         zeros.reset(count: 8)
+        for j in model.fieldCount..<model.spec.rowWidth { zeros.setColumn(j, to: -1) }   // no history
         pool = ComputePool(workers: workers, maxQueued: maxQueued) { _ in
             let scorer = BatchScorer(model: model, chunk: 256)
             _ = scorer.score(zeros, dense: denseCount == 0 ? nil : [Float](repeating: 0, count: 8 * denseCount))
@@ -47,12 +46,8 @@ public struct ServableModel: Sendable {
 
     public static func load(folder: URL, workers: Int, maxQueued: Int = 64, warmUp: [RankingInputs] = [],
                             itemCacheEntries: Int = ServableModel.defaultItemCacheEntries) throws -> ServableModel {
-        let model = try LegacyModel.load(from: folder)
-        guard model.spec.attention == nil else {
-            throw ModelError.invalidSpec("\(folder.lastPathComponent): models with target attention over the user's history are not served yet "
-                + "(training and offline evaluation only)")
-        }
-        return ServableModel(model: model, workers: workers, maxQueued: maxQueued, warmUp: warmUp, itemCacheEntries: itemCacheEntries)
+        ServableModel(model: try LegacyModel.load(from: folder), workers: workers, maxQueued: maxQueued, warmUp: warmUp,
+                      itemCacheEntries: itemCacheEntries)
     }
 
     /// Logits (`count × heads`) for the encoded rows (and dense inputs, for models that take them), by the

@@ -5,7 +5,8 @@ import Synchronization
 /// Each impression's recent user history, from the log itself: the videos the impression's user interacted with
 /// (a log row of that user with `label` = 1, a click by default) strictly earlier in time — at a smaller
 /// `time_ms`, never the same or a later one — most recent last, at most `length`. This is what target attention
-/// over the user's history attends to in training and evaluation (serving it online is not built yet).
+/// over the user's history attends to in training and evaluation; online, the scorer reads the same sequence from
+/// the user feature `AttentionSpec.userColumn`.
 ///
 /// Impressions of one user at the same `time_ms` never see each other: they are one moment, and none of them
 /// happened before the others.

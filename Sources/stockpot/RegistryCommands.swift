@@ -332,9 +332,6 @@ struct RegistryCommand: AsyncParsableCommand {
             // A model folder's own metadata (training days, steps, seed…) comes along; --metadata adds or overrides.
             let folderURL = URL(fileURLWithPath: dir).resolvingSymlinksInPath()
             let spec = try? JSONDecoder().decode(ModelSpec.self, from: Data(contentsOf: folderURL.appendingPathComponent("model.json")))
-            if let spec, spec.attention != nil, kind == "legacy" || kind == "corrector" {
-                throw ValidationError("\(dir) attends over the user's history, which no scorer serves yet: registering it would let an alias point at a version every scorer refuses")
-            }
             var meta: [String: String] = spec?.metadata ?? [:]
             for m in metadata {
                 let kv = m.split(separator: "=", maxSplits: 1)

@@ -54,7 +54,7 @@ struct ScorerBench: AsyncParsableCommand {
         }
         defer { if let cleanup { try? FileManager.default.removeItem(at: cleanup) } }
         guard m.spec.denseInputs.isEmpty else { throw ValidationError("bench-scorer measures legacy models (this one has dense inputs)") }
-        guard m.spec.attention == nil else { throw ValidationError("bench-scorer measures servable models; the scorer does not serve history attention yet") }
+        guard m.spec.attention == nil else { throw ValidationError("bench-scorer compares the split path and ONNX Runtime, neither of which handles history attention (yet); time such a model with `stockpot experiment structure`") }
         let split = SplitFirstLayer(model: m)
         Console.out("model: \(m.fieldCount) fields, input \(m.spec.inputDim), MLP \(m.spec.hidden), \(m.headCount) heads; BLAS \(BLAS.kernelName)")
         if let split {

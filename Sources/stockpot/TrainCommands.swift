@@ -194,7 +194,7 @@ struct Train: AsyncParsableCommand {
             if let studentSpec { config = try FeatureConfig.load(URL(fileURLWithPath: studentSpec)) }
             else { config = StudentPreset(rawValue: preset!)!.apply(to: baseConfig) }
             guard config.attention == nil else {
-                throw ValidationError("a student with history attention cannot be served yet: distil into a student without `attention`")
+                throw ValidationError("distilling into a student with history attention is not supported yet: give a student config without `attention`")
             }
             let (source, teacherVersion) = try await loadTeacher()
             if register && teacherVersion == nil {

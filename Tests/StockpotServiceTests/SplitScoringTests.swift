@@ -152,16 +152,40 @@ struct SplitScoringTests {
     }
 }
 
-/// Models with target attention are trained and evaluated offline only for now: the scorer refuses to load one,
-/// saying why, instead of serving it without its history.
-@Test func theScorerRefusesAModelWithAttention() throws {
+/// A model with target attention is served through the plain path: the user's history comes from the user
+/// feature `userColumn` (ids joined by commas, most recent last), encoded with the item field, the same for every
+/// candidate; without it the history is empty.
+@Test func theScorerServesAModelWithAttentionFromTheUsersHistory() async throws {
     var spec = ModelSpec(name: "din", featureSetVersion: "t",
-                         fields: [FieldSpec(name: "video_id", source: "video:video_id", dim: 4, encoding: .hashed(buckets: 8))],
+                         fields: [FieldSpec(name: "user_id", source: "log:user_id", dim: 2, encoding: .hashed(buckets: 16)),
+                                  FieldSpec(name: "video_id", source: "log:video_id", dim: 4, encoding: .hashed(buckets: 32))],
                          hidden: [4], heads: ["click"])
     spec.attention = AttentionSpec(item: "video_id", length: 3, hidden: 2)
+    var model = try LegacyModel.initialized(spec: spec, seed: 1)
+    for i in model.embeddings.indices { model.embeddings[i].storage = .f32(model.embeddings[i].floatValues.map { $0 * 80 }) }
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-din-\(UUID().uuidString)")
     defer { try? FileManager.default.removeItem(at: dir) }
-    try LegacyModel.initialized(spec: spec, seed: 1).save(to: dir)
-    #expect { _ = try ServableModel.load(folder: dir, workers: 1) } throws: { "\($0)".contains("target attention") }
-    #expect(SplitFirstLayer(model: try LegacyModel.load(from: dir)) == nil)
+    try model.save(to: dir)
+    #expect(SplitFirstLayer(model: model) == nil)   // the pooled history depends on user and candidate together
+    let servable = try ServableModel.load(folder: dir, workers: 1)
+    let ids: [Int64] = [5, 6, 7]
+    func inputs(_ user: [String: String]) -> RankingInputs {
+        RankingInputs(userId: 7, user: user, context: [:], candidates: .with { $0.ids = ids })
+    }
+    let served = try await servable.logits(inputs(["recent_clicks": "10, 11,,12,13"]))
+    // By hand: the fields, then the last three history items.
+    let e = model.encoder
+    var rows: [Int32] = []
+    for id in ids {
+        rows += [e.row(field: 0, raw: "7"), e.row(field: 1, raw: String(id))] + ["11", "12", "13"].map { e.row(field: 1, raw: $0) }
+    }
+    let expected = BatchScorer(model: model).score(RowMatrix(fields: 5, rows: rows), logitsOnly: true)
+    #expect(served == expected)
+    // No history: empty slots, and other scores.
+    let none = try await servable.logits(inputs([:]))
+    var emptyRows = rows
+    for s in 0..<ids.count { for j in 0..<3 { emptyRows[s * 5 + 2 + j] = -1 } }
+    #expect(none == BatchScorer(model: model).score(RowMatrix(fields: 5, rows: emptyRows), logitsOnly: true))
+    #expect(none != served)
+    #expect(RankingInputs.history(" 1,2 ,, 3,4", length: 3) == ["2", "3", "4"])
 }
