@@ -3,7 +3,8 @@
 
 Usage: reference-forward.py MODEL_DIR INPUT.csv OUTPUT.csv
 INPUT.csv has one column per model field (header = field names) holding raw text values; OUTPUT.csv gets one
-probability column per head. Needs numpy and safetensors (pip install numpy safetensors).
+probability column per head. A model with target attention also reads the column named by its `userColumn`: the
+user's history, item ids joined by commas, most recent last. Needs numpy and safetensors (pip install numpy safetensors).
 """
 import bisect
 import csv
@@ -67,13 +68,38 @@ def load(model_dir):
             tables.append(q * t[f"embedding.{name}.scale"][:, None] + t[f"embedding.{name}.offset"][:, None])
     layers = [(t[f"mlp.{i}.weight"], t[f"mlp.{i}.bias"]) for i in range(len(spec["hidden"]))]
     heads = [(t[f"head.{h}.weight"], t[f"head.{h}.bias"]) for h in spec["heads"]]
-    return spec, tables, layers, heads
+    attention = None
+    if spec.get("attention"):
+        attention = tuple(t[f"attention.{n}"] for n in ("hidden.weight", "hidden.bias", "output.weight", "output.bias"))
+    return spec, tables, layers, heads, attention
 
 
-def forward(spec, tables, layers, heads, raw_rows):
+def pooled_history(spec, tables, encoders, attention, raw_rows):
+    """Target attention: the user's last `length` items scored against the candidate, softmax-pooled."""
+    a = spec["attention"]
+    item = [f["name"] for f in spec["fields"]].index(a["item"])
+    table, enc = tables[item].astype(np.float64), encoders[item]
+    w1, b1, w2, b2 = (v.astype(np.float64) for v in attention)
+    out = np.zeros((len(raw_rows), table.shape[1]))
+    for s, r in enumerate(raw_rows):
+        ids = [i.strip() for i in r.get(a.get("userColumn", "recent_clicks"), "").split(",") if i.strip()][-a["length"]:]
+        if not ids:
+            continue
+        h = table[[enc(i) for i in ids]]                       # [len, d]
+        c = table[enc(r[a["item"]])]                            # [d]
+        u = np.concatenate([h, np.broadcast_to(c, h.shape), h - c, h * c], axis=1)
+        scores = np.maximum(u @ w1.T + b1, 0) @ w2.T + b2      # [len, 1]
+        e = np.exp(scores[:, 0] - scores.max())
+        out[s] = (e / e.sum()) @ h
+    return out
+
+
+def forward(spec, tables, layers, heads, raw_rows, attention=None):
     encoders = [encoder(f) for f in spec["fields"]]
     idx = np.array([[enc(r[f["name"]]) for f, enc in zip(spec["fields"], encoders)] for r in raw_rows], dtype=np.int64)
     x = np.concatenate([tables[j][idx[:, j]] for j in range(len(tables))], axis=1).astype(np.float64)
+    if attention is not None:
+        x = np.concatenate([x, pooled_history(spec, tables, encoders, attention, raw_rows)], axis=1)
     for w, b in layers:
         x = np.maximum(x @ w.T.astype(np.float64) + b, 0)
     logits = np.concatenate([x @ w.T.astype(np.float64) + b for w, b in heads], axis=1)
@@ -82,9 +108,9 @@ def forward(spec, tables, layers, heads, raw_rows):
 
 def main():
     model_dir, inp, out = sys.argv[1:4]
-    spec, tables, layers, heads = load(model_dir)
+    spec, tables, layers, heads, attention = load(model_dir)
     rows = list(csv.DictReader(open(inp, newline="")))
-    p = forward(spec, tables, layers, heads, rows)
+    p = forward(spec, tables, layers, heads, rows, attention)
     with open(out, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(spec["heads"])
