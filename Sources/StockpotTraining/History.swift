@@ -53,6 +53,19 @@ public struct InteractionHistory: Sendable {
         self.counts = counts
     }
 
+    /// Each user's history as of the end of `day`: the last `length` videos they interacted with (`label` = 1) on
+    /// or before that day, most recent last — what the feature service should hold for them the next morning.
+    /// Users with no interaction yet are left out.
+    public static func latest(data: KuaiRandData, through day: Int, label: String = "is_click", length: Int = 20) throws -> [Int: [Int]] {
+        guard (1...1024).contains(length) else { throw TrainingError.config("history length must be 1...1024, not \(length)") }
+        let labels = try data.log.column(label, file: KuaiRandData.logFile)
+        let rows = (0..<data.log.rowCount).filter { data.dates[$0] <= day && labels[$0] == "1" }
+            .sorted { (data.userIds[$0], data.timeMs[$0], $0) < (data.userIds[$1], data.timeMs[$1], $1) }
+        var out: [Int: [Int]] = [:]
+        for r in rows { out[data.userIds[r], default: []].append(data.videoIds[r]) }
+        return out.mapValues { Array($0.suffix(length)) }
+    }
+
     /// The history of log row `row`: video ids, most recent last.
     public func items(row: Int) -> [Int] {
         let c = Int(counts[row])

@@ -20,7 +20,8 @@ public struct DayRange: Sendable, Equatable, CustomStringConvertible {
         last = b
     }
 
-    static func isDate(_ d: Int) -> Bool {
+    /// Whether `d` is a yyyymmdd date (month 1–12, day 1–31).
+    public static func isDate(_ d: Int) -> Bool {
         let m = (d / 100) % 100, day = d % 100
         return d >= 19_000_101 && d <= 29_991_231 && (1...12).contains(m) && (1...31).contains(day)
     }

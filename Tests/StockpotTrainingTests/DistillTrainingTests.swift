@@ -198,6 +198,18 @@ import Testing
         #expect(throws: (any Error).self) { try InteractionHistory(data: data, label: "no_such_label") }
     }
 
+    @Test func eachUsersLatestHistoryAsOfADay() throws {
+        let data = try Self.data()
+        let through25 = try InteractionHistory.latest(data: data, through: 20220425, length: 3)
+        #expect(through25 == [1: [10, 12, 13], 2: [10]])
+        // The next day adds nothing (no click on 0426), and a day before the log has no one.
+        #expect(try InteractionHistory.latest(data: data, through: 20220426, length: 3) == through25)
+        #expect(try InteractionHistory.latest(data: data, through: 20220424).isEmpty)
+        // It is what the next impression of each user sees.
+        let h = try InteractionHistory(data: data, length: 3)
+        #expect(h.items(row: 4) == through25[1] && h.items(row: 7) == through25[2])
+    }
+
     /// A data set for an attention model: each sample's history items, encoded with the item field, fill the slots
     /// after the fields (the most recent `length`), then -1.
     @Test func dataSetsFillTheHistorySlots() throws {
