@@ -82,7 +82,8 @@ def pooled_history(spec, tables, encoders, attention, raw_rows):
     w1, b1, w2, b2 = (v.astype(np.float64) for v in attention)
     out = np.zeros((len(raw_rows), table.shape[1]))
     for s, r in enumerate(raw_rows):
-        ids = [i.strip() for i in r.get(a.get("userColumn", "recent_clicks"), "").split(",") if i.strip()][-a["length"]:]
+        text = r.get(a.get("userColumn", "recent_clicks")) or ""
+        ids = [i.strip(" \t") for i in text.split(",") if i.strip(" \t")][-a["length"]:]
         if not ids:
             continue
         h = table[[enc(i) for i in ids]]                       # [len, d]

@@ -74,9 +74,24 @@ public struct RankingInputs: Sendable {
     }
 
     /// The last `length` item ids of a history text (ids joined by commas, most recent last; blanks skipped).
+    /// Reads from the end and stops at the `length`-th id, so a long stored history costs no more than its tail.
     public static func history(_ text: String, length: Int) -> [String] {
-        let ids = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-        return ids.suffix(length).map { String($0) }
+        var out: [String] = []
+        var end = text.endIndex, i = text.endIndex
+        func take(_ piece: Substring) {
+            let id = piece.trimmingCharacters(in: .whitespaces)
+            if !id.isEmpty { out.append(id) }
+        }
+        while i > text.startIndex && out.count < length {
+            let previous = text.index(before: i)
+            if text[previous] == "," {
+                take(text[i..<end])
+                end = previous
+            }
+            i = previous
+        }
+        if i == text.startIndex && out.count < length { take(text[i..<end]) }
+        return out.reversed()
     }
 }
 

@@ -7,7 +7,7 @@ import StockpotModel
 public struct ServableModel: Sendable {
     public let model: LegacyModel
     public let pool: ComputePool<BatchScorer>
-    /// Nil for a model without hidden layers (scored by the plain pass).
+    /// Nil for a model without hidden layers or with history attention (scored by the plain pass).
     public let split: SplitFirstLayer?
     /// Items' first-layer contributions for this version; dropped with it.
     public let itemCache: ItemContributionCache?
@@ -60,7 +60,7 @@ public struct ServableModel: Sendable {
     }
 
     /// Logits (`count × heads`) for a request's raw inputs: encoded and scored on a worker, through the split
-    /// first layer and the item cache. Queueing as for `logits(_:dense:deadline:)`.
+    /// first layer and the item cache when the model has them (else the plain pass). Queueing as for `logits(_:dense:deadline:)`.
     public func logits(_ inputs: RankingInputs, dense: [Float]? = nil, deadline: ContinuousClock.Instant? = nil) async throws -> [Float] {
         let split = self.split, cache = itemCache
         return try await pool.run(deadline: deadline) { scorer in

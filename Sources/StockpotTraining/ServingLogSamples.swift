@@ -71,6 +71,9 @@ public struct ServingLogSamples {
     ///   legacy model's logits only.
     public static func load(directory: URL, data: KuaiRandData, spec: ModelSpec, crowd: String,
                             legacyLastDay: Int?, legacyVersion: String? = nil) throws -> (EncodedDataset, Stats) {
+        guard spec.attention == nil else {
+            throw TrainingError.config("training on the serving log is not supported for models with history attention yet (\(spec.name))")
+        }
         let fm = FileManager.default
         let names = try fm.contentsOfDirectory(atPath: directory.path)
         let jsonFiles = names.filter { $0.hasPrefix("serving-") && $0.hasSuffix(".jsonl") }.sorted()

@@ -40,28 +40,53 @@ struct Features: AsyncParsableCommand {
 
         func run() async throws {
             let (data, _) = try dataOptions.load()
+            guard !data.users.header.contains(column) else {
+                throw ValidationError("--column \(column) is a column of the user table: writing it would overwrite that feature")
+            }
             let histories = try InteractionHistory.latest(data: data, through: through, label: interaction, length: length)
             guard !histories.isEmpty else { throw ValidationError("no \(interaction) interaction on or before \(through)") }
             let users = histories.keys.sorted()
             let (column, batch, features) = (self.column, self.batch, self.features)
             Console.info("writing \(column) for \(users.count) users (as of \(through), last \(length) \(interaction)) to \(features)")
+            // Calls of at most `batch` users and about 1 MiB of text, well under a message's 4 MiB limit.
+            var chunks: [[Int]] = [[]]
+            var bytes = 0
+            for u in users {
+                let size = histories[u]!.count * 12
+                if chunks[chunks.count - 1].count == batch || (bytes + size > 1 << 20 && !chunks[chunks.count - 1].isEmpty) {
+                    chunks.append([])
+                    bytes = 0
+                }
+                chunks[chunks.count - 1].append(u)
+                bytes += size
+            }
             let written = try await withGRPCClient(transport: try ServiceClient.transport(target: features)) { client in
                 let service = Stockpot_V1_FeatureService.Client(wrapping: client)
                 var written = 0
-                for start in stride(from: 0, to: users.count, by: batch) {
-                    let chunk = Array(users[start..<min(start + batch, users.count)])
-                    let reply = try await service.putFeatures(.with {
-                        $0.kind = .user
-                        $0.rows = .with { b in
-                            b.ids = chunk.map(Int64.init)
-                            b.columns = [.with { c in
-                                c.name = column
-                                c.values = chunk.map { histories[$0]!.map(String.init).joined(separator: ",") }
-                            }]
+                var options = CallOptions.defaults
+                options.timeout = .seconds(30)
+                for (n, chunk) in chunks.enumerated() {
+                    do {
+                        let reply = try await service.putFeatures(.with {
+                            $0.kind = .user
+                            $0.rows = .with { b in
+                                b.ids = chunk.map(Int64.init)
+                                b.columns = [.with { c in
+                                    c.name = column
+                                    c.values = chunk.map { histories[$0]!.map(String.init).joined(separator: ",") }
+                                }]
+                            }
+                        }, options: options)
+                        guard reply.written == chunk.count else {
+                            throw ValidationError("the feature service wrote \(reply.written) of \(chunk.count) users in one call")
                         }
-                    })
-                    written += Int(reply.written)
-                    if start / batch % 10 == 9 { Console.info("  \(written)/\(users.count) users") }
+                    } catch {
+                        // What is stored stays stored (each call is its own transaction): say how far it got.
+                        Console.info("stopped after \(written)/\(users.count) users (every user id below \(chunk.first!) written): \(error)")
+                        throw error
+                    }
+                    written += chunk.count
+                    if n % 10 == 9 { Console.info("  \(written)/\(users.count) users") }
                 }
                 return written
             }

@@ -188,4 +188,9 @@ struct SplitScoringTests {
     #expect(none == BatchScorer(model: model).score(RowMatrix(fields: 5, rows: emptyRows), logitsOnly: true))
     #expect(none != served)
     #expect(RankingInputs.history(" 1,2 ,, 3,4", length: 3) == ["2", "3", "4"])
+    #expect(RankingInputs.history("7", length: 3) == ["7"] && RankingInputs.history(",, ,", length: 3).isEmpty)
+    #expect(RankingInputs.history("", length: 2).isEmpty && RankingInputs.history("1,2,3", length: 5) == ["1", "2", "3"])
+    // A long stored history: only its tail is read.
+    let long = (0..<200_000).map(String.init).joined(separator: ",")
+    #expect(RankingInputs.history(long, length: 3) == ["199997", "199998", "199999"])
 }
