@@ -22,6 +22,20 @@ let pythonReference: (python: String, script: URL)? = {
 /// The Python reference implementation of docs/model-format.md, reading our files, must reproduce our scores.
 @Suite(.enabled(if: pythonReference != nil, "python3 with numpy and safetensors not found: skipping the format cross-check"))
 struct PythonReference {
+    /// Runs the script on the model saved in `dir/model` with `csv` as input; returns its output lines.
+    static func runReference(dir: URL, csv: String) throws -> [Substring] {
+        let (python, script) = pythonReference!
+        let input = dir.appendingPathComponent("in.csv"), output = dir.appendingPathComponent("out.csv")
+        try Data(csv.utf8).write(to: input)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: python)
+        p.arguments = ["python3", script.path, dir.appendingPathComponent("model").path, input.path, output.path]
+        try p.run()
+        p.waitUntilExit()
+        try #require(p.terminationStatus == 0)
+        return try String(contentsOf: output, encoding: .utf8).split(whereSeparator: \.isNewline)
+    }
+
     func randomModel() throws -> LegacyModel {
         let spec = ModelSpec(
             name: "cross-check", featureSetVersion: "test",
@@ -40,7 +54,6 @@ struct PythonReference {
 
     @Test(arguments: [false, true])
     func scoresMatch(int8: Bool) throws {
-        let (python, script) = pythonReference!
         let model = int8 ? try randomModel().quantizedInt8() : try randomModel()
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("stockpot-xcheck-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -55,15 +68,7 @@ struct PythonReference {
             csv += r.map { $0.contains(" ") ? "\"\($0)\"" : $0 }.joined(separator: ",") + "\n"
             for (f, v) in r.enumerated() { rows.append(model.encoder.row(field: f, raw: v)) }
         }
-        let input = dir.appendingPathComponent("in.csv"), output = dir.appendingPathComponent("out.csv")
-        try Data(csv.utf8).write(to: input)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = ["python3", script.path, dir.appendingPathComponent("model").path, input.path, output.path]
-        try p.run()
-        p.waitUntilExit()
-        try #require(p.terminationStatus == 0)
-        let lines = try String(contentsOf: output, encoding: .utf8).split(whereSeparator: \.isNewline)
+        let lines = try Self.runReference(dir: dir, csv: csv)
         #expect(lines.first == "is_click,long_view,is_like")
         let reference = lines.dropFirst().flatMap { $0.split(separator: ",").map { Float($0)! } }
         let ours = BatchScorer(model: model).score(RowMatrix(fields: 3, rows: rows))
@@ -77,7 +82,6 @@ struct PythonReference {
     /// attention's `userColumn`, as the scorer does.
     @Test(arguments: [false, true])
     func attentionScoresMatch(int8: Bool) throws {
-        let (python, script) = pythonReference!
         var spec = ModelSpec(
             name: "cross-check", featureSetVersion: "test",
             fields: [FieldSpec(name: "user_id", source: "log:user_id", dim: 3, encoding: .hashed(buckets: 31)),
@@ -102,15 +106,7 @@ struct PythonReference {
             rows += [model.encoder.row(field: 0, raw: r.user), model.encoder.row(field: 1, raw: r.video)]
             rows += ids.map { model.encoder.row(field: 1, raw: $0) } + Array(repeating: -1, count: 3 - ids.count)
         }
-        let input = dir.appendingPathComponent("in.csv"), output = dir.appendingPathComponent("out.csv")
-        try Data(csv.utf8).write(to: input)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = ["python3", script.path, dir.appendingPathComponent("model").path, input.path, output.path]
-        try p.run()
-        p.waitUntilExit()
-        try #require(p.terminationStatus == 0)
-        let lines = try String(contentsOf: output, encoding: .utf8).split(whereSeparator: \.isNewline)
+        let lines = try Self.runReference(dir: dir, csv: csv)
         let reference = lines.dropFirst().flatMap { $0.split(separator: ",").map { Float($0)! } }
         let ours = BatchScorer(model: model).score(RowMatrix(fields: 5, rows: rows))
         #expect(reference.count == ours.count)
