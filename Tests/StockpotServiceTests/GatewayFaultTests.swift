@@ -489,7 +489,11 @@ func rank(_ gateway: GatewayService, topK: Int32 = 0) async throws -> Stockpot_V
         faults.slowness.withLock { $0 = .seconds(2) }
         faults.corrector.withLock { $0 = fault }
         // Only the slow case needs a short wait (its fake answers after 2 s); the others keep the generous one.
-        try await withFakeDownstream(faults, inProcess: true, configure: { if fault == .slow { $0.correctorTimeout = .milliseconds(300) } }) { gateway in
+        // Fusion gets most of the budget: a debug run of the whole suite on two cores can starve a task for seconds.
+        try await withFakeDownstream(faults, inProcess: true, configure: {
+            if fault == .slow { $0.correctorTimeout = .milliseconds(300) }
+            $0.fusionTimeout = .seconds(15)
+        }) { gateway in
             let r = try await rank(gateway)
             #expect(r.degraded == ["corrector"], "\(r.degradedReasons)")
             #expect(r.scores == r.legacyScores)
