@@ -104,11 +104,8 @@ struct Experiment: AsyncParsableCommand {
             func x(_ d: Double) -> Double { left + d / max(maxX, 1) * (w - left - right) }
             func y(_ v: Double) -> Double { top + (hi - v) / (hi - lo) * (h - top - bottom) }
             let colors = ["#1f77b4", "#d62728", "#2ca02c"]
-            var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" font-family=\"sans-serif\" font-size=\"12\">\n"
-            s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-            s += "<text x=\"\(left)\" y=\"18\" font-size=\"14\">Tail click AUC: legacy + tail corrector, by corrector training days</text>\n"
-            s += "<line x1=\"\(left)\" y1=\"\(h - bottom)\" x2=\"\(w - right)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
-            s += "<line x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
+            var s = Experiment.svgFrame(width: w, height: h, left: left, right: right, top: top, bottom: bottom,
+                                        title: "Tail click AUC: legacy + tail corrector, by corrector training days", titleY: 18)
             for i in 0...4 {
                 let v = lo + (hi - lo) * Double(i) / 4
                 s += "<text x=\"\(left - 8)\" y=\"\(y(v) + 4)\" text-anchor=\"end\">\(String(format: "%.3f", v))</text>\n"
@@ -324,11 +321,8 @@ extension Experiment {
             let loY = (ys.min() ?? 0.6) - 0.003, hiY = (ys.max() ?? 0.8) + 0.003
             func x(_ v: Double) -> Double { left + (v - loX) / (hiX - loX) * (w - left - right) }
             func y(_ v: Double) -> Double { top + (hiY - v) / (hiY - loY) * (h - top - bottom) }
-            var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" font-family=\"sans-serif\" font-size=\"12\">\n"
-            s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-            s += "<text x=\"\(left)\" y=\"20\" font-size=\"14\">Click AUC (all users) against scoring cost, \(count) candidates per request</text>\n"
-            s += "<line x1=\"\(left)\" y1=\"\(h - bottom)\" x2=\"\(w - right)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
-            s += "<line x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
+            var s = Experiment.svgFrame(width: w, height: h, left: left, right: right, top: top, bottom: bottom,
+                                        title: "Click AUC (all users) against scoring cost, \(count) candidates per request", titleY: 20)
             for i in 0...4 {
                 let v = loY + (hiY - loY) * Double(i) / 4
                 s += "<text x=\"\(left - 8)\" y=\"\(y(v) + 4)\" text-anchor=\"end\">\(String(format: "%.3f", v))</text>\n"
@@ -493,5 +487,19 @@ extension Experiment {
             }
             return (clock.now - start).seconds * 1e6 / Double(done)
         }
+    }
+}
+
+extension Experiment {
+    /// The start of a study's SVG chart: the canvas, a white background, the title and the two axes of the plot
+    /// area (`left`…`width − right` by `top`…`height − bottom`).
+    static func svgFrame(width w: Double, height h: Double, left: Double, right: Double, top: Double, bottom: Double,
+                         title: String, titleY: Int) -> String {
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        s += "<text x=\"\(left)\" y=\"\(titleY)\" font-size=\"14\">\(title)</text>\n"
+        s += "<line x1=\"\(left)\" y1=\"\(h - bottom)\" x2=\"\(w - right)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
+        s += "<line x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(h - bottom)\" stroke=\"black\"/>\n"
+        return s
     }
 }
