@@ -112,7 +112,7 @@ let package = Package(
         serviceLibrary("StockpotFeatures", ["StockpotTraining", .product(name: "GRDB", package: "GRDB.swift")]),
         serviceLibrary("StockpotScorer", ["StockpotModel"]),
         serviceLibrary("StockpotCorrector", ["StockpotModel"]),
-        serviceLibrary("StockpotFusion"),
+        serviceLibrary("StockpotFusion", ["StockpotModel"]),
         serviceLibrary("StockpotGateway", ["StockpotLogFormat", "StockpotFusion"]),
 
         serviceExecutable("stockpot-registry", "StockpotRegistry"),

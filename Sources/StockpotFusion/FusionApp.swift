@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import ServiceLifecycle
 import StockpotProto
+import StockpotModel
 import StockpotServing
 
 /// The fusion process: the watched fusion config and the server.

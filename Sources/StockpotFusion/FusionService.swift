@@ -1,6 +1,7 @@
 import Foundation
 import GRPCCore
 import StockpotProto
+import StockpotModel
 import StockpotServing
 
 /// Fusion: combines per-objective scores into one final score per candidate with the scenario's weights.

@@ -6,6 +6,7 @@ import Logging
 import StockpotFusion
 import StockpotGateway
 import StockpotProto
+import StockpotModel
 import StockpotServing
 import Synchronization
 import Testing

@@ -8,12 +8,44 @@ public struct FusionConfig: Codable, Sendable, Equatable {
         public var weight: Double
         public var alpha: Double
         public var beta: Double
+        /// Rank-normalised input: the objective's score at evenly spaced percentiles (0 %, …, 100 %) of a reference
+        /// range (`stockpot fusion search --inputs rank`). When present, the term uses the score's percentile
+        /// in [0, 1], interpolated between the knots, instead of the raw score: a fixed monotone map, the same
+        /// for every request, so that objectives on different scales weigh alike. Nil: the raw score.
+        public var quantiles: [Double]?
 
-        public init(objective: String, weight: Double, alpha: Double = 1, beta: Double = 1) {
+        public init(objective: String, weight: Double, alpha: Double = 1, beta: Double = 1, quantiles: [Double]? = nil) {
             self.objective = objective
             self.weight = weight
             self.alpha = alpha
             self.beta = beta
+            self.quantiles = quantiles
+        }
+
+        /// The input this term raises to β: the raw score, or its percentile with `quantiles`.
+        @inline(__always)
+        public func input(_ s: Double) -> Double {
+            guard let q = quantiles else { return s }
+            return Self.percentile(s, knots: q)
+        }
+
+        /// Where `s` falls among `knots` (non-decreasing, at evenly spaced percentiles), in [0, 1], linear between
+        /// knots. Below the first knot 0, above the last 1.
+        public static func percentile(_ s: Double, knots q: [Double]) -> Double {
+            let k = q.count
+            guard k >= 2 else { return s }
+            if s <= q[0] { return 0 }
+            if s >= q[k - 1] { return 1 }
+            // The first knot above s (exists: s < q[k-1]); the one before it is at most s.
+            var lo = 0, hi = k - 1
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if q[mid] > s { hi = mid } else { lo = mid + 1 }
+            }
+            let below = hi - 1
+            let span = q[hi] - q[below]
+            let frac = span > 0 ? (s - q[below]) / span : 0
+            return (Double(below) + frac) / Double(k - 1)
         }
     }
 
@@ -53,8 +85,15 @@ public struct FusionConfig: Codable, Sendable, Equatable {
         for (name, s) in scenarios {
             for terms in [s.terms] + Array((s.crowds ?? [:]).values) {
                 guard !terms.isEmpty else { throw ConfigError("scenario '\(name)' has an empty term list") }
-                for t in terms where !(t.weight.isFinite && t.alpha.isFinite && t.alpha > 0 && t.beta.isFinite && t.beta > 0) {
-                    throw ConfigError("scenario '\(name)', objective '\(t.objective)': weight must be finite, alpha and beta positive")
+                for t in terms {
+                    guard t.weight.isFinite && t.alpha.isFinite && t.alpha > 0 && t.beta.isFinite && t.beta > 0 else {
+                        throw ConfigError("scenario '\(name)', objective '\(t.objective)': weight must be finite, alpha and beta positive")
+                    }
+                    if let q = t.quantiles {
+                        guard q.count >= 2, q.allSatisfy(\.isFinite), zip(q, q.dropFirst()).allSatisfy({ $0 <= $1 }) else {
+                            throw ConfigError("scenario '\(name)', objective '\(t.objective)': quantiles must be at least 2 finite, non-decreasing values")
+                        }
+                    }
                 }
             }
         }
@@ -72,7 +111,7 @@ public struct FusionConfig: Codable, Sendable, Equatable {
         for t in terms {
             guard let s = scores[t.objective] else { continue }
             let (w, a, b) = (t.weight, t.alpha, t.beta)
-            for i in 0..<n { out[i] += Float(w * pow(a * Double(s[i]), b)) }
+            for i in 0..<n { out[i] += Float(w * pow(a * t.input(Double(s[i])), b)) }
         }
         return out
     }
