@@ -532,7 +532,19 @@ public struct FusionStudy: Codable, Sendable {
         public var referenceTerms: [FusionConfig.Term]
         public var reference: [Double]
         public var picked: Int?
+        /// With rank inputs: each objective's percentile knots, fitted on this unit's search impressions (kept
+        /// here once rather than in every point's terms).
+        public var quantiles: [[Double]]? = nil
         public var test: Comparison? = nil
+
+        /// Point `i`'s terms as served: with the rank knots.
+        public func servedTerms(_ i: Int) -> [FusionConfig.Term] {
+            front[i].terms.enumerated().map { j, t in
+                var t = t
+                t.quantiles = quantiles?[j]
+                return t
+            }
+        }
 
         public var label: String { crowd.map { "\(scenario), crowd \($0)" } ?? scenario }
     }
@@ -541,6 +553,9 @@ public struct FusionStudy: Codable, Sendable {
     public var rankInputs: Bool
     public var options: FusionSearch.Options
     public var units: [Unit]
+    /// Scenarios seen on the search days with too few impressions for a search of their own: the config serves
+    /// them the default scenario's terms.
+    public var sharedScenarios: [String] = []
 
     /// Runs every unit.
     /// - Parameters:
@@ -599,8 +614,10 @@ public struct FusionStudy: Codable, Sendable {
             if case .balanced = pick { chosen = FusionSearch.pickBalanced(front, reference: referenceMetrics) }
             let (shown, kept) = FusionSearch.thin(front, limit: frontLimit, keep: chosen)
             log("  front: \(front.count) non-dominated points of \(options.population * (options.generations + 1)) evaluated; \(shown.count) kept")
-            var unit = Unit(scenario: s.scenario, crowd: s.crowd, impressions: data.count, users: evaluator.userCount, front: shown,
-                            referenceTerms: referenceTerms, reference: referenceMetrics, picked: kept)
+            // Points keep their terms without the knots, stored once in the unit.
+            let bare = shown.map { p in FusionPoint(terms: p.terms.map { var t = $0; t.quantiles = nil; return t }, metrics: p.metrics) }
+            var unit = Unit(scenario: s.scenario, crowd: s.crowd, impressions: data.count, users: evaluator.userCount, front: bare,
+                            referenceTerms: referenceTerms, reference: referenceMetrics, picked: kept, quantiles: searcher.quantiles)
             if case .index(let i) = pick {
                 guard shown.indices.contains(i) else { throw TrainingError.config("--pick \(i): the front has points 0…\(shown.count - 1)") }
                 unit.picked = i
@@ -608,29 +625,35 @@ public struct FusionStudy: Codable, Sendable {
             if let t = test, let p = unit.picked, !s.test.isEmpty {
                 let tdata = t.subset(s.test)
                 let te = FusionEvaluator(data: tdata, ndcgK: ndcgK)
-                let (a, b) = (te.fused(unit.front[p].terms), te.fused(referenceTerms))
+                let (a, b) = (te.fused(unit.servedTerms(p)), te.fused(referenceTerms))
                 let intervals = te.bootstrapDifference(a, b, replicates: bootstrap, seed: options.seed)
                 unit.test = Comparison(impressions: tdata.count, users: te.qualifyingUsers, picked: te.metrics(a), reference: te.metrics(b),
                                        low: intervals.map(\.low), high: intervals.map(\.high))
             }
             units.append(unit)
         }
-        return FusionStudy(targets: search.targets, rankInputs: rankInputs, options: options, units: units)
+        let searched = Set(scopes.map(\.scenario))
+        return FusionStudy(targets: search.targets, rankInputs: rankInputs, options: options, units: units,
+                           sharedScenarios: counts.keys.filter { !searched.contains($0) }.sorted())
     }
 
-    /// The config of the picked points: each scenario's terms (crowd overrides for crowd units); what was not
-    /// searched or picked keeps the reference's terms.
+    /// The config of the picked points: each scenario's terms (crowd overrides for crowd units); scenarios too
+    /// small for a search of their own get the default scenario's terms; what was not searched or picked keeps
+    /// the reference's terms.
     public func config(reference: FusionConfig) -> FusionConfig {
         var scenarios = reference.scenarios
         for u in units where u.crowd == nil {
             guard let p = u.picked else { continue }
-            scenarios[u.scenario] = FusionConfig.Scenario(terms: u.front[p].terms, crowds: scenarios[u.scenario]?.crowds)
+            scenarios[u.scenario] = FusionConfig.Scenario(terms: u.servedTerms(p), crowds: scenarios[u.scenario]?.crowds)
         }
         for u in units {
             guard let crowd = u.crowd, let p = u.picked else { continue }
             var s = scenarios[u.scenario] ?? FusionConfig.Scenario(terms: u.referenceTerms)
-            s.crowds = (s.crowds ?? [:]).merging([crowd: u.front[p].terms]) { $1 }
+            s.crowds = (s.crowds ?? [:]).merging([crowd: u.servedTerms(p)]) { $1 }
             scenarios[u.scenario] = s
+        }
+        for name in sharedScenarios where scenarios[name] == nil {
+            scenarios[name] = scenarios["default"]
         }
         return FusionConfig(scenarios: scenarios)
     }

@@ -541,6 +541,38 @@ import Synchronization
         #expect(tail.order == [1])
     }
 
+    @Test func rankNormalisedTermsAreServedFromTheStoredFile() async throws {
+        // A config as `fusion search --inputs rank` writes it: each term maps its score to a percentile.
+        let folder = temporaryDirectory("fusion-rank")
+        let config = FusionConfig(scenarios: ["default": .init(terms: [
+            .init(objective: "a", weight: 1, quantiles: [0, 0.1, 0.2, 0.4, 1.0]),
+            .init(objective: "b", weight: 2, beta: 2, quantiles: [0.0, 0.01, 0.02, 0.03, 0.04]),
+        ])])
+        try JSONEncoder().encode(config).write(to: folder.appendingPathComponent(FusionConfig.fileName))
+        let s = FusionService(configs: localWatcher(folder: folder, name: "fusion", reference: "fusion@production") { _, f in
+            try FusionService.load(folder: f)
+        })
+        try await s.configs.refresh()
+        let r = try await withContext { try await s.fuse(request: .with { $0.scores = scores([0.3, 0.05, 2], [0.005, 0.04, 0]) }, context: $0) }
+        // a: 0.3 is halfway between the 50 % and 75 % knots → 0.625; 0.05 → 0.125; 2 → 1 (above the last knot).
+        // b: 0.005 → 0.125, squared ×2 = 0.03125; 0.04 → 1 → 2; 0 → 0.
+        let expected: [Float] = [0.625 + 0.03125, 0.125 + 2, 1]
+        #expect(zip(r.finalScores, expected).allSatisfy { abs($0 - $1) < 1e-6 }, "\(r.finalScores)")
+        #expect(r.order == [1, 2, 0])
+    }
+
+    @Test func aConfigWithBadQuantilesIsRefused() throws {
+        for q in [[0.5], [0.2, 0.1], [0, .nan]] {
+            let c = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "a", weight: 1, quantiles: q)])])
+            #expect(throws: FusionConfig.ConfigError.self) { try c.validate() }
+        }
+        // A config written before quantiles existed still loads, with raw inputs.
+        let old = #"{"scenarios":{"default":{"terms":[{"objective":"a","weight":1,"alpha":1,"beta":1}]}}}"#
+        let decoded = try JSONDecoder().decode(FusionConfig.self, from: Data(old.utf8))
+        #expect(decoded.scenarios["default"]?.terms.first?.quantiles == nil)
+        try decoded.validate()
+    }
+
     @Test func badRequests() async throws {
         let s = try await service()
         #expect(await expectStatus(.notFound, mentioning: "unknown scenario 'x'") {
