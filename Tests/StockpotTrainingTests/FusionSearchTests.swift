@@ -116,4 +116,27 @@ private func conflicting(users: Int, perUser: Int, seed: UInt64, scenario: (Int)
         // The study's JSON survives undefined metrics.
         #expect(try JSONSerialization.jsonObject(with: try study.json()) is [String: Any])
     }
+
+    @Test func predictionsAreJoinedToTheLogAndItsTargets() throws {
+        let data = try tinyKuaiRand()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("fusion-join-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // In another order than the log, as a user's own scoring job might write it.
+        let csv = dir.appendingPathComponent("p.csv")
+        try Data("user_id,video_id,time_ms,is_click,long_view\n2,10,200,0.5,0.25\n1,10,100,0.1,0.2\n1,11,100,0.3,0.4\n".utf8).write(to: csv)
+        let p = try FusionData.readPredictions(csv, data: data)
+        #expect(p.rows == [2, 0, 1] && p.objectives == ["is_click", "long_view"] && p.predictions == [0.5, 0.25, 0.1, 0.2, 0.3, 0.4])
+        let targets = [FusionTarget(name: "is_like", column: "is_like", kind: .binary), FusionTarget(name: "play_time", column: "play_time_ms", kind: .graded)]
+        let d = try FusionData(data: data, rows: p.rows, objectives: p.objectives, predictions: p.predictions, targets: targets,
+                               scenarioColumn: "tab", crowds: .activity)
+        #expect(d.users == [2, 1, 1] && d.scenarios == ["tab=4", "tab=1", "tab=1"] && d.crowds == ["tail", "head", "head"])
+        #expect(d.values[0] == [1, 0, 0] && abs(d.values[1][1] - log1p(0.5)) < 1e-12 && d.scores[1] == [0.25, 0.2, 0.4].map { Double(Float($0)) })
+        // A line the log does not have, a bad number, a negative score: each named.
+        for (body, message) in [("1,12,100,0.1,0.2", "no impression of user 1, video 12"), ("1,10,100,x,0.2", "'x' is not a non-negative number"),
+                                ("1,10,100,-0.1,0.2", "is not a non-negative number")] {
+            try Data("user_id,video_id,time_ms,is_click,long_view\n\(body)\n".utf8).write(to: csv)
+            #expect { try FusionData.readPredictions(csv, data: data) } throws: { "\($0)".contains(message) && "\($0)".contains("line 2") }
+        }
+    }
 }
