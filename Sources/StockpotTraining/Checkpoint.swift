@@ -24,8 +24,10 @@ public enum Checkpoint {
             + (model.attention == nil ? [] : ["attention.hidden.weight", "attention.hidden.bias", "attention.output.weight", "attention.output.bias"])
     }
 
-    /// Writes the checkpoint folder atomically (complete or absent, never half-written).
-    public static func save(model: LegacyModel, optimizer: OptimizerState, info: CheckpointInfo, to url: URL) throws {
+    /// Writes the checkpoint folder atomically (complete or absent, never half-written), with the training-only
+    /// heads, if any, in `auxiliary.json`.
+    public static func save(model: LegacyModel, optimizer: OptimizerState, info: CheckpointInfo, auxiliary: AuxiliaryHeads? = nil,
+                            to url: URL) throws {
         var tensors: [String: Tensor] = [:]
         for (i, name) in denseNames(model).enumerated() {
             if !optimizer.denseM[i].isEmpty {
@@ -46,6 +48,7 @@ public enum Checkpoint {
             try Safetensors.write(tensors, metadata: ["optimizer": optimizer.optimizer.rawValue, "step": String(optimizer.step)],
                                   to: dir.appendingPathComponent(optimizerFile))
             try AtomicFile.write(infoData, to: dir.appendingPathComponent(infoFile))
+            try auxiliary?.save(to: dir)
         }
     }
 

@@ -27,6 +27,12 @@ public struct EncodedDataset: Sendable {
     /// A teacher model's logits per sample (`count × objectives.count`, in `objectives` order), for distillation;
     /// empty otherwise.
     public var teacherLogits: [Float] = []
+    /// Each sample's row of a presentation factor (`PresentationFactor.row(of:)`), for training with one;
+    /// empty otherwise.
+    public var presentation: [Int32] = []
+    /// Each sample's adversary class (`Adversary.index(of:definition:)`, -1: none), for adversarial training;
+    /// empty otherwise.
+    public var adversaryClasses: [Int32] = []
 
     public var count: Int { userIds.count }
 

@@ -67,6 +67,7 @@ public struct LegacyTraining {
         var model: LegacyModel
         var optimizer: OptimizerState?
         var info: CheckpointInfo
+        var previousAuxiliary: AuxiliaryHeads?
         var trainOptions = options
         if let d = options.discriminator, trainOptions.weightedObjectives == nil { trainOptions.weightedObjectives = d.objectives }
         var transferNote: String?
@@ -74,6 +75,7 @@ public struct LegacyTraining {
             let loaded = try Checkpoint.load(from: warmStart)
             model = loaded.model
             optimizer = loaded.optimizer
+            previousAuxiliary = try AuxiliaryHeads.load(from: warmStart)
             guard model.spec.dtype == .f32 else { throw TrainingError.checkpoint("\(warmStart.path) is quantised; warm-start from the F32 checkpoint") }
             if optimizer == nil { log("note: \(warmStart.path) has no optimizer state; moments start fresh") }
             info = loaded.info ?? CheckpointInfo(options: options, step: 0, daysTrained: [], samplesSeen: 0, parent: nil, mode: "incremental")
@@ -113,7 +115,8 @@ public struct LegacyTraining {
         var totalSamples = 0
         var teachers: [String] = []
         var checkpoint = out
-        let trainer = try Trainer(model: model, options: trainOptions, optimizerState: optimizer, threads: threads)
+        let auxiliary = try auxiliaryHeads(for: model, rows: try data.rows(in: days), continuing: previousAuxiliary)
+        let trainer = try Trainer(model: model, options: trainOptions, optimizerState: optimizer, threads: threads, auxiliary: auxiliary)
         let firstStep = trainer.step
         var saved = model
         let discriminator = try options.discriminator.map {
@@ -123,6 +126,7 @@ public struct LegacyTraining {
             let rows = try data.rows(in: DayRange(first: day, last: day))
             var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: trainer.model.spec, crowdSource: config.crowds.source,
                                                  history: histories.history(data: data, spec: trainer.model.spec)))
+            try annotate(&ds, rows: rows, auxiliary: auxiliary)
             if let discriminator {
                 ds.weights = try discriminator.fitAndWeigh(data: data, rows: rows, seed: options.seed ^ UInt64(day) ^ 0xD15C)
                 let mean = ds.weights.reduce(0, +) / Float(max(ds.count, 1))
@@ -154,7 +158,8 @@ public struct LegacyTraining {
             m.spec.metadata = metadata(info: info, teachers: teachers)
             if let transferNote { m.spec.metadata["transfer"] = transferNote }
             checkpoint = out.appendingPathComponent(String(day))
-            try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: checkpoint)
+            try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, auxiliary: trainer.auxiliary, to: checkpoint)
+            if trainer.lastAdversaryLoss.isFinite { log(String(format: "  %d: adversary cross-entropy on the last batch %.4f", day, trainer.lastAdversaryLoss)) }
             saved = m
             try Self.pointLatest(in: out, to: String(day))
             if let keep { try Self.prune(out, keep: keep, protecting: warmStart) }
@@ -174,9 +179,11 @@ public struct LegacyTraining {
         try checkDistillation()
         let spec = try SpecFitter.fit(config: config, data: data, rows: rows, name: modelName)
         let model = try LegacyModel.initialized(spec: spec, seed: options.seed)
-        let trainer = try Trainer(model: model, options: options, threads: threads)
+        let auxiliary = try auxiliaryHeads(for: model, rows: rows, continuing: nil)
+        let trainer = try Trainer(model: model, options: options, threads: threads, auxiliary: auxiliary)
         var ds = weighted(try EncodedDataset(data: data, rows: rows, spec: spec, crowdSource: config.crowds.source,
                                              history: histories.history(data: data, spec: spec)))
+        try annotate(&ds, rows: rows, auxiliary: auxiliary)
         var teachers: [String] = []
         if let teacher, options.distillation != nil {
             (ds.teacherLogits, teachers) = try Self.pooledTeacherLogits(teacher: teacher, data: data, rows: rows, heads: spec.heads)
@@ -208,8 +215,61 @@ public struct LegacyTraining {
         info.step = trainer.step
         var m = trainer.model
         m.spec.metadata = metadata(info: info, teachers: teachers)
-        try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, to: out)
+        try Checkpoint.save(model: m, optimizer: trainer.optimizerState, info: info, auxiliary: trainer.auxiliary, to: out)
         return Outcome(model: m, checkpoint: out, steps: trainer.step, samples: done, seconds: (clock.now - start).seconds)
+    }
+
+    /// The training-only heads the options ask for: those of the warm-start checkpoint when they match, otherwise
+    /// fresh ones — a presentation factor over the values of its source on `rows` (most frequent first, at most
+    /// 1,000; the rest share the unknown row), an adversary over the crowds or the crowd attribute's values.
+    func auxiliaryHeads(for model: LegacyModel, rows: [Int], continuing previous: AuxiliaryHeads?) throws -> AuxiliaryHeads? {
+        guard options.presentation != nil || options.adversary != nil else { return nil }
+        var heads = AuxiliaryHeads()
+        if let p = options.presentation {
+            if let old = previous?.presentation, old.mode == p.mode, old.source == p.source, old.logits.count == (old.values.count + 1) * model.headCount {
+                heads.presentation = old
+            } else {
+                let a = try data.accessor(for: p.source)
+                let counts = Dictionary(rows.map { (data.value(a, row: $0), 1) }, uniquingKeysWith: +)
+                let values = counts.sorted { ($1.value, $0.key) < ($0.value, $1.key) }.prefix(1000).map(\.key)
+                heads.presentation = PresentationFactor(mode: p.mode, source: p.source, values: values, heads: model.headCount)
+                log("presentation factor (\(p.mode.rawValue)) on \(p.source): \(values.count) values" + (values.count <= 20 ? " (\(values.joined(separator: ", ")))" : ""))
+            }
+        }
+        if let s = options.adversary {
+            if var old = previous?.adversary, old.crowds == s.crowds, old.source == config.crowds.source,
+               old.weight.count == old.classes.count * (model.spec.hidden.last ?? 0) {
+                old.strength = s.strength
+                heads.adversary = old
+            } else {
+                guard let hidden = model.spec.hidden.last else { throw TrainingError.config("an adversary needs a hidden layer to read") }
+                let classes: [String]
+                if s.crowds {
+                    classes = config.crowds.names
+                } else {
+                    let a = try data.accessor(for: config.crowds.source)
+                    classes = Set(rows.map { data.value(a, row: $0) }).sorted()
+                }
+                guard classes.count >= 2 else { throw TrainingError.data("the adversary needs at least two groups; \(config.crowds.source) has \(classes)") }
+                heads.adversary = Adversary(strength: s.strength, source: config.crowds.source, crowds: s.crowds, classes: classes,
+                                            hidden: hidden, seed: options.seed)
+                log("adversary (λ = \(s.strength)) on \(config.crowds.source): \(classes.joined(separator: ", "))")
+            }
+        }
+        return heads
+    }
+
+    /// Gives each sample of `ds` (encoded from `rows`, in order) its presentation row and adversary class.
+    func annotate(_ ds: inout EncodedDataset, rows: [Int], auxiliary: AuxiliaryHeads?) throws {
+        if let f = auxiliary?.presentation {
+            let a = try data.accessor(for: f.source)
+            let index = Dictionary(f.values.enumerated().map { ($1, Int32($0 + 1)) }, uniquingKeysWith: { a, _ in a })
+            ds.presentation = rows.map { index[data.value(a, row: $0)] ?? 0 }
+        }
+        if let adv = auxiliary?.adversary {
+            let a = try data.accessor(for: adv.source)
+            ds.adversaryClasses = rows.map { adv.index(of: data.value(a, row: $0), definition: config.crowds) }
+        }
     }
 
     /// Applies the rule re-weighting (`TrainingOptions.crowdWeights`, e.g. tail = 10 for 10:1): each sample's
@@ -262,6 +322,8 @@ public struct LegacyTraining {
             m["crowd_weights"] = options.crowdWeights.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
         }
         if let p = info.parent { m["parent"] = p }
+        if let p = options.presentation { m["presentation"] = "\(p.mode.rawValue) on \(p.source) (training only, dropped at serving)" }
+        if let a = options.adversary { m["adversary"] = "strength=\(a.strength) target=\(a.crowds ? "crowd" : config.crowds.source)" }
         if let d = options.distillation {
             m["distillation"] = "alpha=\(d.alpha) beta=\(d.beta) temperature=\(d.temperature)"
             if let last = teachers.last { m["teacher"] = last }

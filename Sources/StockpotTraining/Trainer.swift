@@ -34,6 +34,11 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
     /// After a warm start into a new structure (`StructureTransfer`): the copied tensors learn more slowly, or not
     /// at all, for a while; nil = every tensor at the full rate.
     public var copiedParameters: CopiedParameterSchedule?
+    /// Train with a presentation factor (`PresentationFactor`: position bias as a shallow tower or PAL), dropped
+    /// at serving; nil = off.
+    public var presentation: PresentationSetting?
+    /// Adversarial debiasing (`Adversary`) against the crowd; nil = off.
+    public var adversary: AdversarySetting?
 
     /// Defaults for `optimizer`: Adagrad 0.01 / 0.05 (dense / embeddings), Adam 0.001 / 0.01 — the best of a
     /// small sweep on KuaiRand (`docs/performance.md`).
@@ -43,6 +48,29 @@ public struct TrainingOptions: Codable, Sendable, Equatable {
         case .adagrad: (learningRate, embeddingLearningRate) = (0.01, 0.05)
         case .adam: (learningRate, embeddingLearningRate) = (0.001, 0.01)
         }
+    }
+}
+
+/// Which presentation factor to train with: its mode and where its value is read (`log:position`, `log:tab`).
+public struct PresentationSetting: Codable, Sendable, Equatable {
+    public var mode: PresentationFactor.Mode
+    public var source: String
+
+    public init(mode: PresentationFactor.Mode, source: String) {
+        self.mode = mode
+        self.source = source
+    }
+}
+
+/// The adversary to train against: its gradient-reversal strength λ and whether it predicts the crowd
+/// (`crowds`) or the raw crowd attribute (`user_active_degree`'s values).
+public struct AdversarySetting: Codable, Sendable, Equatable {
+    public var strength: Float
+    public var crowds: Bool
+
+    public init(strength: Float, crowds: Bool = false) {
+        self.strength = strength
+        self.crowds = crowds
     }
 }
 
@@ -160,10 +188,23 @@ public final class Trainer {
     private let tableOrder: [Int]
     /// The next entry of `tableOrder` to take in the current pass.
     private let tableCursor = Atomic<Int>(0)
+    // Training-only heads (`AuxiliaryHeads`): their parameters flat (presentation logits, adversary weight,
+    // adversary bias), their optimizer moments, one gradient buffer per thread, and each thread's adversary loss.
+    private let auxiliaryShape: AuxiliaryHeads?
+    private let auxCount: Int
+    private let auxParams: UnsafeMutablePointer<Float>
+    private let auxM: UnsafeMutablePointer<Float>
+    private let auxV: UnsafeMutablePointer<Float>
+    private let auxGrads: [UnsafeMutablePointer<Float>]
+    private let adversaryLoss: UnsafeMutablePointer<Double>
+    /// Mean cross-entropy of the adversary on the last batch (NaN without one).
+    public private(set) var lastAdversaryLoss = Double.nan
 
     /// - Parameter optimizerState: moments from a checkpoint (warm start); `nil` starts them fresh.
     /// - Parameter threads: threads per step (1: this thread only).
-    public init(model: LegacyModel, options: TrainingOptions, optimizerState: OptimizerState? = nil, threads: Int = 1) throws {
+    /// - Parameter auxiliary: training-only heads (a presentation factor, an adversary), fresh or from a checkpoint.
+    public init(model: LegacyModel, options: TrainingOptions, optimizerState: OptimizerState? = nil, threads: Int = 1,
+                auxiliary: AuxiliaryHeads? = nil) throws {
         guard model.spec.dtype == .f32 else {
             throw TrainingError.config("cannot train an \(model.spec.dtype.rawValue) model; train the F32 model and quantise it")
         }
@@ -196,6 +237,19 @@ public final class Trainer {
             guard s.denseV.map(\.count) == denseSizes, s.embV.map(\.count) == tableSizes,
                   !usesMoment || (s.denseM.map(\.count) == denseSizes && s.embM.map(\.count) == tableSizes)
             else { throw TrainingError.checkpoint("optimizer state does not match the model's shapes") }
+        }
+        if let f = auxiliary?.presentation {
+            guard f.logits.count == (f.values.count + 1) * model.headCount else {
+                throw TrainingError.config("presentation factor has \(f.logits.count) logits for \(f.values.count + 1) rows × \(model.headCount) heads")
+            }
+            guard options.distillation == nil else { throw TrainingError.config("a presentation factor and distillation cannot be combined") }
+        }
+        if let a = auxiliary?.adversary {
+            guard let h = model.spec.hidden.last else { throw TrainingError.config("an adversary needs a hidden layer to read") }
+            guard a.classes.count >= 2, a.weight.count == a.classes.count * h, a.bias.count == a.classes.count else {
+                throw TrainingError.config("adversary has \(a.weight.count) weights and \(a.bias.count) biases for \(a.classes.count) classes (at least 2) × \(h) hidden units")
+            }
+            guard a.strength.isFinite, a.strength >= 0 else { throw TrainingError.config("adversary strength must be finite and non-negative") }
         }
         // Every check that can throw is above, before any allocation and before the helper threads start: an
         // init that throws part-way leaves nothing behind.
@@ -262,8 +316,46 @@ public final class Trainer {
         tableStates = model.embeddings.indices.map { i in
             TableState(slots: [Int32](repeating: -1, count: model.embeddings[i].rows), m: embM[i], v: embV[i])
         }
+        auxiliaryShape = auxiliary
+        let auxTotal = auxiliary?.parameterCount ?? 0
+        auxCount = auxTotal
+        auxParams = .allocate(capacity: max(auxTotal, 1))
+        let flat = (auxiliary?.presentation?.logits ?? []) + (auxiliary?.adversary.map { $0.weight + $0.bias } ?? [])
+        auxParams.initialize(from: flat + [0], count: max(auxTotal, 1))
+        auxM = .allocate(capacity: max(auxTotal, 1))
+        auxM.initialize(repeating: 0, count: max(auxTotal, 1))
+        auxV = .allocate(capacity: max(auxTotal, 1))
+        auxV.initialize(repeating: fill, count: max(auxTotal, 1))
+        auxGrads = (0..<threadCount).map { _ in
+            let b = UnsafeMutablePointer<Float>.allocate(capacity: max(auxTotal, 1))
+            b.initialize(repeating: 0, count: max(auxTotal, 1))
+            return b
+        }
+        adversaryLoss = .allocate(capacity: threadCount)
+        adversaryLoss.initialize(repeating: 0, count: threadCount)
         team = threadCount > 1 ? WorkerTeam(size: threadCount) : nil
     }
+
+    /// The training-only heads as they are now (nil when the trainer has none).
+    public var auxiliary: AuxiliaryHeads? {
+        guard var a = auxiliaryShape else { return nil }
+        var at = 0
+        if var f = a.presentation {
+            f.logits = Array(UnsafeBufferPointer(start: auxParams, count: f.logits.count))
+            at = f.logits.count
+            a.presentation = f
+        }
+        if var d = a.adversary {
+            d.weight = Array(UnsafeBufferPointer(start: auxParams + at, count: d.weight.count))
+            d.bias = Array(UnsafeBufferPointer(start: auxParams + at + d.weight.count, count: d.bias.count))
+            a.adversary = d
+        }
+        return a
+    }
+
+    /// Gradient of the last `computeGradients` call for the training-only heads, flat (presentation logits, then
+    /// the adversary's weight and bias).
+    public var auxiliaryGradient: [Float] { Array(UnsafeBufferPointer(start: auxGrads[0], count: auxCount)) }
 
     deinit {
         team?.stop()
@@ -283,6 +375,11 @@ public final class Trainer {
         gradFlat.deallocate()
         partGrads.forEach { $0.deallocate() }
         blockLoss.deallocate()
+        auxParams.deallocate()
+        auxM.deallocate()
+        auxV.deallocate()
+        auxGrads.forEach { $0.deallocate() }
+        adversaryLoss.deallocate()
     }
 
     /// The optimizer moments, for a checkpoint.
@@ -314,6 +411,19 @@ public final class Trainer {
             throw TrainingError.data("distillation needs the teacher's logits for every sample and head: the data set has "
                 + "\(data.teacherLogits.count) for \(data.count) samples × \(model.headCount) heads")
         }
+        let presenting = auxiliaryShape?.presentation != nil, adversarial = auxiliaryShape?.adversary != nil
+        guard !presenting || data.presentation.count == data.count else {
+            throw TrainingError.data("the presentation factor needs each sample's value: the data set has \(data.presentation.count) for \(data.count) samples")
+        }
+        guard !adversarial || data.adversaryClasses.count == data.count else {
+            throw TrainingError.data("the adversary needs each sample's class: the data set has \(data.adversaryClasses.count) for \(data.count) samples")
+        }
+        if let f = auxiliaryShape?.presentation, let bad = data.presentation.firstIndex(where: { $0 < 0 || Int($0) > f.values.count }) {
+            throw TrainingError.data("sample \(bad): presentation row \(data.presentation[bad]) outside 0…\(f.values.count)")
+        }
+        if let a = auxiliaryShape?.adversary, let bad = data.adversaryClasses.firstIndex(where: { $0 < -1 || Int($0) >= a.classes.count }) {
+            throw TrainingError.data("sample \(bad): adversary class \(data.adversaryClasses[bad]) outside -1…\(a.classes.count - 1)")
+        }
         if distil, let bad = data.teacherLogits.firstIndex(where: { !$0.isFinite }) {
             throw TrainingError.data("teacher logit \(data.teacherLogits[bad]) for sample \(bad / model.headCount), head "
                 + "\(model.spec.heads[bad % model.headCount]): teacher logits must be finite")
@@ -324,7 +434,11 @@ public final class Trainer {
         let weights = UnsafeMutablePointer<Float>.allocate(capacity: batch)
         let dense = UnsafeMutablePointer<Float>.allocate(capacity: batch * max(e, 1))
         let teacher = UnsafeMutablePointer<Float>.allocate(capacity: distil ? batch * k : 1)
+        let presentation = UnsafeMutablePointer<Int32>.allocate(capacity: batch)
+        let classes = UnsafeMutablePointer<Int32>.allocate(capacity: batch)
         defer {
+            presentation.deallocate()
+            classes.deallocate()
             rows.deallocate()
             labels.deallocate()
             weights.deallocate()
@@ -340,13 +454,19 @@ public final class Trainer {
         var done = 0
         // The data set's storage, read by the threads that copy their blocks of each batch.
         let (dataRows, dataLabels, dataDense, dataTeacher, picks) = (data.rows, data.labels, data.dense, data.teacherLogits, order)
+        let (dataPresentation, dataClasses) = (data.presentation, data.adversaryClasses)
         while done < order.count {
             let n = min(batch, order.count - done)
             for s in 0..<n { weights[s] = data.weights[order[done + s]] }
             // The rest of the batch is copied by the thread that runs its block.
             let first = done
             let loss = runStep(rows: rows, labels: labels, weights: weights, count: n, dense: e > 0 ? dense : nil,
-                               teacher: distil ? teacher : nil) { r in
+                               teacher: distil ? teacher : nil, presentation: presenting ? presentation : nil,
+                               classes: adversarial ? classes : nil) { r in
+                for s in r {
+                    if presenting { presentation[s] = dataPresentation[picks[first + s]] }
+                    if adversarial { classes[s] = dataClasses[picks[first + s]] }
+                }
                 dataRows.withUnsafeBufferPointer { dr in
                     dataLabels.withUnsafeBufferPointer { dl in
                         dataDense.withUnsafeBufferPointer { dd in
@@ -393,24 +513,46 @@ public final class Trainer {
     /// not applied: the weights, the optimizer state and the step count stay as they were, and the non-finite
     /// loss is returned for the caller to report.
     /// - Parameter teacher: `n × heads` teacher logits, required when the options distil.
+    /// - Parameter presentation: `n` rows of the presentation factor, required when the trainer has one.
+    /// - Parameter classes: `n` adversary classes (-1: none), required when the trainer has an adversary.
     public func trainStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
-                          dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil) -> Float {
-        runStep(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher, assemble: nil)
+                          dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil,
+                          presentation: UnsafePointer<Int32>? = nil, classes: UnsafePointer<Int32>? = nil) -> Float {
+        runStep(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher, presentation: presentation,
+                classes: classes, assemble: nil)
     }
 
     /// `trainStep`, where `assemble(r)`, when given, first fills samples `r` of `rows`, `labels`, `dense` and
     /// `teacher` (run by the thread that computes those samples).
     private func runStep(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
-                      dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?, assemble: ((Range<Int>) -> Void)?) -> Float {
+                      dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?, presentation: UnsafePointer<Int32>?,
+                      classes: UnsafePointer<Int32>?, assemble: ((Range<Int>) -> Void)?) -> Float {
         let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher,
-                                   assemble: assemble)
+                                   presentation: presentation, classes: classes, assemble: assemble)
         guard loss.isFinite else {
             discardGradients()
             return loss
         }
         step += 1
         finishGradients(rows: rows, count: n, update: true)
+        updateAuxiliary()
         return loss
+    }
+
+    /// The optimizer step of the training-only heads: the presentation logits at the embedding learning rate
+    /// (a table of one row per value, like an embedding), the adversary at the dense one.
+    private func updateAuxiliary() {
+        guard let a = auxiliaryShape, auxCount > 0 else { return }
+        let t = Float(step), o = options
+        let usesMoment = o.optimizer == .adam
+        let p = a.presentation?.logits.count ?? 0
+        if p > 0 {
+            Self.update(o, p: auxParams, g: auxGrads[0], m: usesMoment ? auxM : nil, v: auxV, count: p, lr: o.embeddingLearningRate, t: t)
+        }
+        if auxCount > p {
+            Self.update(o, p: auxParams + p, g: auxGrads[0] + p, m: usesMoment ? auxM + p : nil, v: auxV + p, count: auxCount - p,
+                        lr: o.learningRate, t: t)
+        }
     }
 
     /// Forward and backward pass: fills the dense gradients and the sparse embedding gradients. Returns the loss.
@@ -420,9 +562,10 @@ public final class Trainer {
     ///   - teacher: `n × heads` teacher logits, required when the options distil.
     @discardableResult
     public func computeGradients(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>, count n: Int,
-                                 dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil) -> Float {
+                                 dense: UnsafePointer<Float>? = nil, teacher: UnsafePointer<Float>? = nil,
+                                 presentation: UnsafePointer<Int32>? = nil, classes: UnsafePointer<Int32>? = nil) -> Float {
         let loss = forwardBackward(rows: rows, labels: labels, weights: weights, count: n, dense: dense, teacher: teacher,
-                                   assemble: nil)
+                                   presentation: presentation, classes: classes, assemble: nil)
         finishGradients(rows: rows, count: n, update: false)
         return loss
     }
@@ -432,8 +575,11 @@ public final class Trainer {
     /// input gradient into its rows of `dx`. Returns the batch loss.
     private func forwardBackward(rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>, weights: UnsafePointer<Float>,
                                  count n: Int, dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?,
+                                 presentation: UnsafePointer<Int32>?, classes: UnsafePointer<Int32>?,
                                  assemble: ((Range<Int>) -> Void)?) -> Float {
         precondition(model.spec.denseInputs.isEmpty || dense != nil, "model has dense inputs; pass them")
+        precondition(auxiliaryShape?.presentation == nil || presentation != nil, "the trainer has a presentation factor; pass each sample's row")
+        precondition(auxiliaryShape?.adversary == nil || classes != nil, "the trainer has an adversary; pass each sample's class")
         precondition(options.distillation == nil || teacher != nil, "the options distil from a teacher; pass its logits")
         precondition(n >= 0 && n <= batch, "\(n) samples in a step of a trainer made for batches of \(batch)")
         // Weighted objectives use the per-sample weights normalised within the batch; the others weigh every
@@ -447,10 +593,19 @@ public final class Trainer {
             let r = Self.part(n, p, parts)
             assemble?(r)
             losses[p] = blockPass(r, part: p, rows: rows, labels: labels, weights: weights, dense: dense,
-                                  teacher: teacher, norm: norm, uniform: uniform)
+                                  teacher: teacher, presentation: presentation, classes: classes, norm: norm, uniform: uniform)
         }
         var loss = 0.0
         for p in 0..<parts { loss += losses[p] }
+        if auxCount > 0 {
+            // The blocks' gradients of the training-only heads, summed into the first buffer.
+            for q in 1..<max(parts, 1) { for i in 0..<auxCount { auxGrads[0][i] += auxGrads[q][i] } }
+            if auxiliaryShape?.adversary != nil {
+                var a = 0.0
+                for q in 0..<parts { a += adversaryLoss[q] }
+                lastAdversaryLoss = a
+            }
+        }
         return Float(loss)
     }
 
@@ -461,8 +616,12 @@ public final class Trainer {
     /// Forward, loss and backward of samples `r`. Returns their share of the batch loss.
     private func blockPass(_ r: Range<Int>, part p: Int, rows: UnsafePointer<Int32>, labels: UnsafePointer<Float>,
                            weights: UnsafePointer<Float>, dense: UnsafePointer<Float>?, teacher: UnsafePointer<Float>?,
+                           presentation: UnsafePointer<Int32>?, classes: UnsafePointer<Int32>?,
                            norm: Float, uniform: Float) -> Double {
         let g = denseGradients(p)
+        let auxGrad = auxGrads[p]
+        auxGrad.update(repeating: 0, count: auxCount)
+        adversaryLoss[p] = 0
         guard !r.isEmpty else {
             g.update(repeating: 0, count: denseTotal)
             return 0
@@ -489,6 +648,7 @@ public final class Trainer {
         // Loss and dLoss/dLogit.
         var loss: Double = 0
         let distil = options.distillation.flatMap { d in teacher.map { (d, $0) } }
+        let factor = auxiliaryShape?.presentation.flatMap { f in presentation.map { (f.mode, $0) } }
         for s in 0..<m {
             let weighted = weights[s0 + s] * norm
             for j in 0..<k {
@@ -496,8 +656,17 @@ public final class Trainer {
                 let z = logits[s * k + j]
                 let y = labels[(s0 + s) * k + j]
                 // BCE with logits, stable: max(z,0) - z·y + log(1 + e^{-|z|}).
-                var l = Distillation.bce(logit: z, target: y)
-                var dl = sigmoid(z) - y
+                var l: Float, dl: Float
+                if let (mode, rowsOf) = factor {
+                    // The factor's logit: added (shallow tower) or as p(seen) (PAL); its gradient to its row.
+                    let at = Int(rowsOf[s0 + s]) * k + j
+                    let t = PresentationFactor.term(mode: mode, z: z, b: auxParams[at], y: y)
+                    (l, dl) = (t.loss, t.dz)
+                    auxGrad[at] += w * lossWeights[j] * t.db
+                } else {
+                    l = Distillation.bce(logit: z, target: y)
+                    dl = sigmoid(z) - y
+                }
                 if let (d, t) = distil {
                     let (kl, dkl) = d.softTerm(student: z, teacher: t[(s0 + s) * k + j])
                     l = d.beta * l + kl
@@ -517,6 +686,9 @@ public final class Trainer {
         let headsIdx = 2 * L
         Self.backAffine(model.heads, input: lastIn, dOut: dLogits, count: m, dW: g + denseOffsets[headsIdx],
                         dB: g + denseOffsets[headsIdx + 1], dInput: L > 0 ? dOut : dx + s0 * d)
+        if let a = auxiliaryShape?.adversary, let classes, L > 0 {
+            adversaryLoss[p] = adversaryPass(a, hidden: lastIn, dHidden: dOut, classes: classes + s0, count: m, part: p, uniform: uniform)
+        }
         for l in stride(from: L - 1, through: 0, by: -1) {
             let layer = model.layers[l]
             let a = acts[l]
@@ -543,6 +715,45 @@ public final class Trainer {
                     attention.backward(history: h.baseAddress ?? UnsafePointer(dxs), count: h.count / dim, candidate: x + s * d + itemOffset,
                                        saved: attentionSaved[s0 + s], dPooled: dxs + pooledAt, dHidden: dHidden, dOutput: dOutput,
                                        dHistory: dHistory + (s0 + s) * a.length * dim, dCandidate: dxs + itemOffset)
+                }
+            }
+        }
+        return loss
+    }
+
+    /// The adversary on `n` samples' last hidden layer: softmax cross-entropy against each sample's class (every
+    /// sample weighs `uniform`; class -1 is skipped); its own gradient into this block's buffer, and
+    /// `−strength ×` its gradient with respect to the hidden layer added to `dHidden` (the gradient reversal).
+    /// Returns this block's share of the batch's mean cross-entropy.
+    private func adversaryPass(_ a: Adversary, hidden: UnsafePointer<Float>, dHidden: UnsafeMutablePointer<Float>,
+                               classes: UnsafePointer<Int32>, count n: Int, part p: Int, uniform: Float) -> Double {
+        let h = model.spec.hidden.last!, c = a.classes.count
+        let offset = auxiliaryShape?.presentation?.logits.count ?? 0
+        let W = auxParams + offset, B = auxParams + offset + c * h
+        let gW = auxGrads[p] + offset, gB = auxGrads[p] + offset + c * h
+        var z = [Float](repeating: 0, count: c)
+        var loss = 0.0
+        for s in 0..<n {
+            let y = Int(classes[s])
+            guard y >= 0 else { continue }
+            let x = hidden + s * h
+            var top = -Float.infinity
+            for ci in 0..<c {
+                var acc = B[ci]
+                for i in 0..<h { acc += W[ci * h + i] * x[i] }
+                z[ci] = acc
+                top = max(top, acc)
+            }
+            var sum: Float = 0
+            for ci in 0..<c { z[ci] = exp(z[ci] - top); sum += z[ci] }
+            loss -= Double(uniform) * log(Double(max(z[y] / sum, 1e-12)))
+            let dx = dHidden + s * h
+            for ci in 0..<c {
+                let gz = (z[ci] / sum - (ci == y ? 1 : 0)) * uniform
+                gB[ci] += gz
+                for i in 0..<h {
+                    gW[ci * h + i] += gz * x[i]
+                    dx[i] -= a.strength * gz * W[ci * h + i]
                 }
             }
         }

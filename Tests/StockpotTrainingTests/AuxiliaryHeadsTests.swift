@@ -1,0 +1,232 @@
+import Foundation
+import StockpotModel
+import Testing
+@testable import StockpotTraining
+
+/// The presentation factor (shallow tower, PAL) and the adversary: gradients against finite differences of a
+/// double-precision reference, persistence, refusals, and that PAL recovers an examination curve.
+@Suite struct AuxiliaryHeadsTests {
+    let model: LegacyModel
+    let rows: [Int32]
+    let labels: [Float]
+    let weights: [Float]
+    let positions: [Int32]
+    let classes: [Int32]
+    static let n = 12
+
+    init() throws {
+        let (spec, rows, labels) = syntheticData(count: Self.n, seed: 5)
+        var m = try LegacyModel.initialized(spec: spec, seed: 9)
+        for i in m.embeddings.indices { m.embeddings[i].storage = .f32(m.embeddings[i].floatValues.map { $0 * 50 }) }
+        model = m
+        self.rows = rows
+        self.labels = labels
+        weights = (0..<Self.n).map { Float(1 + $0 % 3) }
+        positions = (0..<Self.n).map { Int32($0 % 4) }          // rows 0…3 of a factor with 3 values
+        classes = (0..<Self.n).map { $0 == 5 ? -1 : Int32($0 % 3) } // one sample without a class
+    }
+
+    func heads(_ mode: PresentationFactor.Mode?, adversary strength: Float?) -> AuxiliaryHeads {
+        var a = AuxiliaryHeads()
+        if let mode {
+            var f = PresentationFactor(mode: mode, source: "log:position", values: ["1", "2", "3"], heads: 2)
+            f.logits = (0..<f.logits.count).map { Float($0 % 5) * 0.4 - 0.8 }
+            a.presentation = f
+        }
+        if let strength {
+            a.adversary = Adversary(strength: strength, source: "log:crowd", crowds: false, classes: ["x", "y", "z"], hidden: model.spec.hidden.last!, seed: 3)
+            a.adversary!.weight = a.adversary!.weight.map { $0 * 4 }
+        }
+        return a
+    }
+
+    /// Task loss (with the presentation factor) and the adversary's mean cross-entropy, in double precision.
+    func reference(_ m: LegacyModel, _ a: AuxiliaryHeads) -> (task: Double, ce: Double) {
+        let n = Self.n, k = m.headCount
+        let logits = BatchScorer(model: m, chunk: n).score(RowMatrix(fields: m.spec.rowWidth, rows: rows), logitsOnly: true)
+        let wsum = weights.reduce(0.0) { $0 + Double($1) }
+        var task = 0.0
+        for s in 0..<n {
+            for j in 0..<k {
+                let z = Double(logits[s * k + j]), y = Double(labels[s * k + j])
+                var p = 1 / (1 + exp(-z))
+                if let f = a.presentation {
+                    let b = Double(f.logits[Int(positions[s]) * k + j])
+                    p = f.mode == .shallowTower ? 1 / (1 + exp(-(z + b))) : p / (1 + exp(-b))
+                }
+                task -= Double(weights[s]) / wsum * (y * log(p) + (1 - y) * log(1 - p))
+            }
+        }
+        guard let adv = a.adversary else { return (task, 0) }
+        let h = m.spec.hidden.last!, c = adv.classes.count
+        let hidden = m.lastHidden(rows: rows, count: n)
+        var ce = 0.0
+        for s in 0..<n where classes[s] >= 0 {
+            let z = (0..<c).map { ci in Double(adv.bias[ci]) + (0..<h).reduce(0.0) { $0 + Double(adv.weight[ci * h + $1]) * Double(hidden[s * h + $1]) } }
+            let top = z.max()!
+            let lse = top + log(z.reduce(0.0) { $0 + exp($1 - top) })
+            ce += (lse - z[Int(classes[s])]) / Double(n)
+        }
+        return (task, ce)
+    }
+
+    func analytic(_ a: AuxiliaryHeads, threads: Int = 1) throws -> (Trainer, Float) {
+        let t = try Trainer(model: model, options: TrainingOptions(), threads: threads, auxiliary: a)
+        let loss = rows.withUnsafeBufferPointer { r in
+            labels.withUnsafeBufferPointer { l in
+                weights.withUnsafeBufferPointer { w in
+                    positions.withUnsafeBufferPointer { p in
+                        classes.withUnsafeBufferPointer { c in
+                            t.computeGradients(rows: r.baseAddress!, labels: l.baseAddress!, weights: w.baseAddress!, count: Self.n,
+                                               presentation: a.presentation == nil ? nil : p.baseAddress!,
+                                               classes: a.adversary == nil ? nil : c.baseAddress!)
+                        }
+                    }
+                }
+            }
+        }
+        return (t, loss)
+    }
+
+    @Test(arguments: PresentationFactor.Mode.allCases)
+    func presentationGradientsMatchFiniteDifferences(mode: PresentationFactor.Mode) throws {
+        let a = heads(mode, adversary: nil)
+        let (t, loss) = try analytic(a)
+        #expect(abs(Double(loss) - reference(model, a).task) < 1e-4)
+        let g = t.auxiliaryGradient
+        let h: Float = 1e-2
+        for i in a.presentation!.logits.indices {
+            var up = a, down = a
+            up.presentation!.logits[i] += h
+            down.presentation!.logits[i] -= h
+            let numeric = (reference(model, up).task - reference(model, down).task) / Double(2 * h)
+            #expect(abs(Double(g[i]) - numeric) < 2e-4 + 1e-2 * abs(numeric), "logit \(i): analytic \(g[i]), numeric \(numeric)")
+        }
+        // Through the model's logits: the heads' bias.
+        let hb = t.denseGradient("heads.bias")!
+        for j in 0..<2 {
+            var up = model, down = model
+            up.heads.bias[j] += h
+            down.heads.bias[j] -= h
+            let numeric = (reference(up, a).task - reference(down, a).task) / Double(2 * h)
+            #expect(abs(Double(hb[j]) - numeric) < 2e-4 + 1e-2 * abs(numeric), "heads.bias[\(j)]: analytic \(hb[j]), numeric \(numeric)")
+        }
+    }
+
+    @Test func adversaryGradientsAndTheReversalMatchFiniteDifferences() throws {
+        let a = heads(nil, adversary: 0.7)
+        let (t, _) = try analytic(a)
+        #expect(abs(t.lastAdversaryLoss - reference(model, a).ce) < 1e-4)
+        let g = t.auxiliaryGradient, adv = a.adversary!
+        let h: Float = 1e-2
+        // The adversary's own parameters descend its cross-entropy.
+        for i in stride(from: 0, to: adv.weight.count, by: 3) {
+            var up = a, down = a
+            up.adversary!.weight[i] += h
+            down.adversary!.weight[i] -= h
+            let numeric = (reference(model, up).ce - reference(model, down).ce) / Double(2 * h)
+            #expect(abs(Double(g[i]) - numeric) < 2e-4 + 1e-2 * abs(numeric), "weight \(i): analytic \(g[i]), numeric \(numeric)")
+        }
+        for ci in 0..<adv.classes.count {
+            var up = a, down = a
+            up.adversary!.bias[ci] += h
+            down.adversary!.bias[ci] -= h
+            let numeric = (reference(model, up).ce - reference(model, down).ce) / Double(2 * h)
+            #expect(abs(Double(g[adv.weight.count + ci]) - numeric) < 2e-4 + 1e-2 * abs(numeric))
+        }
+        // The shared layers descend task − λ·CE (the reversal). Coordinates whose one-sided differences disagree sit
+        // on a ReLU kink and are skipped; most must be compared.
+        let wg = t.denseGradient("mlp.0.weight")!
+        var compared = 0
+        for i in stride(from: 0, to: wg.count, by: 2) {
+            func objective(_ delta: Float) -> Double {
+                var m = model
+                m.layers[0].weight[i] += delta
+                let r = reference(m, a)
+                return r.task - Double(adv.strength) * r.ce
+            }
+            let (f0, fp, fm) = (objective(0), objective(h), objective(-h))
+            guard abs((fp - f0) - (f0 - fm)) / Double(h) < 1e-3 + 0.05 * abs(fp - fm) / Double(h) else { continue }
+            compared += 1
+            let numeric = (fp - fm) / Double(2 * h)
+            #expect(abs(Double(wg[i]) - numeric) < 5e-4 + 1e-2 * abs(numeric), "mlp.0.weight[\(i)]: analytic \(wg[i]), numeric \(numeric)")
+        }
+        #expect(compared > wg.count / 4)
+    }
+
+    @Test func twoThreadsGiveTheSameAuxiliaryGradients() throws {
+        let a = heads(.pal, adversary: 0.5)
+        let (one, _) = try analytic(a, threads: 1)
+        let (two, _) = try analytic(a, threads: 2)
+        #expect(zip(one.auxiliaryGradient, two.auxiliaryGradient).allSatisfy { abs($0 - $1) < 1e-5 })
+        #expect(abs(one.lastAdversaryLoss - two.lastAdversaryLoss) < 1e-6)
+    }
+
+    @Test func mismatchedHeadsAreRefused() throws {
+        var a = heads(.pal, adversary: nil)
+        a.presentation!.logits.removeLast()
+        #expect(throws: TrainingError.self) { try Trainer(model: model, options: TrainingOptions(), auxiliary: a) }
+        var b = heads(nil, adversary: 1)
+        b.adversary!.bias.append(0)
+        #expect(throws: TrainingError.self) { try Trainer(model: model, options: TrainingOptions(), auxiliary: b) }
+        var distil = TrainingOptions()
+        distil.distillation = try Distillation(alpha: 0.5, beta: 0.5, temperature: 1)
+        #expect(throws: TrainingError.self) { try Trainer(model: model, options: distil, auxiliary: heads(.shallowTower, adversary: nil)) }
+        // A data set without the samples' values is refused before any step.
+        let t = try Trainer(model: model, options: TrainingOptions(), auxiliary: heads(.pal, adversary: nil))
+        let ds = EncodedDataset(fieldCount: 3, objectives: ["click", "like"], rows: rows, labels: labels, weights: weights,
+                                userIds: Array(0..<Self.n), videoIds: Array(0..<Self.n), timeMs: Array(0..<Self.n),
+                                dates: Array(repeating: 20220425, count: Self.n), crowdValues: Array(repeating: "x", count: Self.n))
+        #expect(throws: TrainingError.self) { try t.train(ds, order: Array(0..<Self.n)) }
+    }
+
+    @Test func checkpointsKeepTheHeadsAndServingIgnoresThem() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("aux-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let a = heads(.shallowTower, adversary: 0.3)
+        let t = try Trainer(model: model, options: TrainingOptions(), auxiliary: a)
+        try Checkpoint.save(model: t.model, optimizer: t.optimizerState, info: CheckpointInfo(options: TrainingOptions(), step: 0, daysTrained: [],
+                            samplesSeen: 0, parent: nil, mode: "test"), auxiliary: t.auxiliary, to: dir)
+        #expect(try AuxiliaryHeads.load(from: dir) == a)
+        // The served model is the model alone.
+        let served = try LegacyModel.load(from: dir)
+        #expect(served.spec == model.spec)
+    }
+
+    @Test func palRecoversTheExaminationCurveOfBiasedClicks() throws {
+        // Clicks happen when an item is both relevant (the synthetic click label) and examined, with probability
+        // 1, 0.5 and 0.2 at positions 1, 2 and 3. PAL's p(seen | position) should find that curve; the model's own
+        // score is left with relevance.
+        let n = 12_000
+        let (spec, rows, relevant) = syntheticData(count: n, seed: 21)
+        var rng = SplitMix64(seed: 4)
+        let examine: [Float] = [1, 0.5, 0.2]
+        var position = [Int32](), clicks = [Float]()
+        for s in 0..<n {
+            let p = Int(rng.next() % 3)
+            position.append(Int32(p + 1))
+            clicks.append(relevant[s * 2] > 0 && rng.nextUnit() < Double(examine[p]) ? 1 : 0)
+            clicks.append(relevant[s * 2 + 1])
+        }
+        var options = TrainingOptions()
+        options.batchSize = 128
+        let factor = PresentationFactor(mode: .pal, source: "log:position", values: ["1", "2", "3"], heads: 2)
+        let t = try Trainer(model: try LegacyModel.initialized(spec: spec, seed: 2), options: options, auxiliary: AuxiliaryHeads(presentation: factor))
+        var ds = EncodedDataset(fieldCount: 3, objectives: ["click", "like"], rows: rows, labels: clicks, weights: Array(repeating: 1, count: n),
+                                userIds: Array(0..<n), videoIds: Array(0..<n), timeMs: Array(0..<n),
+                                dates: Array(repeating: 20220425, count: n), crowdValues: Array(repeating: "x", count: n))
+        ds.presentation = position
+        for epoch in 0..<4 {
+            var order = Array(0..<n)
+            var r = SplitMix64(seed: UInt64(epoch))
+            order.shuffle(using: &r)
+            try t.train(ds, order: order)
+        }
+        let logits = try #require(t.auxiliary?.presentation?.logits)
+        let seen = (1...3).map { sigmoid(logits[$0 * 2]) }
+        #expect(seen[0] > seen[1] && seen[1] > seen[2], "p(seen) by position: \(seen)")
+        // Near 0.5 and 0.2 (PAL's split between p(seen) and p(relevant) is not exact: σ(b) approaches 1 slowly,
+        // so the top position's p(seen) stays below 1 and the ratios come out somewhat high).
+        #expect((0.35...0.7).contains(seen[1] / seen[0]) && (0.1...0.4).contains(seen[2] / seen[0]), "p(seen) by position: \(seen)")
+    }
+}
