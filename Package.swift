@@ -82,7 +82,7 @@ let package = Package(
             name: "StockpotTraining",
             dependencies: ["StockpotModel", "StockpotLogFormat"],
             resources: [.copy("Resources/legacy-kuairand.json"), .copy("Resources/legacy-kuairand-v0.json"),
-                        .copy("Resources/corrector-kuairand.json")],
+                        .copy("Resources/corrector-kuairand.json"), .copy("Resources/legacy-openbandit.json")],
             swiftSettings: optimized
         ),
 

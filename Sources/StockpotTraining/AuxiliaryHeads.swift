@@ -88,12 +88,24 @@ public struct PresentationFactor: Codable, Sendable, Equatable {
 }
 
 /// An adversary that predicts a group (the crowd, or the raw crowd attribute) from the model's last hidden
-/// layer, trained to predict it well while a gradient-reversal layer sends `−strength ×` its gradient into the
-/// shared layers: the model is pushed to a representation from which the group is hard to tell. A softmax over
-/// the groups, one linear layer.
+/// layer (a softmax over the groups, one linear layer), trained to predict it well, while the shared layers are
+/// pushed towards a representation from which the group is hard to tell. How they are pushed is the `Mode`.
 public struct Adversary: Codable, Sendable, Equatable {
-    /// λ of the gradient reversal.
+    /// What the shared layers receive from the adversary.
+    public enum Mode: String, Codable, Sendable, CaseIterable {
+        /// Gradient reversal: `−strength ×` the gradient of the adversary's cross-entropy against the true group,
+        /// so the shared layers climb the loss the adversary descends. Unbounded: the representation can raise the
+        /// loss by making the adversary confidently wrong, which keeps the group in it.
+        case reversal
+        /// Confusion: `strength ×` the gradient of the cross-entropy against the uniform distribution, so the
+        /// shared layers move towards a representation where the adversary can only guess. Bounded: its best is
+        /// the uniform prediction.
+        case confusion
+    }
+
+    /// λ, the weight of what the shared layers receive.
     public var strength: Float
+    public var mode: Mode
     /// Where the group is read (`user:user_active_degree`).
     public var source: String
     /// Whether groups are the crowd definition's crowds (true) or the raw attribute values.
@@ -104,8 +116,9 @@ public struct Adversary: Codable, Sendable, Equatable {
     public var bias: [Float]
 
     /// A fresh adversary over `classes` on a last hidden layer of width `hidden` (small random weights).
-    public init(strength: Float, source: String, crowds: Bool, classes: [String], hidden: Int, seed: UInt64) {
+    public init(strength: Float, mode: Mode = .reversal, source: String, crowds: Bool, classes: [String], hidden: Int, seed: UInt64) {
         self.strength = strength
+        self.mode = mode
         self.source = source
         self.crowds = crowds
         self.classes = classes

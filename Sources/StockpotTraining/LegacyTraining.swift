@@ -237,7 +237,7 @@ public struct LegacyTraining {
             }
         }
         if let s = options.adversary {
-            if var old = previous?.adversary, old.crowds == s.crowds, old.source == config.crowds.source,
+            if var old = previous?.adversary, old.crowds == s.crowds, old.mode == s.mode, old.source == config.crowds.source,
                old.weight.count == old.classes.count * (model.spec.hidden.last ?? 0) {
                 old.strength = s.strength
                 heads.adversary = old
@@ -251,9 +251,9 @@ public struct LegacyTraining {
                     classes = Set(rows.map { data.value(a, row: $0) }).sorted()
                 }
                 guard classes.count >= 2 else { throw TrainingError.data("the adversary needs at least two groups; \(config.crowds.source) has \(classes)") }
-                heads.adversary = Adversary(strength: s.strength, source: config.crowds.source, crowds: s.crowds, classes: classes,
+                heads.adversary = Adversary(strength: s.strength, mode: s.mode, source: config.crowds.source, crowds: s.crowds, classes: classes,
                                             hidden: hidden, seed: options.seed)
-                log("adversary (λ = \(s.strength)) on \(config.crowds.source): \(classes.joined(separator: ", "))")
+                log("adversary (\(s.mode.rawValue), λ = \(s.strength)) on \(config.crowds.source): \(classes.joined(separator: ", "))")
             }
         }
         return heads
@@ -323,7 +323,7 @@ public struct LegacyTraining {
         }
         if let p = info.parent { m["parent"] = p }
         if let p = options.presentation { m["presentation"] = "\(p.mode.rawValue) on \(p.source) (training only, dropped at serving)" }
-        if let a = options.adversary { m["adversary"] = "strength=\(a.strength) target=\(a.crowds ? "crowd" : config.crowds.source)" }
+        if let a = options.adversary { m["adversary"] = "\(a.mode.rawValue) strength=\(a.strength) target=\(a.crowds ? "crowd" : config.crowds.source)" }
         if let d = options.distillation {
             m["distillation"] = "alpha=\(d.alpha) beta=\(d.beta) temperature=\(d.temperature)"
             if let last = teachers.last { m["teacher"] = last }

@@ -45,6 +45,57 @@ public enum Metrics {
         return (weight > 0 ? weighted / weight : nil, counted)
     }
 
+    /// Bootstrap intervals over samples (2.5 % and 97.5 % quantiles of `replicates` redraws with replacement) of
+    /// AUC(a) and, when `b` is given, of the paired difference AUC(a) − AUC(b) on the same draws. Each redraw is a
+    /// vector of multinomial counts, so each AUC is one weighted pass over an order sorted once.
+    public static func bootstrapAUC(_ a: [Float], minus b: [Float]? = nil, labels: [Float], replicates: Int = 1000,
+                                    seed: UInt64 = 1) -> (low: Double, high: Double) {
+        let n = labels.count
+        precondition(a.count == n && (b?.count ?? n) == n)
+        guard n > 0 else { return (.nan, .nan) }
+        let orderA = (0..<n).sorted { a[$0] < a[$1] }, orderB = b.map { s in (0..<n).sorted { s[$0] < s[$1] } }
+        var rng = SplitMix64(seed: seed)
+        var counts = [Double](repeating: 0, count: n)
+        var values: [Double] = []
+        values.reserveCapacity(replicates)
+        for _ in 0..<replicates {
+            for i in 0..<n { counts[i] = 0 }
+            for _ in 0..<n { counts[Int(rng.next() % UInt64(n))] += 1 }
+            guard let x = weightedAUC(order: orderA, scores: a, labels: labels, weights: counts) else { continue }
+            if let b, let orderB {
+                guard let y = weightedAUC(order: orderB, scores: b, labels: labels, weights: counts) else { continue }
+                values.append(x - y)
+            } else {
+                values.append(x)
+            }
+        }
+        values.sort()
+        guard !values.isEmpty else { return (.nan, .nan) }
+        func q(_ p: Double) -> Double { values[min(values.count - 1, max(0, Int((p * Double(values.count - 1)).rounded())))] }
+        return (q(0.025), q(0.975))
+    }
+
+    /// AUC with per-sample weights, `order` sorting `scores` ascending; ties count half. Nil with one class.
+    static func weightedAUC(order: [Int], scores: [Float], labels: [Float], weights: [Double]) -> Double? {
+        var negativesBelow = 0.0, positives = 0.0, area = 0.0
+        var i = 0
+        while i < order.count {
+            var j = i
+            var pos = 0.0, neg = 0.0
+            while j < order.count && scores[order[j]] == scores[order[i]] {
+                let s = order[j]
+                if labels[s] > 0.5 { pos += weights[s] } else { neg += weights[s] }
+                j += 1
+            }
+            area += pos * (negativesBelow + 0.5 * neg)
+            negativesBelow += neg
+            positives += pos
+            i = j
+        }
+        guard positives > 0, negativesBelow > 0 else { return nil }
+        return area / (positives * negativesBelow)
+    }
+
     /// Mean binary cross-entropy with predictions clipped to [1e-7, 1 - 1e-7].
     public static func logloss(scores: [Float], labels: [Float]) -> Double {
         guard !scores.isEmpty else { return .nan }

@@ -62,14 +62,16 @@ public struct PresentationSetting: Codable, Sendable, Equatable {
     }
 }
 
-/// The adversary to train against: its gradient-reversal strength λ and whether it predicts the crowd
-/// (`crowds`) or the raw crowd attribute (`user_active_degree`'s values).
+/// The adversary to train against: its strength λ, how the shared layers are pushed (`Adversary.Mode`), and
+/// whether it predicts the crowd (`crowds`) or the raw crowd attribute (`user_active_degree`'s values).
 public struct AdversarySetting: Codable, Sendable, Equatable {
     public var strength: Float
+    public var mode: Adversary.Mode
     public var crowds: Bool
 
-    public init(strength: Float, crowds: Bool = false) {
+    public init(strength: Float, mode: Adversary.Mode = .reversal, crowds: Bool = false) {
         self.strength = strength
+        self.mode = mode
         self.crowds = crowds
     }
 }
@@ -722,8 +724,9 @@ public final class Trainer {
     }
 
     /// The adversary on `n` samples' last hidden layer: softmax cross-entropy against each sample's class (every
-    /// sample weighs `uniform`; class -1 is skipped); its own gradient into this block's buffer, and
-    /// `−strength ×` its gradient with respect to the hidden layer added to `dHidden` (the gradient reversal).
+    /// sample weighs `uniform`; class -1 is skipped); its own gradient into this block's buffer, and into
+    /// `dHidden` either `−strength ×` that cross-entropy's gradient with respect to the hidden layer (reversal) or
+    /// `strength ×` the gradient of the cross-entropy against the uniform distribution (confusion).
     /// Returns this block's share of the batch's mean cross-entropy.
     private func adversaryPass(_ a: Adversary, hidden: UnsafePointer<Float>, dHidden: UnsafeMutablePointer<Float>,
                                classes: UnsafePointer<Int32>, count n: Int, part p: Int, uniform: Float) -> Double {
@@ -748,12 +751,16 @@ public final class Trainer {
             for ci in 0..<c { z[ci] = exp(z[ci] - top); sum += z[ci] }
             loss -= Double(uniform) * log(Double(max(z[y] / sum, 1e-12)))
             let dx = dHidden + s * h
+            let confusion = a.mode == .confusion
             for ci in 0..<c {
-                let gz = (z[ci] / sum - (ci == y ? 1 : 0)) * uniform
+                let q = z[ci] / sum
+                let gz = (q - (ci == y ? 1 : 0)) * uniform
+                // What the shared layers descend: −λ·CE(y) (reversal) or λ·CE(uniform) (confusion).
+                let toShared = confusion ? a.strength * (q - 1 / Float(c)) * uniform : -a.strength * gz
                 gB[ci] += gz
                 for i in 0..<h {
                     gW[ci * h + i] += gz * x[i]
-                    dx[i] -= a.strength * gz * W[ci * h + i]
+                    dx[i] += toShared * W[ci * h + i]
                 }
             }
         }

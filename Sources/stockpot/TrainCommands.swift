@@ -289,6 +289,14 @@ struct TrainingFlags: ParsableArguments {
     var crowdWeight: String?
     @Option(help: "Discriminator re-weighting, crowd=max-weight (e.g. tail=10): w = 1 + (k-1)·clip(p(crowd|x), 0.01, 0.99) on click and long-view (incremental only).")
     var discriminatorWeight: String?
+    @Option(help: "Train with a presentation factor dropped at serving: shallow-tower (a logit per value added in training) or pal (p(click) = p(seen | value)·p(relevant)).")
+    var presentationFactor: String?
+    @Option(help: "Where the presentation factor's value is read (e.g. log:tab, log:position).") var presentationSource: String?
+    @Option(help: "Adversarial debiasing: the strength λ of an adversary predicting the crowd attribute from the last hidden layer.")
+    var adversaryStrength: Float?
+    @Option(help: "What the adversary predicts: attribute (the crowd attribute's raw values) or crowd (the named crowds).") var adversaryTarget: String = "attribute"
+    @Option(help: "How the adversary pushes the shared layers: reversal (−λ·∇CE, gradient reversal) or confusion (λ·∇CE against the uniform distribution).")
+    var adversaryMode: String = "confusion"
 
     /// The checks `validate()` makes; commands that add their own checks call it from theirs.
     func check() throws {
@@ -310,6 +318,16 @@ struct TrainingFlags: ParsableArguments {
         if fromScratch && discriminatorWeight != nil { throw ValidationError("--discriminator-weight applies to incremental training only") }
         if crowdWeight != nil && discriminatorWeight != nil { throw ValidationError("use --crowd-weight or --discriminator-weight, not both") }
         if batchSize <= 0 { throw ValidationError("--batch-size must be positive") }
+        if (presentationFactor == nil) != (presentationSource == nil) { throw ValidationError("--presentation-factor and --presentation-source go together") }
+        if let f = presentationFactor, PresentationFactor.Mode(rawValue: f) == nil {
+            throw ValidationError("--presentation-factor must be one of \(PresentationFactor.Mode.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let src = presentationSource {
+            do { _ = try FieldSource(src) } catch { throw ValidationError("--presentation-source: \(error)") }
+        }
+        if let a = adversaryStrength, !(a.isFinite && a > 0) { throw ValidationError("--adversary-strength must be positive") }
+        guard ["attribute", "crowd"].contains(adversaryTarget) else { throw ValidationError("--adversary-target is attribute or crowd") }
+        guard Adversary.Mode(rawValue: adversaryMode) != nil else { throw ValidationError("--adversary-mode is reversal or confusion") }
         guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
             throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
         }
@@ -337,6 +355,12 @@ struct TrainingFlags: ParsableArguments {
                 throw ValidationError("bad --discriminator-weight '\(discriminatorWeight)': expected crowd=max-weight (≥ 1)")
             }
             o.discriminator = DiscriminatorWeighting(crowd: kv[0], maxWeight: k)
+        }
+        if let f = presentationFactor.flatMap(PresentationFactor.Mode.init(rawValue:)), let src = presentationSource {
+            o.presentation = PresentationSetting(mode: f, source: src)
+        }
+        if let a = adversaryStrength {
+            o.adversary = AdversarySetting(strength: a, mode: Adversary.Mode(rawValue: adversaryMode)!, crowds: adversaryTarget == "crowd")
         }
         if let lossWeights {
             let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }

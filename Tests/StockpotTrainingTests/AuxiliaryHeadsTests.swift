@@ -26,7 +26,7 @@ import Testing
         classes = (0..<Self.n).map { $0 == 5 ? -1 : Int32($0 % 3) } // one sample without a class
     }
 
-    func heads(_ mode: PresentationFactor.Mode?, adversary strength: Float?) -> AuxiliaryHeads {
+    func heads(_ mode: PresentationFactor.Mode?, adversary strength: Float?, adversaryMode: Adversary.Mode = .reversal) -> AuxiliaryHeads {
         var a = AuxiliaryHeads()
         if let mode {
             var f = PresentationFactor(mode: mode, source: "log:position", values: ["1", "2", "3"], heads: 2)
@@ -34,14 +34,15 @@ import Testing
             a.presentation = f
         }
         if let strength {
-            a.adversary = Adversary(strength: strength, source: "log:crowd", crowds: false, classes: ["x", "y", "z"], hidden: model.spec.hidden.last!, seed: 3)
+            a.adversary = Adversary(strength: strength, mode: adversaryMode, source: "log:crowd", crowds: false, classes: ["x", "y", "z"], hidden: model.spec.hidden.last!, seed: 3)
             a.adversary!.weight = a.adversary!.weight.map { $0 * 4 }
         }
         return a
     }
 
-    /// Task loss (with the presentation factor) and the adversary's mean cross-entropy, in double precision.
-    func reference(_ m: LegacyModel, _ a: AuxiliaryHeads) -> (task: Double, ce: Double) {
+    /// Task loss (with the presentation factor), the adversary's mean cross-entropy against the true classes and
+    /// against the uniform distribution, in double precision.
+    func reference(_ m: LegacyModel, _ a: AuxiliaryHeads) -> (task: Double, ce: Double, uniformCE: Double) {
         let n = Self.n, k = m.headCount
         let logits = BatchScorer(model: m, chunk: n).score(RowMatrix(fields: m.spec.rowWidth, rows: rows), logitsOnly: true)
         let wsum = weights.reduce(0.0) { $0 + Double($1) }
@@ -57,17 +58,18 @@ import Testing
                 task -= Double(weights[s]) / wsum * (y * log(p) + (1 - y) * log(1 - p))
             }
         }
-        guard let adv = a.adversary else { return (task, 0) }
+        guard let adv = a.adversary else { return (task, 0, 0) }
         let h = m.spec.hidden.last!, c = adv.classes.count
         let hidden = m.lastHidden(rows: rows, count: n)
-        var ce = 0.0
+        var ce = 0.0, uniformCE = 0.0
         for s in 0..<n where classes[s] >= 0 {
             let z = (0..<c).map { ci in Double(adv.bias[ci]) + (0..<h).reduce(0.0) { $0 + Double(adv.weight[ci * h + $1]) * Double(hidden[s * h + $1]) } }
             let top = z.max()!
             let lse = top + log(z.reduce(0.0) { $0 + exp($1 - top) })
             ce += (lse - z[Int(classes[s])]) / Double(n)
+            uniformCE += z.reduce(0.0) { $0 + (lse - $1) / Double(c) } / Double(n)
         }
-        return (task, ce)
+        return (task, ce, uniformCE)
     }
 
     func analytic(_ a: AuxiliaryHeads, threads: Int = 1) throws -> (Trainer, Float) {
@@ -113,8 +115,9 @@ import Testing
         }
     }
 
-    @Test func adversaryGradientsAndTheReversalMatchFiniteDifferences() throws {
-        let a = heads(nil, adversary: 0.7)
+    @Test(arguments: Adversary.Mode.allCases)
+    func adversaryGradientsMatchFiniteDifferences(mode: Adversary.Mode) throws {
+        let a = heads(nil, adversary: 0.7, adversaryMode: mode)
         let (t, _) = try analytic(a)
         #expect(abs(t.lastAdversaryLoss - reference(model, a).ce) < 1e-4)
         let g = t.auxiliaryGradient, adv = a.adversary!
@@ -134,7 +137,7 @@ import Testing
             let numeric = (reference(model, up).ce - reference(model, down).ce) / Double(2 * h)
             #expect(abs(Double(g[adv.weight.count + ci]) - numeric) < 2e-4 + 1e-2 * abs(numeric))
         }
-        // The shared layers descend task − λ·CE (the reversal). Coordinates whose one-sided differences disagree sit
+        // The shared layers descend task − λ·CE (reversal) or task + λ·CE(uniform) (confusion). Coordinates whose one-sided differences disagree sit
         // on a ReLU kink and are skipped; most must be compared.
         let wg = t.denseGradient("mlp.0.weight")!
         var compared = 0
@@ -143,12 +146,14 @@ import Testing
                 var m = model
                 m.layers[0].weight[i] += delta
                 let r = reference(m, a)
-                return r.task - Double(adv.strength) * r.ce
+                return mode == .reversal ? r.task - Double(adv.strength) * r.ce : r.task + Double(adv.strength) * r.uniformCE
             }
-            let (f0, fp, fm) = (objective(0), objective(h), objective(-h))
-            guard abs((fp - f0) - (f0 - fm)) / Double(h) < 1e-3 + 0.05 * abs(fp - fm) / Double(h) else { continue }
+            // Central differences at two step sizes: where they disagree, a step crossed a kink.
+            let (fp, fm) = (objective(h), objective(-h)), (gp, gm) = (objective(h / 4), objective(-h / 4))
+            let (wide, narrow) = ((fp - fm) / Double(2 * h), (gp - gm) / Double(h / 2))
+            guard abs(wide - narrow) < 1e-4 + 2e-3 * abs(narrow) else { continue }
             compared += 1
-            let numeric = (fp - fm) / Double(2 * h)
+            let numeric = narrow
             #expect(abs(Double(wg[i]) - numeric) < 5e-4 + 1e-2 * abs(numeric), "mlp.0.weight[\(i)]: analytic \(wg[i]), numeric \(numeric)")
         }
         #expect(compared > wg.count / 4)
