@@ -45,22 +45,37 @@ public enum Metrics {
         return (weight > 0 ? weighted / weight : nil, counted)
     }
 
-    /// Bootstrap intervals over samples (2.5 % and 97.5 % quantiles of `replicates` redraws with replacement) of
-    /// AUC(a) and, when `b` is given, of the paired difference AUC(a) − AUC(b) on the same draws. Each redraw is a
-    /// vector of multinomial counts, so each AUC is one weighted pass over an order sorted once.
-    public static func bootstrapAUC(_ a: [Float], minus b: [Float]? = nil, labels: [Float], replicates: Int = 1000,
+    /// Bootstrap intervals (2.5 % and 97.5 % quantiles of `replicates` redraws with replacement) of AUC(a) and,
+    /// when `b` is given, of the paired difference AUC(a) − AUC(b) on the same draws. Without `groups` the samples
+    /// are drawn; with them, the groups are (a user's impressions are not independent, so users are the unit),
+    /// each sample counted as often as its group was drawn. Each redraw is a vector of counts, so each AUC is one
+    /// weighted pass over an order sorted once.
+    public static func bootstrapAUC(_ a: [Float], minus b: [Float]? = nil, labels: [Float], groups: [Int]? = nil, replicates: Int = 1000,
                                     seed: UInt64 = 1) -> (low: Double, high: Double) {
         let n = labels.count
-        precondition(a.count == n && (b?.count ?? n) == n)
+        precondition(a.count == n && (b?.count ?? n) == n && (groups?.count ?? n) == n)
         guard n > 0 else { return (.nan, .nan) }
+        // Dense group indices: the unit drawn.
+        var unitOf = [Int](repeating: 0, count: n), units = n
+        if let groups {
+            var index: [Int: Int] = [:]
+            for (i, g) in groups.enumerated() {
+                if let u = index[g] { unitOf[i] = u } else { unitOf[i] = index.count; index[g] = index.count }
+            }
+            units = index.count
+        } else {
+            for i in 0..<n { unitOf[i] = i }
+        }
+        var unitCounts = [Double](repeating: 0, count: units)
         let orderA = (0..<n).sorted { a[$0] < a[$1] }, orderB = b.map { s in (0..<n).sorted { s[$0] < s[$1] } }
         var rng = SplitMix64(seed: seed)
         var counts = [Double](repeating: 0, count: n)
         var values: [Double] = []
         values.reserveCapacity(replicates)
         for _ in 0..<replicates {
-            for i in 0..<n { counts[i] = 0 }
-            for _ in 0..<n { counts[Int(rng.next() % UInt64(n))] += 1 }
+            for u in 0..<units { unitCounts[u] = 0 }
+            for _ in 0..<units { unitCounts[Int(rng.next() % UInt64(units))] += 1 }
+            for i in 0..<n { counts[i] = unitCounts[unitOf[i]] }
             guard let x = weightedAUC(order: orderA, scores: a, labels: labels, weights: counts) else { continue }
             if let b, let orderB {
                 guard let y = weightedAUC(order: orderB, scores: b, labels: labels, weights: counts) else { continue }

@@ -123,3 +123,34 @@ import StockpotModel
         #expect(try FeatureConfig.builtInCorrector().crowds == CrowdDefinition.activity)
     }
 }
+
+@Suite struct BootstrapIntervals {
+    @Test func aucIntervalsCoverThePointAndNarrowWithData() {
+        var rng = SplitMix64(seed: 3)
+        func sample(_ n: Int) -> ([Float], [Float], [Float]) {
+            var a: [Float] = [], b: [Float] = [], y: [Float] = []
+            for _ in 0..<n {
+                let label: Float = rng.nextUnit() < 0.3 ? 1 : 0
+                y.append(label)
+                a.append(Float(rng.nextUnit()) + label * 0.6)   // informative
+                b.append(Float(rng.nextUnit()) + label * 0.2)   // less so
+            }
+            return (a, b, y)
+        }
+        let (a, _, y) = sample(400), (a2, b2, y2) = sample(4000)
+        let point = Metrics.auc(scores: a, labels: y)!
+        let small = Metrics.bootstrapAUC(a, labels: y, replicates: 300), large = Metrics.bootstrapAUC(a2, labels: y2, replicates: 300)
+        #expect(small.low < point && point < small.high)
+        #expect(large.high - large.low < small.high - small.low)
+        let diff = Metrics.bootstrapAUC(a2, minus: b2, labels: y2, replicates: 300)
+        #expect(diff.low > 0, "a beats b: \(diff)")
+        // Clustered draws: when every user repeats one impression ten times, drawing users gives the honest (wider)
+        // interval that drawing impressions understates.
+        let (c, d, z) = sample(300)
+        let rep = { (v: [Float]) in v.flatMap { Array(repeating: $0, count: 10) } }
+        let users = (0..<3000).map { $0 / 10 }
+        let byImpression = Metrics.bootstrapAUC(rep(c), minus: rep(d), labels: rep(z), replicates: 300)
+        let byUser = Metrics.bootstrapAUC(rep(c), minus: rep(d), labels: rep(z), groups: users, replicates: 300)
+        #expect(byUser.high - byUser.low > 2 * (byImpression.high - byImpression.low))
+    }
+}
