@@ -36,11 +36,31 @@ extension Experiment {
             guard !seedList.isEmpty, epochs > 0, batchSize > 0, bootstrap >= 10 else { throw ValidationError("--seeds, --epochs, --batch-size and --bootstrap must be positive") }
             let dir = data.map { URL(fileURLWithPath: $0) } ?? OpenBandit.defaultDirectory()
             guard OpenBandit.isPresent(at: dir) else { throw ValidationError("Open Bandit samples not found at \(dir.path)") }
+            let outURL = URL(fileURLWithPath: out)
+            let study = try Self.measure(directory: dir, seeds: seedList, epochs: epochs, batchSize: batchSize, replicates: bootstrap, out: outURL)
+            try AtomicFile.write(Data(study.report.utf8), to: outURL.appendingPathComponent("report.md"))
+            try AtomicFile.write(Data(study.svg.utf8), to: outURL.appendingPathComponent("curve.svg"))
+            Console.out(study.report)
+            Console.out("wrote \(outURL.path)/report.md and curve.svg")
+        }
+
+        /// What the study measured: the random logs' clicks and curve, each arm's models and predictions there.
+        struct Study {
+            var labels: [Float]
+            var randomCurve: [(n: Int, clicks: Int)]
+            var ratioIntervals: [(low: Double, high: Double)]
+            var arms: [Arm]
+            var report: String
+            var svg: String
+        }
+
+        /// Runs the study; models go under `out/models`.
+        static func measure(directory dir: URL, seeds seedList: [UInt64], epochs: Int, batchSize: Int, replicates bootstrap: Int,
+                            out outURL: URL) throws -> Study {
             let clock = ContinuousClock(), started = clock.now
             let random = try OpenBandit.load(directory: dir, policy: "random")
             let bts = try OpenBandit.load(directory: dir, policy: "bts")
             let config = try FeatureConfig.load(path: "builtin:legacy-openbandit")
-            let outURL = URL(fileURLWithPath: out)
             try FileManager.default.createDirectory(at: outURL, withIntermediateDirectories: true)
             let allDays = DayRange(first: 20191124, last: 20191130)
             let randomRows = try random.rows(in: allDays), btsRows = try bts.rows(in: allDays)
@@ -91,11 +111,14 @@ extension Experiment {
             let report = Self.report(arms: arms, baseline: baselineScores, labels: labels, positions: try random.log.column("position"), rows: randomRows,
                                      randomCurve: randomCurve, btsCurve: btsCurve, ratioIntervals: ratioIntervals, seeds: seedList,
                                      epochs: epochs, batchSize: batchSize, replicates: bootstrap, seconds: (clock.now - started).seconds)
-            try AtomicFile.write(Data(report.utf8), to: outURL.appendingPathComponent("report.md"))
-            try AtomicFile.write(Data(Self.svg(randomCurve: randomCurve, intervals: ratioIntervals, arms: arms).utf8),
-                                 to: outURL.appendingPathComponent("curve.svg"))
-            Console.out(report)
-            Console.out("wrote \(outURL.path)/report.md and curve.svg")
+            return Study(labels: labels, randomCurve: randomCurve, ratioIntervals: ratioIntervals, arms: arms, report: report,
+                         svg: Self.svg(randomCurve: randomCurve, intervals: ratioIntervals, arms: arms))
+        }
+
+        /// Seed-averaged scores of an arm (one score per impression, the mean over its seeds' models).
+        static func averaged(_ arm: Arm) -> [Float] {
+            guard let n = arm.predictions.first?.count else { return [] }
+            return (0..<n).map { i in arm.predictions.map { $0[i] }.reduce(0, +) / Float(arm.predictions.count) }
         }
 
         /// Bootstrap intervals over impressions of CTR(position) / CTR(position 1) on the random logs.
