@@ -221,7 +221,8 @@ public struct LegacyTraining {
 
     /// The training-only heads the options ask for: those of the warm-start checkpoint when they match, otherwise
     /// fresh ones — a presentation factor over the values of its source on `rows` (most frequent first, at most
-    /// 1,000; the rest share the unknown row), an adversary over the crowds or the crowd attribute's values.
+    /// 1,000; the rest share the unknown row), an adversary over the crowds or the crowd attribute's values in the
+    /// whole log.
     func auxiliaryHeads(for model: LegacyModel, rows: [Int], continuing previous: AuxiliaryHeads?) throws -> AuxiliaryHeads? {
         guard options.presentation != nil || options.adversary != nil else { return nil }
         var heads = AuxiliaryHeads()
@@ -247,8 +248,10 @@ public struct LegacyTraining {
                 if s.crowds {
                     classes = config.crowds.names
                 } else {
+                    // The attribute's values over the whole log: the groups are a property of the user base, not of
+                    // the days a run starts on (a first day may lack one).
                     let a = try data.accessor(for: config.crowds.source)
-                    classes = Set(rows.map { data.value(a, row: $0) }).sorted()
+                    classes = Set((0..<data.log.rowCount).map { data.value(a, row: $0) }).sorted()
                 }
                 guard classes.count >= 2 else { throw TrainingError.data("the adversary needs at least two groups; \(config.crowds.source) has \(classes)") }
                 heads.adversary = Adversary(strength: s.strength, mode: s.mode, source: config.crowds.source, crowds: s.crowds, classes: classes,

@@ -235,3 +235,88 @@ import Testing
         #expect((0.35...0.7).contains(seen[1] / seen[0]) && (0.1...0.4).contains(seen[2] / seen[0]), "p(seen) by position: \(seen)")
     }
 }
+
+/// The heads through the daily job: created from the data, saved with each checkpoint, continued by a warm start,
+/// recorded in the metadata; the served model unchanged in shape.
+@Suite struct AuxiliaryHeadsJobs {
+    @Test func aDailyJobKeepsAndContinuesItsHeads() throws {
+        let data = try tinyKuaiRand()
+        let config = try DistillTraining.tinyConfig()
+        let dir = try DistillTraining.scratch()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var options = TrainingOptions()
+        options.presentation = PresentationSetting(mode: .pal, source: "log:tab")
+        options.adversary = AdversarySetting(strength: 0.5, mode: .confusion)
+        let job = LegacyTraining(data: data, config: config, options: options, log: { _ in })
+        let first = try job.incremental(days: DayRange(first: 20220425, last: 20220425), warmStart: nil, out: dir)
+        let saved = try #require(try AuxiliaryHeads.load(from: first.checkpoint))
+        // Tab values of the first training day (4 appears only on the second: it shares the unknown row); the degrees in the log.
+        #expect(saved.presentation?.values == ["1"])
+        #expect(saved.presentation?.mode == .pal && saved.adversary?.mode == .confusion)
+        #expect(saved.adversary?.classes == ["full_active", "low_active"])
+        #expect(saved.presentation!.logits.contains { $0 != 0 }, "the factor trained")
+        #expect(first.model.spec.metadata["presentation"]?.contains("pal on log:tab") == true)
+        #expect(first.model.spec.metadata["adversary"]?.contains("confusion strength=0.5") == true)
+        // The next day continues them: the same values, trained further.
+        let second = try job.incremental(days: DayRange(first: 20220426, last: 20220426), warmStart: first.checkpoint, out: dir)
+        let next = try #require(try AuxiliaryHeads.load(from: second.checkpoint))
+        #expect(next.presentation?.values == saved.presentation?.values && next.adversary?.classes == saved.adversary?.classes)
+        #expect(next.presentation?.logits != saved.presentation?.logits)
+        // What serves has no trace of them.
+        #expect(try LegacyModel.load(from: second.checkpoint).spec.fields.map(\.name) == ["user_id", "video_id", "tab"])
+    }
+}
+
+@Suite struct OpenBanditData {
+    @Test func timestampsParse() throws {
+        let t = try #require(OpenBandit.parseTimestamp("2019-11-24 00:00:34.762830+00:00"))
+        #expect(t.0 == 20191124 && t.1 == "0" && t.2 == 1_574_553_634_762)
+        #expect(OpenBandit.parseTimestamp("2019-11-30 23:59:59+00:00")!.1 == "2300")
+        for bad in ["2019-11-24", "2019-13-01 00:00:00+00:00", "2019-11-24 00:00:34.7+02:00", "x019-11-24 00:00:00"] {
+            #expect(OpenBandit.parseTimestamp(bad) == nil, "\(bad)")
+        }
+    }
+
+    @Test func aSmallFolderLoadsIntoTheTrainersShape() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ob-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        for campaign in ["men"] {
+            let folder = dir.appendingPathComponent("random/\(campaign)")
+            try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+            try Data("""
+            ,timestamp,item_id,position,click,propensity_score,user_feature_0,user_feature_1,user_feature_2,user_feature_3,user-item_affinity_0,user-item_affinity_1
+            0,2019-11-24 00:00:02.000000+00:00,1,2,0,0.5,a,b,c,d,0.0,0.7
+            1,2019-11-24 00:00:01.000000+00:00,0,1,1,0.5,a,b,c,e,0.3,0.0
+            2,2019-11-25 10:00:00.000000+00:00,1,3,0,0.5,a,b,c,d,0.0,0.9
+
+            """.utf8).write(to: folder.appendingPathComponent("\(campaign).csv"))
+            try Data(",item_id,item_feature_0,item_feature_1,item_feature_2,item_feature_3\n0,0,-0.5,x,y,z\n1,1,0.2,x,y,w\n".utf8)
+                .write(to: folder.appendingPathComponent("item_context.csv"))
+        }
+        let d = try OpenBandit.load(directory: dir, policy: "random", campaigns: ["men"])
+        // Time order; two user segments; items numbered campaign × 1000 + id; the shown item's affinity.
+        #expect(d.timeMs == d.timeMs.sorted() && d.log.rowCount == 3)
+        #expect(d.userIds == [1, 0, 0] && d.videoIds == [1000, 1001, 1001] && d.dates == [20191124, 20191124, 20191125])
+        #expect(try d.log.column("affinity") == ["0.3", "0.7", "0.9"])
+        #expect(try d.log.column("position") == ["1", "2", "3"])
+        #expect(try d.log.column("is_click") == ["1", "0", "0"])
+        let (f, u) = (try d.accessor(for: "video:item_feature_3"), try d.accessor(for: "user:user_feature_3"))
+        #expect(d.value(f, row: 0) == "z" && d.value(u, row: 0) == "e")
+        #expect(throws: TrainingError.self) { try OpenBandit.load(directory: dir, policy: "bts", campaigns: ["men"]) }
+        #expect(throws: TrainingError.self) { try OpenBandit.load(directory: dir, policy: "random", campaigns: ["kids"]) }
+    }
+
+    static let realDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("../shared/data/open-bandit").standardizedFileURL
+
+    @Test(.enabled(if: OpenBandit.isPresent(at: realDirectory), "Open Bandit samples not found at ../shared/data/open-bandit: skipping the real-data test"))
+    func theRealSamplesLoad() throws {
+        let random = try OpenBandit.load(directory: Self.realDirectory, policy: "random")
+        #expect(random.log.rowCount == 30_000)
+        #expect(try random.log.column("is_click").filter { $0 == "1" }.count == 130)
+        #expect(Set(try random.log.column("position")) == ["1", "2", "3"])
+        #expect(random.daysPresent(in: DayRange(first: 20191101, last: 20191231)) == Array(20191124...20191130))
+        let items = try random.accessor(for: "video:item_feature_1")
+        #expect((0..<random.log.rowCount).allSatisfy { !random.value(items, row: $0).isEmpty }, "every item shown has its context row")
+    }
+}
