@@ -61,8 +61,24 @@ public struct FusionConfig: Codable, Sendable, Equatable {
     }
 
     public var scenarios: [String: Scenario]
+    /// The oldest reader that serves this config correctly: 2 when a term has `quantiles` (a reader that ignored
+    /// them would apply rank-tuned weights to raw scores), absent (1) otherwise. `validate` refuses a config for a
+    /// newer reader than this build.
+    public var formatVersion: Int?
 
-    public init(scenarios: [String: Scenario]) { self.scenarios = scenarios }
+    /// The newest format this build reads.
+    public static let readableFormat = 2
+
+    public init(scenarios: [String: Scenario]) {
+        self.scenarios = scenarios
+        formatVersion = nil
+        formatVersion = usesQuantiles ? 2 : nil
+    }
+
+    /// Whether any term maps its score to a percentile.
+    public var usesQuantiles: Bool {
+        scenarios.values.contains { s in ([s.terms] + Array((s.crowds ?? [:]).values)).contains { $0.contains { $0.quantiles != nil } } }
+    }
 
     public static let fileName = "fusion.json"
 
@@ -82,6 +98,12 @@ public struct FusionConfig: Codable, Sendable, Equatable {
 
     public func validate() throws {
         guard !scenarios.isEmpty else { throw ConfigError("fusion config has no scenarios") }
+        if let v = formatVersion, v > Self.readableFormat {
+            throw ConfigError("fusion config format \(v) needs a newer fusion build (this one reads up to \(Self.readableFormat))")
+        }
+        if usesQuantiles && (formatVersion ?? 1) < 2 {
+            throw ConfigError("a config with rank-normalised terms (quantiles) must declare formatVersion 2, so that older readers refuse it")
+        }
         for (name, s) in scenarios {
             for terms in [s.terms] + Array((s.crowds ?? [:]).values) {
                 guard !terms.isEmpty else { throw ConfigError("scenario '\(name)' has an empty term list") }

@@ -3,10 +3,21 @@ import StockpotModel
 
 /// Parts of a model that exist only while training and are never served: a presentation factor (position bias)
 /// and an adversary (debiasing). The trainer owns and updates them; checkpoints keep them in `auxiliary.json`
-/// beside the weights, so a warm start continues them; the scorer never reads that file.
+/// beside the weights with their optimizer state, so a warm start continues them; the scorer never reads that
+/// file.
 public struct AuxiliaryHeads: Codable, Sendable, Equatable {
     public var presentation: PresentationFactor?
     public var adversary: Adversary?
+    /// Their optimizer state, flat in parameter order, so that a warm start continues it.
+    public var moments: Moments?
+
+    /// Adam's first and second moments (Adagrad: an unused first, the accumulator second) of the heads'
+    /// parameters, flat: the presentation logits, then the adversary's weight and bias.
+    public struct Moments: Codable, Sendable, Equatable {
+        public var optimizer: TrainingOptions.Optimizer
+        public var first: [Float]
+        public var second: [Float]
+    }
 
     public init(presentation: PresentationFactor? = nil, adversary: Adversary? = nil) {
         self.presentation = presentation
@@ -43,6 +54,7 @@ public struct AuxiliaryHeads: Codable, Sendable, Equatable {
 ///
 /// Serving uses `σ(z)` in both cases, so the scorer never needs the value.
 public struct PresentationFactor: Codable, Sendable, Equatable {
+    /// How the factor combines with the model's logit: added (shallow tower) or as p(seen) (PAL).
     public enum Mode: String, Codable, Sendable, CaseIterable {
         case shallowTower = "shallow-tower"
         case pal
@@ -116,7 +128,7 @@ public struct Adversary: Codable, Sendable, Equatable {
     public var bias: [Float]
 
     /// A fresh adversary over `classes` on a last hidden layer of width `hidden` (small random weights).
-    public init(strength: Float, mode: Mode = .reversal, source: String, crowds: Bool, classes: [String], hidden: Int, seed: UInt64) {
+    public init(strength: Float, mode: Mode = .confusion, source: String, crowds: Bool, classes: [String], hidden: Int, seed: UInt64) {
         self.strength = strength
         self.mode = mode
         self.source = source
@@ -137,9 +149,10 @@ public struct Adversary: Codable, Sendable, Equatable {
 
 extension LegacyModel {
     /// The last hidden layer's activations of `n` samples (`n × hidden.last`, after ReLU): the representation an
-    /// adversary reads and a probe measures. Models without attention and with at least one hidden layer.
+    /// adversary reads and a probe measures. Models without attention or dense inputs, with at least one hidden layer.
     public func lastHidden(rows: [Int32], count n: Int, chunk: Int = 1024) -> [Float] {
-        precondition(attention == nil && !spec.hidden.isEmpty, "lastHidden needs a model without attention, with a hidden layer")
+        precondition(attention == nil && !spec.hidden.isEmpty && spec.denseInputs.isEmpty,
+                     "lastHidden needs a model without attention or dense inputs, with a hidden layer")
         let d = spec.inputDim, f = spec.rowWidth, h = spec.hidden.last!
         precondition(rows.count == n * f)
         var out = [Float](repeating: 0, count: n * h)

@@ -4,6 +4,7 @@ import StockpotModel
 /// A quantity the fused order is judged on: a log column per impression, and how it becomes a per-user ranking
 /// metric. Binary targets are scored by GAUC, graded ones by NDCG@k.
 public struct FusionTarget: Codable, Sendable, Equatable {
+    /// How a target's values are judged: binary (0/1, per-user AUC) or graded (a gain, per-user NDCG).
     public enum Kind: String, Codable, Sendable { case binary, graded }
     /// Short name in reports (`is_click`, `play_time`).
     public var name: String
@@ -258,12 +259,7 @@ public struct FusionEvaluator: Sendable {
                 if let x = aggregate(pa[t], weights: weights), let y = aggregate(pb[t], weights: weights) { diffs[t].append(x - y) }
             }
         }
-        return diffs.map { d in
-            let s = d.sorted()
-            guard !s.isEmpty else { return (.nan, .nan) }
-            func q(_ p: Double) -> Double { s[min(s.count - 1, max(0, Int((p * Double(s.count - 1)).rounded())))] }
-            return (q(0.025), q(0.975))
-        }
+        return diffs.map { Metrics.interval($0) }
     }
 }
 
@@ -281,6 +277,7 @@ public struct FusionPoint: Codable, Sendable, Equatable {
 /// that changes nothing. The hand-set default and equal weights seed the first population, so the front
 /// starts from what is served today. Seeded: the same inputs and seed give the same front.
 public struct FusionSearch: Sendable {
+    /// The search's settings: population, generations, seed, the range of β, the crossover probability.
     public struct Options: Codable, Sendable, Equatable {
         public var population = 40
         public var generations = 30
@@ -532,6 +529,9 @@ public struct FusionStudy: Codable, Sendable {
         public var referenceTerms: [FusionConfig.Term]
         public var reference: [Double]
         public var picked: Int?
+        /// Points evaluated that beat the reference on every target of the search days (at least as good on each,
+        /// better on one): 0 means the reference is on the front.
+        public var dominating: Int = 0
         /// With rank inputs: each objective's percentile knots, fitted on this unit's search impressions (kept
         /// here once rather than in every point's terms).
         public var quantiles: [[Double]]? = nil
@@ -564,11 +564,22 @@ public struct FusionStudy: Codable, Sendable {
     ///   - reference: the config the picked points are compared with (the hand-set default).
     ///   - minImpressions: scenarios (and crowds) with fewer search impressions share the default scenario.
     ///   - frontLimit: points of each front kept in the study (the least crowded).
+    ///   - knownScenarios: every scenario value the log shows (beyond the search days'); those without a search of
+    ///     their own are served the default's terms.
     public static func run(search: FusionData, test: FusionData?, reference: FusionConfig, rankInputs: Bool, perCrowd: Bool,
                            minImpressions: Int, options: FusionSearch.Options, pick: Pick?, ndcgK: Int = 10, bootstrap: Int = 1000,
-                           frontLimit: Int = 40,
+                           frontLimit: Int = 40, knownScenarios: [String] = [],
                            log: @escaping (String) -> Void) throws -> FusionStudy {
         guard search.count > 0 else { throw TrainingError.data("no impressions to search on") }
+        // The reference must be scored on what it serves: every objective it weighs must be in the data.
+        for (name, scenario) in reference.scenarios {
+            for t in scenario.terms + (scenario.crowds ?? [:]).values.flatMap({ $0 }) where !search.objectives.contains(t.objective) {
+                throw TrainingError.config("the reference config's scenario '\(name)' weighs '\(t.objective)', which the scores lack (they have \(search.objectives.joined(separator: ", ")))")
+            }
+        }
+        if let test, test.objectives != search.objectives {
+            throw TrainingError.data("the test scores' objectives \(test.objectives) differ from the search scores' \(search.objectives)")
+        }
         // The units: everything, then each large enough scenario; with perCrowd, each large enough crowd of those.
         var scopes: [(scenario: String, crowd: String?, search: [Int], test: [Int])] = [("default", nil, Array(0..<search.count), test.map { Array(0..<$0.count) } ?? [])]
         let counts = Dictionary(search.scenarios.map { ($0, 1) }, uniquingKeysWith: +)
@@ -608,6 +619,7 @@ public struct FusionStudy: Codable, Sendable {
                 }
             }
             let referenceMetrics = evaluator.metrics(evaluator.fused(referenceTerms))
+            let dominating = front.filter { FusionSearch.dominates($0.metrics, referenceMetrics) }.count
             // Picked on the whole front, which is then thinned to `frontLimit` points for the report (the picked
             // one kept); an index refers to the thinned front, the one a report shows.
             var chosen: Int?
@@ -617,7 +629,8 @@ public struct FusionStudy: Codable, Sendable {
             // Points keep their terms without the knots, stored once in the unit.
             let bare = shown.map { p in FusionPoint(terms: p.terms.map { var t = $0; t.quantiles = nil; return t }, metrics: p.metrics) }
             var unit = Unit(scenario: s.scenario, crowd: s.crowd, impressions: data.count, users: evaluator.userCount, front: bare,
-                            referenceTerms: referenceTerms, reference: referenceMetrics, picked: kept, quantiles: searcher.quantiles)
+                            referenceTerms: referenceTerms, reference: referenceMetrics, picked: kept, dominating: dominating,
+                            quantiles: searcher.quantiles)
             if case .index(let i) = pick {
                 guard shown.indices.contains(i) else { throw TrainingError.config("--pick \(i): the front has points 0…\(shown.count - 1)") }
                 unit.picked = i
@@ -634,17 +647,19 @@ public struct FusionStudy: Codable, Sendable {
         }
         let searched = Set(scopes.map(\.scenario))
         return FusionStudy(targets: search.targets, rankInputs: rankInputs, options: options, units: units,
-                           sharedScenarios: counts.keys.filter { !searched.contains($0) }.sorted())
+                           sharedScenarios: Set(counts.keys).union(knownScenarios).filter { !searched.contains($0) && $0 != "default" }.sorted())
     }
 
     /// The config of the picked points: each scenario's terms (crowd overrides for crowd units); scenarios too
-    /// small for a search of their own get the default scenario's terms; what was not searched or picked keeps
-    /// the reference's terms.
+    /// small for a search of their own (or seen only outside the search days) get the default scenario's; what was
+    /// not searched or picked keeps the reference's terms. Rank-normalised terms make it format 2.
     public func config(reference: FusionConfig) -> FusionConfig {
         var scenarios = reference.scenarios
         for u in units where u.crowd == nil {
             guard let p = u.picked else { continue }
-            scenarios[u.scenario] = FusionConfig.Scenario(terms: u.servedTerms(p), crowds: scenarios[u.scenario]?.crowds)
+            // The picked terms were measured for every user of the scenario: the reference's crowd overrides do not
+            // carry over (crowd units, when searched, add their own below).
+            scenarios[u.scenario] = FusionConfig.Scenario(terms: u.servedTerms(p))
         }
         for u in units {
             guard let crowd = u.crowd, let p = u.picked else { continue }

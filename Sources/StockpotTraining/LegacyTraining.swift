@@ -226,6 +226,8 @@ public struct LegacyTraining {
     func auxiliaryHeads(for model: LegacyModel, rows: [Int], continuing previous: AuxiliaryHeads?) throws -> AuxiliaryHeads? {
         guard options.presentation != nil || options.adversary != nil else { return nil }
         var heads = AuxiliaryHeads()
+        // The optimizer state carries over when its size still fits (the trainer checks; it is flat over both).
+        heads.moments = previous?.moments
         if let p = options.presentation {
             if let old = previous?.presentation, old.mode == p.mode, old.source == p.source, old.logits.count == (old.values.count + 1) * model.headCount {
                 heads.presentation = old
@@ -239,6 +241,7 @@ public struct LegacyTraining {
         }
         if let s = options.adversary {
             if var old = previous?.adversary, old.crowds == s.crowds, old.mode == s.mode, old.source == config.crowds.source,
+               !s.crowds || old.classes == config.crowds.names,
                old.weight.count == old.classes.count * (model.spec.hidden.last ?? 0) {
                 old.strength = s.strength
                 heads.adversary = old

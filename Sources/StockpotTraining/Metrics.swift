@@ -84,10 +84,42 @@ public enum Metrics {
                 values.append(x)
             }
         }
-        values.sort()
+        return interval(values)
+    }
+
+    /// The 2.5 % and 97.5 % quantiles of bootstrap replicates (nearest rank on the sorted values); NaN when empty.
+    public static func interval(_ replicates: [Double]) -> (low: Double, high: Double) {
+        let values = replicates.filter { !$0.isNaN }.sorted()
         guard !values.isEmpty else { return (.nan, .nan) }
         func q(_ p: Double) -> Double { values[min(values.count - 1, max(0, Int((p * Double(values.count - 1)).rounded())))] }
         return (q(0.025), q(0.975))
+    }
+
+    /// A paired bootstrap over groups (users) of mean(a) − mean(b), both per sample (NaN samples left out of
+    /// both): the 95 % interval.
+    public static func bootstrapMeanDifference(_ a: [Double], _ b: [Double], groups: [Int], replicates: Int = 1000,
+                                               seed: UInt64 = 1) -> (low: Double, high: Double) {
+        precondition(a.count == b.count && a.count == groups.count)
+        var index: [Int: Int] = [:]
+        let unit = groups.map { g in index[g] ?? { index[g] = index.count; return index.count - 1 }() }
+        let keep = a.indices.filter { !a[$0].isNaN && !b[$0].isNaN }
+        guard !keep.isEmpty else { return (.nan, .nan) }
+        var rng = SplitMix64(seed: seed)
+        var counts = [Double](repeating: 0, count: index.count)
+        var values: [Double] = []
+        for _ in 0..<replicates {
+            for u in counts.indices { counts[u] = 0 }
+            for _ in counts.indices { counts[Int(rng.next() % UInt64(counts.count))] += 1 }
+            var (sa, sb, w) = (0.0, 0.0, 0.0)
+            for i in keep {
+                let c = counts[unit[i]]
+                sa += c * a[i]
+                sb += c * b[i]
+                w += c
+            }
+            if w > 0 { values.append((sa - sb) / w) }
+        }
+        return interval(values)
     }
 
     /// AUC with per-sample weights, `order` sorting `scores` ascending; ties count half. Nil with one class.

@@ -95,15 +95,18 @@ public enum OpenBandit {
         guard let y = num(0..<4), let mo = num(5..<7), let d = num(8..<10), let h = num(11..<13), let mi = num(14..<16), let sec = num(17..<19),
               (1...12).contains(mo), (1...31).contains(d), h < 24, mi < 60, sec < 61 else { return nil }
         var fraction = 0
-        if u.count > 20, u[19] == 46 {
-            var i = 20, scale = 100
+        var i = 19
+        if i < u.count, u[i] == 46 {
+            i += 1
+            var scale = 100
             while i < u.count, (48...57).contains(u[i]) {
                 if scale >= 1 { fraction += Int(u[i] - 48) * scale; scale /= 10 }
                 i += 1
             }
-            // Only UTC offsets are written by the data set; anything else is refused rather than shifted.
-            if i < u.count, String(decoding: u[i...], as: UTF8.self) != "+00:00" { return nil }
         }
+        // The data set writes UTC (+00:00); no offset is read as UTC too. Any other offset, or anything else after
+        // the time, is refused rather than shifted.
+        if i < u.count, !["+00:00", "Z"].contains(String(decoding: u[i...], as: UTF8.self)) { return nil }
         // Days from the civil date (proleptic Gregorian).
         let yy = mo <= 2 ? y - 1 : y
         let era = (yy >= 0 ? yy : yy - 399) / 400

@@ -11,6 +11,8 @@ public struct RepresentationProbe: Sendable {
     public var majority: Double
     /// One-vs-rest AUC averaged over the classes present in the test samples with both outcomes.
     public var macroAUC: Double
+    /// Per test sample: 1 when the probe was right, 0 when wrong, NaN for samples without a class.
+    public var correct: [Double]
 
     /// Fits on `train` (`n × width`, standardised with its own mean and deviation) with mini-batch SGD, seeded,
     /// and scores `test`. Samples with class -1 are left out.
@@ -53,12 +55,14 @@ public struct RepresentationProbe: Sendable {
             }
         }
         var correct = 0
+        var perSample = [Double](repeating: .nan, count: testClasses.count)
         var scores = [[Float]](repeating: [], count: c)
         for s in testIdx {
             probabilities(test[(s * w)..<((s + 1) * w)])
             var best = 0
             for k in 1..<c where z[k] > z[best] { best = k }
             if best == Int(testClasses[s]) { correct += 1 }
+            perSample[s] = best == Int(testClasses[s]) ? 1 : 0
             for k in 0..<c { scores[k].append(z[k]) }
         }
         var trainCounts = [Int](repeating: 0, count: c)
@@ -68,6 +72,6 @@ public struct RepresentationProbe: Sendable {
         let aucs = (0..<c).compactMap { k in Metrics.auc(scores: scores[k], labels: labels.map { $0 == k ? 1 : 0 }) }
         let n = Double(max(testIdx.count, 1))
         return RepresentationProbe(accuracy: Double(correct) / n, majority: Double(labels.filter { $0 == top }.count) / n,
-                                   macroAUC: aucs.isEmpty ? .nan : aucs.reduce(0, +) / Double(aucs.count))
+                                   macroAUC: aucs.isEmpty ? .nan : aucs.reduce(0, +) / Double(aucs.count), correct: perSample)
     }
 }

@@ -24,6 +24,7 @@ public struct SeedReport: Codable, Sendable {
         }
     }
 
+    /// One claim: the technique, what it claims, what was measured, the interval, the verdict, a note.
     public struct Row: Codable, Sendable {
         /// The technique (`distillation`, `INT8`…).
         public var technique: String
@@ -45,6 +46,7 @@ public struct SeedReport: Codable, Sendable {
         }
     }
 
+    /// One figure: an inline SVG with its title and caption, also written beside the Markdown as `file`.
     public struct Plot: Codable, Sendable {
         /// File name beside the Markdown report (`fusion-front.svg`).
         public var file: String

@@ -69,7 +69,7 @@ public struct AdversarySetting: Codable, Sendable, Equatable {
     public var mode: Adversary.Mode
     public var crowds: Bool
 
-    public init(strength: Float, mode: Adversary.Mode = .reversal, crowds: Bool = false) {
+    public init(strength: Float, mode: Adversary.Mode = .confusion, crowds: Bool = false) {
         self.strength = strength
         self.mode = mode
         self.crowds = crowds
@@ -324,10 +324,16 @@ public final class Trainer {
         auxParams = .allocate(capacity: max(auxTotal, 1))
         let flat = (auxiliary?.presentation?.logits ?? []) + (auxiliary?.adversary.map { $0.weight + $0.bias } ?? [])
         auxParams.initialize(from: flat + [0], count: max(auxTotal, 1))
+        // Their optimizer moments: the checkpoint's when they fit (a warm start continues them), else fresh.
         auxM = .allocate(capacity: max(auxTotal, 1))
-        auxM.initialize(repeating: 0, count: max(auxTotal, 1))
         auxV = .allocate(capacity: max(auxTotal, 1))
-        auxV.initialize(repeating: fill, count: max(auxTotal, 1))
+        if let m = auxiliary?.moments, m.first.count == auxTotal, m.second.count == auxTotal, m.optimizer == options.optimizer, auxTotal > 0 {
+            auxM.initialize(from: m.first, count: auxTotal)
+            auxV.initialize(from: m.second, count: auxTotal)
+        } else {
+            auxM.initialize(repeating: 0, count: max(auxTotal, 1))
+            auxV.initialize(repeating: fill, count: max(auxTotal, 1))
+        }
         auxGrads = (0..<threadCount).map { _ in
             let b = UnsafeMutablePointer<Float>.allocate(capacity: max(auxTotal, 1))
             b.initialize(repeating: 0, count: max(auxTotal, 1))
@@ -351,6 +357,10 @@ public final class Trainer {
             d.weight = Array(UnsafeBufferPointer(start: auxParams + at, count: d.weight.count))
             d.bias = Array(UnsafeBufferPointer(start: auxParams + at + d.weight.count, count: d.bias.count))
             a.adversary = d
+        }
+        if auxCount > 0 {
+            a.moments = AuxiliaryHeads.Moments(optimizer: options.optimizer, first: Array(UnsafeBufferPointer(start: auxM, count: auxCount)),
+                                               second: Array(UnsafeBufferPointer(start: auxV, count: auxCount)))
         }
         return a
     }
@@ -582,6 +592,14 @@ public final class Trainer {
         precondition(model.spec.denseInputs.isEmpty || dense != nil, "model has dense inputs; pass them")
         precondition(auxiliaryShape?.presentation == nil || presentation != nil, "the trainer has a presentation factor; pass each sample's row")
         precondition(auxiliaryShape?.adversary == nil || classes != nil, "the trainer has an adversary; pass each sample's class")
+        // Rows and classes given directly (`trainStep`, `computeGradients`) are checked here; `train` checked its
+        // data set's up front, and its batches are assembled later, block by block.
+        if assemble == nil, let f = auxiliaryShape?.presentation, let presentation {
+            for s in 0..<n { precondition(presentation[s] >= 0 && Int(presentation[s]) <= f.values.count, "presentation row \(presentation[s]) of sample \(s) outside 0…\(f.values.count)") }
+        }
+        if assemble == nil, let a = auxiliaryShape?.adversary, let classes {
+            for s in 0..<n { precondition(classes[s] >= -1 && Int(classes[s]) < a.classes.count, "adversary class \(classes[s]) of sample \(s) outside -1…\(a.classes.count - 1)") }
+        }
         precondition(options.distillation == nil || teacher != nil, "the options distil from a teacher; pass its logits")
         precondition(n >= 0 && n <= batch, "\(n) samples in a step of a trainer made for batches of \(batch)")
         // Weighted objectives use the per-sample weights normalised within the batch; the others weigh every

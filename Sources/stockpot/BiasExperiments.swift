@@ -135,14 +135,11 @@ extension Experiment {
                     n[pos[i] - 1] += 1
                     if y[i] { c[pos[i] - 1] += 1 }
                 }
-                guard c[0] > 0 else { continue }
-                for p in 0..<3 { ratios[p].append((c[p] / n[p]) / (c[0] / n[0])) }
+                // A draw without a click at position 1 has an infinite ratio: it stays in (as +inf), so the
+                // interval's upper end says so rather than the draw being dropped.
+                for p in 0..<3 { ratios[p].append(c[0] > 0 ? (c[p] / n[p]) / (c[0] / n[0]) : (p == 0 ? 1 : .infinity)) }
             }
-            return ratios.map { r in
-                let s = r.sorted()
-                guard !s.isEmpty else { return (.nan, .nan) }
-                return (s[Int(0.025 * Double(s.count - 1))], s[Int(0.975 * Double(s.count - 1))])
-            }
+            return ratios.map { Metrics.interval($0) }
         }
 
         /// The learned curve of one factor: PAL's p(seen | position) / p(seen | 1); the shallow tower's odds
@@ -342,8 +339,8 @@ extension Experiment {
     }
 
     /// `stockpot experiment adversarial`: an adversary predicting the user's activity degree from the last hidden
-    /// layer, through gradient reversal, at several strengths; how predictable the degree stays, and what the
-    /// task metrics do per crowd.
+    /// layer, pushing back by gradient reversal or by confusion, at several strengths; how predictable the degree
+    /// stays, and what the task metrics do per crowd.
     struct Adversarial: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Adversarial debiasing against the activity degree at several strengths: the degree's predictability from the representation, and task metrics per crowd.")
@@ -366,6 +363,7 @@ extension Experiment {
                 return v
             }
             guard !lambdas.isEmpty else { throw ValidationError("--strengths is empty") }
+            guard probeSamples >= 100 else { throw ValidationError("--probe-samples must be at least 100") }
             let (data, config) = try dataOptions.load()
             let train = try parseDays(trainDays), test = try parseDays(testDays)
             guard train.last < test.first else { throw ValidationError("--test-days must follow --train-days") }

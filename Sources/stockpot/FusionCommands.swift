@@ -28,6 +28,8 @@ struct Fusion: AsyncParsableCommand {
         @Option(help: "Or: a `stockpot predict` CSV (user_id,video_id,time_ms,<objective>…) covering --days and --test-days.") var predictions: String?
         @Option(help: "Days to search on, yyyymmdd..yyyymmdd (after the model's training days).") var days: String = "20220501..20220504"
         @Option(help: "Later days to compare the picked point with the reference on (empty: none).") var testDays: String = "20220505..20220508"
+        @Option(help: "Objectives to fuse, comma-separated: columns of the scores (default: those the reference config weighs). The config then needs exactly these from the scorer.")
+        var objectives: String?
         @Option(help: "raw (the probabilities) or rank (each objective's percentile on the search days, stored in the config and applied when serving).")
         var inputs: String = "raw"
         @Option(help: "Log column naming the scenario (a config scenario '<column>=<value>' per value with enough impressions), or 'none'.")
@@ -57,12 +59,18 @@ struct Fusion: AsyncParsableCommand {
             guard ndcgK >= 1, bootstrap >= 10, minImpressions >= 1 else { throw ValidationError("--ndcg-k ≥ 1, --bootstrap ≥ 10, --min-impressions ≥ 1") }
             if register && pick == nil { throw ValidationError("--register needs --pick") }
             if let pick, pick != "balanced", Int(pick) == nil { throw ValidationError("--pick is 'balanced' or a front index, not '\(pick)'") }
+            if register && inputs == "rank" && modelVersion == nil {
+                throw ValidationError("--inputs rank with --register needs --model-version: the percentile knots belong to the model whose scores they were fitted on")
+            }
         }
 
         func run() async throws {
             let (data, config) = try dataOptions.load()
             let searchDays = try parseDays(days)
             let test = testDays.isEmpty ? nil : try parseDays(testDays)
+            if let test, test.first <= searchDays.last {
+                throw ValidationError("--test-days \(test) must come after --days \(searchDays): the comparison is on later, held-out days")
+            }
             let referenceConfig: FusionConfig
             if let reference {
                 referenceConfig = try JSONDecoder().decode(FusionConfig.self, from: Data(contentsOf: URL(fileURLWithPath: reference)))
@@ -71,6 +79,10 @@ struct Fusion: AsyncParsableCommand {
                 referenceConfig = .default
             }
             let scenario = scenarioColumn == "none" ? nil : scenarioColumn
+            // The objectives fused: named, or the reference's own.
+            let wanted: [String] = objectives.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+                ?? (referenceConfig.scenarios["default"]?.terms ?? referenceConfig.scenarios.values.first?.terms ?? []).map(\.objective)
+            guard !wanted.isEmpty, Set(wanted).count == wanted.count else { throw ValidationError("--objectives must name distinct objectives") }
             func load(_ range: DayRange) throws -> FusionData {
                 let (rows, objectives, p): ([Int], [String], [Float])
                 if let model {
@@ -88,7 +100,16 @@ struct Fusion: AsyncParsableCommand {
                     let k = all.objectives.count
                     (rows, objectives, p) = (keep.map { all.rows[$0] }, all.objectives, keep.flatMap { i in all.predictions[(i * k)..<((i + 1) * k)] })
                 }
-                return try FusionData(data: data, rows: rows, objectives: objectives, predictions: p, targets: FusionTarget.kuaiRand,
+                // Only the wanted columns, in the wanted order: a config needs exactly what the scorer sends.
+                let k = objectives.count
+                let columns = try wanted.map { o -> Int in
+                    guard let j = objectives.firstIndex(of: o) else {
+                        throw ValidationError("the scores have no objective '\(o)' (they have \(objectives.joined(separator: ", "))); see --objectives")
+                    }
+                    return j
+                }
+                let picked = (0..<rows.count).flatMap { i in columns.map { p[i * k + $0] } }
+                return try FusionData(data: data, rows: rows, objectives: wanted, predictions: picked, targets: FusionTarget.kuaiRand,
                                       scenarioColumn: scenario, crowds: config.crowds)
             }
             let searchData = try load(searchDays)
@@ -96,9 +117,11 @@ struct Fusion: AsyncParsableCommand {
             var options = FusionSearch.Options()
             (options.population, options.generations, options.seed) = (population, generations, seed)
             let pickRule: FusionStudy.Pick? = pick.map { $0 == "balanced" ? .balanced : .index(Int($0)!) }
+            // Every scenario value the log shows gets terms, not only those of the search days.
+            let known = try scenario.map { c in Set(try data.log.column(c, file: KuaiRandData.logFile)).map { "\(c)=\($0)" } } ?? []
             let study = try FusionStudy.run(search: searchData, test: testData, reference: referenceConfig, rankInputs: inputs == "rank",
                                             perCrowd: perCrowd, minImpressions: minImpressions, options: options, pick: pickRule,
-                                            ndcgK: ndcgK, bootstrap: bootstrap, log: Console.info)
+                                            ndcgK: ndcgK, bootstrap: bootstrap, knownScenarios: known, log: Console.info)
             let dir = URL(fileURLWithPath: out)
             try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
             let source = model.map { "model \($0)" } ?? "predictions \(predictions!)"
@@ -166,7 +189,9 @@ struct Fusion: AsyncParsableCommand {
             s += "- Metrics, per user weighted by impressions: " + study.targets.map(\.metric).joined(separator: ", ") + ".\n"
             s += "- Terms are shown as w / β (weights of the reference with α folded in: w·α^β).\n\n"
             for u in study.units {
-                s += "## \(u.label)\n\n\(u.impressions) impressions, \(u.users) users with two or more; front of \(u.front.count) points.\n\n"
+                s += "## \(u.label)\n\n\(u.impressions) impressions, \(u.users) users with two or more; front of \(u.front.count) points. "
+                s += u.dominating == 0 ? "No point evaluated beats the reference on every metric of the search days: it is on the front.\n\n"
+                    : "\(u.dominating) front points beat the reference on every metric of the search days.\n\n"
                 s += "| point | " + objectives.map { "\($0) w / β" }.joined(separator: " | ") + " | " + study.targets.map(\.metric).joined(separator: " | ") + " |\n"
                 s += "|" + String(repeating: " --- |", count: 1 + objectives.count + study.targets.count) + "\n"
                 s += "| reference | " + objectives.map { termsCell(u.referenceTerms, objective: $0) }.joined(separator: " | ") + " | "

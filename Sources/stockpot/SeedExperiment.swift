@@ -50,9 +50,17 @@ extension Experiment {
             let (data, config) = try dataOptions.load()
             let obDir = openBandit.map { URL(fileURLWithPath: $0) } ?? OpenBandit.defaultDirectory()
             guard OpenBandit.isPresent(at: obDir) else { throw ValidationError("Open Bandit samples not found at \(obDir.path) (--open-bandit)") }
+            // The folder is this command's: new, empty, or a previous run's (marked). Only its models are cleared.
             let outURL = URL(fileURLWithPath: out)
-            try? FileManager.default.removeItem(at: outURL)
-            try FileManager.default.createDirectory(at: outURL, withIntermediateDirectories: true)
+            let marker = outURL.appendingPathComponent(".stockpot-experiment-seed")
+            let existing = (try? FileManager.default.contentsOfDirectory(atPath: outURL.path)) ?? []
+            guard existing.isEmpty || FileManager.default.fileExists(atPath: marker.path) else {
+                throw ValidationError("--out \(outURL.path) is not empty and is not a previous seed run's folder: give a new or empty folder")
+            }
+            let work = outURL.appendingPathComponent("models")
+            try? FileManager.default.removeItem(at: work)
+            try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+            try AtomicFile.write(Data("written by stockpot experiment seed; its models/ folder is cleared by the next run\n".utf8), to: marker)
             let replicates = quick ? 200 : 1000
             let allDays = DayRange(first: 20220425, last: 20220504), recent = DayRange(first: 20220502, last: 20220504)
             let test = DayRange(first: 20220505, last: 20220508), fusionSearch = DayRange(first: 20220501, last: 20220504)
@@ -115,7 +123,7 @@ extension Experiment {
             }
 
             // 1. The legacy model, day by day; its last day alone, timed.
-            let legacyDir = outURL.appendingPathComponent("legacy")
+            let legacyDir = work.appendingPathComponent("legacy")
             let beforeLast = try job(config).incremental(days: DayRange(first: allDays.first, last: 20220503), warmStart: nil, out: legacyDir)
             let lastDay = try job(config).incremental(days: DayRange(first: 20220504, last: 20220504),
                                                       warmStart: legacyDir.appendingPathComponent("20220503"), out: legacyDir)
@@ -124,13 +132,13 @@ extension Experiment {
             progress("legacy model, day by day on \(allDays)")
 
             // 2. Warm start against a from-scratch replay, and against a new model on recent days only.
-            let replay = try job(config).fromScratch(days: allDays, epochs: 1, out: outURL.appendingPathComponent("replay"))
+            let replay = try job(config).fromScratch(days: allDays, epochs: 1, out: work.appendingPathComponent("replay"))
             let R = try score(replay.model)
             let warmVsReplay = compare(L, R)
             add("warm start vs replay", claim: "Daily warm-started training keeps up with a from-scratch replay of the same days (not worse by more than 0.002 AUC), at a fraction of the cost.",
                 warmVsReplay, names: ("warm-started", "replay"), metric: "click AUC", margin: -0.002,
                 note: String(format: "a day's update %.1f s against %.1f s for the replay; %d + %d samples", lastDay.seconds, replay.seconds, beforeLast.samples, lastDay.samples))
-            let recentOnly = try job(config).fromScratch(days: recent, epochs: 1, out: outURL.appendingPathComponent("recent-only"))
+            let recentOnly = try job(config).fromScratch(days: recent, epochs: 1, out: work.appendingPathComponent("recent-only"))
             let S = try score(recentOnly.model)
             add("accumulated samples", claim: "The legacy model beats a new model trained on the recent days alone: it has absorbed more samples.",
                 compare(L, S), names: ("legacy", "new on \(recent)"), metric: "click AUC")
@@ -144,10 +152,10 @@ extension Experiment {
             var distilJob = job(StudentPreset.small.apply(to: config), distilOptions)
             distilJob.teacher = teacher
             distilJob.modelName = "student-small"
-            let student = try distilJob.incremental(days: recent, warmStart: nil, out: outURL.appendingPathComponent("student-distilled"), keep: 1)
+            let student = try distilJob.incremental(days: recent, warmStart: nil, out: work.appendingPathComponent("student-distilled"), keep: 1)
             var labelsJob = job(StudentPreset.small.apply(to: config))
             labelsJob.modelName = "student-small"
-            let labelsOnly = try labelsJob.incremental(days: recent, warmStart: nil, out: outURL.appendingPathComponent("student-labels"), keep: 1)
+            let labelsOnly = try labelsJob.incremental(days: recent, warmStart: nil, out: work.appendingPathComponent("student-labels"), keep: 1)
             let (D, Lb) = (try score(student.model), try score(labelsOnly.model))
             add("distillation", claim: "A small student distilled from the legacy model beats the same student on labels alone when it has only recent data.",
                 compare(D, Lb), names: ("distilled", "labels only"), metric: "click AUC",
@@ -159,9 +167,9 @@ extension Experiment {
             // 4. Progressive structure: attention warm-started from the legacy model of 20220501.
             var attentionConfig = config
             attentionConfig.attention = AttentionSpec(item: "video_id", length: 20, hidden: 32)
-            let warm = try job(attentionConfig).incremental(days: recent, warmStart: nil, out: outURL.appendingPathComponent("attention-warm"), keep: 1,
+            let warm = try job(attentionConfig).incremental(days: recent, warmStart: nil, out: work.appendingPathComponent("attention-warm"), keep: 1,
                                                             transfer: .init(from: legacyDir.appendingPathComponent("20220501")))
-            let scratch = try job(attentionConfig).incremental(days: recent, warmStart: nil, out: outURL.appendingPathComponent("attention-scratch"), keep: 1)
+            let scratch = try job(attentionConfig).incremental(days: recent, warmStart: nil, out: work.appendingPathComponent("attention-scratch"), keep: 1)
             let (W, Sc) = (try score(warm.model), try score(scratch.model))
             add("progressive structure", claim: "A new structure (history attention) reusing the legacy embeddings and bottom MLP beats the same structure from scratch on the same recent days.",
                 compare(W, Sc), names: ("warm-started", "from scratch"), metric: "click AUC")
@@ -178,7 +186,7 @@ extension Experiment {
             for n in 1...3 {
                 let days = DayRange(first: 20220502, last: 20220501 + n)
                 let c = try correctorJob.train(legacy: base, legacyVersion: "legacy/20220501", crowd: "tail", days: days, epochs: 2,
-                                               out: outURL.appendingPathComponent("corrector-tail-\(n)d"))
+                                               out: work.appendingPathComponent("corrector-tail-\(n)d"))
                 let (_, fixed, _) = try correctorJob.predictWithCorrector(legacy: base, corrector: c.model, crowd: "tail", days: test)
                 corrected = Scored(predictions: fixed, labels: B.labels, users: B.users, crowds: B.crowds, heads: B.heads)
                 curve.append((n, auc(corrected, crowd: "tail")))
@@ -196,10 +204,10 @@ extension Experiment {
             // 6. Re-weighting: 10:1 and the discriminator.
             var ruleOptions = options
             ruleOptions.crowdWeights = ["tail": 10]
-            let rule = try job(config, ruleOptions).incremental(days: allDays, warmStart: nil, out: outURL.appendingPathComponent("reweighted-10to1"), keep: 1)
+            let rule = try job(config, ruleOptions).incremental(days: allDays, warmStart: nil, out: work.appendingPathComponent("reweighted-10to1"), keep: 1)
             var discOptions = options
             discOptions.discriminator = DiscriminatorWeighting(crowd: "tail", maxWeight: 10)
-            let disc = try job(config, discOptions).incremental(days: allDays, warmStart: nil, out: outURL.appendingPathComponent("reweighted-discriminator"), keep: 1)
+            let disc = try job(config, discOptions).incremental(days: allDays, warmStart: nil, out: work.appendingPathComponent("reweighted-discriminator"), keep: 1)
             let (Rw, Dw) = (try score(rule.model), try score(disc.model))
             let ruleHead = compare(Rw, L, crowd: "head")
             add("10:1 re-weighting", claim: "Weighting tail samples 10:1 (normalised per batch) lifts the tail.", compare(Rw, L, crowd: "tail"),
@@ -212,7 +220,7 @@ extension Experiment {
             // 7. Adversary (confusion, λ = 1) against the replay (same days, same seed, no adversary).
             var advOptions = options
             advOptions.adversary = AdversarySetting(strength: 1, mode: .confusion)
-            let adversarial = try job(config, advOptions).fromScratch(days: allDays, epochs: 1, out: outURL.appendingPathComponent("adversarial"))
+            let adversarial = try job(config, advOptions).fromScratch(days: allDays, epochs: 1, out: work.appendingPathComponent("adversarial"))
             let A = try score(adversarial.model)
             let attribute = try data.accessor(for: config.crowds.source)
             var probeRows = try data.rows(in: allDays)
@@ -229,15 +237,15 @@ extension Experiment {
                                                width: m.spec.hidden.last!, classes: classes.count, seed: seed)
             }
             let (plainProbe, advProbe) = (try probe(replay.model), try probe(adversarial.model))
-            let n = Double(testRows.count)
-            let se = (plainProbe.accuracy * (1 - plainProbe.accuracy) / n + advProbe.accuracy * (1 - advProbe.accuracy) / n).squareRoot()
             let dropAcc = plainProbe.accuracy - advProbe.accuracy
+            let drop = Metrics.bootstrapMeanDifference(plainProbe.correct, advProbe.correct, groups: testRows.map { data.userIds[$0] },
+                                                       replicates: replicates, seed: seed)
             rows.append(.init(technique: "adversarial debiasing",
                               claim: "An adversary on the shared representation makes the activity degree hard to read from it.",
                               measured: String(format: "probe accuracy %.3f → %.3f (majority class %.3f); macro AUC %.3f → %.3f", plainProbe.accuracy, advProbe.accuracy,
                                                advProbe.majority, plainProbe.macroAUC, advProbe.macroAUC),
-                              interval: String(format: "[%+.3f, %+.3f] (accuracy drop, normal approximation over impressions)", dropAcc - 1.96 * se, dropAcc + 1.96 * se),
-                              verdict: .of(low: dropAcc - 1.96 * se, high: dropAcc + 1.96 * se),
+                              interval: String(format: "[%+.3f, %+.3f] (accuracy drop %+.3f, bootstrap over users)", drop.low, drop.high, dropAcc),
+                              verdict: .of(low: drop.low, high: drop.high),
                               note: "confusion mode, λ = 1; gradient reversal (the unbounded form) instead collapses the tasks: docs/results/debiasing/adversarial.md"))
             add("adversarial debiasing (tail task)", claim: "… without costing the tail's clicks (not worse by more than 0.002 AUC).", compare(A, R, crowd: "tail"),
                 names: ("with adversary", "without"), metric: "tail click AUC", margin: -0.002)
@@ -275,7 +283,10 @@ extension Experiment {
                                   measured: study.targets.indices.map { "\(study.targets[$0].metric) \(signed(c.picked[$0] - c.reference[$0]))" }.joined(separator: ", "),
                                   interval: study.targets.indices.map { "[\(signed(c.low[$0])), \(signed(c.high[$0]))]" }.joined(separator: ", ") + " (bootstrap over users)",
                                   verdict: verdict,
-                                  note: "front of \(u.front.count) points; the reference is on the front of the search days" + (better.isEmpty ? "" : "; better: \(better.joined(separator: ", "))")
+                                  note: "front of \(u.front.count) points; "
+                                      + (u.dominating == 0 ? "no point beats the reference on every metric of the search days"
+                                         : "\(u.dominating) points beat the reference on every metric of the search days")
+                                      + (rank ? "; rank inputs cannot express the reference itself (it weighs raw scores)" : "") + (better.isEmpty ? "" : "; better: \(better.joined(separator: ", "))")
                                       + (worse.isEmpty ? "" : "; worse: \(worse.joined(separator: ", "))")))
                 if !rank {
                     plots.append(.init(file: "fusion-front.svg", title: "Fusion search front (raw inputs)", svg: Fusion.Search.svg(u, targets: study.targets),
@@ -286,7 +297,7 @@ extension Experiment {
 
             // 10. Position bias on Open Bandit.
             let position = try Experiment.Position.measure(directory: obDir, seeds: quick ? [1, 2] : [1, 2, 3, 4, 5], epochs: 8, batchSize: 128,
-                                                           replicates: replicates, out: outURL.appendingPathComponent("open-bandit"))
+                                                           replicates: replicates, out: work.appendingPathComponent("open-bandit"))
             let plain = Experiment.Position.averaged(position.arms[0]), pal = Experiment.Position.averaged(position.arms[2])
             let palAUC = (Metrics.auc(scores: pal, labels: position.labels) ?? .nan, Metrics.auc(scores: plain, labels: position.labels) ?? .nan)
             let palCI = Metrics.bootstrapAUC(pal, minus: plain, labels: position.labels, replicates: replicates, seed: seed)
@@ -309,7 +320,7 @@ extension Experiment {
             noTab.fields.remove(at: tabField)
             var towerOptions = options
             towerOptions.presentation = PresentationSetting(mode: .shallowTower, source: "log:tab")
-            let tower = try job(noTab, towerOptions).fromScratch(days: allDays, epochs: 1, out: outURL.appendingPathComponent("tab-tower"))
+            let tower = try job(noTab, towerOptions).fromScratch(days: allDays, epochs: 1, out: work.appendingPathComponent("tab-tower"))
             let T = try score(tower.model)
             let tabColumn = try data.log.column("tab")
             let tab1 = testRows.indices.filter { tabColumn[testRows[$0]] == "1" }

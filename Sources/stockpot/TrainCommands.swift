@@ -157,6 +157,7 @@ struct Train: AsyncParsableCommand {
 
         func validate() throws {
             try training.check()
+            if training.presentationFactor != nil { throw ValidationError("a presentation factor cannot be combined with distillation") }
             if (preset == nil) == (studentSpec == nil) { throw ValidationError("give exactly one of --preset and --student-spec") }
             if let preset, StudentPreset(rawValue: preset) == nil {
                 throw ValidationError("--preset must be one of \(StudentPreset.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -294,9 +295,9 @@ struct TrainingFlags: ParsableArguments {
     @Option(help: "Where the presentation factor's value is read (e.g. log:tab, log:position).") var presentationSource: String?
     @Option(help: "Adversarial debiasing: the strength λ of an adversary predicting the crowd attribute from the last hidden layer.")
     var adversaryStrength: Float?
-    @Option(help: "What the adversary predicts: attribute (the crowd attribute's raw values) or crowd (the named crowds).") var adversaryTarget: String = "attribute"
-    @Option(help: "How the adversary pushes the shared layers: reversal (−λ·∇CE, gradient reversal) or confusion (λ·∇CE against the uniform distribution).")
-    var adversaryMode: String = "confusion"
+    @Option(help: "What the adversary predicts: attribute (the crowd attribute's raw values; default) or crowd (the named crowds).") var adversaryTarget: String?
+    @Option(help: "How the adversary pushes the shared layers: confusion (λ·∇CE against the uniform distribution; default) or reversal (−λ·∇CE, gradient reversal, which can backfire: docs/debiasing.md).")
+    var adversaryMode: String?
 
     /// The checks `validate()` makes; commands that add their own checks call it from theirs.
     func check() throws {
@@ -326,8 +327,11 @@ struct TrainingFlags: ParsableArguments {
             do { _ = try FieldSource(src) } catch { throw ValidationError("--presentation-source: \(error)") }
         }
         if let a = adversaryStrength, !(a.isFinite && a > 0) { throw ValidationError("--adversary-strength must be positive") }
-        guard ["attribute", "crowd"].contains(adversaryTarget) else { throw ValidationError("--adversary-target is attribute or crowd") }
-        guard Adversary.Mode(rawValue: adversaryMode) != nil else { throw ValidationError("--adversary-mode is reversal or confusion") }
+        if adversaryStrength == nil && (adversaryTarget != nil || adversaryMode != nil) {
+            throw ValidationError("--adversary-target and --adversary-mode need --adversary-strength")
+        }
+        guard ["attribute", "crowd"].contains(adversaryTarget ?? "attribute") else { throw ValidationError("--adversary-target is attribute or crowd") }
+        guard Adversary.Mode(rawValue: adversaryMode ?? "confusion") != nil else { throw ValidationError("--adversary-mode is confusion or reversal") }
         guard TrainingOptions.Optimizer(rawValue: optimizer) != nil else {
             throw ValidationError("--optimizer must be one of \(TrainingOptions.Optimizer.allCases.map(\.rawValue))")
         }
@@ -360,7 +364,7 @@ struct TrainingFlags: ParsableArguments {
             o.presentation = PresentationSetting(mode: f, source: src)
         }
         if let a = adversaryStrength {
-            o.adversary = AdversarySetting(strength: a, mode: Adversary.Mode(rawValue: adversaryMode)!, crowds: adversaryTarget == "crowd")
+            o.adversary = AdversarySetting(strength: a, mode: Adversary.Mode(rawValue: adversaryMode ?? "confusion")!, crowds: adversaryTarget == "crowd")
         }
         if let lossWeights {
             let w = lossWeights.split(separator: ",").map { Float($0.trimmingCharacters(in: .whitespaces)) }

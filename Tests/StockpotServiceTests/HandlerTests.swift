@@ -566,6 +566,18 @@ import Synchronization
             let c = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "a", weight: 1, quantiles: q)])])
             #expect(throws: FusionConfig.ConfigError.self) { try c.validate() }
         }
+        // Rank terms declare format 2, so that a reader which would ignore them refuses the config; a newer format
+        // than this build reads is refused too.
+        let rank = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "a", weight: 1, quantiles: [0, 1])])])
+        #expect(rank.formatVersion == 2)
+        try rank.validate()
+        var undeclared = rank
+        undeclared.formatVersion = nil
+        #expect(throws: FusionConfig.ConfigError.self) { try undeclared.validate() }
+        var future = rank
+        future.formatVersion = 3
+        #expect(throws: FusionConfig.ConfigError.self) { try future.validate() }
+        #expect(FusionConfig.default.formatVersion == nil)
         // A config written before quantiles existed still loads, with raw inputs.
         let old = #"{"scenarios":{"default":{"terms":[{"objective":"a","weight":1,"alpha":1,"beta":1}]}}}"#
         let decoded = try JSONDecoder().decode(FusionConfig.self, from: Data(old.utf8))

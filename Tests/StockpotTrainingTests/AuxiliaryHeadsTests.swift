@@ -192,7 +192,13 @@ import Testing
         let t = try Trainer(model: model, options: TrainingOptions(), auxiliary: a)
         try Checkpoint.save(model: t.model, optimizer: t.optimizerState, info: CheckpointInfo(options: TrainingOptions(), step: 0, daysTrained: [],
                             samplesSeen: 0, parent: nil, mode: "test"), auxiliary: t.auxiliary, to: dir)
-        #expect(try AuxiliaryHeads.load(from: dir) == a)
+        let loaded = try #require(try AuxiliaryHeads.load(from: dir))
+        #expect(loaded.presentation == a.presentation && loaded.adversary == a.adversary)
+        // With the optimizer state, which a new trainer takes up.
+        let moments = try #require(loaded.moments)
+        #expect(moments.second.count == a.parameterCount && moments.optimizer == .adagrad)
+        let again = try Trainer(model: model, options: TrainingOptions(), auxiliary: loaded)
+        #expect(again.auxiliary?.moments == moments)
         // The served model is the model alone.
         let served = try LegacyModel.load(from: dir)
         #expect(served.spec == model.spec)
@@ -262,6 +268,9 @@ import Testing
         let next = try #require(try AuxiliaryHeads.load(from: second.checkpoint))
         #expect(next.presentation?.values == saved.presentation?.values && next.adversary?.classes == saved.adversary?.classes)
         #expect(next.presentation?.logits != saved.presentation?.logits)
+        // Their optimizer state went on from the first day's (Adagrad's accumulators only grow).
+        let (before, after) = (try #require(saved.moments?.second), try #require(next.moments?.second))
+        #expect(zip(before, after).allSatisfy { $1 >= $0 } && zip(before, after).contains { $1 > $0 })
         // What serves has no trace of them.
         #expect(try LegacyModel.load(from: second.checkpoint).spec.fields.map(\.name) == ["user_id", "video_id", "tab"])
     }
@@ -272,7 +281,9 @@ import Testing
         let t = try #require(OpenBandit.parseTimestamp("2019-11-24 00:00:34.762830+00:00"))
         #expect(t.0 == 20191124 && t.1 == "0" && t.2 == 1_574_553_634_762)
         #expect(OpenBandit.parseTimestamp("2019-11-30 23:59:59+00:00")!.1 == "2300")
-        for bad in ["2019-11-24", "2019-13-01 00:00:00+00:00", "2019-11-24 00:00:34.7+02:00", "x019-11-24 00:00:00"] {
+        #expect(OpenBandit.parseTimestamp("2019-11-30 23:59:59")?.0 == 20191130)
+        for bad in ["2019-11-24", "2019-13-01 00:00:00+00:00", "2019-11-24 00:00:34.7+02:00", "x019-11-24 00:00:00",
+                    "2019-11-30 23:59:59+02:00", "2019-11-30 23:59:59 junk"] {
             #expect(OpenBandit.parseTimestamp(bad) == nil, "\(bad)")
         }
     }

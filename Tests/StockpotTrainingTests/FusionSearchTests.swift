@@ -55,6 +55,12 @@ private func conflicting(users: Int, perUser: Int, seed: UInt64, scenario: (Int)
             #expect(abs(FusionConfig.Term.percentile(s, knots: knots) - s) < 1e-9)
         }
         #expect(FusionConfig.Term.percentile(-1, knots: knots) == 0 && FusionConfig.Term.percentile(7, knots: knots) == 1)
+        // Tied knots (a score that many impressions share): a value on the tie maps past it, monotone all along.
+        let tied: [Double] = [0, 0.2, 0.2, 0.2, 1]
+        #expect(abs(FusionConfig.Term.percentile(0.2, knots: tied) - 0.75) < 1e-12)
+        #expect(abs(FusionConfig.Term.percentile(0.1, knots: tied) - 0.125) < 1e-12)
+        let grid = stride(from: -0.1, through: 1.1, by: 0.01).map { FusionConfig.Term.percentile($0, knots: tied) }
+        #expect(zip(grid, grid.dropFirst()).allSatisfy { $0 <= $1 })
     }
 
     @Test func theFrontIsNonDominatedSpansTheTradeOffAndIsReproducible() {
@@ -88,30 +94,47 @@ private func conflicting(users: Int, perUser: Int, seed: UInt64, scenario: (Int)
         for t in 0..<2 { #expect(c.low[t] <= c.picked[t] - c.reference[t] && c.picked[t] - c.reference[t] <= c.high[t]) }
     }
 
+    /// A reference over the synthetic objectives.
+    static let ab = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "a", weight: 1), .init(objective: "b", weight: 1)])])
+
     @Test func rankInputsAreStoredInTheConfigAndScenariosGetTheirOwnTerms() throws {
         let d = conflicting(users: 200, perUser: 4, seed: 9) { $0 < 120 ? "tab=1" : "tab=2" }
         var o = FusionSearch.Options()
         (o.population, o.generations) = (8, 2)
-        let study = try FusionStudy.run(search: d, test: nil, reference: .default, rankInputs: true, perCrowd: true,
+        let study = try FusionStudy.run(search: d, test: nil, reference: Self.ab, rankInputs: true, perCrowd: true,
                                         minImpressions: 300, options: o, pick: .balanced, bootstrap: 20, log: { _ in })
         // default, tab=1 (480 impressions; tab=2 has 320), and each of their crowds with at least 300.
         let labels = study.units.map(\.label)
         #expect(labels.first == "default" && labels.contains("tab=1") && labels.contains("tab=2"))
         #expect(labels.contains("default, crowd head") && !labels.contains("tab=2, crowd head"))
-        let config = study.config(reference: .default)
+        let config = study.config(reference: Self.ab)
         try config.validate()
         #expect(config.scenarios["tab=1"]?.terms.allSatisfy { ($0.quantiles?.count ?? 0) == 101 } == true)
         #expect(study.units.allSatisfy { u in u.front.allSatisfy { p in p.terms.allSatisfy { $0.quantiles == nil } } })
         #expect(config.scenarios["default"]?.crowds?["head"] != nil)
         // A scenario too small for its own search is served the default's terms.
-        let small = try FusionStudy.run(search: d, test: nil, reference: .default, rankInputs: false, perCrowd: false,
+        let small = try FusionStudy.run(search: d, test: nil, reference: Self.ab, rankInputs: false, perCrowd: false,
                                         minImpressions: 400, options: o, pick: .balanced, log: { _ in })
         #expect(small.sharedScenarios == ["tab=2"])
-        let smallConfig = small.config(reference: .default)
+        let smallConfig = small.config(reference: Self.ab)
         #expect(smallConfig.scenarios["tab=2"] == smallConfig.scenarios["default"] && smallConfig.scenarios["tab=1"] != nil)
         #expect(throws: TrainingError.self) {
-            try FusionStudy.run(search: d, test: nil, reference: .default, rankInputs: false, perCrowd: false,
+            try FusionStudy.run(search: d, test: nil, reference: Self.ab, rankInputs: false, perCrowd: false,
                                 minImpressions: 300, options: o, pick: .index(0), log: { _ in })
+        }
+        // The reference's crowd overrides do not outlive a picked scenario: what was measured is what is served.
+        let withCrowds = FusionConfig(scenarios: ["default": .init(terms: [.init(objective: "a", weight: 1), .init(objective: "b", weight: 1)],
+                                                                   crowds: ["tail": [.init(objective: "a", weight: 1)]])])
+        let plain = try FusionStudy.run(search: d, test: nil, reference: withCrowds, rankInputs: false, perCrowd: false, minImpressions: 10_000,
+                                        options: o, pick: .balanced, knownScenarios: ["tab=3"], log: { _ in })
+        let served = plain.config(reference: withCrowds)
+        #expect(served.scenarios["default"]?.crowds == nil)
+        // Scenarios the log shows beyond the search days are served the default's terms.
+        #expect(plain.sharedScenarios == ["tab=1", "tab=2", "tab=3"] && served.scenarios["tab=3"] == served.scenarios["default"])
+        // A reference weighing an objective the scores lack is refused, not silently scored without it.
+        #expect(throws: TrainingError.self) {
+            try FusionStudy.run(search: d, test: nil, reference: .default, rankInputs: false, perCrowd: false, minImpressions: 1,
+                                options: o, pick: nil, log: { _ in })
         }
         // The study's JSON survives undefined metrics.
         #expect(try JSONSerialization.jsonObject(with: try study.json()) is [String: Any])

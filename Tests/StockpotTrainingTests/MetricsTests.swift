@@ -154,3 +154,17 @@ import StockpotModel
         #expect(byUser.high - byUser.low > 2 * (byImpression.high - byImpression.low))
     }
 }
+
+@Suite struct BootstrapMeans {
+    @Test func meanDifferencesOverUsers() {
+        // Two users: one always right under a and wrong under b, one the reverse, with 9:1 impressions.
+        let a: [Double] = Array(repeating: 1, count: 9) + [0] + [.nan]
+        let b: [Double] = Array(repeating: 0, count: 9) + [1] + [1]
+        let users = Array(repeating: 1, count: 9) + [2, 3]
+        let ci = Metrics.bootstrapMeanDifference(a, b, groups: users, replicates: 400)
+        // The point difference is 0.8; drawing users, the interval spans the one-user extremes (−1 and +1).
+        #expect(ci.low < 0 && ci.high == 1)
+        #expect(Metrics.interval([3, 1, 2, .nan]) == (low: 1, high: 3))
+        #expect(Metrics.interval([]).low.isNaN)
+    }
+}
