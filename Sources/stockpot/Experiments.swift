@@ -389,9 +389,7 @@ extension Experiment {
             var attentionConfig = config
             attentionConfig.attention = AttentionSpec(item: "video_id", length: historyLength, hidden: attentionHidden)
             do { try attentionConfig.validate() } catch { throw ValidationError("\(error)") }
-            let outURL = URL(fileURLWithPath: out)
-            try? FileManager.default.removeItem(at: outURL)
-            try FileManager.default.createDirectory(at: outURL, withIntermediateDirectories: true)
+            let outURL = try Experiment.claim(out, by: "structure", clearing: ["legacy", "new-scratch", "new-warm", "new-warm-frozen", "new-scratch-all"])
             let clock = ContinuousClock()
             let started = clock.now
             var options = TrainingOptions()
@@ -491,6 +489,22 @@ extension Experiment {
 }
 
 extension Experiment {
+    /// Takes `path` as a study's output folder: new, empty, or one this study wrote before (it leaves a marker
+    /// file). Only the subfolders `clearing` (its own models) are removed; anything else is refused rather than
+    /// overwritten.
+    static func claim(_ path: String, by study: String, clearing: [String]) throws -> URL {
+        let url = URL(fileURLWithPath: path)
+        let marker = url.appendingPathComponent(".stockpot-experiment-\(study)")
+        let existing = (try? FileManager.default.contentsOfDirectory(atPath: url.path)) ?? []
+        guard existing.isEmpty || FileManager.default.fileExists(atPath: marker.path) else {
+            throw ValidationError("--out \(url.path) is not empty and is not a previous \(study) run's folder: give a new or empty folder")
+        }
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        for sub in clearing { try? FileManager.default.removeItem(at: url.appendingPathComponent(sub)) }
+        try AtomicFile.write(Data("written by stockpot experiment \(study); the next run replaces its models here\n".utf8), to: marker)
+        return url
+    }
+
     /// The start of a study's SVG chart: the canvas, a white background, the title and the two axes of the plot
     /// area (`left`…`width − right` by `top`…`height − bottom`).
     static func svgFrame(width w: Double, height h: Double, left: Double, right: Double, top: Double, bottom: Double,

@@ -191,7 +191,7 @@ struct Fusion: AsyncParsableCommand {
             for u in study.units {
                 s += "## \(u.label)\n\n\(u.impressions) impressions, \(u.users) users with two or more; front of \(u.front.count) points. "
                 s += u.dominating == 0 ? "No point evaluated beats the reference on every metric of the search days: it is on the front.\n\n"
-                    : "\(u.dominating) front points beat the reference on every metric of the search days.\n\n"
+                    : (u.dominating == 1 ? "1 point of the front beats" : "\(u.dominating) points of the front beat") + " the reference on every metric of the search days.\n\n"
                 s += "| point | " + objectives.map { "\($0) w / β" }.joined(separator: " | ") + " | " + study.targets.map(\.metric).joined(separator: " | ") + " |\n"
                 s += "|" + String(repeating: " --- |", count: 1 + objectives.count + study.targets.count) + "\n"
                 s += "| reference | " + objectives.map { termsCell(u.referenceTerms, objective: $0) }.joined(separator: " | ") + " | "

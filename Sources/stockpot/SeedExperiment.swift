@@ -51,16 +51,9 @@ extension Experiment {
             let obDir = openBandit.map { URL(fileURLWithPath: $0) } ?? OpenBandit.defaultDirectory()
             guard OpenBandit.isPresent(at: obDir) else { throw ValidationError("Open Bandit samples not found at \(obDir.path) (--open-bandit)") }
             // The folder is this command's: new, empty, or a previous run's (marked). Only its models are cleared.
-            let outURL = URL(fileURLWithPath: out)
-            let marker = outURL.appendingPathComponent(".stockpot-experiment-seed")
-            let existing = (try? FileManager.default.contentsOfDirectory(atPath: outURL.path)) ?? []
-            guard existing.isEmpty || FileManager.default.fileExists(atPath: marker.path) else {
-                throw ValidationError("--out \(outURL.path) is not empty and is not a previous seed run's folder: give a new or empty folder")
-            }
+            let outURL = try Experiment.claim(out, by: "seed", clearing: ["models"])
             let work = outURL.appendingPathComponent("models")
-            try? FileManager.default.removeItem(at: work)
             try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
-            try AtomicFile.write(Data("written by stockpot experiment seed; its models/ folder is cleared by the next run\n".utf8), to: marker)
             let replicates = quick ? 200 : 1000
             let allDays = DayRange(first: 20220425, last: 20220504), recent = DayRange(first: 20220502, last: 20220504)
             let test = DayRange(first: 20220505, last: 20220508), fusionSearch = DayRange(first: 20220501, last: 20220504)
@@ -285,7 +278,7 @@ extension Experiment {
                                   verdict: verdict,
                                   note: "front of \(u.front.count) points; "
                                       + (u.dominating == 0 ? "no point beats the reference on every metric of the search days"
-                                         : "\(u.dominating) points beat the reference on every metric of the search days")
+                                         : (u.dominating == 1 ? "1 point beats" : "\(u.dominating) points beat") + " the reference on every metric of the search days")
                                       + (rank ? "; rank inputs cannot express the reference itself (it weighs raw scores)" : "") + (better.isEmpty ? "" : "; better: \(better.joined(separator: ", "))")
                                       + (worse.isEmpty ? "" : "; worse: \(worse.joined(separator: ", "))")))
                 if !rank {
