@@ -23,19 +23,20 @@ public struct CSVTable: Sendable {
         columns[try columnIndex(name, file: file)]
     }
 
-    /// Reads a whole CSV file. Rows with the wrong number of fields are an error that names the line.
-    public static func read(_ url: URL) throws -> CSVTable {
+    /// Reads a whole CSV file (or, with `delimiter` a tab, a TSV file). Rows with the wrong number of fields are
+    /// an error that names the line.
+    public static func read(_ url: URL, delimiter: UInt8 = UInt8(ascii: ",")) throws -> CSVTable {
         let data: Data
         do { data = try Data(contentsOf: url) } catch {
             throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)")
         }
-        return try parse(data, name: url.lastPathComponent)
+        return try parse(data, name: url.lastPathComponent, delimiter: delimiter)
     }
 
-    public static func parse(_ data: Data, name: String = "CSV") throws -> CSVTable {
+    public static func parse(_ data: Data, name: String = "CSV", delimiter: UInt8 = UInt8(ascii: ",")) throws -> CSVTable {
         try data.withUnsafeBytes { raw -> CSVTable in
             let bytes = raw.bindMemory(to: UInt8.self)
-            var parser = Parser(bytes: bytes)
+            var parser = Parser(bytes: bytes, delimiter: delimiter)
             guard let header = parser.nextRecord() else { throw TrainingError.data("\(name) is empty") }
             var columns = [[String]](repeating: [], count: header.count)
             let estimate = bytes.count / max(1, header.count * 6)
@@ -55,12 +56,14 @@ public struct CSVTable: Sendable {
 
     private struct Parser {
         let bytes: UnsafeBufferPointer<UInt8>
+        let delimiter: UInt8
         var pos = 0
         var fields: [String] = []
         var scratch: [UInt8] = []
 
-        init(bytes: UnsafeBufferPointer<UInt8>) {
+        init(bytes: UnsafeBufferPointer<UInt8>, delimiter: UInt8) {
             self.bytes = bytes
+            self.delimiter = delimiter
             // Skip a UTF-8 byte-order mark.
             if bytes.count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF { pos = 3 }
         }
@@ -89,14 +92,14 @@ public struct CSVTable: Sendable {
                     fields.append(String(decoding: scratch, as: UTF8.self))
                 } else {
                     let start = pos
-                    while pos < bytes.count, bytes[pos] != UInt8(ascii: ","), bytes[pos] != UInt8(ascii: "\n"),
+                    while pos < bytes.count, bytes[pos] != delimiter, bytes[pos] != UInt8(ascii: "\n"),
                           bytes[pos] != UInt8(ascii: "\r") { pos += 1 }
                     fields.append(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<pos]), as: UTF8.self))
                 }
                 if pos >= bytes.count { return fields }
                 let c = bytes[pos]
                 pos += 1
-                if c == UInt8(ascii: ",") { continue }
+                if c == delimiter { continue }
                 if c == UInt8(ascii: "\r") && pos < bytes.count && bytes[pos] == UInt8(ascii: "\n") { pos += 1 }
                 return fields
             }

@@ -6,10 +6,9 @@ import StockpotModel
 ///
 /// Each impression shows one item at position 1, 2 or 3 of a campaign (`all`, `men`, `women`); `random/` was
 /// logged by a uniform random policy, `bts/` by Bernoulli Thompson sampling. The log has no user id: the four
-/// hashed user features identify a user segment, which stands in for the user (GAUC groups by it). The data set
-/// keeps KuaiRand's shape (`KuaiRandData`): log columns `user_id` (the segment), `video_id` (campaign × 1000 +
-/// item), `date`, `hourmin`, `time_ms`, `is_click`, `position`, `campaign`, `propensity_score`, `affinity` (the
-/// user-item affinity of the item shown); user table `user_feature_0…3`; item table `item_feature_0…3`, `campaign`.
+/// hashed user features identify a user segment, which stands in for the user (GAUC groups by it). Loaded through
+/// a `DatasetSpec` into the trainer's shape: the log's own columns plus `campaign`, `affinity` (the user-item
+/// affinity of the item shown) and `is_click`; user table `user_feature_0…3`; item table `item_feature_0…3`.
 public enum OpenBandit {
     public static let campaigns = ["all", "men", "women"]
     public static let policies = ["random", "bts"]
@@ -26,65 +25,29 @@ public enum OpenBandit {
         } }
     }
 
-    /// One policy's logs of `campaigns`, pooled, in time order.
+    /// The dataset spec of one policy's logs of `campaigns`, pooled (`docs/datasets/open-bandit.json` is the same
+    /// for every campaign of `random/`): the campaign a file holds as a constant column, the user segment as the
+    /// user key, (campaign, item) as the item key, the affinity of the item shown as a lookup.
+    public static func spec(policy: String, campaigns chosen: [String] = campaigns) -> DatasetSpec {
+        let constant = { (c: String) in ["campaign": c] }
+        return DatasetSpec(
+            name: "open-bandit-\(policy)",
+            log: .init(files: chosen.map { .init(path: "\(policy)/\($0)/\($0).csv", constants: constant($0)) },
+                       user: (0..<4).map { "user_feature_\($0)" }, item: ["campaign", "item_id"],
+                       time: .init(column: "timestamp", format: .iso8601), labels: ["is_click": "click"],
+                       duplicates: .merge, lookups: [.init(name: "affinity", prefix: "user-item_affinity_", column: "item_id")]),
+            items: .init(files: chosen.map { .init(path: "\(policy)/\($0)/item_context.csv", constants: constant($0)) }, key: ["campaign", "item_id"]),
+            crowds: CrowdDefinition(source: "log:campaign", groups: [.init(name: "men", values: ["men"]), .init(name: "women", values: ["women"])],
+                                    otherwise: "all-items"))
+    }
+
+    /// One policy's logs of `campaigns`, pooled, through `spec(policy:campaigns:)`.
     public static func load(directory: URL, policy: String, campaigns chosen: [String] = campaigns) throws -> KuaiRandData {
         guard policies.contains(policy) else { throw TrainingError.config("policy '\(policy)': the data has \(policies.joined(separator: ", "))") }
-        var log: [[String]] = Array(repeating: [], count: 10)
-        var userIndex: [String: Int] = [:]
-        var userRows: [[String]] = []
-        var itemRows: [[String]] = Array(repeating: [], count: 6)
-        for campaign in chosen {
-            guard let c = campaigns.firstIndex(of: campaign) else {
-                throw TrainingError.config("campaign '\(campaign)': the data has \(campaigns.joined(separator: ", "))")
-            }
-            let folder = directory.appendingPathComponent("\(policy)/\(campaign)")
-            let file = "\(policy)/\(campaign)/\(campaign).csv"
-            guard FileManager.default.fileExists(atPath: folder.appendingPathComponent("\(campaign).csv").path) else {
-                throw TrainingError.data("Open Bandit file \(file) not found in \(directory.path)")
-            }
-            let t = try CSVTable.read(folder.appendingPathComponent("\(campaign).csv"))
-            let items = try CSVTable.read(folder.appendingPathComponent("item_context.csv"))
-            let col = { (name: String) in try t.column(name, file: file) }
-            let (ts, item, position, click, propensity) = (try col("timestamp"), try col("item_id"), try col("position"), try col("click"), try col("propensity_score"))
-            let userFeatures = try (0..<4).map { try col("user_feature_\($0)") }
-            var affinityColumn: [String: Int] = [:]
-            for (i, h) in t.header.enumerated() where h.hasPrefix("user-item_affinity_") { affinityColumn[String(h.dropFirst(19))] = i }
-            for r in 0..<t.rowCount {
-                guard let (date, hourmin, ms) = parseTimestamp(ts[r]) else {
-                    throw TrainingError.data("\(file) line \(r + 2): unparsable timestamp '\(ts[r])'")
-                }
-                guard let itemId = Int(item[r]), itemId >= 0, itemId < 1000 else {
-                    throw TrainingError.data("\(file) line \(r + 2): item_id '\(item[r])' is not an integer in 0…999")
-                }
-                guard ["0", "1"].contains(click[r]) else { throw TrainingError.data("\(file) line \(r + 2): click '\(click[r])' is not 0 or 1") }
-                let key = userFeatures.map { $0[r] }.joined(separator: "|")
-                let user: Int
-                if let u = userIndex[key] { user = u } else {
-                    user = userRows.count
-                    userIndex[key] = user
-                    userRows.append([String(user)] + userFeatures.map { $0[r] })
-                }
-                let affinity = affinityColumn[item[r]].map { t.columns[$0][r] } ?? ""
-                let values = [String(user), String(c * 1000 + itemId), String(date), hourmin, String(ms), click[r], position[r], campaign, propensity[r], affinity]
-                for (i, v) in values.enumerated() { log[i].append(v) }
-            }
-            let itemId = try items.column("item_id", file: "\(policy)/\(campaign)/item_context.csv")
-            let features = try (0..<4).map { try items.column("item_feature_\($0)", file: "\(policy)/\(campaign)/item_context.csv") }
-            for r in 0..<items.rowCount {
-                guard let id = Int(itemId[r]) else { continue }
-                itemRows[0].append(String(c * 1000 + id))
-                for f in 0..<4 { itemRows[f + 1].append(features[f][r]) }
-                itemRows[5].append(campaign)
-            }
+        for c in chosen where !campaigns.contains(c) {
+            throw TrainingError.config("campaign '\(c)': the data has \(campaigns.joined(separator: ", "))")
         }
-        // Time order, as the logs are replayed.
-        let order = log[4].indices.sorted { (Int(log[4][$0]) ?? 0, $0) < (Int(log[4][$1]) ?? 0, $1) }
-        let header = ["user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "position", "campaign", "propensity_score", "affinity"]
-        let logTable = CSVTable(header: header, columns: log.map { c in order.map { c[$0] } })
-        let users = CSVTable(header: ["user_id", "user_feature_0", "user_feature_1", "user_feature_2", "user_feature_3"],
-                             columns: (0..<5).map { i in userRows.map { $0[i] } })
-        let videos = CSVTable(header: ["video_id", "item_feature_0", "item_feature_1", "item_feature_2", "item_feature_3", "campaign"], columns: itemRows)
-        return try KuaiRandData(log: logTable, users: users, videos: videos)
+        return try spec(policy: policy, campaigns: chosen).load(directory: directory).0
     }
 
     /// `2019-11-24 00:00:34.762830+00:00` (UTC) → (yyyymmdd, hhmm as KuaiRand writes `hourmin`, epoch ms).

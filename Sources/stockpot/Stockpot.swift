@@ -30,13 +30,31 @@ struct Stockpot: AsyncParsableCommand {
 
 /// Options every data-reading command shares.
 struct DataOptions: ParsableArguments {
-    @Option(help: "KuaiRand-Pure folder (default: ../shared/data/kuairand-pure, or $STOCKPOT_KUAIRAND).")
+    @Option(help: "KuaiRand-Pure folder (default: ../shared/data/kuairand-pure, or $STOCKPOT_KUAIRAND); with --dataset, the folder its paths are relative to (default: the spec's own folder).")
     var data: String?
 
-    @Option(help: "Feature config JSON, or builtin:NAME (legacy-kuairand (default), legacy-kuairand-v0, corrector-kuairand).")
+    @Option(help: "A dataset spec (JSON, docs/datasets.md): any impression log with its user and item tables, instead of KuaiRand-Pure. Give --config with it.")
+    var dataset: String?
+
+    @Option(help: "Feature config JSON, or builtin:NAME (legacy-kuairand (default), legacy-kuairand-v0, corrector-kuairand, legacy-openbandit).")
     var config: String?
 
     func load(log: Bool = true) throws -> (KuaiRandData, FeatureConfig) {
+        if let dataset {
+            guard config != nil else { throw ValidationError("--dataset needs --config: the built-in feature configs read KuaiRand's columns") }
+            let specURL = URL(fileURLWithPath: dataset)
+            let spec = try DatasetSpec.load(specURL)
+            let root = data.map { URL(fileURLWithPath: $0) } ?? specURL.deletingLastPathComponent()
+            let clock = ContinuousClock(), start = clock.now
+            let (d, _) = try spec.load(directory: root, log: log ? Console.info : { _ in })
+            var c = try FeatureConfig.load(path: config)
+            if let crowds = spec.crowds { c.crowds = crowds }
+            guard c.objectives.allSatisfy(spec.objectives.contains) else {
+                throw ValidationError("the feature config's objectives \(c.objectives) are not all labels of dataset '\(spec.name)' (\(spec.objectives))")
+            }
+            if log { Console.info(String(format: "loaded dataset '%@' from %@ in %.1fs", spec.name, root.path, (clock.now - start).seconds)) }
+            return (d, c)
+        }
         let dir = data.map { URL(fileURLWithPath: $0) } ?? KuaiRandData.defaultDirectory()
         let clock = ContinuousClock()
         let start = clock.now

@@ -305,14 +305,17 @@ import Testing
                 .write(to: folder.appendingPathComponent("item_context.csv"))
         }
         let d = try OpenBandit.load(directory: dir, policy: "random", campaigns: ["men"])
-        // Time order; two user segments; items numbered campaign × 1000 + id; the shown item's affinity.
-        #expect(d.timeMs == d.timeMs.sorted() && d.log.rowCount == 3)
-        #expect(d.userIds == [1, 0, 0] && d.videoIds == [1000, 1001, 1001] && d.dates == [20191124, 20191124, 20191125])
-        #expect(try d.log.column("affinity") == ["0.3", "0.7", "0.9"])
-        #expect(try d.log.column("position") == ["1", "2", "3"])
-        #expect(try d.log.column("is_click") == ["1", "0", "0"])
+        // File order kept (jobs read rows in time order); two user segments; items keyed by (campaign, item) as
+        // dense ids in order of appearance; the shown item's affinity looked up by its id.
+        let ordered = try d.rows(in: DayRange(first: 20191124, last: 20191125))
+        #expect(d.log.rowCount == 3 && ordered == [1, 0, 2])
+        #expect(d.userIds == [0, 1, 0] && d.videoIds == [0, 1, 0] && d.dates == [20191124, 20191124, 20191125])
+        #expect(try d.log.column("affinity") == ["0.7", "0.3", "0.9"])
+        #expect(try d.log.column("position") == ["2", "1", "3"])
+        #expect(try d.log.column("is_click") == ["0", "1", "0"])
+        #expect(try d.log.column("campaign") == ["men", "men", "men"])
         let (f, u) = (try d.accessor(for: "video:item_feature_3"), try d.accessor(for: "user:user_feature_3"))
-        #expect(d.value(f, row: 0) == "z" && d.value(u, row: 0) == "e")
+        #expect(d.value(f, row: 0) == "w" && d.value(f, row: 1) == "z" && d.value(u, row: 1) == "e")
         #expect(throws: TrainingError.self) { try OpenBandit.load(directory: dir, policy: "bts", campaigns: ["men"]) }
         #expect(throws: TrainingError.self) { try OpenBandit.load(directory: dir, policy: "random", campaigns: ["kids"]) }
     }

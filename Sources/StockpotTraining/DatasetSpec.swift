@@ -1,0 +1,424 @@
+import Foundation
+import StockpotModel
+
+/// Declares an impression log and its user and item tables, so that the offline side can train on any data set,
+/// not only KuaiRand-Pure (`docs/datasets.md`). Loading normalises it into the shape every job reads
+/// (`KuaiRandData`): integer `user_id` and `video_id` keys, `date` (yyyymmdd) and `time_ms` from the declared time
+/// column, one 0/1 column per objective from its label rule, `hourmin` for the hour feature, `upload_dt` for the
+/// item-age feature; every original column kept beside them (`log:<column>`, `user:<column>`, `video:<column>`).
+public struct DatasetSpec: Codable, Sendable, Equatable {
+    /// A file of rows, with columns every row of it shares (e.g. the campaign a folder holds).
+    public struct File: Codable, Sendable, Equatable {
+        public var path: String
+        public var constants: [String: String]?
+
+        public init(path: String, constants: [String: String]? = nil) {
+            self.path = path
+            self.constants = constants
+        }
+    }
+
+    /// Text format of the files; by default from the extension (`.csv`, `.tsv`, `.jsonl`/`.ndjson`).
+    public enum Format: String, Codable, Sendable { case csv, tsv, jsonl }
+
+    /// How the impression time is written.
+    public enum TimeFormat: String, Codable, Sendable {
+        /// Milliseconds or seconds since 1970-01-01 UTC.
+        case epochMs = "epoch-ms", epochS = "epoch-s"
+        /// `2019-11-24 00:00:34.762830+00:00`, `2019-11-24T00:00:34Z`: UTC, or no offset (read as UTC).
+        case iso8601
+        /// A day only: `20220425` or `2022-04-25` (impressions of a day keep their file order).
+        case day
+    }
+
+    public struct Time: Codable, Sendable, Equatable {
+        public var column: String
+        public var format: TimeFormat
+    }
+
+    /// What to do with rows that share the user, item and time key.
+    public enum Duplicates: String, Codable, Sendable {
+        /// One impression logged twice: merged, each objective OR-ed (the first row's other values kept).
+        case merge
+        /// The first row kept, later ones dropped (and counted).
+        case keepFirst = "keep-first"
+        /// Refused, naming the rows.
+        case fail
+    }
+
+    public struct Table: Codable, Sendable, Equatable {
+        public var files: [File]
+        /// The key column(s): one, or several joined (a composite key).
+        public var key: [String]
+        public var format: Format?
+    }
+
+    public struct Log: Codable, Sendable, Equatable {
+        public var files: [File]
+        public var format: Format?
+        /// User key column(s). Several are joined into one key: the segment of users who share them.
+        public var user: [String]
+        /// Item key column(s), matched to the item table's key.
+        public var item: [String]
+        public var time: Time
+        /// Objective name → rule: `column` (1/true/positive is 1), `column OP number` (`>`, `>=`, `<`, `<=`, `==`,
+        /// `!=`) or `column == 'text'`.
+        public var labels: [String: String]
+        /// Label order for the model's heads (default: sorted names).
+        public var objectives: [String]?
+        public var duplicates: Duplicates?
+        /// Columns looked up by another column's value (e.g. the affinity of the item shown, held in one column per
+        /// item): `name` takes the value of column `prefix + <row's column value>`, empty when there is none.
+        public var lookups: [Lookup]?
+    }
+
+    /// A derived log column: the value of the column named `prefix` + this row's `column` value.
+    public struct Lookup: Codable, Sendable, Equatable {
+        public var name: String
+        public var prefix: String
+        public var column: String
+    }
+
+    public var name: String
+    public var log: Log
+    public var users: Table?
+    public var items: Table?
+    /// Texts that mean "missing" in any file: read as empty (the encoders' missing value).
+    public var missing: [String]?
+    /// The item table's column holding its upload day (`yyyy-mm-dd`), for `derived:video_age_days`.
+    public var itemDate: String?
+    /// The crowds (e.g. by an activity column): when given, they replace the feature config's.
+    public var crowds: CrowdDefinition?
+
+    /// The objectives in head order.
+    public var objectives: [String] { log.objectives ?? log.labels.keys.sorted() }
+
+    public static func load(_ url: URL) throws -> DatasetSpec {
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch { throw TrainingError.config("cannot read dataset spec \(url.path): \(error.localizedDescription)") }
+        do { return try JSONDecoder().decode(DatasetSpec.self, from: data) } catch {
+            throw TrainingError.config("dataset spec \(url.path): \(error)")
+        }
+    }
+
+    /// Checks what can be checked without the files.
+    public func validate() throws {
+        guard !log.files.isEmpty else { throw TrainingError.config("dataset '\(name)': log.files is empty") }
+        guard !log.user.isEmpty, !log.item.isEmpty else { throw TrainingError.config("dataset '\(name)': log.user and log.item need at least one column") }
+        guard !log.labels.isEmpty else { throw TrainingError.config("dataset '\(name)': log.labels declares no objective") }
+        for (o, rule) in log.labels { _ = try LabelRule(rule, objective: o) }
+        if let order = log.objectives, Set(order) != Set(log.labels.keys) || order.count != log.labels.count {
+            throw TrainingError.config("dataset '\(name)': log.objectives \(order) must list each label once (labels: \(log.labels.keys.sorted()))")
+        }
+        for reserved in ["user_id", "video_id", "date", "time_ms", "hourmin"] where log.labels[reserved] != nil {
+            throw TrainingError.config("dataset '\(name)': '\(reserved)' is a column the loader writes; name the objective otherwise")
+        }
+        if let items, items.key.count != log.item.count {
+            throw TrainingError.config("dataset '\(name)': items.key has \(items.key.count) columns, log.item \(log.item.count)")
+        }
+        if let users, users.key.count != log.user.count {
+            throw TrainingError.config("dataset '\(name)': users.key has \(users.key.count) columns, log.user \(log.user.count)")
+        }
+    }
+
+    /// A label rule, parsed.
+    struct LabelRule {
+        enum Op: String { case gt = ">", ge = ">=", lt = "<", le = "<=", eq = "==", ne = "!=" }
+        let column: String
+        let op: Op?
+        let number: Double?
+        let text: String?
+
+        init(_ rule: String, objective: String) throws {
+            let parts = rule.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            switch parts.count {
+            case 1:
+                (column, op, number, text) = (parts[0], nil, nil, nil)
+            case 3:
+                guard let o = Op(rawValue: parts[1]) else {
+                    throw TrainingError.config("objective '\(objective)': rule '\(rule)': operator '\(parts[1])' is not one of > >= < <= == !=")
+                }
+                column = parts[0]
+                op = o
+                if parts[2].count >= 2, parts[2].hasPrefix("'"), parts[2].hasSuffix("'") {
+                    guard o == .eq || o == .ne else { throw TrainingError.config("objective '\(objective)': rule '\(rule)': text compares with == or != only") }
+                    (number, text) = (nil, String(parts[2].dropFirst().dropLast()))
+                } else if let v = Double(parts[2]), v.isFinite {
+                    (number, text) = (v, nil)
+                } else {
+                    throw TrainingError.config("objective '\(objective)': rule '\(rule)': '\(parts[2])' is neither a number nor 'text'")
+                }
+            default:
+                throw TrainingError.config("objective '\(objective)': rule '\(rule)' is not 'column' or 'column OP value' (spaces around OP)")
+            }
+        }
+
+        /// 1, 0, or nil when the value cannot be read.
+        func apply(_ raw: String) -> Float? {
+            guard let op else {
+                switch raw.lowercased() {
+                case "1", "true", "yes": return 1
+                case "0", "false", "no", "": return 0
+                default: return Double(raw).map { $0 > 0 ? 1 : 0 }
+                }
+            }
+            if let text { return (op == .eq) == (raw == text) ? 1 : 0 }
+            guard let v = Double(raw), let n = number else { return nil }
+            let r: Bool
+            switch op {
+            case .gt: r = v > n
+            case .ge: r = v >= n
+            case .lt: r = v < n
+            case .le: r = v <= n
+            case .eq: r = v == n
+            case .ne: r = v != n
+            }
+            return r ? 1 : 0
+        }
+    }
+
+    /// What loading did beyond the rows it kept.
+    public struct LoadReport: Sendable {
+        public var rows: Int
+        public var duplicatesDropped: Int
+        /// Per objective, the positive rate.
+        public var positiveRates: [String: Double]
+    }
+
+    // MARK: Loading
+
+    /// Reads the files (paths relative to `directory`) into the normalised data set. Every problem is an error
+    /// naming the file, the column and the line, raised before any training starts: a missing file or column, an
+    /// unparsable time or label value, an objective that is never positive, a refused duplicate.
+    public func load(directory: URL, log logLine: (String) -> Void = { _ in }) throws -> (KuaiRandData, LoadReport) {
+        try validate()
+        let missingSet = Set(missing ?? [])
+        func read(_ files: [File], format: Format?, what: String) throws -> (CSVTable, [(file: String, line: Int)]) {
+            var header: [String] = []
+            var columns: [String: [String]] = [:]
+            var origin: [(String, Int)] = []
+            var count = 0
+            for f in files {
+                let url = directory.appendingPathComponent(f.path)
+                guard FileManager.default.fileExists(atPath: url.path) else {
+                    throw TrainingError.data("dataset '\(name)': \(what) file \(url.path) not found")
+                }
+                let t = try Self.readTable(url, format: format ?? Self.format(of: f.path))
+                let constants = (f.constants ?? [:]).sorted { $0.key < $1.key }
+                for h in t.header + constants.map(\.key) where columns[h] == nil {
+                    header.append(h)
+                    columns[h] = [String](repeating: "", count: count)
+                }
+                for (h, c) in zip(t.header, t.columns) { columns[h]!.append(contentsOf: c.map { missingSet.contains($0) ? "" : $0 }) }
+                for (k, v) in constants { columns[k]!.append(contentsOf: repeatElement(v, count: t.rowCount)) }
+                count += t.rowCount
+                for h in header where columns[h]!.count < count { columns[h]!.append(contentsOf: repeatElement("", count: count - columns[h]!.count)) }
+                // Line numbers in the file: the header is line 1 (CSV/TSV) or absent (JSON lines).
+                let first = (format ?? Self.format(of: f.path)) == .jsonl ? 1 : 2
+                origin.append(contentsOf: (0..<t.rowCount).map { (f.path, $0 + first) })
+                logLine("read \(t.rowCount) rows from \(f.path)")
+            }
+            return (CSVTable(header: header, columns: header.map { columns[$0]! }), origin)
+        }
+        var (raw, origin) = try read(log.files, format: log.format, what: "log")
+        for l in log.lookups ?? [] {
+            guard let by = raw.header.firstIndex(of: l.column) else {
+                throw TrainingError.data("dataset '\(name)': lookup '\(l.name)' reads column '\(l.column)', which the log lacks")
+            }
+            var index: [String: Int] = [:]
+            for (i, h) in raw.header.enumerated() where h.hasPrefix(l.prefix) { index[String(h.dropFirst(l.prefix.count))] = i }
+            let values = (0..<raw.rowCount).map { r in index[raw.columns[by][r]].map { raw.columns[$0][r] } ?? "" }
+            raw = CSVTable(header: raw.header + [l.name], columns: raw.columns + [values])
+        }
+        guard raw.rowCount > 0 else { throw TrainingError.data("dataset '\(name)': the log files hold no rows") }
+        func column(_ c: String) throws -> [String] {
+            guard let i = raw.header.firstIndex(of: c) else {
+                throw TrainingError.data("dataset '\(name)': the log (\(log.files.map(\.path).joined(separator: ", "))) has no column '\(c)' (columns: \(raw.header.joined(separator: ", ")))")
+            }
+            return raw.columns[i]
+        }
+        func place(_ r: Int) -> String { "\(origin[r].file) line \(origin[r].line)" }
+
+        // Time → date, time_ms, hourmin.
+        let timeText = try column(log.time.column)
+        var dates = [String](repeating: "", count: raw.rowCount), ms = dates, hourmin = dates
+        for r in 0..<raw.rowCount {
+            guard let (d, h, t) = Self.parseTime(timeText[r], format: log.time.format, order: r) else {
+                throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(log.time.column)': '\(timeText[r])' is not a \(log.time.format.rawValue) time")
+            }
+            (dates[r], hourmin[r], ms[r]) = (String(d), h, String(t))
+        }
+        // Keys → dense integer ids, in order of first appearance.
+        func keys(_ cols: [String], _ table: CSVTable, what: String) throws -> [String] {
+            let cs = try cols.map { c -> [String] in
+                guard let i = table.header.firstIndex(of: c) else { throw TrainingError.data("dataset '\(name)': the \(what) has no column '\(c)' (columns: \(table.header.joined(separator: ", ")))") }
+                return table.columns[i]
+            }
+            return (0..<table.rowCount).map { r in cs.map { $0[r] }.joined(separator: "|") }
+        }
+        let userKeys = try keys(log.user, raw, what: "log"), itemKeys = try keys(log.item, raw, what: "log")
+        var userIds: [String: Int] = [:], itemIds: [String: Int] = [:]
+        for k in userKeys where userIds[k] == nil { userIds[k] = userIds.count }
+        for k in itemKeys where itemIds[k] == nil { itemIds[k] = itemIds.count }
+        // Labels.
+        var labelColumns: [String: [String]] = [:]
+        var rates: [String: Double] = [:]
+        for o in objectives {
+            let rule = try LabelRule(log.labels[o]!, objective: o)
+            let values = try column(rule.column)
+            var out = [String](repeating: "0", count: raw.rowCount)
+            var positives = 0
+            for r in 0..<raw.rowCount {
+                guard let y = rule.apply(values[r]) else {
+                    throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(rule.column)': '\(values[r])' is not a number (objective '\(o)': \(log.labels[o]!))")
+                }
+                if y > 0 { out[r] = "1"; positives += 1 }
+            }
+            guard positives > 0 else {
+                throw TrainingError.data("dataset '\(name)': objective '\(o)' (\(log.labels[o]!)) is never positive in the log: nothing to learn")
+            }
+            labelColumns[o] = out
+            rates[o] = Double(positives) / Double(raw.rowCount)
+        }
+        // Duplicates: the same user, item and time.
+        var keep: [Int] = []
+        var firstOf: [String: Int] = [:]
+        var dropped = 0
+        for r in 0..<raw.rowCount {
+            let key = "\(userKeys[r])\u{1}\(itemKeys[r])\u{1}\(ms[r])"
+            if let k = firstOf[key] {
+                switch log.duplicates ?? .merge {
+                case .fail: throw TrainingError.data("dataset '\(name)': \(place(r)) repeats \(place(keep[k])) (same user, item and time); set log.duplicates to merge or keep-first")
+                case .keepFirst: dropped += 1
+                case .merge:
+                    for o in objectives where labelColumns[o]![r] == "1" { labelColumns[o]![keep[k]] = "1" }
+                    dropped += 1
+                }
+                continue
+            }
+            firstOf[key] = keep.count
+            keep.append(r)
+        }
+        // The normalised log: originals, then the loader's columns (which win over originals of the same name).
+        let written: [(String, [String])] = [("user_id", userKeys.map { String(userIds[$0]!) }), ("video_id", itemKeys.map { String(itemIds[$0]!) }),
+                                            ("date", dates), ("time_ms", ms), ("hourmin", hourmin)] + objectives.map { ($0, labelColumns[$0]!) }
+        let writtenNames = Set(written.map(\.0))
+        var header: [String] = [], columns: [[String]] = []
+        for (h, c) in zip(raw.header, raw.columns) where !writtenNames.contains(h) {
+            header.append(h)
+            columns.append(keep.map { c[$0] })
+        }
+        for (h, c) in written {
+            header.append(h)
+            columns.append(keep.map { c[$0] })
+        }
+        let logTable = CSVTable(header: header, columns: columns)
+        // User and item tables keyed by the same ids (rows whose key the log never shows are left out). Without a
+        // table, one is made of the key columns as the log shows them, so `user:<key column>` still reads.
+        func keyed(_ table: Table?, logKeys ids: [String: Int], keyColumns: [String], rowKeys: [String], name key: String,
+                   extra: [String: String]) throws -> CSVTable {
+            guard let table else {
+                var firstRow: [Int] = Array(repeating: -1, count: ids.count)
+                for (r, k) in rowKeys.enumerated() where firstRow[ids[k]!] < 0 { firstRow[ids[k]!] = r }
+                let cols = keyColumns.map { c in raw.columns[raw.header.firstIndex(of: c)!] }
+                return CSVTable(header: [key] + keyColumns.filter { $0 != key },
+                                columns: [(0..<ids.count).map(String.init)] + zip(keyColumns, cols).filter { $0.0 != key }.map { _, col in firstRow.map { col[$0] } })
+            }
+            let (t, _) = try read(table.files, format: table.format, what: key == "user_id" ? "user table" : "item table")
+            let k = try keys(table.key, t, what: key == "user_id" ? "user table" : "item table")
+            var rows: [Int] = [], seen = Set<String>()
+            for (r, v) in k.enumerated() where ids[v] != nil && seen.insert(v).inserted { rows.append(r) }
+            var h = [key], c = [rows.map { String(ids[k[$0]]!) }]
+            for (name, col) in zip(t.header, t.columns) where name != key {
+                h.append(name)
+                c.append(rows.map { col[$0] })
+            }
+            for (to, from) in extra {
+                guard let i = t.header.firstIndex(of: from) else { throw TrainingError.data("dataset '\(self.name)': the item table has no column '\(from)' (itemDate)") }
+                h.append(to)
+                c.append(rows.map { t.columns[i][$0] })
+            }
+            return CSVTable(header: h, columns: c)
+        }
+        let users = try keyed(self.users, logKeys: userIds, keyColumns: log.user, rowKeys: userKeys, name: "user_id", extra: [:])
+        let items = try keyed(self.items, logKeys: itemIds, keyColumns: log.item, rowKeys: itemKeys, name: "video_id",
+                              extra: itemDate.map { ["upload_dt": $0] } ?? [:])
+        let data = try KuaiRandData(log: logTable, users: users, videos: items)
+        logLine("dataset '\(name)': \(data.log.rowCount) impressions (\(dropped) duplicates \((log.duplicates ?? .merge) == .merge ? "merged" : "dropped")), \(userIds.count) users, \(itemIds.count) items; "
+                + objectives.map { String(format: "%@ %.2f%%", $0, 100 * rates[$0]!) }.joined(separator: ", "))
+        return (data, LoadReport(rows: data.log.rowCount, duplicatesDropped: dropped, positiveRates: rates))
+    }
+
+    static func format(of path: String) -> Format {
+        let p = path.lowercased()
+        if p.hasSuffix(".tsv") { return .tsv }
+        if p.hasSuffix(".jsonl") || p.hasSuffix(".ndjson") { return .jsonl }
+        return .csv
+    }
+
+    /// One file as a table: CSV, TSV, or JSON lines (one object per line; the keys of all lines are the columns,
+    /// numbers and booleans as text).
+    static func readTable(_ url: URL, format: Format) throws -> CSVTable {
+        switch format {
+        case .csv: return try CSVTable.read(url)
+        case .tsv: return try CSVTable.read(url, delimiter: UInt8(ascii: "\t"))
+        case .jsonl:
+            let text: String
+            do { text = try String(contentsOf: url, encoding: .utf8) } catch { throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)") }
+            var header: [String] = [], columns: [String: [String]] = [:], count = 0
+            for (i, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+                let trimmed = line.trimmingCharacters(in: .whitespaces)
+                guard !trimmed.isEmpty else { continue }
+                guard let object = try? JSONSerialization.jsonObject(with: Data(trimmed.utf8)) as? [String: Any] else {
+                    throw TrainingError.data("\(url.lastPathComponent) line \(i + 1): not a JSON object")
+                }
+                for (k, v) in object {
+                    if columns[k] == nil { header.append(k); columns[k] = [String](repeating: "", count: count) }
+                    columns[k]!.append(v is NSNull ? "" : (v as? String) ?? "\(v)")
+                }
+                count += 1
+                for k in header where columns[k]!.count < count { columns[k]!.append("") }
+            }
+            return CSVTable(header: header, columns: header.map { columns[$0]! })
+        }
+    }
+
+    /// (yyyymmdd, hourmin as `hh00`, epoch ms) of a time text; a day-only time gets `order` as its milliseconds,
+    /// so rows of a day keep their order.
+    static func parseTime(_ s: String, format: TimeFormat, order: Int) -> (Int, String, Int)? {
+        func fromMs(_ t: Int) -> (Int, String, Int) {
+            let days = Int((Double(t) / 86_400_000).rounded(.down))
+            let (y, m, d) = civil(days)
+            let hour = (t - days * 86_400_000) / 3_600_000
+            return (y * 10_000 + m * 100 + d, String(hour * 100), t)
+        }
+        switch format {
+        case .epochMs:
+            guard let v = Double(s), v.isFinite, v >= 0 else { return nil }
+            return fromMs(Int(v))
+        case .epochS:
+            guard let v = Double(s), v.isFinite, v >= 0 else { return nil }
+            return fromMs(Int((v * 1000).rounded()))
+        case .iso8601:
+            let normalised = s.count > 10 && Array(s.utf8)[10] == UInt8(ascii: "T") ? String(s.prefix(10)) + " " + String(s.dropFirst(11)) : s
+            return OpenBandit.parseTimestamp(normalised).map { ($0.0, $0.1, $0.2) }
+        case .day:
+            let digits = s.replacingOccurrences(of: "-", with: "")
+            guard digits.count == 8, let d = Int(digits), let n = DerivedFeatures.dayNumber(yyyymmdd: d) else { return nil }
+            return (d, "", n * 86_400_000 + order)
+        }
+    }
+
+    /// (year, month, day) of a day number since 1970-01-01.
+    static func civil(_ z0: Int) -> (Int, Int, Int) {
+        let z = z0 + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        return (yoe + era * 400 + (m <= 2 ? 1 : 0), m, d)
+    }
+}

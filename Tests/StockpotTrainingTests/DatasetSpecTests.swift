@@ -1,0 +1,128 @@
+import Foundation
+import StockpotModel
+import Testing
+@testable import StockpotTraining
+
+/// Data sets declared by a spec: formats, time formats, label rules, keys, missing markers, duplicates, and every
+/// bad input named before training.
+@Suite struct DatasetSpecTests {
+    /// A small rating log (epoch seconds, a `rating` to turn into `liked`), a TSV user table, a JSON-lines item table.
+    func ratingFolder() throws -> URL {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("dataset-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        var log = "uid,movie,ts,rating,device\n"
+        var rng = SplitMix64(seed: 3)
+        for i in 0..<400 {
+            let user = i % 20, movie = Int(rng.next() % 30)
+            // Even movies are liked more; users 0–9 are "heavy".
+            let liked = rng.nextUnit() < (movie % 2 == 0 ? 0.8 : 0.2)
+            log += "u\(user),m\(movie),\(1_650_844_800 + i * 3600),\(liked ? 4 + (i % 2) : 1 + (i % 3)),\(i % 7 == 0 ? "NA" : "phone")\n"
+        }
+        try Data(log.utf8).write(to: dir.appendingPathComponent("ratings.csv"))
+        try Data(("user\tactivity\n" + (0..<20).map { "u\($0)\t\($0 < 10 ? "heavy" : "light")" }.joined(separator: "\n") + "\n").utf8)
+            .write(to: dir.appendingPathComponent("users.tsv"))
+        try Data((0..<30).map { "{\"movie\": \"m\($0)\", \"genre\": \"g\($0 % 3)\", \"released\": \"2022-0\(1 + $0 % 4)-01\"}" }.joined(separator: "\n").utf8)
+            .write(to: dir.appendingPathComponent("movies.jsonl"))
+        return dir
+    }
+
+    func spec(_ edit: (inout DatasetSpec) -> Void = { _ in }) -> DatasetSpec {
+        var s = DatasetSpec(
+            name: "ratings",
+            log: .init(files: [.init(path: "ratings.csv")], user: ["uid"], item: ["movie"], time: .init(column: "ts", format: .epochS),
+                       labels: ["liked": "rating >= 4", "rated_low": "rating <= 2"], duplicates: .merge),
+            users: .init(files: [.init(path: "users.tsv")], key: ["user"]), items: .init(files: [.init(path: "movies.jsonl")], key: ["movie"]),
+            missing: ["NA"], itemDate: "released",
+            crowds: CrowdDefinition(source: "user:activity", groups: [.init(name: "head", values: ["heavy"])], otherwise: "tail"))
+        edit(&s)
+        return s
+    }
+
+    @Test func aDeclaredLogLoadsIntoTheTrainersShape() throws {
+        let dir = try ratingFolder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (d, report) = try spec().load(directory: dir)
+        #expect(report.rows == 400 && d.log.rowCount == 400)
+        let ratings = try d.log.column("rating").map { Int($0)! }
+        #expect(try d.log.column("liked") == ratings.map { $0 >= 4 ? "1" : "0" })
+        #expect(try d.log.column("rated_low") == ratings.map { $0 <= 2 ? "1" : "0" })
+        // 2022-04-25 00:00 UTC, one hour apart: dates, hours, milliseconds.
+        #expect(d.dates.first == 20220425 && d.dates.last == 20220511 && d.timeMs[1] - d.timeMs[0] == 3_600_000)
+        #expect(try d.log.column("hourmin")[0...2] == ["0", "100", "200"])
+        // Keys as dense ids; the tables joined; the missing marker read as empty.
+        #expect(Set(d.userIds).count == 20 && d.userIds[0] == 0)
+        let (activity, genre, age) = (try d.accessor(for: "user:activity"), try d.accessor(for: "video:genre"), try d.accessor(for: "derived:video_age_days"))
+        #expect(d.value(activity, row: 0) == "heavy" && d.value(activity, row: 15) == "light")
+        #expect(d.value(genre, row: 0).hasPrefix("g") && !d.value(age, row: 0).isEmpty)
+        let device = try d.log.column("device")
+        #expect(device[0] == "" && device[1] == "phone")
+    }
+
+    @Test func aSpecLoadedDataSetTrainsAndEvaluatesPerCrowd() throws {
+        let dir = try ratingFolder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = spec()
+        let (d, _) = try s.load(directory: dir)
+        var config = try JSONDecoder().decode(FeatureConfig.self, from: Data("""
+        {"featureSetVersion": "ratings-v1", "objectives": ["liked"], "hidden": [8], "defaultDim": 4,
+         "fields": [{"name": "user", "source": "log:user_id", "encoding": "vocabulary"},
+                    {"name": "movie", "source": "log:video_id", "encoding": "vocabulary"},
+                    {"name": "genre", "source": "video:genre", "encoding": "vocabulary"},
+                    {"name": "hour", "source": "derived:hour", "encoding": "vocabulary"}]}
+        """.utf8))
+        config.crowds = s.crowds!
+        var options = TrainingOptions()
+        options.batchSize = 32
+        let job = LegacyTraining(data: d, config: config, options: options, log: { _ in })
+        let out = dir.appendingPathComponent("model")
+        let trained = try job.fromScratch(days: DayRange(first: 20220425, last: 20220506), epochs: 30, out: out)
+        let (report, _, _) = try job.evaluate(trained.model, days: DayRange(first: 20220507, last: 20220510))
+        // Liking follows the movie: the model learns it (well above chance), and both crowds are reported.
+        let auc = try #require(report.metrics["liked"]?["all"]?.auc)
+        #expect(auc > 0.7, "liked AUC \(auc)")
+        #expect(report.metrics["liked"]?["head"] != nil && report.metrics["liked"]?["tail"] != nil)
+        // An empty range is refused before training.
+        #expect(throws: TrainingError.self) { try job.fromScratch(days: DayRange(first: 20230101, last: 20230102), out: dir.appendingPathComponent("x")) }
+    }
+
+    @Test func badInputIsNamedWithFileColumnAndLine() throws {
+        let dir = try ratingFolder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func message(_ s: DatasetSpec) -> String {
+            do { _ = try s.load(directory: dir); return "" } catch { return "\(error)" }
+        }
+        #expect(message(spec { $0.log.user = ["user_id_typo"] }).contains("no column 'user_id_typo'"))
+        #expect(message(spec { $0.log.labels["never"] = "rating > 5" }).contains("objective 'never' (rating > 5) is never positive"))
+        #expect(message(spec { $0.log.time.format = .iso8601 }).contains("ratings.csv line 2, column 'ts'"))
+        #expect(message(spec { $0.log.labels["liked"] = "device >= 4" }).contains("ratings.csv line 2, column 'device': '' is not a number"))
+        #expect(message(spec { $0.log.files = [.init(path: "nope.csv")] }).contains("nope.csv not found"))
+        #expect(message(spec { $0.log.labels["liked"] = "rating ~ 4" }).contains("operator '~'"))
+        #expect(message(spec { $0.log.labels["user_id"] = "rating" }).contains("'user_id' is a column the loader writes"))
+        // Duplicates: merged (labels OR-ed), kept first, or refused.
+        let log = try String(contentsOf: dir.appendingPathComponent("ratings.csv"), encoding: .utf8)
+        let lines = log.split(separator: "\n")
+        let repeated = lines[1].split(separator: ",").enumerated().map { $0.offset == 3 ? "5" : String($0.element) }.joined(separator: ",")
+        try Data((log + repeated + "\n").utf8).write(to: dir.appendingPathComponent("ratings.csv"))
+        let (merged, r) = try spec().load(directory: dir)
+        let likedMerged = try merged.log.column("liked")
+        #expect(r.duplicatesDropped == 1 && merged.log.rowCount == 400 && likedMerged[0] == "1")
+        let (first, _) = try spec { $0.log.duplicates = .keepFirst }.load(directory: dir)
+        #expect(try first.log.column("rating")[0] == String(lines[1].split(separator: ",")[3]))
+        #expect(message(spec { $0.log.duplicates = .fail }).contains("ratings.csv line 402 repeats ratings.csv line 2"))
+    }
+
+    @Test func timeFormats() {
+        #expect(DatasetSpec.parseTime("1650844800000", format: .epochMs, order: 0)! == (20220425, "0", 1_650_844_800_000))
+        #expect(DatasetSpec.parseTime("1650844800.5", format: .epochS, order: 0)!.2 == 1_650_844_800_500)
+        #expect(DatasetSpec.parseTime("2022-04-25T18:30:00Z", format: .iso8601, order: 0)!.1 == "1800")
+        #expect(DatasetSpec.parseTime("2022-04-25", format: .day, order: 7)!.0 == 20220425)
+        #expect(DatasetSpec.parseTime("20220425", format: .day, order: 7)!.2 % 86_400_000 == 7)
+        for (bad, f) in [("x", DatasetSpec.TimeFormat.epochMs), ("-5", .epochS), ("2022-04-25", .iso8601), ("2022-13-01", .day)] {
+            #expect(DatasetSpec.parseTime(bad, format: f, order: 0) == nil, "\(bad)")
+        }
+        for d in [0, 1, 59, 365, 10_957, 19_107, 20_000] {
+            let (y, m, day) = DatasetSpec.civil(d)
+            #expect(DerivedFeatures.dayNumber(yyyymmdd: y * 10_000 + m * 100 + day) == d)
+        }
+    }
+}
