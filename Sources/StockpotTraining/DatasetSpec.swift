@@ -248,7 +248,9 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             }
             (dates[r], hourmin[r], ms[r]) = (String(d), h, String(t))
         }
-        // Keys → dense integer ids, in order of first appearance.
+        // Keys → integer ids that are the same in every load of any file: the key itself when it is one column of
+        // non-negative integers, otherwise a 63-bit FNV-1a hash of its text (so a model trained on one log reads
+        // another log's items and users with the same ids).
         func keys(_ cols: [String], _ table: CSVTable, what: String) throws -> [String] {
             let cs = try cols.map { c -> [String] in
                 guard let i = table.header.firstIndex(of: c) else { throw TrainingError.data("dataset '\(name)': the \(what) has no column '\(c)' (columns: \(table.header.joined(separator: ", ")))") }
@@ -257,9 +259,7 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             return (0..<table.rowCount).map { r in cs.map { $0[r] }.joined(separator: "|") }
         }
         let userKeys = try keys(log.user, raw, what: "log"), itemKeys = try keys(log.item, raw, what: "log")
-        var userIds: [String: Int] = [:], itemIds: [String: Int] = [:]
-        for k in userKeys where userIds[k] == nil { userIds[k] = userIds.count }
-        for k in itemKeys where itemIds[k] == nil { itemIds[k] = itemIds.count }
+        let userIds = Self.ids(userKeys, columns: log.user.count), itemIds = Self.ids(itemKeys, columns: log.item.count)
         // Labels.
         var labelColumns: [String: [String]] = [:]
         var rates: [String: Double] = [:]
@@ -318,11 +318,11 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         func keyed(_ table: Table?, logKeys ids: [String: Int], keyColumns: [String], rowKeys: [String], name key: String,
                    extra: [String: String]) throws -> CSVTable {
             guard let table else {
-                var firstRow: [Int] = Array(repeating: -1, count: ids.count)
-                for (r, k) in rowKeys.enumerated() where firstRow[ids[k]!] < 0 { firstRow[ids[k]!] = r }
+                var firstRow: [Int] = [], seen = Set<String>()
+                for (r, k) in rowKeys.enumerated() where seen.insert(k).inserted { firstRow.append(r) }
                 let cols = keyColumns.map { c in raw.columns[raw.header.firstIndex(of: c)!] }
                 return CSVTable(header: [key] + keyColumns.filter { $0 != key },
-                                columns: [(0..<ids.count).map(String.init)] + zip(keyColumns, cols).filter { $0.0 != key }.map { _, col in firstRow.map { col[$0] } })
+                                columns: [firstRow.map { String(ids[rowKeys[$0]]!) }] + zip(keyColumns, cols).filter { $0.0 != key }.map { _, col in firstRow.map { col[$0] } })
             }
             let (t, _) = try read(table.files, format: table.format, what: key == "user_id" ? "user table" : "item table")
             let k = try keys(table.key, t, what: key == "user_id" ? "user table" : "item table")
@@ -347,6 +347,19 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         logLine("dataset '\(name)': \(data.log.rowCount) impressions (\(dropped) duplicates \((log.duplicates ?? .merge) == .merge ? "merged" : "dropped")), \(userIds.count) users, \(itemIds.count) items; "
                 + objectives.map { String(format: "%@ %.2f%%", $0, 100 * rates[$0]!) }.joined(separator: ", "))
         return (data, LoadReport(rows: data.log.rowCount, duplicatesDropped: dropped, positiveRates: rates))
+    }
+
+    /// Key text → id: the key itself when every key is one non-negative integer, else a 63-bit FNV-1a hash.
+    static func ids(_ keys: [String], columns: Int) -> [String: Int] {
+        let distinct = Set(keys)
+        if columns == 1, distinct.allSatisfy({ Int($0).map { $0 >= 0 } ?? false }) {
+            return Dictionary(uniqueKeysWithValues: distinct.map { ($0, Int($0)!) })
+        }
+        return Dictionary(uniqueKeysWithValues: distinct.map { k in
+            var h: UInt64 = 0xcbf2_9ce4_8422_2325
+            for b in k.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+            return (k, Int(h & 0x7FFF_FFFF_FFFF_FFFF))
+        })
     }
 
     static func format(of path: String) -> Format {

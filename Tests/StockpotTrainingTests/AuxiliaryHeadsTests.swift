@@ -305,11 +305,13 @@ import Testing
                 .write(to: folder.appendingPathComponent("item_context.csv"))
         }
         let d = try OpenBandit.load(directory: dir, policy: "random", campaigns: ["men"])
-        // File order kept (jobs read rows in time order); two user segments; items keyed by (campaign, item) as
-        // dense ids in order of appearance; the shown item's affinity looked up by its id.
+        // File order kept (jobs read rows in time order); two user segments; items keyed by (campaign, item), the
+        // same ids in every load; the shown item's affinity looked up by its id.
         let ordered = try d.rows(in: DayRange(first: 20191124, last: 20191125))
         #expect(d.log.rowCount == 3 && ordered == [1, 0, 2])
-        #expect(d.userIds == [0, 1, 0] && d.videoIds == [0, 1, 0] && d.dates == [20191124, 20191124, 20191125])
+        #expect(d.userIds[0] == d.userIds[2] && d.userIds[0] != d.userIds[1] && d.userIds.allSatisfy { $0 >= 0 })
+        #expect(d.videoIds[0] == d.videoIds[2] && d.videoIds[0] != d.videoIds[1] && d.dates == [20191124, 20191124, 20191125])
+        #expect(d.videoIds[1] == DatasetSpec.ids(["men|0"], columns: 2)["men|0"])
         #expect(try d.log.column("affinity") == ["0.7", "0.3", "0.9"])
         #expect(try d.log.column("position") == ["2", "1", "3"])
         #expect(try d.log.column("is_click") == ["0", "1", "0"])

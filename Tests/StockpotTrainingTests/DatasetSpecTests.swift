@@ -50,7 +50,17 @@ import Testing
         #expect(d.dates.first == 20220425 && d.dates.last == 20220511 && d.timeMs[1] - d.timeMs[0] == 3_600_000)
         #expect(try d.log.column("hourmin")[0...2] == ["0", "100", "200"])
         // Keys as dense ids; the tables joined; the missing marker read as empty.
-        #expect(Set(d.userIds).count == 20 && d.userIds[0] == 0)
+        #expect(Set(d.userIds).count == 20 && d.userIds.allSatisfy { $0 >= 0 })
+        // Ids do not depend on the load: the same key gets the same id from any file; integer keys are kept.
+        let text = try String(contentsOf: dir.appendingPathComponent("ratings.csv"), encoding: .utf8).split(separator: "\n")
+        try Data(([text[0]] + text.dropFirst().reversed().prefix(200)).joined(separator: "\n").utf8).write(to: dir.appendingPathComponent("later.csv"))
+        let later = try spec { $0.log.files = [.init(path: "later.csv")] }.load(directory: dir).0
+        func byKey(_ x: KuaiRandData) throws -> [String: Int] {
+            Dictionary(zip(try x.log.column("uid"), x.userIds), uniquingKeysWith: { a, _ in a })
+        }
+        let (all, part) = (try byKey(d), try byKey(later))
+        #expect(!part.isEmpty && part.allSatisfy { all[$0.key] == $0.value })
+        #expect(DatasetSpec.ids(["7", "12"], columns: 1) == ["7": 7, "12": 12])
         let (activity, genre, age) = (try d.accessor(for: "user:activity"), try d.accessor(for: "video:genre"), try d.accessor(for: "derived:video_age_days"))
         #expect(d.value(activity, row: 0) == "heavy" && d.value(activity, row: 15) == "light")
         #expect(d.value(genre, row: 0).hasPrefix("g") && !d.value(age, row: 0).isEmpty)
@@ -124,5 +134,15 @@ import Testing
             let (y, m, day) = DatasetSpec.civil(d)
             #expect(DerivedFeatures.dayNumber(yyyymmdd: y * 10_000 + m * 100 + day) == d)
         }
+    }
+}
+
+@Suite struct DatasetSpecFiles {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    @Test func theDocumentedOpenBanditSpecIsTheOneTheStudiesUse() throws {
+        let file = try DatasetSpec.load(Self.root.appendingPathComponent("docs/datasets/open-bandit.json"))
+        #expect(file == OpenBandit.spec(policy: "random"))
+        try file.validate()
     }
 }
