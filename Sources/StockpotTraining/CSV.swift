@@ -4,11 +4,14 @@ import Foundation
 public struct CSVTable: Sendable {
     public let header: [String]
     public private(set) var columns: [[String]]
+    /// The file line each row starts on (the header is line 1), when read from a file.
+    public var lines: [Int]?
     public var rowCount: Int { columns.first?.count ?? 0 }
 
-    public init(header: [String], columns: [[String]]) {
+    public init(header: [String], columns: [[String]], lines: [Int]? = nil) {
         self.header = header
         self.columns = columns
+        self.lines = lines
     }
 
     /// Index of a column, or a clear error naming the file's columns.
@@ -23,47 +26,54 @@ public struct CSVTable: Sendable {
         columns[try columnIndex(name, file: file)]
     }
 
-    /// Reads a whole CSV file (or, with `delimiter` a tab, a TSV file). Rows with the wrong number of fields are
-    /// an error that names the line.
-    public static func read(_ url: URL, delimiter: UInt8 = UInt8(ascii: ",")) throws -> CSVTable {
+    /// Reads a whole CSV file (or, with `delimiter` a tab and `quotes` false, a TSV file, where `"` is an ordinary
+    /// character). Rows with the wrong number of fields are an error that names the line.
+    public static func read(_ url: URL, delimiter: UInt8 = UInt8(ascii: ","), quotes: Bool = true) throws -> CSVTable {
         let data: Data
         do { data = try Data(contentsOf: url) } catch {
             throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)")
         }
-        return try parse(data, name: url.lastPathComponent, delimiter: delimiter)
+        return try parse(data, name: url.lastPathComponent, delimiter: delimiter, quotes: quotes)
     }
 
-    public static func parse(_ data: Data, name: String = "CSV", delimiter: UInt8 = UInt8(ascii: ",")) throws -> CSVTable {
+    public static func parse(_ data: Data, name: String = "CSV", delimiter: UInt8 = UInt8(ascii: ","), quotes: Bool = true) throws -> CSVTable {
         try data.withUnsafeBytes { raw -> CSVTable in
             let bytes = raw.bindMemory(to: UInt8.self)
-            var parser = Parser(bytes: bytes, delimiter: delimiter)
+            var parser = Parser(bytes: bytes, delimiter: delimiter, quotes: quotes)
             guard let header = parser.nextRecord() else { throw TrainingError.data("\(name) is empty") }
             var columns = [[String]](repeating: [], count: header.count)
             let estimate = bytes.count / max(1, header.count * 6)
             for i in columns.indices { columns[i].reserveCapacity(estimate) }
-            var line = 1
-            while let record = parser.nextRecord() {
-                line += 1
+            var lines: [Int] = []
+            while true {
+                // The line a record starts on: one more than the line breaks before it (quoted fields may hold some).
+                let line = 1 + parser.newlines
+                guard let record = parser.nextRecord() else { break }
                 if record.count == 1 && record[0].isEmpty { continue }
                 guard record.count == header.count else {
                     throw TrainingError.data("\(name) line \(line): \(record.count) fields, header has \(header.count)")
                 }
                 for (i, v) in record.enumerated() { columns[i].append(v) }
+                lines.append(line)
             }
-            return CSVTable(header: header, columns: columns)
+            return CSVTable(header: header, columns: columns, lines: lines)
         }
     }
 
     private struct Parser {
         let bytes: UnsafeBufferPointer<UInt8>
         let delimiter: UInt8
+        let quotes: Bool
         var pos = 0
+        /// Line breaks consumed so far.
+        var newlines = 0
         var fields: [String] = []
         var scratch: [UInt8] = []
 
-        init(bytes: UnsafeBufferPointer<UInt8>, delimiter: UInt8) {
+        init(bytes: UnsafeBufferPointer<UInt8>, delimiter: UInt8, quotes: Bool) {
             self.bytes = bytes
             self.delimiter = delimiter
+            self.quotes = quotes
             // Skip a UTF-8 byte-order mark.
             if bytes.count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF { pos = 3 }
         }
@@ -72,7 +82,7 @@ public struct CSVTable: Sendable {
             guard pos < bytes.count else { return nil }
             fields.removeAll(keepingCapacity: true)
             while true {
-                if pos < bytes.count && bytes[pos] == UInt8(ascii: "\"") {
+                if quotes && pos < bytes.count && bytes[pos] == UInt8(ascii: "\"") {
                     pos += 1
                     scratch.removeAll(keepingCapacity: true)
                     while pos < bytes.count {
@@ -86,6 +96,7 @@ public struct CSVTable: Sendable {
                             pos += 1
                             break
                         }
+                        if c == UInt8(ascii: "\n") { newlines += 1 }
                         scratch.append(c)
                         pos += 1
                     }
@@ -100,6 +111,7 @@ public struct CSVTable: Sendable {
                 let c = bytes[pos]
                 pos += 1
                 if c == delimiter { continue }
+                newlines += 1
                 if c == UInt8(ascii: "\r") && pos < bytes.count && bytes[pos] == UInt8(ascii: "\n") { pos += 1 }
                 return fields
             }

@@ -53,9 +53,20 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         public var format: Format?
     }
 
+    /// How keys become the integer ids every job uses. Either way the same key gets the same id in every load.
+    public enum IDs: String, Codable, Sendable {
+        /// A 63-bit FNV-1a hash of the key's text (composite keys joined by `|`): any key.
+        case hash
+        /// The key itself: one column of non-negative integers written canonically (`42`, not `042` or `42.0`);
+        /// anything else is refused, naming the line.
+        case integer
+    }
+
     public struct Log: Codable, Sendable, Equatable {
         public var files: [File]
         public var format: Format?
+        /// How user and item keys become ids (default `hash`).
+        public var ids: IDs?
         /// User key column(s). Several are joined into one key: the segment of users who share them.
         public var user: [String]
         /// Item key column(s), matched to the item table's key.
@@ -119,6 +130,12 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         if let users, users.key.count != log.user.count {
             throw TrainingError.config("dataset '\(name)': users.key has \(users.key.count) columns, log.user \(log.user.count)")
         }
+        if log.ids == .integer && (log.user.count != 1 || log.item.count != 1) {
+            throw TrainingError.config("dataset '\(name)': ids 'integer' needs one user and one item key column; composite keys are hashed")
+        }
+        for l in log.lookups ?? [] where l.name.isEmpty || l.prefix.isEmpty {
+            throw TrainingError.config("dataset '\(name)': a lookup needs a name and a prefix")
+        }
     }
 
     /// A label rule, parsed.
@@ -130,9 +147,14 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         let text: String?
 
         init(_ rule: String, objective: String) throws {
-            let parts = rule.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            var parts = rule.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            // Quoted text may hold spaces: everything after the operator is the value.
+            if parts.count > 3, parts[2].hasPrefix("'") { parts = Array(parts[0..<2]) + [parts[2...].joined(separator: " ")] }
             switch parts.count {
             case 1:
+                if parts[0].contains(where: { "<>=!".contains($0) }) {
+                    throw TrainingError.config("objective '\(objective)': rule '\(rule)': put spaces around the operator ('column >= 4')")
+                }
                 (column, op, number, text) = (parts[0], nil, nil, nil)
             case 3:
                 guard let o = Op(rawValue: parts[1]) else {
@@ -204,7 +226,13 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
                     throw TrainingError.data("dataset '\(name)': \(what) file \(url.path) not found")
                 }
                 let t = try Self.readTable(url, format: format ?? Self.format(of: f.path))
+                if let dup = Dictionary(t.header.map { ($0, 1) }, uniquingKeysWith: +).first(where: { $0.value > 1 }) {
+                    throw TrainingError.data("dataset '\(name)': \(f.path) names column '\(dup.key)' \(dup.value) times")
+                }
                 let constants = (f.constants ?? [:]).sorted { $0.key < $1.key }
+                if let clash = constants.first(where: { t.header.contains($0.key) }) {
+                    throw TrainingError.data("dataset '\(name)': constant column '\(clash.key)' of \(f.path) is also a column of the file")
+                }
                 for h in t.header + constants.map(\.key) where columns[h] == nil {
                     header.append(h)
                     columns[h] = [String](repeating: "", count: count)
@@ -213,15 +241,18 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
                 for (k, v) in constants { columns[k]!.append(contentsOf: repeatElement(v, count: t.rowCount)) }
                 count += t.rowCount
                 for h in header where columns[h]!.count < count { columns[h]!.append(contentsOf: repeatElement("", count: count - columns[h]!.count)) }
-                // Line numbers in the file: the header is line 1 (CSV/TSV) or absent (JSON lines).
-                let first = (format ?? Self.format(of: f.path)) == .jsonl ? 1 : 2
-                origin.append(contentsOf: (0..<t.rowCount).map { (f.path, $0 + first) })
+                // Line numbers in the file, as the reader counted them.
+                let lines = t.lines ?? Array(2..<(2 + t.rowCount))
+                origin.append(contentsOf: lines.map { (f.path, $0) })
                 logLine("read \(t.rowCount) rows from \(f.path)")
             }
             return (CSVTable(header: header, columns: header.map { columns[$0]! }), origin)
         }
         var (raw, origin) = try read(log.files, format: log.format, what: "log")
         for l in log.lookups ?? [] {
+            guard !raw.header.contains(l.name) else {
+                throw TrainingError.data("dataset '\(name)': lookup '\(l.name)' is already a column of the log; name it otherwise")
+            }
             guard let by = raw.header.firstIndex(of: l.column) else {
                 throw TrainingError.data("dataset '\(name)': lookup '\(l.name)' reads column '\(l.column)', which the log lacks")
             }
@@ -244,7 +275,8 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         var dates = [String](repeating: "", count: raw.rowCount), ms = dates, hourmin = dates
         for r in 0..<raw.rowCount {
             guard let (d, h, t) = Self.parseTime(timeText[r], format: log.time.format, order: r) else {
-                throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(log.time.column)': '\(timeText[r])' is not a \(log.time.format.rawValue) time")
+                throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(log.time.column)': '\(timeText[r])' is not a \(log.time.format.rawValue) time"
+                    + " between 1970 and 2200" + ([.epochMs, .epochS].contains(log.time.format) ? " (epoch-s or epoch-ms?)" : ""))
             }
             (dates[r], hourmin[r], ms[r]) = (String(d), h, String(t))
         }
@@ -259,12 +291,16 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             return (0..<table.rowCount).map { r in cs.map { $0[r] }.joined(separator: "|") }
         }
         let userKeys = try keys(log.user, raw, what: "log"), itemKeys = try keys(log.item, raw, what: "log")
-        let userIds = Self.ids(userKeys, columns: log.user.count), itemIds = Self.ids(itemKeys, columns: log.item.count)
+        let userIds = try Self.ids(userKeys, mode: log.ids ?? .hash, what: "user key '\(log.user.joined(separator: "|"))'", place: place)
+        let itemIds = try Self.ids(itemKeys, mode: log.ids ?? .hash, what: "item key '\(log.item.joined(separator: "|"))'", place: place)
         // Labels.
         var labelColumns: [String: [String]] = [:]
         var rates: [String: Double] = [:]
         for o in objectives {
             let rule = try LabelRule(log.labels[o]!, objective: o)
+            if raw.header.contains(o) && rule.column != o {
+                throw TrainingError.data("dataset '\(name)': objective '\(o)' would replace the log's own column '\(o)' (its rule reads '\(rule.column)'); name it otherwise")
+            }
             let values = try column(rule.column)
             var out = [String](repeating: "0", count: raw.rowCount)
             var positives = 0
@@ -284,7 +320,10 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         var keep: [Int] = []
         var firstOf: [String: Int] = [:]
         var dropped = 0
+        // A day-only time has no grain to tell a repeated impression from a logged-twice one: no duplicate check.
+        let checkDuplicates = log.time.format != .day
         for r in 0..<raw.rowCount {
+            guard checkDuplicates else { keep.append(r); continue }
             let key = "\(userKeys[r])\u{1}\(itemKeys[r])\u{1}\(ms[r])"
             if let k = firstOf[key] {
                 switch log.duplicates ?? .merge {
@@ -304,13 +343,14 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
                                             ("date", dates), ("time_ms", ms), ("hourmin", hourmin)] + objectives.map { ($0, labelColumns[$0]!) }
         let writtenNames = Set(written.map(\.0))
         var header: [String] = [], columns: [[String]] = []
+        let all = dropped == 0
         for (h, c) in zip(raw.header, raw.columns) where !writtenNames.contains(h) {
             header.append(h)
-            columns.append(keep.map { c[$0] })
+            columns.append(all ? c : keep.map { c[$0] })
         }
         for (h, c) in written {
             header.append(h)
-            columns.append(keep.map { c[$0] })
+            columns.append(all ? c : keep.map { c[$0] })
         }
         let logTable = CSVTable(header: header, columns: columns)
         // User and item tables keyed by the same ids (rows whose key the log never shows are left out). Without a
@@ -328,6 +368,11 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             let k = try keys(table.key, t, what: key == "user_id" ? "user table" : "item table")
             var rows: [Int] = [], seen = Set<String>()
             for (r, v) in k.enumerated() where ids[v] != nil && seen.insert(v).inserted { rows.append(r) }
+            let what = key == "user_id" ? "users" : "items"
+            guard !rows.isEmpty else {
+                throw TrainingError.data("dataset '\(self.name)': no key of the \(what) table (\(table.key.joined(separator: "|"))) matches the log's: are they written alike (e.g. 42 against 42.0)?")
+            }
+            logLine("\(what) table: \(rows.count) of the log's \(ids.count) \(what) have a row")
             var h = [key], c = [rows.map { String(ids[k[$0]]!) }]
             for (name, col) in zip(t.header, t.columns) where name != key {
                 h.append(name)
@@ -349,17 +394,28 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         return (data, LoadReport(rows: data.log.rowCount, duplicatesDropped: dropped, positiveRates: rates))
     }
 
-    /// Key text → id: the key itself when every key is one non-negative integer, else a 63-bit FNV-1a hash.
-    static func ids(_ keys: [String], columns: Int) -> [String: Int] {
-        let distinct = Set(keys)
-        if columns == 1, distinct.allSatisfy({ Int($0).map { $0 >= 0 } ?? false }) {
-            return Dictionary(uniqueKeysWithValues: distinct.map { ($0, Int($0)!) })
+    /// Key text → id, by `mode`; the same key gives the same id in every load.
+    static func ids(_ keys: [String], mode: IDs, what: String = "key", place: (Int) -> String = { "row \($0 + 1)" }) throws -> [String: Int] {
+        var out: [String: Int] = [:]
+        for (r, k) in keys.enumerated() where out[k] == nil {
+            switch mode {
+            case .integer:
+                guard let v = Int(k), v >= 0, String(v) == k else {
+                    throw TrainingError.data("\(place(r)): \(what) '\(k)' is not a canonical non-negative integer (ids 'integer'); use ids 'hash'")
+                }
+                out[k] = v
+            case .hash:
+                out[k] = hash(k)
+            }
         }
-        return Dictionary(uniqueKeysWithValues: distinct.map { k in
-            var h: UInt64 = 0xcbf2_9ce4_8422_2325
-            for b in k.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
-            return (k, Int(h & 0x7FFF_FFFF_FFFF_FFFF))
-        })
+        return out
+    }
+
+    /// 63-bit FNV-1a of the key's UTF-8 text.
+    static func hash(_ k: String) -> Int {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in k.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        return Int(h & 0x7FFF_FFFF_FFFF_FFFF)
     }
 
     static func format(of path: String) -> Format {
@@ -374,25 +430,29 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
     static func readTable(_ url: URL, format: Format) throws -> CSVTable {
         switch format {
         case .csv: return try CSVTable.read(url)
-        case .tsv: return try CSVTable.read(url, delimiter: UInt8(ascii: "\t"))
+        case .tsv: return try CSVTable.read(url, delimiter: UInt8(ascii: "\t"), quotes: false)
         case .jsonl:
-            let text: String
-            do { text = try String(contentsOf: url, encoding: .utf8) } catch { throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)") }
-            var header: [String] = [], columns: [String: [String]] = [:], count = 0
-            for (i, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-                let trimmed = line.trimmingCharacters(in: .whitespaces)
+            let bytes: Data
+            do { bytes = try Data(contentsOf: url) } catch { throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)") }
+            var header: [String] = [], columns: [String: [String]] = [:], count = 0, lines: [Int] = []
+            let decoder = JSONDecoder()
+            // Lines split on the byte \n (a "\r\n" ending leaves a "\r", trimmed as whitespace).
+            for (i, line) in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).enumerated() {
+                let trimmed = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
                 guard !trimmed.isEmpty else { continue }
-                guard let object = try? JSONSerialization.jsonObject(with: Data(trimmed.utf8)) as? [String: Any] else {
-                    throw TrainingError.data("\(url.lastPathComponent) line \(i + 1): not a JSON object")
+                let object: [String: JSONScalar]
+                do { object = try decoder.decode([String: JSONScalar].self, from: Data(trimmed.utf8)) } catch {
+                    throw TrainingError.data("\(url.lastPathComponent) line \(i + 1): not a JSON object of text, numbers, booleans and nulls (\(error))")
                 }
-                for (k, v) in object {
+                for (k, v) in object.sorted(by: { $0.key < $1.key }) {
                     if columns[k] == nil { header.append(k); columns[k] = [String](repeating: "", count: count) }
-                    columns[k]!.append(v is NSNull ? "" : (v as? String) ?? "\(v)")
+                    columns[k]!.append(v.text)
                 }
                 count += 1
+                lines.append(i + 1)
                 for k in header where columns[k]!.count < count { columns[k]!.append("") }
             }
-            return CSVTable(header: header, columns: header.map { columns[$0]! })
+            return CSVTable(header: header, columns: header.map { columns[$0]! }, lines: lines)
         }
     }
 
@@ -405,12 +465,14 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             let hour = (t - days * 86_400_000) / 3_600_000
             return (y * 10_000 + m * 100 + d, String(hour * 100), t)
         }
+        // 1970-01-01 to 2200-01-01: beyond that the value is in another unit (or broken).
+        let latest = 7_258_118_400_000.0
         switch format {
         case .epochMs:
-            guard let v = Double(s), v.isFinite, v >= 0 else { return nil }
+            guard let v = Double(s), v.isFinite, v >= 0, v < latest else { return nil }
             return fromMs(Int(v))
         case .epochS:
-            guard let v = Double(s), v.isFinite, v >= 0 else { return nil }
+            guard let v = Double(s), v.isFinite, v >= 0, v * 1000 < latest else { return nil }
             return fromMs(Int((v * 1000).rounded()))
         case .iso8601:
             let normalised = s.count > 10 && Array(s.utf8)[10] == UInt8(ascii: "T") ? String(s.prefix(10)) + " " + String(s.dropFirst(11)) : s
@@ -433,5 +495,20 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         let d = doy - (153 * mp + 2) / 5 + 1
         let m = mp < 10 ? mp + 3 : mp - 9
         return (yoe + era * 400 + (m <= 2 ? 1 : 0), m, d)
+    }
+}
+
+/// One value of a JSON-lines row, as the text a column holds: strings as they are, integers in full, other numbers
+/// in Swift's shortest form, booleans as `true`/`false`, null as empty. Arrays and objects are refused.
+struct JSONScalar: Decodable {
+    let text: String
+
+    init(from decoder: any Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if c.decodeNil() { text = "" }
+        else if let i = try? c.decode(Int64.self) { text = String(i) }
+        else if let d = try? c.decode(Double.self) { text = d.isFinite && d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : String(d) }
+        else if let b = try? c.decode(Bool.self) { text = b ? "true" : "false" }
+        else { text = try c.decode(String.self) }
     }
 }

@@ -311,7 +311,7 @@ import Testing
         #expect(d.log.rowCount == 3 && ordered == [1, 0, 2])
         #expect(d.userIds[0] == d.userIds[2] && d.userIds[0] != d.userIds[1] && d.userIds.allSatisfy { $0 >= 0 })
         #expect(d.videoIds[0] == d.videoIds[2] && d.videoIds[0] != d.videoIds[1] && d.dates == [20191124, 20191124, 20191125])
-        #expect(d.videoIds[1] == DatasetSpec.ids(["men|0"], columns: 2)["men|0"])
+        #expect(d.videoIds[1] == DatasetSpec.hash("men|0"))
         #expect(try d.log.column("affinity") == ["0.7", "0.3", "0.9"])
         #expect(try d.log.column("position") == ["2", "1", "3"])
         #expect(try d.log.column("is_click") == ["0", "1", "0"])

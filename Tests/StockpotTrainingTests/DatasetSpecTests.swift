@@ -60,7 +60,10 @@ import Testing
         }
         let (all, part) = (try byKey(d), try byKey(later))
         #expect(!part.isEmpty && part.allSatisfy { all[$0.key] == $0.value })
-        #expect(DatasetSpec.ids(["7", "12"], columns: 1) == ["7": 7, "12": 12])
+        // Integer ids: the key itself, in every load; anything else refused rather than silently hashed.
+        #expect(try DatasetSpec.ids(["7", "12"], mode: .integer) == ["7": 7, "12": 12])
+        #expect(try DatasetSpec.ids(["7", "12"], mode: .hash) == ["7": DatasetSpec.hash("7"), "12": DatasetSpec.hash("12")])
+        for bad in ["07", "7.0", "-1", "", "u7"] { #expect(throws: TrainingError.self) { try DatasetSpec.ids(["7", bad], mode: .integer) } }
         let (activity, genre, age) = (try d.accessor(for: "user:activity"), try d.accessor(for: "video:genre"), try d.accessor(for: "derived:video_age_days"))
         #expect(d.value(activity, row: 0) == "heavy" && d.value(activity, row: 15) == "light")
         #expect(d.value(genre, row: 0).hasPrefix("g") && !d.value(age, row: 0).isEmpty)
@@ -121,13 +124,53 @@ import Testing
         #expect(message(spec { $0.log.duplicates = .fail }).contains("ratings.csv line 402 repeats ratings.csv line 2"))
     }
 
+    @Test func filesOfDifferentShapesConcatenateByColumnName() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("dataset-shapes-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // A CSV with a quoted multi-line field and a blank line, a JSON-lines file with CRLF line ends and other
+        // columns in another order, values of every JSON kind.
+        try Data("u,i,t,y,note\n1,10,1650844800000,1,\"two\nlines\"\n\n2,11,1650844801000,0,x\n".utf8).write(to: dir.appendingPathComponent("a.csv"))
+        try Data("{\"y\": true, \"t\": 1650844802000, \"i\": 10, \"u\": 3, \"extra\": null}\r\n{\"u\": 4, \"i\": 12, \"t\": 1650844803000, \"y\": 0, \"extra\": 2.5}\r\n".utf8)
+            .write(to: dir.appendingPathComponent("b.jsonl"))
+        var s = DatasetSpec(name: "shapes", log: .init(files: [.init(path: "a.csv", constants: ["source": "a"]), .init(path: "b.jsonl", constants: ["source": "b"])],
+                                                       user: ["u"], item: ["i"], time: .init(column: "t", format: .epochMs), labels: ["clicked": "y"]))
+        s.log.ids = .integer
+        let (d, _) = try s.load(directory: dir)
+        #expect(d.userIds == [1, 2, 3, 4] && d.videoIds == [10, 11, 10, 12])
+        #expect(try d.log.column("clicked") == ["1", "0", "1", "0"])
+        let (note, extra) = (try d.log.column("note"), try d.log.column("extra"))
+        #expect(note == ["two\nlines", "x", "", ""] && extra == ["", "", "", "2.5"])
+        #expect(try d.log.column("source") == ["a", "a", "b", "b"])
+        // A bad time is named with the line it is on, counting the multi-line field and the blank line.
+        try Data("u,i,t,y,note\n1,10,1650844800000,1,\"two\nlines\"\n\n2,11,17e20,0,x\n".utf8).write(to: dir.appendingPathComponent("a.csv"))
+        do { _ = try s.load(directory: dir); Issue.record("loaded a bad time") } catch {
+            #expect("\(error)".contains("a.csv line 5, column 't'") && "\(error)".contains("epoch-s or epoch-ms?"), "\(error)")
+        }
+        // A constant that is also a column, and a column named twice, are refused.
+        try Data("u,i,t,y,u\n1,10,1650844800000,1,1\n".utf8).write(to: dir.appendingPathComponent("a.csv"))
+        #expect(throws: TrainingError.self) { try s.load(directory: dir) }
+        try Data("u,i,t,y,source\n1,10,1650844800000,1,z\n".utf8).write(to: dir.appendingPathComponent("a.csv"))
+        #expect(throws: TrainingError.self) { try s.load(directory: dir) }
+    }
+
+    @Test func labelRulesParse() throws {
+        #expect(throws: TrainingError.self) { try DatasetSpec.LabelRule("rating>=4", objective: "o") }
+        let genre = try DatasetSpec.LabelRule("genre == 'sci fi'", objective: "o")
+        #expect(genre.apply("sci fi") == 1 && genre.apply("drama") == 0)
+        let watched = try DatasetSpec.LabelRule("watch_ratio > 0.8", objective: "o")
+        #expect(watched.apply("0.9") == 1 && watched.apply("0.8") == 0 && watched.apply("abc") == nil)
+        #expect(try DatasetSpec.LabelRule("clicked", objective: "o").apply("true") == 1)
+    }
+
     @Test func timeFormats() {
         #expect(DatasetSpec.parseTime("1650844800000", format: .epochMs, order: 0)! == (20220425, "0", 1_650_844_800_000))
         #expect(DatasetSpec.parseTime("1650844800.5", format: .epochS, order: 0)!.2 == 1_650_844_800_500)
         #expect(DatasetSpec.parseTime("2022-04-25T18:30:00Z", format: .iso8601, order: 0)!.1 == "1800")
         #expect(DatasetSpec.parseTime("2022-04-25", format: .day, order: 7)!.0 == 20220425)
         #expect(DatasetSpec.parseTime("20220425", format: .day, order: 7)!.2 % 86_400_000 == 7)
-        for (bad, f) in [("x", DatasetSpec.TimeFormat.epochMs), ("-5", .epochS), ("2022-04-25", .iso8601), ("2022-13-01", .day)] {
+        for (bad, f) in [("x", DatasetSpec.TimeFormat.epochMs), ("-5", .epochS), ("2022-04-25", .iso8601), ("2022-13-01", .day),
+                         ("1e30", .epochS), ("1650844800000", .epochS)] {
             #expect(DatasetSpec.parseTime(bad, format: f, order: 0) == nil, "\(bad)")
         }
         for d in [0, 1, 59, 365, 10_957, 19_107, 20_000] {
