@@ -221,7 +221,7 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             var origin: [(String, Int)] = []
             var count = 0
             for f in files {
-                let url = directory.appendingPathComponent(f.path)
+                let url = f.path.hasPrefix("/") ? URL(fileURLWithPath: f.path) : directory.appendingPathComponent(f.path)
                 guard FileManager.default.fileExists(atPath: url.path) else {
                     throw TrainingError.data("dataset '\(name)': \(what) file \(url.path) not found")
                 }
@@ -510,5 +510,143 @@ struct JSONScalar: Decodable {
         else if let d = try? c.decode(Double.self) { text = d.isFinite && d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : String(d) }
         else if let b = try? c.decode(Bool.self) { text = b ? "true" : "false" }
         else { text = try c.decode(String.self) }
+    }
+}
+
+/// A starting dataset spec and feature config guessed from a log's header and a sample of its rows (`stockpot
+/// init-dataset`): keys and time by name and shape, binary columns as labels, ids hashed, few-valued text as
+/// vocabularies, many-valued numbers bucketised by quantiles. The user edits what it guessed.
+public enum DatasetGuess {
+    /// What was guessed, and why, for the user to check.
+    public struct Result {
+        public var spec: DatasetSpec
+        /// The feature config as JSON (`FeatureConfig`'s format).
+        public var features: [String: Any]
+        public var notes: [String]
+    }
+
+    static func firstMatch(_ header: [String], _ names: [String]) -> String? {
+        for n in names { if let h = header.first(where: { $0.lowercased() == n }) { return h } }
+        for n in names { if let h = header.first(where: { $0.lowercased().contains(n) }) { return h } }
+        return nil
+    }
+
+    /// The time format the sample's values share, if one does.
+    static func timeFormat(_ values: [String]) -> DatasetSpec.TimeFormat? {
+        let v = values.filter { !$0.isEmpty }
+        guard !v.isEmpty else { return nil }
+        for f in [DatasetSpec.TimeFormat.day, .iso8601] where v.allSatisfy({ DatasetSpec.parseTime($0, format: f, order: 0) != nil }) { return f }
+        if v.allSatisfy({ Double($0) != nil }) {
+            let digits = v.map { $0.split(separator: ".")[0].count }
+            if digits.allSatisfy({ $0 >= 12 }) { return .epochMs }
+            if digits.allSatisfy({ (9...11).contains($0) }) { return .epochS }
+        }
+        return nil
+    }
+
+    /// Guesses from `log` (and the user and item tables, when given), using at most `sample` rows of each.
+    /// Paths in the spec are the file names relative to the log's folder.
+    public static func guess(log: URL, users: URL?, items: URL?, sample: Int = 10_000) throws -> Result {
+        var notes: [String] = []
+        func load(_ url: URL) throws -> CSVTable {
+            let t = try DatasetSpec.readTable(url, format: DatasetSpec.format(of: url.path))
+            guard t.rowCount > sample else { return t }
+            return CSVTable(header: t.header, columns: t.columns.map { Array($0.prefix(sample)) })
+        }
+        let l = try load(log)
+        let u = try users.map(load), i = try items.map(load)
+        guard let userKey = firstMatch(l.header, ["user_id", "userid", "uid", "user"]) else {
+            throw TrainingError.data("\(log.lastPathComponent): no user key column found (looked for user_id, userid, uid, user*); columns: \(l.header.joined(separator: ", "))")
+        }
+        guard let itemKey = firstMatch(l.header, ["item_id", "itemid", "video_id", "movie_id", "product_id", "item", "video", "movie"]) else {
+            throw TrainingError.data("\(log.lastPathComponent): no item key column found (looked for item_id, video_id, movie_id, item*…); columns: \(l.header.joined(separator: ", "))")
+        }
+        let timeCandidates = l.header.filter { h in ["time", "timestamp", "ts", "date", "datetime"].contains { h.lowercased().contains($0) } }
+        var time: DatasetSpec.Time?
+        for h in timeCandidates {
+            if let f = timeFormat(try l.column(h)) { time = .init(column: h, format: f); break }
+        }
+        guard let time else {
+            throw TrainingError.data("\(log.lastPathComponent): no time column found whose values parse (candidates: \(timeCandidates.isEmpty ? "none" : timeCandidates.joined(separator: ", "))); write log.time by hand")
+        }
+        notes.append("time: '\(time.column)' as \(time.format.rawValue)")
+        // Labels: columns whose sample values are all 0/1 or true/false, with both present.
+        var labels: [String: String] = [:]
+        for (h, c) in zip(l.header, l.columns) where ![userKey, itemKey, time.column].contains(h) {
+            let values = Set(c.map { $0.lowercased() })
+            if values.count == 2, values == ["0", "1"] || values == ["true", "false"] { labels[h] = h }
+        }
+        if labels.isEmpty {
+            // A rating-like column: positive at or above its sample's upper quartile.
+            if let r = firstMatch(l.header, ["rating", "score", "stars"]), let vs = Optional((try l.column(r)).compactMap(Double.init)), !vs.isEmpty {
+                let q = vs.sorted()[vs.count * 3 / 4]
+                labels["positive"] = "\(r) >= \(q == q.rounded() ? String(Int(q)) : String(q))"
+                notes.append("no 0/1 column: objective 'positive' = '\(r) >= \(q)' (the sample's upper quartile); edit the threshold")
+            } else {
+                throw TrainingError.data("\(log.lastPathComponent): no 0/1 label column and no rating-like column; write log.labels by hand")
+            }
+        } else {
+            notes.append("labels: \(labels.keys.sorted().joined(separator: ", ")) (0/1 columns)")
+        }
+        let userTableKey = u.flatMap { t in t.header.contains(userKey) ? userKey : firstMatch(t.header, ["user_id", "userid", "uid", "user"]) }
+        let itemTableKey = i.flatMap { t in t.header.contains(itemKey) ? itemKey : firstMatch(t.header, ["item_id", "itemid", "video_id", "movie_id", "product_id", "item", "video", "movie"]) }
+        if u != nil && userTableKey == nil { throw TrainingError.data("\(users!.lastPathComponent): no user key column found") }
+        if i != nil && itemTableKey == nil { throw TrainingError.data("\(items!.lastPathComponent): no item key column found") }
+        // Crowds: a user attribute with 2–10 values (its most frequent value the head), else one crowd for all.
+        var crowds = CrowdDefinition(source: "derived:hour", groups: [], otherwise: "everyone")
+        let crowdTables: [(CSVTable?, String, Set<String>)] = [(u, "user", [userTableKey ?? ""]), (l, "log", Set([userKey, itemKey, time.column]).union(labels.keys))]
+        search: for (t, prefix, skip) in crowdTables {
+            guard let t else { continue }
+            for (h, c) in zip(t.header, t.columns) where !skip.contains(h) && !h.isEmpty {
+                let counts = Dictionary(c.filter { !$0.isEmpty }.map { ($0, 1) }, uniquingKeysWith: +)
+                guard (2...10).contains(counts.count), let top = counts.max(by: { ($0.value, $1.key) < ($1.value, $0.key) }) else { continue }
+                crowds = CrowdDefinition(source: "\(prefix):\(h)", groups: [.init(name: "head", values: [top.key])], otherwise: "tail")
+                notes.append("crowds: '\(prefix):\(h)' (\(counts.count) values), head = its most frequent value '\(top.key)'; edit to your crowds")
+                break search
+            }
+        }
+        if crowds.groups.isEmpty { notes.append("crowds: no attribute with 2–10 values found; one crowd 'everyone' (edit crowds)") }
+        notes.append("check that no field reads an outcome of the impression (a play time, a later action): it would leak the label")
+        let base = log.deletingLastPathComponent().path
+        func relative(_ url: URL) -> String { url.path.hasPrefix(base + "/") ? String(url.path.dropFirst(base.count + 1)) : url.path }
+        let spec = DatasetSpec(
+            name: log.deletingPathExtension().lastPathComponent,
+            log: .init(files: [.init(path: relative(log))], user: [userKey], item: [itemKey], time: time, labels: labels, duplicates: .merge),
+            users: u.map { _ in .init(files: [.init(path: relative(users!))], key: [userTableKey!]) },
+            items: i.map { _ in .init(files: [.init(path: relative(items!))], key: [itemTableKey!]) },
+            missing: ["", "NA", "NaN", "null"], crowds: crowds)
+        // Fields: ids hashed; the rest by what the sample shows.
+        func buckets(_ distinct: Int) -> Int { var b = 1024; while b < distinct * 4 && b < (1 << 20) { b <<= 1 }; return b }
+        var fields: [[String: Any]] = [
+            ["name": "user_id", "source": "log:user_id", "encoding": "hashed", "buckets": buckets(Set(try l.column(userKey)).count)],
+            ["name": "item_id", "source": "log:video_id", "encoding": "hashed", "buckets": buckets(Set(try l.column(itemKey)).count)],
+            ["name": "hour", "source": "derived:hour", "encoding": "vocabulary"],
+        ]
+        func add(_ t: CSVTable, prefix: String, skip: Set<String>) {
+            // An unnamed column (a written-out row index) is no feature.
+            for (h, c) in zip(t.header, t.columns) where !skip.contains(h) && !h.trimmingCharacters(in: .whitespaces).isEmpty {
+                let values = c.filter { !$0.isEmpty && !["NA", "NaN", "null"].contains($0) }
+                guard !values.isEmpty else { continue }
+                let distinct = Set(values).count
+                let numeric = values.allSatisfy { Double($0) != nil }
+                var f: [String: Any] = ["name": "\(prefix)_\(h)".replacingOccurrences(of: " ", with: "_"), "source": "\(prefix):\(h)"]
+                if numeric && distinct > 20 {
+                    f["encoding"] = "buckets"; f["quantiles"] = 8
+                } else if distinct <= 1000 {
+                    f["encoding"] = "vocabulary"
+                } else {
+                    f["encoding"] = "hashed"; f["buckets"] = buckets(distinct)
+                }
+                fields.append(f)
+            }
+        }
+        add(l, prefix: "log", skip: Set([userKey, itemKey, time.column]).union(labels.values.compactMap { $0.split(separator: " ").first.map(String.init) }))
+        if let u { add(u, prefix: "user", skip: [userTableKey!]) }
+        if let i { add(i, prefix: "video", skip: [itemTableKey!]) }
+        notes.append("\(fields.count) fields: ids hashed, text with ≤ 1,000 values as vocabularies, numbers with > 20 values in 8 quantile buckets")
+        let features: [String: Any] = [
+            "featureSetVersion": "\(spec.name)-v1", "objectives": spec.objectives, "hidden": [64, 32], "defaultDim": 8, "fields": fields,
+        ]
+        return Result(spec: spec, features: features, notes: notes)
     }
 }

@@ -8,7 +8,7 @@ struct Stockpot: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stockpot",
         abstract: "Stockpot: run the serving suite, rank, and train, evaluate, quantise and benchmark the legacy model.",
-        subcommands: [Suite.self, Rank.self, RegistryCommand.self, Bootstrap.self, Replay.self, Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self, ScorerBench.self, GatewayBench.self, SwapBench.self, Chaos.self, Experiment.self, Features.self, Fusion.self]
+        subcommands: [Suite.self, Rank.self, RegistryCommand.self, Bootstrap.self, Replay.self, Quickstart.self, Train.self, Eval.self, Predict.self, Quantize.self, Bench.self, ScorerBench.self, GatewayBench.self, SwapBench.self, Chaos.self, Experiment.self, Features.self, Fusion.self, InitDataset.self]
     )
 
     static func main() async {

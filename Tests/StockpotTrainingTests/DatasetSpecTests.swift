@@ -189,3 +189,35 @@ import Testing
         try file.validate()
     }
 }
+
+@Suite struct DatasetGuessing {
+    @Test func aGuessedSpecAndConfigLoadAndTrain() throws {
+        let dir = try DatasetSpecTests().ratingFolder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let r = try DatasetGuess.guess(log: dir.appendingPathComponent("ratings.csv"), users: dir.appendingPathComponent("users.tsv"),
+                                       items: dir.appendingPathComponent("movies.jsonl"))
+        // Keys, time and the rating-derived label found; the rating itself is not a feature (it is the label).
+        #expect(r.spec.log.user == ["uid"] && r.spec.log.item == ["movie"] && r.spec.log.time == .init(column: "ts", format: .epochS))
+        #expect(r.spec.log.labels.keys.sorted() == ["positive"] && r.spec.log.labels["positive"]?.hasPrefix("rating >= ") == true)
+        #expect(r.spec.users?.key == ["user"] && r.spec.items?.key == ["movie"])
+        #expect(r.spec.crowds?.source == "user:activity")
+        let fields = try #require(r.features["fields"] as? [[String: Any]])
+        #expect(!fields.contains { ($0["source"] as? String) == "log:rating" })
+        #expect(fields.contains { ($0["source"] as? String) == "video:genre" && ($0["encoding"] as? String) == "vocabulary" })
+        // As written, both load, and the guessed model trains.
+        let config = try JSONDecoder().decode(FeatureConfig.self, from: try JSONSerialization.data(withJSONObject: r.features))
+        try config.validate()
+        var c = config
+        c.crowds = r.spec.crowds!
+        let (d, _) = try r.spec.load(directory: dir)
+        var options = TrainingOptions()
+        options.batchSize = 32
+        let job = LegacyTraining(data: d, config: c, options: options, log: { _ in })
+        let outcome = try job.fromScratch(days: DayRange(first: 20220425, last: 20220506), epochs: 5, out: dir.appendingPathComponent("m"))
+        let (report, _, _) = try job.evaluate(outcome.model, days: DayRange(first: 20220507, last: 20220511))
+        #expect(report.metrics["positive"]?["all"]?.auc != nil && report.crowds.contains("head"))
+        // A log without a key is refused with the columns it has.
+        try Data("a,b\n1,2\n".utf8).write(to: dir.appendingPathComponent("bad.csv"))
+        #expect(throws: TrainingError.self) { try DatasetGuess.guess(log: dir.appendingPathComponent("bad.csv"), users: nil, items: nil) }
+    }
+}
