@@ -555,6 +555,7 @@ public enum DatasetGuess {
         }
         let l = try load(log)
         let u = try users.map(load), i = try items.map(load)
+        guard l.rowCount > 0 else { throw TrainingError.data("\(log.lastPathComponent) has a header and no rows: nothing to guess from") }
         guard let userKey = firstMatch(l.header, ["user_id", "userid", "uid", "user"]) else {
             throw TrainingError.data("\(log.lastPathComponent): no user key column found (looked for user_id, userid, uid, user*); columns: \(l.header.joined(separator: ", "))")
         }
@@ -562,10 +563,10 @@ public enum DatasetGuess {
             throw TrainingError.data("\(log.lastPathComponent): no item key column found (looked for item_id, video_id, movie_id, item*…); columns: \(l.header.joined(separator: ", "))")
         }
         let timeCandidates = l.header.filter { h in ["time", "timestamp", "ts", "date", "datetime"].contains { h.lowercased().contains($0) } }
-        var time: DatasetSpec.Time?
-        for h in timeCandidates {
-            if let f = timeFormat(try l.column(h)) { time = .init(column: h, format: f); break }
-        }
+        // Every candidate that parses; a full timestamp beats a day-only column (which has no hour and no grain
+        // to find duplicates with).
+        let parsed = try timeCandidates.compactMap { h in timeFormat(try l.column(h)).map { DatasetSpec.Time(column: h, format: $0) } }
+        let time = parsed.first { $0.format != .day } ?? parsed.first
         guard let time else {
             throw TrainingError.data("\(log.lastPathComponent): no time column found whose values parse (candidates: \(timeCandidates.isEmpty ? "none" : timeCandidates.joined(separator: ", "))); write log.time by hand")
         }
@@ -578,7 +579,7 @@ public enum DatasetGuess {
         }
         if labels.isEmpty {
             // A rating-like column: positive at or above its sample's upper quartile.
-            if let r = firstMatch(l.header, ["rating", "score", "stars"]), let vs = Optional((try l.column(r)).compactMap(Double.init)), !vs.isEmpty {
+            if let r = firstMatch(l.header, ["rating", "stars", "score"]), let vs = Optional((try l.column(r)).compactMap(Double.init).filter { $0.isFinite && abs($0) < 1e15 }), !vs.isEmpty {
                 let q = vs.sorted()[vs.count * 3 / 4]
                 labels["positive"] = "\(r) >= \(q == q.rounded() ? String(Int(q)) : String(q))"
                 notes.append("no 0/1 column: objective 'positive' = '\(r) >= \(q)' (the sample's upper quartile); edit the threshold")
@@ -594,7 +595,14 @@ public enum DatasetGuess {
         if i != nil && itemTableKey == nil { throw TrainingError.data("\(items!.lastPathComponent): no item key column found") }
         // Crowds: a user attribute with 2–10 values (its most frequent value the head), else one crowd for all.
         var crowds = CrowdDefinition(source: "derived:hour", groups: [], otherwise: "everyone")
-        let crowdTables: [(CSVTable?, String, Set<String>)] = [(u, "user", [userTableKey ?? ""]), (l, "log", Set([userKey, itemKey, time.column]).union(labels.keys))]
+        // Never a label's own column, a key, or a time column.
+        let ruleColumns = Set(labels.values.compactMap { $0.split(separator: " ").first.map(String.init) })
+        let timeColumns = Set(parsed.map(\.column))
+        let written: Set<String> = ["user_id", "video_id", "date", "time_ms", "hourmin"]
+        let crowdTables: [(CSVTable?, String, Set<String>)] = [
+            (u, "user", [userTableKey ?? ""]),
+            (l, "log", Set([userKey, itemKey]).union(labels.keys).union(ruleColumns).union(timeColumns).union(written)),
+        ]
         search: for (t, prefix, skip) in crowdTables {
             guard let t else { continue }
             for (h, c) in zip(t.header, t.columns) where !skip.contains(h) && !h.isEmpty {
@@ -640,7 +648,13 @@ public enum DatasetGuess {
                 fields.append(f)
             }
         }
-        add(l, prefix: "log", skip: Set([userKey, itemKey, time.column]).union(labels.values.compactMap { $0.split(separator: " ").first.map(String.init) }))
+        // Not as features: keys, labels and their columns, every time column, the columns the loader writes over,
+        // and 0/1-looking columns not taken as labels (likely outcomes: they would leak).
+        let outcomeLike = zip(l.header, l.columns).filter { h, c in
+            !labels.keys.contains(h) && !c.isEmpty && Set(c.filter { !$0.isEmpty }).isSubset(of: ["0", "1", "0.0", "1.0", "true", "false"])
+        }.map(\.0)
+        if !outcomeLike.isEmpty { notes.append("left out as possible outcomes (0/1 values, not labels): \(outcomeLike.joined(separator: ", "))") }
+        add(l, prefix: "log", skip: Set([userKey, itemKey]).union(ruleColumns).union(timeColumns).union(written).union(outcomeLike))
         if let u { add(u, prefix: "user", skip: [userTableKey!]) }
         if let i { add(i, prefix: "video", skip: [itemTableKey!]) }
         notes.append("\(fields.count) fields: ids hashed, text with ≤ 1,000 values as vocabularies, numbers with > 20 values in 8 quantile buckets")

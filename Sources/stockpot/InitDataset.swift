@@ -40,13 +40,15 @@ struct InitDataset: AsyncParsableCommand {
             if var t = spec.users { t.files = t.files.map(absolute); spec.users = t }
             if var t = spec.items { t.files = t.files.map(absolute); spec.items = t }
         }
+        // Both are checked before anything is written: the spec and config as they will be read.
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try AtomicFile.write(try enc.encode(spec), to: specURL)
-        try AtomicFile.write(try JSONSerialization.data(withJSONObject: result.features, options: [.prettyPrinted, .sortedKeys]), to: featuresURL)
-        // Both must load as written.
-        _ = try DatasetSpec.load(specURL)
-        _ = try FeatureConfig.load(featuresURL)
+        let specData = try enc.encode(spec)
+        let featuresData = try JSONSerialization.data(withJSONObject: result.features, options: [.prettyPrinted, .sortedKeys])
+        try JSONDecoder().decode(DatasetSpec.self, from: specData).validate()
+        try JSONDecoder().decode(FeatureConfig.self, from: featuresData).validate()
+        try AtomicFile.write(specData, to: specURL)
+        try AtomicFile.write(featuresData, to: featuresURL)
         for n in result.notes { Console.out("- \(n)") }
         Console.out("wrote \(specURL.path) and \(featuresURL.path); edit them, then: stockpot train legacy --dataset \(specURL.path) --config \(featuresURL.path) --days …")
     }

@@ -221,3 +221,21 @@ import Testing
         #expect(throws: TrainingError.self) { try DatasetGuess.guess(log: dir.appendingPathComponent("bad.csv"), users: nil, items: nil) }
     }
 }
+
+@Suite struct DatasetGuessingKuaiRandShape {
+    @Test func aTimestampBeatsADayColumnAndWrittenColumnsAreNoFeatures() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("guess-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // KuaiRand's header order: a day column before the timestamp; an outcome that is all 0 in the sample.
+        var text = "user_id,video_id,date,hourmin,time_ms,is_click,is_hate,tab\n"
+        for r in 0..<50 { text += "\(r % 5),\(r % 7),20220425,1800,\(1_650_844_800_000 + r * 1000),\(r % 2),0,\(r % 3)\n" }
+        try Data(text.utf8).write(to: dir.appendingPathComponent("log.csv"))
+        let r = try DatasetGuess.guess(log: dir.appendingPathComponent("log.csv"), users: nil, items: nil)
+        #expect(r.spec.log.time == .init(column: "time_ms", format: .epochMs))
+        #expect(r.spec.log.labels == ["is_click": "is_click"])
+        let sources = Set((r.features["fields"] as? [[String: Any]] ?? []).compactMap { $0["source"] as? String })
+        for leaked in ["log:date", "log:time_ms", "log:hourmin", "log:is_click", "log:is_hate"] { #expect(!sources.contains(leaked), "\(leaked)") }
+        #expect(sources.contains("log:tab") && r.spec.crowds?.source == "log:tab")
+    }
+}
