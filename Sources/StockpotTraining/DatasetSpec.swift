@@ -461,7 +461,7 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
     static func parseTime(_ s: String, format: TimeFormat, order: Int) -> (Int, String, Int)? {
         func fromMs(_ t: Int) -> (Int, String, Int) {
             let days = Int((Double(t) / 86_400_000).rounded(.down))
-            let (y, m, d) = civil(days)
+            let (y, m, d) = DerivedFeatures.civil(dayNumber: days)
             let hour = (t - days * 86_400_000) / 3_600_000
             return (y * 10_000 + m * 100 + d, String(hour * 100), t)
         }
@@ -482,19 +482,6 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             guard digits.count == 8, let d = Int(digits), let n = DerivedFeatures.dayNumber(yyyymmdd: d) else { return nil }
             return (d, "", n * 86_400_000 + order)
         }
-    }
-
-    /// (year, month, day) of a day number since 1970-01-01.
-    static func civil(_ z0: Int) -> (Int, Int, Int) {
-        let z = z0 + 719_468
-        let era = (z >= 0 ? z : z - 146_096) / 146_097
-        let doe = z - era * 146_097
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
-        let mp = (5 * doy + 2) / 153
-        let d = doy - (153 * mp + 2) / 5 + 1
-        let m = mp < 10 ? mp + 3 : mp - 9
-        return (yoe + era * 400 + (m <= 2 ? 1 : 0), m, d)
     }
 }
 

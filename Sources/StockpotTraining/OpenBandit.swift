@@ -70,13 +70,7 @@ public enum OpenBandit {
         // The data set writes UTC (+00:00); no offset is read as UTC too. Any other offset, or anything else after
         // the time, is refused rather than shifted.
         if i < u.count, !["+00:00", "Z"].contains(String(decoding: u[i...], as: UTF8.self)) { return nil }
-        // Days from the civil date (proleptic Gregorian).
-        let yy = mo <= 2 ? y - 1 : y
-        let era = (yy >= 0 ? yy : yy - 399) / 400
-        let yoe = yy - era * 400
-        let doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
-        let days = era * 146_097 + doe - 719_468
+        let days = DerivedFeatures.daysFromCivil(y, mo, d)
         let ms = ((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + fraction
         return (y * 10000 + mo * 100 + d, String(h * 100), ms)
     }

@@ -174,7 +174,7 @@ import Testing
             #expect(DatasetSpec.parseTime(bad, format: f, order: 0) == nil, "\(bad)")
         }
         for d in [0, 1, 59, 365, 10_957, 19_107, 20_000] {
-            let (y, m, day) = DatasetSpec.civil(d)
+            let (y, m, day) = DerivedFeatures.civil(dayNumber: d)
             #expect(DerivedFeatures.dayNumber(yyyymmdd: y * 10_000 + m * 100 + day) == d)
         }
     }
