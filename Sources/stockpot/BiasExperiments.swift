@@ -241,6 +241,34 @@ extension Experiment {
     }
 }
 
+/// The split and settings of a KuaiRand study whose arms are trained from scratch: training and test days, passes,
+/// seed, threads.
+struct ScratchStudy: ParsableArguments {
+    @Option(help: "Training days.") var trainDays: String = "20220425..20220504"
+    @Option(help: "Test days.") var testDays: String = "20220505..20220508"
+    @Option(help: "Passes over the pooled training days.") var epochs: Int = 1
+    @Option(help: "Seed.") var seed: UInt64 = 20_220_425
+    @Option(help: "Threads per training step.") var threads: Int = 2
+
+    /// The training and test days; the test days must follow.
+    func split() throws -> (train: DayRange, test: DayRange) {
+        let train = try parseDays(trainDays), test = try parseDays(testDays)
+        guard train.last < test.first else { throw ValidationError("--test-days must follow --train-days") }
+        return (train, test)
+    }
+
+    /// One arm: a model trained from scratch on the training days with this seed and threads, `configure` setting
+    /// what the arm changes.
+    func train(data: KuaiRandData, config: FeatureConfig, out: URL, _ configure: (inout TrainingOptions) -> Void) throws -> LegacyTraining.Outcome {
+        var options = TrainingOptions()
+        options.seed = seed
+        configure(&options)
+        var job = LegacyTraining(data: data, config: config, options: options, log: { _ in })
+        job.threads = threads
+        return try job.fromScratch(days: split().train, epochs: epochs, out: out)
+    }
+}
+
 extension Experiment {
     /// Per-crowd AUC and GAUC lines of one evaluation, for the studies' tables.
     static func crowdCells(_ r: EvaluationReport, objectives: [String], crowds: [String]) -> [String] {
@@ -255,11 +283,7 @@ extension Experiment {
             abstract: "KuaiRand's tab (app surface) as an ordinary input, as a shallow tower dropped at serving, or absent; per crowd, with bootstrap intervals.")
 
         @OptionGroup var dataOptions: DataOptions
-        @Option(help: "Training days.") var trainDays: String = "20220425..20220504"
-        @Option(help: "Test days.") var testDays: String = "20220505..20220508"
-        @Option(help: "Passes over the pooled training days.") var epochs: Int = 1
-        @Option(help: "Seed.") var seed: UInt64 = 20_220_425
-        @Option(help: "Threads per training step.") var threads: Int = 2
+        @OptionGroup var study: ScratchStudy
         @Option(help: "Bootstrap replicates for the click AUC differences.") var bootstrap: Int = 300
         @Option(help: "Output folder.") var out: String = "runs/tab"
 
@@ -268,8 +292,7 @@ extension Experiment {
             guard let tabField = config.fields.firstIndex(where: { $0.source == "log:tab" }) else {
                 throw ValidationError("the feature config has no field reading log:tab")
             }
-            let train = try parseDays(trainDays), test = try parseDays(testDays)
-            guard train.last < test.first else { throw ValidationError("--test-days must follow --train-days") }
+            let (train, test) = try study.split()
             var withoutTab = config
             withoutTab.fields.remove(at: tabField)
             withoutTab.featureSetVersion += "-no-tab"
@@ -285,13 +308,8 @@ extension Experiment {
             var results: [(String, EvaluationReport, [Float], [Float])] = []
             var full: [String: ([Float], [Float])] = [:]
             for (i, (label, c, setting)) in arms.enumerated() {
-                var options = TrainingOptions()
-                options.seed = seed
-                options.presentation = setting
-                var job = LegacyTraining(data: data, config: c, options: options, log: { _ in })
-                job.threads = threads
                 Console.info("[tab] \(label): training on \(train)")
-                let outcome = try job.fromScratch(days: train, epochs: epochs, out: outURL.appendingPathComponent("arm-\(i)"))
+                let outcome = try study.train(data: data, config: c, out: outURL.appendingPathComponent("arm-\(i)")) { $0.presentation = setting }
                 let ds = try EncodedDataset(data: data, rows: testRows, spec: outcome.model.spec, crowdSource: config.crowds.source)
                 let p = LegacyTraining.predict(outcome.model, on: ds)
                 let r = EvaluationReport(predictions: p, dataset: ds, crowds: config.crowds)
@@ -302,7 +320,7 @@ extension Experiment {
             }
             let crowds = ["all"] + config.crowds.names
             var s = "# KuaiRand's tab: an input, a shallow tower, or nothing\n\n"
-            s += "KuaiRand-Pure, trained from scratch on \(train) (\(epochs) pass, seed \(seed)), tested on \(test) (\(testRows.count) impressions). "
+            s += "KuaiRand-Pure, trained from scratch on \(train) (\(study.epochs) pass, seed \(study.seed)), tested on \(test) (\(testRows.count) impressions). "
             s += "`tab` is the app surface the impression was shown on: a presentation factor of the same kind as a position. The shallow tower "
             s += "adds one logit per tab value and objective in training and is dropped at serving, so that model never needs the tab. "
             s += "Produced by `stockpot experiment tab` in \(Int((clock.now - started).seconds)) s.\n\n"
@@ -346,14 +364,10 @@ extension Experiment {
             abstract: "Adversarial debiasing against the activity degree at several strengths: the degree's predictability from the representation, and task metrics per crowd.")
 
         @OptionGroup var dataOptions: DataOptions
-        @Option(help: "Training days.") var trainDays: String = "20220425..20220504"
-        @Option(help: "Test days.") var testDays: String = "20220505..20220508"
         @Option(help: "Adversary strengths λ, comma-separated (0: no adversary).") var strengths: String = "0,0.3,1,3"
         @Flag(help: "Predict the crowd (head/tail) instead of the raw activity degree.") var crowds = false
         @Option(help: "Adversary modes to run, comma-separated: reversal, confusion.") var modes: String = "reversal,confusion"
-        @Option(help: "Passes over the pooled training days.") var epochs: Int = 1
-        @Option(help: "Seed.") var seed: UInt64 = 20_220_425
-        @Option(help: "Threads per training step.") var threads: Int = 2
+        @OptionGroup var study: ScratchStudy
         @Option(help: "Training samples the probe is fitted on (a seeded sample of the training days).") var probeSamples: Int = 40_000
         @Option(help: "Output folder.") var out: String = "runs/adversarial"
 
@@ -365,13 +379,12 @@ extension Experiment {
             guard !lambdas.isEmpty else { throw ValidationError("--strengths is empty") }
             guard probeSamples >= 100 else { throw ValidationError("--probe-samples must be at least 100") }
             let (data, config) = try dataOptions.load()
-            let train = try parseDays(trainDays), test = try parseDays(testDays)
-            guard train.last < test.first else { throw ValidationError("--test-days must follow --train-days") }
+            let (train, test) = try study.split()
             let outURL = URL(fileURLWithPath: out)
             try FileManager.default.createDirectory(at: outURL, withIntermediateDirectories: true)
             let clock = ContinuousClock(), started = clock.now
             var trainRows = try data.rows(in: train)
-            var rng = SplitMix64(seed: seed ^ 0x9B0B)
+            var rng = SplitMix64(seed: study.seed ^ 0x9B0B)
             trainRows.shuffle(using: &rng)
             let probeTrain = Array(trainRows.prefix(probeSamples)), testRows = try data.rows(in: test)
             let attribute = try data.accessor(for: config.crowds.source)
@@ -390,27 +403,22 @@ extension Experiment {
             var rows: [(String, Float, EvaluationReport, RepresentationProbe)] = []
             for (modeName, setting) in arms {
                 let lambda = setting?.strength ?? 0
-                var options = TrainingOptions()
-                options.seed = seed
-                options.adversary = setting
-                var job = LegacyTraining(data: data, config: config, options: options, log: { _ in })
-                job.threads = threads
                 Console.info("[adversarial] \(modeName), λ = \(lambda): training on \(train)")
                 let folder = outURL.appendingPathComponent("\(modeName)-\(lambda)")
-                let outcome = try job.fromScratch(days: train, epochs: epochs, out: folder)
+                let outcome = try study.train(data: data, config: config, out: folder) { $0.adversary = setting }
                 let testDS = try EncodedDataset(data: data, rows: testRows, spec: outcome.model.spec, crowdSource: config.crowds.source)
                 let report = EvaluationReport(predictions: LegacyTraining.predict(outcome.model, on: testDS), dataset: testDS, crowds: config.crowds)
                 let probeDS = try EncodedDataset(data: data, rows: probeTrain, spec: outcome.model.spec, crowdSource: config.crowds.source)
                 let width = outcome.model.spec.hidden.last!
                 let probe = RepresentationProbe.fit(train: outcome.model.lastHidden(rows: probeDS.rows, count: probeDS.count), trainClasses: probeTrain.map(classOf),
                                                     test: outcome.model.lastHidden(rows: testDS.rows, count: testDS.count), testClasses: testRows.map(classOf),
-                                                    width: width, classes: classes.count, seed: seed)
+                                                    width: width, classes: classes.count, seed: study.seed)
                 rows.append((modeName, lambda, report, probe))
                 Console.info(String(format: "[adversarial] %@, λ = %g: probe accuracy %.3f (majority %.3f), macro AUC %.3f; click AUC all %.4f (%.0fs)", modeName, lambda,
                                     probe.accuracy, probe.majority, probe.macroAUC, report.metrics["is_click"]?["all"]?.auc ?? .nan, (clock.now - started).seconds))
             }
             var s = "# Adversarial debiasing against the activity degree\n\n"
-            s += "KuaiRand-Pure, trained from scratch on \(train) (\(epochs) pass, seed \(seed)), tested on \(test). An adversary (one linear "
+            s += "KuaiRand-Pure, trained from scratch on \(train) (\(study.epochs) pass, seed \(study.seed)), tested on \(test). An adversary (one linear "
             s += "layer, softmax over \(classes.count) classes: \(classes.joined(separator: ", "))) reads the model's last hidden layer and learns to predict "
             s += crowds ? "the crowd" : "`\(config.crowds.source)`"
             s += ". Reversal: a gradient-reversal layer sends −λ × the gradient of its cross-entropy into the shared layers. Confusion: they "

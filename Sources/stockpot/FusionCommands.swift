@@ -83,10 +83,13 @@ struct Fusion: AsyncParsableCommand {
             let wanted: [String] = objectives.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
                 ?? (referenceConfig.scenarios["default"]?.terms ?? referenceConfig.scenarios.values.first?.terms ?? []).map(\.objective)
             guard !wanted.isEmpty, Set(wanted).count == wanted.count else { throw ValidationError("--objectives must name distinct objectives") }
+            // The scores' source, read once for both ranges: the model (loaded once) or the predictions file (read
+            // and matched to the log once).
+            let scoringModel = try model.map { try LegacyModel.load(from: URL(fileURLWithPath: $0)) }
+            let predicted = try predictions.map { try FusionData.readPredictions(URL(fileURLWithPath: $0), data: data) }
             func load(_ range: DayRange) throws -> FusionData {
                 let (rows, objectives, p): ([Int], [String], [Float])
-                if let model {
-                    let m = try LegacyModel.load(from: URL(fileURLWithPath: model))
+                if let model, let m = scoringModel {
                     if let trained = m.spec.metadata["days"]?.split(separator: ",").compactMap({ Int($0) }), let last = trained.max(), range.first <= last {
                         Console.info("warning: \(model) trained on days up to \(last); searching or testing on \(range) measures it on its own training data")
                     }
@@ -94,7 +97,7 @@ struct Fusion: AsyncParsableCommand {
                     let ds = try job.dataset(days: range, for: m)
                     (rows, objectives, p) = (try data.rows(in: range), m.spec.heads, LegacyTraining.predict(m, on: ds))
                 } else {
-                    let all = try FusionData.readPredictions(URL(fileURLWithPath: predictions!), data: data)
+                    let all = predicted!
                     let keep = all.rows.indices.filter { range.contains(data.dates[all.rows[$0]]) }
                     guard !keep.isEmpty else { throw ValidationError("\(predictions!) has no impressions in \(range)") }
                     let k = all.objectives.count
