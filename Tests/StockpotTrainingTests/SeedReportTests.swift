@@ -29,6 +29,14 @@ private func openInBrowser(_ page: URL) throws -> (dom: String, console: [String
     return (dom, log.split(separator: "\n").filter { $0.contains("CONSOLE") }.map(String.init))
 }
 
+/// `openInBrowser` on a thread of its own: it waits seconds for chromium, and a wait on the test run's shared
+/// threads would starve the in-process gRPC tests that run beside it.
+private func openInBrowserOffThePool(_ page: URL) async throws -> (dom: String, console: [String]) {
+    try await withCheckedThrowingContinuation { c in
+        Thread { c.resume(with: Result { try openInBrowser(page) }) }.start()
+    }
+}
+
 @Suite struct SeedReportTests {
     func sample() -> SeedReport {
         let svg = { (shape: String) in "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"300\" height=\"200\">\(shape)</svg>" }
@@ -61,13 +69,13 @@ private func openInBrowser(_ page: URL) throws -> (dom: String, console: [String
     }
 
     @Test(.enabled(if: chromium != nil, "chromium is not installed (scripts/install-deps installs it): the report page is not opened in a browser"))
-    func thePageRendersInAHeadlessBrowserWithItsPlotsAndNoConsoleMessages() throws {
+    func thePageRendersInAHeadlessBrowserWithItsPlotsAndNoConsoleMessages() async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("seed-report-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let page = dir.appendingPathComponent("report.html")
         try Data(sample().html().utf8).write(to: page)
-        let (dom, console) = try openInBrowser(page)
+        let (dom, console) = try await openInBrowserOffThePool(page)
         #expect(dom.contains("data-ready=\"1\""), "the page's script did not finish")
         #expect(dom.contains("data-plots=\"2\""), "both plots laid out with a size and drawn shapes")
         #expect(dom.contains("Claims &lt;measured&gt; &amp; checked"))
@@ -76,7 +84,7 @@ private func openInBrowser(_ page: URL) throws -> (dom: String, console: [String
         // The check can fail: a page with a script error is caught.
         let broken = dir.appendingPathComponent("broken.html")
         try Data(sample().html().replacingOccurrences(of: "var list = ", with: "missingFunction(); var list = ").utf8).write(to: broken)
-        let (brokenDOM, brokenConsole) = try openInBrowser(broken)
+        let (brokenDOM, brokenConsole) = try await openInBrowserOffThePool(broken)
         #expect(!brokenDOM.contains("data-ready=\"1\""))
         #expect(brokenConsole.contains { $0.contains("missingFunction") })
     }
