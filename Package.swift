@@ -61,6 +61,7 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
         .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPHTTP"]),
+        .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"), // gzip data files
         .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.0"), // tests only: compose.yaml checks
     ],
     targets: [
@@ -80,7 +81,7 @@ let package = Package(
         ),
         .target(
             name: "StockpotTraining",
-            dependencies: ["StockpotModel", "StockpotLogFormat"],
+            dependencies: ["StockpotModel", "StockpotLogFormat", .product(name: "CompressNIO", package: "compress-nio")],
             resources: [.copy("Resources/legacy-kuairand.json"), .copy("Resources/legacy-kuairand-v0.json"),
                         .copy("Resources/corrector-kuairand.json"), .copy("Resources/legacy-openbandit.json")],
             swiftSettings: optimized

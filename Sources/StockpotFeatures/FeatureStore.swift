@@ -77,7 +77,14 @@ public final class FeatureStore: FeatureBackend {
                 CREATE TABLE columns (kind INTEGER NOT NULL, name TEXT NOT NULL, PRIMARY KEY (kind, name)) WITHOUT ROWID;
                 """)
         }
+        migrator.registerMigration("v2-imports") { db in
+            // The fingerprint of each spec's last completed import (so a restart does not import the same files again).
+            try db.execute(sql: "CREATE TABLE imports (name TEXT PRIMARY KEY NOT NULL, fingerprint TEXT NOT NULL, finished_at_ms INTEGER NOT NULL) WITHOUT ROWID")
+        }
         try migrator.migrate(db)
+        // An import that stopped half way (a crash, a refused row) left only its staging table: the live rows are
+        // as they were before it started.
+        try db.write { try $0.execute(sql: "DROP TABLE IF EXISTS import_staging") }
     }
 
     public func count(_ kind: Kind) async throws -> Int {
@@ -196,6 +203,104 @@ public final class FeatureStore: FeatureBackend {
             try db.execute(sql: "INSERT OR IGNORE INTO columns (kind, name) VALUES (?, ?)", arguments: [kind.rawValue, n])
         }
         return rows.count
+    }
+
+    /// What `importDataset` did.
+    public struct ImportReport: Sendable {
+        public var users = DatasetSpec.TableScan()
+        public var items = DatasetSpec.TableScan()
+        /// The same files were imported before (same fingerprint): nothing was read.
+        public var unchanged = false
+    }
+
+    /// Imports a dataset spec's user and item tables (`stockpot-features --import SPEC`): streamed in batches of
+    /// `batchRows`, each batch written in its own transaction to a staging table, then moved into the live rows
+    /// in one last transaction. A row of the spec replaces the stored row of its id whole; other ids are kept.
+    /// Until that last commit the store serves what it held before; a refused row (`badRows` `.fail`), a missing
+    /// file or a crash leaves it so (the staging table is dropped at the next open). Unless `force`, files with
+    /// the fingerprint (path, size, modification time) of the spec's last completed import are not read again.
+    public func importDataset(_ spec: DatasetSpec, directory: URL, badRows: DatasetSpec.BadRows = .fail, batchRows: Int = 5_000,
+                              force: Bool = false, progress: (String) -> Void = { _ in }) throws -> ImportReport {
+        try spec.validate()
+        let fingerprint = try Self.fingerprint(spec, directory: directory)
+        let key = "dataset:\(spec.name)"
+        if !force, let last = try db.read({ try String.fetchOne($0, sql: "SELECT fingerprint FROM imports WHERE name = ?", arguments: [key]) }),
+           last == fingerprint {
+            progress("dataset '\(spec.name)': these files were imported before (same sizes and times); nothing to do")
+            var r = ImportReport()
+            r.unchanged = true
+            return r
+        }
+        try db.write { db in
+            try db.execute(sql: "DROP TABLE IF EXISTS import_staging")
+            try db.execute(sql: "CREATE TABLE import_staging (kind INTEGER NOT NULL, id INTEGER NOT NULL, features TEXT NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID")
+        }
+        var report = ImportReport()
+        var names: [Kind: Set<String>] = [:]
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let clock = ContinuousClock()
+        var lastProgress = clock.now
+        do {
+            for (tableKind, kind) in [(DatasetSpec.TableKind.users, Kind.user), (.items, .item)] {
+                let start = clock.now
+                let scan = try spec.scanTable(tableKind, directory: directory, batchRows: batchRows, badRows: badRows, progress: { s in
+                    guard clock.now - lastProgress >= .seconds(5) else { return }
+                    lastProgress = clock.now
+                    progress("\(tableKind.rawValue): \(s.rows) rows staged, \(s.skipped) skipped")
+                }) { rows in
+                    var encoded: [(Int64, String)] = []
+                    encoded.reserveCapacity(rows.count)
+                    for r in rows {
+                        names[kind, default: []].formUnion(r.features.keys)
+                        encoded.append((r.id, String(decoding: try encoder.encode(r.features), as: UTF8.self)))
+                    }
+                    try db.write { db in
+                        let insert = try db.cachedStatement(sql: "INSERT INTO import_staging (kind, id, features) VALUES (?, ?, ?) ON CONFLICT(kind, id) DO NOTHING")
+                        for (id, json) in encoded { try insert.execute(arguments: [kind.rawValue, id, json]) }
+                    }
+                }
+                if tableKind == .users { report.users = scan } else { report.items = scan }
+                progress(String(format: "%@: %d rows from %d file(s) staged, %d skipped, in %.1fs", tableKind.rawValue, scan.rows, scan.files,
+                                scan.skipped, (clock.now - start).seconds))
+                for e in scan.skippedExamples { progress("  skipped \(e)") }
+            }
+            let now = Int64(Date().timeIntervalSince1970 * 1000)
+            knownColumns.invalidate(Array(Kind.allCases))
+            defer { knownColumns.invalidate(Array(Kind.allCases)) }
+            try db.write { db in
+                try db.execute(sql: """
+                    INSERT INTO entities (kind, id, features, updated_at_ms) SELECT kind, id, features, ? FROM import_staging WHERE true
+                    ON CONFLICT(kind, id) DO UPDATE SET features = excluded.features, updated_at_ms = excluded.updated_at_ms
+                    """, arguments: [now])
+                for (kind, set) in names {
+                    for n in set { try db.execute(sql: "INSERT OR IGNORE INTO columns (kind, name) VALUES (?, ?)", arguments: [kind.rawValue, n]) }
+                }
+                try db.execute(sql: "INSERT INTO imports (name, fingerprint, finished_at_ms) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET fingerprint = excluded.fingerprint, finished_at_ms = excluded.finished_at_ms",
+                               arguments: [key, fingerprint, now])
+                try db.execute(sql: "DROP TABLE import_staging")
+            }
+        } catch {
+            try? db.write { try $0.execute(sql: "DROP TABLE IF EXISTS import_staging") }
+            throw error
+        }
+        return report
+    }
+
+    /// Path, size and modification time of every file an import reads, with the spec itself.
+    static func fingerprint(_ spec: DatasetSpec, directory: URL) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        var parts = [String(decoding: try encoder.encode(spec), as: UTF8.self)]
+        let files = (spec.users?.files ?? spec.log.files) + (spec.items?.files ?? spec.log.files)
+        for f in files {
+            let url = f.path.hasPrefix("/") ? URL(fileURLWithPath: f.path) : directory.appendingPathComponent(f.path)
+            let a = try? FileManager.default.attributesOfItem(atPath: url.path)
+            let size = (a?[.size] as? NSNumber)?.int64Value ?? -1
+            let mtime = (a?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? -1
+            parts.append("\(url.path)|\(size)|\(mtime)")
+        }
+        return SHA256.hex(Array(parts.joined(separator: "\n").utf8))
     }
 
     /// Loads KuaiRand-Pure's user and video feature files (every column, as text). Returns (users, items) written.

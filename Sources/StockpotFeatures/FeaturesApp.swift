@@ -3,6 +3,7 @@ import Logging
 import ServiceLifecycle
 import StockpotProto
 import StockpotServing
+import StockpotTraining
 
 /// The feature service process: SQLite store, cache and server.
 public struct FeaturesApp {
@@ -13,6 +14,9 @@ public struct FeaturesApp {
     public var cacheTTL: Duration = .seconds(300)
     /// Loads KuaiRand's user and video feature files into an empty store at start.
     public var importKuaiRand: URL?
+    /// Imports a dataset spec's user and item tables at start (`FeatureStore.importDataset`), unless the same
+    /// files were imported before.
+    public var importDataset: DatasetImport?
     public var limits = RequestLimits()
     /// Also serve callers in this process over the in-process transport (`ServiceServer.inProcess`).
     public var inProcess = false
@@ -21,8 +25,33 @@ public struct FeaturesApp {
 
     public init() {}
 
+    /// A dataset spec to import, and how.
+    public struct DatasetImport: Sendable {
+        public var spec: DatasetSpec
+        /// The folder the spec's paths are relative to.
+        public var directory: URL
+        public var badRows: DatasetSpec.BadRows = .fail
+        public var batchRows = 5_000
+        /// Import even when the files look the same as at the last import.
+        public var force = false
+
+        public init(spec: DatasetSpec, directory: URL) {
+            self.spec = spec
+            self.directory = directory
+        }
+
+        /// Runs the import into `store`, passing its progress and what it skipped to `log`; returns a one-line summary.
+        public func run(into store: FeatureStore, log: (String) -> Void) throws -> String {
+            let r = try store.importDataset(spec, directory: directory, badRows: badRows, batchRows: batchRows, force: force, progress: log)
+            if r.unchanged { return "dataset '\(spec.name)': already imported, unchanged" }
+            return "imported dataset '\(spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)"
+        }
+    }
+
     /// The feature service's settings (`ServiceSettings`): host, port, max-candidates, `database`,
-    /// `cache-capacity`, `cache-ttl` (seconds), `import-kuairand`.
+    /// `cache-capacity`, `cache-ttl` (seconds), `import-kuairand`; `import` (a dataset spec), `import-data` (the
+    /// folder of its paths; default the spec's own), `import-bad-rows` (`fail` or `skip`), `import-batch-rows`,
+    /// `import-force`.
     public init(settings: ServiceSettings) async throws {
         self.init()
         (host, port, limits) = try await settings.endpoint(defaultPort: port)
@@ -30,6 +59,25 @@ public struct FeaturesApp {
         cacheCapacity = try await settings.int("cache-capacity", in: 0...100_000_000) ?? cacheCapacity
         if let ttl = try await settings.seconds("cache-ttl") { cacheTTL = ttl }
         importKuaiRand = try await settings.string("import-kuairand").map { URL(fileURLWithPath: $0) }
+        if let path = try await settings.string("import") {
+            let url = URL(fileURLWithPath: path)
+            let spec: DatasetSpec
+            do { spec = try DatasetSpec.load(url) } catch { throw ServiceSettings.SettingError(description: "setting 'import': \(error)") }
+            var d = DatasetImport(spec: spec, directory: try await settings.string("import-data").map { URL(fileURLWithPath: $0) } ?? url.deletingLastPathComponent())
+            if let b = try await settings.string("import-bad-rows") {
+                guard let mode = DatasetSpec.BadRows(rawValue: b) else {
+                    throw ServiceSettings.SettingError(description: "setting 'import-bad-rows': '\(b)' is not fail or skip")
+                }
+                d.badRows = mode
+            }
+            d.batchRows = try await settings.int("import-batch-rows", in: 1...1_000_000) ?? d.batchRows
+            d.force = try await settings.bool("import-force", default: false)
+            importDataset = d
+        } else {
+            for key in ["import-data", "import-bad-rows", "import-batch-rows", "import-force"] where try await settings.string(key) != nil {
+                throw ServiceSettings.SettingError(description: "setting '\(key)' needs 'import' (a dataset spec)")
+            }
+        }
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
@@ -37,6 +85,10 @@ public struct FeaturesApp {
         if let dir = importKuaiRand, try store.countNow(.user) == 0 {
             let (u, i) = try store.importKuaiRand(directory: dir)
             logger.info("imported KuaiRand features", metadata: ["users": "\(u)", "items": "\(i)"])
+        }
+        if let importDataset {
+            let summary = try importDataset.run(into: store) { logger.info("\($0)") }
+            logger.info("\(summary)")
         }
         let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
         let cache = service.cache, metrics = self.metrics

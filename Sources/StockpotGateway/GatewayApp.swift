@@ -38,7 +38,8 @@ public struct GatewayApp {
     /// The gateway's settings (`ServiceSettings`): host, port, max-candidates; `features`, `scorer`,
     /// `corrector`, `fusion` (host:port, or `local`: fusion in this process, with `fusion-config` (default
     /// `fusion@production`) and the registry settings of a registry-backed service); `corrected-crowds`, `corrector-timeout-ms`, `fusion-timeout-ms`,
-    /// `budget-ms`, `crowds` (a crowd definition JSON file), `feature-defaults`, `text-features`; a fallback scorer:
+    /// `budget-ms`, `crowds` (a crowd definition JSON file, or a dataset spec or feature config holding one), `context-defaults`
+    /// (`name=value,…`), `utc-offset-hours`, `feature-defaults`, `text-features`; a fallback scorer:
     /// `fallback-scorer` (host:port), `fallback-model` (default: what it serves), `scorer-timeout-ms` (the main
     /// scorer's share of the budget, default 150); the serving log: `serving-log`
     /// (folder or `off`), `serving-log-segment-mb`, `serving-log-max-gb`, `serving-log-retention-days`,
@@ -103,11 +104,24 @@ public struct GatewayApp {
         }
         if let path = try await settings.string("crowds") {
             do {
-                config.crowds = try JSONDecoder().decode(CrowdDefinition.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+                config.crowds = try CrowdDefinition.decode(from: Data(contentsOf: URL(fileURLWithPath: path)))
             } catch {
-                throw ServiceSettings.SettingError(description: "setting 'crowds': cannot read a crowd definition from \(path): \(error)")
+                throw ServiceSettings.SettingError(description: "setting 'crowds': cannot read a crowd definition (or a dataset spec or feature config holding one) from \(path): \(error)")
+            }
+            guard config.crowds.userColumn != nil || config.crowds.contextColumn != nil || config.crowds.groups.isEmpty else {
+                throw ServiceSettings.SettingError(description: "setting 'crowds': source '\(config.crowds.source)' is neither user:<column> nor log:<column>; the gateway reads the attribute from the user's features or the request's context")
             }
         }
+        if let pairs = try await settings.list("context-defaults") {
+            for p in pairs where !p.isEmpty {
+                let kv = p.split(separator: "=", maxSplits: 1).map(String.init)
+                guard kv.count == 2, !kv[0].isEmpty else {
+                    throw ServiceSettings.SettingError(description: "setting 'context-defaults': '\(p)' is not name=value")
+                }
+                config.contextDefaults[kv[0]] = kv[1]
+            }
+        }
+        if let h = try await settings.int("utc-offset-hours", in: -12...14) { config.utcOffsetHours = h }
         config.featureDefaultsOnFailure = try await settings.bool("feature-defaults", default: false)
         config.typedFeatures = !(try await settings.bool("text-features", default: false))
         if let share = try await settings.double("canary-percent", in: 0...100) { config.canaryShare = share / 100 }

@@ -11,8 +11,12 @@ import Tracing
 
 /// How the gateway runs the pipeline.
 public struct GatewayConfig: Sendable {
-    /// Who belongs to which crowd (the same definition the trainer uses).
+    /// Who belongs to which crowd (the same definition the trainer uses): by a user feature (`user:`) or a
+    /// request context column (`log:`). The default is the built-in KuaiRand example's (`setting crowds`).
     public var crowds: CrowdDefinition = .activity
+    /// Context values a request that lacks them gets (e.g. the scenario when clients do not send it), before
+    /// `date` and `hourmin` are filled from the clock.
+    public var contextDefaults: [String: String] = [:]
     /// Crowds whose requests go through the corrector.
     public var correctedCrowds: Set<String> = ["tail"]
     /// Scorer model reference ("" = what the scorer serves).
@@ -39,7 +43,8 @@ public struct GatewayConfig: Sendable {
     /// understand them (every build with typed columns does); false asks for text only, for a scorer or corrector
     /// that predates them. The user's features are asked as text: they travel on as text.
     public var typedFeatures = true
-    /// Hours east of UTC of the logs' local time (KuaiRand: UTC+8), to fill `date` and `hourmin` from the clock.
+    /// Hours east of UTC of the training logs' local time, to fill `date` and `hourmin` from the clock as the
+    /// logs wrote them (the built-in KuaiRand example: UTC+8; a dataset spec's times are read as UTC: 0).
     public var utcOffsetHours = 8
     public var limits = RequestLimits()
     /// Ranks served at once; one more is refused at once with RESOURCE_EXHAUSTED (0: no limit). Past
@@ -389,6 +394,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             contextMap[f.name] = f.value
         }
         let nowMs = Int64(Date().timeIntervalSince1970 * 1000)
+        for (k, v) in config.contextDefaults where contextMap[k] == nil { contextMap[k] = v }
         fillTime(&contextMap, nowMs: nowMs)
         var degraded: [(String, String)] = []
 
@@ -422,7 +428,7 @@ public struct GatewayService: Stockpot_V1_GatewayService.SimpleServiceProtocol {
             items = Stockpot_V1_EntityBatch.with { $0.ids = ids }
             degraded.append(("features", Self.reason(error)))
         }
-        let crowd = config.crowds.crowd(of: config.crowds.userColumn.flatMap { userFeatures[$0] } ?? "")
+        let crowd = config.crowds.crowd(userFeatures: userFeatures, context: contextMap)
         let userList = userFeatures.map { k, v in Stockpot_V1_Feature.with { $0.name = k; $0.value = v } }.sorted { $0.name < $1.name }
         let contextList = contextMap.map { k, v in Stockpot_V1_Feature.with { $0.name = k; $0.value = v } }.sorted { $0.name < $1.name }
 

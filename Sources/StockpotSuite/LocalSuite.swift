@@ -40,8 +40,38 @@ public final class LocalSuite: Sendable {
         /// separate processes do.
         public var inProcessHops = true
         public var log: @Sendable (String) -> Void = { line in FileHandle.standardError.write(Data((line + "\n").utf8)) }
+        /// Serve another data set than KuaiRand-Pure (`docs/datasets.md`): the feature store imports its
+        /// tables, the bootstrap model trains on it, and the gateway takes its crowds; nil: KuaiRand.
+        public var dataset: Dataset?
 
         public init() {}
+    }
+
+    /// A data set the suite serves instead of KuaiRand-Pure.
+    public struct Dataset: Sendable {
+        public var spec: DatasetSpec
+        /// The folder the spec's paths are relative to.
+        public var directory: URL
+        /// The feature config the bootstrap legacy model trains with (its crowds replaced by the spec's, if any).
+        public var config: FeatureConfig
+        /// Days the bootstrap legacy model is trained on, pooled.
+        public var trainDays: String
+        /// Passes over them.
+        public var epochs = 2
+
+        public init(spec: DatasetSpec, directory: URL, config: FeatureConfig, trainDays: String) {
+            self.spec = spec
+            self.directory = directory
+            self.config = config
+            if let crowds = spec.crowds { self.config.crowds = crowds }
+            self.trainDays = trainDays
+        }
+
+        /// The gateway settings this data set needs: its crowds, and times read as UTC (as the spec reads them).
+        public func configure(_ gateway: inout GatewayConfig) {
+            gateway.crowds = config.crowds
+            gateway.utcOffsetHours = 0
+        }
     }
 
     public static let order = ["registry", "features", "scorer", "corrector", "fusion", "gateway"]
@@ -107,7 +137,11 @@ public final class LocalSuite: Sendable {
         var featuresApp = FeaturesApp()
         featuresApp.port = o.ports[1]
         featuresApp.databasePath = dir.appendingPathComponent("features.sqlite").path
-        featuresApp.importKuaiRand = o.kuaiRand
+        if let d = o.dataset {
+            featuresApp.importDataset = FeaturesApp.DatasetImport(spec: d.spec, directory: d.directory)
+        } else {
+            featuresApp.importKuaiRand = o.kuaiRand
+        }
         featuresApp.inProcess = o.inProcessHops
         let features = try featuresApp.build(logger: logger)
         try await launch("features", server: features.server, services: features.services)
@@ -151,7 +185,7 @@ public final class LocalSuite: Sendable {
                                 "corrector": corrector.server.inProcess, "fusion": fusion.server.inProcess].compactMapValues { $0 }
         gatewayApp.servingLog = ServingLog.Options(directory: dir.appendingPathComponent("serving-log"))
         // Live calibration of what the suite serves, against the KuaiRand labels of the same impressions.
-        gatewayApp.liveQuality = (o.kuaiRand.appendingPathComponent(KuaiRandData.logFile), .seconds(30))
+        if o.dataset == nil { gatewayApp.liveQuality = (o.kuaiRand.appendingPathComponent(KuaiRandData.logFile), .seconds(30)) }
         gatewayApp.config = o.gateway
         if o.localFusion {
             var local = FusionApp()
@@ -187,7 +221,8 @@ public final class LocalSuite: Sendable {
         return tokens
     }
 
-    /// Registers a legacy model trained on KuaiRand (`legacy@production`) and the default fusion config
+    /// Registers a legacy model trained on KuaiRand, or on `Options.dataset` (`legacy@production`), and the
+    /// default fusion config (equal weights over a data set's objectives)
     /// (`fusion@production`) when the registry at `registry` has none. Idempotent.
     public static func bootstrap(registry address: String, token: String?, options o: Options) async throws {
         var waitForReady = CallOptions.defaults
@@ -197,12 +232,17 @@ public final class LocalSuite: Sendable {
             _ = try? await Stockpot_V1_RegistryService.Client(wrapping: client).listVersions(.init(), options: waitForReady)
             let registry = RegistryClient(wrapping: client, token: token)
             if (try? await registry.resolve("legacy@production")) == nil {
-                o.log("registry has no legacy@production: training the legacy model on \(o.legacyTrainDays)")
+                let days = o.dataset?.trainDays ?? o.legacyTrainDays
+                o.log("registry has no legacy@production: training the legacy model on \(o.dataset.map { "dataset '\($0.spec.name)' " } ?? "")\(days)")
                 BLAS.useSingleThread()
-                let data = try KuaiRandData.load(directory: o.kuaiRand)
-                let job = LegacyTraining(data: data, config: try FeatureConfig.builtIn(), options: TrainingOptions(), log: o.log)
+                let data = try o.dataset.map { try $0.spec.load(directory: $0.directory, log: o.log).0 } ?? KuaiRandData.load(directory: o.kuaiRand)
+                let job = LegacyTraining(data: data, config: try o.dataset?.config ?? FeatureConfig.builtIn(), options: TrainingOptions(), log: o.log)
                 let out = o.dataDirectory.appendingPathComponent("training/legacy")
-                let trained = try job.incremental(days: try DayRange(o.legacyTrainDays), warmStart: nil, out: out, keep: 1)
+                // KuaiRand: day by day, as production trains. A data set of its own: pooled over its days (a long
+                // log of sparse days would otherwise write a checkpoint per day).
+                let trained = o.dataset == nil
+                    ? try job.incremental(days: try DayRange(days), warmStart: nil, out: out, keep: 1)
+                    : try job.fromScratch(days: try DayRange(days), epochs: o.dataset!.epochs, out: out)
                 let folder = o.dataDirectory.appendingPathComponent("training/legacy-artifact")
                 try? FileManager.default.removeItem(at: folder)
                 try trained.model.save(to: folder) // model.json + weights.safetensors only
@@ -219,9 +259,12 @@ public final class LocalSuite: Sendable {
                 try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
                 let enc = JSONEncoder()
                 enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                try enc.encode(FusionConfig.default).write(to: folder.appendingPathComponent(FusionConfig.fileName))
-                let v = try await registry.register(name: "fusion", kind: "fusion-config", metadata: ["source": "built-in default"], folder: folder)
-                _ = try await registry.promote("fusion:\(v.version)", alias: "production", reason: "bootstrap: the built-in default fusion config")
+                // A data set of its own: every objective weighs alike until a fusion search finds better weights.
+                let config = o.dataset.map { FusionConfig(scenarios: ["default": .init(terms: FusionConfig.equalWeights($0.config.objectives))]) } ?? .default
+                try enc.encode(config).write(to: folder.appendingPathComponent(FusionConfig.fileName))
+                let source = o.dataset == nil ? "built-in default" : "equal weights over the dataset's objectives"
+                let v = try await registry.register(name: "fusion", kind: "fusion-config", metadata: ["source": source], folder: folder)
+                _ = try await registry.promote("fusion:\(v.version)", alias: "production", reason: "bootstrap: \(source)")
                 o.log("registered fusion:\(v.version) as fusion@production")
             }
         }

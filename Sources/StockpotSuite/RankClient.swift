@@ -39,6 +39,42 @@ public enum RankClient {
         try r.jsonString()
     }
 
+    /// Real requests from a dataset's log (`docs/datasets.md`): on `day` (default: the log's last), the users
+    /// with the most impressions, each with the items shown that day as candidates and the context columns
+    /// (`log.context`) of the first impression, with its `date` and `hourmin`.
+    public static func demoRequests(dataset spec: DatasetSpec, directory: URL, day: Int? = nil, count: Int) throws -> [Stockpot_V1_RankRequest] {
+        let (data, _) = try spec.load(directory: directory)
+        let dates = try data.log.column("date").compactMap(Int.init)
+        guard let last = day ?? dates.max() else { return [] }
+        let rows = try data.rows(in: try DayRange(String(last)))
+        var byUser: [Int: [Int]] = [:]
+        var order: [Int] = []
+        for r in rows {
+            if byUser[data.userIds[r]] == nil { order.append(data.userIds[r]) }
+            byUser[data.userIds[r], default: []].append(r)
+        }
+        let hourmin = try data.log.column("hourmin")
+        let contextColumns = try (spec.log.context ?? []).map { ($0, try data.log.column($0)) }
+        let picked = order.sorted { (byUser[$0]!.count, $1) > (byUser[$1]!.count, $0) }.prefix(count)
+        return picked.map { user in
+            let impressions = byUser[user]!
+            let first = impressions[0]
+            // Candidates: the items shown to the user that day in the first impression's context (a campaign's
+            // items are not another campaign's candidates).
+            let same = impressions.filter { r in contextColumns.allSatisfy { $0.1[r] == $0.1[first] } }
+            return .with {
+                $0.userID = Int64(user)
+                $0.scenario = "default"
+                $0.candidateIds = Array(Set(same.map { Int64(data.videoIds[$0]) })).sorted()
+                $0.topK = 10
+                $0.context = contextColumns.map { name, values in .with { $0.name = name; $0.value = values[first] } } + [
+                    .with { $0.name = "hourmin"; $0.value = hourmin[first] },
+                    .with { $0.name = "date"; $0.value = String(last) },
+                ]
+            }
+        }
+    }
+
     /// Real requests for the demo: users from the test days with the videos they were shown that day.
     public static func demoRequests(kuaiRand: URL, count: Int) throws -> [Stockpot_V1_RankRequest] {
         let data = try KuaiRandData.load(directory: kuaiRand)

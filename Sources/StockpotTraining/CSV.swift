@@ -26,13 +26,10 @@ public struct CSVTable: Sendable {
         columns[try columnIndex(name, file: file)]
     }
 
-    /// Reads a whole CSV file (or, with `delimiter` a tab and `quotes` false, a TSV file, where `"` is an ordinary
+    /// Reads a whole CSV file, gzip or not (or, with `delimiter` a tab and `quotes` false, a TSV file, where `"` is an ordinary
     /// character). Rows with the wrong number of fields are an error that names the line.
     public static func read(_ url: URL, delimiter: UInt8 = UInt8(ascii: ","), quotes: Bool = true) throws -> CSVTable {
-        let data: Data
-        do { data = try Data(contentsOf: url) } catch {
-            throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)")
-        }
+        let data = try FileBytes.read(url)
         return try parse(data, name: url.lastPathComponent, delimiter: delimiter, quotes: quotes)
     }
 
@@ -60,7 +57,8 @@ public struct CSVTable: Sendable {
         }
     }
 
-    private struct Parser {
+    /// The RFC 4180 record reader over a buffer of bytes (also used block by block by `RecordStream`).
+    struct Parser {
         let bytes: UnsafeBufferPointer<UInt8>
         let delimiter: UInt8
         let quotes: Bool

@@ -88,7 +88,7 @@ public struct EncodedDataset: Sendable {
             }
         }
         self.rows = rows
-        let labelColumns = try heads.map { try data.log.column($0, file: KuaiRandData.logFile) }
+        let labelColumns = try heads.map { try data.log.column($0, file: data.names.log) }
         var labels = [Float](repeating: 0, count: logRows.count * heads.count)
         for (s, r) in logRows.enumerated() {
             for (k, col) in labelColumns.enumerated() {

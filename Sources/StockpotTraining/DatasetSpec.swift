@@ -81,6 +81,10 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         /// Columns looked up by another column's value (e.g. the affinity of the item shown, held in one column per
         /// item): `name` takes the value of column `prefix + <row's column value>`, empty when there is none.
         public var lookups: [Lookup]?
+        /// Columns of the impression a Rank request carries in its context (the scenario, the campaign, the
+        /// tab…): what `log:<column>` fields and a `log:` crowd read at serving time. Replays and demo requests
+        /// send them; each must be a column of the log (or a lookup).
+        public var context: [String]?
     }
 
     /// A derived log column: the value of the column named `prefix` + this row's `column` value.
@@ -100,6 +104,14 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
     public var itemDate: String?
     /// The crowds (e.g. by an activity column): when given, they replace the feature config's.
     public var crowds: CrowdDefinition?
+    /// What `stockpot fusion search` optimises (default: the GAUC of every objective). A graded target reads
+    /// a numeric column of the log (a watch time, a rating) as an NDCG gain.
+    public var fusionTargets: [FusionTarget]?
+
+    /// The fusion search's targets: `fusionTargets`, or every objective as a binary target.
+    public var searchTargets: [FusionTarget] {
+        fusionTargets ?? objectives.map { FusionTarget(name: $0, column: $0, kind: .binary) }
+    }
 
     /// The objectives in head order.
     public var objectives: [String] { log.objectives ?? log.labels.keys.sorted() }
@@ -262,6 +274,9 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             raw = CSVTable(header: raw.header + [l.name], columns: raw.columns + [values])
         }
         guard raw.rowCount > 0 else { throw TrainingError.data("dataset '\(name)': the log files hold no rows") }
+        for c in log.context ?? [] where !raw.header.contains(c) {
+            throw TrainingError.data("dataset '\(name)': context column '\(c)' is not a column of the log (columns: \(raw.header.joined(separator: ", ")))")
+        }
         func column(_ c: String) throws -> [String] {
             guard let i = raw.header.firstIndex(of: c) else {
                 throw TrainingError.data("dataset '\(name)': the log (\(log.files.map(\.path).joined(separator: ", "))) has no column '\(c)' (columns: \(raw.header.joined(separator: ", ")))")
@@ -388,7 +403,11 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         let users = try keyed(self.users, logKeys: userIds, keyColumns: log.user, rowKeys: userKeys, name: "user_id", extra: [:])
         let items = try keyed(self.items, logKeys: itemIds, keyColumns: log.item, rowKeys: itemKeys, name: "video_id",
                               extra: itemDate.map { ["upload_dt": $0] } ?? [:])
-        let data = try KuaiRandData(log: logTable, users: users, videos: items)
+        let tableNames = { (t: Table?, fallback: String) in t.map { $0.files.map(\.path).joined(separator: ", ") } ?? fallback }
+        let data = try KuaiRandData(log: logTable, users: users, videos: items, names: .init(
+            log: "dataset '\(name)' log (\(log.files.map(\.path).joined(separator: ", ")))",
+            users: "dataset '\(name)' users (\(tableNames(self.users, "made from the log's key columns")))",
+            videos: "dataset '\(name)' items (\(tableNames(self.items, "made from the log's key columns")))"))
         logLine("dataset '\(name)': \(data.log.rowCount) impressions (\(dropped) duplicates \((log.duplicates ?? .merge) == .merge ? "merged" : "dropped")), \(userIds.count) users, \(itemIds.count) items; "
                 + objectives.map { String(format: "%@ %.2f%%", $0, 100 * rates[$0]!) }.joined(separator: ", "))
         return (data, LoadReport(rows: data.log.rowCount, duplicatesDropped: dropped, positiveRates: rates))
@@ -411,15 +430,17 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         return out
     }
 
-    /// 63-bit FNV-1a of the key's UTF-8 text.
-    static func hash(_ k: String) -> Int {
+    /// 63-bit FNV-1a of the key's UTF-8 text: the id of a key under `ids: hash` (composite keys joined by `|`),
+    /// for clients that send ids to the gateway.
+    public static func hash(_ k: String) -> Int {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         for b in k.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
         return Int(h & 0x7FFF_FFFF_FFFF_FFFF)
     }
 
     static func format(of path: String) -> Format {
-        let p = path.lowercased()
+        var p = path.lowercased()
+        if p.hasSuffix(".gz") { p = String(p.dropLast(3)) }
         if p.hasSuffix(".tsv") { return .tsv }
         if p.hasSuffix(".jsonl") || p.hasSuffix(".ndjson") { return .jsonl }
         return .csv
@@ -432,8 +453,7 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         case .csv: return try CSVTable.read(url)
         case .tsv: return try CSVTable.read(url, delimiter: UInt8(ascii: "\t"), quotes: false)
         case .jsonl:
-            let bytes: Data
-            do { bytes = try Data(contentsOf: url) } catch { throw TrainingError.data("cannot read \(url.path): \(error.localizedDescription)") }
+            let bytes = try FileBytes.read(url)
             var header: [String] = [], columns: [String: [String]] = [:], count = 0, lines: [Int] = []
             let decoder = JSONDecoder()
             // Lines split on the byte \n (a "\r\n" ending leaves a "\r", trimmed as whitespace).

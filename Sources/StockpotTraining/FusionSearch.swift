@@ -87,17 +87,17 @@ public struct FusionData: Sendable {
         for j in 0..<k { scores[j] = (0..<rows.count).map { Double(predictions[$0 * k + j]) } }
         var values: [[Double]] = []
         for t in targets {
-            let col = try data.log.column(t.column, file: KuaiRandData.logFile)
+            let col = try data.log.column(t.column, file: data.names.log)
             var v = [Double](repeating: 0, count: rows.count)
             for (s, r) in rows.enumerated() {
                 guard let x = t.value(col[r]) else {
-                    throw TrainingError.data("\(KuaiRandData.logFile) row \(r + 2), column '\(t.column)': '\(col[r])' is not a number")
+                    throw TrainingError.data("\(data.names.log) row \(r + 2), column '\(t.column)': '\(col[r])' is not a number")
                 }
                 v[s] = x
             }
             values.append(v)
         }
-        let scenarioValues = try scenarioColumn.map { try data.log.column($0, file: KuaiRandData.logFile) }
+        let scenarioValues = try scenarioColumn.map { try data.log.column($0, file: data.names.log) }
         let crowd = try data.accessor(for: crowds.source)
         self.init(objectives: objectives, scores: scores, targets: targets, values: values,
                   users: rows.map { data.userIds[$0] },

@@ -24,7 +24,7 @@ public struct InteractionHistory: Sendable {
     ///   `label` column.
     public init(data: KuaiRandData, label: String = "is_click", length: Int = 20) throws {
         guard (1...1024).contains(length) else { throw TrainingError.config("history length must be 1...1024, not \(length)") }
-        let labels = try data.log.column(label, file: KuaiRandData.logFile)
+        let labels = try data.log.column(label, file: data.names.log)
         self.length = length
         self.label = label
         let n = data.log.rowCount
@@ -58,7 +58,7 @@ public struct InteractionHistory: Sendable {
     /// Users with no interaction yet are left out.
     public static func latest(data: KuaiRandData, through day: Int, label: String = "is_click", length: Int = 20) throws -> [Int: [Int]] {
         guard (1...1024).contains(length) else { throw TrainingError.config("history length must be 1...1024, not \(length)") }
-        let labels = try data.log.column(label, file: KuaiRandData.logFile)
+        let labels = try data.log.column(label, file: data.names.log)
         let rows = (0..<data.log.rowCount).filter { data.dates[$0] <= day && labels[$0] == "1" }
             .sorted { (data.userIds[$0], data.timeMs[$0], $0) < (data.userIds[$1], data.timeMs[$1], $1) }
         var out: [Int: [Int]] = [:]

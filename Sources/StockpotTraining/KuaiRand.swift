@@ -40,9 +40,26 @@ public struct KuaiRandData: Sendable {
     public static let userFile = "user_features_pure.csv"
     public static let videoFile = "video_features_basic_pure.csv"
 
+    /// What errors call the three tables: KuaiRand's file names, or a dataset spec's files.
+    public struct SourceNames: Sendable {
+        public var log: String
+        public var users: String
+        public var videos: String
+
+        public init(log: String, users: String, videos: String) {
+            self.log = log
+            self.users = users
+            self.videos = videos
+        }
+
+        public static let kuaiRand = SourceNames(log: KuaiRandData.logFile, users: KuaiRandData.userFile, videos: KuaiRandData.videoFile)
+    }
+
     public let log: CSVTable
     public let users: CSVTable
     public let videos: CSVTable
+    /// The tables' names in messages.
+    public let names: SourceNames
     /// Per log row: row in `users` / `videos`, or -1 when the id has no feature row.
     public let userRow: [Int32]
     public let videoRow: [Int32]
@@ -81,19 +98,20 @@ public struct KuaiRandData: Sendable {
         return try KuaiRandData(log: raw, users: users, videos: videos)
     }
 
-    public init(log raw: CSVTable, users: CSVTable, videos: CSVTable) throws {
-        let log = try Self.mergeDuplicates(raw)
+    public init(log raw: CSVTable, users: CSVTable, videos: CSVTable, names: SourceNames = .kuaiRand) throws {
+        self.names = names
+        let log = try Self.mergeDuplicates(raw, names: names)
         self.duplicatesMerged = raw.rowCount - log.rowCount
         self.log = log
         self.users = users
         self.videos = videos
-        let uid = try log.column("user_id", file: Self.logFile)
-        let vid = try log.column("video_id", file: Self.logFile)
-        let date = try log.column("date", file: Self.logFile)
+        let uid = try log.column("user_id", file: names.log)
+        let vid = try log.column("video_id", file: names.log)
+        let date = try log.column("date", file: names.log)
         var userIndex: [String: Int32] = [:]
-        for (i, u) in try users.column("user_id", file: Self.userFile).enumerated() { userIndex[u] = Int32(i) }
+        for (i, u) in try users.column("user_id", file: names.users).enumerated() { userIndex[u] = Int32(i) }
         var videoIndex: [String: Int32] = [:]
-        for (i, v) in try videos.column("video_id", file: Self.videoFile).enumerated() { videoIndex[v] = Int32(i) }
+        for (i, v) in try videos.column("video_id", file: names.videos).enumerated() { videoIndex[v] = Int32(i) }
         userRow = uid.map { userIndex[$0] ?? -1 }
         videoRow = vid.map { videoIndex[$0] ?? -1 }
         userIds = uid.map { Int($0) ?? -1 }
@@ -102,12 +120,12 @@ public struct KuaiRandData: Sendable {
         dates.reserveCapacity(date.count)
         for (i, d) in date.enumerated() {
             guard let v = Int(d), DayRange.isDate(v) else {
-                throw TrainingError.data("\(Self.logFile) row \(i + 2): bad date '\(d)'")
+                throw TrainingError.data("\(names.log) row \(i + 2): bad date '\(d)'")
             }
             dates.append(v)
         }
         self.dates = dates
-        timeMs = try log.column("time_ms", file: Self.logFile).map { Int($0) ?? 0 }
+        timeMs = try log.column("time_ms", file: names.log).map { Int($0) ?? 0 }
         dayNumber = dates.map { Int32(DerivedFeatures.dayNumber(yyyymmdd: $0) ?? 0) }
         let upload = (try? videos.column("upload_dt")) ?? []
         videoUploadDay = upload.map { DerivedFeatures.dayNumber(isoDate: $0).map(Int32.init) ?? Int32.min }
@@ -119,10 +137,10 @@ public struct KuaiRandData: Sendable {
     ]
     static let maxColumns: Set<String> = ["play_time_ms", "profile_stay_time", "comment_stay_time"]
 
-    static func mergeDuplicates(_ t: CSVTable) throws -> CSVTable {
-        let u = try t.columnIndex("user_id", file: logFile)
-        let v = try t.columnIndex("video_id", file: logFile)
-        let ts = try t.columnIndex("time_ms", file: logFile)
+    static func mergeDuplicates(_ t: CSVTable, names: SourceNames = .kuaiRand) throws -> CSVTable {
+        let u = try t.columnIndex("user_id", file: names.log)
+        let v = try t.columnIndex("video_id", file: names.log)
+        let ts = try t.columnIndex("time_ms", file: names.log)
         var firstRow: [String: Int] = [:]
         var keep: [Int] = []
         var mergeInto: [(into: Int, from: Int)] = []
@@ -169,10 +187,10 @@ public struct KuaiRandData: Sendable {
 
     public func accessor(for source: String) throws -> Accessor {
         switch try FieldSource(source) {
-        case .log(let c): return Accessor(kind: .log(try log.columnIndex(c, file: Self.logFile)))
-        case .user(let c): return Accessor(kind: .user(try users.columnIndex(c, file: Self.userFile)))
-        case .video(let c): return Accessor(kind: .video(try videos.columnIndex(c, file: Self.videoFile)))
-        case .hour: return Accessor(kind: .hour(try log.columnIndex("hourmin", file: Self.logFile)))
+        case .log(let c): return Accessor(kind: .log(try log.columnIndex(c, file: names.log)))
+        case .user(let c): return Accessor(kind: .user(try users.columnIndex(c, file: names.users)))
+        case .video(let c): return Accessor(kind: .video(try videos.columnIndex(c, file: names.videos)))
+        case .hour: return Accessor(kind: .hour(try log.columnIndex("hourmin", file: names.log)))
         case .videoAgeDays: return Accessor(kind: .videoAge)
         }
     }

@@ -35,7 +35,8 @@ public enum OpenBandit {
             log: .init(files: chosen.map { .init(path: "\(policy)/\($0)/\($0).csv", constants: constant($0)) },
                        user: (0..<4).map { "user_feature_\($0)" }, item: ["campaign", "item_id"],
                        time: .init(column: "timestamp", format: .iso8601), labels: ["is_click": "click"],
-                       duplicates: .merge, lookups: [.init(name: "affinity", prefix: "user-item_affinity_", column: "item_id")]),
+                       duplicates: .merge, lookups: [.init(name: "affinity", prefix: "user-item_affinity_", column: "item_id")],
+                       context: ["campaign"]),
             items: .init(files: chosen.map { .init(path: "\(policy)/\($0)/item_context.csv", constants: constant($0)) }, key: ["campaign", "item_id"]),
             crowds: CrowdDefinition(source: "log:campaign", groups: [.init(name: "men", values: ["men"]), .init(name: "women", values: ["women"])],
                                     otherwise: "all-items"))

@@ -84,7 +84,7 @@ public struct ServingLogSamples {
         // Labels by (user, video, date).
         struct Key: Hashable { var user: Int; var video: Int; var date: Int }
         var labels: [Key: [Float]] = [:]
-        let labelColumns = try spec.heads.map { try data.log.column($0, file: KuaiRandData.logFile) }
+        let labelColumns = try spec.heads.map { try data.log.column($0, file: data.names.log) }
         for r in 0..<data.log.rowCount {
             labels[Key(user: data.userIds[r], video: data.videoIds[r], date: data.dates[r])] = labelColumns.map { $0[r] == "1" ? 1 : 0 }
         }

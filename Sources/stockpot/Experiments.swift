@@ -6,7 +6,7 @@ import StockpotTraining
 
 /// `stockpot experiment correctors`: the crowd-corrector study on KuaiRand, for both legacy feature sets.
 struct Experiment: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Reproducible studies.", subcommands: [Correctors.self, Distill.self, Structure.self, Position.self, Tab.self, Adversarial.self, Seed.self])
+    static let configuration = CommandConfiguration(abstract: "Reproducible studies.", subcommands: [Correctors.self, Distill.self, Structure.self, Position.self, Tab.self, Adversarial.self, Seed.self, DatasetStudy.self])
 
     struct Correctors: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

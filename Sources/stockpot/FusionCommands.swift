@@ -66,6 +66,7 @@ struct Fusion: AsyncParsableCommand {
 
         func run() async throws {
             let (data, config) = try dataOptions.load()
+            let targets = try dataOptions.fusionTargets()
             let searchDays = try parseDays(days)
             let test = testDays.isEmpty ? nil : try parseDays(testDays)
             if let test, test.first <= searchDays.last {
@@ -112,7 +113,7 @@ struct Fusion: AsyncParsableCommand {
                     return j
                 }
                 let picked = (0..<rows.count).flatMap { i in columns.map { p[i * k + $0] } }
-                return try FusionData(data: data, rows: rows, objectives: wanted, predictions: picked, targets: FusionTarget.kuaiRand,
+                return try FusionData(data: data, rows: rows, objectives: wanted, predictions: picked, targets: targets,
                                       scenarioColumn: scenario, crowds: config.crowds)
             }
             let searchData = try load(searchDays)

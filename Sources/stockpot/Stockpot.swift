@@ -39,6 +39,19 @@ struct DataOptions: ParsableArguments {
     @Option(help: "Feature config JSON, or builtin:NAME (legacy-kuairand (default), legacy-kuairand-v0, corrector-kuairand, legacy-openbandit).")
     var config: String?
 
+    /// The crowds a `--dataset` spec declares (nil without one, or when it declares none): they replace any
+    /// feature config's, the corrector's too.
+    func specCrowds() throws -> CrowdDefinition? {
+        guard let dataset else { return nil }
+        return try DatasetSpec.load(URL(fileURLWithPath: dataset)).crowds
+    }
+
+    /// What a fusion search optimises: the spec's targets with `--dataset`, KuaiRand's without.
+    func fusionTargets() throws -> [FusionTarget] {
+        guard let dataset else { return FusionTarget.kuaiRand }
+        return try DatasetSpec.load(URL(fileURLWithPath: dataset)).searchTargets
+    }
+
     func load(log: Bool = true) throws -> (KuaiRandData, FeatureConfig) {
         if let dataset {
             guard config != nil else { throw ValidationError("--dataset needs --config: the built-in feature configs read KuaiRand's columns") }

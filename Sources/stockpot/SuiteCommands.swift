@@ -28,6 +28,13 @@ struct Suite: AsyncParsableCommand {
     @Option(help: "Ranks the gateway serves at once; more are refused at once with RESOURCE_EXHAUSTED (0 = no limit).")
     var maxInFlight: Int = GatewayConfig().maxInFlight
     @Flag(help: "The gateway's limit on Ranks in progress follows measured latency, up to --max-in-flight.") var adaptiveInFlight = false
+    @Option(help: "Serve this dataset spec instead of KuaiRand-Pure (docs/datasets.md): the feature store imports its tables, the first model trains on it.")
+    var dataset: String?
+    @Option(help: "With --dataset: the folder its paths are relative to (default: the spec's folder).") var datasetRoot: String?
+    @Option(help: "With --dataset: the feature config of the first legacy model (a JSON file, or builtin:NAME).") var config: String?
+    @Option(help: "With --dataset: the days the first legacy model trains on (yyyymmdd..yyyymmdd).") var trainDays: String?
+    @Option(help: "Crowds routed through the corrector, comma-separated (default: tail, the KuaiRand example's; with --dataset, none until named).")
+    var correctedCrowds: String?
 
     /// The metrics port, or nil for none.
     var metricsPortNumber: Int? {
@@ -42,6 +49,12 @@ struct Suite: AsyncParsableCommand {
 
     func validate() throws {
         _ = try metricsPortNumber
+        if dataset != nil {
+            guard config != nil, trainDays != nil else { throw ValidationError("--dataset needs --config FEATURES and --train-days A..B for its first legacy model") }
+            guard kuairand == nil else { throw ValidationError("--kuairand and --dataset exclude each other") }
+        } else if datasetRoot != nil || config != nil || trainDays != nil {
+            throw ValidationError("--dataset-root, --config and --train-days go with --dataset")
+        }
         var gateway = GatewayConfig()
         do { try gateway.limitInFlight(max: maxInFlight, adaptive: adaptiveInFlight) } catch { throw ValidationError("--\(error)") }
     }
@@ -54,8 +67,29 @@ struct Suite: AsyncParsableCommand {
         options.localFusion = localFusion
         options.inProcessHops = !tcpHops
         try options.gateway.limitInFlight(max: maxInFlight, adaptive: adaptiveInFlight)
+        if let dataset, let config, let trainDays {
+            let url = URL(fileURLWithPath: dataset)
+            let spec = try DatasetSpec.load(url)
+            let features = try FeatureConfig.load(path: config)
+            guard features.objectives.allSatisfy(spec.objectives.contains) else {
+                throw ValidationError("the feature config's objectives \(features.objectives) are not all labels of dataset '\(spec.name)' (\(spec.objectives))")
+            }
+            _ = try DayRange(trainDays)
+            let d = LocalSuite.Dataset(spec: spec, directory: datasetRoot.map { URL(fileURLWithPath: $0) } ?? url.deletingLastPathComponent(),
+                                       config: features, trainDays: trainDays)
+            d.configure(&options.gateway)
+            options.gateway.correctedCrowds = []
+            options.dataset = d
+        }
+        if let correctedCrowds {
+            options.gateway.correctedCrowds = Set(correctedCrowds.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty })
+            let known = Set(options.gateway.crowds.names)
+            if let unknown = options.gateway.correctedCrowds.first(where: { !known.contains($0) }) {
+                throw ValidationError("--corrected-crowds: '\(unknown)' is not a crowd (crowds: \(options.gateway.crowds.names.joined(separator: ", ")))")
+            }
+        }
         let suite = LocalSuite(options: options)
-        let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand
+        let demo = demoRequests, exitAfter = exitAfterDemo, kuaiRand = options.kuaiRand, dataset = options.dataset
         let logger = Logger(label: "stockpot.suite")
         // One endpoint for the six services of this process (each series has a `service` label).
         let metrics = try metricsPortNumber.map { MetricsEndpoint(hub: .process, host: "127.0.0.1", port: $0, logger: logger) }
@@ -63,7 +97,9 @@ struct Suite: AsyncParsableCommand {
             try await suite.waitUntilServing()
             Console.out("all six services SERVING: " + LocalSuite.order.map { "\($0)=\(suite.address($0))" }.joined(separator: " "))
             if let metrics, let port = try? await metrics.port() { Console.out("metrics: http://127.0.0.1:\(port)/metrics") }
-            for request in try RankClient.demoRequests(kuaiRand: kuaiRand, count: demo) {
+            let requests = try dataset.map { try RankClient.demoRequests(dataset: $0.spec, directory: $0.directory, count: demo) }
+                ?? RankClient.demoRequests(kuaiRand: kuaiRand, count: demo)
+            for request in requests {
                 let response = try await RankClient.rank(gateway: suite.address("gateway"), request: request)
                 Console.out("\nRank user \(request.userID), \(request.candidateIds.count) candidates, top \(request.topK):")
                 Console.out(RankClient.table(response))

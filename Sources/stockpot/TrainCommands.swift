@@ -49,7 +49,11 @@ struct Train: AsyncParsableCommand {
 
         func run() async throws {
             let (data, _) = try dataOptions.load()
-            let config = try correctorConfig.map { try FeatureConfig.load(URL(fileURLWithPath: $0)) } ?? FeatureConfig.builtInCorrector()
+            var config = try correctorConfig.map { try FeatureConfig.load(URL(fileURLWithPath: $0)) } ?? FeatureConfig.builtInCorrector()
+            if dataOptions.dataset != nil && correctorConfig == nil {
+                throw ValidationError("--dataset needs --corrector-config: the built-in corrector config reads KuaiRand's columns")
+            }
+            if let crowds = try dataOptions.specCrowds() { config.crowds = crowds }
             guard config.crowds.names.contains(crowd) else { throw ValidationError("unknown crowd '\(crowd)' (crowds: \(config.crowds.names))") }
             let legacyModel = try LegacyModel.load(from: URL(fileURLWithPath: legacy))
             var options = TrainingOptions()
@@ -438,7 +442,10 @@ struct Eval: AsyncParsableCommand {
             guard let first = model.first else { throw ValidationError("--corrector needs --model (the legacy model under it)") }
             let c = try LegacyModel.load(from: URL(fileURLWithPath: corrector))
             let crowd = c.spec.metadata["crowd"] ?? "tail"
-            let cjob = CorrectorTraining(data: data, config: try FeatureConfig.builtInCorrector(), log: Console.info)
+            // Only the crowds matter here (the corrector's fields are in its own spec): the data set's.
+            var cconfig = try FeatureConfig.builtInCorrector()
+            cconfig.crowds = config.crowds
+            let cjob = CorrectorTraining(data: data, config: cconfig, log: Console.info)
             let (_, corrected, ds) = try cjob.predictWithCorrector(legacy: try LegacyModel.load(from: URL(fileURLWithPath: first)),
                                                                    corrector: c, crowd: crowd, days: test)
             reports.append(("\(first) + \(corrector) on \(crowd)", EvaluationReport(predictions: corrected, dataset: ds, crowds: config.crowds)))

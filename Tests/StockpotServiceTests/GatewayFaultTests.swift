@@ -922,3 +922,43 @@ struct FlakyScorer: Stockpot_V1_ScorerService.SimpleServiceProtocol {
         #expect(calls == 1)
     }
 }
+
+/// A crowd read from the request's context (`log:<column>`, a dataset spec's crowd such as Open Bandit's
+/// campaign), with configured context defaults for requests that lack the column.
+@Suite struct GatewayContextCrowds {
+    @Test func aLogCrowdRoutesByTheRequestContextAndDefaultsFillIt() async throws {
+        let faults = Faults()
+        try await withFakeDownstream(faults, configure: {
+            $0.crowds = CrowdDefinition(source: "log:campaign", groups: [.init(name: "women", values: ["women"])], otherwise: "other")
+            $0.correctedCrowds = ["women"]
+            $0.contextDefaults = ["campaign": "women", "surface": "app"]
+            $0.utcOffsetHours = 0
+        }) { gateway in
+            func rank(_ context: [String: String]) async throws -> Stockpot_V1_RankResponse {
+                try await withContext { c in
+                    try await gateway.rank(request: .with { r in
+                        r.userID = 7
+                        r.candidateIds = ids
+                        r.context = context.map { k, v in .with { $0.name = k; $0.value = v } }
+                    }, context: c)
+                }
+            }
+            let before = faults.calls.withLock { $0["corrector"] ?? 0 }
+            let men = try await rank(["campaign": "men"])
+            #expect(men.crowd == "other" && faults.calls.withLock { $0["corrector"] ?? 0 } == before)
+            // The user's features say low_active: a user-feature crowd would not name this one.
+            let women = try await rank(["campaign": "women"])
+            #expect(women.crowd == "women" && faults.calls.withLock { $0["corrector"] ?? 0 } == before + 1)
+            // No campaign in the request: the default fills it, and the scorer sees it in the context.
+            let defaulted = try await rank([:])
+            #expect(defaulted.crowd == "women")
+            let sent = try #require(faults.lastScore.withLock { $0 })
+            let context = Dictionary(uniqueKeysWithValues: sent.context.map { ($0.name, $0.value) })
+            #expect(context["campaign"] == "women" && context["surface"] == "app" && context["date"]?.count == 8)
+            // A default never replaces what the request says.
+            _ = try await rank(["surface": "web"])
+            let again = try #require(faults.lastScore.withLock { $0 })
+            #expect(again.context.first { $0.name == "surface" }?.value == "web")
+        }
+    }
+}

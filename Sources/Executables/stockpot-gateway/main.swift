@@ -47,8 +47,11 @@ struct GatewayCommand: AsyncParsableCommand {
     @Option(help: "Percent of requests also scored by the shadow model after the response, and compared (default 5; 0 = off; env STOCKPOT_GATEWAY_SHADOW_PERCENT).")
     var shadowPercent: Double?
     @Option(help: "The shadow model reference (default legacy@shadow; env STOCKPOT_GATEWAY_SHADOW_MODEL).") var shadowModel: String?
-    @Option(help: "Crowd definition JSON ({source, groups, otherwise}); default: head = full/high active, tail = the rest, as the trainer (env STOCKPOT_GATEWAY_CROWDS).")
+    @Option(help: "Crowd definition JSON ({source, groups, otherwise}), or the dataset spec or feature config that holds the one training used; source user:<column> (a user feature) or log:<column> (a request context column). Default: the built-in KuaiRand example's, head = full/high active, tail = the rest (env STOCKPOT_GATEWAY_CROWDS).")
     var crowds: String?
+    @Option(help: "Context a request lacks, name=value comma-separated, e.g. tab=1 (env STOCKPOT_GATEWAY_CONTEXT_DEFAULTS).") var contextDefaults: String?
+    @Option(help: "Hours east of UTC of the training logs' time, for the date and hourmin filled from the clock (default 8, the KuaiRand example's; 0 for a dataset spec's UTC times; env STOCKPOT_GATEWAY_UTC_OFFSET_HOURS).")
+    var utcOffsetHours: Int?
     @Flag(help: "Serve with missing features when the feature service fails (env STOCKPOT_GATEWAY_FEATURE_DEFAULTS).")
     var featureDefaults = false
     @Flag(help: "Ask the feature service for text item columns only (not typed ids and numbers), for scorers and correctors built before typed columns (env STOCKPOT_GATEWAY_TEXT_FEATURES).")
@@ -85,6 +88,8 @@ struct GatewayCommand: AsyncParsableCommand {
         flags.set("max-in-flight", maxInFlight)
         flags.set("adaptive-in-flight", flag: adaptiveInFlight)
         flags.set("crowds", crowds)
+        flags.set("context-defaults", contextDefaults)
+        flags.set("utc-offset-hours", utcOffsetHours)
         flags.set("feature-defaults", flag: featureDefaults)
         flags.set("text-features", flag: textFeatures)
         let settings = try await common.settings("gateway", flags)
