@@ -137,10 +137,17 @@ public final class LocalSuite: Sendable {
         var featuresApp = FeaturesApp()
         featuresApp.port = o.ports[1]
         featuresApp.databasePath = dir.appendingPathComponent("features.sqlite").path
-        if let d = o.dataset {
-            featuresApp.importDataset = FeaturesApp.DatasetImport(spec: d.spec, directory: d.directory)
-        } else {
-            featuresApp.importKuaiRand = o.kuaiRand
+        // An import reads whole tables: on a thread of its own (the registry already serves), before the
+        // feature service opens the store.
+        let storePath = featuresApp.databasePath, kuaiRand = o.kuaiRand, dataset = o.dataset, log = o.log
+        try await OwnThread.run(name: "stockpot.features-import") {
+            let store = try FeatureStore(path: storePath)
+            if let d = dataset {
+                log(try FeaturesApp.DatasetImport(spec: d.spec, directory: d.directory).run(into: store, log: log))
+            } else if try store.countNow(.user) == 0 {
+                let (u, i) = try store.importKuaiRand(directory: kuaiRand)
+                log("imported KuaiRand features: \(u) users, \(i) items")
+            }
         }
         featuresApp.inProcess = o.inProcessHops
         let features = try featuresApp.build(logger: logger)
@@ -234,22 +241,26 @@ public final class LocalSuite: Sendable {
             if (try? await registry.resolve("legacy@production")) == nil {
                 let days = o.dataset?.trainDays ?? o.legacyTrainDays
                 o.log("registry has no legacy@production: training the legacy model on \(o.dataset.map { "dataset '\($0.spec.name)' " } ?? "")\(days)")
-                BLAS.useSingleThread()
-                let data = try o.dataset.map { try $0.spec.load(directory: $0.directory, log: o.log).0 } ?? KuaiRandData.load(directory: o.kuaiRand)
-                let job = LegacyTraining(data: data, config: try o.dataset?.config ?? FeatureConfig.builtIn(), options: TrainingOptions(), log: o.log)
-                let out = o.dataDirectory.appendingPathComponent("training/legacy")
-                // KuaiRand: day by day, as production trains. A data set of its own: pooled over its days (a long
-                // log of sparse days would otherwise write a checkpoint per day).
-                let trained = o.dataset == nil
-                    ? try job.incremental(days: try DayRange(days), warmStart: nil, out: out, keep: 1)
-                    : try job.fromScratch(days: try DayRange(days), epochs: o.dataset!.epochs, out: out)
                 let folder = o.dataDirectory.appendingPathComponent("training/legacy-artifact")
-                try? FileManager.default.removeItem(at: folder)
-                try trained.model.save(to: folder) // model.json + weights.safetensors only
+                // Seconds to minutes of CPU: on a thread of its own, not one the services' handlers run on.
+                let spec = try await OwnThread.run(name: "stockpot.bootstrap") { () throws -> ModelSpec in
+                    BLAS.useSingleThread()
+                    let data = try o.dataset.map { try $0.spec.load(directory: $0.directory, log: o.log).0 } ?? KuaiRandData.load(directory: o.kuaiRand)
+                    let job = LegacyTraining(data: data, config: try o.dataset?.config ?? FeatureConfig.builtIn(), options: TrainingOptions(), log: o.log)
+                    let out = o.dataDirectory.appendingPathComponent("training/legacy")
+                    // KuaiRand: day by day, as production trains. A data set of its own: pooled over its days (a
+                    // long log of sparse days would otherwise write a checkpoint per day).
+                    let trained = o.dataset == nil
+                        ? try job.incremental(days: try DayRange(days), warmStart: nil, out: out, keep: 1)
+                        : try job.fromScratch(days: try DayRange(days), epochs: o.dataset!.epochs, out: out)
+                    try? FileManager.default.removeItem(at: folder)
+                    try trained.model.save(to: folder) // model.json + weights.safetensors only
+                    return trained.model.spec
+                }
                 var lineage = Stockpot_V1_Lineage()
-                lineage.trainingDays = (trained.model.spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) }
-                lineage.featureSetVersion = trained.model.spec.featureSetVersion
-                let v = try await registry.register(name: "legacy", kind: "legacy", metadata: trained.model.spec.metadata,
+                lineage.trainingDays = (spec.metadata["days"] ?? "").split(separator: ",").compactMap { Int32($0) }
+                lineage.featureSetVersion = spec.featureSetVersion
+                let v = try await registry.register(name: "legacy", kind: "legacy", metadata: spec.metadata,
                                                     lineage: lineage, folder: folder)
                 _ = try await registry.promote("legacy:\(v.version)", alias: "production", reason: "bootstrap: first legacy model of the local suite")
                 o.log("registered legacy:\(v.version) as legacy@production")

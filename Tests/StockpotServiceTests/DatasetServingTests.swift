@@ -202,9 +202,10 @@ struct RatingsFixture {
         options.dataset = dataset
         let stateDirectory = options.dataDirectory
         defer { try? FileManager.default.removeItem(at: stateDirectory) }
-        let requests = try RankClient.demoRequests(dataset: spec, directory: directory, day: day, count: count)
+        // Loading and training are seconds of CPU: on threads of their own, not the test run's shared ones.
+        let requests = try await OwnThread.run { try RankClient.demoRequests(dataset: spec, directory: directory, day: day, count: count) }
         #expect(requests.count == count)
-        let (data, _) = try spec.load(directory: directory)
+        let data = try await OwnThread.run { try spec.load(directory: directory).0 }
         var correctorFeatures = correctorConfig
         correctorFeatures.crowds = dataset.config.crowds
         let cconfig = correctorFeatures
@@ -241,14 +242,16 @@ struct RatingsFixture {
             }
             // A corrector for the crowd, trained on that crowd's later impressions, registered and served.
             let legacyFolder = stateDirectory.appendingPathComponent("training/legacy-artifact")
-            let legacy = try LegacyModel.load(from: legacyFolder)
-            let job = CorrectorTraining(data: data, config: cconfig, log: { _ in })
             let out = temporaryDirectory("dataset-corrector")
             defer { try? FileManager.default.removeItem(at: out) }
-            let trained = try job.train(legacy: legacy, legacyVersion: "legacy:1", crowd: crowd, days: try DayRange(correctorDays), epochs: 2, out: out)
+            let metadata = try await OwnThread.run { () throws -> [String: String] in
+                let legacy = try LegacyModel.load(from: legacyFolder)
+                let job = CorrectorTraining(data: data, config: cconfig, log: { _ in })
+                return try job.train(legacy: legacy, legacyVersion: "legacy:1", crowd: crowd, days: try DayRange(correctorDays), epochs: 2, out: out).model.spec.metadata
+            }
             try await withGRPCClient(transport: try ServiceClient.transport(target: suite.address("registry"))) { client in
                 let registry = RegistryClient(wrapping: client, token: try suite.adminToken())
-                let v = try await registry.register(name: "corrector-\(crowd)", kind: "corrector", metadata: trained.model.spec.metadata,
+                let v = try await registry.register(name: "corrector-\(crowd)", kind: "corrector", metadata: metadata,
                                                     lineage: .with { $0.trainedOn = "legacy@production" }, folder: out)
                 _ = try await registry.promote("corrector-\(crowd):\(v.version)", alias: "production", reason: "dataset end to end test")
             }
