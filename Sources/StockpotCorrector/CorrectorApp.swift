@@ -1,4 +1,5 @@
 import Foundation
+import StockpotModel
 import Logging
 import ServiceLifecycle
 import StockpotProto
@@ -27,13 +28,29 @@ public struct CorrectorApp {
 
     public init() {}
 
-    /// The corrector's settings (`ServiceSettings`): host, port, max-candidates, registry access, `crowds`,
+    /// The corrector's settings (`ServiceSettings`): host, port, max-candidates, registry access, `crowds` (names,
+    /// or a JSON file holding a crowd definition: a dataset spec, a feature config),
     /// `alias`, `workers`, `max-queued`, `item-cache-entries`.
     public init(settings: ServiceSettings) async throws {
         self.init()
         (host, port, limits) = try await settings.endpoint(defaultPort: port)
         registry = try await settings.registryAccess()
-        crowds = try await settings.list("crowds") ?? crowds
+        if let given = try await settings.list("crowds") {
+            // A JSON file: a crowd definition, or the dataset spec or feature config holding one (the file the
+            // gateway reads): every crowd it names.
+            if given.count == 1, given[0].hasSuffix(".json") {
+                do {
+                    crowds = try CrowdDefinition.decode(from: Data(contentsOf: URL(fileURLWithPath: given[0]))).names
+                } catch {
+                    throw ServiceSettings.SettingError(description: "setting 'crowds' of corrector: cannot read a crowd definition from \(given[0]): \(error)")
+                }
+            } else {
+                crowds = given.filter { !$0.isEmpty }
+            }
+            for c in crowds where !ModelReference.isValidName("corrector-\(c)") {
+                throw ServiceSettings.SettingError(description: "setting 'crowds' of corrector: '\(c)' cannot name a model (corrector-\(c))")
+            }
+        }
         alias = try await settings.string("alias", default: alias)
         alternateAliases = try await settings.list("also-aliases") ?? alternateAliases
         for a in alternateAliases where !a.isEmpty && !ModelReference.isValidName(a) {

@@ -53,7 +53,9 @@ extension DatasetSpec {
         let extra: [String: String] = kind == .items ? (itemDate.map { ["upload_dt": $0] } ?? [:]) : [:]
         let idName = kind == .users ? "user_id" : "video_id"
         var scan = TableScan()
-        var seen: [String: String] = [:]   // key → where it was first seen
+        // id → where its key was first seen (file index << 32 | line): ids stand for keys (a key's id is its
+        // canonical integer or its 63-bit hash), so the set costs a few words per key, not the key's text.
+        var seen: [Int: UInt64] = [:]
         var pending: [TableRow] = []
         pending.reserveCapacity(batchRows)
         func reject(_ place: String, _ reason: String) throws {
@@ -64,7 +66,7 @@ extension DatasetSpec {
                 if scan.skippedExamples.count < 20 { scan.skippedExamples.append("\(place): \(reason)") }
             }
         }
-        for f in files {
+        for (fileIndex, f) in files.enumerated() {
             let url = f.path.hasPrefix("/") ? URL(fileURLWithPath: f.path) : directory.appendingPathComponent(f.path)
             guard FileManager.default.fileExists(atPath: url.path) else {
                 throw TrainingError.data("dataset '\(name)': \(kind.rawValue) file \(url.path) not found")
@@ -108,12 +110,12 @@ extension DatasetSpec {
                     case .hash:
                         id = Self.hash(key)
                     }
-                    if let first = seen[key] {
+                    if let first = seen[id] {
                         // The log repeats its keys on every impression; a table may not.
-                        if table != nil { try reject(place, "key '\(key)' repeats \(first)") }
+                        if table != nil { try reject(place, "key '\(key)' repeats \(files[Int(first >> 32)].path) line \(first & 0xFFFF_FFFF)") }
                         continue
                     }
-                    seen[key] = place
+                    seen[id] = UInt64(fileIndex) << 32 | UInt64(UInt32(truncatingIfNeeded: rec.line))
                     var features: [String: String]
                     if table == nil {
                         features = [:]

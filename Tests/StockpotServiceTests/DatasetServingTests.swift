@@ -2,6 +2,7 @@ import Foundation
 import GRDB
 import GRPCCore
 import Testing
+import StockpotCorrector
 import StockpotFeatures
 import StockpotGateway
 import StockpotModel
@@ -169,6 +170,17 @@ struct RatingsFixture {
         try Data(#"{"source": "derived:hour", "groups": [{"name": "night", "values": ["1"]}], "otherwise": "day"}"#.utf8).write(to: file)
         let refused = try await ServiceSettings(service: "gateway", environment: ["STOCKPOT_GATEWAY_CROWDS": file.path, "STOCKPOT_GATEWAY_SERVING_LOG": "off"])
         await #expect { try await GatewayApp(settings: refused) } throws: { "\($0)".contains("neither user:<column> nor log:<column>") }
+    }
+
+    @Test func theCorrectorHostsTheCrowdsOfTheGatewaysFile() async throws {
+        let spec = projectRoot.appendingPathComponent("docs/datasets/open-bandit.json").path
+        let app = try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: ["STOCKPOT_CORRECTOR_CROWDS": spec]))
+        #expect(app.crowds == ["men", "women", "all-items"])
+        let named = try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: ["STOCKPOT_CORRECTOR_CROWDS": "light, heavy"]))
+        #expect(named.crowds == ["light", "heavy"])
+        for bad in ["/no/such/crowds.json", "a/b"] {
+            await #expect { try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: ["STOCKPOT_CORRECTOR_CROWDS": bad])) } throws: { _ in true }
+        }
     }
 
     @Test func theFeatureServiceReadsItsImportSettings() async throws {

@@ -10,7 +10,7 @@ struct CorrectorCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-corrector", abstract: "The Stockpot crowd corrector.")
     @OptionGroup var common: CommonServiceOptions
     @OptionGroup var registry: RegistryOptions
-    @Option(help: "Crowds to host, comma-separated (env STOCKPOT_CORRECTOR_CROWDS).") var crowds: String?
+    @Option(help: "Crowds to host, comma-separated, or the crowd definition JSON (or dataset spec) the gateway reads: all its crowds (env STOCKPOT_CORRECTOR_CROWDS).") var crowds: String?
     @Option(help: "Registry alias of each crowd's model, corrector-<crowd>@ALIAS (env STOCKPOT_CORRECTOR_ALIAS).") var alias: String?
     @Option(help: "Other aliases of each crowd's corrector kept loaded, comma-separated (default: canary; '' = none; env STOCKPOT_CORRECTOR_ALSO_ALIASES).")
     var alsoAliases: String?
