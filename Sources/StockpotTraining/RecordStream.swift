@@ -37,50 +37,57 @@ public enum FileBytes {
         do { inflater = try ZlibDecompressor(algorithm: .gzip) } catch { throw TrainingError.data("cannot start gzip for \(url.path): \(error)") }
         var window = ByteBuffer()
         window.reserveCapacity(chunkBytes * 4)
-        // zlib's plain return does not tell a finished member from input that stopped short; the member's
-        // trailer does: its last 4 bytes are the member's size mod 2^32, checked against the bytes it gave.
-        var memberOut: UInt64 = 0
-        var tail = Data()
+        var totalOut: UInt64 = 0
+        // Set when a member has ended: what follows is another member, or zero padding (as gzip accepts).
+        var afterEnd = false
         func fail(_ error: any Error) -> TrainingError {
-            TrainingError.data("\(url.path): not a valid gzip file (\(error)) after \(memberOut) decompressed bytes")
+            TrainingError.data("\(url.path): not a valid gzip file (\(error)) after \(totalOut) decompressed bytes")
         }
         /// Inflates `input` until it is used up and zlib holds no more output.
         func inflate(_ input: inout ByteBuffer) throws {
             while true {
+                if afterEnd {
+                    while let b = input.getInteger(at: input.readerIndex, as: UInt8.self), b == 0 { input.moveReaderIndex(forwardBy: 1) }
+                    if input.readableBytes == 0 { return }
+                    do { try inflater.reset() } catch { throw fail(error) }
+                    afterEnd = false
+                }
                 window.clear()
-                var full = false, ended = false
+                var full = false
                 do {
                     try inflater.inflate(from: &input, to: &window)
-                    // A plain return with input left: the member ended (another may follow).
-                    ended = input.readableBytes > 0
+                    // A plain return with input left: the member ended.
+                    afterEnd = input.readableBytes > 0
                 } catch let e as CompressNIOError where e == .bufferOverflow {
                     full = true
                 } catch let e as CompressNIOError where e == .inputBufferOverflow {
                 } catch { throw fail(error) }
                 if window.readableBytes > 0 {
-                    memberOut += UInt64(window.readableBytes)
+                    totalOut += UInt64(window.readableBytes)
                     try body(Data(window.readableBytesView))
                 }
-                if ended {
-                    do { try inflater.reset() } catch { throw fail(error) }
-                    memberOut = 0
-                }
+                if afterEnd { continue }
                 if input.readableBytes == 0 && !full { return }
             }
         }
         while true {
             let d = try next()
             if d.isEmpty { break }
-            tail = Data((tail + d).suffix(4))
             var input = ByteBuffer()
             input.reserveCapacity(d.count)
             input.writeBytes(d)
             try inflate(&input)
         }
-        let trailer = tail.count == 4 ? tail.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) } : nil
-        guard trailer == UInt32(truncatingIfNeeded: memberOut) else {
-            throw TrainingError.data("\(url.path): the gzip file is truncated or corrupt (its trailer does not match the \(memberOut) bytes it gave)")
-        }
+        guard !afterEnd else { return }
+        // No input left: a finished member returns plainly (zlib reports its end again); one that stopped short
+        // asks for more input.
+        var empty = ByteBuffer()
+        empty.reserveCapacity(16)
+        window.clear()
+        do { try inflater.inflate(from: &empty, to: &window) } catch let e as CompressNIOError where e == .inputBufferOverflow {
+            throw TrainingError.data("\(url.path): the gzip file is truncated (it ends inside a member, after \(totalOut) decompressed bytes)")
+        } catch { throw fail(error) }
+        guard window.readableBytes == 0 else { throw fail(CompressNIOError.unfinished) }
     }
 
     /// The whole (decompressed) contents.
@@ -119,22 +126,69 @@ public struct RecordStream {
         public var description: String { "line \(line): \(reason)" }
     }
 
+    /// Where a CSV or TSV byte leaves the record reader (`CSVTable.Parser`): the same rules, so that a block is cut
+    /// only where the parser would end a record. A quote opens a quoted field only at the start of a field (in
+    /// CSV); `""` inside one is a quote; after the closing quote, anything but the delimiter ends the record.
+    /// `\n`, `\r\n` and a lone `\r` end a record.
+    struct BoundaryScanner {
+        enum State: UInt8 { case fieldStart, unquoted, quoted, quoteSeen, afterCR }
+        var state = State.fieldStart
+        let delimiter: UInt8
+        let quotes: Bool
+
+        /// Scans `bytes[from...]`; returns the offset just past the last record end found, if any.
+        mutating func scan(_ b: UnsafeBufferPointer<UInt8>, from: Int) -> Int? {
+            var cut: Int? = nil
+            let quote = UInt8(ascii: "\""), lf = UInt8(ascii: "\n"), cr = UInt8(ascii: "\r")
+            var i = from
+            while i < b.count {
+                let c = b[i]
+                switch state {
+                case .afterCR:
+                    state = .fieldStart
+                    if c == lf { cut = i + 1; i += 1; continue }
+                    cut = i
+                    continue   // the byte starts the next record: scan it again from fieldStart
+                case .fieldStart, .unquoted:
+                    if state == .fieldStart && quotes && c == quote { state = .quoted }
+                    else if c == delimiter { state = .fieldStart }
+                    else if c == lf { cut = i + 1; state = .fieldStart }
+                    else if c == cr { state = .afterCR }
+                    else { state = .unquoted }
+                case .quoted:
+                    if c == quote { state = .quoteSeen }
+                case .quoteSeen:
+                    if c == quote { state = .quoted }
+                    else if c == delimiter { state = .fieldStart }
+                    else if c == cr { state = .afterCR }
+                    else { cut = i + 1; state = .fieldStart }   // a line break, or a stray byte the parser takes as one
+                }
+                i += 1
+            }
+            return cut
+        }
+    }
+
     /// Calls `rows` with blocks of about `blockBytes` of records, in file order, and `bad` with each record that
-    /// cannot be read (a wrong field count, a line that is not a JSON object). `bad` rethrows to stop.
-    public func read(blockBytes: Int = 4 << 20, rows: ([Record]) throws -> Void, bad: (BadRecord) throws -> Void) throws {
+    /// cannot be read (a wrong field count, a line that is not a JSON object). `bad` rethrows to stop. A quoted
+    /// field never closed, or a record longer than `maxRecordBytes`, is an error whatever `bad` does: it would
+    /// swallow the rest of the file.
+    public func read(blockBytes: Int = 4 << 20, maxRecordBytes: Int = 64 << 20, rows: ([Record]) throws -> Void,
+                     bad: (BadRecord) throws -> Void) throws {
         var pending = Data()
         var header: [String]? = nil
         var line = 1           // the line `pending` starts on
-        var inQuotes = false   // CSV: the scan position of `pending` is inside a quoted field
-        var scanned = 0
+        var scanned = 0        // bytes of `pending` the scanner has seen
         let quotes = format == .csv
         let delimiter = format == .tsv ? UInt8(ascii: "\t") : UInt8(ascii: ",")
+        var scanner = BoundaryScanner(delimiter: delimiter, quotes: quotes)
+        var lastCut: Int? = nil
         var firstChunk = true
-        func flush(_ block: Data) throws {
+        func flush(_ block: Data, unclosedAtEnd: Bool = false) throws {
             guard !block.isEmpty else { return }
             let startLine = line
-            line += block.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
             if format == .jsonl {
+                line += block.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
                 var out: [Record] = []
                 let decoder = JSONDecoder()
                 for (i, l) in block.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).enumerated() {
@@ -153,11 +207,16 @@ public struct RecordStream {
                 return
             }
             var out: [Record] = []
+            var consumedLines = 0
             try block.withUnsafeBytes { raw in
                 var parser = CSVTable.Parser(bytes: raw.bindMemory(to: UInt8.self), delimiter: delimiter, quotes: quotes)
+                parser.pos = 0   // the byte-order mark, if any, was taken off the first chunk
                 while true {
                     let at = startLine + parser.newlines
                     guard let record = parser.nextRecord() else { break }
+                    if unclosedAtEnd && parser.pos >= raw.count {
+                        throw TrainingError.data("\(url.lastPathComponent) line \(at): a quoted field opened in this record is never closed (the rest of the file would be one value)")
+                    }
                     if record.count == 1 && record[0].isEmpty { continue }
                     guard let h = header else {
                         if let dup = Dictionary(record.map { ($0, 1) }, uniquingKeysWith: +).first(where: { $0.value > 1 }) {
@@ -176,7 +235,10 @@ public struct RecordStream {
                     for (k, v) in zip(h, record) { values[k] = v }
                     out.append(Record(line: at, values: values))
                 }
+                consumedLines = parser.newlines
             }
+            // Line breaks as the parser counts them (quoted ones included), so the next block's lines follow on.
+            line += consumedLines
             if !out.isEmpty { try rows(out) }
         }
         try FileBytes.stream(url) { chunk in
@@ -186,30 +248,36 @@ public struct RecordStream {
                 if chunk.starts(with: [0xEF, 0xBB, 0xBF]) { chunk = chunk.dropFirst(3) }
             }
             pending.append(chunk)
-            guard pending.count >= blockBytes else { return }
-            // The last record boundary: a line break outside quotes.
-            var cut: Int? = nil
-            pending.withUnsafeBytes { raw in
-                let b = raw.bindMemory(to: UInt8.self)
-                var q = inQuotes
-                for i in scanned..<b.count {
-                    let c = b[i]
-                    if quotes && c == UInt8(ascii: "\"") { q.toggle() } else if c == UInt8(ascii: "\n") && !q { cut = i + 1 }
-                }
-                inQuotes = q
-                scanned = b.count
+            if format == .jsonl {
+                guard pending.count >= blockBytes, let nl = pending.lastIndex(of: UInt8(ascii: "\n")) else { return }
+                let cut = nl - pending.startIndex + 1
+                let block = Data(pending.prefix(cut))
+                pending = Data(pending.suffix(from: pending.startIndex + cut))
+                try flush(block)
+                return
             }
-            guard let cut else { return }
-            // Quote state at the cut: recount the carried-over part (small) from a record start.
-            let block = pending.prefix(cut)
-            pending = Data(pending.suffix(from: pending.startIndex + cut))
-            var q = false
-            if quotes { for c in pending where c == UInt8(ascii: "\"") { q.toggle() } }
-            inQuotes = q
+            pending.withUnsafeBytes { raw in
+                if let c = scanner.scan(raw.bindMemory(to: UInt8.self), from: scanned) { lastCut = c }
+            }
             scanned = pending.count
-            try flush(Data(block))
+            guard pending.count >= blockBytes else { return }
+            guard let cut = lastCut else {
+                if pending.count > maxRecordBytes {
+                    throw TrainingError.data("\(url.lastPathComponent) line \(line): a record longer than \(maxRecordBytes) bytes (a quoted field never closed?)")
+                }
+                return
+            }
+            let block = Data(pending.prefix(cut))
+            pending = Data(pending.suffix(from: pending.startIndex + cut))
+            scanned = pending.count
+            lastCut = nil
+            try flush(block)
+            // What is left has no record end in it yet.
+            if pending.count > maxRecordBytes {
+                throw TrainingError.data("\(url.lastPathComponent) line \(line): a record longer than \(maxRecordBytes) bytes (a quoted field never closed?)")
+            }
         }
-        try flush(pending)
+        try flush(pending, unclosedAtEnd: format != .jsonl && scanner.state == .quoted)
         if header == nil && format != .jsonl { throw TrainingError.data("\(url.lastPathComponent) is empty (no header)") }
     }
 }

@@ -58,6 +58,10 @@ import Testing
         try (try Data(contentsOf: try gzip(one)) + Data(contentsOf: try gzip(two))).write(to: joined)
         let t = try CSVTable.read(joined)
         #expect(try t.column("v") == ["a", "b", "c"])
+        // Zero padding after the last member (tape and block writers add it) is read as gzip reads it.
+        let padded = dir.appendingPathComponent("padded.csv.gz")
+        try (try Data(contentsOf: joined) + Data(repeating: 0, count: 512)).write(to: padded)
+        #expect(try CSVTable.read(padded).column("v") == ["a", "b", "c"])
     }
 
     @Test func aTruncatedOrCorruptGzipFileIsAnError() throws {
@@ -92,6 +96,51 @@ import Testing
                 #expect(records.map { $0.values["note"]! } == (try whole.column("note")))
             }
         }
+    }
+
+    /// Blocks are cut only where the whole-file parser ends a record: a quote inside a field is an ordinary
+    /// character, `\r` alone ends a line, a stray byte after a closing quote ends the record.
+    @Test(arguments: ["\n", "\r\n", "\r"])
+    func blocksAreCutWhereTheParserEndsRecords(ending: String) throws {
+        let dir = try folder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var text = "id,height,note" + ending
+        for i in 0..<2_000 {
+            switch i % 5 {
+            case 0: text += "\(i),5'11\" tall,plain" + ending                     // a quote mid-field
+            case 1: text += "\(i),\"q\"\"x\",\"two" + ending + "lines\"" + ending  // an escaped quote, a quoted break
+            case 2: text += "\(i),,\"\"" + ending                                 // empty fields
+            default: text += "\(i),180,n" + ending
+            }
+        }
+        let url = dir.appendingPathComponent("t.csv")
+        try Data(text.utf8).write(to: url)
+        let whole = try CSVTable.read(url)
+        #expect(whole.rowCount == 2_000)
+        for block in [7, 100, 5_000] {
+            var records: [RecordStream.Record] = []
+            try RecordStream(url: url, format: .csv).read(blockBytes: block, rows: { records += $0 }, bad: { throw $0 })
+            #expect(records.map(\.line) == whole.lines)
+            #expect(records.map { $0.values["height"]! } == (try whole.column("height")))
+            #expect(records.map { $0.values["note"]! } == (try whole.column("note")))
+        }
+    }
+
+    /// A quote that never closes would make the rest of the file one value: an error in every mode, not one
+    /// skipped row; nor does a record without an end fill memory.
+    @Test func anUnclosedQuoteFailsEvenWhenBadRowsAreSkipped() throws {
+        let dir = try folder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let url = dir.appendingPathComponent("t.csv")
+        var text = "id,v\n1,a\n2,\"open\n"
+        for i in 3..<5_000 { text += "\(i),b\n" }
+        try Data(text.utf8).write(to: url)
+        var good = 0, skipped = 0
+        #expect { try RecordStream(url: url, format: .csv).read(blockBytes: 64, rows: { good += $0.count }, bad: { _ in skipped += 1 }) }
+            throws: { "\($0)".contains("t.csv line 3: a quoted field opened in this record is never closed") }
+        #expect(skipped == 0)
+        #expect { try RecordStream(url: url, format: .csv).read(blockBytes: 64, maxRecordBytes: 1_000, rows: { _ in }, bad: { _ in }) }
+            throws: { "\($0)".contains("a record longer than") }
     }
 
     @Test func recordStreamReportsBadRowsWithTheirLines() throws {
