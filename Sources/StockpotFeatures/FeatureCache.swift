@@ -127,6 +127,20 @@ public final class FeatureCache<Key: Hashable & Sendable, Value: Sendable>: Send
         }
     }
 
+    /// Drops every entry and refuses every fill read before now (after a bulk import replaced many rows).
+    public func invalidateAll() {
+        state.withLock { s in
+            s.epoch &+= 1
+            s.floor = s.epoch
+            s.invalidatedAt.removeAll(keepingCapacity: true)
+            s.index.removeAll(keepingCapacity: true)
+            s.nodes.removeAll(keepingCapacity: true)
+            s.free.removeAll(keepingCapacity: true)
+            s.head = -1
+            s.tail = -1
+        }
+    }
+
     /// Drops entries (writes invalidate what they change, before and after they commit) and refuses fills of
     /// these keys read before now.
     public func invalidate(_ keys: [Key]) {

@@ -61,6 +61,9 @@ public final class FeatureStore: FeatureBackend {
             // must survive it.
             try db.execute(sql: "PRAGMA synchronous = FULL")
         }
+        // Replicas on one file, and an import's last transaction: a writer waits for the other's commit instead
+        // of failing at once with "database is locked".
+        config.busyMode = .timeout(10)
         if path == ":memory:" {
             db = try DatabaseQueue(configuration: config)
         } else {
@@ -82,9 +85,6 @@ public final class FeatureStore: FeatureBackend {
             try db.execute(sql: "CREATE TABLE imports (name TEXT PRIMARY KEY NOT NULL, fingerprint TEXT NOT NULL, finished_at_ms INTEGER NOT NULL) WITHOUT ROWID")
         }
         try migrator.migrate(db)
-        // An import that stopped half way (a crash, a refused row) left only its staging table: the live rows are
-        // as they were before it started.
-        try db.write { try $0.execute(sql: "DROP TABLE IF EXISTS import_staging") }
     }
 
     public func count(_ kind: Kind) async throws -> Int {
@@ -205,6 +205,14 @@ public final class FeatureStore: FeatureBackend {
         return rows.count
     }
 
+    /// Set while `importDataset` runs: one import at a time per store.
+    private let importing = Mutex(false)
+
+    /// An import that cannot start.
+    public struct ImportError: Error, CustomStringConvertible {
+        public var description: String
+    }
+
     /// What `importDataset` did.
     public struct ImportReport: Sendable {
         public var users = DatasetSpec.TableScan()
@@ -214,15 +222,17 @@ public final class FeatureStore: FeatureBackend {
     }
 
     /// Imports a dataset spec's user and item tables (`stockpot-features --import SPEC`): streamed in batches of
-    /// `batchRows`, each batch written in its own transaction to a staging table, then moved into the live rows
-    /// in one last transaction. A row of the spec replaces the stored row of its id whole; other ids are kept.
-    /// Until that last commit the store serves what it held before; a refused row (`badRows` `.fail`), a missing
-    /// file or a crash leaves it so (the staging table is dropped at the next open). Unless `force`, files with
+    /// `batchRows`, each batch written in its own transaction to a temporary staging table of this connection,
+    /// then moved into the live rows in one last transaction (fsynced). A row of the spec replaces the stored row
+    /// of its id whole; other ids are kept. Until that last commit the store serves what it held before; a
+    /// refused row (`badRows` `.fail`), a missing file or a crash leaves it so. Imports from several processes
+    /// stage apart and commit one after the other; a second import in this process is refused while one runs. Unless `force`, files with
     /// the fingerprint (path, size, modification time) of the spec's last completed import are not read again.
     public func importDataset(_ spec: DatasetSpec, directory: URL, badRows: DatasetSpec.BadRows = .fail, batchRows: Int = 5_000,
-                              force: Bool = false, progress: (String) -> Void = { _ in }) throws -> ImportReport {
+                              force: Bool = false, progress: (String) -> Void = { _ in },
+                              stopped: () -> Bool = { false }) throws -> ImportReport {
         try spec.validate()
-        let fingerprint = try Self.fingerprint(spec, directory: directory)
+        let fingerprint = try Self.fingerprint(spec, directory: directory) + ":" + badRows.rawValue
         let key = "dataset:\(spec.name)"
         if !force, let last = try db.read({ try String.fetchOne($0, sql: "SELECT fingerprint FROM imports WHERE name = ?", arguments: [key]) }),
            last == fingerprint {
@@ -231,9 +241,15 @@ public final class FeatureStore: FeatureBackend {
             r.unchanged = true
             return r
         }
+        guard importing.withLock({ busy in defer { busy = true }; return !busy }) else {
+            throw ImportError(description: "an import into this store is already running in this process")
+        }
+        defer { importing.withLock { $0 = false } }
+        // A TEMP table: private to the store's one writer connection (another process's import stages its own),
+        // and gone with the connection if the process dies half way.
         try db.write { db in
-            try db.execute(sql: "DROP TABLE IF EXISTS import_staging")
-            try db.execute(sql: "CREATE TABLE import_staging (kind INTEGER NOT NULL, id INTEGER NOT NULL, features TEXT NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID")
+            try db.execute(sql: "DROP TABLE IF EXISTS temp.import_staging")
+            try db.execute(sql: "CREATE TEMP TABLE import_staging (kind INTEGER NOT NULL, id INTEGER NOT NULL, features TEXT NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID")
         }
         var report = ImportReport()
         var names: [Kind: Set<String>] = [:]
@@ -249,6 +265,7 @@ public final class FeatureStore: FeatureBackend {
                     lastProgress = clock.now
                     progress("\(tableKind.rawValue): \(s.rows) rows staged, \(s.skipped) skipped")
                 }) { rows in
+                    if stopped() { throw ImportError(description: "the import of dataset '\(spec.name)' was stopped before it finished; the store is as it was") }
                     var encoded: [(Int64, String)] = []
                     encoded.reserveCapacity(rows.count)
                     for r in rows {
@@ -256,7 +273,7 @@ public final class FeatureStore: FeatureBackend {
                         encoded.append((r.id, String(decoding: try encoder.encode(r.features), as: UTF8.self)))
                     }
                     try db.write { db in
-                        let insert = try db.cachedStatement(sql: "INSERT INTO import_staging (kind, id, features) VALUES (?, ?, ?) ON CONFLICT(kind, id) DO NOTHING")
+                        let insert = try db.cachedStatement(sql: "INSERT INTO temp.import_staging (kind, id, features) VALUES (?, ?, ?) ON CONFLICT(kind, id) DO NOTHING")
                         for (id, json) in encoded { try insert.execute(arguments: [kind.rawValue, id, json]) }
                     }
                 }
@@ -270,7 +287,7 @@ public final class FeatureStore: FeatureBackend {
             defer { knownColumns.invalidate(Array(Kind.allCases)) }
             try db.write { db in
                 try db.execute(sql: """
-                    INSERT INTO entities (kind, id, features, updated_at_ms) SELECT kind, id, features, ? FROM import_staging WHERE true
+                    INSERT INTO entities (kind, id, features, updated_at_ms) SELECT kind, id, features, ? FROM temp.import_staging WHERE true
                     ON CONFLICT(kind, id) DO UPDATE SET features = excluded.features, updated_at_ms = excluded.updated_at_ms
                     """, arguments: [now])
                 for (kind, set) in names {
@@ -278,10 +295,10 @@ public final class FeatureStore: FeatureBackend {
                 }
                 try db.execute(sql: "INSERT INTO imports (name, fingerprint, finished_at_ms) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET fingerprint = excluded.fingerprint, finished_at_ms = excluded.finished_at_ms",
                                arguments: [key, fingerprint, now])
-                try db.execute(sql: "DROP TABLE import_staging")
+                try db.execute(sql: "DROP TABLE temp.import_staging")
             }
         } catch {
-            try? db.write { try $0.execute(sql: "DROP TABLE IF EXISTS import_staging") }
+            try? db.write { try $0.execute(sql: "DROP TABLE IF EXISTS temp.import_staging") }
             throw error
         }
         return report

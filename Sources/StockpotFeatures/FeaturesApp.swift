@@ -4,6 +4,7 @@ import ServiceLifecycle
 import StockpotProto
 import StockpotServing
 import StockpotTraining
+import Synchronization
 
 /// The feature service process: SQLite store, cache and server.
 public struct FeaturesApp {
@@ -40,9 +41,11 @@ public struct FeaturesApp {
             self.directory = directory
         }
 
-        /// Runs the import into `store`, passing its progress and what it skipped to `log`; returns a one-line summary.
-        public func run(into store: FeatureStore, log: (String) -> Void) throws -> String {
-            let r = try store.importDataset(spec, directory: directory, badRows: badRows, batchRows: batchRows, force: force, progress: log)
+        /// Runs the import into `store`, passing its progress and what it skipped to `log`; returns a one-line
+        /// summary. `stopped` is asked between batches: true ends the import with nothing changed.
+        public func run(into store: FeatureStore, log: (String) -> Void, stopped: () -> Bool = { false }) throws -> String {
+            let r = try store.importDataset(spec, directory: directory, badRows: badRows, batchRows: batchRows, force: force,
+                                            progress: log, stopped: stopped)
             if r.unchanged { return "dataset '\(spec.name)': already imported, unchanged" }
             return "imported dataset '\(spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)"
         }
@@ -86,10 +89,6 @@ public struct FeaturesApp {
             let (u, i) = try store.importKuaiRand(directory: dir)
             logger.info("imported KuaiRand features", metadata: ["users": "\(u)", "items": "\(i)"])
         }
-        if let importDataset {
-            let summary = try importDataset.run(into: store) { logger.info("\($0)") }
-            logger.info("\(summary)")
-        }
         let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
         let cache = service.cache, metrics = self.metrics
         metrics.addCollector {
@@ -103,6 +102,38 @@ public struct FeaturesApp {
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger, inProcess: inProcess)
-        return (server, service, [server])
+        let importer = importDataset.map { DatasetImportRunner(importer: $0, store: store, cache: service.cache, logger: logger) }
+        return (server, service, [server] + (importer.map { [$0] } ?? []))
+    }
+}
+
+/// Imports a dataset spec's tables while the feature service serves: on a thread of its own (not the one the
+/// handlers run on), the service answering from what the store held until the import's last commit, then its
+/// cache emptied. A failed import fails the service group (the process stops, saying why); a shutdown stops the
+/// import between batches with nothing changed.
+struct DatasetImportRunner: Service {
+    let importer: FeaturesApp.DatasetImport
+    let store: FeatureStore
+    let cache: FeatureCache<FeatureService.Key, FeatureRow>
+    let logger: Logger
+
+    func run() async throws {
+        let stop = Mutex(false)
+        let (importer, store, logger) = (importer, store, logger)
+        do {
+            let summary = try await withGracefulShutdownHandler {
+                try await OwnThread.run(name: "stockpot.import") {
+                    try importer.run(into: store, log: { logger.info("\($0)") }, stopped: { stop.withLock { $0 } })
+                }
+            } onGracefulShutdown: {
+                stop.withLock { $0 = true }
+            }
+            cache.invalidateAll()
+            logger.info("\(summary)")
+        } catch where stop.withLock({ $0 }) {
+            logger.notice("import stopped by the shutdown; the store is as it was")
+            return
+        }
+        try? await gracefulShutdown()
     }
 }

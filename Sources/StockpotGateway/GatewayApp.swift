@@ -65,7 +65,7 @@ public struct GatewayApp {
             }
             localFusion = app
         }
-        if let crowds = try await settings.list("corrected-crowds") { config.correctedCrowds = Set(crowds) }
+        if let crowds = try await settings.list("corrected-crowds") { config.correctedCrowds = Set(crowds.filter { !$0.isEmpty }) }
         if let t = try await settings.milliseconds("corrector-timeout-ms") { config.correctorTimeout = t }
         if let t = try await settings.milliseconds("fusion-timeout-ms") { config.fusionTimeout = t }
         if let t = try await settings.milliseconds("budget-ms") { config.budget = t }
@@ -108,7 +108,7 @@ public struct GatewayApp {
             } catch {
                 throw ServiceSettings.SettingError(description: "setting 'crowds': cannot read a crowd definition (or a dataset spec or feature config holding one) from \(path): \(error)")
             }
-            guard config.crowds.userColumn != nil || config.crowds.contextColumn != nil || config.crowds.groups.isEmpty else {
+            guard config.crowds.userColumn != nil || config.crowds.contextColumn != nil else {
                 throw ServiceSettings.SettingError(description: "setting 'crowds': source '\(config.crowds.source)' is neither user:<column> nor log:<column>; the gateway reads the attribute from the user's features or the request's context")
             }
         }
@@ -122,6 +122,10 @@ public struct GatewayApp {
             }
         }
         if let h = try await settings.int("utc-offset-hours", in: -12...14) { config.utcOffsetHours = h }
+        // A corrected crowd the definition does not name would never be corrected, silently.
+        if let unknown = config.correctedCrowds.sorted().first(where: { !config.crowds.names.contains($0) }) {
+            throw ServiceSettings.SettingError(description: "setting 'corrected-crowds': '\(unknown)' is not a crowd of the crowd definition (\(config.crowds.names.joined(separator: ", "))); set corrected-crowds to some of them")
+        }
         config.featureDefaultsOnFailure = try await settings.bool("feature-defaults", default: false)
         config.typedFeatures = !(try await settings.bool("text-features", default: false))
         if let share = try await settings.double("canary-percent", in: 0...100) { config.canaryShare = share / 100 }

@@ -50,7 +50,8 @@ extension DatasetSpec {
         let format = table == nil ? log.format : table!.format
         let missingSet = Set(missing ?? [])
         let mode = log.ids ?? .hash
-        let extra: [String: String] = kind == .items ? (itemDate.map { ["upload_dt": $0] } ?? [:]) : [:]
+        // `upload_dt` comes from the item table (the loader ignores itemDate without one).
+        let extra: [String: String] = kind == .items && table != nil ? (itemDate.map { ["upload_dt": $0] } ?? [:]) : [:]
         let idName = kind == .users ? "user_id" : "video_id"
         var scan = TableScan()
         // id → where its key was first seen (file index << 32 | line): ids stand for keys (a key's id is its
@@ -95,8 +96,8 @@ extension DatasetSpec {
                     for (k, v) in constants { values[k] = v }
                     let place = "\(f.path) line \(rec.line)"
                     let key = keyColumns.map { values[$0] ?? "" }.joined(separator: "|")
-                    if keyColumns.contains(where: { (values[$0] ?? "").isEmpty }) {
-                        if table != nil { try reject(place, "the key (\(keyColumns.joined(separator: "|"))) is empty") }
+                    if let empty = keyColumns.first(where: { (values[$0] ?? "").isEmpty }) {
+                        try reject(place, "key column '\(empty)' is empty (or a missing marker)")
                         continue
                     }
                     let id: Int
@@ -137,6 +138,9 @@ extension DatasetSpec {
         }
         if !pending.isEmpty { try batch(pending) }
         progress(scan)
+        guard scan.rows > 0 else {
+            throw TrainingError.data("dataset '\(name)': the \(kind.rawValue) files (\(files.map(\.path).joined(separator: ", "))) hold no row to import")
+        }
         return scan
     }
 }

@@ -305,6 +305,13 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             }
             return (0..<table.rowCount).map { r in cs.map { $0[r] }.joined(separator: "|") }
         }
+        // An empty key (or key part) is no user or item: refused here as the feature import refuses it.
+        for c in log.user + log.item {
+            let values = try column(c)
+            if let r = values.firstIndex(where: { $0.isEmpty }) {
+                throw TrainingError.data("dataset '\(name)': \(place(r)), key column '\(c)' is empty (or a missing marker)")
+            }
+        }
         let userKeys = try keys(log.user, raw, what: "log"), itemKeys = try keys(log.item, raw, what: "log")
         let userIds = try Self.ids(userKeys, mode: log.ids ?? .hash, what: "user key '\(log.user.joined(separator: "|"))'", place: place)
         let itemIds = try Self.ids(itemKeys, mode: log.ids ?? .hash, what: "item key '\(log.item.joined(separator: "|"))'", place: place)
@@ -330,6 +337,13 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             }
             labelColumns[o] = out
             rates[o] = Double(positives) / Double(raw.rowCount)
+        }
+        // Fusion targets: columns of the log with numbers in them (named before any model scores them).
+        for t in fusionTargets ?? [] where !objectives.contains(t.column) {
+            let values = try column(t.column)
+            if let r = values.firstIndex(where: { !$0.isEmpty && t.value($0) == nil }) {
+                throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(t.column)': '\(values[r])' is not a number (fusion target '\(t.name)')")
+            }
         }
         // Duplicates: the same user, item and time.
         var keep: [Int] = []
@@ -379,10 +393,17 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
                 return CSVTable(header: [key] + keyColumns.filter { $0 != key },
                                 columns: [firstRow.map { String(ids[rowKeys[$0]]!) }] + zip(keyColumns, cols).filter { $0.0 != key }.map { _, col in firstRow.map { col[$0] } })
             }
-            let (t, _) = try read(table.files, format: table.format, what: key == "user_id" ? "user table" : "item table")
+            let (t, tableOrigin) = try read(table.files, format: table.format, what: key == "user_id" ? "user table" : "item table")
             let k = try keys(table.key, t, what: key == "user_id" ? "user table" : "item table")
-            var rows: [Int] = [], seen = Set<String>()
-            for (r, v) in k.enumerated() where ids[v] != nil && seen.insert(v).inserted { rows.append(r) }
+            var rows: [Int] = [], firstRow: [String: Int] = [:]
+            // A key twice in a table is refused, as the feature import refuses it: which row would be served?
+            for (r, v) in k.enumerated() {
+                if let first = firstRow[v] {
+                    throw TrainingError.data("dataset '\(self.name)': \(tableOrigin[r].file) line \(tableOrigin[r].line): key '\(v)' repeats \(tableOrigin[first].file) line \(tableOrigin[first].line)")
+                }
+                firstRow[v] = r
+                if ids[v] != nil { rows.append(r) }
+            }
             let what = key == "user_id" ? "users" : "items"
             guard !rows.isEmpty else {
                 throw TrainingError.data("dataset '\(self.name)': no key of the \(what) table (\(table.key.joined(separator: "|"))) matches the log's: are they written alike (e.g. 42 against 42.0)?")

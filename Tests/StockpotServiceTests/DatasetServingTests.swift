@@ -1,6 +1,7 @@
 import Foundation
 import GRDB
 import GRPCCore
+import ServiceLifecycle
 import Testing
 import StockpotCorrector
 import StockpotFeatures
@@ -113,21 +114,37 @@ struct RatingsFixture {
         #expect(try Self.read(path, kind: 1, ids: [u0])[u0]?["segment"] == "changed")
     }
 
-    @Test func aStagingTableLeftByACrashIsDroppedAtTheNextOpen() throws {
-        let dir = temporaryDirectory("staging")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let path = dir.appendingPathComponent("f.sqlite").path
-        try FeatureStore(path: path).putNow(.user, rows: [(1, ["a": "1"])])
-        // What an import killed half way leaves: staged rows never moved in.
-        let queue = try DatabaseQueue(path: path)
-        try queue.write { db in
-            try db.execute(sql: "CREATE TABLE import_staging (kind INTEGER NOT NULL, id INTEGER NOT NULL, features TEXT NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID")
-            try db.execute(sql: "INSERT INTO import_staging VALUES (1, 2, '{\"a\":\"2\"}')")
+    /// Two stores on one file (two processes) import at once: each stages apart and commits whole. A second
+    /// import through the same store while one runs is refused.
+    @Test func concurrentImportsStageApartAndEachLandsWhole() async throws {
+        let f = try RatingsFixture()
+        defer { try? FileManager.default.removeItem(at: f.directory) }
+        // A second data set: other users (v0…v999) in a users table of its own.
+        try Data(("user\tsegment\n" + (0..<1_000).map { "v\($0)\tother" }.joined(separator: "\n") + "\n").utf8)
+            .write(to: f.directory.appendingPathComponent("others.tsv"))
+        var json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(f.spec)) as! [String: Any]
+        json["name"] = "others"
+        json["users"] = ["files": [["path": "others.tsv"]], "key": ["user"]]
+        let other = try JSONDecoder().decode(DatasetSpec.self, from: JSONSerialization.data(withJSONObject: json))
+        let path = f.directory.appendingPathComponent("shared/features.sqlite").path
+        let a = try FeatureStore(path: path), b = try FeatureStore(path: path)
+        let spec = f.spec, dir = f.directory, second = other
+        async let first = OwnThread.run { try a.importDataset(spec, directory: dir, batchRows: 3) }
+        async let next = OwnThread.run { try b.importDataset(second, directory: dir, batchRows: 3) }
+        let (ra, rb) = try await (first, next)
+        #expect(ra.users.rows == 60 && rb.users.rows == 1_000)
+        let v = try Self.read(path, kind: 1, ids: (0..<1_000).map { Int64(DatasetSpec.hash("v\($0)")) })
+        let u = try Self.read(path, kind: 1, ids: (0..<60).map { Int64(DatasetSpec.hash("u\($0)")) })
+        #expect(v.count == 1_000 && v.values.allSatisfy { $0["segment"] == "other" } && u.count == 60)
+        #expect(try Self.tables(path).contains { $0.contains("staging") } == false)
+        // While an import runs (here: from its own progress report), another through the same store is refused.
+        var refused: String?
+        _ = try a.importDataset(spec, directory: dir, force: true) { _ in
+            if refused == nil {
+                do { _ = try a.importDataset(second, directory: dir, force: true); refused = "not refused" } catch { refused = "\(error)" }
+            }
         }
-        try queue.close()
-        let reopened = try FeatureStore(path: path)
-        #expect(try reopened.countNow(.user) == 1)
-        #expect(try Self.tables(path).contains("import_staging") == false)
+        #expect(refused?.contains("already running") == true, "\(refused ?? "")")
     }
 
     static func read(_ path: String, kind: Int, ids: [Int64]) throws -> [Int64: [String: String]] {
@@ -154,14 +171,20 @@ struct RatingsFixture {
 @Suite struct DatasetServingSettings {
     @Test func theGatewayReadsCrowdsFromASpecAndContextDefaults() async throws {
         let spec = projectRoot.appendingPathComponent("docs/datasets/open-bandit.json").path
-        let env = ["STOCKPOT_GATEWAY_CROWDS": spec, "STOCKPOT_GATEWAY_CONTEXT_DEFAULTS": "campaign=all, tab=1",
+        var env = ["STOCKPOT_GATEWAY_CROWDS": spec, "STOCKPOT_GATEWAY_CONTEXT_DEFAULTS": "campaign=all, tab=1",
                    "STOCKPOT_GATEWAY_UTC_OFFSET_HOURS": "0", "STOCKPOT_GATEWAY_SERVING_LOG": "off"]
+        // The default corrected crowd (tail) is not one of these: refused, not silently never corrected.
+        await #expect { try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: env)) }
+            throws: { "\($0)".contains("'tail' is not a crowd of the crowd definition (men, women, all-items)") }
+        env["STOCKPOT_GATEWAY_CORRECTED_CROWDS"] = "women"
         let app = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: env))
         #expect(app.config.crowds.contextColumn == "campaign" && app.config.crowds.names == ["men", "women", "all-items"])
         #expect(app.config.contextDefaults == ["campaign": "all", "tab": "1"] && app.config.utcOffsetHours == 0)
-        for (key, value) in [("STOCKPOT_GATEWAY_CONTEXT_DEFAULTS", "campaign"), ("STOCKPOT_GATEWAY_UTC_OFFSET_HOURS", "99")] {
+        #expect(app.config.correctedCrowds == ["women"])
+        for (key, value, message) in [("STOCKPOT_GATEWAY_CONTEXT_DEFAULTS", "campaign", "'campaign' is not name=value"),
+                                      ("STOCKPOT_GATEWAY_UTC_OFFSET_HOURS", "99", "utc-offset-hours")] {
             let bad = try await ServiceSettings(service: "gateway", environment: [key: value, "STOCKPOT_GATEWAY_SERVING_LOG": "off"])
-            await #expect { try await GatewayApp(settings: bad) } throws: { _ in true }
+            await #expect { try await GatewayApp(settings: bad) } throws: { "\($0)".contains(message) }
         }
         // A crowd the gateway cannot read (a derived attribute) is refused at start, not at the first request.
         let dir = temporaryDirectory("crowd-source")
@@ -178,8 +201,9 @@ struct RatingsFixture {
         #expect(app.crowds == ["men", "women", "all-items"])
         let named = try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: ["STOCKPOT_CORRECTOR_CROWDS": "light, heavy"]))
         #expect(named.crowds == ["light", "heavy"])
-        for bad in ["/no/such/crowds.json", "a/b"] {
-            await #expect { try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: ["STOCKPOT_CORRECTOR_CROWDS": bad])) } throws: { _ in true }
+        for (bad, message) in [("/no/such/crowds.json", "cannot read a crowd definition"), ("a/b", "'a/b' cannot name a model")] {
+            await #expect { try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: ["STOCKPOT_CORRECTOR_CROWDS": bad])) }
+                throws: { "\($0)".contains(message) }
         }
     }
 
@@ -189,9 +213,10 @@ struct RatingsFixture {
             "STOCKPOT_FEATURES_IMPORT": spec, "STOCKPOT_FEATURES_IMPORT_BAD_ROWS": "skip", "STOCKPOT_FEATURES_IMPORT_DATA": "/data/ob"]))
         let d = try #require(app.importDataset)
         #expect(d.spec.name == "open-bandit-random" && d.badRows == .skip && d.directory.path == "/data/ob" && !d.force)
-        for env in [["STOCKPOT_FEATURES_IMPORT": spec, "STOCKPOT_FEATURES_IMPORT_BAD_ROWS": "ignore"],
-                    ["STOCKPOT_FEATURES_IMPORT_BAD_ROWS": "skip"], ["STOCKPOT_FEATURES_IMPORT": "/no/such/spec.json"]] {
-            await #expect { try await FeaturesApp(settings: ServiceSettings(service: "features", environment: env)) } throws: { _ in true }
+        for (env, message) in [(["STOCKPOT_FEATURES_IMPORT": spec, "STOCKPOT_FEATURES_IMPORT_BAD_ROWS": "ignore"], "'ignore' is not fail or skip"),
+                                (["STOCKPOT_FEATURES_IMPORT_BAD_ROWS": "skip"], "needs 'import'"),
+                                (["STOCKPOT_FEATURES_IMPORT": "/no/such/spec.json"], "/no/such/spec.json")] {
+            await #expect { try await FeaturesApp(settings: ServiceSettings(service: "features", environment: env)) } throws: { "\($0)".contains(message) }
         }
     }
 }
@@ -330,5 +355,42 @@ struct RatingsFixture {
         let url = dir.appendingPathComponent(name)
         try Data(text.utf8).write(to: url)
         return url
+    }
+}
+
+/// `stockpot-features --import SPEC` while serving: the import runs beside the server, the answers change when
+/// it commits; a refused row stops the process with the reason.
+@Suite struct FeatureServiceImportsWhileServing {
+    @Test func rowsAppearWhenTheImportCommitsAndAFailedImportStopsTheGroup() async throws {
+        let f = try RatingsFixture()
+        defer { try? FileManager.default.removeItem(at: f.directory) }
+        var app = FeaturesApp()
+        app.port = 0
+        app.databasePath = f.directory.appendingPathComponent("served/features.sqlite").path
+        app.importDataset = FeaturesApp.DatasetImport(spec: f.spec, directory: f.directory)
+        let built = try app.build(logger: quietLogger)
+        #expect(built.services.count == 2)
+        let group = ServiceGroup(configuration: .init(services: built.services.map { .init(service: $0) }, logger: quietLogger))
+        let u0 = Int64(DatasetSpec.hash("u0"))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            var found = false
+            for _ in 0..<200 where !found {
+                let r = try await withContext { try await built.service.getFeatures(request: .with { $0.userIds = [u0] }, context: $0) }
+                found = r.users.found == [true] && r.users.columns.contains { $0.name == "segment" && $0.text(0) == "new" }
+                if !found { try await Task.sleep(for: .milliseconds(50)) }
+            }
+            #expect(found, "the imported user was not served within 10 s")
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+
+        // A malformed row under 'fail': the group stops with the row named, and the store is unchanged.
+        try Data("user\tsegment\nu0\tchanged\nu1\ta\tb\n".utf8).write(to: f.directory.appendingPathComponent("users.tsv"))
+        let again = try app.build(logger: quietLogger)
+        let failing = ServiceGroup(configuration: .init(services: again.services.map { .init(service: $0) }, logger: quietLogger))
+        await #expect { try await failing.run() } throws: { "\($0)".contains("users.tsv line 3: 3 fields") }
+        let r = try await withContext { try await again.service.getFeatures(request: .with { $0.userIds = [u0] }, context: $0) }
+        #expect(r.users.columns.first { $0.name == "segment" }?.text(0) == "new")
     }
 }

@@ -106,11 +106,11 @@ import Testing
         var flags = ServiceSettings.Flags()
         flags.set("feature-defaults", flag: true)
         flags.set("serving-log-sample", "head=0.1,*=0.5")
-        let env = ["STOCKPOT_GATEWAY_CORRECTED_CROWDS": "tail, vip", "STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS": "70",
+        let env = ["STOCKPOT_GATEWAY_CORRECTED_CROWDS": "rest, vip", "STOCKPOT_GATEWAY_CORRECTOR_TIMEOUT_MS": "70",
                    "STOCKPOT_GATEWAY_CROWDS": crowds.path, "STOCKPOT_GATEWAY_SERVING_LOG": "/tmp/log",
                    "STOCKPOT_GATEWAY_SERVING_LOG_RETENTION_DAYS": "0", "STOCKPOT_GATEWAY_SERVING_LOG_SEGMENT_MB": "2"]
         let app = try await GatewayApp(settings: ServiceSettings(service: "gateway", flags: flags, environment: env))
-        #expect(app.config.correctedCrowds == ["tail", "vip"])
+        #expect(app.config.correctedCrowds == ["rest", "vip"])
         #expect(app.config.correctorTimeout == .milliseconds(70))
         #expect(app.config.featureDefaultsOnFailure)
         #expect(app.config.crowds.crowd(of: "full_active") == "vip" && app.config.crowds.crowd(of: "low_active") == "rest")

@@ -220,6 +220,28 @@ import Testing
         #expect(ints.rows == 1 && ints.skipped == 1 && rows.first?.id == 7)
     }
 
+    /// The trainer refuses what the import refuses, so the store holds a row for every key a model trained on.
+    @Test func theLoaderRefusesEmptyAndRepeatedKeysAsTheImportDoes() throws {
+        let dir = try base.ratingFolder()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let spec = base.spec()
+        try Data("user\tactivity\nu1\theavy\nu2\tlight\nu1\tlight\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
+        #expect { try spec.load(directory: dir) } throws: { "\($0)".contains("users.tsv line 4: key 'u1' repeats users.tsv line 2") }
+        #expect { try spec.scanTable(.users, directory: dir) { _ in } } throws: { "\($0)".contains("users.tsv line 4") }
+        let text = try String(contentsOf: dir.appendingPathComponent("ratings.csv"), encoding: .utf8)
+        try Data(text.replacingOccurrences(of: "\nu3,", with: "\nNA,").utf8).write(to: dir.appendingPathComponent("ratings.csv"))
+        #expect { try spec.load(directory: dir) } throws: { "\($0)".contains("ratings.csv line") && "\($0)".contains("key column 'uid' is empty") }
+        // A fusion target that is not numeric is named at load, before any model scores it.
+        try Data(text.utf8).write(to: dir.appendingPathComponent("ratings.csv"))
+        try Data("user\tactivity\nu1\theavy\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
+        let graded = base.spec { $0.fusionTargets = [FusionTarget(name: "device", column: "device", kind: .graded)] }
+        #expect { try graded.load(directory: dir) } throws: { "\($0)".contains("ratings.csv line 3, column 'device': 'phone' is not a number (fusion target 'device')") }
+        #expect(try base.spec { $0.fusionTargets = [FusionTarget(name: "stars", column: "rating", kind: .graded)] }.load(directory: dir).0.log.rowCount == 400)
+        // A declared table with no row at all is refused.
+        try Data("user\tactivity\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
+        #expect { try spec.scanTable(.users, directory: dir) { _ in } } throws: { "\($0)".contains("hold no row to import") }
+    }
+
     @Test func aSpecWithGzipFilesLoadsAsThePlainOne() throws {
         let dir = try base.ratingFolder()
         defer { try? FileManager.default.removeItem(at: dir) }

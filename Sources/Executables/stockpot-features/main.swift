@@ -14,13 +14,13 @@ struct FeaturesCommand: AsyncParsableCommand {
     @Option(help: "Cache time-to-live in seconds (env STOCKPOT_FEATURES_CACHE_TTL).") var cacheTtl: Double?
     @Option(help: "Import KuaiRand-Pure feature files from this folder when the store is empty (env STOCKPOT_FEATURES_IMPORT_KUAIRAND).")
     var importKuairand: String?
-    @Option(name: .customLong("import"), help: "Import the user and item tables of this dataset spec (docs/datasets.md) at start, unless the same files were imported before (env STOCKPOT_FEATURES_IMPORT).")
+    @Option(name: .customLong("import"), help: "Import the user and item tables of this dataset spec (docs/datasets.md) beside serving, whole or not at all, unless the same files were imported before (env STOCKPOT_FEATURES_IMPORT).")
     var importSpec: String?
     @Option(help: "Folder the spec's paths are relative to (default: the spec's folder; env STOCKPOT_FEATURES_IMPORT_DATA).") var importData: String?
     @Option(help: "A malformed row of an --import: fail (default: nothing is imported) or skip (counted, and the first ones named) (env STOCKPOT_FEATURES_IMPORT_BAD_ROWS).")
     var importBadRows: String?
-    @Option(help: "Rows per staged batch of an --import (default 5000).") var importBatchRows: Int?
-    @Flag(help: "Import even when the files look unchanged since the last import.") var importForce = false
+    @Option(help: "Rows per staged batch of an --import (default 5000; env STOCKPOT_FEATURES_IMPORT_BATCH_ROWS).") var importBatchRows: Int?
+    @Flag(help: "Import even when the files look unchanged since the last import (env STOCKPOT_FEATURES_IMPORT_FORCE).") var importForce = false
     @Flag(help: "Import the --import spec or the --import-kuairand files into --database and exit, without serving.") var importOnly = false
 
     func run() async throws {
