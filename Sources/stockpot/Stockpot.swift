@@ -46,6 +46,13 @@ struct DataOptions: ParsableArguments {
         return try DatasetSpec.load(URL(fileURLWithPath: dataset)).crowds
     }
 
+    /// The columns a Rank request carries as context: the spec's `log.context` with `--dataset`, KuaiRand's tab
+    /// without.
+    func contextColumns() throws -> [String] {
+        guard let dataset else { return ["tab"] }
+        return try DatasetSpec.load(URL(fileURLWithPath: dataset)).log.context ?? []
+    }
+
     /// What a fusion search optimises: the spec's targets with `--dataset`, KuaiRand's without.
     func fusionTargets() throws -> [FusionTarget] {
         guard let dataset else { return FusionTarget.kuaiRand }

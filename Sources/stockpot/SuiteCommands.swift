@@ -203,13 +203,17 @@ struct Replay: AsyncParsableCommand {
     func run() async throws {
         let (data, config) = try dataOptions.load()
         let rows = try data.rows(in: try parseDays(days))
-        let tab = try data.log.column("tab"), hourmin = try data.log.column("hourmin")
+        // The request context: KuaiRand's tab, or the columns a dataset spec declares (`log.context`).
+        let contextNames = try dataOptions.contextColumns()
+        let contextValues = try contextNames.map { try data.log.column($0) }
+        let hourmin = try data.log.column("hourmin")
         let degree = try data.accessor(for: config.crowds.source)
         var groups: [String: [Int]] = [:]
         var order: [String] = []
         for r in rows {
             if let crowd, config.crowds.crowd(of: data.value(degree, row: r)) != crowd { continue }
-            let key = "\(data.userIds[r])|\(data.dates[r])"
+            // One request per user, day and context (a campaign's items are not another campaign's candidates).
+            let key = "\(data.userIds[r])|\(data.dates[r])|" + contextValues.map { $0[r] }.joined(separator: "\u{1}")
             if groups[key] == nil { order.append(key) }
             groups[key, default: []].append(r)
         }
@@ -220,8 +224,8 @@ struct Replay: AsyncParsableCommand {
                 $0.userID = Int64(data.userIds[g[0]])
                 $0.candidateIds = Array(Set(g.map { Int64(data.videoIds[$0]) })).sorted()
                 $0.topK = 0
-                $0.context = [.with { $0.name = "tab"; $0.value = tab[g[0]] }, .with { $0.name = "hourmin"; $0.value = hourmin[g[0]] },
-                              .with { $0.name = "date"; $0.value = String(data.dates[g[0]]) }]
+                $0.context = zip(contextNames, contextValues).map { name, values in .with { $0.name = name; $0.value = values[g[0]] } }
+                    + [.with { $0.name = "hourmin"; $0.value = hourmin[g[0]] }, .with { $0.name = "date"; $0.value = String(data.dates[g[0]]) }]
             }
         }
         Console.info("replaying \(requests.count) requests (\(requests.reduce(0) { $0 + $1.candidateIds.count }) impressions) to \(gateway)")
