@@ -61,9 +61,9 @@ public final class FeatureStore: FeatureBackend {
             // must survive it.
             try db.execute(sql: "PRAGMA synchronous = FULL")
         }
-        // Replicas on one file, and an import's last transaction: a writer waits for the other's commit instead
-        // of failing at once with "database is locked".
-        config.busyMode = .timeout(10)
+        // Replicas on one file, and an import's last transaction (seconds for millions of rows): a writer waits
+        // for the other's commit instead of failing at once with "database is locked".
+        config.busyMode = .timeout(60)
         if path == ":memory:" {
             db = try DatabaseQueue(configuration: config)
         } else {
@@ -85,6 +85,8 @@ public final class FeatureStore: FeatureBackend {
             try db.execute(sql: "CREATE TABLE imports (name TEXT PRIMARY KEY NOT NULL, fingerprint TEXT NOT NULL, finished_at_ms INTEGER NOT NULL) WITHOUT ROWID")
         }
         try migrator.migrate(db)
+        // A staging table of an earlier build lived in the main database; staging is temporary now.
+        try db.write { try $0.execute(sql: "DROP TABLE IF EXISTS main.import_staging") }
     }
 
     public func count(_ kind: Kind) async throws -> Int {
@@ -264,8 +266,7 @@ public final class FeatureStore: FeatureBackend {
                     guard clock.now - lastProgress >= .seconds(5) else { return }
                     lastProgress = clock.now
                     progress("\(tableKind.rawValue): \(s.rows) rows staged, \(s.skipped) skipped")
-                }) { rows in
-                    if stopped() { throw ImportError(description: "the import of dataset '\(spec.name)' was stopped before it finished; the store is as it was") }
+                }, stopped: stopped) { rows in
                     var encoded: [(Int64, String)] = []
                     encoded.reserveCapacity(rows.count)
                     for r in rows {
@@ -302,6 +303,11 @@ public final class FeatureStore: FeatureBackend {
             throw error
         }
         return report
+    }
+
+    /// Whether an import of a spec of this name has completed in this store (whatever its files were).
+    public func hasImported(_ spec: DatasetSpec) throws -> Bool {
+        try db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM imports WHERE name = ?", arguments: ["dataset:\(spec.name)"]) ?? 0 } > 0
     }
 
     /// Path, size and modification time of every file an import reads, with the spec itself.

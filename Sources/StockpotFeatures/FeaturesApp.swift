@@ -99,12 +99,23 @@ public struct FeaturesApp {
             metrics.count("stockpot_feature_cache_expirations_total", l, to: s.expirations)
             metrics.gauge("stockpot_feature_cache_entries", l).record(s.entries)
         }
+        // Until a first import of the spec has landed, the service is not SERVING (a gateway would read an empty
+        // store); a store that holds an earlier import of it serves that while the new one runs.
+        let readiness = ImportReadiness(done: try importDataset.map { try store.hasImported($0.spec) } ?? true)
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger, inProcess: inProcess)
-        let importer = importDataset.map { DatasetImportRunner(importer: $0, store: store, cache: service.cache, logger: logger) }
+                                   metrics: metrics, logger: logger, inProcess: inProcess, ready: { readiness.isDone })
+        let importer = importDataset.map { DatasetImportRunner(importer: $0, store: store, cache: service.cache, logger: logger, done: readiness) }
         return (server, service, [server] + (importer.map { [$0] } ?? []))
     }
+}
+
+/// Whether the feature service has the rows it is configured to import.
+final class ImportReadiness: Sendable {
+    private let state: Mutex<Bool>
+    init(done: Bool) { state = Mutex(done) }
+    var isDone: Bool { state.withLock { $0 } }
+    func markDone() { state.withLock { $0 = true } }
 }
 
 /// Imports a dataset spec's tables while the feature service serves: on a thread of its own (not the one the
@@ -116,21 +127,30 @@ struct DatasetImportRunner: Service {
     let store: FeatureStore
     let cache: FeatureCache<FeatureService.Key, FeatureRow>
     let logger: Logger
+    /// Set once the import has committed (or found its files already imported): the service's readiness.
+    let done: ImportReadiness
 
     func run() async throws {
         let stop = Mutex(false)
         let (importer, store, logger) = (importer, store, logger)
         do {
-            let summary = try await withGracefulShutdownHandler {
-                try await OwnThread.run(name: "stockpot.import") {
-                    try importer.run(into: store, log: { logger.info("\($0)") }, stopped: { stop.withLock { $0 } })
+            // Stopped between blocks by a graceful shutdown, or by the group's cancellation (another service
+            // failed): the process does not wait for the rest of the import.
+            let summary = try await withTaskCancellationHandler {
+                try await withGracefulShutdownHandler {
+                    try await OwnThread.run(name: "stockpot.import") {
+                        try importer.run(into: store, log: { logger.info("\($0)") }, stopped: { stop.withLock { $0 } })
+                    }
+                } onGracefulShutdown: {
+                    stop.withLock { $0 = true }
                 }
-            } onGracefulShutdown: {
+            } onCancel: {
                 stop.withLock { $0 = true }
             }
             cache.invalidateAll()
+            done.markDone()
             logger.info("\(summary)")
-        } catch where stop.withLock({ $0 }) {
+        } catch is DatasetSpec.ImportStopped {
             logger.notice("import stopped by the shutdown; the store is as it was")
             return
         }

@@ -108,7 +108,8 @@ public struct GatewayApp {
             } catch {
                 throw ServiceSettings.SettingError(description: "setting 'crowds': cannot read a crowd definition (or a dataset spec or feature config holding one) from \(path): \(error)")
             }
-            guard config.crowds.userColumn != nil || config.crowds.contextColumn != nil else {
+            // No groups: everyone is the one crowd whatever the attribute (init-dataset writes such a definition).
+            guard config.crowds.userColumn != nil || config.crowds.contextColumn != nil || config.crowds.groups.isEmpty else {
                 throw ServiceSettings.SettingError(description: "setting 'crowds': source '\(config.crowds.source)' is neither user:<column> nor log:<column>; the gateway reads the attribute from the user's features or the request's context")
             }
         }

@@ -38,6 +38,7 @@ public struct CSVTable: Sendable {
             let bytes = raw.bindMemory(to: UInt8.self)
             var parser = Parser(bytes: bytes, delimiter: delimiter, quotes: quotes)
             guard let header = parser.nextRecord() else { throw TrainingError.data("\(name) is empty") }
+            if parser.unclosed { throw TrainingError.data("\(name) line 1: a quoted field of the header is never closed") }
             var columns = [[String]](repeating: [], count: header.count)
             let estimate = bytes.count / max(1, header.count * 6)
             for i in columns.indices { columns[i].reserveCapacity(estimate) }
@@ -46,6 +47,9 @@ public struct CSVTable: Sendable {
                 // The line a record starts on: one more than the line breaks before it (quoted fields may hold some).
                 let line = 1 + parser.newlines
                 guard let record = parser.nextRecord() else { break }
+                if parser.unclosed {
+                    throw TrainingError.data("\(name) line \(line): a quoted field opened in this record is never closed (the rest of the file would be one value)")
+                }
                 if record.count == 1 && record[0].isEmpty { continue }
                 guard record.count == header.count else {
                     throw TrainingError.data("\(name) line \(line): \(record.count) fields, header has \(header.count)")
@@ -65,6 +69,8 @@ public struct CSVTable: Sendable {
         var pos = 0
         /// Line breaks consumed so far.
         var newlines = 0
+        /// Set when the last quoted field read ran to the end of the bytes without its closing quote.
+        var unclosed = false
         var fields: [String] = []
         var scratch: [UInt8] = []
 
@@ -83,6 +89,7 @@ public struct CSVTable: Sendable {
                 if quotes && pos < bytes.count && bytes[pos] == UInt8(ascii: "\"") {
                     pos += 1
                     scratch.removeAll(keepingCapacity: true)
+                    var closed = false
                     while pos < bytes.count {
                         let c = bytes[pos]
                         if c == UInt8(ascii: "\"") {
@@ -92,12 +99,14 @@ public struct CSVTable: Sendable {
                                 continue
                             }
                             pos += 1
+                            closed = true
                             break
                         }
                         if c == UInt8(ascii: "\n") { newlines += 1 }
                         scratch.append(c)
                         pos += 1
                     }
+                    if !closed { unclosed = true }
                     fields.append(String(decoding: scratch, as: UTF8.self))
                 } else {
                     let start = pos

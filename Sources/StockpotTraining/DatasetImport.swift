@@ -23,6 +23,12 @@ extension DatasetSpec {
         case skip
     }
 
+    /// Thrown when a scan or an import is asked to stop (a shutdown) before it finished.
+    public struct ImportStopped: Error, CustomStringConvertible {
+        public init() {}
+        public var description: String { "the import was stopped before it finished" }
+    }
+
     /// What streaming a table found.
     public struct TableScan: Sendable {
         public var rows = 0
@@ -39,9 +45,11 @@ extension DatasetSpec {
     /// in the spec, its rows are the distinct keys of the log (the key columns only), as the loader makes them.
     /// A row whose field count is wrong, whose key is empty or not a canonical integer (`ids: integer`), or
     /// whose key repeats an earlier row's is bad: `badRows` decides. A missing file or key column always fails.
-    /// `progress` is called after each batch with the rows so far.
+    /// `progress` is called after each batch with the rows so far; `stopped` is asked for each block of records
+    /// read, and true ends the scan with `ImportStopped`.
     public func scanTable(_ kind: TableKind, directory: URL, batchRows: Int = 5_000, badRows: BadRows = .fail,
-                          progress: (TableScan) -> Void = { _ in }, batch: ([TableRow]) throws -> Void) throws -> TableScan {
+                          progress: (TableScan) -> Void = { _ in }, stopped: () -> Bool = { false },
+                          batch: ([TableRow]) throws -> Void) throws -> TableScan {
         try validate()
         precondition(batchRows > 0)
         let table = kind == .users ? users : items
@@ -76,6 +84,7 @@ extension DatasetSpec {
             let constants = f.constants ?? [:]
             var checkedHeader = false
             try RecordStream(url: url, format: format ?? Self.format(of: f.path)).read(rows: { records in
+                if stopped() { throw ImportStopped() }
                 for rec in records {
                     var values = rec.values
                     if !checkedHeader {

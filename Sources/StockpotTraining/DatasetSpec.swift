@@ -341,8 +341,8 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         // Fusion targets: columns of the log with numbers in them (named before any model scores them).
         for t in fusionTargets ?? [] where !objectives.contains(t.column) {
             let values = try column(t.column)
-            if let r = values.firstIndex(where: { !$0.isEmpty && t.value($0) == nil }) {
-                throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(t.column)': '\(values[r])' is not a number (fusion target '\(t.name)')")
+            if let r = values.firstIndex(where: { t.value($0) == nil }) {
+                throw TrainingError.data("dataset '\(name)': \(place(r)), column '\(t.column)': '\(values[r])' is not a number (fusion target '\(t.name)'; an empty or missing value included)")
             }
         }
         // Duplicates: the same user, item and time.
@@ -397,7 +397,15 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
             let k = try keys(table.key, t, what: key == "user_id" ? "user table" : "item table")
             var rows: [Int] = [], firstRow: [String: Int] = [:]
             // A key twice in a table is refused, as the feature import refuses it: which row would be served?
+            let keyValues = try table.key.map { c in t.columns[t.header.firstIndex(of: c)!] }
             for (r, v) in k.enumerated() {
+                // What the feature import refuses, refused here too: an empty key part, a non-canonical integer.
+                if let empty = zip(table.key, keyValues).first(where: { $0.1[r].isEmpty }) {
+                    throw TrainingError.data("dataset '\(self.name)': \(tableOrigin[r].file) line \(tableOrigin[r].line): key column '\(empty.0)' is empty (or a missing marker)")
+                }
+                if (log.ids ?? .hash) == .integer, Int(v).map({ $0 >= 0 && String($0) == v }) != true {
+                    throw TrainingError.data("dataset '\(self.name)': \(tableOrigin[r].file) line \(tableOrigin[r].line): key '\(v)' is not a canonical non-negative integer (ids 'integer')")
+                }
                 if let first = firstRow[v] {
                     throw TrainingError.data("dataset '\(self.name)': \(tableOrigin[r].file) line \(tableOrigin[r].line): key '\(v)' repeats \(tableOrigin[first].file) line \(tableOrigin[first].line)")
                 }

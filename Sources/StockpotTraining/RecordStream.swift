@@ -249,11 +249,16 @@ public struct RecordStream {
             }
             pending.append(chunk)
             if format == .jsonl {
-                guard pending.count >= blockBytes, let nl = pending.lastIndex(of: UInt8(ascii: "\n")) else { return }
-                let cut = nl - pending.startIndex + 1
-                let block = Data(pending.prefix(cut))
-                pending = Data(pending.suffix(from: pending.startIndex + cut))
-                try flush(block)
+                guard pending.count >= blockBytes else { return }
+                if let nl = pending.lastIndex(of: UInt8(ascii: "\n")) {
+                    let cut = nl - pending.startIndex + 1
+                    let block = Data(pending.prefix(cut))
+                    pending = Data(pending.suffix(from: pending.startIndex + cut))
+                    try flush(block)
+                }
+                if pending.count > maxRecordBytes {
+                    throw TrainingError.data("\(url.lastPathComponent) line \(line): a line longer than \(maxRecordBytes) bytes")
+                }
                 return
             }
             pending.withUnsafeBytes { raw in

@@ -87,7 +87,9 @@ struct RatingsFixture {
         // A row written before the import, whose id the import does not touch, and one it replaces.
         let u0 = Int64(DatasetSpec.hash("u0"))
         try store.putNow(.user, rows: [(42, ["kept": "yes"]), (u0, ["stale": "1", "segment": "old-value"])])
+        #expect(try !store.hasImported(f.spec))
         let report = try store.importDataset(f.spec, directory: f.directory, batchRows: 7)
+        #expect(try store.hasImported(f.spec))
         #expect(report.users.rows == 60 && report.items.rows == 40 && !report.unchanged)
         #expect(try store.countNow(.user) == 61)
         #expect(try store.countNow(.item) == 40)
@@ -186,6 +188,14 @@ struct RatingsFixture {
             let bad = try await ServiceSettings(service: "gateway", environment: [key: value, "STOCKPOT_GATEWAY_SERVING_LOG": "off"])
             await #expect { try await GatewayApp(settings: bad) } throws: { "\($0)".contains(message) }
         }
+        // One crowd for everyone (what init-dataset writes without an attribute): any source, nothing to read.
+        let dir0 = temporaryDirectory("one-crowd")
+        defer { try? FileManager.default.removeItem(at: dir0) }
+        let one = dir0.appendingPathComponent("c.json")
+        try Data(#"{"source": "derived:hour", "groups": [], "otherwise": "everyone"}"#.utf8).write(to: one)
+        let single = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: [
+            "STOCKPOT_GATEWAY_CROWDS": one.path, "STOCKPOT_GATEWAY_CORRECTED_CROWDS": "everyone", "STOCKPOT_GATEWAY_SERVING_LOG": "off"]))
+        #expect(single.config.crowds.crowd(userFeatures: [:], context: [:]) == "everyone")
         // A crowd the gateway cannot read (a derived attribute) is refused at start, not at the first request.
         let dir = temporaryDirectory("crowd-source")
         defer { try? FileManager.default.removeItem(at: dir) }

@@ -141,6 +141,13 @@ import Testing
         #expect(skipped == 0)
         #expect { try RecordStream(url: url, format: .csv).read(blockBytes: 64, maxRecordBytes: 1_000, rows: { _ in }, bad: { _ in }) }
             throws: { "\($0)".contains("a record longer than") }
+        // The whole-file reader refuses it too, so training and import accept the same files.
+        #expect { try CSVTable.read(url) } throws: { "\($0)".contains("t.csv line 3: a quoted field opened in this record is never closed") }
+        // A JSON line without an end is bounded as well.
+        let jsonl = dir.appendingPathComponent("t.jsonl")
+        try Data(("{\"a\": \"" + String(repeating: "x", count: 5_000)).utf8).write(to: jsonl)
+        #expect { try RecordStream(url: jsonl, format: .jsonl).read(blockBytes: 64, maxRecordBytes: 1_000, rows: { _ in }, bad: { _ in }) }
+            throws: { "\($0)".contains("a line longer than 1000 bytes") }
     }
 
     @Test func recordStreamReportsBadRowsWithTheirLines() throws {
@@ -235,8 +242,11 @@ import Testing
         try Data(text.utf8).write(to: dir.appendingPathComponent("ratings.csv"))
         try Data("user\tactivity\nu1\theavy\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
         let graded = base.spec { $0.fusionTargets = [FusionTarget(name: "device", column: "device", kind: .graded)] }
-        #expect { try graded.load(directory: dir) } throws: { "\($0)".contains("ratings.csv line 3, column 'device': 'phone' is not a number (fusion target 'device')") }
+        #expect { try graded.load(directory: dir) } throws: { "\($0)".contains("ratings.csv line 2, column 'device': '' is not a number (fusion target 'device'") }
         #expect(try base.spec { $0.fusionTargets = [FusionTarget(name: "stars", column: "rating", kind: .graded)] }.load(directory: dir).0.log.rowCount == 400)
+        // Table keys the import refuses: an empty one, a non-canonical integer under ids 'integer'.
+        try Data("user\tactivity\nu1\theavy\nNA\tlight\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
+        #expect { try spec.load(directory: dir) } throws: { "\($0)".contains("users.tsv line 3: key column 'user' is empty") }
         // A declared table with no row at all is refused.
         try Data("user\tactivity\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
         #expect { try spec.scanTable(.users, directory: dir) { _ in } } throws: { "\($0)".contains("hold no row to import") }
