@@ -62,6 +62,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
         .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPHTTP"]),
         .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"), // gzip data files
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.0"), // shared stores on PostgreSQL
         .package(url: "https://github.com/jpsim/Yams.git", from: "5.0.0"), // tests only: compose.yaml checks
     ],
     targets: [
@@ -110,7 +111,8 @@ let package = Package(
         // Trace export (OpenTelemetry, OTLP/HTTP) for the executables; libraries only depend on swift-distributed-tracing.
         .target(name: "StockpotTelemetry", dependencies: ["StockpotServing", .product(name: "OTel", package: "swift-otel")]),
         serviceLibrary("StockpotRegistry", [.product(name: "GRDB", package: "GRDB.swift")]),
-        serviceLibrary("StockpotFeatures", ["StockpotTraining", .product(name: "GRDB", package: "GRDB.swift")]),
+        serviceLibrary("StockpotFeatures", ["StockpotTraining", .product(name: "GRDB", package: "GRDB.swift"),
+                                            .product(name: "PostgresNIO", package: "postgres-nio")]),
         serviceLibrary("StockpotScorer", ["StockpotModel"]),
         serviceLibrary("StockpotCorrector", ["StockpotModel"]),
         serviceLibrary("StockpotFusion", ["StockpotModel"]),

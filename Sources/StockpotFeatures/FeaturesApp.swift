@@ -84,6 +84,7 @@ public struct FeaturesApp {
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
+        if PostgresFeatureStore.isAddress(databasePath) { return try buildOnPostgres(logger: logger) }
         let store = try FeatureStore(path: databasePath)
         if let dir = importKuaiRand, try store.countNow(.user) == 0 {
             let (u, i) = try store.importKuaiRand(directory: dir)
@@ -107,6 +108,38 @@ public struct FeaturesApp {
                                    metrics: metrics, logger: logger, inProcess: inProcess, ready: { readiness.isDone })
         let importer = importDataset.map { DatasetImportRunner(importer: $0, store: store, cache: service.cache, logger: logger, done: readiness) }
         return (server, service, [server] + (importer.map { [$0] } ?? []))
+    }
+}
+
+extension FeaturesApp {
+    /// The service over the shared PostgreSQL store: the pool, the migrations (SERVING once they are applied),
+    /// the server.
+    func buildOnPostgres(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
+        guard importKuaiRand == nil, importDataset == nil else {
+            throw ServiceSettings.SettingError(description: "imports go into a SQLite store for now: import there (--import-only), or put rows through PutFeatures")
+        }
+        let store = try PostgresFeatureStore(url: databasePath, logger: logger)
+        let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
+        let migrated = ImportReadiness(done: false)
+        let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
+                                   serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
+                                   metrics: metrics, logger: logger, inProcess: inProcess, ready: { migrated.isDone })
+        return (server, service, [store.service, PostgresMigration(store: store, done: migrated, logger: logger), server])
+    }
+}
+
+/// Applies the PostgreSQL store's migrations once the pool runs, then stays until shutdown; the feature service
+/// is SERVING only after it.
+struct PostgresMigration: Service {
+    let store: PostgresFeatureStore
+    let done: ImportReadiness
+    let logger: Logger
+
+    func run() async throws {
+        try await store.migrate()
+        done.markDone()
+        logger.info("feature store on PostgreSQL: schema \(store.schema) migrated")
+        try? await gracefulShutdown()
     }
 }
 

@@ -1,0 +1,170 @@
+import Foundation
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import StockpotServing
+
+/// The feature store on PostgreSQL: the shared online store that several feature-service replicas on several
+/// hosts read and write (`--database postgres://…`). The same rows and semantics as `FeatureStore` (SQLite):
+/// one row per (kind, id) with its features as a JSON object of text values, a put merges the given columns
+/// into the stored row. Each put is one transaction, and its merge is one statement (`features || new`) under
+/// the row's lock, so concurrent writers of one row lose no column. Every row carries a version from one
+/// sequence, bumped by each write.
+///
+/// The connection pool is postgres-nio's `PostgresClient`: `service` runs it and must be in the process's
+/// service group. Tables live in `schema` (created, with its migrations, at `migrate()`).
+public final class PostgresFeatureStore: FeatureBackend {
+    public let client: PostgresClient
+    public let schema: String
+    private let logger: Logger
+    /// Column names per kind, cached for `columnsTTL` (another replica's new column shows within it) and
+    /// dropped by this store's own puts.
+    private let knownColumns: FeatureCache<FeatureStore.Kind, [String]>
+
+    /// A database address that is not `postgres://user[:password]@host[:port]/database`.
+    public struct AddressError: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// - Parameters:
+    ///   - url: `postgres://user[:password]@host[:port]/database` (`postgresql://` too). Plaintext: TLS is not
+    ///     offered yet (a private network, or a proxy that terminates TLS).
+    ///   - schema: the schema holding the tables (letters, digits and `_`).
+    ///   - maxConnections: the pool's bound.
+    public init(url: String, schema: String = "stockpot", maxConnections: Int = 16, columnsTTL: Duration = .seconds(10),
+                logger: Logger = Logger(label: "stockpot.features.postgres")) throws {
+        guard schema.first.map({ $0.isLetter || $0 == "_" }) == true, schema.count <= 63,
+              schema.allSatisfy({ ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "_" }) else {
+            throw AddressError(description: "schema '\(schema)' is not a plain identifier (letters, digits, _)")
+        }
+        var config = try Self.configuration(url)
+        config.options.maximumConnections = max(1, maxConnections)
+        client = PostgresClient(configuration: config, backgroundLogger: logger)
+        self.schema = schema
+        self.logger = logger
+        knownColumns = FeatureCache(capacity: FeatureStore.Kind.allCases.count, ttl: columnsTTL)
+    }
+
+    /// Whether a `database` setting names PostgreSQL rather than a SQLite file.
+    public static func isAddress(_ s: String) -> Bool { s.hasPrefix("postgres://") || s.hasPrefix("postgresql://") }
+
+    static func configuration(_ url: String) throws -> PostgresClient.Configuration {
+        guard isAddress(url), let u = URLComponents(string: url), let host = u.host, !host.isEmpty else {
+            throw AddressError(description: "'\(url.replacingOccurrences(of: #":[^:@/]*@"#, with: ":…@", options: .regularExpression))' is not postgres://user[:password]@host[:port]/database")
+        }
+        let database = u.path.hasPrefix("/") ? String(u.path.dropFirst()) : u.path
+        guard !database.isEmpty else { throw AddressError(description: "the PostgreSQL address names no database (postgres://user@host:port/DATABASE)") }
+        if let mode = u.queryItems?.first(where: { $0.name == "sslmode" })?.value, !["disable", "allow", "prefer"].contains(mode) {
+            throw AddressError(description: "sslmode=\(mode): TLS to PostgreSQL is not offered yet; use sslmode=disable on a private network")
+        }
+        return PostgresClient.Configuration(host: host, port: u.port ?? 5432, username: u.user ?? "postgres",
+                                            password: u.password?.removingPercentEncoding, database: database, tls: .disable)
+    }
+
+    /// The pool's run loop, for the process's service group (queries wait until it runs).
+    public var service: any Service { client }
+
+    private var s: String { schema }
+
+    /// Creates the schema and its tables, and applies migrations not applied yet, under a transaction-scoped
+    /// advisory lock so that replicas starting together migrate once.
+    public func migrate() async throws {
+        let migrations: [(Int, [String])] = [
+            (1, [
+                "CREATE TABLE \(s).feature_entities (kind SMALLINT NOT NULL, id BIGINT NOT NULL, features JSONB NOT NULL, version BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL, PRIMARY KEY (kind, id))",
+                "CREATE TABLE \(s).feature_columns (kind SMALLINT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (kind, name))",
+                "CREATE SEQUENCE \(s).feature_version",
+            ]),
+        ]
+        try await client.withTransaction(logger: logger) { c in
+            try await c.query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(hashtext('\(s).migrations'))"), logger: logger)
+            try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA IF NOT EXISTS \(s)"), logger: logger)
+            try await c.query(PostgresQuery(unsafeSQL: "CREATE TABLE IF NOT EXISTS \(s).migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"), logger: logger)
+            var applied = Set<Int>()
+            for try await v in try await c.query(PostgresQuery(unsafeSQL: "SELECT version FROM \(s).migrations"), logger: logger).decode(Int.self) { applied.insert(v) }
+            for (version, statements) in migrations where !applied.contains(version) {
+                for sql in statements { try await c.query(PostgresQuery(unsafeSQL: sql), logger: logger) }
+                try await c.query("INSERT INTO \(unescaped: s).migrations (version) VALUES (\(version))", logger: logger)
+            }
+        }
+    }
+
+    public func get(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {
+        guard !ids.isEmpty else { return [:] }
+        let unique = Array(Set(ids))
+        let rows = try await client.query(
+            "SELECT id, features::text FROM \(unescaped: s).feature_entities WHERE kind = \(Int16(kind.rawValue)) AND id = ANY(\(unique))", logger: logger)
+        var out: [Int64: [String: String]] = [:]
+        let decoder = JSONDecoder()
+        for try await (id, json) in rows.decode((Int64, String).self) {
+            out[id] = try decoder.decode([String: String].self, from: Data(json.utf8))
+        }
+        return out
+    }
+
+    public func columns(_ kind: FeatureStore.Kind) async throws -> [String] {
+        if let cached = knownColumns.get([kind])[kind] { return cached }
+        let token = knownColumns.readToken()
+        var names: [String] = []
+        let rows = try await client.query("SELECT name FROM \(unescaped: s).feature_columns WHERE kind = \(Int16(kind.rawValue)) ORDER BY name", logger: logger)
+        for try await n in rows.decode(String.self) { names.append(n) }
+        knownColumns.put([(kind, names)], readAt: token)
+        return names
+    }
+
+    public func put(_ kind: FeatureStore.Kind, rows: [(Int64, [String: String])]) async throws -> Int {
+        guard !rows.isEmpty else { return 0 }
+        // One statement per call may touch a row once: rows of one id are merged first, later columns winning.
+        var merged: [Int64: [String: String]] = [:]
+        var order: [Int64] = []
+        for (id, f) in rows {
+            if merged[id] == nil { order.append(id) }
+            merged[id, default: [:]].merge(f) { _, new in new }
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let ids = order
+        let json = try order.map { String(decoding: try encoder.encode(merged[$0]!), as: UTF8.self) }
+        let names = Array(Set(rows.flatMap { $0.1.keys })).sorted()
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        let k = Int16(kind.rawValue)
+        knownColumns.invalidate([kind])
+        defer { knownColumns.invalidate([kind]) }
+        try await client.withTransaction(logger: logger) { c in
+            try await c.query("""
+                INSERT INTO \(unescaped: s).feature_entities (kind, id, features, version, updated_at_ms)
+                SELECT \(k), u.id, u.f::jsonb, nextval('\(unescaped: s).feature_version'), \(now)
+                FROM unnest(\(ids)::bigint[], \(json)::text[]) AS u(id, f)
+                ON CONFLICT (kind, id) DO UPDATE SET features = \(unescaped: s).feature_entities.features || EXCLUDED.features,
+                    version = EXCLUDED.version, updated_at_ms = EXCLUDED.updated_at_ms
+                """, logger: logger)
+            try await c.query("""
+                INSERT INTO \(unescaped: s).feature_columns (kind, name) SELECT \(k), unnest(\(names)::text[]) ON CONFLICT DO NOTHING
+                """, logger: logger)
+        }
+        return rows.count
+    }
+
+    public func count(_ kind: FeatureStore.Kind) async throws -> Int {
+        let rows = try await client.query("SELECT count(*) FROM \(unescaped: s).feature_entities WHERE kind = \(Int16(kind.rawValue))", logger: logger)
+        for try await n in rows.decode(Int64.self) { return Int(n) }
+        return 0
+    }
+
+    /// Both kinds in one round trip.
+    public func get(users: [Int64], items: [Int64]) async throws -> (users: [Int64: [String: String]], items: [Int64: [String: String]]) {
+        guard !users.isEmpty || !items.isEmpty else { return ([:], [:]) }
+        let u = Array(Set(users)), i = Array(Set(items))
+        let rows = try await client.query("""
+            SELECT kind, id, features::text FROM \(unescaped: s).feature_entities
+            WHERE (kind = 1 AND id = ANY(\(u))) OR (kind = 2 AND id = ANY(\(i)))
+            """, logger: logger)
+        var out: (users: [Int64: [String: String]], items: [Int64: [String: String]]) = ([:], [:])
+        let decoder = JSONDecoder()
+        for try await (kind, id, json) in rows.decode((Int16, Int64, String).self) {
+            let f = try decoder.decode([String: String].self, from: Data(json.utf8))
+            if kind == 1 { out.users[id] = f } else { out.items[id] = f }
+        }
+        return out
+    }
+}

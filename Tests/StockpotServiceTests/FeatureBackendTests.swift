@@ -1,0 +1,127 @@
+import Foundation
+import GRPCCore
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import StockpotFeatures
+import StockpotProto
+import StockpotServing
+import Testing
+
+/// The throw-away cluster `scripts/test` starts (`scripts/postgres-cluster`), if any.
+let postgresURL = ProcessInfo.processInfo.environment["STOCKPOT_TEST_POSTGRES_URL"].flatMap { $0.isEmpty ? nil : $0 }
+let postgresMissing = "STOCKPOT_TEST_POSTGRES_URL is not set (scripts/test starts a throw-away PostgreSQL cluster): skipping the PostgreSQL backend tests"
+
+/// Runs `body` with a PostgreSQL feature store in a schema of its own (dropped after), its pool running.
+func withPostgresStore(_ body: @Sendable (PostgresFeatureStore) async throws -> Void) async throws {
+    let url = try #require(postgresURL)
+    let schema = "test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+    let store = try PostgresFeatureStore(url: url, schema: schema, logger: quietLogger)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { await store.client.run() }
+        defer { group.cancelAll() }
+        try await store.migrate()
+        do {
+            try await body(store)
+        } catch {
+            _ = try? await store.client.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(schema) CASCADE"))
+            throw error
+        }
+        try await store.client.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(schema) CASCADE"))
+    }
+}
+
+/// What every feature backend must do, run against SQLite and PostgreSQL alike.
+enum FeatureBackendChecks {
+    /// A put merges its columns into the stored row; reads return what was written; columns and counts follow.
+    static func putsMergeAndReadsReturnThem(_ b: any FeatureBackend) async throws {
+        #expect(try await b.put(.user, rows: [(7, ["a": "1", "b": "2"]), (8, ["a": "x"])]) == 2)
+        #expect(try await b.put(.user, rows: [(7, ["b": "3", "c": "é, \"quoted\""])]) == 1)
+        let got = try await b.get(.user, ids: [7, 8, 9, 7])
+        #expect(got == [7: ["a": "1", "b": "3", "c": "é, \"quoted\""], 8: ["a": "x"]])
+        #expect(try await b.columns(.user) == ["a", "b", "c"])
+        #expect(try await b.count(.user) == 2)
+        #expect(try await b.count(.item) == 0)
+        // Rows of one id in one put: merged in order, later columns winning.
+        _ = try await b.put(.item, rows: [(1, ["v": "first", "w": "1"]), (1, ["v": "second"])])
+        let both = try await b.get(users: [8], items: [1, 2])
+        #expect(both.users == [8: ["a": "x"]] && both.items == [1: ["v": "second", "w": "1"]])
+        #expect(try await b.get(.item, ids: []) == [:])
+    }
+
+    /// Writers of one row at once lose no column: each put's merge is atomic.
+    static func concurrentWritersLoseNoUpdate(_ b: any FeatureBackend) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<40 {
+                group.addTask { _ = try await b.put(.user, rows: [(42, ["c\(i)": "\(i)"])]) }
+            }
+            try await group.waitForAll()
+        }
+        let row = try #require(try await b.get(.user, ids: [42])[42])
+        #expect(row.count == 40 && (0..<40).allSatisfy { row["c\($0)"] == "\($0)" })
+    }
+}
+
+@Suite struct FeatureBackendOnSQLite {
+    func store() throws -> FeatureStore { try FeatureStore(path: temporaryDirectory("backend").appendingPathComponent("f.sqlite").path) }
+
+    @Test func putsMergeAndReadsReturnThem() async throws { try await FeatureBackendChecks.putsMergeAndReadsReturnThem(try store()) }
+    @Test func concurrentWritersLoseNoUpdate() async throws { try await FeatureBackendChecks.concurrentWritersLoseNoUpdate(try store()) }
+}
+
+@Suite(.enabled(if: postgresURL != nil, Comment(rawValue: postgresMissing)))
+struct FeatureBackendOnPostgres {
+    @Test func putsMergeAndReadsReturnThem() async throws {
+        try await withPostgresStore { try await FeatureBackendChecks.putsMergeAndReadsReturnThem($0) }
+    }
+
+    @Test func concurrentWritersLoseNoUpdate() async throws {
+        try await withPostgresStore { try await FeatureBackendChecks.concurrentWritersLoseNoUpdate($0) }
+    }
+
+    /// Two replicas on one database: what one writes, the other reads; migrations run once however many start.
+    @Test func replicasShareRowsAndMigrateOnce() async throws {
+        try await withPostgresStore { a in
+            let b = try PostgresFeatureStore(url: postgresURL!, schema: a.schema, logger: quietLogger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { await b.client.run() }
+                defer { group.cancelAll() }
+                try await b.migrate()   // already applied: nothing to do
+                _ = try await a.put(.item, rows: [(5, ["genre": "g1"])])
+                #expect(try await b.get(.item, ids: [5]) == [5: ["genre": "g1"]])
+                #expect(try await b.columns(.item) == ["genre"])
+                let versions = try await a.client.query(PostgresQuery(unsafeSQL: "SELECT count(*) FROM \(a.schema).migrations"))
+                for try await n in versions.decode(Int64.self) { #expect(n == 1) }
+            }
+        }
+    }
+
+    /// The feature service on PostgreSQL: SERVING once migrated, puts and gets through its handlers.
+    @Test func theFeatureServiceServesFromPostgres() async throws {
+        var app = FeaturesApp()
+        app.port = 0
+        app.databasePath = try #require(postgresURL)
+        let built = try app.build(logger: quietLogger)
+        #expect(built.services.count == 3)
+        let group = ServiceGroup(configuration: .init(services: built.services.map { .init(service: $0) }, logger: quietLogger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            let port = try await built.server.port()
+            var serving = false
+            for _ in 0..<100 where !serving {
+                serving = await HealthProbe.isServing(target: "127.0.0.1:\(port)", service: Stockpot_V1_FeatureService.descriptor.fullyQualifiedService)
+                if !serving { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            #expect(serving)
+            let id = Int64.random(in: 1...Int64.max / 2)
+            _ = try await withContext { try await built.service.putFeatures(request: .with {
+                $0.kind = .user
+                $0.rows = .with { $0.ids = [id]; $0.found = [true]; $0.columns = [.with { $0.name = "segment"; $0.values = ["new"] }] }
+            }, context: $0) }
+            let r = try await withContext { try await built.service.getFeatures(request: .with { $0.userIds = [id] }, context: $0) }
+            #expect(r.users.found == [true] && r.users.columns.first { $0.name == "segment" }?.text(0) == "new")
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    }
+}
