@@ -124,7 +124,8 @@ extension FeaturesApp {
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger, inProcess: inProcess, ready: { migrated.isDone })
-        return (server, service, [store.service, PostgresMigration(store: store, done: migrated, logger: logger), server])
+        let listener = PostgresChangeListener(store: store, cache: service.cache)
+        return (server, service, [store.service, PostgresMigration(store: store, done: migrated, logger: logger), listener, server])
     }
 }
 
@@ -140,6 +141,27 @@ struct PostgresMigration: Service {
         done.markDone()
         logger.info("feature store on PostgreSQL: schema \(store.schema) migrated")
         try? await gracefulShutdown()
+    }
+}
+
+/// Drops this replica's cached rows that another replica (or this one) changed in the shared PostgreSQL store,
+/// on its LISTEN/NOTIFY channel; the whole cache when listening (re)starts, since changes made meanwhile are
+/// unknown.
+struct PostgresChangeListener: Service {
+    let store: PostgresFeatureStore
+    let cache: FeatureCache<FeatureService.Key, FeatureRow>
+
+    func run() async throws {
+        let cache = self.cache
+        await cancelWhenGracefulShutdown {
+            await store.listen(changed: { change in
+                if let ids = change.ids {
+                    cache.invalidate(ids.map { FeatureService.Key(kind: change.kind, id: $0) })
+                } else {
+                    cache.invalidateAll()
+                }
+            }, reset: { cache.invalidateAll() })
+        }
     }
 }
 

@@ -141,8 +141,65 @@ public final class PostgresFeatureStore: FeatureBackend {
             try await c.query("""
                 INSERT INTO \(unescaped: s).feature_columns (kind, name) SELECT \(k), unnest(\(names)::text[]) ON CONFLICT DO NOTHING
                 """, logger: logger)
+            // Delivered to every listening replica when (and only if) this transaction commits.
+            try await c.query("SELECT pg_notify(\(channel), \(Self.payload(kind: kind, ids: ids)))", logger: logger)
         }
         return rows.count
+    }
+
+    /// The channel this store's writes are announced on.
+    public var channel: String { "\(schema)_features" }
+
+    /// `kind:id,id,…`, or `kind:*` when the ids would not fit PostgreSQL's 8,000-byte payload.
+    static func payload(kind: FeatureStore.Kind, ids: [Int64]) -> String {
+        let text = "\(kind.rawValue):" + ids.map(String.init).joined(separator: ",")
+        return text.utf8.count < 7_900 ? text : "\(kind.rawValue):*"
+    }
+
+    /// A change another replica (or this one) committed: the kind and the ids, nil for "any id of the kind".
+    public struct Change: Sendable, Equatable {
+        public var kind: FeatureStore.Kind
+        public var ids: [Int64]?
+    }
+
+    static func parse(_ payload: String) -> Change? {
+        let parts = payload.split(separator: ":", maxSplits: 1)
+        guard parts.count == 2, let k = Int(parts[0]), let kind = FeatureStore.Kind(rawValue: k) else { return nil }
+        if parts[1] == "*" { return Change(kind: kind, ids: nil) }
+        let ids = parts[1].split(separator: ",").compactMap { Int64($0) }
+        return Change(kind: kind, ids: ids)
+    }
+
+    /// Listens for committed writes until cancelled: `changed` for each one, `reset` whenever listening (re)starts,
+    /// since what was written while nobody listened is unknown (the caller drops its whole cache). A lost
+    /// connection is retried with backoff up to 5 s.
+    public func listen(changed: @escaping @Sendable (Change) -> Void, reset: @escaping @Sendable () -> Void) async {
+        var backoff: Duration = .milliseconds(100)
+        while !Task.isCancelled {
+            do {
+                try await client.withConnection { connection in
+                    try await connection.listen(on: channel) { notifications in
+                        reset()
+                        backoff = .milliseconds(100)
+                        for try await n in notifications {
+                            guard let change = Self.parse(n.payload) else {
+                                logger.warning("unreadable feature change notification; dropping the cache", metadata: ["payload": "\(n.payload.prefix(80))"])
+                                reset()
+                                continue
+                            }
+                            knownColumns.invalidate([change.kind])
+                            changed(change)
+                        }
+                    }
+                }
+            } catch {
+                if Task.isCancelled { return }
+                logger.warning("feature change listener lost its connection; retrying", metadata: ["error": "\(error)"])
+            }
+            reset()
+            try? await Task.sleep(for: backoff)
+            backoff = min(backoff * 2, .seconds(5))
+        }
     }
 
     public func count(_ kind: FeatureStore.Kind) async throws -> Int {

@@ -96,13 +96,58 @@ struct FeatureBackendOnPostgres {
         }
     }
 
+    /// Two feature-service replicas on one database: a row one replica changes is no longer served from the
+    /// other's cache (its TTL is 300 s) once the change's notification arrives.
+    @Test func aChangeThroughOneReplicaReachesTheOthersCache() async throws {
+        var app = FeaturesApp()
+        app.port = 0
+        app.databasePath = try #require(postgresURL)
+        let a = try app.build(logger: quietLogger), b = try app.build(logger: quietLogger)
+        let groups = [a, b].map { built in ServiceGroup(configuration: .init(services: built.services.map { .init(service: $0) }, logger: quietLogger)) }
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for g in groups { tasks.addTask { try await g.run() } }
+            for built in [a, b] {
+                let port = try await built.server.port()
+                var serving = false
+                for _ in 0..<100 where !serving {
+                    serving = await HealthProbe.isServing(target: "127.0.0.1:\(port)", service: Stockpot_V1_FeatureService.descriptor.fullyQualifiedService)
+                    if !serving { try await Task.sleep(for: .milliseconds(100)) }
+                }
+                #expect(serving)
+            }
+            let id = Int64.random(in: 1...Int64.max / 2)
+            func put(_ value: String) async throws {
+                _ = try await withContext { try await a.service.putFeatures(request: .with {
+                    $0.kind = .item
+                    $0.rows = .with { $0.ids = [id]; $0.found = [true]; $0.columns = [.with { $0.name = "price"; $0.values = [value] }] }
+                }, context: $0) }
+            }
+            func readB() async throws -> String? {
+                let r = try await withContext { try await b.service.getFeatures(request: .with { $0.itemIds = [id] }, context: $0) }
+                return r.items.columns.first { $0.name == "price" }?.text(0)
+            }
+            try await put("1")
+            #expect(try await readB() == "1")   // now in B's cache
+            let clock = ContinuousClock(), start = clock.now
+            try await put("2")
+            var seen = try await readB()
+            while seen != "2" && clock.now - start < .seconds(10) {
+                try await Task.sleep(for: .milliseconds(2))
+                seen = try await readB()
+            }
+            #expect(seen == "2", "replica B still served '\(seen ?? "")' 10 s after the change")
+            for g in groups { await g.triggerGracefulShutdown() }
+            try await tasks.waitForAll()
+        }
+    }
+
     /// The feature service on PostgreSQL: SERVING once migrated, puts and gets through its handlers.
     @Test func theFeatureServiceServesFromPostgres() async throws {
         var app = FeaturesApp()
         app.port = 0
         app.databasePath = try #require(postgresURL)
         let built = try app.build(logger: quietLogger)
-        #expect(built.services.count == 3)
+        #expect(built.services.count == 4)
         let group = ServiceGroup(configuration: .init(services: built.services.map { .init(service: $0) }, logger: quietLogger))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
