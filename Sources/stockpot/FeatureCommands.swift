@@ -8,7 +8,7 @@ import StockpotTraining
 
 /// `stockpot features`: batch jobs that write into the feature service.
 struct Features: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Write features into a running feature service.", subcommands: [PutHistory.self])
+    static let configuration = CommandConfiguration(abstract: "Write features into a running feature service; measure the feature stores.", subcommands: [PutHistory.self, BenchStore.self])
 
     /// Each user's recent history, for models with target attention.
     struct PutHistory: AsyncParsableCommand {
