@@ -112,11 +112,28 @@ public struct FeaturesApp {
 }
 
 extension FeaturesApp {
+    /// Imports `d` into the PostgreSQL store at `url` and returns a summary (`--import-only`): the pool runs for
+    /// the import only.
+    public static func importOnce(_ d: DatasetImport, into url: String) async throws -> String {
+        var logger = Logger(label: "stockpot.features.import")
+        logger.logLevel = .warning
+        let store = try PostgresFeatureStore(url: url, logger: logger)
+        return try await withThrowingTaskGroup(of: String?.self) { group in
+            group.addTask { await store.client.run(); return nil }
+            defer { group.cancelAll() }
+            try await store.migrate()
+            let r = try await store.importDataset(d.spec, directory: d.directory, badRows: d.badRows, batchRows: d.batchRows, force: d.force,
+                                                  progress: { FileHandle.standardError.write(Data(($0 + "\n").utf8)) })
+            return r.unchanged ? "dataset '\(d.spec.name)': already imported, unchanged"
+                : "imported dataset '\(d.spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)"
+        }
+    }
+
     /// The service over the shared PostgreSQL store: the pool, the migrations (SERVING once they are applied),
     /// the server.
     func buildOnPostgres(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
-        guard importKuaiRand == nil, importDataset == nil else {
-            throw ServiceSettings.SettingError(description: "imports go into a SQLite store for now: import there (--import-only), or put rows through PutFeatures")
+        guard importKuaiRand == nil else {
+            throw ServiceSettings.SettingError(description: "import-kuairand goes into a SQLite store; into PostgreSQL, import the KuaiRand dataset spec with --import")
         }
         let store = try PostgresFeatureStore(url: databasePath, logger: logger)
         let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
@@ -125,21 +142,43 @@ extension FeaturesApp {
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger, inProcess: inProcess, ready: { migrated.isDone })
         let listener = PostgresChangeListener(store: store, cache: service.cache)
-        return (server, service, [store.service, PostgresMigration(store: store, done: migrated, logger: logger), listener, server])
+        let startup = PostgresStartup(store: store, importer: importDataset, done: migrated, logger: logger)
+        return (server, service, [store.service, startup, listener, server])
     }
 }
 
-/// Applies the PostgreSQL store's migrations once the pool runs, then stays until shutdown; the feature service
-/// is SERVING only after it.
-struct PostgresMigration: Service {
+/// Applies the PostgreSQL store's migrations once the pool runs, then runs the configured import, if any; the
+/// feature service is SERVING once migrated and holding an import of the spec (an earlier one serves while a
+/// new one runs). A failed import fails the group; a shutdown stops it with nothing changed.
+struct PostgresStartup: Service {
     let store: PostgresFeatureStore
+    let importer: FeaturesApp.DatasetImport?
     let done: ImportReadiness
     let logger: Logger
 
     func run() async throws {
         try await store.migrate()
-        done.markDone()
         logger.info("feature store on PostgreSQL: schema \(store.schema) migrated")
+        if let importer {
+            if try await store.hasImported(importer.spec) { done.markDone() }
+            let stop = AbortFlag()
+            let (store, logger) = (store, logger)
+            do {
+                let r = try await withTaskCancellationHandler {
+                    try await withGracefulShutdownHandler {
+                        try await store.importDataset(importer.spec, directory: importer.directory, badRows: importer.badRows,
+                                                      batchRows: importer.batchRows, force: importer.force,
+                                                      progress: { logger.info("\($0)") }, stopped: { stop.isSet })
+                    } onGracefulShutdown: { stop.set() }
+                } onCancel: { stop.set() }
+                logger.info(r.unchanged ? "dataset '\(importer.spec.name)': already imported, unchanged"
+                            : "imported dataset '\(importer.spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)")
+            } catch is DatasetSpec.ImportStopped {
+                logger.notice("import stopped by the shutdown; the store is as it was")
+                return
+            }
+        }
+        done.markDone()
         try? await gracefulShutdown()
     }
 }

@@ -3,6 +3,8 @@ import Logging
 import PostgresNIO
 import ServiceLifecycle
 import StockpotServing
+import StockpotTraining
+import Synchronization
 
 /// The feature store on PostgreSQL: the shared online store that several feature-service replicas on several
 /// hosts read and write (`--database postgres://…`). The same rows and semantics as `FeatureStore` (SQLite):
@@ -75,6 +77,7 @@ public final class PostgresFeatureStore: FeatureBackend {
                 "CREATE TABLE \(s).feature_columns (kind SMALLINT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (kind, name))",
                 "CREATE SEQUENCE \(s).feature_version",
             ]),
+            (2, ["CREATE TABLE \(s).feature_imports (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, finished_at_ms BIGINT NOT NULL)"]),
         ]
         try await client.withTransaction(logger: logger) { c in
             try await c.query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(hashtext('\(s).migrations'))"), logger: logger)
@@ -145,6 +148,107 @@ public final class PostgresFeatureStore: FeatureBackend {
             try await c.query("SELECT pg_notify(\(channel), \(Self.payload(kind: kind, ids: ids)))", logger: logger)
         }
         return rows.count
+    }
+
+    /// Whether an import of a spec of this name has completed in this store.
+    public func hasImported(_ spec: DatasetSpec) async throws -> Bool {
+        let rows = try await client.query("SELECT count(*) FROM \(unescaped: s).feature_imports WHERE name = \("dataset:\(spec.name)")", logger: logger)
+        for try await n in rows.decode(Int64.self) { return n > 0 }
+        return false
+    }
+
+    /// Imports a dataset spec's user and item tables (`FeatureStore.importDataset`'s semantics) in one
+    /// transaction on one connection: batches streamed into a temporary table (dropped at commit, gone with a
+    /// rollback or a lost connection), then moved into the live rows, each imported row replacing its stored
+    /// row whole, and every replica told to drop its cache. Until the commit every replica serves the old rows.
+    /// The files are read on a thread of their own, at most two batches ahead of the database.
+    public func importDataset(_ spec: DatasetSpec, directory: URL, badRows: DatasetSpec.BadRows = .fail, batchRows: Int = 5_000,
+                              force: Bool = false, progress: @escaping @Sendable (String) -> Void = { _ in },
+                              stopped: @escaping @Sendable () -> Bool = { false }) async throws -> FeatureStore.ImportReport {
+        try spec.validate()
+        let fingerprint = try FeatureStore.fingerprint(spec, directory: directory) + ":" + badRows.rawValue
+        let key = "dataset:\(spec.name)"
+        if !force {
+            let rows = try await client.query("SELECT fingerprint FROM \(unescaped: s).feature_imports WHERE name = \(key)", logger: logger)
+            for try await last in rows.decode(String.self) where last == fingerprint {
+                progress("dataset '\(spec.name)': these files were imported before (same sizes and times); nothing to do")
+                var r = FeatureStore.ImportReport()
+                r.unchanged = true
+                return r
+            }
+        }
+        let abort = AbortFlag()
+        let window = DispatchSemaphore(value: 2)
+        let (batches, feed) = AsyncThrowingStream<(FeatureStore.Kind, [DatasetSpec.TableRow]), any Error>.makeStream()
+        let reader = Task {
+            try await OwnThread.run(name: "stockpot.import-read") { () throws -> [DatasetSpec.TableScan] in
+                do {
+                    var scans: [DatasetSpec.TableScan] = []
+                    for (tableKind, kind) in [(DatasetSpec.TableKind.users, FeatureStore.Kind.user), (.items, .item)] {
+                        let scan = try spec.scanTable(tableKind, directory: directory, batchRows: batchRows, badRows: badRows,
+                                                      stopped: { abort.isSet || stopped() }) { rows in
+                            window.wait()
+                            if abort.isSet || stopped() { throw DatasetSpec.ImportStopped() }
+                            feed.yield((kind, rows))
+                        }
+                        progress("\(tableKind.rawValue): \(scan.rows) rows from \(scan.files) file(s) staged, \(scan.skipped) skipped")
+                        for e in scan.skippedExamples { progress("  skipped \(e)") }
+                        scans.append(scan)
+                    }
+                    feed.finish()
+                    return scans
+                } catch {
+                    feed.finish(throwing: error)
+                    throw error
+                }
+            }
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let now = Int64(Date().timeIntervalSince1970 * 1000)
+        do {
+            try await client.withTransaction(logger: logger) { c in
+                try await c.query(PostgresQuery(unsafeSQL: "CREATE TEMP TABLE import_staging (kind SMALLINT NOT NULL, id BIGINT NOT NULL, features TEXT NOT NULL, PRIMARY KEY (kind, id)) ON COMMIT DROP"), logger: logger)
+                var names: [FeatureStore.Kind: Set<String>] = [:]
+                for try await (kind, rows) in batches {
+                    let ids = rows.map(\.id)
+                    let json = try rows.map { String(decoding: try encoder.encode($0.features), as: UTF8.self) }
+                    for r in rows { names[kind, default: []].formUnion(r.features.keys) }
+                    try await c.query("""
+                        INSERT INTO import_staging (kind, id, features) SELECT \(Int16(kind.rawValue)), u.id, u.f
+                        FROM unnest(\(ids)::bigint[], \(json)::text[]) AS u(id, f) ON CONFLICT DO NOTHING
+                        """, logger: logger)
+                    window.signal()
+                }
+                try await c.query("""
+                    INSERT INTO \(unescaped: s).feature_entities (kind, id, features, version, updated_at_ms)
+                    SELECT kind, id, features::jsonb, nextval('\(unescaped: s).feature_version'), \(now) FROM import_staging
+                    ON CONFLICT (kind, id) DO UPDATE SET features = EXCLUDED.features, version = EXCLUDED.version, updated_at_ms = EXCLUDED.updated_at_ms
+                    """, logger: logger)
+                for (kind, set) in names {
+                    try await c.query("INSERT INTO \(unescaped: s).feature_columns (kind, name) SELECT \(Int16(kind.rawValue)), unnest(\(Array(set))::text[]) ON CONFLICT DO NOTHING", logger: logger)
+                }
+                try await c.query("""
+                    INSERT INTO \(unescaped: s).feature_imports (name, fingerprint, finished_at_ms) VALUES (\(key), \(fingerprint), \(now))
+                    ON CONFLICT (name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, finished_at_ms = EXCLUDED.finished_at_ms
+                    """, logger: logger)
+                for kind in FeatureStore.Kind.allCases {
+                    try await c.query("SELECT pg_notify(\(channel), \("\(kind.rawValue):*"))", logger: logger)
+                }
+            }
+        } catch {
+            // The reader may be waiting for room: let it see the abort and end.
+            abort.set()
+            window.signal()
+            window.signal()
+            _ = try? await reader.value
+            throw error
+        }
+        let scans = try await reader.value
+        var report = FeatureStore.ImportReport()
+        report.users = scans[0]
+        report.items = scans[1]
+        return report
     }
 
     /// The channel this store's writes are announced on.
@@ -224,4 +328,11 @@ public final class PostgresFeatureStore: FeatureBackend {
         }
         return out
     }
+}
+
+/// Set once, read from any thread: an import's reader stops at its next block.
+final class AbortFlag: Sendable {
+    private let flag = Mutex(false)
+    var isSet: Bool { flag.withLock { $0 } }
+    func set() { flag.withLock { $0 = true } }
 }

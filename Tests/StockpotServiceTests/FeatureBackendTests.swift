@@ -6,6 +6,7 @@ import ServiceLifecycle
 import StockpotFeatures
 import StockpotProto
 import StockpotServing
+import StockpotTraining
 import Testing
 
 /// The throw-away cluster `scripts/test` starts (`scripts/postgres-cluster`), if any.
@@ -91,7 +92,7 @@ struct FeatureBackendOnPostgres {
                 #expect(try await b.get(.item, ids: [5]) == [5: ["genre": "g1"]])
                 #expect(try await b.columns(.item) == ["genre"])
                 let versions = try await a.client.query(PostgresQuery(unsafeSQL: "SELECT count(*) FROM \(a.schema).migrations"))
-                for try await n in versions.decode(Int64.self) { #expect(n == 1) }
+                for try await n in versions.decode(Int64.self) { #expect(n == 2) }   // each of the two migrations once
             }
         }
     }
@@ -138,6 +139,35 @@ struct FeatureBackendOnPostgres {
             #expect(seen == "2", "replica B still served '\(seen ?? "")' 10 s after the change")
             for g in groups { await g.triggerGracefulShutdown() }
             try await tasks.waitForAll()
+        }
+    }
+
+    /// A dataset import into PostgreSQL: the trainer's ids, whole or nothing, unchanged files not read again.
+    @Test func anImportIsWholeOrNothingOnPostgres() async throws {
+        let f = try RatingsFixture()
+        defer { try? FileManager.default.removeItem(at: f.directory) }
+        let (spec, dir) = (f.spec, f.directory)
+        let users = try spec.load(directory: dir).0.users.column("user_id").map { Int64($0)! }
+        try await withPostgresStore { store in
+            _ = try await store.put(.user, rows: [(42, ["kept": "yes"])])
+            #expect(try await !store.hasImported(spec))
+            let r = try await store.importDataset(spec, directory: dir, batchRows: 7)
+            #expect(r.users.rows == 60 && r.items.rows == 40 && !r.unchanged)
+            #expect(try await store.hasImported(spec))
+            let u0 = Int64(DatasetSpec.hash("u0"))
+            let got = try await store.get(.user, ids: users)
+            #expect(got.count == 60 && got[u0] == ["user": "u0", "segment": "new"])
+            #expect(try await store.get(.user, ids: [42]) == [42: ["kept": "yes"]])
+            #expect(try await store.importDataset(spec, directory: dir).unchanged)
+            // A malformed row under 'fail': named, and nothing changed.
+            try Data("user\tsegment\nu0\tchanged\nu1\ta\tb\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
+            await #expect { try await store.importDataset(spec, directory: dir) } throws: { "\($0)".contains("users.tsv line 3: 3 fields") }
+            #expect(try await store.get(.user, ids: [u0])[u0]?["segment"] == "new")
+            #expect(try await store.count(.user) == 61)
+            // 'skip': the good row lands, the bad one is counted.
+            let skipped = try await store.importDataset(spec, directory: dir, badRows: .skip)
+            #expect(skipped.users.rows == 1 && skipped.users.skipped == 1)
+            #expect(try await store.get(.user, ids: [u0])[u0]?["segment"] == "changed")
         }
     }
 

@@ -39,6 +39,13 @@ struct FeaturesCommand: AsyncParsableCommand {
         let app = try await FeaturesApp(settings: settings)
         if importOnly {
             guard app.importKuaiRand != nil || app.importDataset != nil else { throw ValidationError("--import-only needs --import SPEC or --import-kuairand DIR") }
+            if PostgresFeatureStore.isAddress(app.databasePath) {
+                guard app.importKuaiRand == nil, let d = app.importDataset else {
+                    throw ValidationError("--import-kuairand goes into a SQLite store; into PostgreSQL, import a dataset spec with --import")
+                }
+                print(try await FeaturesApp.importOnce(d, into: app.databasePath))
+                return
+            }
             let store = try FeatureStore(path: app.databasePath)
             if let dir = app.importKuaiRand {
                 let (users, items) = try store.importKuaiRand(directory: dir)
