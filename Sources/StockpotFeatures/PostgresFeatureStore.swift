@@ -35,9 +35,10 @@ public final class PostgresFeatureStore: FeatureBackend {
     ///   - maxConnections: the pool's bound.
     public init(url: String, schema: String = "stockpot", maxConnections: Int = 16, columnsTTL: Duration = .seconds(10),
                 logger: Logger = Logger(label: "stockpot.features.postgres")) throws {
-        guard schema.first.map({ $0.isLetter || $0 == "_" }) == true, schema.count <= 63,
+        // ≤ 54 characters: the notification channel `<schema>_features` must stay within PostgreSQL's 63.
+        guard schema.first.map({ $0.isLetter || $0 == "_" }) == true, schema.count <= 54,
               schema.allSatisfy({ ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "_" }) else {
-            throw AddressError(description: "schema '\(schema)' is not a plain identifier (letters, digits, _)")
+            throw AddressError(description: "schema '\(schema)' is not a plain identifier of at most 54 characters (letters, digits, _)")
         }
         var config = try Self.configuration(url)
         config.options.maximumConnections = max(1, maxConnections)
@@ -60,7 +61,7 @@ public final class PostgresFeatureStore: FeatureBackend {
             throw AddressError(description: "sslmode=\(mode): TLS to PostgreSQL is not offered yet; use sslmode=disable on a private network")
         }
         return PostgresClient.Configuration(host: host, port: u.port ?? 5432, username: u.user ?? "postgres",
-                                            password: u.password?.removingPercentEncoding, database: database, tls: .disable)
+                                            password: u.password, database: database, tls: .disable)
     }
 
     /// The pool's run loop, for the process's service group (queries wait until it runs).
@@ -71,6 +72,10 @@ public final class PostgresFeatureStore: FeatureBackend {
     /// Creates the schema and its tables, and applies migrations not applied yet, under a transaction-scoped
     /// advisory lock so that replicas starting together migrate once.
     public func migrate() async throws {
+        do { try await migrateOnce() } catch { throw Self.readable(error) }
+    }
+
+    private func migrateOnce() async throws {
         let migrations: [(Int, [String])] = [
             (1, [
                 "CREATE TABLE \(s).feature_entities (kind SMALLINT NOT NULL, id BIGINT NOT NULL, features JSONB NOT NULL, version BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL, PRIMARY KEY (kind, id))",
@@ -124,6 +129,8 @@ public final class PostgresFeatureStore: FeatureBackend {
             if merged[id] == nil { order.append(id) }
             merged[id, default: [:]].merge(f) { _, new in new }
         }
+        // Rows are locked in id order, whatever the caller's: two puts of the same ids cannot deadlock.
+        order.sort()
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         let ids = order
@@ -133,6 +140,7 @@ public final class PostgresFeatureStore: FeatureBackend {
         let k = Int16(kind.rawValue)
         knownColumns.invalidate([kind])
         defer { knownColumns.invalidate([kind]) }
+        do {
         try await client.withTransaction(logger: logger) { c in
             try await c.query("""
                 INSERT INTO \(unescaped: s).feature_entities (kind, id, features, version, updated_at_ms)
@@ -145,7 +153,12 @@ public final class PostgresFeatureStore: FeatureBackend {
                 INSERT INTO \(unescaped: s).feature_columns (kind, name) SELECT \(k), unnest(\(names)::text[]) ON CONFLICT DO NOTHING
                 """, logger: logger)
             // Delivered to every listening replica when (and only if) this transaction commits.
-            try await c.query("SELECT pg_notify(\(channel), \(Self.payload(kind: kind, ids: ids)))", logger: logger)
+            for payload in Self.payloads(kind: kind, ids: ids) {
+                try await c.query("SELECT pg_notify(\(channel), \(payload))", logger: logger)
+            }
+        }
+        } catch {
+            throw Self.readable(error)
         }
         return rows.count
     }
@@ -206,11 +219,25 @@ public final class PostgresFeatureStore: FeatureBackend {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         let now = Int64(Date().timeIntervalSince1970 * 1000)
+        // Whatever ends this function, the reader must not stay blocked waiting for room.
+        defer {
+            abort.set()
+            window.signal()
+            window.signal()
+        }
+        let scans: [DatasetSpec.TableScan]
         do {
-            try await client.withTransaction(logger: logger) { c in
+            scans = try await client.withTransaction(logger: logger) { c -> [DatasetSpec.TableScan] in
+                // One import of a spec at a time across replicas; the second finds the first's fingerprint.
+                try await c.query("SELECT pg_advisory_xact_lock(hashtext(\(key)))", logger: logger)
+                if !force {
+                    let rows = try await c.query("SELECT fingerprint FROM \(unescaped: s).feature_imports WHERE name = \(key)", logger: logger)
+                    for try await last in rows.decode(String.self) where last == fingerprint { throw AlreadyImported() }
+                }
                 try await c.query(PostgresQuery(unsafeSQL: "CREATE TEMP TABLE import_staging (kind SMALLINT NOT NULL, id BIGINT NOT NULL, features TEXT NOT NULL, PRIMARY KEY (kind, id)) ON COMMIT DROP"), logger: logger)
                 var names: [FeatureStore.Kind: Set<String>] = [:]
                 for try await (kind, rows) in batches {
+                    try Task.checkCancellation()
                     let ids = rows.map(\.id)
                     let json = try rows.map { String(decoding: try encoder.encode($0.features), as: UTF8.self) }
                     for r in rows { names[kind, default: []].formUnion(r.features.keys) }
@@ -220,13 +247,18 @@ public final class PostgresFeatureStore: FeatureBackend {
                         """, logger: logger)
                     window.signal()
                 }
+                // A cancelled wait ends the stream as if the files had ended: commit only once the reader has
+                // finished cleanly.
+                try Task.checkCancellation()
+                let scans = try await reader.value
+                try Task.checkCancellation()
                 try await c.query("""
                     INSERT INTO \(unescaped: s).feature_entities (kind, id, features, version, updated_at_ms)
-                    SELECT kind, id, features::jsonb, nextval('\(unescaped: s).feature_version'), \(now) FROM import_staging
+                    SELECT kind, id, features::jsonb, nextval('\(unescaped: s).feature_version'), \(now) FROM import_staging ORDER BY kind, id
                     ON CONFLICT (kind, id) DO UPDATE SET features = EXCLUDED.features, version = EXCLUDED.version, updated_at_ms = EXCLUDED.updated_at_ms
                     """, logger: logger)
-                for (kind, set) in names {
-                    try await c.query("INSERT INTO \(unescaped: s).feature_columns (kind, name) SELECT \(Int16(kind.rawValue)), unnest(\(Array(set))::text[]) ON CONFLICT DO NOTHING", logger: logger)
+                for (kind, set) in names.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+                    try await c.query("INSERT INTO \(unescaped: s).feature_columns (kind, name) SELECT \(Int16(kind.rawValue)), unnest(\(set.sorted())::text[]) ON CONFLICT DO NOTHING", logger: logger)
                 }
                 try await c.query("""
                     INSERT INTO \(unescaped: s).feature_imports (name, fingerprint, finished_at_ms) VALUES (\(key), \(fingerprint), \(now))
@@ -235,42 +267,85 @@ public final class PostgresFeatureStore: FeatureBackend {
                 for kind in FeatureStore.Kind.allCases {
                     try await c.query("SELECT pg_notify(\(channel), \("\(kind.rawValue):*"))", logger: logger)
                 }
+                return scans
             }
         } catch {
-            // The reader may be waiting for room: let it see the abort and end.
-            abort.set()
-            window.signal()
-            window.signal()
-            _ = try? await reader.value
-            throw error
+            let unwrapped = Self.readable(error)
+            if unwrapped is AlreadyImported {
+                progress("dataset '\(spec.name)': another replica imported these files; nothing to do")
+                var r = FeatureStore.ImportReport()
+                r.unchanged = true
+                return r
+            }
+            if unwrapped is CancellationError { throw DatasetSpec.ImportStopped() }
+            throw unwrapped
         }
-        let scans = try await reader.value
         var report = FeatureStore.ImportReport()
         report.users = scans[0]
         report.items = scans[1]
         return report
     }
 
+    /// The import found, under the lock, that these files were imported meanwhile.
+    struct AlreadyImported: Error {}
+
+    /// A PostgreSQL failure as its cause: a transaction's own error unwrapped (a stop, a refused row), a server
+    /// error as its message and SQLSTATE (postgres-nio's description is generic on purpose).
+    public static func readable(_ error: any Error) -> any Error {
+        if let t = error as? PostgresTransactionError {
+            if let e = t.closureError ?? t.commitError ?? t.beginError { return readable(e) }
+        }
+        if let p = error as? PSQLError, let message = p.serverInfo?[.message] {
+            return ServerError(description: "PostgreSQL: \(message) (SQLSTATE \(p.serverInfo?[.sqlState] ?? "?"))")
+        }
+        return error
+    }
+
+    /// A PostgreSQL server error, readable.
+    public struct ServerError: Error, CustomStringConvertible {
+        public var description: String
+    }
+
     /// The channel this store's writes are announced on.
     public var channel: String { "\(schema)_features" }
 
-    /// `kind:id,id,…`, or `kind:*` when the ids would not fit PostgreSQL's 8,000-byte payload.
-    static func payload(kind: FeatureStore.Kind, ids: [Int64]) -> String {
-        let text = "\(kind.rawValue):" + ids.map(String.init).joined(separator: ",")
-        return text.utf8.count < 7_900 ? text : "\(kind.rawValue):*"
+    /// `kind:id,id,…` notices of at most 7,900 bytes (PostgreSQL's payload limit is 8,000), as many as the ids
+    /// need: a big put drops its rows from other replicas' caches, not their whole caches.
+    public static func payloads(kind: FeatureStore.Kind, ids: [Int64]) -> [String] {
+        var out: [String] = [], current = "\(kind.rawValue):"
+        for id in ids {
+            let part = String(id)
+            if current.utf8.count + part.utf8.count + 1 > 7_900 {
+                out.append(current)
+                current = "\(kind.rawValue):"
+            }
+            current += current.hasSuffix(":") ? part : "," + part
+        }
+        if !current.hasSuffix(":") { out.append(current) }
+        return out
     }
 
     /// A change another replica (or this one) committed: the kind and the ids, nil for "any id of the kind".
     public struct Change: Sendable, Equatable {
         public var kind: FeatureStore.Kind
         public var ids: [Int64]?
+
+        public init(kind: FeatureStore.Kind, ids: [Int64]?) {
+            self.kind = kind
+            self.ids = ids
+        }
     }
 
-    static func parse(_ payload: String) -> Change? {
+    /// A notice read back; nil when it cannot be read (the listener then drops its whole cache).
+    public static func parse(_ payload: String) -> Change? {
         let parts = payload.split(separator: ":", maxSplits: 1)
         guard parts.count == 2, let k = Int(parts[0]), let kind = FeatureStore.Kind(rawValue: k) else { return nil }
         if parts[1] == "*" { return Change(kind: kind, ids: nil) }
-        let ids = parts[1].split(separator: ",").compactMap { Int64($0) }
+        var ids: [Int64] = []
+        for p in parts[1].split(separator: ",") {
+            guard let id = Int64(p) else { return nil }   // unreadable: the caller drops its whole cache
+            ids.append(id)
+        }
         return Change(kind: kind, ids: ids)
     }
 
@@ -284,8 +359,9 @@ public final class PostgresFeatureStore: FeatureBackend {
                 try await client.withConnection { connection in
                     try await connection.listen(on: channel) { notifications in
                         reset()
-                        backoff = .milliseconds(100)
+                        let since = ContinuousClock.now
                         for try await n in notifications {
+                            if ContinuousClock.now - since > .seconds(30) { backoff = .milliseconds(100) }
                             guard let change = Self.parse(n.payload) else {
                                 logger.warning("unreadable feature change notification; dropping the cache", metadata: ["payload": "\(n.payload.prefix(80))"])
                                 reset()

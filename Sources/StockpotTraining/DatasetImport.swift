@@ -104,6 +104,11 @@ extension DatasetSpec {
                     for (k, v) in values where missingSet.contains(v) { values[k] = "" }
                     for (k, v) in constants { values[k] = v }
                     let place = "\(f.path) line \(rec.line)"
+                    // PostgreSQL text and JSON hold no NUL character: refused here, named, not at the commit.
+                    if let bad = values.first(where: { $0.key.utf8.contains(0) || $0.value.utf8.contains(0) }) {
+                        try reject(place, "column '\(bad.key.replacingOccurrences(of: "\u{0}", with: "\\0"))' holds a NUL character")
+                        continue
+                    }
                     let key = keyColumns.map { values[$0] ?? "" }.joined(separator: "|")
                     if let empty = keyColumns.first(where: { (values[$0] ?? "").isEmpty }) {
                         try reject(place, "key column '\(empty)' is empty (or a missing marker)")

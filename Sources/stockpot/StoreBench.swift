@@ -5,6 +5,15 @@ import StockpotFeatures
 import StockpotModel
 import Synchronization
 
+/// When each written id's notification arrived, and whether the listener is listening.
+private final class Arrivals: Sendable {
+    private let state = Mutex((listening: false, at: [Int64: ContinuousClock.Instant]()))
+    func markListening() { state.withLock { $0.listening = true } }
+    var listening: Bool { state.withLock { $0.listening } }
+    func record(_ id: Int64, at instant: ContinuousClock.Instant) { state.withLock { s in if s.at[id] == nil { s.at[id] = instant } } }
+    func arrival(_ id: Int64) -> ContinuousClock.Instant? { state.withLock { $0.at[id] } }
+}
+
 /// A shared count for the benchmark's workers.
 private final class Counter: Sendable {
     private let count = Mutex(0)
@@ -46,14 +55,23 @@ extension Features {
                         group.addTask { await a.client.run() }
                         group.addTask { await b.client.run() }
                         defer { group.cancelAll() }
-                        try await a.migrate()
-                        try await fill(a)
-                        Console.out(try await lookups(a, name: "PostgreSQL"))
-                        windows.append(try await window(writer: a, listener: b))
+                        do {
+                            try await a.migrate()
+                            try await fill(a)
+                            Console.out(try await lookups(a, name: "PostgreSQL"))
+                            windows.append(try await window(writer: a, listener: b))
+                        } catch {
+                            _ = try? await a.client.query("DROP SCHEMA IF EXISTS \(unescaped: schema) CASCADE")
+                            throw PostgresFeatureStore.readable(error)
+                        }
                         try await a.client.query("DROP SCHEMA \(unescaped: schema) CASCADE")
                     }
                 } else {
-                    try? FileManager.default.removeItem(atPath: db)
+                    // It writes rows: never into a store that exists (a live one, say); its files go after.
+                    guard !FileManager.default.fileExists(atPath: db) else {
+                        throw ValidationError("\(db) exists: bench-store fills the store it measures; give a path that does not exist")
+                    }
+                    defer { for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: db + suffix) } }
                     let s = try FeatureStore(path: db)
                     try await fill(s)
                     Console.out(try await lookups(s, name: "SQLite (WAL, \(db))"))
@@ -98,33 +116,31 @@ extension Features {
 
         /// From a put's return (its commit) on one store to the notification on another's listener.
         func window(writer: PostgresFeatureStore, listener: PostgresFeatureStore) async throws -> String {
-            let heard = AsyncStream<(Int64, ContinuousClock.Instant)>.makeStream()
-            let ready = AsyncStream<Void>.makeStream()
             let clock = ContinuousClock()
+            let arrivals = Arrivals()
             let listening = Task {
                 await listener.listen(changed: { change in
-                    for id in change.ids ?? [] { heard.continuation.yield((id, clock.now)) }
-                }, reset: { ready.continuation.yield() })
+                    for id in change.ids ?? [] { arrivals.record(id, at: clock.now) }
+                }, reset: { arrivals.markListening() })
             }
             defer { listening.cancel() }
-            var it = heard.stream.makeAsyncIterator()
-            var readyIt = ready.stream.makeAsyncIterator()
-            _ = await readyIt.next()
+            while !arrivals.listening { try await Task.sleep(for: .milliseconds(5)) }
             // From the put's start (an upper bound: the write itself included) and from its return (the commit
-            // acknowledged to the writer; the notice often arrives first: 0).
+            // acknowledged to the writer; the notice often arrives first: 0). A notice missing for 5 s is an error.
             var fromStart: [Double] = [], fromReturn: [Double] = []
             for i in 0..<samples {
                 let id = Int64(1_000_000_000 + i)
                 let began = clock.now
                 _ = try await writer.put(.item, rows: [(id, ["v": "\(i)"])])
                 let committed = clock.now
-                while let (got, at) = await it.next() {
-                    if got == id {
-                        fromStart.append((at - began).seconds * 1000)
-                        fromReturn.append(max(0, (at - committed).seconds) * 1000)
-                        break
-                    }
+                var at = arrivals.arrival(id)
+                while at == nil {
+                    guard clock.now - committed < .seconds(5) else { throw ValidationError("no notification for write \(i) within 5 s") }
+                    try await Task.sleep(for: .microseconds(50))
+                    at = arrivals.arrival(id)
                 }
+                fromStart.append((at! - began).seconds * 1000)
+                fromReturn.append(max(0, (at! - committed).seconds) * 1000)
             }
             func q(_ v: [Double], _ p: Double) -> Double { let s = v.sorted(); return s[min(s.count - 1, Int(p * Double(s.count - 1)))] }
             return String(format: "PostgreSQL invalidation over %d writes: the other replica hears of a write %.2f ms (p50), %.2f ms (p99), %.2f ms (max) after the put starts; %.2f / %.2f / %.2f ms after it returns",

@@ -7,6 +7,7 @@ import StockpotFeatures
 import StockpotProto
 import StockpotServing
 import StockpotTraining
+import Synchronization
 import Testing
 
 /// The throw-away cluster `scripts/test` starts (`scripts/postgres-cluster`), if any.
@@ -32,6 +33,12 @@ func withPostgresStore(_ body: @Sendable (PostgresFeatureStore) async throws -> 
     }
 }
 
+/// Counts the times a stop flag is asked.
+final class AskCounter: Sendable {
+    private let n = Mutex(0)
+    func next() -> Int { n.withLock { $0 += 1; return $0 } }
+}
+
 /// What every feature backend must do, run against SQLite and PostgreSQL alike.
 enum FeatureBackendChecks {
     /// A put merges its columns into the stored row; reads return what was written; columns and counts follow.
@@ -50,6 +57,20 @@ enum FeatureBackendChecks {
         #expect(try await b.get(.item, ids: []) == [:])
     }
 
+    /// Puts of the same rows in opposite orders, at once, all succeed (rows are locked in one order).
+    static func oppositeOrdersDoNotDeadlock(_ b: any FeatureBackend) async throws {
+        let ids = (0..<50).map { Int64($0) }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<16 {
+                let order = i % 2 == 0 ? ids : ids.reversed()
+                group.addTask { _ = try await b.put(.item, rows: order.map { ($0, ["w\(i)": "1"]) }) }
+            }
+            try await group.waitForAll()
+        }
+        let rows = try await b.get(.item, ids: ids)
+        #expect(rows.count == 50 && rows.values.allSatisfy { $0.count == 16 })
+    }
+
     /// Writers of one row at once lose no column: each put's merge is atomic.
     static func concurrentWritersLoseNoUpdate(_ b: any FeatureBackend) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -63,11 +84,27 @@ enum FeatureBackendChecks {
     }
 }
 
+/// The change notices replicas exchange: split under PostgreSQL's payload limit, read back exactly.
+@Suite struct FeatureChangeNotices {
+    @Test func bigPutsSplitIntoNoticesThatReadBack() {
+        let ids = (0..<2_000).map { Int64.max - Int64($0) * 7_919 }
+        let notices = PostgresFeatureStore.payloads(kind: .item, ids: ids)
+        #expect(notices.count > 1 && notices.allSatisfy { $0.utf8.count <= 7_900 })
+        let back = notices.compactMap(PostgresFeatureStore.parse)
+        #expect(back.count == notices.count && back.allSatisfy { $0.kind == .item })
+        #expect(back.flatMap { $0.ids ?? [] } == ids)
+        #expect(PostgresFeatureStore.parse("1:*") == .init(kind: .user, ids: nil))
+        for bad in ["", "3:1", "1:2,x", "x:1", "1"] { #expect(PostgresFeatureStore.parse(bad) == nil, "\(bad)") }
+        #expect(PostgresFeatureStore.payloads(kind: .user, ids: []) == [])
+    }
+}
+
 @Suite struct FeatureBackendOnSQLite {
     func store() throws -> FeatureStore { try FeatureStore(path: temporaryDirectory("backend").appendingPathComponent("f.sqlite").path) }
 
     @Test func putsMergeAndReadsReturnThem() async throws { try await FeatureBackendChecks.putsMergeAndReadsReturnThem(try store()) }
     @Test func concurrentWritersLoseNoUpdate() async throws { try await FeatureBackendChecks.concurrentWritersLoseNoUpdate(try store()) }
+    @Test func oppositeOrdersDoNotDeadlock() async throws { try await FeatureBackendChecks.oppositeOrdersDoNotDeadlock(try store()) }
 }
 
 @Suite(.enabled(if: postgresURL != nil, Comment(rawValue: postgresMissing)))
@@ -78,6 +115,10 @@ struct FeatureBackendOnPostgres {
 
     @Test func concurrentWritersLoseNoUpdate() async throws {
         try await withPostgresStore { try await FeatureBackendChecks.concurrentWritersLoseNoUpdate($0) }
+    }
+
+    @Test func oppositeOrdersDoNotDeadlock() async throws {
+        try await withPostgresStore { try await FeatureBackendChecks.oppositeOrdersDoNotDeadlock($0) }
     }
 
     /// Two replicas on one database: what one writes, the other reads; migrations run once however many start.
@@ -164,6 +205,14 @@ struct FeatureBackendOnPostgres {
             await #expect { try await store.importDataset(spec, directory: dir) } throws: { "\($0)".contains("users.tsv line 3: 3 fields") }
             #expect(try await store.get(.user, ids: [u0])[u0]?["segment"] == "new")
             #expect(try await store.count(.user) == 61)
+            // Stopped half way (a shutdown): nothing changed, and not recorded as imported.
+            try Data(("user\tsegment\n" + (0..<60).map { "u\($0)\tlater" }.joined(separator: "\n") + "\n").utf8).write(to: dir.appendingPathComponent("users.tsv"))
+            let asked = AskCounter()
+            await #expect(throws: DatasetSpec.ImportStopped.self) {
+                try await store.importDataset(spec, directory: dir, batchRows: 7, stopped: { asked.next() > 2 })
+            }
+            #expect(try await store.get(.user, ids: [u0])[u0]?["segment"] == "new")
+            try Data("user\tsegment\nu0\tchanged\nu1\ta\tb\n".utf8).write(to: dir.appendingPathComponent("users.tsv"))
             // 'skip': the good row lands, the bad one is counted.
             let skipped = try await store.importDataset(spec, directory: dir, badRows: .skip)
             #expect(skipped.users.rows == 1 && skipped.users.skipped == 1)

@@ -9,7 +9,7 @@ import StockpotTelemetry
 struct FeaturesCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-features", abstract: "The Stockpot feature service.")
     @OptionGroup var common: CommonServiceOptions
-    @Option(help: "SQLite file (env STOCKPOT_FEATURES_DATABASE).") var database: String?
+    @Option(help: "SQLite file, or postgres://user[:password]@host:port/db: the store replicas share (env STOCKPOT_FEATURES_DATABASE).") var database: String?
     @Option(help: "Cache entries (env STOCKPOT_FEATURES_CACHE_CAPACITY).") var cacheCapacity: Int?
     @Option(help: "Cache time-to-live in seconds (env STOCKPOT_FEATURES_CACHE_TTL).") var cacheTtl: Double?
     @Option(help: "Import KuaiRand-Pure feature files from this folder when the store is empty (env STOCKPOT_FEATURES_IMPORT_KUAIRAND).")
