@@ -221,6 +221,12 @@ public final class FeatureStore: FeatureBackend {
         public var items = DatasetSpec.TableScan()
         /// The same files were imported before (same fingerprint): nothing was read.
         public var unchanged = false
+
+        /// One line for the log: what the import of `dataset` did.
+        public func summary(dataset: String) -> String {
+            unchanged ? "dataset '\(dataset)': already imported, unchanged"
+                : "imported dataset '\(dataset)': \(users.rows) users, \(items.rows) items (\(users.skipped + items.skipped) rows skipped)"
+        }
     }
 
     /// Imports a dataset spec's user and item tables (`stockpot-features --import SPEC`): streamed in batches of

@@ -44,10 +44,8 @@ public struct FeaturesApp {
         /// Runs the import into `store`, passing its progress and what it skipped to `log`; returns a one-line
         /// summary. `stopped` is asked between batches: true ends the import with nothing changed.
         public func run(into store: FeatureStore, log: (String) -> Void, stopped: () -> Bool = { false }) throws -> String {
-            let r = try store.importDataset(spec, directory: directory, badRows: badRows, batchRows: batchRows, force: force,
-                                            progress: log, stopped: stopped)
-            if r.unchanged { return "dataset '\(spec.name)': already imported, unchanged" }
-            return "imported dataset '\(spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)"
+            try store.importDataset(spec, directory: directory, badRows: badRows, batchRows: batchRows, force: force,
+                                    progress: log, stopped: stopped).summary(dataset: spec.name)
         }
     }
 
@@ -122,10 +120,8 @@ extension FeaturesApp {
             group.addTask { await store.client.run(); return nil }
             defer { group.cancelAll() }
             try await store.migrate()
-            let r = try await store.importDataset(d.spec, directory: d.directory, badRows: d.badRows, batchRows: d.batchRows, force: d.force,
-                                                  progress: { FileHandle.standardError.write(Data(($0 + "\n").utf8)) })
-            return r.unchanged ? "dataset '\(d.spec.name)': already imported, unchanged"
-                : "imported dataset '\(d.spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)"
+            return try await store.importDataset(d.spec, directory: d.directory, badRows: d.badRows, batchRows: d.batchRows, force: d.force,
+                                                 progress: { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }).summary(dataset: d.spec.name)
         }
     }
 
@@ -161,22 +157,13 @@ struct PostgresStartup: Service {
         logger.info("feature store on PostgreSQL: schema \(store.schema) migrated")
         if let importer {
             if try await store.hasImported(importer.spec) { done.markDone() }
-            let stop = AbortFlag()
             let (store, logger) = (store, logger)
-            do {
-                let r = try await withTaskCancellationHandler {
-                    try await withGracefulShutdownHandler {
-                        try await store.importDataset(importer.spec, directory: importer.directory, badRows: importer.badRows,
-                                                      batchRows: importer.batchRows, force: importer.force,
-                                                      progress: { logger.info("\($0)") }, stopped: { stop.isSet })
-                    } onGracefulShutdown: { stop.set() }
-                } onCancel: { stop.set() }
-                logger.info(r.unchanged ? "dataset '\(importer.spec.name)': already imported, unchanged"
-                            : "imported dataset '\(importer.spec.name)': \(r.users.rows) users, \(r.items.rows) items (\(r.users.skipped + r.items.skipped) rows skipped)")
-            } catch is DatasetSpec.ImportStopped {
-                logger.notice("import stopped by the shutdown; the store is as it was")
-                return
-            }
+            guard let r = try await stoppableImport(logger: logger, { stopped in
+                try await store.importDataset(importer.spec, directory: importer.directory, badRows: importer.badRows,
+                                              batchRows: importer.batchRows, force: importer.force,
+                                              progress: { logger.info("\($0)") }, stopped: stopped)
+            }) else { return }
+            logger.info("\(r.summary(dataset: importer.spec.name))")
         }
         done.markDone()
         try? await gracefulShutdown()
@@ -225,29 +212,32 @@ struct DatasetImportRunner: Service {
     let done: ImportReadiness
 
     func run() async throws {
-        let stop = Mutex(false)
         let (importer, store, logger) = (importer, store, logger)
-        do {
-            // Stopped between blocks by a graceful shutdown, or by the group's cancellation (another service
-            // failed): the process does not wait for the rest of the import.
-            let summary = try await withTaskCancellationHandler {
-                try await withGracefulShutdownHandler {
-                    try await OwnThread.run(name: "stockpot.import") {
-                        try importer.run(into: store, log: { logger.info("\($0)") }, stopped: { stop.withLock { $0 } })
-                    }
-                } onGracefulShutdown: {
-                    stop.withLock { $0 = true }
-                }
-            } onCancel: {
-                stop.withLock { $0 = true }
+        guard let summary = try await stoppableImport(logger: logger, { stopped in
+            try await OwnThread.run(name: "stockpot.import") {
+                try importer.run(into: store, log: { logger.info("\($0)") }, stopped: stopped)
             }
-            cache.invalidateAll()
-            done.markDone()
-            logger.info("\(summary)")
-        } catch is DatasetSpec.ImportStopped {
-            logger.notice("import stopped by the shutdown; the store is as it was")
-            return
-        }
+        }) else { return }
+        cache.invalidateAll()
+        done.markDone()
+        logger.info("\(summary)")
         try? await gracefulShutdown()
+    }
+}
+
+/// Runs an import that a graceful shutdown, or the group's cancellation (another service failed), stops between
+/// blocks: the process does not wait for the rest. Returns nil when it was stopped (nothing changed); any other
+/// failure is thrown.
+func stoppableImport<T: Sendable>(logger: Logger, _ body: @Sendable (_ stopped: @escaping @Sendable () -> Bool) async throws -> T) async throws -> T? {
+    let stop = AbortFlag()
+    do {
+        return try await withTaskCancellationHandler {
+            try await withGracefulShutdownHandler {
+                try await body { stop.isSet }
+            } onGracefulShutdown: { stop.set() }
+        } onCancel: { stop.set() }
+    } catch is DatasetSpec.ImportStopped {
+        logger.notice("import stopped by the shutdown; the store is as it was")
+        return nil
     }
 }

@@ -39,20 +39,25 @@ public enum RankClient {
         try r.jsonString()
     }
 
-    /// Real requests from a dataset's log (`docs/datasets.md`): on `day` (default: the log's last), the users
-    /// with the most impressions, each with the items shown that day as candidates and the context columns
-    /// (`log.context`) of the first impression, with its `date` and `hourmin`.
-    public static func demoRequests(dataset spec: DatasetSpec, directory: URL, day: Int? = nil, count: Int) throws -> [Stockpot_V1_RankRequest] {
-        let (data, _) = try spec.load(directory: directory)
-        let dates = try data.log.column("date").compactMap(Int.init)
-        guard let last = day ?? dates.max() else { return [] }
-        let rows = try data.rows(in: try DayRange(String(last)))
+    /// Each user's log rows among `rows`, and the users in the order they first appear.
+    static func impressionsByUser(_ data: KuaiRandData, _ rows: [Int]) -> (rows: [Int: [Int]], order: [Int]) {
         var byUser: [Int: [Int]] = [:]
         var order: [Int] = []
         for r in rows {
             if byUser[data.userIds[r]] == nil { order.append(data.userIds[r]) }
             byUser[data.userIds[r], default: []].append(r)
         }
+        return (byUser, order)
+    }
+
+    /// Real requests from a dataset's log (`docs/datasets.md`): on `day` (default: the log's last), the users
+    /// with the most impressions, each with the items shown that day as candidates and the context columns
+    /// (`log.context`) of the first impression, with its `date` and `hourmin`.
+    public static func demoRequests(dataset spec: DatasetSpec, directory: URL, day: Int? = nil, count: Int) throws -> [Stockpot_V1_RankRequest] {
+        let (data, _) = try spec.load(directory: directory)
+        guard let last = day ?? data.dates.max() else { return [] }
+        let rows = try data.rows(in: try DayRange(String(last)))
+        let (byUser, order) = impressionsByUser(data, rows)
         let hourmin = try data.log.column("hourmin")
         let contextColumns = try (spec.log.context ?? []).map { ($0, try data.log.column($0)) }
         let picked = order.sorted { (byUser[$0]!.count, $1) > (byUser[$1]!.count, $0) }.prefix(count)
@@ -79,12 +84,7 @@ public enum RankClient {
     public static func demoRequests(kuaiRand: URL, count: Int) throws -> [Stockpot_V1_RankRequest] {
         let data = try KuaiRandData.load(directory: kuaiRand)
         let rows = try data.rows(in: try DayRange("20220505"))
-        var byUser: [Int: [Int]] = [:]
-        var order: [Int] = []
-        for r in rows {
-            if byUser[data.userIds[r]] == nil { order.append(data.userIds[r]) }
-            byUser[data.userIds[r], default: []].append(r)
-        }
+        let (byUser, order) = impressionsByUser(data, rows)
         let tab = try data.log.column("tab")
         let hourmin = try data.log.column("hourmin")
         // Users with many impressions that day, mixing activity levels.

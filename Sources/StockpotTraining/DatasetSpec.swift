@@ -482,25 +482,19 @@ public struct DatasetSpec: Codable, Sendable, Equatable {
         case .csv: return try CSVTable.read(url)
         case .tsv: return try CSVTable.read(url, delimiter: UInt8(ascii: "\t"), quotes: false)
         case .jsonl:
-            let bytes = try FileBytes.read(url)
+            // The streaming reader's rows, gathered: one parser of JSON lines for loading and importing.
             var header: [String] = [], columns: [String: [String]] = [:], count = 0, lines: [Int] = []
-            let decoder = JSONDecoder()
-            // Lines split on the byte \n (a "\r\n" ending leaves a "\r", trimmed as whitespace).
-            for (i, line) in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).enumerated() {
-                let trimmed = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-                guard !trimmed.isEmpty else { continue }
-                let object: [String: JSONScalar]
-                do { object = try decoder.decode([String: JSONScalar].self, from: Data(trimmed.utf8)) } catch {
-                    throw TrainingError.data("\(url.lastPathComponent) line \(i + 1): not a JSON object of text, numbers, booleans and nulls (\(error))")
+            try RecordStream(url: url, format: .jsonl).read(rows: { records in
+                for r in records {
+                    for (k, v) in r.values.sorted(by: { $0.key < $1.key }) {
+                        if columns[k] == nil { header.append(k); columns[k] = [String](repeating: "", count: count) }
+                        columns[k]!.append(v)
+                    }
+                    count += 1
+                    lines.append(r.line)
+                    for k in header where columns[k]!.count < count { columns[k]!.append("") }
                 }
-                for (k, v) in object.sorted(by: { $0.key < $1.key }) {
-                    if columns[k] == nil { header.append(k); columns[k] = [String](repeating: "", count: count) }
-                    columns[k]!.append(v.text)
-                }
-                count += 1
-                lines.append(i + 1)
-                for k in header where columns[k]!.count < count { columns[k]!.append("") }
-            }
+            }, bad: { b in throw TrainingError.data("\(url.lastPathComponent) \(b)") })
             return CSVTable(header: header, columns: header.map { columns[$0]! }, lines: lines)
         }
     }

@@ -44,7 +44,7 @@ extension Experiment {
             guard (correctorConfig == nil) == (correct == nil) else { throw ValidationError("--corrector-config and --corrector-days go together") }
             let clock = ContinuousClock(), started = clock.now
             let outURL = try Experiment.claim(out, by: "dataset", clearing: ["report.md", "report.json", "models"])
-            let spec = try DatasetSpec.load(URL(fileURLWithPath: dataOptions.dataset!))
+            guard let spec = try dataOptions.spec() else { throw ValidationError("give --dataset SPEC and --config FEATURES") }
             let (data, config) = try dataOptions.load()
             var cconfig = try correctorConfig.map { try FeatureConfig.load(URL(fileURLWithPath: $0)) }
             cconfig?.crowds = config.crowds

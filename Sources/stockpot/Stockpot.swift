@@ -39,31 +39,27 @@ struct DataOptions: ParsableArguments {
     @Option(help: "Feature config JSON, or builtin:NAME (legacy-kuairand (default), legacy-kuairand-v0, corrector-kuairand, legacy-openbandit).")
     var config: String?
 
+    /// The `--dataset` spec, or nil without one.
+    func spec() throws -> DatasetSpec? {
+        try dataset.map { try DatasetSpec.load(URL(fileURLWithPath: $0)) }
+    }
+
     /// The crowds a `--dataset` spec declares (nil without one, or when it declares none): they replace any
     /// feature config's, the corrector's too.
-    func specCrowds() throws -> CrowdDefinition? {
-        guard let dataset else { return nil }
-        return try DatasetSpec.load(URL(fileURLWithPath: dataset)).crowds
-    }
+    func specCrowds() throws -> CrowdDefinition? { try spec()?.crowds }
 
     /// The columns a Rank request carries as context: the spec's `log.context` with `--dataset`, KuaiRand's tab
     /// without.
-    func contextColumns() throws -> [String] {
-        guard let dataset else { return ["tab"] }
-        return try DatasetSpec.load(URL(fileURLWithPath: dataset)).log.context ?? []
-    }
+    func contextColumns() throws -> [String] { try spec().map { $0.log.context ?? [] } ?? ["tab"] }
 
     /// What a fusion search optimises: the spec's targets with `--dataset`, KuaiRand's without.
-    func fusionTargets() throws -> [FusionTarget] {
-        guard let dataset else { return FusionTarget.kuaiRand }
-        return try DatasetSpec.load(URL(fileURLWithPath: dataset)).searchTargets
-    }
+    func fusionTargets() throws -> [FusionTarget] { try spec()?.searchTargets ?? FusionTarget.kuaiRand }
 
     func load(log: Bool = true) throws -> (KuaiRandData, FeatureConfig) {
         if let dataset {
             guard config != nil else { throw ValidationError("--dataset needs --config: the built-in feature configs read KuaiRand's columns") }
             let specURL = URL(fileURLWithPath: dataset)
-            let spec = try DatasetSpec.load(specURL)
+            let spec = try self.spec()!
             let root = data.map { URL(fileURLWithPath: $0) } ?? specURL.deletingLastPathComponent()
             let clock = ContinuousClock(), start = clock.now
             let (d, _) = try spec.load(directory: root, log: log ? Console.info : { _ in })

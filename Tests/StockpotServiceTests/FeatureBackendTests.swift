@@ -33,6 +33,16 @@ func withPostgresStore(_ body: @Sendable (PostgresFeatureStore) async throws -> 
     }
 }
 
+/// Whether a feature server says SERVING within 10 s.
+func featuresServing(_ server: ServiceServer) async throws -> Bool {
+    let port = try await server.port()
+    for _ in 0..<100 {
+        if await HealthProbe.isServing(target: "127.0.0.1:\(port)", service: Stockpot_V1_FeatureService.descriptor.fullyQualifiedService) { return true }
+        try await Task.sleep(for: .milliseconds(100))
+    }
+    return false
+}
+
 /// Counts the times a stop flag is asked.
 final class AskCounter: Sendable {
     private let n = Mutex(0)
@@ -149,13 +159,7 @@ struct FeatureBackendOnPostgres {
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             for g in groups { tasks.addTask { try await g.run() } }
             for built in [a, b] {
-                let port = try await built.server.port()
-                var serving = false
-                for _ in 0..<100 where !serving {
-                    serving = await HealthProbe.isServing(target: "127.0.0.1:\(port)", service: Stockpot_V1_FeatureService.descriptor.fullyQualifiedService)
-                    if !serving { try await Task.sleep(for: .milliseconds(100)) }
-                }
-                #expect(serving)
+                #expect(try await featuresServing(built.server))
             }
             let id = Int64.random(in: 1...Int64.max / 2)
             func put(_ value: String) async throws {
@@ -230,13 +234,7 @@ struct FeatureBackendOnPostgres {
         let group = ServiceGroup(configuration: .init(services: built.services.map { .init(service: $0) }, logger: quietLogger))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
-            let port = try await built.server.port()
-            var serving = false
-            for _ in 0..<100 where !serving {
-                serving = await HealthProbe.isServing(target: "127.0.0.1:\(port)", service: Stockpot_V1_FeatureService.descriptor.fullyQualifiedService)
-                if !serving { try await Task.sleep(for: .milliseconds(100)) }
-            }
-            #expect(serving)
+            #expect(try await featuresServing(built.server))
             let id = Int64.random(in: 1...Int64.max / 2)
             _ = try await withContext { try await built.service.putFeatures(request: .with {
                 $0.kind = .user
