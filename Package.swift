@@ -25,7 +25,7 @@ func serviceLibrary(_ name: String, _ extra: [Target.Dependency] = []) -> Target
 func serviceExecutable(_ name: String, _ library: String) -> Target {
     .executableTarget(
         name: name,
-        dependencies: [.target(name: library), "StockpotServing", "StockpotModel", "StockpotTelemetry",
+        dependencies: [.target(name: library), "StockpotServing", "StockpotModel", "StockpotTelemetry", "StockpotPostgres",
                        .product(name: "ArgumentParser", package: "swift-argument-parser")],
         path: "Sources/Executables/\(name)")
 }
@@ -110,8 +110,12 @@ let package = Package(
                 swiftSettings: optimized), // request encoding runs here
         // Trace export (OpenTelemetry, OTLP/HTTP) for the executables; libraries only depend on swift-distributed-tracing.
         .target(name: "StockpotTelemetry", dependencies: ["StockpotServing", .product(name: "OTel", package: "swift-otel")]),
-        serviceLibrary("StockpotRegistry", [.product(name: "GRDB", package: "GRDB.swift")]),
-        serviceLibrary("StockpotFeatures", ["StockpotTraining", .product(name: "GRDB", package: "GRDB.swift"),
+        // What the stores on PostgreSQL share (addresses, errors, LISTEN/NOTIFY).
+        .target(name: "StockpotPostgres", dependencies: [.product(name: "PostgresNIO", package: "postgres-nio"),
+                                                         .product(name: "Logging", package: "swift-log")]),
+        serviceLibrary("StockpotRegistry", ["StockpotPostgres", .product(name: "GRDB", package: "GRDB.swift"),
+                                            .product(name: "PostgresNIO", package: "postgres-nio")]),
+        serviceLibrary("StockpotFeatures", ["StockpotTraining", "StockpotPostgres", .product(name: "GRDB", package: "GRDB.swift"),
                                             .product(name: "PostgresNIO", package: "postgres-nio")]),
         serviceLibrary("StockpotScorer", ["StockpotModel"]),
         serviceLibrary("StockpotCorrector", ["StockpotModel"]),
@@ -135,6 +139,7 @@ let package = Package(
                 "StockpotProto",
                 "StockpotFeatures",
                 "StockpotRegistry",
+                "StockpotPostgres",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ] + grpc
         ),
@@ -149,7 +154,7 @@ let package = Package(
         .testTarget(name: "StockpotTrainingTests", dependencies: ["StockpotModel", "StockpotTraining"]),
         .testTarget(
             name: "StockpotServiceTests",
-            dependencies: ["StockpotSuite", "StockpotRegistry", "StockpotFeatures", "StockpotScorer",
+            dependencies: ["StockpotSuite", "StockpotRegistry", "StockpotFeatures", "StockpotPostgres", "StockpotScorer",
                            "StockpotCorrector", "StockpotFusion", "StockpotGateway", "StockpotServing",
                            "StockpotTraining", "StockpotLogFormat", "StockpotTelemetry", .product(name: "Yams", package: "Yams"),
                            .product(name: "InMemoryTracing", package: "swift-distributed-tracing")] + grpc

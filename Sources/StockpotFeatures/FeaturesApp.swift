@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import ServiceLifecycle
+import StockpotPostgres
 import StockpotProto
 import StockpotServing
 import StockpotTraining
@@ -82,7 +83,7 @@ public struct FeaturesApp {
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
-        if PostgresFeatureStore.isAddress(databasePath) { return try buildOnPostgres(logger: logger) }
+        if Postgres.isAddress(databasePath) { return try buildOnPostgres(logger: logger) }
         let store = try FeatureStore(path: databasePath)
         if let dir = importKuaiRand, try store.countNow(.user) == 0 {
             let (u, i) = try store.importKuaiRand(directory: dir)
@@ -100,7 +101,7 @@ public struct FeaturesApp {
         }
         // Until a first import of the spec has landed, the service is not SERVING (a gateway would read an empty
         // store); a store that holds an earlier import of it serves that while the new one runs.
-        let readiness = ImportReadiness(done: try importDataset.map { try store.hasImported($0.spec) } ?? true)
+        let readiness = ReadinessFlag(done: try importDataset.map { try store.hasImported($0.spec) } ?? true)
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger, inProcess: inProcess, ready: { readiness.isDone })
@@ -133,7 +134,7 @@ extension FeaturesApp {
         }
         let store = try PostgresFeatureStore(url: databasePath, logger: logger)
         let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
-        let migrated = ImportReadiness(done: false)
+        let migrated = ReadinessFlag(done: false)
         let server = ServiceServer(name: "stockpot-features", host: host, port: port, services: [service],
                                    serviceNames: [Stockpot_V1_FeatureService.descriptor.fullyQualifiedService],
                                    metrics: metrics, logger: logger, inProcess: inProcess, ready: { migrated.isDone })
@@ -149,7 +150,7 @@ extension FeaturesApp {
 struct PostgresStartup: Service {
     let store: PostgresFeatureStore
     let importer: FeaturesApp.DatasetImport?
-    let done: ImportReadiness
+    let done: ReadinessFlag
     let logger: Logger
 
     func run() async throws {
@@ -191,14 +192,6 @@ struct PostgresChangeListener: Service {
     }
 }
 
-/// Whether the feature service has the rows it is configured to import.
-final class ImportReadiness: Sendable {
-    private let state: Mutex<Bool>
-    init(done: Bool) { state = Mutex(done) }
-    var isDone: Bool { state.withLock { $0 } }
-    func markDone() { state.withLock { $0 = true } }
-}
-
 /// Imports a dataset spec's tables while the feature service serves: on a thread of its own (not the one the
 /// handlers run on), the service answering from what the store held until the import's last commit, then its
 /// cache emptied. A failed import fails the service group (the process stops, saying why); a shutdown stops the
@@ -209,7 +202,7 @@ struct DatasetImportRunner: Service {
     let cache: FeatureCache<FeatureService.Key, FeatureRow>
     let logger: Logger
     /// Set once the import has committed (or found its files already imported): the service's readiness.
-    let done: ImportReadiness
+    let done: ReadinessFlag
 
     func run() async throws {
         let (importer, store, logger) = (importer, store, logger)

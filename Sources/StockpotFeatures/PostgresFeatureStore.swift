@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import PostgresNIO
+import StockpotPostgres
 import ServiceLifecycle
 import StockpotServing
 import StockpotTraining
@@ -23,11 +24,6 @@ public final class PostgresFeatureStore: FeatureBackend {
     /// dropped by this store's own puts.
     private let knownColumns: FeatureCache<FeatureStore.Kind, [String]>
 
-    /// A database address that is not `postgres://user[:password]@host[:port]/database`.
-    public struct AddressError: Error, CustomStringConvertible {
-        public var description: String
-    }
-
     /// - Parameters:
     ///   - url: `postgres://user[:password]@host[:port]/database` (`postgresql://` too). Plaintext: TLS is not
     ///     offered yet (a private network, or a proxy that terminates TLS).
@@ -36,32 +32,12 @@ public final class PostgresFeatureStore: FeatureBackend {
     public init(url: String, schema: String = "stockpot", maxConnections: Int = 16, columnsTTL: Duration = .seconds(10),
                 logger: Logger = Logger(label: "stockpot.features.postgres")) throws {
         // ≤ 54 characters: the notification channel `<schema>_features` must stay within PostgreSQL's 63.
-        guard schema.first.map({ $0.isLetter || $0 == "_" }) == true, schema.count <= 54,
-              schema.allSatisfy({ ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "_" }) else {
-            throw AddressError(description: "schema '\(schema)' is not a plain identifier of at most 54 characters (letters, digits, _)")
-        }
-        var config = try Self.configuration(url)
-        config.options.maximumConnections = max(1, maxConnections)
+        try Postgres.checkSchema(schema)
+        let config = try Postgres.configuration(url, maxConnections: maxConnections)
         client = PostgresClient(configuration: config, backgroundLogger: logger)
         self.schema = schema
         self.logger = logger
         knownColumns = FeatureCache(capacity: FeatureStore.Kind.allCases.count, ttl: columnsTTL)
-    }
-
-    /// Whether a `database` setting names PostgreSQL rather than a SQLite file.
-    public static func isAddress(_ s: String) -> Bool { s.hasPrefix("postgres://") || s.hasPrefix("postgresql://") }
-
-    static func configuration(_ url: String) throws -> PostgresClient.Configuration {
-        guard isAddress(url), let u = URLComponents(string: url), let host = u.host, !host.isEmpty else {
-            throw AddressError(description: "'\(url.replacingOccurrences(of: #":[^:@/]*@"#, with: ":…@", options: .regularExpression))' is not postgres://user[:password]@host[:port]/database")
-        }
-        let database = u.path.hasPrefix("/") ? String(u.path.dropFirst()) : u.path
-        guard !database.isEmpty else { throw AddressError(description: "the PostgreSQL address names no database (postgres://user@host:port/DATABASE)") }
-        if let mode = u.queryItems?.first(where: { $0.name == "sslmode" })?.value, !["disable", "allow", "prefer"].contains(mode) {
-            throw AddressError(description: "sslmode=\(mode): TLS to PostgreSQL is not offered yet; use sslmode=disable on a private network")
-        }
-        return PostgresClient.Configuration(host: host, port: u.port ?? 5432, username: u.user ?? "postgres",
-                                            password: u.password, database: database, tls: .disable)
     }
 
     /// The pool's run loop, for the process's service group (queries wait until it runs).
@@ -72,7 +48,7 @@ public final class PostgresFeatureStore: FeatureBackend {
     /// Creates the schema and its tables, and applies migrations not applied yet, under a transaction-scoped
     /// advisory lock so that replicas starting together migrate once.
     public func migrate() async throws {
-        do { try await migrateOnce() } catch { throw Self.readable(error) }
+        do { try await migrateOnce() } catch { throw Postgres.readable(error) }
     }
 
     private func migrateOnce() async throws {
@@ -158,7 +134,7 @@ public final class PostgresFeatureStore: FeatureBackend {
             }
         }
         } catch {
-            throw Self.readable(error)
+            throw Postgres.readable(error)
         }
         return rows.count
     }
@@ -270,7 +246,7 @@ public final class PostgresFeatureStore: FeatureBackend {
                 return scans
             }
         } catch {
-            let unwrapped = Self.readable(error)
+            let unwrapped = Postgres.readable(error)
             if unwrapped is AlreadyImported {
                 progress("dataset '\(spec.name)': another replica imported these files; nothing to do")
                 var r = FeatureStore.ImportReport()
@@ -288,23 +264,6 @@ public final class PostgresFeatureStore: FeatureBackend {
 
     /// The import found, under the lock, that these files were imported meanwhile.
     struct AlreadyImported: Error {}
-
-    /// A PostgreSQL failure as its cause: a transaction's own error unwrapped (a stop, a refused row), a server
-    /// error as its message and SQLSTATE (postgres-nio's description is generic on purpose).
-    public static func readable(_ error: any Error) -> any Error {
-        if let t = error as? PostgresTransactionError {
-            if let e = t.closureError ?? t.commitError ?? t.beginError { return readable(e) }
-        }
-        if let p = error as? PSQLError, let message = p.serverInfo?[.message] {
-            return ServerError(description: "PostgreSQL: \(message) (SQLSTATE \(p.serverInfo?[.sqlState] ?? "?"))")
-        }
-        return error
-    }
-
-    /// A PostgreSQL server error, readable.
-    public struct ServerError: Error, CustomStringConvertible {
-        public var description: String
-    }
 
     /// The channel this store's writes are announced on.
     public var channel: String { "\(schema)_features" }
@@ -353,32 +312,15 @@ public final class PostgresFeatureStore: FeatureBackend {
     /// since what was written while nobody listened is unknown (the caller drops its whole cache). A lost
     /// connection is retried with backoff up to 5 s.
     public func listen(changed: @escaping @Sendable (Change) -> Void, reset: @escaping @Sendable () -> Void) async {
-        var backoff: Duration = .milliseconds(100)
-        while !Task.isCancelled {
-            do {
-                try await client.withConnection { connection in
-                    try await connection.listen(on: channel) { notifications in
-                        reset()
-                        let since = ContinuousClock.now
-                        for try await n in notifications {
-                            if ContinuousClock.now - since > .seconds(30) { backoff = .milliseconds(100) }
-                            guard let change = Self.parse(n.payload) else {
-                                logger.warning("unreadable feature change notification; dropping the cache", metadata: ["payload": "\(n.payload.prefix(80))"])
-                                reset()
-                                continue
-                            }
-                            knownColumns.invalidate([change.kind])
-                            changed(change)
-                        }
-                    }
-                }
-            } catch {
-                if Task.isCancelled { return }
-                logger.warning("feature change listener lost its connection; retrying", metadata: ["error": "\(error)"])
+        let (logger, knownColumns) = (self.logger, self.knownColumns)
+        await Postgres.follow(client, channel: channel, logger: logger, what: "feature change", reset: reset) { payload in
+            guard let change = Self.parse(payload) else {
+                logger.warning("unreadable feature change notification; dropping the cache", metadata: ["payload": "\(payload.prefix(80))"])
+                reset()
+                return
             }
-            reset()
-            try? await Task.sleep(for: backoff)
-            backoff = min(backoff * 2, .seconds(5))
+            knownColumns.invalidate([change.kind])
+            changed(change)
         }
     }
 

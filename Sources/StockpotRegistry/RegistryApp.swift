@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import ServiceLifecycle
+import StockpotPostgres
 import StockpotProto
 import StockpotServing
 
@@ -10,6 +11,13 @@ public struct RegistryApp {
     public var port = DefaultPorts.registry
     /// Folder for `registry.sqlite` and the artifacts.
     public var dataDirectory = URL(fileURLWithPath: "data/registry")
+    /// Metadata on PostgreSQL (`postgres://…`) instead of `registry.sqlite`: replicas then share it, and the
+    /// artifact folder must be one every replica mounts.
+    public var database: String?
+    /// The PostgreSQL schema (with `database`).
+    public var schema = "stockpot"
+    /// Folder holding `artifacts/`; nil = `dataDirectory`.
+    public var artifactsDirectory: URL?
     /// JSON file of write tokens (`AccessControl`); nil = none.
     public var tokensFile: URL?
     /// Accept writes without a token. Never the default.
@@ -23,13 +31,19 @@ public struct RegistryApp {
 
     public init() {}
 
-    /// The registry's settings (`ServiceSettings`): host, port, `data`, `tokens-file`, `open-writes`,
-    /// `protected-aliases`.
+    /// The registry's settings (`ServiceSettings`): host, port, `data`, `database`, `schema`, `artifacts`,
+    /// `tokens-file`, `open-writes`, `protected-aliases`.
     public init(settings: ServiceSettings) async throws {
         self.init()
         host = try await settings.host()
         port = try await settings.port(default: port)
         dataDirectory = URL(fileURLWithPath: try await settings.string("data", default: dataDirectory.path))
+        database = try await settings.string("database").flatMap { $0.isEmpty ? nil : $0 }
+        if let database, !Postgres.isAddress(database) {
+            throw ServiceSettings.SettingError(description: "setting 'database' of registry: '\(Postgres.redacted(database))' is not postgres://…; leave it unset for registry.sqlite under 'data'")
+        }
+        schema = try await settings.string("schema", default: schema)
+        artifactsDirectory = try await settings.string("artifacts").map { URL(fileURLWithPath: $0) }
         tokensFile = try await settings.string("tokens-file").map { URL(fileURLWithPath: $0) }
         openWrites = try await settings.bool("open-writes", default: false)
         if let aliases = try await settings.list("protected-aliases") {
@@ -45,7 +59,25 @@ public struct RegistryApp {
     }
 
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
-        let store = try RegistryStore(root: dataDirectory, afterMoveHook: afterMoveHook)
+        let store: RegistryStore
+        var before: [any Service] = []
+        let ready: ReadinessFlag
+        if let database {
+            let db = try PostgresRegistryDatabase(url: database, schema: schema, logger: logger)
+            store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: artifactsDirectory ?? dataDirectory),
+                                  afterMoveHook: afterMoveHook)
+            ready = ReadinessFlag(done: false)
+            before = [db.client, RegistryStartup(store: store, ready: ready, logger: logger), RegistryChangeFollower(store: store)]
+        } else if let artifactsDirectory {
+            let db = try SQLiteRegistryDatabase(path: dataDirectory.appendingPathComponent("registry.sqlite").path)
+            try FileManager.default.createDirectory(at: dataDirectory, withIntermediateDirectories: true)
+            store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: artifactsDirectory), afterMoveHook: afterMoveHook)
+            ready = ReadinessFlag(done: false)
+            before = [RegistryStartup(store: store, ready: ready, logger: logger)]
+        } else {
+            store = try RegistryStore(root: dataDirectory, afterMoveHook: afterMoveHook)
+            ready = ReadinessFlag(done: true)
+        }
         let access = try AccessControl(tokensFile: tokensFile, openWrites: openWrites, protectedAliases: protectedAliases)
         if openWrites {
             logger.warning("open writes: any caller may register and move aliases (a sandbox setting, never production)")
@@ -55,7 +87,31 @@ public struct RegistryApp {
         let server = ServiceServer(name: "stockpot-registry", host: host, port: port,
                                    services: [RegistryService(store: store, access: access)],
                                    serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService],
-                                   metrics: metrics, logger: logger, servingLoop: false)
-        return (server, [server])
+                                   metrics: metrics, logger: logger, servingLoop: false, ready: { ready.isDone })
+        return (server, before + [server])
+    }
+}
+
+/// Prepares a registry store whose database needs the process running (PostgreSQL: the pool): migrations, then
+/// the start-up cleanup of the artifact store; the registry is SERVING once done. A failure fails the group.
+struct RegistryStartup: Service {
+    let store: RegistryStore
+    let ready: ReadinessFlag
+    let logger: Logger
+
+    func run() async throws {
+        try await store.prepare()
+        ready.markDone()
+        logger.info("registry metadata on \(store.database.description), artifacts in \(store.artifacts.description)")
+        try? await gracefulShutdown()
+    }
+}
+
+/// Wakes this replica's alias watchers when another replica commits a move or a registration.
+struct RegistryChangeFollower: Service {
+    let store: RegistryStore
+
+    func run() async throws {
+        await cancelWhenGracefulShutdown { await store.followChanges() }
     }
 }

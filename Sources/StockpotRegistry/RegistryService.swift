@@ -131,7 +131,7 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
             return ServerResponse(message: try await store.commit(header: h, files: folder!, actor: actor))
         } catch {
             try? handle?.close()
-            if let folder { try? FileManager.default.removeItem(at: folder) }
+            if let folder { store.artifacts.discard(folder) }
             throw error
         }
     }
@@ -280,16 +280,15 @@ public struct RegistryService: Stockpot_V1_RegistryService.ServiceProtocol {
         return StreamingServerResponse { [store] response in
             try await response.write(.with { $0.version = v })
             for f in v.files {
-                let url = store.fileURL(name: v.name, version: v.version, path: f.path)
-                guard let handle = try? FileHandle(forReadingFrom: url) else {
-                    throw Status.dataLoss("artifact file '\(f.path)' of \(v.name):\(v.version) is missing from the store")
-                }
-                defer { try? handle.close() }
                 // Re-checked while streaming: a file damaged at rest ends the download with DATA_LOSS.
                 var hasher = SHA256()
-                while let data = try handle.read(upToCount: Self.chunkSize), !data.isEmpty {
-                    hasher.update(data)
-                    try await response.write(.with { $0.chunk = .with { $0.path = f.path; $0.data = data } })
+                do {
+                    try await store.artifacts.read(name: v.name, version: v.version, path: f.path, chunkSize: Self.chunkSize) { data in
+                        hasher.update(data)
+                        try await response.write(.with { $0.chunk = .with { $0.path = f.path; $0.data = data } })
+                    }
+                } catch let missing as ArtifactMissing {
+                    throw Status.dataLoss(missing.description)
                 }
                 let digest = hasher.finalizeHex()
                 guard digest == f.sha256 else {

@@ -1,93 +1,69 @@
 import Foundation
-import GRDB
+import Logging
 import StockpotProto
 import StockpotServing
 import SwiftProtobuf
 import Synchronization
 
-/// The registry's storage: metadata in SQLite (GRDB), artifact files under `root/artifacts/<name>/<version>/`.
+/// The registry's storage: metadata in a `RegistryDatabase` (SQLite by default, PostgreSQL for replicas that
+/// share it), artifact files in an `ArtifactStore` (a local folder by default).
 ///
-/// Versions are immutable. An upload is written to `artifacts/.incoming/<id>/`, verified (sizes and sha256) and
-/// fsynced, then moved into place and recorded in one transaction (the folder that received it fsynced before
-/// the commit), so a failed or interrupted upload leaves nothing behind: a crash between the move and the commit
-/// leaves a folder without a row, which the next start removes (and a later register of that number replaces).
+/// Versions are immutable. An upload is staged, verified (sizes and sha256) and made durable, then published
+/// and recorded in one metadata transaction, so a failed or interrupted upload leaves nothing behind: a crash
+/// between the publish and the commit leaves files without a row, which the next start removes (and a later
+/// register of that number replaces).
 ///
 /// Every alias move is a row of `alias_history` written in the same transaction as the move (who, when, from,
 /// to, why, what a `--force` overrode). Moves are guarded: a version bound to a legacy version
 /// (`Lineage.trained_on`) never shares an alias with another version of that legacy model, unless forced.
-/// Database work runs on GRDB's own threads (async reads and writes), never on the Swift concurrency pool.
+/// Writers are serialised by the database (across replicas on PostgreSQL), so no update is lost.
 public final class RegistryStore: Sendable {
-    public let root: URL
-    private let db: DatabaseQueue
-    /// Fired after every committed alias move (wakes `WatchAliases` streams).
+    public let database: any RegistryDatabase
+    public let artifacts: any ArtifactStore
+    /// Fired after every committed alias move or registration (wakes `WatchAliases` streams); on a shared
+    /// database, also when another replica commits one.
     public let moveSignal = MoveSignal()
-    /// Test hook: called after an upload's files are moved into place and before the metadata commit.
+    /// Test hook: called after an upload's files are published and before the metadata commit.
     let afterMoveHook: @Sendable () -> Void
 
-    public init(root: URL, afterMoveHook: @escaping @Sendable () -> Void = {}) throws {
-        self.root = root
-        self.afterMoveHook = afterMoveHook
-        try FileManager.default.createDirectory(at: root.appendingPathComponent("artifacts/.incoming"), withIntermediateDirectories: true)
-        var config = Configuration()
-        config.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
-        db = try DatabaseQueue(path: root.appendingPathComponent("registry.sqlite").path, configuration: config)
-        var migrator = DatabaseMigrator()
-        migrator.registerMigration("v1") { db in
-            try db.execute(sql: """
-                CREATE TABLE versions (
-                    name TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL, metadata TEXT NOT NULL,
-                    files TEXT NOT NULL, artifact_sha256 TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
-                    PRIMARY KEY (name, version));
-                CREATE TABLE aliases (
-                    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL,
-                    PRIMARY KEY (name, alias));
-                CREATE TABLE alias_history (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL,
-                    version INTEGER NOT NULL, previous_version INTEGER, at_ms INTEGER NOT NULL);
-                """)
-        }
-        migrator.registerMigration("v2-lineage-history") { db in
-            try db.execute(sql: """
-                ALTER TABLE versions ADD COLUMN lineage TEXT NOT NULL DEFAULT '{}';
-                ALTER TABLE versions ADD COLUMN metrics TEXT NOT NULL DEFAULT '{}';
-                ALTER TABLE versions ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
-                ALTER TABLE alias_history ADD COLUMN actor TEXT NOT NULL DEFAULT '';
-                ALTER TABLE alias_history ADD COLUMN reason TEXT NOT NULL DEFAULT '';
-                ALTER TABLE alias_history ADD COLUMN action TEXT NOT NULL DEFAULT 'set';
-                ALTER TABLE alias_history ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
-                ALTER TABLE alias_history ADD COLUMN overrides TEXT NOT NULL DEFAULT '[]';
-                CREATE INDEX alias_history_by_alias ON alias_history (name, alias, id);
-                CREATE INDEX aliases_by_alias ON aliases (alias);
-                """)
-        }
-        migrator.registerMigration("v3-load-reports") { db in
-            try db.execute(sql: """
-                CREATE TABLE load_reports (
-                    name TEXT NOT NULL, version INTEGER NOT NULL, replica TEXT NOT NULL, ok INTEGER NOT NULL,
-                    error TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (name, version, replica));
-                """)
-        }
-        try migrator.migrate(db)
-        try removeLeftovers()
+    /// The embedded default: `registry.sqlite` and `artifacts/` under `root`, migrated and cleaned up when this
+    /// returns.
+    public convenience init(root: URL, afterMoveHook: @escaping @Sendable () -> Void = {}) throws {
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        let database = try SQLiteRegistryDatabase(path: root.appendingPathComponent("registry.sqlite").path)
+        let artifacts = try LocalArtifactStore(root: root)
+        try database.migrateNow()
+        try artifacts.removeLeftovers(recorded: try database.recordedNow(), stagedIdle: nil)
+        self.init(database: database, artifacts: artifacts, afterMoveHook: afterMoveHook)
     }
 
-    /// Uploads interrupted by a crash (`.incoming/*`) and version folders whose commit never happened.
-    private func removeLeftovers() throws {
-        let fm = FileManager.default
-        let artifacts = root.appendingPathComponent("artifacts")
-        let incoming = artifacts.appendingPathComponent(".incoming")
-        for leftover in (try? fm.contentsOfDirectory(atPath: incoming.path)) ?? [] {
-            try? fm.removeItem(at: incoming.appendingPathComponent(leftover))
+    /// A store on any database and artifact store; call `prepare()` before serving.
+    public init(database: any RegistryDatabase, artifacts: any ArtifactStore, afterMoveHook: @escaping @Sendable () -> Void = {}) {
+        self.database = database
+        self.artifacts = artifacts
+        self.afterMoveHook = afterMoveHook
+    }
+
+    /// How long a staged upload on a shared artifact store may sit untouched before a starting replica removes it.
+    public static let abandonedUpload: Duration = .seconds(3_600)
+
+    /// Applies the database's migrations, then removes artifacts no recorded version refers to (under the write
+    /// lock, so no replica is between a publish and its commit).
+    public func prepare() async throws {
+        try await database.migrate()
+        let (artifacts, shared, order) = (self.artifacts, database.isShared, database.registrationOrder)
+        try await database.write { tx in
+            let recorded = Set(try await tx.rows("SELECT name, version FROM versions ORDER BY \(order)").map {
+                "\(try $0.text("name"))/\(try $0.int("version"))"
+            })
+            try artifacts.removeLeftovers(recorded: recorded, stagedIdle: shared ? Self.abandonedUpload : nil)
         }
-        let recorded = try db.read { db in
-            Set(try Row.fetchAll(db, sql: "SELECT name, version FROM versions").map { "\($0["name"] as String)/\($0["version"] as Int64)" })
-        }
-        for name in (try? fm.contentsOfDirectory(atPath: artifacts.path)) ?? [] where !name.hasPrefix(".") {
-            for version in (try? fm.contentsOfDirectory(atPath: artifacts.appendingPathComponent(name).path)) ?? []
-            where !recorded.contains("\(name)/\(version)") {
-                try? fm.removeItem(at: artifacts.appendingPathComponent("\(name)/\(version)"))
-            }
-        }
+    }
+
+    /// Wakes this replica's watchers whenever another replica commits a change, until cancelled.
+    public func followChanges() async {
+        let signal = moveSignal
+        await database.followChanges { signal.fire() }
     }
 
     static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
@@ -97,90 +73,80 @@ public final class RegistryStore: Sendable {
         SHA256.hex(Array(files.sorted { $0.path < $1.path }.map { "\($0.path)\t\($0.sha256)\n" }.joined().utf8))
     }
 
-    /// A fresh folder for an upload in progress.
-    func incomingFolder() throws -> URL {
-        let url = root.appendingPathComponent("artifacts/.incoming/\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-        return url
-    }
-
-    func artifactFolder(name: String, version: Int64) -> URL {
-        root.appendingPathComponent("artifacts/\(name)/\(version)")
-    }
-
     // MARK: Versions
 
-    /// The newest registration's row id (of `name`, or overall): where a watcher starts following registrations.
+    /// The newest registration's position (of `name`, or overall): where a watcher starts following registrations.
     public func newestRegistration(name: String?) async throws -> Int64 {
-        try await db.read { db in
-            try Int64.fetchOne(db, sql: "SELECT MAX(rowid) FROM versions \(name == nil ? "" : "WHERE name = ?")",
-                               arguments: name == nil ? [] : [name!]) ?? 0
+        let order = database.registrationOrder
+        return try await database.read { tx in
+            name == nil
+                ? try await tx.int("SELECT MAX(\(order)) FROM versions") ?? 0
+                : try await tx.int("SELECT MAX(\(order)) FROM versions WHERE name = ?", name!) ?? 0
         }
     }
 
-    /// Versions registered after row id `after` (of `name`, or of every model), oldest first, at most `limit`,
-    /// with the newest row id.
+    /// Versions registered after position `after` (of `name`, or of every model), oldest first, at most `limit`,
+    /// with the newest position.
     public func registrations(after: Int64, name: String?, limit: Int = 100) async throws -> ([Stockpot_V1_ModelVersion], Int64) {
-        try await db.read { [self] db in
-            let rows = try Row.fetchAll(db, sql: """
-                SELECT rowid, name, version FROM versions WHERE rowid > ? \(name == nil ? "" : "AND name = ?") ORDER BY rowid LIMIT ?
-                """, arguments: name == nil ? [after, limit] : [after, name!, limit])
-            let versions = try rows.compactMap { try fetchVersion(db, name: $0["name"], version: $0["version"]) }
-            return (versions, rows.last.map { $0["rowid"] as Int64 } ?? after)
+        let order = database.registrationOrder
+        return try await database.read { [self] tx in
+            let rows = name == nil
+                ? try await tx.rows("SELECT \(order) AS position, name, version FROM versions WHERE \(order) > ? ORDER BY \(order) LIMIT ?", after, limit)
+                : try await tx.rows("SELECT \(order) AS position, name, version FROM versions WHERE \(order) > ? AND name = ? ORDER BY \(order) LIMIT ?", after, name!, limit)
+            var versions: [Stockpot_V1_ModelVersion] = []
+            for row in rows {
+                if let v = try await fetchVersion(tx, name: try row.text("name"), version: try row.int("version")) { versions.append(v) }
+            }
+            return (versions, try rows.last?.int("position") ?? after)
         }
     }
 
-    /// Records a verified upload as the next version of `name` and moves its files into place.
+    /// A fresh staging folder for an upload in progress.
+    func incomingFolder() throws -> URL { try artifacts.stage() }
+
+    /// Records a verified upload as the next version of `name` and publishes its files.
     ///
     /// Lineage references given as `name@alias` are resolved to the version they point at now; every reference
     /// must name an existing version. A corrector must say which legacy version it was trained on.
     func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL, actor: String) async throws -> Stockpot_V1_ModelVersion {
-        // The name is a folder under artifacts/: never `.`, `..` or hidden (checked by the service too).
+        // The name is a folder of the artifact store: never `.`, `..` or hidden (checked by the service too).
         guard ModelReference.isValidName(header.name) else { throw Status.invalidArgument("name '\(header.name)' is invalid") }
         let metadata = String(decoding: try JSONEncoder().encode(header.metadata), as: UTF8.self)
         let files = String(decoding: try JSONEncoder().encode(header.files.map { FileRecord($0) }), as: UTF8.self)
         let metrics = String(decoding: try JSONEncoder().encode(header.metrics), as: UTF8.self)
         let digest = Self.artifactDigest(header.files)
         let now = Self.nowMs()
-        // Files and the folder itself are on disk before anything refers to them.
-        try Durability.syncTree(incoming)
+        // Files are durable before anything refers to them.
+        try artifacts.seal(incoming)
         defer { moveSignal.fire() } // watchers learn of the registration (a hint to fetch it early)
-        return try await db.write { [self] db -> Stockpot_V1_ModelVersion in
+        return try await database.write { [self] tx -> Stockpot_V1_ModelVersion in
             var lineage = header.lineage
-            lineage.parent = try pin(db, lineage.parent, field: "lineage.parent")
-            lineage.teacher = try pin(db, lineage.teacher, field: "lineage.teacher")
-            lineage.trainedOn = try pin(db, lineage.trainedOn, field: "lineage.trained_on")
+            lineage.parent = try await pin(tx, lineage.parent, field: "lineage.parent")
+            lineage.teacher = try await pin(tx, lineage.teacher, field: "lineage.teacher")
+            lineage.trainedOn = try await pin(tx, lineage.trainedOn, field: "lineage.trained_on")
             if header.kind == "corrector" && lineage.trainedOn.isEmpty {
                 throw Status.invalidArgument("a corrector needs lineage.trained_on: the legacy version whose logits it was trained on")
             }
-            let last = try Int64.fetchOne(db, sql: "SELECT MAX(version) FROM versions WHERE name = ?", arguments: [header.name]) ?? 0
-            let version = last + 1
-            let dest = artifactFolder(name: header.name, version: version)
-            let parent = dest.deletingLastPathComponent()
-            try FileManager.default.createDirectory(at: parent, withIntermediateDirectories: true)
-            // A folder left by a crash between a move and its commit: never a recorded version, replaced.
-            if FileManager.default.fileExists(atPath: dest.path) { try FileManager.default.removeItem(at: dest) }
-            try db.execute(sql: """
+            let version = (try await tx.int("SELECT MAX(version) FROM versions WHERE name = ?", header.name) ?? 0) + 1
+            try await tx.execute("""
                 INSERT INTO versions (name, version, kind, metadata, files, artifact_sha256, created_at_ms, lineage, metrics, created_by)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [header.name, version, header.kind, metadata, files, digest, now,
-                                 try lineage.jsonString(), metrics, actor])
-            // Inside the transaction: if the move fails, the row is rolled back.
-            try FileManager.default.moveItem(at: incoming, to: dest)
-            try Durability.sync(parent)
-            try Durability.sync(parent.deletingLastPathComponent())
+                """, header.name, version, header.kind, metadata, files, digest, now, try lineage.jsonString(), metrics, actor)
+            try await database.announce(tx)
+            // Inside the transaction: if the publish fails, the row is rolled back.
+            try artifacts.publish(incoming, name: header.name, version: version)
             afterMoveHook()
-            return try fetchVersion(db, name: header.name, version: version)!
+            return try await fetchVersion(tx, name: header.name, version: version)!
         }
     }
 
     /// A lineage reference as `name:version` of an existing version ("" stays "").
-    private func pin(_ db: Database, _ text: String, field: String) throws -> String {
+    private func pin(_ tx: any RegistrySQL, _ text: String, field: String) async throws -> String {
         guard !text.isEmpty else { return "" }
         guard case .success(let ref) = ModelReference.parse(text) else {
             throw Status.invalidArgument("\(field): '\(text)' is not a reference (name:version or name@alias)")
         }
-        guard let v = try versionNumber(db, ref) else { throw Status.notFound("\(field): no model version \(ref)") }
+        guard let v = try await versionNumber(tx, ref) else { throw Status.notFound("\(field): no model version \(ref)") }
         return "\(ref.name):\(v)"
     }
 
@@ -192,63 +158,70 @@ public final class RegistryStore: Sendable {
         var proto: Stockpot_V1_ArtifactFile { .with { $0.path = path; $0.size = size; $0.sha256 = sha256 } }
     }
 
-    private func fetchVersion(_ db: Database, name: String, version: Int64) throws -> Stockpot_V1_ModelVersion? {
-        guard let row = try Row.fetchOne(db, sql: "SELECT * FROM versions WHERE name = ? AND version = ?", arguments: [name, version]) else {
-            return nil
+    private func fetchVersion(_ tx: any RegistrySQL, name: String, version: Int64) async throws -> Stockpot_V1_ModelVersion? {
+        try await fetchVersions(tx, name: name, version: version).first
+    }
+
+    /// Versions (all, of one name, or one), ordered by name and version, with their aliases: two queries
+    /// whatever their number.
+    private func fetchVersions(_ tx: any RegistrySQL, name: String? = nil, version: Int64? = nil) async throws -> [Stockpot_V1_ModelVersion] {
+        var condition = "1 = 1", args: [SQLValue] = []
+        if let name { condition += " AND v.name = ?"; args.append(.text(name)) }
+        if let version { condition += " AND v.version = ?"; args.append(.int(version)) }
+        let rows = try await tx.rows("SELECT v.* FROM versions v WHERE \(condition) ORDER BY v.name, v.version", args)
+        guard !rows.isEmpty else { return [] }
+        var aliases: [String: [String]] = [:]
+        for a in try await tx.rows("""
+            SELECT a.name, a.version, a.alias FROM aliases a JOIN versions v ON v.name = a.name AND v.version = a.version
+            WHERE \(condition) ORDER BY a.alias
+            """, args) {
+            aliases["\(try a.text("name"))/\(try a.int("version"))", default: []].append(try a.text("alias"))
         }
-        let aliases = try String.fetchAll(db, sql: "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias",
-                                          arguments: [name, version])
-        let metadata = try JSONDecoder().decode([String: String].self, from: Data((row["metadata"] as String).utf8))
-        let files = try JSONDecoder().decode([FileRecord].self, from: Data((row["files"] as String).utf8))
-        let metrics = try JSONDecoder().decode([String: Double].self, from: Data((row["metrics"] as String).utf8))
         var options = JSONDecodingOptions()
         options.ignoreUnknownFields = true
-        let lineage = try Stockpot_V1_Lineage(jsonString: row["lineage"] as String, options: options)
-        return .with {
-            $0.name = row["name"]
-            $0.version = row["version"]
-            $0.kind = row["kind"]
-            $0.metadata = metadata
-            $0.files = files.map(\.proto)
-            $0.artifactSha256 = row["artifact_sha256"]
-            $0.createdAtMs = row["created_at_ms"]
-            $0.aliases = aliases
-            $0.lineage = lineage
-            $0.metrics = metrics
-            $0.createdBy = row["created_by"]
+        return try rows.map { row in
+            let metadata = try JSONDecoder().decode([String: String].self, from: Data(try row.text("metadata").utf8))
+            let files = try JSONDecoder().decode([FileRecord].self, from: Data(try row.text("files").utf8))
+            let metrics = try JSONDecoder().decode([String: Double].self, from: Data(try row.text("metrics").utf8))
+            let lineage = try Stockpot_V1_Lineage(jsonString: try row.text("lineage"), options: options)
+            let name = try row.text("name"), version = try row.int("version")
+            return try .with {
+                $0.name = name
+                $0.version = version
+                $0.kind = try row.text("kind")
+                $0.metadata = metadata
+                $0.files = files.map(\.proto)
+                $0.artifactSha256 = try row.text("artifact_sha256")
+                $0.createdAtMs = try row.int("created_at_ms")
+                $0.aliases = aliases["\(name)/\(version)"] ?? []
+                $0.lineage = lineage
+                $0.metrics = metrics
+                $0.createdBy = try row.text("created_by")
+            }
         }
     }
 
-    private func versionNumber(_ db: Database, _ ref: ModelReference) throws -> Int64? {
+    private func versionNumber(_ tx: any RegistrySQL, _ ref: ModelReference) async throws -> Int64? {
         switch ref.selector {
         case .version(let v):
-            return try Int64.fetchOne(db, sql: "SELECT version FROM versions WHERE name = ? AND version = ?", arguments: [ref.name, v])
+            return try await tx.int("SELECT version FROM versions WHERE name = ? AND version = ?", ref.name, v)
         case .alias(let a):
-            return try Int64.fetchOne(db, sql: "SELECT version FROM aliases WHERE name = ? AND alias = ?", arguments: [ref.name, a])
+            return try await tx.int("SELECT version FROM aliases WHERE name = ? AND alias = ?", ref.name, a)
         }
     }
 
     /// The version a reference points at, or nil.
     public func resolve(_ ref: ModelReference) async throws -> Stockpot_V1_ModelVersion? {
-        try await db.read { [self] db in
-            guard let v = try versionNumber(db, ref) else { return nil }
-            return try fetchVersion(db, name: ref.name, version: v)
+        try await database.read { [self] tx in
+            guard let v = try await versionNumber(tx, ref) else { return nil }
+            return try await fetchVersion(tx, name: ref.name, version: v)
         }
     }
 
     public func list(name: String?) async throws -> [Stockpot_V1_ModelVersion] {
-        try await db.read { [self] db in
-            let rows = try Row.fetchAll(db, sql: name == nil
-                ? "SELECT name, version FROM versions ORDER BY name, version"
-                : "SELECT name, version FROM versions WHERE name = ? ORDER BY version",
-                arguments: name.map { [$0] } ?? [])
-            return try rows.compactMap { try fetchVersion(db, name: $0["name"], version: $0["version"]) }
+        try await database.read { [self] tx in
+            try await fetchVersions(tx, name: name)
         }
-    }
-
-    /// The on-disk path of one file of a version.
-    public func fileURL(name: String, version: Int64, path: String) -> URL {
-        artifactFolder(name: name, version: version).appendingPathComponent(path)
     }
 
     // MARK: Alias moves
@@ -278,20 +251,20 @@ public final class RegistryStore: Sendable {
         -> (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove])
     {
         guard let first = refs.first else { throw Status.invalidArgument("nothing to move") }
-        let result: (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove]) = try await db.write { [self] db in
+        let result: (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove]) = try await database.write { [self] tx in
             var targets: [(name: String, version: Int64)] = []
             for ref in refs {
-                guard let v = try versionNumber(db, ref) else { throw Status.notFound("no model version \(ref)") }
+                guard let v = try await versionNumber(tx, ref) else { throw Status.notFound("no model version \(ref)") }
                 guard !targets.contains(where: { $0.name == ref.name }) else {
                     throw Status.invalidArgument("\(ref.name) is moved twice in one promotion")
                 }
                 targets.append((ref.name, v))
             }
-            try checkExpectation(db, name: first.name, alias: alias, expect: expect)
-            let promoted = try fetchVersion(db, name: targets[0].name, version: targets[0].version)!
+            try await checkExpectation(tx, name: first.name, alias: alias, expect: expect)
+            let promoted = try await fetchVersion(tx, name: targets[0].name, version: targets[0].version)!
             try check?(promoted)
-            let moves = try apply(db, targets.map { ($0.name, $0.version) }, alias: alias, by: mover)
-            return (try fetchVersion(db, name: targets[0].name, version: targets[0].version)!, moves)
+            let moves = try await apply(tx, targets.map { ($0.name, $0.version) }, alias: alias, by: mover)
+            return (try await fetchVersion(tx, name: targets[0].name, version: targets[0].version)!, moves)
         }
         if !result.1.isEmpty { moveSignal.fire() }
         return result
@@ -304,35 +277,34 @@ public final class RegistryStore: Sendable {
     public func rollback(name: String, alias: String, expect: Int64?, by mover: Mover) async throws
         -> (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove])
     {
-        let result: (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove]) = try await db.write { [self] db in
-            guard let last = try Row.fetchOne(db, sql: """
-                SELECT * FROM alias_history WHERE name = ? AND alias = ? ORDER BY id DESC LIMIT 1
-                """, arguments: [name, alias]).map(Self.move) else {
+        let result: (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove]) = try await database.write { [self] tx in
+            guard let last = try await tx.rows("SELECT * FROM alias_history WHERE name = ? AND alias = ? ORDER BY id DESC LIMIT 1",
+                                               name, alias).first.map(Self.move) else {
                 throw Status.notFound("\(name)@\(alias) has never been set: nothing to roll back")
             }
-            try checkExpectation(db, name: name, alias: alias, expect: expect)
+            try await checkExpectation(tx, name: name, alias: alias, expect: expect)
             guard last.previousVersion > 0 else {
                 throw Status.failedPrecondition("\(name)@\(alias) was created by its last move (\(name):\(last.version)): there is no previous version to roll back to")
             }
             var targets = [(name: name, version: last.previousVersion)]
             if last.batch != 0 {
-                let batch = try Row.fetchAll(db, sql: "SELECT * FROM alias_history WHERE batch = ? ORDER BY id", arguments: [last.batch]).map(Self.move)
+                let batch = try await tx.rows("SELECT * FROM alias_history WHERE batch = ? ORDER BY id", last.batch).map(Self.move)
                 for m in batch where m.name != name && m.version > 0 {
-                    let holder = try Int64.fetchOne(db, sql: "SELECT version FROM aliases WHERE name = ? AND alias = ?", arguments: [m.name, m.alias])
+                    let holder = try await tx.int("SELECT version FROM aliases WHERE name = ? AND alias = ?", m.name, m.alias)
                     // previousVersion 0: the batch created this alias, so rolling back removes it (version 0).
                     if holder == m.version { targets.append((m.name, m.previousVersion)) }
                 }
             }
-            let moves = try apply(db, targets.map { ($0.name, $0.version) }, alias: alias, by: mover)
-            return (try fetchVersion(db, name: name, version: last.previousVersion)!, moves)
+            let moves = try await apply(tx, targets.map { ($0.name, $0.version) }, alias: alias, by: mover)
+            return (try await fetchVersion(tx, name: name, version: last.previousVersion)!, moves)
         }
         if !result.1.isEmpty { moveSignal.fire() }
         return result
     }
 
-    private func checkExpectation(_ db: Database, name: String, alias: String, expect: Int64?) throws {
+    private func checkExpectation(_ tx: any RegistrySQL, name: String, alias: String, expect: Int64?) async throws {
         guard let expect else { return }
-        let holder = try Int64.fetchOne(db, sql: "SELECT version FROM aliases WHERE name = ? AND alias = ?", arguments: [name, alias]) ?? 0
+        let holder = try await tx.int("SELECT version FROM aliases WHERE name = ? AND alias = ?", name, alias) ?? 0
         guard holder == expect else {
             let now = holder == 0 ? "does not exist" : "points at \(name):\(holder)"
             let wanted = expect == 0 ? "not to exist" : "to point at \(name):\(expect)"
@@ -342,16 +314,16 @@ public final class RegistryStore: Sendable {
 
     /// Checks the guard on the state after `targets` and records the moves. Inside the caller's transaction.
     /// A target version of 0 removes the alias (a rollback of the batch that created it).
-    private func apply(_ db: Database, _ targets: [(String, Int64)], alias: String, by mover: Mover) throws -> [Stockpot_V1_AliasMove] {
+    private func apply(_ tx: any RegistrySQL, _ targets: [(String, Int64)], alias: String, by mover: Mover) async throws -> [Stockpot_V1_AliasMove] {
         var holders: [String: Int64] = [:]
-        for row in try Row.fetchAll(db, sql: "SELECT name, version FROM aliases WHERE alias = ?", arguments: [alias]) {
-            holders[row["name"]] = row["version"]
+        for row in try await tx.rows("SELECT name, version FROM aliases WHERE alias = ?", alias) {
+            holders[try row.text("name")] = try row.int("version")
         }
         let before = holders
         for (n, v) in targets { holders[n] = v == 0 ? nil : v }
         let changed = Set(targets.filter { before[$0.0] != ($0.1 == 0 ? nil : $0.1) }.map(\.0))
         guard !changed.isEmpty else { return [] }
-        let violations = try guardViolations(db, holders: holders, changed: changed, alias: alias)
+        let violations = try await guardViolations(tx, holders: holders, changed: changed, alias: alias)
         if !violations.isEmpty && !mover.force {
             throw Status.failedPrecondition("refused: " + violations.joined(separator: "; ")
                 + ". Move them together (promote … --with NAME:VERSION) or override with --force (admin; recorded in the history)")
@@ -363,22 +335,21 @@ public final class RegistryStore: Sendable {
         for (name, version) in targets where changed.contains(name) {
             let previous = before[name] ?? 0
             if version == 0 {
-                try db.execute(sql: "DELETE FROM aliases WHERE name = ? AND alias = ?", arguments: [name, alias])
+                try await tx.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", name, alias)
             } else {
-                try db.execute(sql: """
+                try await tx.execute("""
                     INSERT INTO aliases (name, alias, version, updated_at_ms) VALUES (?, ?, ?, ?)
-                    ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at_ms = excluded.updated_at_ms
-                    """, arguments: [name, alias, version, now])
+                    ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, updated_at_ms = excluded.updated_at_ms
+                    """, name, alias, version, now)
             }
-            try db.execute(sql: """
+            guard let id = try await tx.int("""
                 INSERT INTO alias_history (name, alias, version, previous_version, at_ms, actor, reason, action, batch, overrides)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [name, alias, version, previous == 0 ? nil : previous, now, mover.actor, mover.reason,
-                                 mover.action, batch, overrides])
-            let id = db.lastInsertedRowID
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id
+                """, name, alias, version, previous == 0 ? nil : previous, now, mover.actor, mover.reason,
+                mover.action, batch, overrides) else { throw SQLRow.ShapeError(description: "alias_history insert returned no id") }
             if targets.count > 1 && batch == 0 {
                 batch = id
-                try db.execute(sql: "UPDATE alias_history SET batch = ? WHERE id = ?", arguments: [batch, id])
+                try await tx.execute("UPDATE alias_history SET batch = ? WHERE id = ?", batch, id)
             }
             moves.append(.with {
                 $0.id = id; $0.name = name; $0.alias = alias; $0.version = version; $0.previousVersion = previous
@@ -386,15 +357,16 @@ public final class RegistryStore: Sendable {
                 $0.batch = batch; $0.overrides = violations
             })
         }
+        try await database.announce(tx)
         return moves
     }
 
     /// Versions at `alias` (after the moves) bound to a legacy version other than the one `alias` holds of
     /// that legacy model, where either side is being moved.
-    private func guardViolations(_ db: Database, holders: [String: Int64], changed: Set<String>, alias: String) throws -> [String] {
+    private func guardViolations(_ tx: any RegistrySQL, holders: [String: Int64], changed: Set<String>, alias: String) async throws -> [String] {
         var violations: [String] = []
         for (name, version) in holders.sorted(by: { $0.key < $1.key }) {
-            guard let bound = try trainedOn(db, name: name, version: version),
+            guard let bound = try await trainedOn(tx, name: name, version: version),
                   changed.contains(name) || changed.contains(bound.name),
                   let held = holders[bound.name], held != bound.version else { continue }
             violations.append("\(name):\(version) (\(alias)) was trained on \(bound.name):\(bound.version), but \(bound.name)@\(alias) would be \(bound.name):\(held)")
@@ -402,8 +374,8 @@ public final class RegistryStore: Sendable {
         return violations
     }
 
-    private func trainedOn(_ db: Database, name: String, version: Int64) throws -> (name: String, version: Int64)? {
-        guard let json = try String.fetchOne(db, sql: "SELECT lineage FROM versions WHERE name = ? AND version = ?", arguments: [name, version]) else {
+    private func trainedOn(_ tx: any RegistrySQL, name: String, version: Int64) async throws -> (name: String, version: Int64)? {
+        guard let json = try await tx.rows("SELECT lineage FROM versions WHERE name = ? AND version = ?", name, version).first?.text("lineage") else {
             return nil
         }
         var options = JSONDecodingOptions()
@@ -415,19 +387,19 @@ public final class RegistryStore: Sendable {
 
     // MARK: History
 
-    static func move(_ row: Row) -> Stockpot_V1_AliasMove {
-        .with {
-            $0.id = row["id"]
-            $0.name = row["name"]
-            $0.alias = row["alias"]
-            $0.version = row["version"]
-            $0.previousVersion = (row["previous_version"] as Int64?) ?? 0
-            $0.atMs = row["at_ms"]
-            $0.actor = row["actor"]
-            $0.reason = row["reason"]
-            $0.action = row["action"]
-            $0.batch = row["batch"]
-            $0.overrides = (try? JSONDecoder().decode([String].self, from: Data((row["overrides"] as String).utf8))) ?? []
+    static func move(_ row: SQLRow) throws -> Stockpot_V1_AliasMove {
+        try .with {
+            $0.id = try row.int("id")
+            $0.name = try row.text("name")
+            $0.alias = try row.text("alias")
+            $0.version = try row.int("version")
+            $0.previousVersion = try row.optionalInt("previous_version") ?? 0
+            $0.atMs = try row.int("at_ms")
+            $0.actor = try row.text("actor")
+            $0.reason = try row.text("reason")
+            $0.action = try row.text("action")
+            $0.batch = try row.int("batch")
+            $0.overrides = (try? JSONDecoder().decode([String].self, from: Data(try row.text("overrides").utf8))) ?? []
         }
     }
 
@@ -438,57 +410,55 @@ public final class RegistryStore: Sendable {
 
     public func history(name: String, alias: String?, atMs: Int64?, limit: Int?) async throws -> [Stockpot_V1_AliasMove] {
         let limit = min(limit ?? Self.maxHistory, Self.maxHistory)
-        return try await db.read { db -> [Stockpot_V1_AliasMove] in
-            var sql = "SELECT * FROM alias_history WHERE name = ?"
-            var args: [any DatabaseValueConvertible] = [name]
-            if let alias { sql += " AND alias = ?"; args.append(alias) }
+        return try await database.read { tx -> [Stockpot_V1_AliasMove] in
+            var args: [SQLValue] = [.text(name)]
+            if let alias { args.append(.text(alias)) }
+            let byAlias = alias == nil ? "" : " AND alias = ?"
             if let atMs {
-                sql = """
+                args.append(.int(atMs))
+                return try await tx.rows("""
                     SELECT h.* FROM alias_history h JOIN (
-                        SELECT alias, MAX(id) AS id FROM alias_history WHERE name = ?\(alias == nil ? "" : " AND alias = ?") AND at_ms <= ?
+                        SELECT alias, MAX(id) AS id FROM alias_history WHERE name = ?\(byAlias) AND at_ms <= ?
                         GROUP BY alias) latest ON h.id = latest.id ORDER BY h.id
-                    """
-                args.append(atMs)
-            } else {
-                sql += " ORDER BY id DESC LIMIT ?"
-                args.append(limit)
-                return Array(try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move).reversed())
+                    """, args).map(Self.move)
             }
-            return try Row.fetchAll(db, sql: sql, arguments: StatementArguments(args)).map(Self.move)
+            args.append(.int(Int64(limit)))
+            return Array(try await tx.rows("SELECT * FROM alias_history WHERE name = ?\(byAlias) ORDER BY id DESC LIMIT ?", args)
+                .map(Self.move).reversed())
         }
     }
 
     /// Records a replica's load outcome (the latest per version and replica); false when the version does not
     /// exist or already has `maxReplicas` other replicas on record.
     public func reportLoad(_ r: Stockpot_V1_LoadReport, maxReplicas: Int = 1_000) async throws -> Bool {
-        try await db.write { db in
-            guard try Int64.fetchOne(db, sql: "SELECT version FROM versions WHERE name = ? AND version = ?", arguments: [r.name, r.version]) != nil else {
+        try await database.write { tx in
+            guard try await tx.int("SELECT version FROM versions WHERE name = ? AND version = ?", r.name, r.version) != nil else {
                 return false
             }
-            let known = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM load_reports WHERE name = ? AND version = ? AND replica != ?",
-                                         arguments: [r.name, r.version, r.replica]) ?? 0
+            let known = try await tx.int("SELECT COUNT(*) FROM load_reports WHERE name = ? AND version = ? AND replica != ?",
+                                         r.name, r.version, r.replica) ?? 0
             guard known < maxReplicas else { return false }
-            try db.execute(sql: """
+            try await tx.execute("""
                 INSERT INTO load_reports (name, version, replica, ok, error, at_ms) VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT(name, version, replica) DO UPDATE SET ok = excluded.ok, error = excluded.error, at_ms = excluded.at_ms
-                """, arguments: [r.name, r.version, r.replica, r.ok, String(r.error.prefix(1000)), Self.nowMs()])
+                ON CONFLICT (name, version, replica) DO UPDATE SET ok = excluded.ok, error = excluded.error, at_ms = excluded.at_ms
+                """, r.name, r.version, r.replica, r.ok, String(r.error.prefix(1000)), Self.nowMs())
             return true
         }
     }
 
     /// Failed loads of `name`'s versions, oldest first (the newest 1,000).
     public func loadFailures(name: String) async throws -> [Stockpot_V1_LoadReport] {
-        try await db.read { db in
-            try Row.fetchAll(db, sql: """
-                SELECT * FROM (SELECT * FROM load_reports WHERE name = ? AND ok = 0 ORDER BY at_ms DESC LIMIT 1000) ORDER BY at_ms
-                """, arguments: [name]).map { row in
-                .with {
-                    $0.name = row["name"]
-                    $0.version = row["version"]
-                    $0.replica = row["replica"]
-                    $0.ok = row["ok"]
-                    $0.error = row["error"]
-                    $0.atMs = row["at_ms"]
+        try await database.read { tx in
+            try await tx.rows("""
+                SELECT * FROM (SELECT * FROM load_reports WHERE name = ? AND ok = 0 ORDER BY at_ms DESC LIMIT 1000) newest ORDER BY at_ms
+                """, name).map { row in
+                try .with {
+                    $0.name = try row.text("name")
+                    $0.version = try row.int("version")
+                    $0.replica = try row.text("replica")
+                    $0.ok = try row.int("ok") != 0
+                    $0.error = try row.text("error")
+                    $0.atMs = try row.int("at_ms")
                 }
             }
         }
@@ -496,25 +466,27 @@ public final class RegistryStore: Sendable {
 
     /// Moves recorded after history id `after` (of `name`, or of every model), oldest first, at most `limit`.
     public func moves(after: Int64, name: String?, limit: Int = 500) async throws -> [Stockpot_V1_AliasMove] {
-        try await db.read { db in
-            try Row.fetchAll(db, sql: name == nil
-                ? "SELECT * FROM alias_history WHERE id > ? ORDER BY id LIMIT ?"
-                : "SELECT * FROM alias_history WHERE id > ? AND name = ? ORDER BY id LIMIT ?",
-                arguments: name == nil ? [after, limit] : [after, name!, limit]).map(Self.move)
+        try await database.read { tx in
+            try (name == nil
+                ? try await tx.rows("SELECT * FROM alias_history WHERE id > ? ORDER BY id LIMIT ?", after, limit)
+                : try await tx.rows("SELECT * FROM alias_history WHERE id > ? AND name = ? ORDER BY id LIMIT ?", after, name!, limit)
+            ).map(Self.move)
         }
     }
 
     /// The move that put each current alias (of `name`, or of every model) where it is, oldest first; and the
-    /// newest history id (of `name`, or overall), where a subscriber resumes.
+    /// newest history id (of `name`, or overall), where a subscriber resumes. One snapshot, so no move falls
+    /// between the two.
     public func currentMoves(name: String?) async throws -> (moves: [Stockpot_V1_AliasMove], newest: Int64) {
-        try await db.read { db in
-            let moves = try Row.fetchAll(db, sql: """
+        try await database.read { tx in
+            let byName = name == nil ? "" : "WHERE name = ?"
+            let args: [SQLValue] = name.map { [.text($0)] } ?? []
+            let moves = try await tx.rows("""
                 SELECT h.* FROM alias_history h JOIN (
-                    SELECT name, alias, MAX(id) AS id FROM alias_history \(name == nil ? "" : "WHERE name = ?") GROUP BY name, alias
+                    SELECT name, alias, MAX(id) AS id FROM alias_history \(byName) GROUP BY name, alias
                 ) latest ON h.id = latest.id WHERE h.version != 0 ORDER BY h.id
-                """, arguments: name == nil ? [] : [name!]).map(Self.move)
-            let newest = try Int64.fetchOne(db, sql: "SELECT MAX(id) FROM alias_history \(name == nil ? "" : "WHERE name = ?")",
-                                            arguments: name == nil ? [] : [name!]) ?? 0
+                """, args).map(Self.move)
+            let newest = try await tx.rows("SELECT MAX(id) AS newest FROM alias_history \(byName)", args).first?.optionalInt("newest") ?? 0
             return (moves, newest)
         }
     }

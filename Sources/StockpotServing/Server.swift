@@ -7,6 +7,7 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import StockpotProto
+import Synchronization
 
 /// One gRPC server (HTTP/2 over TCP) as a ServiceLifecycle service: it serves until the group shuts down, then
 /// marks itself NOT_SERVING and drains the RPCs in flight. Services that share a process with their caller (the
@@ -251,4 +252,13 @@ public enum ServiceLink: Sendable {
 /// CPU-heavy work (hashing, writing, loading) runs on `LowPriorityWorker`.
 public enum BackgroundEventLoop {
     public static let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+}
+
+/// Set once when a process has what it needs to serve (migrations applied, a first import landed), read by
+/// its server's readiness check.
+public final class ReadinessFlag: Sendable {
+    private let state: Mutex<Bool>
+    public init(done: Bool) { state = Mutex(done) }
+    public var isDone: Bool { state.withLock { $0 } }
+    public func markDone() { state.withLock { $0 = true } }
 }

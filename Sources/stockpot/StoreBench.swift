@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import StockpotFeatures
 import StockpotModel
+import StockpotPostgres
 import Synchronization
 
 /// When each written id's notification arrived, and whether the listener is listening.
@@ -47,7 +48,7 @@ extension Features {
             Console.out("| --- | ---: | ---: | ---: | ---: | ---: |")
             var windows: [String] = []
             for db in database {
-                if PostgresFeatureStore.isAddress(db) {
+                if Postgres.isAddress(db) {
                     let schema = "bench_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(12).lowercased()
                     let a = try PostgresFeatureStore(url: db, schema: schema, maxConnections: concurrency + 2, logger: logger)
                     let b = try PostgresFeatureStore(url: db, schema: schema, logger: logger)
@@ -62,7 +63,7 @@ extension Features {
                             windows.append(try await window(writer: a, listener: b))
                         } catch {
                             _ = try? await a.client.query("DROP SCHEMA IF EXISTS \(unescaped: schema) CASCADE")
-                            throw PostgresFeatureStore.readable(error)
+                            throw Postgres.readable(error)
                         }
                         try await a.client.query("DROP SCHEMA \(unescaped: schema) CASCADE")
                     }

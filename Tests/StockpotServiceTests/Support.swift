@@ -115,3 +115,10 @@ extension RegistryService {
         try await history(request: ServerRequest(metadata: [:], message: request), context: context).message
     }
 }
+
+extension RegistryStore {
+    /// Where a version's file lies in a registry on a local folder (tests that damage or inspect it).
+    func fileURL(name: String, version: Int64, path: String) -> URL {
+        (artifacts as! LocalArtifactStore).fileURL(name: name, version: version, path: path)
+    }
+}

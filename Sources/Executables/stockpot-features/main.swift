@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import StockpotFeatures
+import StockpotPostgres
 import StockpotServing
 import StockpotTelemetry
 
@@ -39,7 +40,7 @@ struct FeaturesCommand: AsyncParsableCommand {
         let app = try await FeaturesApp(settings: settings)
         if importOnly {
             guard app.importKuaiRand != nil || app.importDataset != nil else { throw ValidationError("--import-only needs --import SPEC or --import-kuairand DIR") }
-            if PostgresFeatureStore.isAddress(app.databasePath) {
+            if Postgres.isAddress(app.databasePath) {
                 guard app.importKuaiRand == nil, let d = app.importDataset else {
                     throw ValidationError("--import-kuairand goes into a SQLite store; into PostgreSQL, import a dataset spec with --import")
                 }

@@ -10,6 +10,11 @@ struct RegistryCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stockpot-registry", abstract: "The Stockpot model registry.")
     @OptionGroup var common: CommonServiceOptions
     @Option(help: "Folder for registry.sqlite and artifacts (env STOCKPOT_REGISTRY_DATA).") var data: String?
+    @Option(help: "Metadata on PostgreSQL, postgres://user[:password]@host[:port]/database, shared by registry replicas (default: registry.sqlite under --data; env STOCKPOT_REGISTRY_DATABASE).")
+    var database: String?
+    @Option(help: "PostgreSQL schema for the registry's tables (default stockpot).") var schema: String?
+    @Option(help: "Folder holding artifacts/ (default: --data); with --database, one every replica mounts (env STOCKPOT_REGISTRY_ARTIFACTS).")
+    var artifacts: String?
     @Option(help: "JSON file of write tokens and their roles (create entries with `stockpot registry token`; env STOCKPOT_REGISTRY_TOKENS_FILE).")
     var tokensFile: String?
     @Flag(help: "Accept writes without a token (a sandbox; never production).") var openWrites = false
@@ -20,6 +25,9 @@ struct RegistryCommand: AsyncParsableCommand {
     func run() async throws {
         var flags = common.flags()
         flags.set("data", data)
+        flags.set("database", database)
+        flags.set("schema", schema)
+        flags.set("artifacts", artifacts)
         flags.set("tokens-file", tokensFile)
         flags.set("open-writes", flag: openWrites)
         flags.set("protected-aliases", protectedAliases)

@@ -1,0 +1,131 @@
+import Foundation
+import StockpotServing
+
+/// Where the registry keeps artifact files, apart from their metadata. An upload is written into a staging
+/// folder, verified against its header (sizes, sha256), made durable, then published as `name:version` inside
+/// the metadata transaction that records the version; downloads read it back and re-verify it.
+///
+/// The local folder (`LocalArtifactStore`) is the default; on a folder every replica mounts (one host, or a
+/// network filesystem with atomic rename) it serves several registry replicas. An object store plugs in by
+/// implementing the same five steps; see docs/registry.md ("Artifact storage").
+public protocol ArtifactStore: Sendable {
+    /// For logs: the kind of store and where.
+    var description: String { get }
+    /// A new, empty local folder for one upload in progress.
+    func stage() throws -> URL
+    /// Makes the staged files durable, before the metadata transaction (so the slow part holds no lock).
+    func seal(_ staged: URL) throws
+    /// Makes the sealed files those of `name:version`, durably, replacing what an uncommitted earlier attempt at
+    /// that number left. Runs inside the metadata transaction: when it throws, the version is not recorded.
+    func publish(_ staged: URL, name: String, version: Int64) throws
+    /// Drops a staged upload (a failed or refused one).
+    func discard(_ staged: URL)
+    /// Streams one file of a version in chunks of at most `chunkSize` bytes. Throws `ArtifactMissing` when the
+    /// file is not in the store.
+    func read(name: String, version: Int64, path: String, chunkSize: Int,
+              _ chunk: (Data) async throws -> Void) async throws
+    /// Removes what no recorded version refers to: published versions not in `recorded` (`name/version`), and
+    /// staged uploads — all of them, or with `stagedIdle`, only those untouched for that long (another replica
+    /// may be receiving one). Called under the metadata write lock, so no publish is half-way.
+    func removeLeftovers(recorded: Set<String>, stagedIdle: Duration?) throws
+}
+
+/// A file a recorded version lists is not in the artifact store.
+public struct ArtifactMissing: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// Artifacts in a folder: `artifacts/<name>/<version>/…`, uploads staged in `artifacts/.incoming/<uuid>/` on the
+/// same filesystem, published by one rename and fsyncs of the folders that changed.
+public struct LocalArtifactStore: ArtifactStore {
+    public let root: URL
+
+    /// - Parameter root: the folder holding `artifacts/` (created if missing).
+    public init(root: URL) throws {
+        self.root = root
+        try FileManager.default.createDirectory(at: incoming, withIntermediateDirectories: true)
+    }
+
+    public var description: String { "folder \(root.appendingPathComponent("artifacts").path)" }
+    var artifacts: URL { root.appendingPathComponent("artifacts") }
+    var incoming: URL { artifacts.appendingPathComponent(".incoming") }
+
+    func folder(name: String, version: Int64) -> URL {
+        artifacts.appendingPathComponent("\(name)/\(version)")
+    }
+
+    /// The on-disk path of one file of a version.
+    public func fileURL(name: String, version: Int64, path: String) -> URL {
+        folder(name: name, version: version).appendingPathComponent(path)
+    }
+
+    public func stage() throws -> URL {
+        let url = incoming.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
+    }
+
+    public func seal(_ staged: URL) throws {
+        try Durability.syncTree(staged)
+    }
+
+    public func publish(_ staged: URL, name: String, version: Int64) throws {
+        let fm = FileManager.default
+        let dest = folder(name: name, version: version)
+        let parent = dest.deletingLastPathComponent()
+        try fm.createDirectory(at: parent, withIntermediateDirectories: true)
+        // A folder left by a crash between a publish and its commit: never a recorded version, replaced.
+        if fm.fileExists(atPath: dest.path) { try fm.removeItem(at: dest) }
+        try fm.moveItem(at: staged, to: dest)
+        try Durability.sync(parent)
+        try Durability.sync(parent.deletingLastPathComponent())
+    }
+
+    public func discard(_ staged: URL) {
+        try? FileManager.default.removeItem(at: staged)
+    }
+
+    public func read(name: String, version: Int64, path: String, chunkSize: Int,
+                     _ chunk: (Data) async throws -> Void) async throws {
+        guard let handle = try? FileHandle(forReadingFrom: fileURL(name: name, version: version, path: path)) else {
+            throw ArtifactMissing(description: "artifact file '\(path)' of \(name):\(version) is missing from the store")
+        }
+        defer { try? handle.close() }
+        while let data = try handle.read(upToCount: chunkSize), !data.isEmpty {
+            try await chunk(data)
+        }
+    }
+
+    public func removeLeftovers(recorded: Set<String>, stagedIdle: Duration?) throws {
+        let fm = FileManager.default
+        let now = Date()
+        for leftover in (try? fm.contentsOfDirectory(atPath: incoming.path)) ?? [] {
+            let url = incoming.appendingPathComponent(leftover)
+            if let idle = stagedIdle {
+                // Another replica's upload in progress touches its folder; an idle one is abandoned.
+                let newest = Self.newestModification(url) ?? .distantPast
+                guard now.timeIntervalSince(newest) > Double(idle.components.seconds) else { continue }
+            }
+            try? fm.removeItem(at: url)
+        }
+        for name in (try? fm.contentsOfDirectory(atPath: artifacts.path)) ?? [] where !name.hasPrefix(".") {
+            for version in (try? fm.contentsOfDirectory(atPath: artifacts.appendingPathComponent(name).path)) ?? []
+            where !recorded.contains("\(name)/\(version)") {
+                try? fm.removeItem(at: artifacts.appendingPathComponent("\(name)/\(version)"))
+            }
+        }
+    }
+
+    /// The latest modification time of a folder or anything in it.
+    static func newestModification(_ url: URL) -> Date? {
+        let fm = FileManager.default
+        var newest = (try? fm.attributesOfItem(atPath: url.path))?[.modificationDate] as? Date
+        for path in fm.enumerator(atPath: url.path)?.compactMap({ $0 as? String }) ?? [] {
+            if let d = (try? fm.attributesOfItem(atPath: url.appendingPathComponent(path).path))?[.modificationDate] as? Date,
+               d > (newest ?? .distantPast) {
+                newest = d
+            }
+        }
+        return newest
+    }
+}
