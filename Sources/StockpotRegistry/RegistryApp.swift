@@ -94,12 +94,18 @@ public struct RegistryApp {
 
 /// Prepares a registry store whose database needs the process running (PostgreSQL: the pool): migrations, then
 /// the start-up cleanup of the artifact store; the registry is SERVING once done. A failure fails the group.
-struct RegistryStartup: Service {
+public struct RegistryStartup: Service {
     let store: RegistryStore
     let ready: ReadinessFlag
     let logger: Logger
 
-    func run() async throws {
+    public init(store: RegistryStore, ready: ReadinessFlag, logger: Logger) {
+        self.store = store
+        self.ready = ready
+        self.logger = logger
+    }
+
+    public func run() async throws {
         try await store.prepare()
         ready.markDone()
         logger.info("registry metadata on \(store.database.description), artifacts in \(store.artifacts.description)")
@@ -108,10 +114,12 @@ struct RegistryStartup: Service {
 }
 
 /// Wakes this replica's alias watchers when another replica commits a move or a registration.
-struct RegistryChangeFollower: Service {
+public struct RegistryChangeFollower: Service {
     let store: RegistryStore
 
-    func run() async throws {
+    public init(store: RegistryStore) { self.store = store }
+
+    public func run() async throws {
         await cancelWhenGracefulShutdown { await store.followChanges() }
     }
 }

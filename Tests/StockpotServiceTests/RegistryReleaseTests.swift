@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Logging
+import PostgresNIO
 import ServiceLifecycle
 import StockpotGateway
 import StockpotProto
@@ -25,16 +26,52 @@ struct TestTokens {
     }
 }
 
-/// A registry server on a free port, run in its own service group, for the duration of `body`.
+/// Whether this run tests the registry on PostgreSQL (`STOCKPOT_TEST_REGISTRY=postgres`, which `scripts/test` sets
+/// for a second pass of the registry suites) rather than on SQLite.
+let registryOnPostgres = ProcessInfo.processInfo.environment["STOCKPOT_TEST_REGISTRY"] == "postgres"
+
+/// A registry server on a free port, run in its own service group, for the duration of `body`: on SQLite under
+/// `root`, or (`registryOnPostgres`) on a PostgreSQL schema of its own, dropped after, with artifacts under `root`.
 func withRegistry<T: Sendable>(root: URL, access: AccessControl,
                                _ body: @Sendable (_ address: String, _ store: RegistryStore) async throws -> T) async throws -> T {
-    let store = try RegistryStore(root: root)
+    if registryOnPostgres {
+        return try await withPostgresRegistryStore(root: root) { store in
+            try await withRegistryServer(store: store, access: access, body)
+        }
+    }
+    return try await withRegistryServer(store: try RegistryStore(root: root), access: access, body)
+}
+
+func withRegistryServer<T: Sendable>(store: RegistryStore, access: AccessControl,
+                                     _ body: @Sendable (_ address: String, _ store: RegistryStore) async throws -> T) async throws -> T {
     let server = ServiceServer(name: "stockpot-registry", host: "127.0.0.1", port: 0,
                                services: [RegistryService(store: store, access: access)],
                                serviceNames: [Stockpot_V1_RegistryService.descriptor.fullyQualifiedService],
                                metrics: MetricsHub(), logger: quietLogger)
     return try await whileRunning([server]) {
         try await body("127.0.0.1:\(try await server.port())", store)
+    }
+}
+
+/// A prepared registry store on a fresh PostgreSQL schema (dropped after), artifacts under `root`, its pool and
+/// change follower running for the duration of `body`. `schema` lets several stores share one schema (replicas).
+func withPostgresRegistryStore<T: Sendable>(root: URL, schema: String? = nil, sweep: Duration = .seconds(1),
+                                            _ body: @Sendable (RegistryStore) async throws -> T) async throws -> T {
+    let url = try #require(postgresURL, "STOCKPOT_TEST_REGISTRY=postgres needs STOCKPOT_TEST_POSTGRES_URL (scripts/test sets both)")
+    let owned = schema == nil
+    let schema = schema ?? "test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+    let db = try PostgresRegistryDatabase(url: url, schema: schema, sweep: sweep, logger: quietLogger)
+    let store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: root))
+    return try await whileRunning([db.client, RegistryChangeFollower(store: store)]) {
+        try await store.prepare()
+        do {
+            let result = try await body(store)
+            if owned { try await db.client.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(schema) CASCADE")) }
+            return result
+        } catch {
+            if owned { _ = try? await db.client.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(schema) CASCADE")) }
+            throw error
+        }
     }
 }
 
