@@ -130,7 +130,7 @@ extension FeaturesApp {
     /// the server.
     func buildOnPostgres(logger: Logger) throws -> (server: ServiceServer, service: FeatureService, services: [any Service]) {
         guard importKuaiRand == nil else {
-            throw ServiceSettings.SettingError(description: "import-kuairand goes into a SQLite store; into PostgreSQL, import the KuaiRand dataset spec with --import")
+            throw ServiceSettings.SettingError(description: "import-kuairand goes into a SQLite store; into PostgreSQL, import its dataset spec: --import docs/datasets/kuairand.json --import-data DIR")
         }
         let store = try PostgresFeatureStore(url: databasePath, logger: logger)
         let service = FeatureService(store: store, cache: FeatureCache(capacity: cacheCapacity, ttl: cacheTTL), limits: limits)
