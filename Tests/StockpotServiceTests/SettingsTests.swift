@@ -125,8 +125,8 @@ import Testing
 
     /// Every deployment env file builds its service's App with the values it states.
     @Test func deploymentEnvFilesResolve() async throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         func env(_ name: String) throws -> [String: String] {
-            let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             let text = try String(contentsOf: root.appendingPathComponent("services/\(name)/config.env"), encoding: .utf8)
             var out: [String: String] = [:]
             for line in text.split(separator: "\n") where !line.hasPrefix("#") {
@@ -137,9 +137,14 @@ import Testing
         }
         let registry = try await RegistryApp(settings: ServiceSettings(service: "registry", environment: try env("registry")))
         #expect(registry.port == 50051 && registry.host == "0.0.0.0" && registry.dataDirectory.path == "/data/registry")
-        let features = try await FeaturesApp(settings: ServiceSettings(service: "features", environment: try env("features")))
-        #expect(features.databasePath == "/data/features/features.sqlite" && features.cacheTTL == .seconds(300))
-        #expect(features.importKuaiRand?.path == "/kuairand")
+        #expect(registry.database == "postgres://stockpot:stockpot@stockpot-postgres:5432/stockpot")
+        // The spec is read when the settings are: from the repository, where the container mounts docs/datasets.
+        var featuresEnv = try env("features")
+        featuresEnv["STOCKPOT_FEATURES_IMPORT"] = featuresEnv["STOCKPOT_FEATURES_IMPORT"]?
+            .replacingOccurrences(of: "/datasets/", with: root.appendingPathComponent("docs/datasets").path + "/")
+        let features = try await FeaturesApp(settings: ServiceSettings(service: "features", environment: featuresEnv))
+        #expect(features.databasePath == "postgres://stockpot:stockpot@stockpot-postgres:5432/stockpot" && features.cacheTTL == .seconds(300))
+        #expect(features.importDataset?.spec.name == "kuairand-pure" && features.importDataset?.directory.path == "/kuairand")
         let scorer = try await ScorerApp(settings: ServiceSettings(service: "scorer", environment: try env("scorer")))
         #expect(scorer.registry.address == "stockpot-registry:50051" && scorer.workers == 2 && scorer.registry.refreshInterval == .seconds(10))
         let corrector = try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: try env("corrector")))
