@@ -102,13 +102,13 @@ public final class RegistryStore: Sendable {
     }
 
     /// A fresh staging folder for an upload in progress.
-    func incomingFolder() throws -> URL { try artifacts.stage() }
+    public func incomingFolder() throws -> URL { try artifacts.stage() }
 
     /// Records a verified upload as the next version of `name` and publishes its files.
     ///
     /// Lineage references given as `name@alias` are resolved to the version they point at now; every reference
     /// must name an existing version. A corrector must say which legacy version it was trained on.
-    func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL, actor: String) async throws -> Stockpot_V1_ModelVersion {
+    public func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL, actor: String) async throws -> Stockpot_V1_ModelVersion {
         // The name is a folder of the artifact store: never `.`, `..` or hidden (checked by the service too).
         guard ModelReference.isValidName(header.name) else { throw Status.invalidArgument("name '\(header.name)' is invalid") }
         let metadata = String(decoding: try JSONEncoder().encode(header.metadata), as: UTF8.self)

@@ -46,6 +46,8 @@ struct GatewayBench: AsyncParsableCommand {
     @Option(help: "With --processes: the folder holding the stockpot-* executables (default: this binary's folder).") var bin: String?
     @Flag(help: "Run the six services as separate processes (the stockpot-* executables beside this binary, on the same data folder and ports) instead of in this process.")
     var processes = false
+    @Option(help: "With --processes: scorer replicas the gateway balances over (round-robin); the extra ones listen on the ports after the gateway's.")
+    var scorerReplicas: Int = 1
 
     func validate() throws {
         if let sweepBase, !(sweepBase.isFinite && sweepBase > 0) { throw ValidationError("--sweep-base must be a positive rate, not \(sweepBase)") }
@@ -56,6 +58,7 @@ struct GatewayBench: AsyncParsableCommand {
         var limits = GatewayConfig()
         do { try limits.limitInFlight(max: maxInFlight ?? limits.maxInFlight, adaptive: adaptiveInFlight) } catch { throw ValidationError("--\(error)") }
         if processes && tcpHops { throw ValidationError("--tcp-hops applies to the services in this process; --processes always calls over TCP") }
+        if scorerReplicas < 1 || (scorerReplicas > 1 && !processes) { throw ValidationError("--scorer-replicas is 1 or more, and more than 1 needs --processes") }
         if gateway != nil && corrector {
             throw ValidationError("--gateway needs --no-corrector (the benchmark registers its corrector through the suite's registry)")
         }
@@ -88,8 +91,8 @@ struct GatewayBench: AsyncParsableCommand {
             Console.out("a running gateway at \(gateway)")
             try await measure(gateway: gateway, registry: "", token: nil, options: fixed, counts: counts, levels: levels)
         } else if processes {
-            try await Self.withProcesses(options: fixed, bin: Fleet.binFolder(bin)) { gateway, registry, token in
-                Console.out("the six services as separate processes (stockpot-* executables), gateway at \(gateway)")
+            try await Self.withProcesses(options: fixed, bin: Fleet.binFolder(bin), scorerReplicas: scorerReplicas) { gateway, registry, token in
+                Console.out("the six services as separate processes (stockpot-* executables\(scorerReplicas > 1 ? ", \(scorerReplicas) scorer replicas" : "")), gateway at \(gateway)")
                 try await measure(gateway: gateway, registry: registry, token: token, options: fixed, counts: counts, levels: levels)
             }
         } else {
@@ -107,7 +110,7 @@ struct GatewayBench: AsyncParsableCommand {
     /// Runs the six executables beside this binary as separate processes on the suite's data folder and ports
     /// (bootstrapping the registry as `stockpot suite` does), calls `body` with the gateway's and the registry's
     /// addresses and the admin token, and stops them.
-    static func withProcesses(options: LocalSuite.Options, bin: URL,
+    static func withProcesses(options: LocalSuite.Options, bin: URL, scorerReplicas: Int = 1,
                               _ body: (String, String, String?) async throws -> Void) async throws {
         let dir = options.dataDirectory.standardizedFileURL
         let logs = dir.appendingPathComponent("logs")
@@ -126,14 +129,23 @@ struct GatewayBench: AsyncParsableCommand {
         try fleet.start("features", ["--port", "\(p[1])", "--database", dir.appendingPathComponent("features.sqlite").path,
                                      "--import-kuairand", options.kuaiRand.path])
         let registry = ["--registry", address(0), "--cache", dir.appendingPathComponent("cache").path]
-        try fleet.start("scorer", ["--port", "\(p[2])", "--workers", "2"] + registry)
+        // Scorer replicas: the first on its usual port, the others after the gateway's.
+        let scorerPorts = [p[2]] + (1..<scorerReplicas).map { p[5] + $0 }
+        for (i, port) in scorerPorts.enumerated() {
+            try fleet.start("scorer-\(i + 1)", ["--port", "\(port)", "--workers", "2", "--registry", address(0),
+                                                "--cache", dir.appendingPathComponent("cache-scorer-\(i + 1)").path])
+        }
         try fleet.start("corrector", ["--port", "\(p[3])", "--workers", "2", "--crowds", options.gateway.correctedCrowds.sorted().joined(separator: ",")] + registry)
         try fleet.start("fusion", ["--port", "\(p[4])"] + registry)
         // The gateway last, once its downstream services answer (it would otherwise start in connection backoff).
-        for (i, name) in ["features", "scorer", "corrector", "fusion"].enumerated() {
+        for (i, name) in ["features", "scorer", "corrector", "fusion"].enumerated() where name != "scorer" {
             try await fleet.waitServing(name, at: address(i + 1), timeout: .seconds(180))
         }
-        try fleet.start("gateway", ["--port", "\(p[5])", "--features", address(1), "--scorer", address(2), "--corrector", address(3),
+        for (i, port) in scorerPorts.enumerated() {
+            try await fleet.waitServing("scorer-\(i + 1)", at: "127.0.0.1:\(port)", timeout: .seconds(180))
+        }
+        let scorers = scorerPorts.map { "127.0.0.1:\($0)" }.joined(separator: ",")
+        try fleet.start("gateway", ["--port", "\(p[5])", "--features", address(1), "--scorer", scorers, "--corrector", address(3),
                                     "--serving-log", dir.appendingPathComponent("serving-log").path,
                                     "--max-in-flight", "\(options.gateway.maxInFlight)",
                                     "--quality-labels", options.kuaiRand.appendingPathComponent(KuaiRandData.logFile).path,

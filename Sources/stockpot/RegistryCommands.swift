@@ -19,7 +19,7 @@ struct RegistryCommand: AsyncParsableCommand {
         STOCKPOT_REGISTRY_TOKEN_FILE), else data/admin.token (created by `stockpot suite` on its first run). \
         Times are shown in your zone and UTC, and accepted in your zone unless they name one (Z, +02:00, UTC).
         """,
-        subcommands: [List.self, Show.self, Promote.self, Rollback.self, History.self, Download.self, Register.self, Compare.self, Token.self])
+        subcommands: [List.self, Show.self, Promote.self, Rollback.self, History.self, Download.self, Register.self, Compare.self, Token.self, BenchStore.self])
 
     /// Where the registry is and how to write to it.
     struct Connection: ParsableArguments {
