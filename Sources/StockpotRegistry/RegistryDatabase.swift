@@ -181,29 +181,35 @@ final class SQLiteRegistryDatabase: RegistryDatabase {
     }
 
     func read<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
-        try await transaction(begin: "BEGIN DEFERRED", body)
+        try await transaction(begin: "BEGIN DEFERRED", writes: false, body)
     }
 
     func write<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
-        try await transaction(begin: "BEGIN IMMEDIATE", body)
+        try await transaction(begin: "BEGIN IMMEDIATE", writes: true, body)
     }
 
-    private func transaction<T: Sendable>(begin: String, _ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
+    /// Statements run on the caller's thread (microseconds each, and nothing else can be waiting for the
+    /// connection: the lock is held); a write's COMMIT, which fsyncs, runs on GRDB's own thread instead.
+    private func transaction<T: Sendable>(begin: String, writes: Bool, _ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
         let (queue, lock) = (self.queue, self.lock)
         // Unstructured, so the caller's cancellation cannot stop it between BEGIN and COMMIT/ROLLBACK.
         return try await Task {
             await lock.lock()
             defer { lock.unlock() }
-            try await queue.writeWithoutTransaction { db in
+            try queue.inDatabase { db in
                 if db.isInsideTransaction { try db.execute(sql: "ROLLBACK") }
                 try db.execute(sql: begin)
             }
             do {
                 let result = try await body(SQLiteSQL(queue: queue))
-                try await queue.writeWithoutTransaction { try $0.execute(sql: "COMMIT") }
+                if writes {
+                    try await queue.writeWithoutTransaction { try $0.execute(sql: "COMMIT") }
+                } else {
+                    try queue.inDatabase { try $0.execute(sql: "COMMIT") }
+                }
                 return result
             } catch {
-                try? await queue.writeWithoutTransaction { db in if db.isInsideTransaction { try db.execute(sql: "ROLLBACK") } }
+                try? queue.inDatabase { db in if db.isInsideTransaction { try db.execute(sql: "ROLLBACK") } }
                 throw error
             }
         }.value
@@ -213,7 +219,8 @@ final class SQLiteRegistryDatabase: RegistryDatabase {
     func followChanges(_ changed: @escaping @Sendable () -> Void) async {}
 }
 
-/// Statements on the SQLite connection, inside a transaction opened by `SQLiteRegistryDatabase`.
+/// Statements on the SQLite connection, inside a transaction opened by `SQLiteRegistryDatabase` (which holds its
+/// lock), run synchronously: each takes microseconds.
 struct SQLiteSQL: RegistrySQL {
     let queue: DatabaseQueue
 
@@ -225,7 +232,7 @@ struct SQLiteSQL: RegistrySQL {
             case .null: return .null
             }
         })
-        return try await queue.writeWithoutTransaction { db in
+        return try queue.inDatabase { db in
             try Row.fetchAll(db, sql: sql, arguments: arguments).map { row in
                 var values: [String: SQLValue] = [:]
                 for (name, value) in row {

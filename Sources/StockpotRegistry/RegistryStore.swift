@@ -116,8 +116,10 @@ public final class RegistryStore: Sendable {
         let metrics = String(decoding: try JSONEncoder().encode(header.metrics), as: UTF8.self)
         let digest = Self.artifactDigest(header.files)
         let now = Self.nowMs()
-        // Files are durable before anything refers to them.
-        try artifacts.seal(incoming)
+        // Files are durable before anything refers to them. The fsyncs run on a thread of their own, off the
+        // concurrency pool the handlers share.
+        let artifacts = self.artifacts
+        try await OwnThread.run(name: "stockpot.registry.seal") { try artifacts.seal(incoming) }
         defer { moveSignal.fire() } // watchers learn of the registration (a hint to fetch it early)
         return try await database.write { [self] tx -> Stockpot_V1_ModelVersion in
             var lineage = header.lineage
@@ -134,7 +136,7 @@ public final class RegistryStore: Sendable {
                 """, header.name, version, header.kind, metadata, files, digest, now, try lineage.jsonString(), metrics, actor)
             try await database.announce(tx)
             // Inside the transaction: if the publish fails, the row is rolled back.
-            try artifacts.publish(incoming, name: header.name, version: version)
+            try await OwnThread.run(name: "stockpot.registry.publish") { try artifacts.publish(incoming, name: header.name, version: version) }
             afterMoveHook()
             return try await fetchVersion(tx, name: header.name, version: version)!
         }
