@@ -69,8 +69,8 @@ public struct RegistryApp {
             ready = ReadinessFlag(done: false)
             before = [db.client, RegistryStartup(store: store, ready: ready, logger: logger), RegistryChangeFollower(store: store)]
         } else if let artifactsDirectory {
-            let db = try SQLiteRegistryDatabase(path: dataDirectory.appendingPathComponent("registry.sqlite").path)
             try FileManager.default.createDirectory(at: dataDirectory, withIntermediateDirectories: true)
+            let db = try SQLiteRegistryDatabase(path: dataDirectory.appendingPathComponent("registry.sqlite").path)
             store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: artifactsDirectory), afterMoveHook: afterMoveHook)
             ready = ReadinessFlag(done: false)
             before = [RegistryStartup(store: store, ready: ready, logger: logger)]
