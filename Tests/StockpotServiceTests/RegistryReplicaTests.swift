@@ -104,3 +104,47 @@ struct RegistryReplicas {
         }
     }
 }
+
+/// How the registry process picks its metadata store and artifact folder.
+@Suite struct RegistryAppBackends {
+    @Test func aDatabaseSettingOtherThanPostgresIsRefused() async throws {
+        do {
+            _ = try await RegistryApp(settings: ServiceSettings(service: "registry", environment: ["STOCKPOT_REGISTRY_DATABASE": "/tmp/registry.sqlite"]))
+            Issue.record("a file path was taken as a database address")
+        } catch {
+            #expect("\(error)".contains("is not postgres://"), "\(error)")
+        }
+        do {
+            // The address is read when the process builds its store: TLS asked for and not offered is an error.
+            var app = try await RegistryApp(settings: ServiceSettings(service: "registry", environment: [
+                "STOCKPOT_REGISTRY_DATABASE": "postgres://u@h/db?sslmode=require"]))
+            app.port = 0
+            _ = try app.build(logger: quietLogger)
+            Issue.record("sslmode=require was accepted without TLS")
+        } catch {
+            #expect("\(error)".contains("TLS to PostgreSQL is not offered"), "\(error)")
+        }
+    }
+
+    @Test func artifactsGoWhereTheSettingSaysAndTheMetadataStaysUnderData() async throws {
+        let root = temporaryDirectory("registry-app-artifacts")
+        defer { try? FileManager.default.removeItem(at: root) }
+        var app = RegistryApp()
+        app.port = 0
+        app.dataDirectory = root.appendingPathComponent("data")
+        app.artifactsDirectory = root.appendingPathComponent("shared")
+        app.openWrites = true
+        app.metrics = MetricsHub()
+        let (server, services) = try app.build(logger: quietLogger)
+        try await whileRunning(services) {
+            let address = "127.0.0.1:\(try await server.port())"
+            try await waitForAsync(timeout: .seconds(20)) {
+                await HealthProbe.isServing(target: address, service: Stockpot_V1_RegistryService.descriptor.fullyQualifiedService)
+            }
+            _ = try await withRegistryClient(address) { try await $0.register(name: "m", kind: "legacy", folder: artifact("weights")) }
+        }
+        #expect(FileManager.default.fileExists(atPath: root.appendingPathComponent("shared/artifacts/m/1/model.json").path))
+        #expect(FileManager.default.fileExists(atPath: root.appendingPathComponent("data/registry.sqlite").path))
+        #expect(!FileManager.default.fileExists(atPath: root.appendingPathComponent("data/artifacts/m").path))
+    }
+}
