@@ -247,3 +247,25 @@ struct FeatureBackendOnPostgres {
         }
     }
 }
+
+/// KuaiRand-Pure as a dataset spec (`docs/datasets/kuairand.json`, what PostgreSQL stores import) gives exactly
+/// the rows of `--import-kuairand` (SQLite's built-in import).
+@Suite(.enabled(if: kuaiRandPresent, Comment(rawValue: kuaiRandMissing)))
+struct KuaiRandSpec {
+    @Test func theSpecImportsTheRowsOfTheBuiltInImport() async throws {
+        let root = temporaryDirectory("kuairand-spec")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let builtIn = try FeatureStore(path: root.appendingPathComponent("built-in.sqlite").path)
+        _ = try builtIn.importKuaiRand(directory: kuaiRandDirectory)
+        let bySpec = try FeatureStore(path: root.appendingPathComponent("spec.sqlite").path)
+        let spec = try DatasetSpec.load(Deployment.root.appendingPathComponent("docs/datasets/kuairand.json"))
+        _ = try bySpec.importDataset(spec, directory: kuaiRandDirectory)
+        for kind in [FeatureStore.Kind.user, .item] { #expect(try builtIn.countNow(kind) == bySpec.countNow(kind), "\(kind)") }
+        // Every user and every item, column by column.
+        let users = Array(0..<Int64(30_000)), items = Array(0..<Int64(12_000))
+        let a = try await builtIn.get(users: users, items: items), b = try await bySpec.get(users: users, items: items)
+        #expect(a.users.count > 20_000 && a.items.count > 5_000)
+        #expect(a.users == b.users)
+        #expect(a.items == b.items)
+    }
+}
