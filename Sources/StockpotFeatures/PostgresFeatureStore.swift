@@ -48,29 +48,14 @@ public final class PostgresFeatureStore: FeatureBackend {
     /// Creates the schema and its tables, and applies migrations not applied yet, under a transaction-scoped
     /// advisory lock so that replicas starting together migrate once.
     public func migrate() async throws {
-        do { try await migrateOnce() } catch { throw Postgres.readable(error) }
-    }
-
-    private func migrateOnce() async throws {
-        let migrations: [(Int, [String])] = [
+        try await Postgres.migrate(client, schema: s, logger: logger, [
             (1, [
                 "CREATE TABLE \(s).feature_entities (kind SMALLINT NOT NULL, id BIGINT NOT NULL, features JSONB NOT NULL, version BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL, PRIMARY KEY (kind, id))",
                 "CREATE TABLE \(s).feature_columns (kind SMALLINT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (kind, name))",
                 "CREATE SEQUENCE \(s).feature_version",
             ]),
             (2, ["CREATE TABLE \(s).feature_imports (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, finished_at_ms BIGINT NOT NULL)"]),
-        ]
-        try await client.withTransaction(logger: logger) { c in
-            try await c.query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(hashtext('\(s).migrations'))"), logger: logger)
-            try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA IF NOT EXISTS \(s)"), logger: logger)
-            try await c.query(PostgresQuery(unsafeSQL: "CREATE TABLE IF NOT EXISTS \(s).migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"), logger: logger)
-            var applied = Set<Int>()
-            for try await v in try await c.query(PostgresQuery(unsafeSQL: "SELECT version FROM \(s).migrations"), logger: logger).decode(Int.self) { applied.insert(v) }
-            for (version, statements) in migrations where !applied.contains(version) {
-                for sql in statements { try await c.query(PostgresQuery(unsafeSQL: sql), logger: logger) }
-                try await c.query("INSERT INTO \(unescaped: s).migrations (version) VALUES (\(version))", logger: logger)
-            }
-        }
+        ])
     }
 
     public func get(_ kind: FeatureStore.Kind, ids: [Int64]) async throws -> [Int64: [String: String]] {

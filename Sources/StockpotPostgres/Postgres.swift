@@ -21,7 +21,12 @@ public enum Postgres {
 
     /// The address without its password, for messages and logs.
     public static func redacted(_ url: String) -> String {
-        url.replacingOccurrences(of: #":[^:@/]*@"#, with: ":…@", options: .regularExpression)
+        // Everything between the user and the host's `@` (a password may hold `:`, `/` or `@` itself).
+        guard let scheme = url.range(of: "://"), let at = url.range(of: "@", options: .backwards),
+              at.lowerBound > scheme.upperBound else { return url }
+        let credentials = url[scheme.upperBound..<at.lowerBound]
+        guard let colon = credentials.firstIndex(of: ":") else { return url }
+        return String(url[..<colon]) + ":…" + String(url[at.lowerBound...])
     }
 
     /// A client configuration from `postgres://user[:password]@host[:port]/database` (`postgresql://` too).
@@ -63,22 +68,40 @@ public enum Postgres {
         return error
     }
 
+    /// Creates `schema` and applies the `migrations` (number, statements) not yet recorded in `<schema>.migrations`,
+    /// in one transaction under a transaction-scoped advisory lock, so that replicas starting together migrate
+    /// once. Stores sharing a schema share that table and number their migrations apart.
+    public static func migrate(_ client: PostgresClient, schema s: String, logger: Logger, _ migrations: [(Int, [String])]) async throws {
+        do {
+            try await client.withTransaction(logger: logger) { c in
+                try await c.query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(hashtext('\(s).migrations'))"), logger: logger)
+                try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA IF NOT EXISTS \(s)"), logger: logger)
+                try await c.query(PostgresQuery(unsafeSQL: "CREATE TABLE IF NOT EXISTS \(s).migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"), logger: logger)
+                var applied = Set<Int>()
+                for try await v in try await c.query(PostgresQuery(unsafeSQL: "SELECT version FROM \(s).migrations"), logger: logger).decode(Int.self) { applied.insert(v) }
+                for (version, statements) in migrations where !applied.contains(version) {
+                    for sql in statements { try await c.query(PostgresQuery(unsafeSQL: sql), logger: logger) }
+                    try await c.query("INSERT INTO \(unescaped: s).migrations (version) VALUES (\(version))", logger: logger)
+                }
+            }
+        } catch {
+            throw readable(error)
+        }
+    }
+
     /// Listens on `channel` until cancelled: `reset` whenever listening (re)starts, since what was announced
     /// while nobody listened is unknown; `notice` for each payload. A lost connection is retried with backoff up
-    /// to 5 s (reset to 100 ms once a connection has lasted 30 s).
+    /// to 5 s (starting over at 100 ms after a connection that lasted 30 s).
     public static func follow(_ client: PostgresClient, channel: String, logger: Logger, what: String,
                               reset: @escaping @Sendable () -> Void, notice: @escaping @Sendable (String) -> Void) async {
         var backoff: Duration = .milliseconds(100)
         while !Task.isCancelled {
+            let since = ContinuousClock.now
             do {
                 try await client.withConnection { connection in
                     try await connection.listen(on: channel) { notifications in
                         reset()
-                        let since = ContinuousClock.now
-                        for try await n in notifications {
-                            if ContinuousClock.now - since > .seconds(30) { backoff = .milliseconds(100) }
-                            notice(n.payload)
-                        }
+                        for try await n in notifications { notice(n.payload) }
                     }
                 }
             } catch {
@@ -86,6 +109,8 @@ public enum Postgres {
                 logger.warning("\(what) listener lost its connection; retrying", metadata: ["error": "\(readable(error))"])
             }
             reset()
+            // A connection that lasted 30 s was healthy: start the backoff over.
+            if ContinuousClock.now - since > .seconds(30) { backoff = .milliseconds(100) }
             try? await Task.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(5))
         }

@@ -6,8 +6,12 @@ import StockpotServing
 /// the metadata transaction that records the version; downloads read it back and re-verify it.
 ///
 /// The local folder (`LocalArtifactStore`) is the default; on a folder every replica mounts (one host, or a
-/// network filesystem with atomic rename) it serves several registry replicas. An object store plugs in by
-/// implementing the same five steps; see docs/registry.md ("Artifact storage").
+/// network filesystem with atomic rename) it serves several registry replicas that share a PostgreSQL
+/// database. An object store plugs in by implementing the same steps; see docs/replicas.md ("Artifacts").
+///
+/// An artifact store belongs to one metadata store: it carries that store's id (`storeID`), and the registry
+/// refuses to start — and so never cleans up — when the two disagree (another database or schema, a second
+/// SQLite registry on the same folder).
 public protocol ArtifactStore: Sendable {
     /// For logs: the kind of store and where.
     var description: String { get }
@@ -24,6 +28,12 @@ public protocol ArtifactStore: Sendable {
     /// file is not in the store.
     func read(name: String, version: Int64, path: String, chunkSize: Int,
               _ chunk: (Data) async throws -> Void) async throws
+    /// The id of the metadata store this artifact store belongs to; nil when none was recorded yet.
+    func storeID() throws -> String?
+    /// Records the metadata store's id, durably.
+    func setStoreID(_ id: String) throws
+    /// Every published version, as `name/version`.
+    func publishedVersions() throws -> Set<String>
     /// Removes what no recorded version refers to: published versions not in `recorded` (`name/version`), and
     /// staged uploads — all of them, or with `stagedIdle`, only those untouched for that long (another replica
     /// may be receiving one). Called under the metadata write lock, so no publish is half-way.
@@ -32,6 +42,11 @@ public protocol ArtifactStore: Sendable {
 
 /// A file a recorded version lists is not in the artifact store.
 public struct ArtifactMissing: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// The artifact store cannot be used as asked: it belongs to another metadata store, or a write failed.
+public struct ArtifactStoreError: Error, CustomStringConvertible {
     public var description: String
 }
 
@@ -85,11 +100,43 @@ public struct LocalArtifactStore: ArtifactStore {
         try? FileManager.default.removeItem(at: staged)
     }
 
+    var storeIDFile: URL { artifacts.appendingPathComponent(".store-id") }
+
+    public func storeID() throws -> String? {
+        guard FileManager.default.fileExists(atPath: storeIDFile.path) else { return nil }
+        return try String(contentsOf: storeIDFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    public func setStoreID(_ id: String) throws {
+        let temporary = artifacts.appendingPathComponent(".store-id.\(UUID().uuidString)")
+        try Data((id + "\n").utf8).write(to: temporary)
+        try Durability.sync(temporary)
+        guard rename(temporary.path, storeIDFile.path) == 0 else {
+            let code = errno
+            try? FileManager.default.removeItem(at: temporary)
+            throw ArtifactStoreError(description: "cannot record the store id in \(storeIDFile.path): \(String(cString: strerror(code)))")
+        }
+        try Durability.sync(artifacts)
+    }
+
+    public func publishedVersions() throws -> Set<String> {
+        let fm = FileManager.default
+        var out = Set<String>()
+        for name in (try? fm.contentsOfDirectory(atPath: artifacts.path)) ?? [] where !name.hasPrefix(".") {
+            for version in (try? fm.contentsOfDirectory(atPath: artifacts.appendingPathComponent(name).path)) ?? [] {
+                out.insert("\(name)/\(version)")
+            }
+        }
+        return out
+    }
+
     public func read(name: String, version: Int64, path: String, chunkSize: Int,
                      _ chunk: (Data) async throws -> Void) async throws {
-        guard let handle = try? FileHandle(forReadingFrom: fileURL(name: name, version: version, path: path)) else {
+        let url = fileURL(name: name, version: version, path: path)
+        guard FileManager.default.fileExists(atPath: url.path) else {
             throw ArtifactMissing(description: "artifact file '\(path)' of \(name):\(version) is missing from the store")
         }
+        let handle = try FileHandle(forReadingFrom: url)
         defer { try? handle.close() }
         while let data = try handle.read(upToCount: chunkSize), !data.isEmpty {
             try await chunk(data)
@@ -108,11 +155,8 @@ public struct LocalArtifactStore: ArtifactStore {
             }
             try? fm.removeItem(at: url)
         }
-        for name in (try? fm.contentsOfDirectory(atPath: artifacts.path)) ?? [] where !name.hasPrefix(".") {
-            for version in (try? fm.contentsOfDirectory(atPath: artifacts.appendingPathComponent(name).path)) ?? []
-            where !recorded.contains("\(name)/\(version)") {
-                try? fm.removeItem(at: artifacts.appendingPathComponent("\(name)/\(version)"))
-            }
+        for leftover in try publishedVersions().subtracting(recorded) {
+            try? fm.removeItem(at: artifacts.appendingPathComponent(leftover))
         }
     }
 

@@ -18,6 +18,9 @@ public struct RegistryApp {
     public var schema = "stockpot"
     /// Folder holding `artifacts/`; nil = `dataDirectory`.
     public var artifactsDirectory: URL?
+    /// With `database`: how often alias watchers are woken without a change notice (a lost notice costs at most
+    /// this).
+    public var changeSweep: Duration = .seconds(15)
     /// JSON file of write tokens (`AccessControl`); nil = none.
     public var tokensFile: URL?
     /// Accept writes without a token. Never the default.
@@ -44,6 +47,7 @@ public struct RegistryApp {
         }
         schema = try await settings.string("schema", default: schema)
         artifactsDirectory = try await settings.string("artifacts").map { URL(fileURLWithPath: $0) }
+        if let seconds = try await settings.int("change-sweep-seconds", in: 1...86_400) { changeSweep = .seconds(seconds) }
         tokensFile = try await settings.string("tokens-file").map { URL(fileURLWithPath: $0) }
         openWrites = try await settings.bool("open-writes", default: false)
         if let aliases = try await settings.list("protected-aliases") {
@@ -61,23 +65,20 @@ public struct RegistryApp {
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let store: RegistryStore
         var before: [any Service] = []
-        let ready: ReadinessFlag
+        let artifacts = try LocalArtifactStore(root: artifactsDirectory ?? dataDirectory)
         if let database {
-            let db = try PostgresRegistryDatabase(url: database, schema: schema, logger: logger)
-            store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: artifactsDirectory ?? dataDirectory),
-                                  afterMoveHook: afterMoveHook)
-            ready = ReadinessFlag(done: false)
-            before = [db.client, RegistryStartup(store: store, ready: ready, logger: logger), RegistryChangeFollower(store: store)]
-        } else if let artifactsDirectory {
-            try FileManager.default.createDirectory(at: dataDirectory, withIntermediateDirectories: true)
-            let db = try SQLiteRegistryDatabase(path: dataDirectory.appendingPathComponent("registry.sqlite").path)
-            store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: artifactsDirectory), afterMoveHook: afterMoveHook)
-            ready = ReadinessFlag(done: false)
-            before = [RegistryStartup(store: store, ready: ready, logger: logger)]
+            let db = try PostgresRegistryDatabase(url: database, schema: schema, sweep: changeSweep, logger: logger)
+            store = RegistryStore(database: db, artifacts: artifacts, afterMoveHook: afterMoveHook)
+            before = [db.client]
+            if artifactsDirectory == nil {
+                logger.warning("metadata on PostgreSQL with artifacts under --data (\(dataDirectory.path)): other registry replicas cannot read them unless they mount that folder; set --artifacts to the shared folder")
+            }
         } else {
-            store = try RegistryStore(root: dataDirectory, afterMoveHook: afterMoveHook)
-            ready = ReadinessFlag(done: true)
+            store = try RegistryStore.embedded(root: dataDirectory, artifacts: artifactsDirectory, afterMoveHook: afterMoveHook)
         }
+        let ready = ReadinessFlag(done: false)
+        before.append(RegistryStartup(store: store, ready: ready, logger: logger))
+        if database != nil { before.append(RegistryChangeFollower(store: store)) }
         let access = try AccessControl(tokensFile: tokensFile, openWrites: openWrites, protectedAliases: protectedAliases)
         if openWrites {
             logger.warning("open writes: any caller may register and move aliases (a sandbox setting, never production)")

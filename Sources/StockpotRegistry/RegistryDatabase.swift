@@ -26,6 +26,7 @@ extension Optional: SQLArgument where Wrapped: SQLArgument { public var sqlValue
 
 /// One row of a registry query, by column name.
 public struct SQLRow: Sendable {
+    /// The row's values by column name.
     public var values: [String: SQLValue]
 
     /// A stored row whose column does not hold what the registry wrote there.
@@ -33,6 +34,7 @@ public struct SQLRow: Sendable {
         public var description: String
     }
 
+    /// An integer column; throws `ShapeError` when it holds anything else.
     public func int(_ column: String) throws -> Int64 {
         guard case .int(let v) = values[column] else { throw ShapeError(description: "registry row: column '\(column)' is \(values[column].map { "\($0)" } ?? "missing"), not an integer") }
         return v
@@ -44,6 +46,7 @@ public struct SQLRow: Sendable {
         return try int(column)
     }
 
+    /// A text column; throws `ShapeError` when it holds anything else.
     public func text(_ column: String) throws -> String {
         guard case .text(let v) = values[column] else { throw ShapeError(description: "registry row: column '\(column)' is \(values[column].map { "\($0)" } ?? "missing"), not text") }
         return v
@@ -53,14 +56,17 @@ public struct SQLRow: Sendable {
 /// One connection inside a registry transaction. SQL uses `?` placeholders and the dialect both engines share
 /// (`ON CONFLICT … DO UPDATE`, `RETURNING`).
 public protocol RegistrySQL: Sendable {
+    /// Runs one statement with its `?` arguments and returns its rows (none for a statement without RETURNING).
     func rows(_ sql: String, _ args: [SQLValue]) async throws -> [SQLRow]
 }
 
 extension RegistrySQL {
+    /// `rows(_:_:)` with the arguments as values.
     public func rows(_ sql: String, _ args: any SQLArgument...) async throws -> [SQLRow] {
         try await rows(sql, args.map(\.sqlValue))
     }
 
+    /// Runs one statement, ignoring any rows.
     public func execute(_ sql: String, _ args: any SQLArgument...) async throws {
         _ = try await rows(sql, args.map(\.sqlValue))
     }
@@ -89,18 +95,17 @@ public protocol RegistryDatabase: Sendable {
     var isShared: Bool { get }
     /// Creates or migrates the tables.
     func migrate() async throws
-    /// One consistent read-only snapshot.
+    /// One consistent read-only snapshot. `body` must not call `read` or `write` again (on SQLite it would wait
+    /// for its own lock), nor keep its `RegistrySQL` beyond its return.
     func read<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T
     /// One transaction, serialised with every other writer, rolled back when `body` throws. It runs to its end even
-    /// when the caller is cancelled: a transaction is never abandoned half-way.
+    /// when the caller is cancelled: a transaction is never abandoned half-way. The same rules for `body` as `read`.
     func write<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T
     /// Inside a write: tells every process sharing the database that the registry changed, on commit.
     func announce(_ sql: any RegistrySQL) async throws
     /// Calls `changed` whenever another process commits a change, until cancelled (and now and then regardless,
     /// so a lost notice delays a watcher by a bounded time). Returns at once for an unshared database.
     func followChanges(_ changed: @escaping @Sendable () -> Void) async
-    /// The connection pool's run loop, for the process's service group; nil when there is none.
-    var service: (any Service)? { get }
 }
 
 // MARK: SQLite
@@ -124,7 +129,6 @@ final class SQLiteRegistryDatabase: RegistryDatabase {
     var description: String { "SQLite \(path)" }
     var registrationOrder: String { "rowid" }
     var isShared: Bool { false }
-    var service: (any Service)? { nil }
 
     func migrate() async throws {
         await lock.lock()
@@ -170,14 +174,10 @@ final class SQLiteRegistryDatabase: RegistryDatabase {
                     error TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (name, version, replica));
                 """)
         }
-        try migrator.migrate(queue)
-    }
-
-    /// `name/version` of every recorded version, synchronously (start-up cleanup of the embedded store).
-    func recordedNow() throws -> Set<String> {
-        try queue.read { db in
-            Set(try Row.fetchAll(db, sql: "SELECT name, version FROM versions").map { "\($0["name"] as String)/\($0["version"] as Int64)" })
+        migrator.registerMigration("v4-meta") { db in
+            try db.execute(sql: "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         }
+        try migrator.migrate(queue)
     }
 
     func read<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
@@ -240,7 +240,10 @@ struct SQLiteSQL: RegistrySQL {
                     case .int64(let i): values[name] = .int(i)
                     case .string(let s): values[name] = .text(s)
                     case .null: values[name] = .null
-                    case .double(let d): values[name] = .int(Int64(d))
+                    case .double(let d):
+                        // The registry writes no real; one that holds a whole number reads as that number.
+                        guard let i = Int64(exactly: d) else { throw SQLRow.ShapeError(description: "registry row: column '\(name)' holds the real \(d)") }
+                        values[name] = .int(i)
                     case .blob(let b): values[name] = .text(String(decoding: b, as: UTF8.self))
                     }
                 }
@@ -257,32 +260,43 @@ struct SQLiteSQL: RegistrySQL {
 /// commit in the order they are drawn); reads run in a repeatable-read snapshot. Each write that changes the
 /// registry notifies `<schema>_registry`, which the other replicas follow to wake their alias watchers.
 public final class PostgresRegistryDatabase: RegistryDatabase {
+    /// The connection pool: run it in the process's service group (`client.run()`).
     public let client: PostgresClient
+    /// The schema holding the `registry_*` tables.
     public let schema: String
     let logger: Logger
     let url: String
     /// How often watchers are woken without a notice (a notice lost on a half-open connection costs at most this).
     let sweep: Duration
+    /// How long a write waits for the other writers' lock.
+    let lockTimeout: Duration
 
+    /// - Parameters:
+    ///   - url: `postgres://user[:password]@host[:port]/database` (plaintext; `Postgres.configuration`).
+    ///   - schema: the schema holding the `registry_*` tables.
+    ///   - maxConnections: the pool's bound.
+    ///   - sweep: how often watchers are woken without a notice.
+    ///   - lockTimeout: how long a write waits for the other writers.
     public init(url: String, schema: String = "stockpot", maxConnections: Int = 8, sweep: Duration = .seconds(15),
-                logger: Logger = Logger(label: "stockpot.registry.postgres")) throws {
+                lockTimeout: Duration = .seconds(30), logger: Logger = Logger(label: "stockpot.registry.postgres")) throws {
         try Postgres.checkSchema(schema)
         client = PostgresClient(configuration: try Postgres.configuration(url, maxConnections: maxConnections), backgroundLogger: logger)
         self.schema = schema
         self.logger = logger
         self.url = url
         self.sweep = sweep
+        self.lockTimeout = lockTimeout
     }
 
     public var description: String { "PostgreSQL \(Postgres.redacted(url)) schema \(schema)" }
     public var registrationOrder: String { "seq" }
     public var isShared: Bool { true }
-    public var service: (any Service)? { client }
     var channel: String { "\(schema)_registry" }
 
     public func migrate() async throws {
         let s = schema
-        let migrations: [(Int, [String])] = [
+        // Numbered from 101 in the schema's one migrations table, which the feature store's (1, 2…) share.
+        try await Postgres.migrate(client, schema: s, logger: logger, [
             (101, [
                 """
                 CREATE TABLE \(s).registry_versions (
@@ -309,41 +323,27 @@ public final class PostgresRegistryDatabase: RegistryDatabase {
                     error TEXT NOT NULL, at_ms BIGINT NOT NULL, PRIMARY KEY (name, version, replica))
                 """,
             ]),
-        ]
-        do {
-            try await client.withTransaction(logger: logger) { c in
-                // The same lock and migrations table as the feature store's: one schema, one migration history
-                // (the registry's migrations are numbered from 101).
-                try await c.query(PostgresQuery(unsafeSQL: "SELECT pg_advisory_xact_lock(hashtext('\(s).migrations'))"), logger: logger)
-                try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA IF NOT EXISTS \(s)"), logger: logger)
-                try await c.query(PostgresQuery(unsafeSQL: "CREATE TABLE IF NOT EXISTS \(s).migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"), logger: logger)
-                var applied = Set<Int>()
-                for try await v in try await c.query(PostgresQuery(unsafeSQL: "SELECT version FROM \(s).migrations"), logger: logger).decode(Int.self) { applied.insert(v) }
-                for (version, statements) in migrations where !applied.contains(version) {
-                    for sql in statements { try await c.query(PostgresQuery(unsafeSQL: sql), logger: logger) }
-                    try await c.query("INSERT INTO \(unescaped: s).migrations (version) VALUES (\(version))", logger: logger)
-                }
-            }
-        } catch {
-            throw Postgres.readable(error)
-        }
+            (102, ["CREATE TABLE \(s).registry_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]),
+        ])
     }
 
     public func read<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
-        try await transaction(first: "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", body)
+        try await transaction(first: ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"], body)
     }
 
+    /// Waits at most `lockTimeout` for the other writers (then fails, naming the timeout) rather than forever.
     public func write<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
-        try await transaction(first: "SELECT pg_advisory_xact_lock(hashtext('\(schema).registry'))", body)
+        try await transaction(first: ["SET LOCAL lock_timeout = '\(lockTimeout.components.seconds)s'",
+                                      "SELECT pg_advisory_xact_lock(hashtext('\(schema).registry'))"], body)
     }
 
-    private func transaction<T: Sendable>(first: String, _ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
+    private func transaction<T: Sendable>(first: [String], _ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
         let (client, logger, schema) = (self.client, self.logger, self.schema)
         do {
             // Unstructured, so the caller's cancellation cannot stop it half-way.
             return try await Task {
                 try await client.withTransaction(logger: logger) { c in
-                    try await c.query(PostgresQuery(unsafeSQL: first), logger: logger)
+                    for statement in first { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
                     return try await body(PostgresSQL(connection: c, schema: schema, logger: logger))
                 }
             }.value
@@ -377,7 +377,7 @@ struct PostgresSQL: RegistrySQL {
     let schema: String
     let logger: Logger
 
-    static let tables = ["versions", "aliases", "alias_history", "load_reports"]
+    static let tables = ["versions", "aliases", "alias_history", "load_reports", "meta"]
 
     /// `?` → `$n`, and each table name (a whole word) → `schema.registry_name`. The registry's SQL has no
     /// string literal holding `?` or a table name.
@@ -419,7 +419,10 @@ struct PostgresSQL: RegistrySQL {
                 case .int4: values[cell.columnName] = .int(Int64(try cell.decode(Int32.self)))
                 case .int2: values[cell.columnName] = .int(Int64(try cell.decode(Int16.self)))
                 case .bool: values[cell.columnName] = .int(try cell.decode(Bool.self) ? 1 : 0)
-                default: values[cell.columnName] = .text(try cell.decode(String.self))
+                case .text, .varchar, .name, .bpchar: values[cell.columnName] = .text(try cell.decode(String.self))
+                case .void: values[cell.columnName] = .null
+                default:
+                    throw SQLRow.ShapeError(description: "registry query: column '\(cell.columnName)' has type \(cell.dataType), not an integer or text")
                 }
             }
             out.append(SQLRow(values: values))

@@ -18,7 +18,9 @@ import Synchronization
 /// (`Lineage.trained_on`) never shares an alias with another version of that legacy model, unless forced.
 /// Writers are serialised by the database (across replicas on PostgreSQL), so no update is lost.
 public final class RegistryStore: Sendable {
+    /// Where the metadata lives (versions, aliases, history, load reports).
     public let database: any RegistryDatabase
+    /// Where the artifact files live.
     public let artifacts: any ArtifactStore
     /// Fired after every committed alias move or registration (wakes `WatchAliases` streams); on a shared
     /// database, also when another replica commits one.
@@ -26,15 +28,20 @@ public final class RegistryStore: Sendable {
     /// Test hook: called after an upload's files are published and before the metadata commit.
     let afterMoveHook: @Sendable () -> Void
 
-    /// The embedded default: `registry.sqlite` and `artifacts/` under `root`, migrated and cleaned up when this
-    /// returns.
-    public convenience init(root: URL, afterMoveHook: @escaping @Sendable () -> Void = {}) throws {
+    /// The embedded default, prepared: `registry.sqlite` and `artifacts/` under `root`.
+    public static func open(root: URL, afterMoveHook: @escaping @Sendable () -> Void = {}) async throws -> RegistryStore {
+        let store = try embedded(root: root, afterMoveHook: afterMoveHook)
+        try await store.prepare()
+        return store
+    }
+
+    /// The embedded default with its tables created (synchronously: no request can find them missing); call
+    /// `prepare()` before serving.
+    public static func embedded(root: URL, artifacts: URL? = nil, afterMoveHook: @escaping @Sendable () -> Void = {}) throws -> RegistryStore {
         try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
         let database = try SQLiteRegistryDatabase(path: root.appendingPathComponent("registry.sqlite").path)
-        let artifacts = try LocalArtifactStore(root: root)
         try database.migrateNow()
-        try artifacts.removeLeftovers(recorded: try database.recordedNow(), stagedIdle: nil)
-        self.init(database: database, artifacts: artifacts, afterMoveHook: afterMoveHook)
+        return RegistryStore(database: database, artifacts: try LocalArtifactStore(root: artifacts ?? root), afterMoveHook: afterMoveHook)
     }
 
     /// A store on any database and artifact store; call `prepare()` before serving.
@@ -47,16 +54,59 @@ public final class RegistryStore: Sendable {
     /// How long a staged upload on a shared artifact store may sit untouched before a starting replica removes it.
     public static let abandonedUpload: Duration = .seconds(3_600)
 
-    /// Applies the database's migrations, then removes artifacts no recorded version refers to (under the write
-    /// lock, so no replica is between a publish and its commit).
+    /// Applies the database's migrations; checks that the artifact store belongs to this database (recording
+    /// the pairing on first use); then removes artifacts no recorded version refers to. All under the write lock,
+    /// so no replica is between a publish and its commit meanwhile.
     public func prepare() async throws {
         try await database.migrate()
         let (artifacts, shared, order) = (self.artifacts, database.isShared, database.registrationOrder)
+        let description = database.description
         try await database.write { tx in
             let recorded = Set(try await tx.rows("SELECT name, version FROM versions ORDER BY \(order)").map {
                 "\(try $0.text("name"))/\(try $0.int("version"))"
             })
-            try artifacts.removeLeftovers(recorded: recorded, stagedIdle: shared ? Self.abandonedUpload : nil)
+            let known = try await tx.rows("SELECT value FROM meta WHERE key = 'store_id'").first?.text("value")
+            let id = try await OwnThread.run(name: "stockpot.registry.prepare") { () -> String? in
+                let id = try Self.pair(artifacts, databaseID: known, recorded: recorded, database: description)
+                try artifacts.removeLeftovers(recorded: recorded, stagedIdle: shared ? Self.abandonedUpload : nil)
+                return id
+            }
+            if let id, id != known { try await tx.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", id) }
+        }
+    }
+
+    /// The store id both sides should carry, after checking that `artifacts` belongs to the database (id
+    /// `databaseID`, holding `recorded`). Throws, touching nothing, when they belong to different registries:
+    /// cleaning up then would delete another registry's versions.
+    static func pair(_ artifacts: any ArtifactStore, databaseID: String?, recorded: Set<String>, database: String) throws -> String {
+        let folderID = try artifacts.storeID()
+        let published = try artifacts.publishedVersions()
+        switch (databaseID, folderID) {
+        case (nil, nil):
+            // First use of both (or a registry from before the pairing): pair them now, unless the folder holds
+            // versions and the database none (another registry's folder).
+            guard !recorded.isEmpty || published.isEmpty else {
+                throw ArtifactStoreError(description: "\(artifacts.description) holds \(published.count) versions, but \(database) holds no registry: point --artifacts at an empty folder, or --database at the registry that wrote them")
+            }
+            let id = UUID().uuidString.lowercased()
+            try artifacts.setStoreID(id)
+            return id
+        case (let d?, nil):
+            guard published.isSubset(of: recorded) else {
+                throw ArtifactStoreError(description: "the artifacts in \(artifacts.description) were not written by the registry on \(database) (no store id, and versions it does not record): point --artifacts at that registry's folder, or an empty one")
+            }
+            try artifacts.setStoreID(d)
+            return d
+        case (nil, let f?):
+            guard !recorded.isEmpty || published.isEmpty else {
+                throw ArtifactStoreError(description: "\(artifacts.description) belongs to registry \(f), but \(database) holds no registry: a new database, or another --schema? Point both at the same registry, or --artifacts at an empty folder")
+            }
+            return f
+        case (let d?, let f?):
+            guard d == f else {
+                throw ArtifactStoreError(description: "\(artifacts.description) belongs to registry \(f), but \(database) is registry \(d): point --database/--schema and --artifacts at the same registry")
+            }
+            return d
         }
     }
 
@@ -220,6 +270,7 @@ public final class RegistryStore: Sendable {
         }
     }
 
+    /// Every version (of `name`, or of every model), by name and version, with its aliases.
     public func list(name: String?) async throws -> [Stockpot_V1_ModelVersion] {
         try await database.read { [self] tx in
             try await fetchVersions(tx, name: name)

@@ -64,6 +64,7 @@ public final class Fleet: @unchecked Sendable {
 
     private func pid(_ name: String) -> Int32? { lock.withLock { processes[name]?.process.processIdentifier } }
 
+    /// Where `name`'s output goes.
     public func logURL(_ name: String) -> URL { logs.appendingPathComponent("\(name).log") }
 
     /// The exit status of a process that has ended, or nil while it runs.
@@ -72,6 +73,7 @@ public final class Fleet: @unchecked Sendable {
         return p.terminationStatus
     }
 
+    /// Kills `name` with SIGKILL (no drain) and waits for it to end.
     public func kill(_ name: String) {
         guard let pid = pid(name) else { return }
         _ = Foundation.kill(pid, SIGKILL)
@@ -79,9 +81,12 @@ public final class Fleet: @unchecked Sendable {
         log("killed \(name) (pid \(pid))")
     }
 
+    /// Stops `name` with SIGSTOP: alive, answering nothing.
     public func pause(_ name: String) { if let pid = pid(name) { _ = Foundation.kill(pid, SIGSTOP); log("paused \(name)") } }
+    /// Lets a paused `name` run again (SIGCONT).
     public func resume(_ name: String) { if let pid = pid(name) { _ = Foundation.kill(pid, SIGCONT); log("resumed \(name)") } }
 
+    /// Starts `name` again with the arguments it was first started with.
     public func restart(_ name: String) throws {
         guard let (arguments, niceness, level) = lock.withLock({ processes[name].map { ($0.arguments, $0.niceness, $0.logLevel) } }) else { return }
         try start(name, arguments, niceness: niceness, logLevel: level)
@@ -132,6 +137,7 @@ public final class Fleet: @unchecked Sendable {
         }
     }
 
+    /// Terminates every process (SIGTERM: a graceful drain) and waits for them.
     public func stopAll() {
         let all = lock.withLock { processes.values.map(\.process) }
         for p in all where p.isRunning {

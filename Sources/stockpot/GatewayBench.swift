@@ -131,9 +131,12 @@ struct GatewayBench: AsyncParsableCommand {
         let registry = ["--registry", address(0), "--cache", dir.appendingPathComponent("cache").path]
         // Scorer replicas: the first on its usual port, the others after the gateway's.
         let scorerPorts = [p[2]] + (1..<scorerReplicas).map { p[5] + $0 }
+        // One replica keeps the names of a run without replicas (its log, its cache of downloaded models).
+        func scorerName(_ i: Int) -> String { scorerReplicas == 1 ? "scorer" : "scorer-\(i + 1)" }
         for (i, port) in scorerPorts.enumerated() {
-            try fleet.start("scorer-\(i + 1)", ["--port", "\(port)", "--workers", "2", "--registry", address(0),
-                                                "--cache", dir.appendingPathComponent("cache-scorer-\(i + 1)").path])
+            let cache = scorerReplicas == 1 ? "cache" : "cache-scorer-\(i + 1)"
+            try fleet.start(scorerName(i), ["--port", "\(port)", "--workers", "2", "--registry", address(0),
+                                            "--cache", dir.appendingPathComponent(cache).path])
         }
         try fleet.start("corrector", ["--port", "\(p[3])", "--workers", "2", "--crowds", options.gateway.correctedCrowds.sorted().joined(separator: ",")] + registry)
         try fleet.start("fusion", ["--port", "\(p[4])"] + registry)
@@ -142,7 +145,7 @@ struct GatewayBench: AsyncParsableCommand {
             try await fleet.waitServing(name, at: address(i + 1), timeout: .seconds(180))
         }
         for (i, port) in scorerPorts.enumerated() {
-            try await fleet.waitServing("scorer-\(i + 1)", at: "127.0.0.1:\(port)", timeout: .seconds(180))
+            try await fleet.waitServing(scorerName(i), at: "127.0.0.1:\(port)", timeout: .seconds(180))
         }
         let scorers = scorerPorts.map { "127.0.0.1:\($0)" }.joined(separator: ",")
         try fleet.start("gateway", ["--port", "\(p[5])", "--features", address(1), "--scorer", scorers, "--corrector", address(3),

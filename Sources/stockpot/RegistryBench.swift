@@ -65,7 +65,7 @@ extension RegistryCommand {
                         throw ValidationError("\(db) exists: bench-store fills the registry it measures; give a folder that does not exist")
                     }
                     defer { try? FileManager.default.removeItem(atPath: db) }
-                    Console.out(try await measure(try RegistryStore(root: URL(fileURLWithPath: db)), name: "SQLite (\(db))"))
+                    Console.out(try await measure(try await RegistryStore.open(root: URL(fileURLWithPath: db)), name: "SQLite (\(db))"))
                 }
             }
         }

@@ -174,6 +174,10 @@ import StockpotServing
                 let ref = (db?["valueFrom"] as? [String: Any])?["secretKeyRef"] as? [String: Any]
                 #expect(ref?["name"] as? String == Self.name(database) && ref?["key"] as? String == "url", "\(layer): database from the secret")
             }
+            let spread = (pod["topologySpreadConstraints"] as? [[String: Any]])?.first
+            #expect(spread?["topologyKey"] as? String == "kubernetes.io/hostname", "\(layer): replicas not spread over nodes")
+            let pdb = try #require(find("PodDisruptionBudget", "stockpot-\(layer)"), "\(layer): no PodDisruptionBudget")
+            #expect((pdb["spec"] as? [String: Any])?["maxUnavailable"] as? Int == 1)
             let svc = try #require(find("Service", "stockpot-\(layer)"), "\(layer): no Service")
             let svcSpec = try #require(svc["spec"] as? [String: Any])
             #expect(svcSpec["clusterIP"] as? String == "None", "\(layer): the Service is not headless")

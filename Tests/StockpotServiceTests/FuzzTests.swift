@@ -233,7 +233,7 @@ struct MalformedFeatures: Error { var problem: String }
     @Test func registryRequests() async throws {
         let root = temporaryDirectory("fuzz-registry")
         defer { try? FileManager.default.removeItem(at: root) }
-        let service = RegistryService(store: try RegistryStore(root: root))
+        let service = RegistryService(store: try await RegistryStore.open(root: root))
         let handlers = RegistryHandlers()
         let bytes: [UInt8] = Array("model".utf8)
         _ = try await handlers.upload(service, [handlers.header([("model.json", bytes)]), handlers.chunk("model.json", bytes)])

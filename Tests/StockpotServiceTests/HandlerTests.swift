@@ -637,7 +637,7 @@ import Synchronization
 
     @Test func uploadAliasDownloadRoundTrip() async throws {
         let root = temporaryDirectory("registry")
-        let service = RegistryService(store: try RegistryStore(root: root))
+        let service = RegistryService(store: try await RegistryStore.open(root: root))
         let a: [UInt8] = Array("model".utf8), b: [UInt8] = (0..<1000).map { UInt8($0 % 251) }
         let v1 = try await upload(service, [header([("model.json", a), ("w/weights.bin", b)]), chunk("model.json", a),
                                             chunk("w/weights.bin", Array(b[0..<400])), chunk("w/weights.bin", Array(b[400...]))])
@@ -660,7 +660,7 @@ import Synchronization
 
     @Test func corruptOrMalformedUploadsLeaveNothing() async throws {
         let root = temporaryDirectory("registry")
-        let service = RegistryService(store: try RegistryStore(root: root))
+        let service = RegistryService(store: try await RegistryStore.open(root: root))
         let a: [UInt8] = Array("model".utf8)
         #expect(await expectStatus(.dataLoss, mentioning: "sha256") {
             try await upload(service, [header([("model.json", a)]), chunk("model.json", Array("mod3l".utf8))])
@@ -684,7 +684,7 @@ import Synchronization
     }
 
     @Test func badReferences() async throws {
-        let service = RegistryService(store: try RegistryStore(root: temporaryDirectory("registry")))
+        let service = RegistryService(store: try await RegistryStore.open(root: temporaryDirectory("registry")))
         #expect(await expectStatus(.invalidArgument, mentioning: "not a model reference") {
             try await withContext { try await service.getVersion(request: .with { $0.ref = "legacy" }, context: $0) }
         })

@@ -39,7 +39,7 @@ func withRegistry<T: Sendable>(root: URL, access: AccessControl,
             try await withRegistryServer(store: store, access: access, body)
         }
     }
-    return try await withRegistryServer(store: try RegistryStore(root: root), access: access, body)
+    return try await withRegistryServer(store: try await RegistryStore.open(root: root), access: access, body)
 }
 
 func withRegistryServer<T: Sendable>(store: RegistryStore, access: AccessControl,
@@ -63,8 +63,8 @@ func withPostgresRegistryStore<T: Sendable>(root: URL, schema: String? = nil, sw
     let db = try PostgresRegistryDatabase(url: url, schema: schema, sweep: sweep, logger: quietLogger)
     let store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: root))
     return try await whileRunning([db.client, RegistryChangeFollower(store: store)]) {
-        try await store.prepare()
         do {
+            try await store.prepare()
             let result = try await body(store)
             if owned { try await db.client.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(schema) CASCADE")) }
             return result
@@ -605,7 +605,7 @@ func artifact(_ content: String) -> URL {
     @Test func declaredSizesThatOverflowAreRefused() async throws {
         let root = temporaryDirectory("registry-overflow")
         defer { try? FileManager.default.removeItem(at: root) }
-        let service = RegistryService(store: try RegistryStore(root: root))
+        let service = RegistryService(store: try await RegistryStore.open(root: root))
         let handlers = RegistryHandlers()
         var header = handlers.header([("a", [1]), ("b", [2])])
         header.header.files[0].size = 1 << 62
@@ -677,10 +677,13 @@ func artifact(_ content: String) -> URL {
         let root = temporaryDirectory("registry-crash")
         defer { try? FileManager.default.removeItem(at: root) }
         let data = root.appendingPathComponent("registry")
+        // On PostgreSQL: a schema of its own, artifacts in the same folder as on SQLite.
+        let schema = "test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+        let onPostgres = registryOnPostgres ? ["--database", try #require(postgresURL), "--schema", schema, "--artifacts", data.path] : []
         func start(fault: Bool) throws -> (Process, Int) {
             let p = Process()
             p.executableURL = Executables.folder.appendingPathComponent("stockpot-registry")
-            p.arguments = ["--port", "0", "--data", data.path, "--open-writes", "--log-level", "error"]
+            p.arguments = ["--port", "0", "--data", data.path, "--open-writes", "--log-level", "error"] + onPostgres
             var env = ProcessInfo.processInfo.environment
             if fault { env["STOCKPOT_REGISTRY_FAULT"] = "exit-after-move" } else { env.removeValue(forKey: "STOCKPOT_REGISTRY_FAULT") }
             p.environment = env

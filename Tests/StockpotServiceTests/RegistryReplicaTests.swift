@@ -37,11 +37,19 @@ struct RegistryReplicas {
             let wakes = Mutex(0)
             let counting = Task { for await _ in wakeUps { wakes.withLock { $0 += 1 } } }
             defer { counting.cancel() }
-            try await Task.sleep(for: .milliseconds(300)) // the listener's start-up wake-up, if any, is counted
-            let before = wakes.withLock { $0 }
+            // Until A has been quiet for a second: its own registration's notice and its listener's start-up
+            // wake-up are behind us.
+            var before = wakes.withLock { $0 }
+            while true {
+                try await Task.sleep(for: .seconds(1))
+                let now = wakes.withLock { $0 }
+                if now == before { break }
+                before = now
+            }
             _ = try await b.move([ModelReference(name: "m", selector: .version(1))], alias: "production", expect: 0,
                                  by: .init(actor: "ci", reason: "test", action: "promote"))
-            try await waitFor(timeout: .seconds(5)) { wakes.withLock { $0 } > before }
+            let quiet = before
+            try await waitFor(timeout: .seconds(5)) { wakes.withLock { $0 } > quiet }
             #expect(try await a.resolve(ModelReference(name: "m", selector: .alias("production")))?.version == 1)
             // B reads the files A published.
             let read = Mutex(Data())
@@ -80,6 +88,45 @@ struct RegistryReplicas {
             #expect(outcomes.filter { $0 }.count == 1)
             let history = try await a.history(name: "m", alias: "canary", atMs: nil, limit: nil)
             #expect(history.count == 1)
+            // Unguarded moves of one alias from both replicas at once: every one recorded, as one unbroken chain
+            // (each move's previous version is the version the move before it set), ending where the alias is.
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<12 {
+                    group.addTask {
+                        _ = try await (i % 2 == 0 ? a : b).move([ModelReference(name: "m", selector: .version(Int64(i + 1)))], alias: "shadow",
+                                                                expect: nil, by: .init(actor: "ci", reason: "chain \(i)", action: "set"))
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let chain = try await b.history(name: "m", alias: "shadow", atMs: nil, limit: nil)
+            #expect(chain.count == 12)
+            #expect(chain.first?.previousVersion == 0)
+            for (earlier, later) in zip(chain, chain.dropFirst()) { #expect(later.previousVersion == earlier.version, "\(later.reason)") }
+            #expect(try await a.resolve(ModelReference(name: "m", selector: .alias("shadow")))?.version == chain.last?.version)
+        }
+    }
+
+    @Test func anArtifactFolderOfAnotherRegistryIsRefusedAndKept() async throws {
+        try await withTwoReplicas { a, _, root in
+            let handlers = RegistryHandlers()
+            let bytes: [UInt8] = Array("weights".utf8)
+            _ = try await handlers.upload(RegistryService(store: a, access: .open), [handlers.header([("model.json", bytes)]), handlers.chunk("model.json", bytes)])
+            // The same folder with another schema (a new, empty registry): refused, nothing deleted.
+            do {
+                _ = try await withPostgresRegistryStore(root: root) { _ in Issue.record("a registry on another schema started on this folder") }
+            } catch {
+                #expect("\(error)".contains("holds no registry"), "\(error)")
+            }
+            // A SQLite registry on the same folder: refused too.
+            do {
+                let other = try RegistryStore.embedded(root: root.appendingPathComponent("sqlite-2"), artifacts: root)
+                try await other.prepare()
+                Issue.record("a SQLite registry started on a PostgreSQL registry's folder")
+            } catch {
+                #expect("\(error)".contains("holds no registry"), "\(error)")
+            }
+            #expect(FileManager.default.fileExists(atPath: root.appendingPathComponent("artifacts/m/1/model.json").path))
         }
     }
 

@@ -49,10 +49,13 @@ struct ReplicaProcesses {
         let fleet = Fleet(bin: Executables.folder, logs: root, log: { _ in })
         defer { fleet.stopAll() }
 
-        // Two registry replicas: one schema, one artifact folder.
+        defer { dropSchema(schema, url: url) }
+
+        // Two registry replicas: one schema, one artifact folder. Their timed wake-up of watchers is set to 10
+        // minutes: only a change notice can carry a promotion from one to the other within the test.
         for r in ["registry-1", "registry-2"] {
             try fleet.start(r, ["--port", "0", "--database", url, "--schema", schema, "--data", root.appendingPathComponent(r).path,
-                                "--artifacts", root.appendingPathComponent("artifacts").path, "--open-writes"])
+                                "--artifacts", root.appendingPathComponent("artifacts").path, "--open-writes", "--change-sweep-seconds", "600"])
         }
         var registries: [String] = []
         for r in ["registry-1", "registry-2"] {
@@ -138,17 +141,17 @@ struct ReplicaProcesses {
                     for scorer in scorers {
                         try await withGRPCClient(transport: try ServiceClient.transport(target: scorer)) { c in
                             let s = Stockpot_V1_ScorerService.Client(wrapping: c)
-                            // Well within the registries' 15 s sweep: only the change notice explains it.
-                            let until = ContinuousClock.now + .seconds(5)
+                            // Their poll and the registries' sweep are 10 minutes: only the change notice explains it.
+                            let until = ContinuousClock.now + .seconds(20)
                             var version: Int64 = 0
                             while version != 2 && ContinuousClock.now < until {
                                 version = (try? await s.score(.with { $0.userID = 1; $0.candidates = .with { $0.ids = [101] } }))?.model.version ?? 0
                                 if version != 2 { try await Task.sleep(for: .milliseconds(100)) }
                             }
-                            #expect(version == 2, "scorer \(scorer) still serves legacy:\(version) 5 s after the promotion")
+                            #expect(version == 2, "scorer \(scorer) still serves legacy:\(version) 20 s after the promotion")
                         }
                     }
-                    try await waitForAsync(timeout: .seconds(5)) {
+                    try await waitForAsync(timeout: .seconds(20)) {
                         let r = try? await rank.rank(request(1))
                         return r.map { versions($0)["scorer"] == 2 && versions($0)["corrector"] == 2 && $0.degraded.isEmpty } ?? false
                     }
@@ -199,6 +202,19 @@ struct ReplicaProcesses {
         }
         return out
     }
+}
+
+/// Drops a test schema (the throw-away cluster's; best effort).
+func dropSchema(_ schema: String, url: String) {
+    guard let u = URLComponents(string: url), let port = u.port else { return }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = ["psql", "-h", u.host ?? "127.0.0.1", "-p", "\(port)", "-U", u.user ?? "postgres", "-d", String(u.path.dropFirst()),
+                   "-qc", "DROP SCHEMA IF EXISTS \(schema) CASCADE"]
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    try? p.run()
+    p.waitUntilExit()
 }
 
 /// Polls an async `condition` every 100 ms until it holds, or fails after `timeout`.

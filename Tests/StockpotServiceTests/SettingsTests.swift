@@ -156,6 +156,27 @@ import Testing
         #expect(gateway.servingLog?.directory.path == "/data/serving-log")
     }
 
+    /// The Kubernetes base's env files (deploy/k8s/config) build every service's App, with the database from the
+    /// secret the Deployment adds.
+    @Test func kubernetesEnvFilesResolve() async throws {
+        func env(_ name: String, _ extra: [String: String] = [:]) throws -> [String: String] {
+            try Deployment.env("deploy/k8s/config/\(name).env").merging(extra) { _, new in new }
+        }
+        let url = "postgres://stockpot:pw@stockpot-postgres:5432/stockpot"
+        let registry = try await RegistryApp(settings: ServiceSettings(service: "registry", environment: try env("registry", ["STOCKPOT_REGISTRY_DATABASE": url])))
+        #expect(registry.database == url && registry.artifactsDirectory?.path == "/data/artifacts" && registry.tokensFile != nil && registry.port == 50051)
+        let features = try await FeaturesApp(settings: ServiceSettings(service: "features", environment: try env("features", ["STOCKPOT_FEATURES_DATABASE": url])))
+        #expect(features.databasePath == url && features.port == 50052)
+        let scorer = try await ScorerApp(settings: ServiceSettings(service: "scorer", environment: try env("scorer")))
+        #expect(scorer.registry.address == "stockpot-registry:50051" && scorer.port == 50053)
+        let corrector = try await CorrectorApp(settings: ServiceSettings(service: "corrector", environment: try env("corrector")))
+        #expect(corrector.crowds == ["tail"] && corrector.port == 50054)
+        let fusion = try await FusionApp(settings: ServiceSettings(service: "fusion", environment: try env("fusion")))
+        #expect(fusion.config == "fusion@production" && fusion.port == 50055)
+        let gateway = try await GatewayApp(settings: ServiceSettings(service: "gateway", environment: try env("gateway")))
+        #expect(gateway.scorer == "stockpot-scorer:50053" && gateway.port == 50056)
+    }
+
     @Test func jsonLogLinesCarryMetadata() {
         let lines = Locked([String]())
         var handler = JSONLogHandler(label: "t", write: { line in lines { $0.append(line) } })

@@ -12,7 +12,9 @@ struct RegistryCommand: AsyncParsableCommand {
     @Option(help: "Folder for registry.sqlite and artifacts (env STOCKPOT_REGISTRY_DATA).") var data: String?
     @Option(help: "Metadata on PostgreSQL, postgres://user[:password]@host[:port]/database, shared by registry replicas (default: registry.sqlite under --data; env STOCKPOT_REGISTRY_DATABASE).")
     var database: String?
-    @Option(help: "PostgreSQL schema for the registry's tables (default stockpot).") var schema: String?
+    @Option(help: "PostgreSQL schema for the registry's tables (default stockpot; env STOCKPOT_REGISTRY_SCHEMA).") var schema: String?
+    @Option(help: "With --database: seconds between wake-ups of the alias watchers without a change notice (default 15; env STOCKPOT_REGISTRY_CHANGE_SWEEP_SECONDS).")
+    var changeSweepSeconds: Int?
     @Option(help: "Folder holding artifacts/ (default: --data); with --database, one every replica mounts (env STOCKPOT_REGISTRY_ARTIFACTS).")
     var artifacts: String?
     @Option(help: "JSON file of write tokens and their roles (create entries with `stockpot registry token`; env STOCKPOT_REGISTRY_TOKENS_FILE).")
@@ -27,6 +29,7 @@ struct RegistryCommand: AsyncParsableCommand {
         flags.set("data", data)
         flags.set("database", database)
         flags.set("schema", schema)
+        flags.set("change-sweep-seconds", changeSweepSeconds)
         flags.set("artifacts", artifacts)
         flags.set("tokens-file", tokensFile)
         flags.set("open-writes", flag: openWrites)
