@@ -96,10 +96,11 @@ public enum Postgres {
                               reset: @escaping @Sendable () -> Void, notice: @escaping @Sendable (String) -> Void) async {
         var backoff: Duration = .milliseconds(100)
         while !Task.isCancelled {
-            let since = ContinuousClock.now
+            var connectedAt: ContinuousClock.Instant?
             do {
                 try await client.withConnection { connection in
                     try await connection.listen(on: channel) { notifications in
+                        connectedAt = ContinuousClock.now
                         reset()
                         for try await n in notifications { notice(n.payload) }
                     }
@@ -110,7 +111,7 @@ public enum Postgres {
             }
             reset()
             // A connection that lasted 30 s was healthy: start the backoff over.
-            if ContinuousClock.now - since > .seconds(30) { backoff = .milliseconds(100) }
+            if let connectedAt, ContinuousClock.now - connectedAt > .seconds(30) { backoff = .milliseconds(100) }
             try? await Task.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(5))
         }

@@ -30,14 +30,15 @@ public protocol ArtifactStore: Sendable {
               _ chunk: (Data) async throws -> Void) async throws
     /// The id of the metadata store this artifact store belongs to; nil when none was recorded yet.
     func storeID() throws -> String?
-    /// Records the metadata store's id, durably.
-    func setStoreID(_ id: String) throws
+    /// Records `id` as the metadata store's, durably, unless the store already carries one (written meanwhile by
+    /// another process, say); returns the id it carries now.
+    func claim(_ id: String) throws -> String
     /// Every published version, as `name/version`.
     func publishedVersions() throws -> Set<String>
-    /// Removes what no recorded version refers to: published versions not in `recorded` (`name/version`), and
-    /// staged uploads — all of them, or with `stagedIdle`, only those untouched for that long (another replica
-    /// may be receiving one). Called under the metadata write lock, so no publish is half-way.
-    func removeLeftovers(recorded: Set<String>, stagedIdle: Duration?) throws
+    /// Removes the published `versions` (`name/version`: what a crash between a publish and its commit left)
+    /// and staged uploads — all of them, or with `stagedIdle`, only those untouched for that long (another
+    /// replica may be receiving one). Called under the metadata write lock, so no publish is half-way.
+    func removeLeftovers(versions: Set<String>, stagedIdle: Duration?) throws
 }
 
 /// A file a recorded version lists is not in the artifact store.
@@ -104,19 +105,27 @@ public struct LocalArtifactStore: ArtifactStore {
 
     public func storeID() throws -> String? {
         guard FileManager.default.fileExists(atPath: storeIDFile.path) else { return nil }
-        return try String(contentsOf: storeIDFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let id = try String(contentsOf: storeIDFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !id.isEmpty else { throw ArtifactStoreError(description: "\(storeIDFile.path) is empty: it should name the registry that owns this folder") }
+        return id
     }
 
-    public func setStoreID(_ id: String) throws {
+    public func claim(_ id: String) throws -> String {
+        // Written whole to a temporary file, then linked into place: link(2) fails if the id file exists, so of
+        // two processes claiming at once exactly one wins, and the other reads the winner's id.
         let temporary = artifacts.appendingPathComponent(".store-id.\(UUID().uuidString)")
         try Data((id + "\n").utf8).write(to: temporary)
+        defer { try? FileManager.default.removeItem(at: temporary) }
         try Durability.sync(temporary)
-        guard rename(temporary.path, storeIDFile.path) == 0 else {
+        if link(temporary.path, storeIDFile.path) != 0 {
             let code = errno
-            try? FileManager.default.removeItem(at: temporary)
-            throw ArtifactStoreError(description: "cannot record the store id in \(storeIDFile.path): \(String(cString: strerror(code)))")
+            guard code == EEXIST, let existing = try storeID() else {
+                throw ArtifactStoreError(description: "cannot record the store id in \(storeIDFile.path): \(String(cString: strerror(code)))")
+            }
+            return existing
         }
         try Durability.sync(artifacts)
+        return id
     }
 
     public func publishedVersions() throws -> Set<String> {
@@ -143,7 +152,7 @@ public struct LocalArtifactStore: ArtifactStore {
         }
     }
 
-    public func removeLeftovers(recorded: Set<String>, stagedIdle: Duration?) throws {
+    public func removeLeftovers(versions: Set<String>, stagedIdle: Duration?) throws {
         let fm = FileManager.default
         let now = Date()
         for leftover in (try? fm.contentsOfDirectory(atPath: incoming.path)) ?? [] {
@@ -155,7 +164,7 @@ public struct LocalArtifactStore: ArtifactStore {
             }
             try? fm.removeItem(at: url)
         }
-        for leftover in try publishedVersions().subtracting(recorded) {
+        for leftover in versions {
             try? fm.removeItem(at: artifacts.appendingPathComponent(leftover))
         }
     }

@@ -65,10 +65,9 @@ public struct RegistryApp {
     public func build(logger: Logger) throws -> (server: ServiceServer, services: [any Service]) {
         let store: RegistryStore
         var before: [any Service] = []
-        let artifacts = try LocalArtifactStore(root: artifactsDirectory ?? dataDirectory)
         if let database {
             let db = try PostgresRegistryDatabase(url: database, schema: schema, sweep: changeSweep, logger: logger)
-            store = RegistryStore(database: db, artifacts: artifacts, afterMoveHook: afterMoveHook)
+            store = RegistryStore(database: db, artifacts: try LocalArtifactStore(root: artifactsDirectory ?? dataDirectory), afterMoveHook: afterMoveHook)
             before = [db.client]
             if artifactsDirectory == nil {
                 logger.warning("metadata on PostgreSQL with artifacts under --data (\(dataDirectory.path)): other registry replicas cannot read them unless they mount that folder; set --artifacts to the shared folder")

@@ -4,6 +4,7 @@ import Logging
 import PostgresNIO
 import ServiceLifecycle
 import StockpotPostgres
+import StockpotServing
 import Synchronization
 
 /// A value bound to, or read from, a registry query: the registry's tables hold integers and text only.
@@ -136,7 +137,7 @@ final class SQLiteRegistryDatabase: RegistryDatabase {
         try migrateNow()
     }
 
-    /// The migrations, synchronously (the embedded store is ready when its initialiser returns).
+    /// The migrations, synchronously (so that no request finds the tables missing; `prepare()` still runs).
     func migrateNow() throws {
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
@@ -331,10 +332,12 @@ public final class PostgresRegistryDatabase: RegistryDatabase {
         try await transaction(first: ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"], body)
     }
 
-    /// Waits at most `lockTimeout` for the other writers (then fails, naming the timeout) rather than forever.
+    /// Waits at most `lockTimeout` for the other writers, then fails UNAVAILABLE (retry later), rather than forever.
     public func write<T: Sendable>(_ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
-        try await transaction(first: ["SET LOCAL lock_timeout = '\(lockTimeout.components.seconds)s'",
-                                      "SELECT pg_advisory_xact_lock(hashtext('\(schema).registry'))"], body)
+        // Read committed whatever the server's default: each statement sees what the writers before it committed.
+        let ms = max(1, lockTimeout.components.seconds * 1000 + lockTimeout.components.attoseconds / 1_000_000_000_000_000)
+        return try await transaction(first: ["SET TRANSACTION ISOLATION LEVEL READ COMMITTED", "SET LOCAL lock_timeout = \(ms)",
+                                             "SELECT pg_advisory_xact_lock(hashtext('\(schema).registry'))"], body)
     }
 
     private func transaction<T: Sendable>(first: [String], _ body: @escaping @Sendable (any RegistrySQL) async throws -> T) async throws -> T {
@@ -348,7 +351,12 @@ public final class PostgresRegistryDatabase: RegistryDatabase {
                 }
             }.value
         } catch {
-            throw Postgres.readable(error)
+            let readable = Postgres.readable(error)
+            if let p = (error as? PostgresTransactionError)?.closureError as? PSQLError ?? error as? PSQLError,
+               p.serverInfo?[.sqlState] == "55P03" {
+                throw Status.unavailable("the registry is busy: another writer held its lock for \(lockTimeout); retry later (\(readable))")
+            }
+            throw readable
         }
     }
 
@@ -434,6 +442,9 @@ struct PostgresSQL: RegistrySQL {
 /// A lock held across awaits, granted in arrival order.
 final class AsyncLock: Sendable {
     private let state = Mutex<(locked: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    /// Callers waiting for the lock.
+    var waiting: Int { state.withLock { $0.waiters.count } }
 
     func lock() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in

@@ -27,6 +27,8 @@ public final class RegistryStore: Sendable {
     public let moveSignal = MoveSignal()
     /// Test hook: called after an upload's files are published and before the metadata commit.
     let afterMoveHook: @Sendable () -> Void
+    /// Set once `prepare()` has run.
+    private let prepared = ReadinessFlag(done: false)
 
     /// The embedded default, prepared: `registry.sqlite` and `artifacts/` under `root`.
     public static func open(root: URL, afterMoveHook: @escaping @Sendable () -> Void = {}) async throws -> RegistryStore {
@@ -54,60 +56,80 @@ public final class RegistryStore: Sendable {
     /// How long a staged upload on a shared artifact store may sit untouched before a starting replica removes it.
     public static let abandonedUpload: Duration = .seconds(3_600)
 
-    /// Applies the database's migrations; checks that the artifact store belongs to this database (recording
-    /// the pairing on first use); then removes artifacts no recorded version refers to. All under the write lock,
-    /// so no replica is between a publish and its commit meanwhile.
+    /// Applies the database's migrations; checks that the artifact store belongs to this database (pairing them
+    /// on first use: the database's id committed first, then the folder stamped); then removes what a crash
+    /// between a publish and its commit left. The checks and the cleanup run under the write lock, so no replica
+    /// is between a publish and its commit meanwhile. Until this returns, every other call is UNAVAILABLE.
     public func prepare() async throws {
         try await database.migrate()
         let (artifacts, shared, order) = (self.artifacts, database.isShared, database.registrationOrder)
         let description = database.description
-        try await database.write { tx in
-            let recorded = Set(try await tx.rows("SELECT name, version FROM versions ORDER BY \(order)").map {
-                "\(try $0.text("name"))/\(try $0.int("version"))"
-            })
+        @Sendable func recordedVersions(_ tx: any RegistrySQL) async throws -> Set<String> {
+            Set(try await tx.rows("SELECT name, version FROM versions ORDER BY \(order)").map { "\(try $0.text("name"))/\(try $0.int("version"))" })
+        }
+        let id = try await database.write { tx -> String in
+            let recorded = try await recordedVersions(tx)
             let known = try await tx.rows("SELECT value FROM meta WHERE key = 'store_id'").first?.text("value")
-            let id = try await OwnThread.run(name: "stockpot.registry.prepare") { () -> String? in
-                let id = try Self.pair(artifacts, databaseID: known, recorded: recorded, database: description)
-                try artifacts.removeLeftovers(recorded: recorded, stagedIdle: shared ? Self.abandonedUpload : nil)
-                return id
+            let (folderID, published) = try await OwnThread.run(name: "stockpot.registry.prepare") { (try artifacts.storeID(), try artifacts.publishedVersions()) }
+            let id = try Self.pair(databaseID: known, folderID: folderID, recorded: recorded, published: published,
+                                   artifacts: artifacts.description, database: description)
+            if known == nil { try await tx.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", id) }
+            return id
+        }
+        let claimed = try await OwnThread.run(name: "stockpot.registry.prepare") { try artifacts.claim(id) }
+        guard claimed == id else {
+            throw ArtifactStoreError(description: "\(artifacts.description) was claimed by registry \(claimed) meanwhile; \(description) is registry \(id): point --database/--schema and --artifacts at the same registry")
+        }
+        try await database.write { tx in
+            let leftovers = Self.leftovers(published: try await OwnThread.run { try artifacts.publishedVersions() }, recorded: try await recordedVersions(tx))
+            try await OwnThread.run(name: "stockpot.registry.prepare") {
+                try artifacts.removeLeftovers(versions: leftovers, stagedIdle: shared ? Self.abandonedUpload : nil)
             }
-            if let id, id != known { try await tx.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", id) }
+        }
+        prepared.markDone()
+    }
+
+    /// Refuses work until `prepare()` has run.
+    private func checkPrepared() throws {
+        guard prepared.isDone else {
+            throw Status.unavailable("the registry is starting (migrations, artifact folder check); retry shortly")
         }
     }
 
-    /// The store id both sides should carry, after checking that `artifacts` belongs to the database (id
-    /// `databaseID`, holding `recorded`). Throws, touching nothing, when they belong to different registries:
-    /// cleaning up then would delete another registry's versions.
-    static func pair(_ artifacts: any ArtifactStore, databaseID: String?, recorded: Set<String>, database: String) throws -> String {
-        let folderID = try artifacts.storeID()
-        let published = try artifacts.publishedVersions()
-        switch (databaseID, folderID) {
-        case (nil, nil):
-            // First use of both (or a registry from before the pairing): pair them now, unless the folder holds
-            // versions and the database none (another registry's folder).
-            guard !recorded.isEmpty || published.isEmpty else {
-                throw ArtifactStoreError(description: "\(artifacts.description) holds \(published.count) versions, but \(database) holds no registry: point --artifacts at an empty folder, or --database at the registry that wrote them")
-            }
-            let id = UUID().uuidString.lowercased()
-            try artifacts.setStoreID(id)
-            return id
-        case (let d?, nil):
-            guard published.isSubset(of: recorded) else {
-                throw ArtifactStoreError(description: "the artifacts in \(artifacts.description) were not written by the registry on \(database) (no store id, and versions it does not record): point --artifacts at that registry's folder, or an empty one")
-            }
-            try artifacts.setStoreID(d)
-            return d
-        case (nil, let f?):
-            guard !recorded.isEmpty || published.isEmpty else {
-                throw ArtifactStoreError(description: "\(artifacts.description) belongs to registry \(f), but \(database) holds no registry: a new database, or another --schema? Point both at the same registry, or --artifacts at an empty folder")
-            }
-            return f
-        case (let d?, let f?):
-            guard d == f else {
-                throw ArtifactStoreError(description: "\(artifacts.description) belongs to registry \(f), but \(database) is registry \(d): point --database/--schema and --artifacts at the same registry")
-            }
-            return d
+    /// Published versions a crash between a publish and its commit can have left: per model, the version after
+    /// the newest recorded one (the number the next registration takes, and replaces).
+    static func leftovers(published: Set<String>, recorded: Set<String>) -> Set<String> {
+        var newest: [String: Int64] = [:]
+        for r in recorded {
+            let parts = r.split(separator: "/")
+            if parts.count == 2, let v = Int64(parts[1]) { newest[String(parts[0]), default: 0] = max(newest[String(parts[0]), default: 0], v) }
         }
+        return published.subtracting(recorded).filter { p in
+            let parts = p.split(separator: "/")
+            guard parts.count == 2, let v = Int64(parts[1]) else { return false }
+            return v == (newest[String(parts[0])] ?? 0) + 1
+        }
+    }
+
+    /// The store id both sides should carry, after checking that the artifact folder (`folderID`, holding
+    /// `published`) belongs to the database (`databaseID`, recording `recorded`). Throws when they belong to
+    /// different registries, or the folder is not the database's (versions it does not record beyond crash
+    /// leftovers; none of its versions present): cleaning up or serving then would delete or lose versions.
+    static func pair(databaseID: String?, folderID: String?, recorded: Set<String>, published: Set<String>,
+                     artifacts: String, database: String) throws -> String {
+        if let f = folderID, databaseID != f {
+            throw ArtifactStoreError(description: databaseID == nil
+                ? "\(artifacts) belongs to registry \(f), but \(database) holds none: a new database, or another --schema? Point --database/--schema and --artifacts at the same registry, or --artifacts at an empty folder"
+                : "\(artifacts) belongs to registry \(f), but \(database) is registry \(databaseID!): point --database/--schema and --artifacts at the same registry")
+        }
+        let foreign = published.subtracting(recorded).subtracting(leftovers(published: published, recorded: recorded))
+        guard foreign.isEmpty else {
+            throw ArtifactStoreError(description: "\(artifacts) holds \(foreign.count) versions that \(database) does not record (e.g. \(foreign.sorted().first!)): it is another registry's folder; point --artifacts at this registry's folder, or an empty one")
+        }
+        guard recorded.isEmpty || !recorded.isDisjoint(with: published) else {
+            throw ArtifactStoreError(description: "none of the \(recorded.count) versions \(database) records is in \(artifacts): a wrong --artifacts, or a volume not mounted?")
+        }
+        return databaseID ?? UUID().uuidString.lowercased()
     }
 
     /// Wakes this replica's watchers whenever another replica commits a change, until cancelled.
@@ -127,6 +149,7 @@ public final class RegistryStore: Sendable {
 
     /// The newest registration's position (of `name`, or overall): where a watcher starts following registrations.
     public func newestRegistration(name: String?) async throws -> Int64 {
+        try checkPrepared()
         let order = database.registrationOrder
         return try await database.read { tx in
             name == nil
@@ -138,6 +161,7 @@ public final class RegistryStore: Sendable {
     /// Versions registered after position `after` (of `name`, or of every model), oldest first, at most `limit`,
     /// with the newest position.
     public func registrations(after: Int64, name: String?, limit: Int = 100) async throws -> ([Stockpot_V1_ModelVersion], Int64) {
+        try checkPrepared()
         let order = database.registrationOrder
         return try await database.read { [self] tx in
             let rows = name == nil
@@ -152,13 +176,17 @@ public final class RegistryStore: Sendable {
     }
 
     /// A fresh staging folder for an upload in progress.
-    public func incomingFolder() throws -> URL { try artifacts.stage() }
+    public func incomingFolder() throws -> URL {
+        try checkPrepared()
+        return try artifacts.stage()
+    }
 
     /// Records a verified upload as the next version of `name` and publishes its files.
     ///
     /// Lineage references given as `name@alias` are resolved to the version they point at now; every reference
     /// must name an existing version. A corrector must say which legacy version it was trained on.
     public func commit(header: Stockpot_V1_RegisterHeader, files incoming: URL, actor: String) async throws -> Stockpot_V1_ModelVersion {
+        try checkPrepared()
         // The name is a folder of the artifact store: never `.`, `..` or hidden (checked by the service too).
         guard ModelReference.isValidName(header.name) else { throw Status.invalidArgument("name '\(header.name)' is invalid") }
         let metadata = String(decoding: try JSONEncoder().encode(header.metadata), as: UTF8.self)
@@ -264,7 +292,8 @@ public final class RegistryStore: Sendable {
 
     /// The version a reference points at, or nil.
     public func resolve(_ ref: ModelReference) async throws -> Stockpot_V1_ModelVersion? {
-        try await database.read { [self] tx in
+        try checkPrepared()
+        return try await database.read { [self] tx in
             guard let v = try await versionNumber(tx, ref) else { return nil }
             return try await fetchVersion(tx, name: ref.name, version: v)
         }
@@ -272,7 +301,8 @@ public final class RegistryStore: Sendable {
 
     /// Every version (of `name`, or of every model), by name and version, with its aliases.
     public func list(name: String?) async throws -> [Stockpot_V1_ModelVersion] {
-        try await database.read { [self] tx in
+        try checkPrepared()
+        return try await database.read { [self] tx in
             try await fetchVersions(tx, name: name)
         }
     }
@@ -303,6 +333,7 @@ public final class RegistryStore: Sendable {
                      check: (@Sendable (Stockpot_V1_ModelVersion) throws -> Void)? = nil) async throws
         -> (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove])
     {
+        try checkPrepared()
         guard let first = refs.first else { throw Status.invalidArgument("nothing to move") }
         let result: (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove]) = try await database.write { [self] tx in
             var targets: [(name: String, version: Int64)] = []
@@ -330,6 +361,7 @@ public final class RegistryStore: Sendable {
     public func rollback(name: String, alias: String, expect: Int64?, by mover: Mover) async throws
         -> (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove])
     {
+        try checkPrepared()
         let result: (Stockpot_V1_ModelVersion, [Stockpot_V1_AliasMove]) = try await database.write { [self] tx in
             guard let last = try await tx.rows("SELECT * FROM alias_history WHERE name = ? AND alias = ? ORDER BY id DESC LIMIT 1",
                                                name, alias).first.map(Self.move) else {
@@ -462,6 +494,7 @@ public final class RegistryStore: Sendable {
     public static let maxHistory = 10_000
 
     public func history(name: String, alias: String?, atMs: Int64?, limit: Int?) async throws -> [Stockpot_V1_AliasMove] {
+        try checkPrepared()
         let limit = min(limit ?? Self.maxHistory, Self.maxHistory)
         return try await database.read { tx -> [Stockpot_V1_AliasMove] in
             var args: [SQLValue] = [.text(name)]
@@ -484,7 +517,8 @@ public final class RegistryStore: Sendable {
     /// Records a replica's load outcome (the latest per version and replica); false when the version does not
     /// exist or already has `maxReplicas` other replicas on record.
     public func reportLoad(_ r: Stockpot_V1_LoadReport, maxReplicas: Int = 1_000) async throws -> Bool {
-        try await database.write { tx in
+        try checkPrepared()
+        return try await database.write { tx in
             guard try await tx.int("SELECT version FROM versions WHERE name = ? AND version = ?", r.name, r.version) != nil else {
                 return false
             }
@@ -501,7 +535,8 @@ public final class RegistryStore: Sendable {
 
     /// Failed loads of `name`'s versions, oldest first (the newest 1,000).
     public func loadFailures(name: String) async throws -> [Stockpot_V1_LoadReport] {
-        try await database.read { tx in
+        try checkPrepared()
+        return try await database.read { tx in
             try await tx.rows("""
                 SELECT * FROM (SELECT * FROM load_reports WHERE name = ? AND ok = 0 ORDER BY at_ms DESC LIMIT 1000) newest ORDER BY at_ms
                 """, name).map { row in
@@ -519,7 +554,8 @@ public final class RegistryStore: Sendable {
 
     /// Moves recorded after history id `after` (of `name`, or of every model), oldest first, at most `limit`.
     public func moves(after: Int64, name: String?, limit: Int = 500) async throws -> [Stockpot_V1_AliasMove] {
-        try await database.read { tx in
+        try checkPrepared()
+        return try await database.read { tx in
             try (name == nil
                 ? try await tx.rows("SELECT * FROM alias_history WHERE id > ? ORDER BY id LIMIT ?", after, limit)
                 : try await tx.rows("SELECT * FROM alias_history WHERE id > ? AND name = ? ORDER BY id LIMIT ?", after, name!, limit)
@@ -531,7 +567,8 @@ public final class RegistryStore: Sendable {
     /// newest history id (of `name`, or overall), where a subscriber resumes. One snapshot, so no move falls
     /// between the two.
     public func currentMoves(name: String?) async throws -> (moves: [Stockpot_V1_AliasMove], newest: Int64) {
-        try await database.read { tx in
+        try checkPrepared()
+        return try await database.read { tx in
             let byName = name == nil ? "" : "WHERE name = ?"
             let args: [SQLValue] = name.map { [.text($0)] } ?? []
             let moves = try await tx.rows("""

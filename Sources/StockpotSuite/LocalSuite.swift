@@ -133,6 +133,12 @@ public final class LocalSuite: Sendable {
         registryApp.tokensFile = try Self.ensureAdminToken(dataDirectory: dir, log: o.log)
         let registry = try registryApp.build(logger: logger)
         try await launch("registry", server: registry.server, services: registry.services)
+        // SERVING once its store is prepared; until then it answers UNAVAILABLE.
+        let registryUntil = ContinuousClock.now + .seconds(60)
+        while !(await HealthProbe.isServing(target: address("registry"), service: Stockpot_V1_RegistryService.descriptor.fullyQualifiedService)) {
+            guard ContinuousClock.now < registryUntil else { throw Status.unavailable("the registry is not SERVING after 60 s") }
+            try await Task.sleep(for: .milliseconds(50))
+        }
 
         var featuresApp = FeaturesApp()
         featuresApp.port = o.ports[1]

@@ -31,7 +31,7 @@ import Testing
                     lock.unlock()
                 }
                 // Each waiter queued before the next one starts.
-                try await Task.sleep(for: .milliseconds(20))
+                try await waitFor(timeout: .seconds(30)) { lock.waiting == i + 1 }
             }
             lock.unlock()
             try await group.waitForAll()
@@ -58,12 +58,47 @@ import Testing
         let task = Task {
             try await db.write { tx in
                 try await tx.execute("INSERT INTO meta (key, value) VALUES ('c', '1')")
-                try? await Task.sleep(for: .milliseconds(50))
+                try await Task.sleep(for: .milliseconds(50)) // would throw if the caller's cancellation reached it
                 try await tx.execute("INSERT INTO meta (key, value) VALUES ('d', '2')")
             }
         }
         task.cancel()
         _ = await task.result
         #expect(try await db.read { try await $0.rows("SELECT key FROM meta ORDER BY key").map { try $0.text("key") } } == ["b", "c", "d"])
+    }
+}
+
+/// How a registry's metadata store and artifact folder are paired, case by case (no database needed).
+@Suite struct RegistryStorePairing {
+    func pair(_ d: String?, _ f: String?, recorded: Set<String>, published: Set<String>) throws -> String {
+        try RegistryStore.pair(databaseID: d, folderID: f, recorded: recorded, published: published, artifacts: "folder A", database: "database B")
+    }
+
+    @Test func freshAndUpgradedRegistriesPairAndTheirOwnIdStays() throws {
+        #expect(try !pair(nil, nil, recorded: [], published: []).isEmpty)                         // a fresh install
+        #expect(try !pair(nil, nil, recorded: ["m/1", "m/2"], published: ["m/1", "m/2", "m/3"]).isEmpty) // an upgrade, a crash leftover
+        #expect(try pair("d", nil, recorded: ["m/1"], published: ["m/1"]) == "d")                  // crash between the two stamps
+        #expect(try pair("d", "d", recorded: ["m/1"], published: ["m/1", "m/2", "n/1"]) == "d")    // leftovers of two models
+    }
+
+    @Test func anotherRegistrysFolderIsRefused() {
+        func refused(_ d: String?, _ f: String?, recorded: Set<String>, published: Set<String>, _ words: String) {
+            do {
+                _ = try pair(d, f, recorded: recorded, published: published)
+                Issue.record("accepted: \(d ?? "nil") \(f ?? "nil") \(recorded) \(published)")
+            } catch {
+                #expect("\(error)".contains(words), "\(error)")
+            }
+        }
+        refused(nil, "f", recorded: [], published: [], "belongs to registry f")                     // a new database on a stamped folder
+        refused(nil, "f", recorded: ["m/1"], published: ["m/1"], "belongs to registry f")
+        refused("d", "f", recorded: ["m/1"], published: ["m/1"], "is registry d")
+        refused(nil, nil, recorded: [], published: ["m/1", "m/2"], "does not record")              // an unstamped foreign folder
+        refused(nil, nil, recorded: ["m/1"], published: ["m/1", "n/4"], "does not record")
+        refused("d", nil, recorded: ["m/1", "m/2"], published: [], "none of the 2 versions")       // a volume not mounted
+    }
+
+    @Test func onlyTheVersionAfterTheNewestRecordedIsALeftover() {
+        #expect(RegistryStore.leftovers(published: ["m/1", "m/2", "m/3", "m/5", "n/1", "x/y"], recorded: ["m/1", "m/2"]) == ["m/3", "n/1"])
     }
 }

@@ -35,7 +35,10 @@ let registryOnPostgres = ProcessInfo.processInfo.environment["STOCKPOT_TEST_REGI
 func withRegistry<T: Sendable>(root: URL, access: AccessControl,
                                _ body: @Sendable (_ address: String, _ store: RegistryStore) async throws -> T) async throws -> T {
     if registryOnPostgres {
-        return try await withPostgresRegistryStore(root: root) { store in
+        // One schema per folder, kept for the run: a second registry on the same folder is the same registry,
+        // as on SQLite (the throw-away cluster goes at the end).
+        let schema = "test_" + SHA256.hex(Array(root.standardizedFileURL.path.utf8)).prefix(24)
+        return try await withPostgresRegistryStore(root: root, schema: schema) { store in
             try await withRegistryServer(store: store, access: access, body)
         }
     }
@@ -680,6 +683,7 @@ func artifact(_ content: String) -> URL {
         // On PostgreSQL: a schema of its own, artifacts in the same folder as on SQLite.
         let schema = "test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
         let onPostgres = registryOnPostgres ? ["--database", try #require(postgresURL), "--schema", schema, "--artifacts", data.path] : []
+        defer { if registryOnPostgres, let url = postgresURL { dropSchema(schema, url: url) } }
         func start(fault: Bool) throws -> (Process, Int) {
             let p = Process()
             p.executableURL = Executables.folder.appendingPathComponent("stockpot-registry")

@@ -46,10 +46,10 @@ struct ReplicaProcesses {
         defer { try? FileManager.default.removeItem(at: root) }
         let url = try #require(postgresURL)
         let schema = "test_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+        // Dropped after the processes stop (defers run last first).
+        defer { dropSchema(schema, url: url) }
         let fleet = Fleet(bin: Executables.folder, logs: root, log: { _ in })
         defer { fleet.stopAll() }
-
-        defer { dropSchema(schema, url: url) }
 
         // Two registry replicas: one schema, one artifact folder. Their timed wake-up of watchers is set to 10
         // minutes: only a change notice can carry a promotion from one to the other within the test.
