@@ -5,7 +5,6 @@ import PostgresNIO
 import ServiceLifecycle
 import StockpotPostgres
 import StockpotServing
-import Synchronization
 
 /// A value bound to, or read from, a registry query: the registry's tables hold integers and text only.
 public enum SQLValue: Sendable, Equatable {
@@ -436,32 +435,5 @@ struct PostgresSQL: RegistrySQL {
             out.append(SQLRow(values: values))
         }
         return out
-    }
-}
-
-/// A lock held across awaits, granted in arrival order.
-final class AsyncLock: Sendable {
-    private let state = Mutex<(locked: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
-
-    /// Callers waiting for the lock.
-    var waiting: Int { state.withLock { $0.waiters.count } }
-
-    func lock() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let acquired = state.withLock { s in
-                if !s.locked { s.locked = true; return true }
-                s.waiters.append(c)
-                return false
-            }
-            if acquired { c.resume() }
-        }
-    }
-
-    func unlock() {
-        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            guard !s.waiters.isEmpty else { s.locked = false; return nil }
-            return s.waiters.removeFirst()
-        }
-        next?.resume()
     }
 }

@@ -143,13 +143,13 @@ public struct RegistryClient<Transport: ClientTransport>: Sendable {
         let key = folder.standardizedFileURL.path
         let lock = downloadLocks.withLock { locks in
             if let existing = locks[key] { return existing }
-            let created = DownloadLock()
+            let created = AsyncLock()
             locks[key] = created
             return created
         }
-        await lock.acquire()
+        await lock.lock()
         defer {
-            lock.release()
+            lock.unlock()
             downloadLocks.withLock { locks in if locks[key] === lock, !lock.isHeld { locks[key] = nil } }
         }
         let marker = folder.appendingPathComponent(".sha256")
@@ -260,30 +260,4 @@ public enum ArtifactPath {
 }
 
 /// Downloads in progress in this process, by destination folder.
-private let downloadLocks = Mutex<[String: DownloadLock]>([:])
-
-/// An async lock: waiters park (no thread blocked) until the holder releases it.
-final class DownloadLock: Sendable {
-    private let state = Mutex<(held: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
-
-    var isHeld: Bool { state.withLock { $0.held || !$0.waiters.isEmpty } }
-
-    func acquire() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { s -> Bool in
-                if !s.held { s.held = true; return true }
-                s.waiters.append(c)
-                return false
-            }
-            if now { c.resume() }
-        }
-    }
-
-    func release() {
-        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            if s.waiters.isEmpty { s.held = false; return nil }
-            return s.waiters.removeFirst() // stays held, handed over
-        }
-        next?.resume()
-    }
-}
+private let downloadLocks = Mutex<[String: AsyncLock]>([:])

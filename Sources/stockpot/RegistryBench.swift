@@ -7,14 +7,6 @@ import StockpotPostgres
 import StockpotProto
 import StockpotRegistry
 import StockpotServing
-import Synchronization
-
-/// A shared count for the benchmark's workers.
-private final class Done: Sendable {
-    private let count = Mutex(0)
-    func add() { count.withLock { $0 += 1 } }
-    var value: Int { count.withLock { $0 } }
-}
 
 extension RegistryCommand {
     /// `stockpot registry bench-store`: the registry's metadata store on SQLite and on PostgreSQL — lookups per
@@ -89,7 +81,7 @@ extension RegistryCommand {
             }
             // Lookups: half by alias, half by number, as serving replicas and downloads resolve them.
             let clock = ContinuousClock(), end = clock.now + .seconds(seconds), start = clock.now
-            let done = Done()
+            let done = Tally()
             let (models, versions) = (self.models, self.versions)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for w in 0..<concurrency {

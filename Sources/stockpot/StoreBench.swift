@@ -15,8 +15,8 @@ private final class Arrivals: Sendable {
     func arrival(_ id: Int64) -> ContinuousClock.Instant? { state.withLock { $0.at[id] } }
 }
 
-/// A shared count for the benchmark's workers.
-private final class Counter: Sendable {
+/// A shared count for a benchmark's workers.
+final class Tally: Sendable {
     private let count = Mutex(0)
     func add() { count.withLock { $0 += 1 } }
     var value: Int { count.withLock { $0 } }
@@ -94,7 +94,7 @@ extension Features {
 
         func lookups(_ store: any FeatureBackend, name: String) async throws -> String {
             let clock = ContinuousClock(), end = clock.now + .seconds(seconds), start = clock.now
-            let done = Counter()
+            let done = Tally()
             let (rows, batch) = (self.rows, self.batch)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for w in 0..<concurrency {
